@@ -1,0 +1,238 @@
+"""White-box attackers used for adversarial training and robustness evaluation.
+
+Every attacker takes any ``nn.Module`` that maps float NCHW BGR images in pixel units [0, 255]
+to logits (the model normalises its own input), and shares one interface:
+``attacker.attack(model, images, labels) -> (adv_images, target_labels)`` where
+``target_labels`` is int64 and -1 wherever the attack has no target.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PIXEL_MIN = 0.0
+PIXEL_MAX = 255.0
+TARGET_MODES = ("random", "least_likely", None)
+NO_TARGET = -1
+
+
+class Attacker(abc.ABC):
+    """The interface shared by every attacker (clean evaluation included)."""
+
+    @abc.abstractmethod
+    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``(adv_images, target_labels)``; ``target_labels`` is -1 where untargeted."""
+
+
+class NoOpAttacker(Attacker):
+    """Leaves images untouched: clean training and clean evaluation."""
+
+    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return images, no_targets(labels)
+
+
+def no_targets(labels: Tensor) -> Tensor:
+    """An int64 tensor shaped like ``labels`` filled with -1 (no target)."""
+    return torch.full(labels.shape, NO_TARGET, dtype=torch.int64, device=labels.device)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[None]:
+    """Puts ``model`` in inference mode with frozen parameters; restores both on exit.
+
+    Per-module ``training`` flags and per-parameter ``requires_grad`` flags are saved and put
+    back afterwards, also when the body raises.
+    """
+    training = [(module, module.training) for module in model.modules()]
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
+    # Feature Denoising, Sec 5 (and the original code): BatchNorm runs in test mode during the
+    # attack, and the attack updates no moving statistics.
+    model.eval()
+    for param, _ in requires_grad:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, flag in training:
+            module.training = flag
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+
+
+def random_wrong_labels(
+    labels: Tensor, num_classes: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """For each label, a class drawn uniformly among the ``num_classes - 1`` other classes."""
+    if num_classes < 2:
+        raise ValueError(f"random targets need at least 2 classes, got {num_classes}")
+    # Feature Denoising, Sec 6: the targeted class is selected uniformly at random (among the
+    # wrong classes: label + U{1, ..., C-1} mod C, as the original code).
+    offset = torch.randint(
+        1, num_classes, labels.shape, generator=generator, device=_device(generator, labels)
+    )
+    return (labels.long() + offset.to(labels.device)) % num_classes
+
+
+def attack_success(logits: Tensor, labels: Tensor, target_labels: Tensor) -> Tensor:
+    """Per example: prediction == target where a target is set, else prediction != label."""
+    pred = logits.argmax(dim=1)
+    targeted = target_labels >= 0
+    return torch.where(targeted, pred == target_labels, pred != labels)
+
+
+class PGDAttacker(Attacker):
+    """L-infinity projected gradient descent with sign steps, in pixel units.
+
+    Args:
+        num_iter: number of PGD iterations (>= 1).
+        epsilon: radius of the L-infinity ball, in pixel units [0, 255].
+        step_size: step size in pixel units; raised to ``epsilon / num_iter`` when smaller.
+        prob_start_from_clean: probability, drawn once per batch, that PGD starts from the clean
+            image rather than from a uniform random point of the epsilon-ball.
+        target: ``"random"`` (a uniformly drawn wrong class), ``"least_likely"`` (the argmin of
+            the clean logits) or ``None`` (untargeted: ascend the loss of the true label).
+        num_classes: number of classes for random targets; read from the model output when None
+            (one extra no-grad forward pass per batch).
+        generator: source of randomness (start point, targets, start choice); its device is used
+            for the draws, which are then moved to the images' device.
+    """
+
+    def __init__(
+        self,
+        num_iter: int,
+        epsilon: float,
+        step_size: float,
+        prob_start_from_clean: float = 0.0,
+        target: str | None = "random",
+        num_classes: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_args(num_iter, epsilon, step_size, prob_start_from_clean, target)
+        self.num_iter = num_iter
+        self.epsilon = float(epsilon)
+        # Feature Denoising, Sec 6.1: step size 1, except for 10-iteration attacks where it is
+        # epsilon / 10 = 1.6; i.e. max(step_size, epsilon / num_iter).
+        self.step_size = max(float(step_size), self.epsilon / num_iter)
+        self.prob_start_from_clean = prob_start_from_clean
+        self.target = target
+        self.num_classes = num_classes
+        self.generator = generator
+
+    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        # The attack needs input gradients even when the caller evaluates under no_grad or
+        # inference_mode.
+        with torch.inference_mode(False), torch.enable_grad(), attack_mode(model):
+            clean = images.detach()
+            if not clean.is_floating_point():
+                clean = clean.float()
+            target_labels = self._target_labels(model, clean, labels)
+            goal = labels.long() if self.target is None else target_labels
+            # Feature Denoising, Sec 6: perturbations are bounded in L-infinity norm; every
+            # iterate stays in the epsilon-ball around the clean image and in the pixel range.
+            lower = (clean - self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
+            upper = (clean + self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
+            adv = self._start(clean, lower, upper)
+            for _ in range(self.num_iter):
+                adv = self._step(model, adv, lower, upper, goal)
+        return adv.detach(), target_labels
+
+    def _target_labels(self, model: nn.Module, clean: Tensor, labels: Tensor) -> Tensor:
+        if self.target is None:
+            return no_targets(labels)
+        if self.target == "random" and self.num_classes is not None:
+            return random_wrong_labels(labels, self.num_classes, self.generator)
+        with torch.no_grad():
+            logits = model(clean)
+        if self.target == "least_likely":
+            return logits.argmin(dim=1).to(device=labels.device, dtype=torch.int64)
+        return random_wrong_labels(labels, logits.shape[1], self.generator)
+
+    def _start(self, clean: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+        # Feature Denoising, Sec 5: a batch starts PGD from the clean image with probability
+        # prob_start_from_clean (20% in training), otherwise from a uniform random point in the
+        # epsilon-ball. Decided once per batch, as a tensor, without a host sync.
+        from_noise = _uniform((), 0.0, 1.0, clean, self.generator) >= self.prob_start_from_clean
+        noise = _uniform(clean.shape, -self.epsilon, self.epsilon, clean, self.generator)
+        start = clean + from_noise.to(clean.dtype) * noise
+        return torch.minimum(torch.maximum(start, lower), upper)
+
+    def _loss(self, logits: Tensor, goal: Tensor) -> Tensor:
+        """The objective each step descends: cross-entropy to the target, or minus the
+        cross-entropy of the true label when untargeted. Summed over examples, so per-example
+        gradients are not scaled down by the batch size (the sign is unaffected)."""
+        loss = F.cross_entropy(logits.float(), goal, reduction="sum")
+        return -loss if self.target is None else loss
+
+    def _step(
+        self, model: nn.Module, adv: Tensor, lower: Tensor, upper: Tensor, goal: Tensor
+    ) -> Tensor:
+        """One PGD iteration: a sign-gradient step on ``_loss``, projected onto the box."""
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self._loss(model(adv), goal), adv)
+        # Feature Denoising, Sec 5: PGD (Madry et al.) as the white-box attacker.
+        stepped = adv.detach() - self.step_size * grad.sign()
+        return torch.minimum(torch.maximum(stepped, lower), upper)
+
+
+def build_attacker(
+    num_iter: int,
+    epsilon: float,
+    step_size: float,
+    prob_start_from_clean: float = 0.0,
+    target: str | None = "random",
+    num_classes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Attacker:
+    """A ``NoOpAttacker`` when ``num_iter == 0`` (clean), else a ``PGDAttacker``."""
+    if num_iter == 0:
+        return NoOpAttacker()
+    return PGDAttacker(
+        num_iter,
+        epsilon,
+        step_size,
+        prob_start_from_clean=prob_start_from_clean,
+        target=target,
+        num_classes=num_classes,
+        generator=generator,
+    )
+
+
+def _check_args(
+    num_iter: int,
+    epsilon: float,
+    step_size: float,
+    prob_start_from_clean: float,
+    target: str | None,
+) -> None:
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if step_size < 0:
+        raise ValueError(f"step_size must be >= 0, got {step_size}")
+    if not 0.0 <= prob_start_from_clean <= 1.0:
+        raise ValueError(f"prob_start_from_clean must be in [0, 1], got {prob_start_from_clean}")
+    if target not in TARGET_MODES:
+        raise ValueError(f"unknown target {target!r}; valid values: {TARGET_MODES}")
+
+
+def _device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    return like.device if generator is None else generator.device
+
+
+def _uniform(
+    shape: tuple[int, ...] | torch.Size,
+    low: float,
+    high: float,
+    like: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Uniform draws in [low, high) on the generator's device, moved to ``like``'s device."""
+    unit = torch.rand(shape, generator=generator, device=_device(generator, like), dtype=like.dtype)
+    return (low + (high - low) * unit).to(like.device)

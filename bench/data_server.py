@@ -1,0 +1,121 @@
+"""Throughput of ``third_party/serve-data.py`` as seen by a consumer process (prints one table).
+
+    python bench/data_server.py [--batches 200] [--images 200] [--batch 32]
+
+Rows: the ``--fake`` server over ipc (transport only), then real JPEG decoding + fbresnet
+augmentation of a generated folder of 500x375 JPEGs with 1 and 2 worker processes, against a
+single-process loop doing the same decode + augment work in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # make ``third_party`` importable when run as a script
+
+from third_party.augment import fbresnet_augment  # noqa: E402
+from third_party.data_client import ZMQBatchClient  # noqa: E402
+from third_party.imagenet import list_split, read_image_bgr  # noqa: E402
+
+SCRIPT = REPO / "third_party" / "serve-data.py"
+IMAGE_SIZE = 224
+WARMUP_BATCHES = 5
+
+
+def write_jpeg_folder(root: Path, n_images: int, classes: int = 4) -> Path:
+    """``n_images`` 500x375 JPEGs with smooth, photo-like content spread over ``classes``."""
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        class_dir = root / "train" / f"n{i % classes:08d}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        image = cv2.resize(coarse, (500, 375), interpolation=cv2.INTER_CUBIC)
+        image = cv2.add(image, rng.integers(0, 24, image.shape, dtype=np.uint8))
+        cv2.imwrite(str(class_dir / f"{i:05d}.JPEG"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return root
+
+
+def measure_server(args: list[str], address: str, batches: int) -> tuple[float, float]:
+    """Start the server, pull ``batches`` batches after a warm-up; return (images/s, MB/s)."""
+    server = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args, "--bind", address, "--log-every", "3600"],
+        start_new_session=True,
+    )
+    try:
+        with ZMQBatchClient(address, timeout_s=120, prefetch=2) as client:
+            for _ in range(WARMUP_BATCHES):
+                next(client)
+            images = 0
+            start = time.perf_counter()
+            for _ in range(batches):
+                batch, _ = next(client)
+                images += len(batch)
+            elapsed = time.perf_counter() - start
+        return images / elapsed, images * batch[0].nbytes / elapsed / 1e6
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def measure_single_process(folder: Path, n_images: int) -> tuple[float, float]:
+    """Decode + augment ``n_images`` in this process, as one worker would; (images/s, MB/s)."""
+    samples, _ = list_split(folder, "train")
+    cv2.setNumThreads(1)  # as in a server worker
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(n_images):
+        out = fbresnet_augment(read_image_bgr(samples[i % len(samples)][0]), rng, IMAGE_SIZE)
+    elapsed = time.perf_counter() - start
+    return n_images / elapsed, n_images * out.nbytes / elapsed / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=200, help="batches timed for --fake")
+    p.add_argument("--images", type=int, default=200, help="JPEGs in the generated folder")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server worker counts")
+    a = p.parse_args()
+    common = ["--batch", str(a.batch), "--image-size", str(IMAGE_SIZE)]
+    rows = []
+    rate = measure_server([*common, "--fake"], f"ipc://@bench-{uuid.uuid4().hex}", a.batches)
+    rows.append(("--fake over ipc", "-", *rate))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_jpeg_folder(Path(tmp), a.images)
+        single = measure_single_process(folder, a.images)
+        rows.append(("decode+augment, single-process loop", "1", *single))
+        real_batches = max(2, 2 * a.images // a.batch)
+        for workers in a.workers:
+            args = [*common, "--data", str(folder), "--workers", str(workers)]
+            address = f"ipc://@bench-{uuid.uuid4().hex}"
+            rows.append(
+                (
+                    "decode+augment, server",
+                    str(workers),
+                    *measure_server(args, address, real_batches),
+                )
+            )
+    print(f"\nbatch {a.batch}, {IMAGE_SIZE}x{IMAGE_SIZE}x3 uint8, {os.cpu_count()} CPU cores")
+    print(f"{'mode':40s} {'workers':>7s} {'images/s':>10s} {'MB/s':>9s} {'vs loop':>8s}")
+    for mode, workers, images_s, mb_s in rows:
+        speedup = f"{images_s / single[0]:.2f}x" if mode.startswith("decode") else ""
+        print(f"{mode:40s} {workers:>7s} {images_s:10.1f} {mb_s:9.1f} {speedup:>8s}")
+
+
+if __name__ == "__main__":
+    main()

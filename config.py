@@ -1,0 +1,167 @@
+"""The run configuration: one frozen object, validated once, written into the run directory.
+
+`main.py` builds it from the command line; every other module receives the fields it needs as
+explicit arguments. Defaults reproduce the original ImageNet-Adversarial-Training recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHITECTURES = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
+DEPTHS = (50, 101, 152)
+LOADERS = ("server", "local")
+ATTACK_TARGETS = ("random", "least_likely", "none")
+TRAIN_AUGMENTATIONS = ("fbresnet", "flip", "none")
+TRAIN_EVAL_SCHEDULES = ("original", "light", "none")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what to run -------------------------------------------------------------------------
+    mode: str = "train"  # "train", "eval" or "eval_directory" (chosen by main.py's flags)
+
+    # --- data ----------------------------------------------------------------------------------
+    data: str | None = None  # ImageNet-layout folder: train/<wnid>/*, val/<wnid>/* (or val.txt)
+    fake: bool = False  # constant uint8 batches instead of data, for throughput tests
+    loader: str = "local"  # "server": pull from third_party/serve-data.py; "local": in-process
+    data_server: str | None = None  # server address; None = ipc://@imagenet-train-b{batch}
+    data_timeout: float = 60.0  # seconds without a batch before the server is declared gone
+    workers: int = 2  # decoding worker processes per training process (local loader, eval)
+    image_size: int = 224  # side of the square crops fed to the network
+    train_augment: str = "fbresnet"  # "fbresnet" (the original), "flip" (eval crop + flip), "none"
+    batch: int = 32  # images per process and step (the original's --batch: per GPU)
+
+    # --- model ---------------------------------------------------------------------------------
+    arch: str = "ResNet"  # ResNet, ResNetDenoise or ResNeXtDenoiseAll (nets registry)
+    depth: int | None = 50  # 50 / 101 / 152; ignored when num_blocks is given
+    num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1)
+    width: int = 64  # base channel count (64 = the original); smaller for tiny models
+    num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
+    load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
+    sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
+
+    # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
+    attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
+    attack_epsilon: float = 16.0  # L-inf radius of the perturbation
+    attack_step_size: float = 1.0  # per-iteration step (raised to epsilon / attack_iter if lower)
+    attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
+    prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
+    use_fp16xla: bool = False  # attack under autocast and compiled (the original's fp16 + XLA)
+
+    # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
+    epochs: int = 110  # total training epochs
+    steps_per_epoch: int | None = None  # None: training images // total batch
+    base_lr: float = 0.1  # learning rate per 256 images (scaled linearly with the total batch)
+    warmup_epochs: float = 5.0  # linear warm-up from base_lr when the scaled LR is higher
+    lr_decay_epochs: tuple[int, ...] = (35, 70, 95)  # LR divided by 10 after each of these epochs
+    momentum: float = 0.9  # Nesterov momentum
+    weight_decay: float = 1e-4  # on conv and fc weights only
+    label_smoothing: float = 0.1  # on the adversarial cross-entropy
+    starting_epoch: int = 1  # first epoch to run (1-based, as the original); resume sets it
+    train_eval: str = "original"  # in-training evaluation: "original", "light" (clean+10) or "none"
+    seed: int = 0  # seeds data order, augmentation, attacks and initialisation
+
+    # --- output --------------------------------------------------------------------------------
+    logdir: str | None = None  # None: train_log/PGD-{arch}{depth}-Batch{b}-{N}GPUs-iter...
+    keep_checkpoints: int = 10  # most recent per-epoch checkpoints kept
+    log_every: int = 20  # training steps between logged scalars
+    eval_output: str | None = None  # --eval: also write the metrics as JSON here
+    eval_directory: str | None = None  # --eval-directory: folder of images to classify
+    prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
+    skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
+    print_top5: bool = False  # --eval-directory: print the top-5 classes of every image
+    class_names: str | None = None  # file with one class name per line (LOC_synset_mapping.txt)
+    threads: int | None = None  # torch intra-op threads per process; None: torch's default
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _choice(name: str, value: object, choices: tuple) -> None:
+    _check(value in choices, f"--{name.replace('_', '-')}: {value!r} is not one of {choices}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError with one line naming the first bad field."""
+    _choice("mode", cfg.mode, ("train", "eval", "eval_directory"))
+    _choice("arch", cfg.arch, ARCHITECTURES)
+    _choice("loader", cfg.loader, LOADERS)
+    _choice("attack_target", cfg.attack_target, ATTACK_TARGETS)
+    _choice("train_augment", cfg.train_augment, TRAIN_AUGMENTATIONS)
+    _choice("train_eval", cfg.train_eval, TRAIN_EVAL_SCHEDULES)
+    if cfg.num_blocks is None:
+        _choice("depth", cfg.depth, DEPTHS)
+    else:
+        _check(
+            len(cfg.num_blocks) == 4 and all(n >= 1 for n in cfg.num_blocks),
+            f"--num-blocks: expected 4 positive counts, got {list(cfg.num_blocks)}",
+        )
+    _check(cfg.batch >= 1, f"--batch: must be >= 1, got {cfg.batch}")
+    _check(cfg.attack_iter >= 0, f"--attack-iter: must be >= 0, got {cfg.attack_iter}")
+    _check(cfg.attack_epsilon >= 0, f"--attack-epsilon: must be >= 0, got {cfg.attack_epsilon}")
+    _check(cfg.attack_step_size > 0, "--attack-step-size: must be > 0")
+    _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
+    _check(cfg.epochs >= 1, f"--epochs: must be >= 1, got {cfg.epochs}")
+    _check(
+        1 <= cfg.starting_epoch <= cfg.epochs + 1,
+        f"--starting-epoch: must be in [1, {cfg.epochs + 1}], got {cfg.starting_epoch}",
+    )
+    _check(cfg.image_size >= 16, f"--image-size: must be >= 16, got {cfg.image_size}")
+    _check(cfg.workers >= 0, f"--workers: must be >= 0, got {cfg.workers}")
+    _check(cfg.keep_checkpoints >= 1, "--keep-checkpoints: must be >= 1")
+    if cfg.steps_per_epoch is not None:
+        _check(cfg.steps_per_epoch >= 1, "--steps-per-epoch: must be >= 1")
+    needs_data = cfg.mode in ("train", "eval") and not cfg.fake
+    _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
+    if cfg.mode == "eval_directory":
+        _check(cfg.eval_directory is not None, "--eval-directory: a folder is required")
+        _check(cfg.load is not None, "--load: weights are required with --eval-directory")
+    if cfg.mode == "eval":
+        _check(cfg.load is not None, "--load: weights are required with --eval")
+
+
+def default_logdir(cfg: Config, world_size: int) -> str:
+    """The original's run-directory name: PGD-ResNet50-Batch32-8GPUs-iter30-epsilon16.0-step1.0"""
+    model = f"{cfg.arch}{cfg.depth}"
+    if cfg.num_blocks is not None:
+        model = f"{cfg.arch}-blocks{''.join(str(n) for n in cfg.num_blocks)}"
+    return os.path.join(
+        "train_log",
+        f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{cfg.attack_iter}"
+        f"-epsilon{float(cfg.attack_epsilon)}-step{float(cfg.attack_step_size)}",
+    )
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Config, logdir: str | Path, run: dict) -> Path:
+    """Write the resolved configuration and the run's facts (world size, device, versions)."""
+    path = Path(logdir) / "config.json"
+    text = json.dumps({"config": dataclasses.asdict(cfg), "run": run}, indent=2, sort_keys=True)
+    atomic_write_text(path, text + "\n")
+    return path

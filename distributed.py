@@ -1,0 +1,316 @@
+"""Distributed setup: the one place that reads launcher environment variables.
+
+``detect()`` turns the variables of torchrun, OpenMPI, MPICH / Intel MPI or Slurm into an
+immutable :class:`DistEnv`; ``init()`` builds the process group from it. The helpers below
+(``get_rank``, ``all_reduce_sum``, ...) also work in a plain single process.
+
+Precedence: torchrun first (it may itself run under srun or mpirun), then MPI, then Slurm
+(srun launching the tasks directly), else a single process. PMIx launchers (OpenMPI 5's
+mpirun, ``srun --mpi=pmix``) also export the OpenMPI or Slurm variables, which are used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29500
+# Slurm jobs derive their rendezvous port from the job id, so that two jobs sharing a node
+# do not collide: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN (slurm/*.sh do the same).
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job and how the ranks meet."""
+
+    rank: int  # global rank, 0 .. world_size - 1
+    world_size: int  # number of processes in the job
+    local_rank: int  # rank among the processes on this host; picks the GPU
+    local_world_size: int  # number of processes on this host
+    master_addr: str  # host of rank 0, where the TCP rendezvous store listens
+    master_port: int  # port of that store
+    launcher: str  # "torchrun" | "openmpi" | "mpich" | "slurm" | "single"
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables (``os.environ`` by default) into a :class:`DistEnv`.
+
+    Raises ValueError naming the variable when a value is missing or invalid.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return _from_torchrun(env)
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return _from_mpi(env, "openmpi", "OMPI_COMM_WORLD_")
+    if "PMI_RANK" in env and "MPI_LOCALRANKID" in env:
+        return _from_mpi(env, "mpich", "")
+    # SLURM_PROCID alone is also set in the sbatch script itself, where only one process runs;
+    # SLURM_STEP_ID marks a task started by srun.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return _from_slurm(env)
+    return DistEnv(0, 1, 0, 1, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, "single")
+
+
+_MPI_VARIABLES = {
+    "openmpi": ("RANK", "SIZE", "LOCAL_RANK", "LOCAL_SIZE"),
+    "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+}
+
+
+def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
+    rank, world_size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    local_rank, local_world_size = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_WORLD_SIZE")
+    _check_ranks(rank, world_size, local_rank, local_world_size, ("RANK", "LOCAL_RANK"))
+    addr = env.get("MASTER_ADDR") or DEFAULT_MASTER_ADDR
+    port = _port(env, DEFAULT_MASTER_PORT)
+    return DistEnv(rank, world_size, local_rank, local_world_size, addr, port, "torchrun")
+
+
+def _from_mpi(env: Mapping[str, str], launcher: str, prefix: str) -> DistEnv:
+    names = tuple(prefix + suffix for suffix in _MPI_VARIABLES[launcher])
+    rank, world_size, local_rank, local_world_size = (_int(env, name) for name in names)
+    _check_ranks(rank, world_size, local_rank, local_world_size, (names[0], names[2]))
+    port = _port(env, DEFAULT_MASTER_PORT)
+    if env.get("MASTER_ADDR"):
+        addr = env["MASTER_ADDR"]
+    elif local_world_size == world_size:  # every rank is on this host
+        addr = DEFAULT_MASTER_ADDR
+    else:
+        addr = _mpi_broadcast_hostname()
+    return DistEnv(rank, world_size, local_rank, local_world_size, addr, port, launcher)
+
+
+def _mpi_broadcast_hostname() -> str:
+    """Rank 0's host name, sent to every rank through MPI (needs mpi4py)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise RuntimeError(
+            "This MPI job spans several hosts, so the ranks need rank 0's address: "
+            "export MASTER_ADDR=<host of rank 0> (e.g. `mpirun -x MASTER_ADDR=... `) "
+            "or install mpi4py (`pip install mpi4py`) to share it automatically."
+        ) from error
+    comm = MPI.COMM_WORLD
+    return comm.bcast(socket.getfqdn() if comm.Get_rank() == 0 else None, root=0)
+
+
+def _from_slurm(env: Mapping[str, str]) -> DistEnv:
+    size_name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    rank, world_size = _int(env, "SLURM_PROCID"), _int(env, size_name)
+    local_rank, local_world_size = _int(env, "SLURM_LOCALID"), _slurm_tasks_on_this_node(env)
+    _check_ranks(rank, world_size, local_rank, local_world_size, ("SLURM_PROCID", "SLURM_LOCALID"))
+    addr = env.get("MASTER_ADDR") or _slurm_first_host(env, local_world_size == world_size)
+    default_port = DEFAULT_MASTER_PORT
+    if "SLURM_JOB_ID" in env:
+        default_port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % SLURM_PORT_SPAN
+    port = _port(env, default_port)
+    return DistEnv(rank, world_size, local_rank, local_world_size, addr, port, "slurm")
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if name in env:
+            counts = parse_tasks_per_node(env[name], name)
+            if len(set(counts)) == 1:
+                return counts[0]
+            node = _int(env, "SLURM_NODEID")
+            if node >= len(counts):
+                raise ValueError(f"SLURM_NODEID={node} is beyond {name}={env[name]!r}")
+            return counts[node]
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return _int(env, "SLURM_NTASKS_PER_NODE")
+    raise ValueError("Slurm task without SLURM_STEP_TASKS_PER_NODE or SLURM_NTASKS_PER_NODE")
+
+
+def _slurm_first_host(env: Mapping[str, str], one_host: bool) -> str:
+    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if env.get(name):
+            return expand_nodelist(env[name], name)[0]
+    if one_host:
+        return DEFAULT_MASTER_ADDR
+    raise ValueError("Slurm job on several nodes without SLURM_STEP_NODELIST or MASTER_ADDR")
+
+
+def parse_tasks_per_node(value: str, name: str = "SLURM_STEP_TASKS_PER_NODE") -> list[int]:
+    """Expand Slurm's task counts per node, e.g. ``"8(x2),4"`` -> ``[8, 8, 4]``."""
+    counts: list[int] = []
+    for item in value.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if match is None:
+            raise ValueError(f"{name}={value!r} is not a Slurm task count list")
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts
+
+
+def expand_nodelist(nodelist: str, name: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand Slurm's compressed host list, e.g. ``"node[01-02,7],gpu5"``.
+
+    -> ``["node01", "node02", "node7", "gpu5"]``; zero padding is kept, and several bracket
+    groups in one name (``"r[1-2]n[1-2]"``) expand to every combination.
+    """
+    hosts: list[str] = []
+    for pattern in _split_top_level(nodelist, name):
+        hosts += _expand_host_pattern(pattern, nodelist, name)
+    return hosts
+
+
+def _split_top_level(nodelist: str, name: str) -> list[str]:
+    patterns, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"{name}={nodelist!r} has unbalanced brackets")
+        if char == "," and depth == 0:
+            patterns.append(nodelist[start:i])
+            start = i + 1
+    patterns.append(nodelist[start:])
+    if depth != 0 or not all(patterns):
+        raise ValueError(f"{name}={nodelist!r} is not a Slurm node list")
+    return patterns
+
+
+def _expand_host_pattern(pattern: str, nodelist: str, name: str) -> list[str]:
+    match = re.match(r"([^\[]*)\[([^\]]+)\](.*)", pattern)
+    if match is None:
+        return [pattern]
+    prefix, ranges, rest = match.groups()
+    tails = _expand_host_pattern(rest, nodelist, name) if rest else [""]
+    indices = _expand_ranges(ranges, nodelist, name)
+    return [prefix + index + tail for index in indices for tail in tails]
+
+
+def _expand_ranges(ranges: str, nodelist: str, name: str) -> list[str]:
+    indices: list[str] = []
+    for item in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ValueError(f"{name}={nodelist!r} has an invalid range {item!r}")
+        first, last = match[1], match[2] or match[1]
+        indices += [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    return indices
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    if name not in env:
+        raise ValueError(f"{name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def _port(env: Mapping[str, str], default: int) -> int:
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default
+    if not 0 < port < 2**16:
+        raise ValueError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+    return port
+
+
+def _check_ranks(
+    rank: int, world_size: int, local_rank: int, local_world_size: int, names: tuple[str, str]
+) -> None:
+    if world_size < 1 or local_world_size < 1 or local_world_size > world_size:
+        raise ValueError(
+            f"invalid sizes from the launcher: world size {world_size}, "
+            f"local size {local_world_size} (variables {names[0]}, {names[1]} and their sizes)"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{names[0]}={rank} is outside 0..{world_size - 1}")
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(f"{names[1]}={local_rank} is outside 0..{local_world_size - 1}")
+
+
+def select_device(env: DistEnv) -> torch.device:
+    """This process's device: ``cuda:<local_rank % device count>`` when CUDA exists, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Join the process group: NCCL on CUDA, Gloo on CPU; nothing to do for one process.
+
+    ``timeout_s`` bounds every collective, so a dead rank ends the others with an error
+    instead of a hang.
+    """
+    if env.world_size == 1:
+        return
+    device_id = None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        device_id = device
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=_tcp_url(env.master_addr, env.master_port),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device_id,
+    )
+
+
+def _tcp_url(addr: str, port: int) -> str:
+    host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
+    return f"tcp://{host}:{port}"
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> Iterator[None]:
+    """``init()`` on entry and ``cleanup()`` on exit."""
+    init(env, device, timeout_s)
+    try:
+        yield
+    finally:
+        cleanup()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place and return it (unchanged when not distributed)."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` in place with rank ``src``'s copy and return it."""
+    if is_initialized():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def cleanup() -> None:
+    """Leave the process group, if this process joined one."""
+    if is_initialized():
+        dist.destroy_process_group()

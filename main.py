@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Adversarial training and white-box evaluation of ImageNet classifiers (Feature Denoising).
+
+Train:          python main.py --data DIR --batch 32 --attack-iter 30 --arch ResNet -d 50
+Evaluate:       python main.py --eval --load CKPT --data DIR --attack-iter 100 --arch ResNet -d 152
+Predict:        python main.py --eval-directory DIR --prediction-file out.txt --load CKPT ...
+Demo:           python main.py --demo
+Launch on many processes with mpirun, srun or torchrun; see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import distributed
+from config import Config
+from nets import CheckpointError
+from third_party.data_client import DataServerTimeout
+from third_party.imagenet import DataError
+
+# Errors that are the user's input (a path, a flag, a checkpoint, a server): one line, exit 1.
+USER_ERRORS = (DataError, CheckpointError, DataServerTimeout, FloatingPointError, ValueError)
+
+
+def _help(name: str, text: str) -> str:
+    field = Config.__dataclass_fields__[name]
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return f"{text} (default: {default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # Every default is None here: the defaults live in config.Config, in one place.
+    p.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true", help="evaluate --load'ed weights on val/")
+    mode.add_argument("--eval-directory", help="classify every image file of this folder")
+    mode.add_argument("--demo", action="store_true", help="train and attack a tiny model on digits")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
+    data.add_argument("--fake", action="store_true", default=None, help="constant fake batches")
+    data.add_argument("--loader", help=_help("loader", "'server' (serve-data.py) or 'local'"))
+    data.add_argument("--data-server", help="data server address (default: ipc by --batch)")
+    data.add_argument("--data-timeout", type=float, help=_help("data_timeout", "seconds"))
+    data.add_argument("--workers", type=int, help=_help("workers", "decoding processes"))
+    data.add_argument("--image-size", type=int, help=_help("image_size", "crop size"))
+    data.add_argument("--train-augment", help=_help("train_augment", "fbresnet or flip"))
+    data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
+
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", help=_help("arch", "ResNet, ResNetDenoise, ResNeXtDenoiseAll"))
+    model.add_argument("-d", "--depth", type=int, help=_help("depth", "50, 101 or 152"))
+    model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
+    model.add_argument("--width", type=int, help=_help("width", "base channel count"))
+    model.add_argument("--num-classes", type=int, help="default: classes in the data, or 1000")
+    model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
+    model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
+
+    attack = p.add_argument_group("attack (pixel units, 0-255)")
+    attack.add_argument("--attack-iter", type=int, help=_help("attack_iter", "PGD iterations"))
+    attack.add_argument("--attack-epsilon", type=float, help=_help("attack_epsilon", "L-inf"))
+    attack.add_argument("--attack-step-size", type=float, help=_help("attack_step_size", "step"))
+    attack.add_argument("--attack-target", help=_help("attack_target", "random/least_likely/none"))
+    attack.add_argument(
+        "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+    )
+    attack.add_argument("--use-fp16xla", action="store_true", default=None, help="fast attack")
+
+    opt = p.add_argument_group("training")
+    opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
+    opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
+    opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
+    opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument("--lr-decay-epochs", type=int, nargs="*", help="default: 35 70 95")
+    opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
+    opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
+    opt.add_argument("--train-eval", help=_help("train_eval", "original, light or none"))
+    opt.add_argument("--seed", type=int, help=_help("seed", ""))
+    opt.add_argument("--threads", type=int, help="torch threads per process")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
+    out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
+    out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
+    out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
+    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    out.add_argument("--skip-unreadable", action="store_true", default=None, help="skip bad files")
+    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The frozen configuration: flags given on the command line over Config's defaults."""
+    values = {k: v for k, v in vars(args).items() if v is not None and k not in ("eval", "demo")}
+    for name in ("num_blocks", "lr_decay_epochs"):
+        if name in values:
+            values[name] = tuple(values[name])
+    values["mode"] = "eval" if args.eval else "eval_directory" if args.eval_directory else "train"
+    return Config(**values)
+
+
+def run(cfg: Config) -> None:
+    import torch
+
+    env = distributed.detect()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = distributed.select_device(env)
+    distributed.init(env, device)
+    try:
+        if cfg.mode == "eval_directory":
+            from predict import run_predict
+
+            run_predict(cfg, device)
+        elif cfg.mode == "eval":
+            from evaluate import run_eval
+
+            run_eval(cfg, device)
+        else:
+            from train import run_training
+
+            run_training(cfg, env, device)
+    finally:
+        distributed.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo:
+            from demo import run_demo
+
+            return run_demo(args.logdir or "demo_log")
+        run(config_from_args(args))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints."""
+
+from nets.checkpoint import (
+    CheckpointError,
+    load_npz_dict,
+    load_weights,
+    model_to_npz_dict,
+    npz_variable_shapes,
+    save_npz,
+    save_weights,
+)
+from nets.denoise import DenoisingBlock, dot_product_nonlocal, softmax_nonlocal
+from nets.resnet import (
+    ARCHITECTURES,
+    NUM_BLOCKS,
+    Bottleneck,
+    DenoisedBottleneck,
+    ResNet,
+    available_architectures,
+    build_model,
+    register,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "NUM_BLOCKS",
+    "Bottleneck",
+    "CheckpointError",
+    "DenoisedBottleneck",
+    "DenoisingBlock",
+    "ResNet",
+    "available_architectures",
+    "build_model",
+    "dot_product_nonlocal",
+    "load_npz_dict",
+    "load_weights",
+    "model_to_npz_dict",
+    "npz_variable_shapes",
+    "register",
+    "save_npz",
+    "save_weights",
+    "softmax_nonlocal",
+]

@@ -1,0 +1,303 @@
+"""Weights in the original tensorpack ``.npz`` format and in this project's own ``.pt`` format.
+
+Original names are the torch module paths with ``/`` separators plus a leaf per tensor:
+convolution ``W`` (HWIO layout, torch OIHW), BatchNorm ``bn/gamma``, ``bn/beta``, ``bn/mean/EMA``,
+``bn/variance/EMA``, fully connected ``W`` ([in, out], torch [out, in]) and ``b``. Nothing is
+ever unpickled: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+PT_SUFFIXES = (".pt", ".pth")
+NPZ_SUFFIX = ".npz"
+# tensorpack's dump-model-params stores tensor names ("conv0/W:0"); the manifests use variable
+# names ("conv0/W"). Both are accepted on load.
+TENSOR_NAME_SUFFIX = ":0"
+LISTED_NAMES = 10
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+_IGNORED_BUFFER = "num_batches_tracked"
+_FILE_MODE = 0o644  # mkstemp creates 0600; checkpoints are meant to be shared read-only
+_BN_LEAVES = {
+    "weight": "gamma",
+    "bias": "beta",
+    "running_mean": "mean/EMA",
+    "running_var": "variance/EMA",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not match the model."""
+
+
+@dataclass(frozen=True)
+class _Variable:
+    original: str  # name in the original checkpoint, e.g. "group0/block0/conv1/W"
+    key: str  # torch state_dict key, e.g. "group0.block0.conv1.weight"
+    layout: str  # "conv" (OIHW <-> HWIO), "linear" ([out, in] <-> [in, out]) or "vector"
+
+
+def model_to_npz_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's weights as the original checkpoint's ``{name: float32 array}``."""
+    state = model.state_dict()
+    return {v.original: _to_original(state[v.key], v.layout) for v in _variables(model)}
+
+
+def save_npz(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Writes the weights in the original ``.npz`` format, atomically."""
+    arrays = model_to_npz_dict(model)
+    _write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Writes ``model.state_dict()`` in this project's ``.pt`` format, atomically."""
+    state = model.state_dict()
+    _write_atomically(Path(path), lambda file: torch.save(state, file))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Loads an original ``.npz`` or an own ``.pt`` checkpoint into ``model``, strictly.
+
+    A ``.pt`` file holds a state_dict or a training checkpoint whose ``"model"`` entry is one.
+    Raises CheckpointError naming the file when it cannot be read, or naming the missing,
+    unexpected and mis-shaped tensors when it does not match the model.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == NPZ_SUFFIX:
+        state = _npz_state(model, path, _variable_names(path, _read_npz(path)))
+    elif suffix in PT_SUFFIXES:
+        state = _pt_state(model, path, _read_pt(path))
+    else:
+        expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES))
+        raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; use {expected}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_npz_dict(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Loads ``{original name: array}`` (as from ``model_to_npz_dict``) into ``model``, strictly."""
+    source = "<arrays>"
+    model.load_state_dict(_npz_state(model, source, _variable_names(source, arrays)), strict=True)
+
+
+def npz_variable_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Original names and shapes (original layouts) of the model's weights, without copying them.
+
+    Works on models built on the ``meta`` device.
+    """
+    state = model.state_dict()
+    return {v.original: _original_shape(state[v.key].shape, v.layout) for v in _variables(model)}
+
+
+def _variables(model: nn.Module) -> list[_Variable]:
+    """Every exported tensor of ``model`` with its original name; fails on unnamed ones."""
+    variables = [
+        v for name, module in model.named_modules() for v in _module_variables(name, module)
+    ]
+    covered = {v.key for v in variables}
+    unnamed = [k for k in model.state_dict() if k not in covered and not _is_ignored(k)]
+    if unnamed:
+        raise ValueError(f"model tensors without an original checkpoint name: {_listing(unnamed)}")
+    return variables
+
+
+def _module_variables(name: str, module: nn.Module) -> Iterator[_Variable]:
+    prefix = name.replace(".", "/")
+    key = f"{name}." if name else ""
+    if isinstance(module, nn.Conv2d):
+        yield _Variable(f"{prefix}/W", f"{key}weight", "conv")
+    elif isinstance(module, nn.BatchNorm2d):
+        for leaf, original in _BN_LEAVES.items():
+            yield _Variable(f"{prefix}/{original}", f"{key}{leaf}", "vector")
+    elif isinstance(module, nn.Linear):
+        yield _Variable(f"{prefix}/W", f"{key}weight", "linear")
+        if module.bias is not None:
+            yield _Variable(f"{prefix}/b", f"{key}bias", "vector")
+
+
+def _is_ignored(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == _IGNORED_BUFFER
+
+
+def _to_original(tensor: torch.Tensor, layout: str) -> np.ndarray:
+    array = tensor.detach().to("cpu", torch.float32).numpy()
+    if layout == "conv":
+        array = array.transpose(2, 3, 1, 0)
+    elif layout == "linear":
+        array = array.T
+    return np.ascontiguousarray(array)
+
+
+def _from_original(array: np.ndarray, layout: str) -> torch.Tensor:
+    """A torch-layout view of ``array``; ``load_state_dict`` then copies it in one pass."""
+    array = np.asarray(array, dtype=np.float32)
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    if layout == "conv":
+        return tensor.permute(3, 2, 0, 1)
+    if layout == "linear":
+        return tensor.T
+    return tensor
+
+
+def _original_shape(shape: torch.Size, layout: str) -> tuple[int, ...]:
+    if layout == "conv":
+        return (shape[2], shape[3], shape[1], shape[0])
+    if layout == "linear":
+        return tuple(reversed(shape))
+    return tuple(shape)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    _require_file(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except _NPZ_ERRORS as error:
+        raise CheckpointError(f"{path}: unreadable .npz checkpoint ({error})") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: holds a single array, not an .npz archive of variables")
+    try:
+        with archive:
+            return {name: archive[name] for name in archive.files}
+    except _NPZ_ERRORS as error:
+        raise CheckpointError(f"{path}: unreadable .npz checkpoint ({error})") from error
+
+
+def _variable_names(source: Path | str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` keyed by variable names ("conv0/W"), accepting tensor names ("conv0/W:0")."""
+    named = [(name.removesuffix(TENSOR_NAME_SUFFIX), array) for name, array in arrays.items()]
+    counts = Counter(name for name, _ in named)
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
+    if duplicates:
+        raise CheckpointError(f"{source}: variables stored twice: {_listing(duplicates)}")
+    return dict(named)
+
+
+def _read_pt(path: Path) -> Mapping[str, object]:
+    _require_file(path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _weights_only_reason(str(error))
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), it holds more than tensors and "
+            f"plain containers ({reason})"
+        ) from error
+    except (RuntimeError, OSError, ValueError, EOFError) as error:
+        raise CheckpointError(f"{path}: unreadable .pt checkpoint ({error})") from error
+    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        content = content["model"]
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{path}: holds {type(content).__name__}, not a state_dict")
+    return content
+
+
+def _weights_only_reason(message: str) -> str:
+    """The informative line of torch's long weights-only refusal message."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = [line for line in lines if line.startswith("WeightsUnpickler error")]
+    return (detail or lines or ["unpickling refused"])[0]
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+
+
+def _npz_state(
+    model: nn.Module, source: Path | str, arrays: Mapping[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """The full state_dict for ``model`` from original arrays; strict name and shape check."""
+    variables = {v.original: v for v in _variables(model)}
+    state = model.state_dict()
+    shapes = {n: _original_shape(state[v.key].shape, v.layout) for n, v in variables.items()}
+    missing = [name for name in variables if name not in arrays]
+    unexpected = [name for name in arrays if name not in variables]
+    misshaped = [
+        f"{name} (file {_describe(array)}, model {_shape(shapes[name])})"
+        for name, array in arrays.items()
+        if name in shapes and not _fits(array, shapes[name])
+    ]
+    _check_match(source, missing, unexpected, misshaped)
+    for name, variable in variables.items():
+        state[variable.key] = _from_original(arrays[name], variable.layout)
+    return state
+
+
+def _fits(array: np.ndarray, shape: tuple[int, ...]) -> bool:
+    return array.shape == shape and np.issubdtype(array.dtype, np.floating)
+
+
+def _pt_state(
+    model: nn.Module, path: Path, content: Mapping[str, object]
+) -> dict[str, torch.Tensor]:
+    """The full state_dict for ``model`` from an own checkpoint; strict name and shape check."""
+    state = model.state_dict()
+    missing = [k for k in state if k not in content and not _is_ignored(k)]
+    unexpected = [str(k) for k in content if k not in state]
+    misshaped = []
+    for key, value in content.items():
+        if key not in state:
+            continue
+        expected = state[key].shape
+        if not isinstance(value, torch.Tensor) or value.shape != expected:
+            misshaped.append(f"{key} (file {_describe(value)}, model {_shape(expected)})")
+            continue
+        state[key] = value
+    _check_match(path, missing, unexpected, misshaped)
+    return state
+
+
+def _check_match(
+    source: Path | str, missing: list[str], unexpected: list[str], misshaped: list[str]
+) -> None:
+    kinds = {"missing": missing, "unexpected": unexpected, "mis-shaped": misshaped}
+    problems = [f"{len(names)} {kind}: {_listing(names)}" for kind, names in kinds.items() if names]
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:LISTED_NAMES])
+    hidden = len(names) - LISTED_NAMES
+    return f"{shown}, ... and {hidden} more" if hidden > 0 else shown
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{_shape(value.shape)} {value.dtype}"
+    if isinstance(value, torch.Tensor):
+        return _shape(value.shape)
+    return type(value).__name__
+
+
+def _shape(shape: tuple[int, ...] | torch.Size) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes through ``write`` to a temporary file beside ``path``, then renames it over."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, _FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

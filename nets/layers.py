@@ -1,0 +1,127 @@
+"""Building blocks that reproduce the original TensorFlow layers exactly.
+
+The original (tensorpack, NCHW) pads every convolution and the stem max-pool with TensorFlow's
+``SAME`` rule, which is asymmetric (one more pixel after than before) for even input sizes with
+stride 2. PyTorch's symmetric padding would shift every feature map by one pixel and change the
+logits, so the layers here compute the TensorFlow padding from the input size at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Pixel range the model is fed and the scale that maps it onto [-1, 1] (original adv_model.py:
+# `image * IMAGE_SCALE - 1.0` with IMAGE_SCALE = 2 / 255).
+PIXEL_MAX = 255.0
+IMAGE_SCALE = 2.0 / PIXEL_MAX
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow ``SAME`` padding (before, after) of one spatial dimension.
+
+    pad_total = max((ceil(size / stride) - 1) * stride + effective_kernel - size, 0); the extra
+    pixel of an odd total goes after, as TensorFlow does.
+    """
+    effective_kernel = (kernel - 1) * dilation + 1
+    out_size = -(-size // stride)
+    total = max((out_size - 1) * stride + effective_kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_hw(x: torch.Tensor, kernel: int, stride: int, dilation: int) -> tuple[int, int, int, int]:
+    """Padding of the last two dimensions of ``x`` as (top, bottom, left, right)."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride, dilation)
+    left, right = same_padding(x.shape[-1], kernel, stride, dilation)
+    return top, bottom, left, right
+
+
+class Conv2dSame(nn.Conv2d):
+    """Bias-free square convolution with TensorFlow ``SAME`` padding."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False
+        )
+        # Original resnet_backbone: Conv2D kernel_initializer =
+        # variance_scaling_initializer(scale=2.0, mode='fan_out'), use_bias=False.
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = _pad_hw(x, self.kernel_size[0], self.stride[0], self.dilation[0])
+        if top == bottom and left == right:
+            padding = (top, left)
+            return F.conv2d(x, self.weight, None, self.stride, padding, self.dilation, self.groups)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+
+
+class ConvBN(Conv2dSame):
+    """``Conv2dSame`` followed by BatchNorm (child ``bn``) and an optional ReLU.
+
+    Being the convolution itself keeps the torch names one-to-one with the original ones:
+    ``conv1.weight`` is ``conv1/W`` and ``conv1.bn.weight`` is ``conv1/bn/gamma``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+        zero_gamma: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel, stride, groups)
+        # TF BatchNorm decay 0.9 == torch momentum 0.1; epsilon 1e-5 as in tensorpack.
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1)
+        if zero_gamma:
+            # ImageNet in 1 Hour, Sec 5.1: each residual block's last BN has gamma initialised to 0
+            # (Feature Denoising, Sec 4.2 does the same for the denoising block's BN).
+            nn.init.zeros_(self.bn.weight)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(super().forward(x))
+        return F.relu(x) if self.relu else x
+
+
+class MaxPool2dSame(nn.Module):
+    """Max-pooling with TensorFlow ``SAME`` padding (padded cells never win: they are -inf)."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = _pad_hw(x, self.kernel, self.stride, 1)
+        if top == bottom and left == right:
+            return F.max_pool2d(x, self.kernel, self.stride, (top, left))
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, self.kernel, self.stride)
+
+
+class Preprocess(nn.Module):
+    """Maps float NCHW BGR images in pixel units [0, 255] onto [-1, 1] like the original."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"model input must be NCHW images with 3 (BGR) channels, got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"model input must be a float tensor in [0, 255], got {x.dtype}")
+        # Original adv_model.py image_preprocess: image * (2 / 255) - 1.
+        return x * IMAGE_SCALE - 1.0
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions: [N, C, H, W] -> [N, C]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
