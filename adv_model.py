@@ -166,7 +166,7 @@ class PGDAttacker(Attacker):
         """The objective each step descends: cross-entropy to the target, or minus the
         cross-entropy of the true label when untargeted. Summed over examples, so per-example
         gradients are not scaled down by the batch size (the sign is unaffected)."""
-        loss = F.cross_entropy(logits.float(), goal, reduction="sum")
+        loss = F.cross_entropy(logits, goal, reduction="sum")
         return -loss if self.target is None else loss
 
     def _step(

@@ -32,6 +32,14 @@ def list_checkpoints(logdir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_partial_checkpoints(logdir: str | Path) -> list[Path]:
+    """Delete temporaries left by a process killed while writing (never read as checkpoints)."""
+    removed = sorted(Path(logdir).glob(".checkpoint-epoch*.pt.*.tmp"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def latest_checkpoint(logdir: str | Path) -> Path | None:
     found = list_checkpoints(logdir)
     return found[-1] if found else None

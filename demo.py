@@ -18,12 +18,10 @@ import numpy as np
 import torch
 
 import distributed
-import nets
 from checkpoint import latest_checkpoint
 from config import Config
 from evaluate import EvalResult, attacker_for, evaluate
 from predict import run_predict
-from runtime import build_model
 from third_party.imagenet import list_split
 from train import run_training
 
@@ -89,7 +87,7 @@ def evaluate_both(cfg: Config, model: torch.nn.Module) -> tuple[EvalResult, Eval
         results.append(
             evaluate(
                 model,
-                attacker_for(cfg, k, generator),
+                attacker_for(cfg, k, 10, generator),
                 val,
                 batch=128,
                 image_size=cfg.image_size,
@@ -104,11 +102,8 @@ def evaluate_both(cfg: Config, model: torch.nn.Module) -> tuple[EvalResult, Eval
 
 
 def train_and_evaluate(cfg: Config) -> tuple[EvalResult, EvalResult]:
-    env = distributed.detect()
-    run_training(cfg, env, torch.device("cpu"))
-    model = build_model(cfg, num_classes=10)
-    nets.load_weights(model, latest_checkpoint(cfg.logdir))
-    return evaluate_both(cfg, model)
+    outcome = run_training(cfg, distributed.detect(), torch.device("cpu"))
+    return evaluate_both(cfg, outcome.model)
 
 
 def summary_table(rows: list[tuple[str, EvalResult, EvalResult]]) -> str:

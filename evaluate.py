@@ -105,13 +105,16 @@ def evaluate(
     )
 
 
-def attacker_for(cfg: Config, attack_iter: int, generator: torch.Generator) -> Attacker:
+def attacker_for(
+    cfg: Config, attack_iter: int, num_classes: int, generator: torch.Generator
+) -> Attacker:
     """The evaluation attacker: PGD from a random start (never from the clean image)."""
     return build_attacker(
         attack_iter,
         cfg.attack_epsilon,
         cfg.attack_step_size,
         target=None if cfg.attack_target == "none" else cfg.attack_target,
+        num_classes=num_classes,
         generator=generator,
     )
 
@@ -119,12 +122,12 @@ def attacker_for(cfg: Config, attack_iter: int, generator: torch.Generator) -> A
 def run_eval(cfg: Config, device: torch.device) -> EvalResult:
     """--eval: the --load'ed model on the validation split under a PGD-`attack_iter` attack."""
     samples, classes = list_split(cfg.data, "val")
-    train_classes = dataset_classes(cfg)
-    model = load_model(cfg, resolve_num_classes(cfg, train_classes or classes), device)
+    num_classes = resolve_num_classes(cfg, dataset_classes(cfg) or classes)
+    model = load_model(cfg, num_classes, device)
     generator = torch.Generator(device=device)
     result = evaluate(
         model,
-        attacker_for(cfg, cfg.attack_iter, generator),
+        attacker_for(cfg, cfg.attack_iter, num_classes, generator),
         samples,
         batch=cfg.batch,
         image_size=cfg.image_size,

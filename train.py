@@ -22,7 +22,12 @@ from tqdm import tqdm
 import distributed
 import nets
 from adv_model import Attacker, attack_success, build_attacker
-from checkpoint import latest_checkpoint, read_training_state, save_checkpoint
+from checkpoint import (
+    latest_checkpoint,
+    read_training_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from config import Config, default_logdir, save_config
 from data import fake_batches, local_train_batches, server_batches, to_model_input
 from evaluate import EvalResult, attacker_for, evaluate
@@ -92,6 +97,7 @@ def run_evals(
     model: torch.nn.Module,
     cfg: Config,
     val: Sequence[Sample],
+    num_classes: int,
     epoch: int,
     device: torch.device,
 ) -> dict[str, EvalResult]:
@@ -102,7 +108,7 @@ def run_evals(
         generator = torch.Generator(device=device)
         results[spec.name] = evaluate(
             model,
-            attacker_for(cfg, spec.attack_iter, generator),
+            attacker_for(cfg, spec.attack_iter, num_classes, generator),
             val,
             batch=cfg.batch,
             image_size=cfg.image_size,
@@ -307,10 +313,15 @@ def run_info(env: distributed.DistEnv, device: torch.device) -> dict:
     }
 
 
-def run_training(
-    cfg: Config, env: distributed.DistEnv, device: torch.device
-) -> dict[str, EvalResult]:
-    """Train as configured; returns the last in-training evaluation results."""
+@dataclass(frozen=True)
+class TrainOutcome:
+    model: torch.nn.Module  # the trained network (unwrapped), on its device
+    logdir: str  # where its checkpoints, config.json and metrics.jsonl are
+    results: dict[str, EvalResult]  # the last in-training evaluations
+
+
+def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) -> TrainOutcome:
+    """Train as configured, resuming the run directory's latest checkpoint if there is one."""
     classes = dataset_classes(cfg)
     train = list_split(cfg.data, "train")[0] if classes is not None else None
     val = list_split(cfg.data, "val")[0] if cfg.data and split_exists(cfg.data, "val") else None
@@ -322,6 +333,7 @@ def run_training(
     main_proc = distributed.is_main_process()
     if main_proc:
         Path(logdir).mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(logdir)
         save_config(cfg, logdir, {**run_info(env, device), "logdir": logdir, "steps": steps})
     torch.manual_seed(cfg.seed)
     model = load_model(cfg, num_classes, device)
@@ -365,10 +377,10 @@ def run_training(
                     keep=cfg.keep_checkpoints,
                 )
             if val:
-                results = run_evals(model, cfg, val, epoch, device)
+                results = run_evals(model, cfg, val, num_classes, epoch, device)
                 log_evals(logger, results, step, epoch)
             distributed.barrier()
-    return results
+    return TrainOutcome(model=model, logdir=logdir, results=results)
 
 
 def log_evals(logger: RunLogger, results: dict[str, EvalResult], step: int, epoch: int) -> None:

@@ -1,0 +1,34 @@
+"""Shared fixtures: small ImageNet-layout folders written by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_imagenet(
+    root: Path, classes: int = 3, train_per_class: int = 4, val_images: int = 7, seed: int = 0
+) -> Path:
+    """train/n0000K/*.JPEG and val/n0000K/*.png with class-dependent colours (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", classes * train_per_class), ("val", val_images)):
+        for i in range(count):
+            label = i % classes
+            h, w = rng.integers(36, 60, size=2)
+            img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+            img[..., label % 3] += np.uint8(150)
+            folder = root / split / f"n{label:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            ext = "JPEG" if split == "train" else "png"
+            assert cv2.imwrite(str(folder / f"img{i:03d}.{ext}"), img)
+    return root
+
+
+@pytest.fixture()
+def tiny_imagenet(tmp_path: Path) -> Path:
+    return write_imagenet(tmp_path / "imagenet")

@@ -1,0 +1,96 @@
+"""Real multi-process runs on the CPU (Gloo): torchrun and mpirun launch main.py's code paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+import nets
+
+TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+FAST = [*TINY, "--image-size", "32", "--batch", "2", "--workers", "0", "--loader", "local"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: list[str], script: str, args: list[str], timeout: int = 240):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [*launcher, script, *args]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"{cmd} failed:\n{run.stderr[-3000:]}"
+    return run
+
+
+def torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
+
+
+def mpirun(n: int) -> list[str]:
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (Debian: apt-get install openmpi-bin)")
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(n), sys.executable]
+
+
+def train_flags(data: Path, logdir: Path) -> list[str]:
+    return [
+        "--data", str(data), "--logdir", str(logdir), *FAST, "--attack-iter", "2",
+        "--attack-epsilon", "8", "--steps-per-epoch", "3", "--epochs", "1", "--train-eval", "none",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", [torchrun, mpirun], ids=["torchrun", "mpirun"])
+def test_two_ranks_train_to_identical_parameters(launcher, tiny_imagenet, tmp_path):
+    launch(
+        launcher(2),
+        "tests/train_worker.py",
+        [str(tmp_path), *train_flags(tiny_imagenet, tmp_path / "run")],
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3)
+    moved = 0
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), f"{name} differs between ranks"
+        if name.endswith("weight") and value.shape == initial.state_dict()[name].shape:
+            moved += not torch.equal(value, initial.state_dict()[name])
+    assert moved > 0, "training changed no weight"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["run"]["world_size"] == 2
+    assert (tmp_path / "run" / "checkpoint-epoch0001.pt").exists()
+
+
+def test_eval_counts_every_image_once_whatever_the_number_of_processes(tiny_imagenet, tmp_path):
+    ckpt = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    nets.save_weights(
+        nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt
+    )
+    flags = [
+        "--eval", "--load", str(ckpt), "--data", str(tiny_imagenet), *FAST,
+        "--attack-iter", "2", "--attack-epsilon", "16",
+    ]  # fmt: skip
+    results = []
+    for n, launcher in ((1, [sys.executable]), (2, torchrun(2)), (3, torchrun(3))):
+        out = tmp_path / f"eval{n}.json"
+        launch(launcher, "main.py", [*flags, "--eval-output", str(out)])
+        result = json.loads(out.read_text())
+        assert result["world_size"] == n
+        results.append(result)
+    for r in results:
+        assert r["images"] == 7
+        for key in ("top1_error", "top5_error", "attack_success_rate"):
+            assert r[key] == results[0][key], (key, [x[key] for x in results])

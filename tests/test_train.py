@@ -1,0 +1,255 @@
+"""The training engine: schedule, optimizer, checkpoints, resume, evaluation, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import nets
+from config import Config
+from main import main
+from third_party.augment import eval_transform
+from train import build_optimizer, eval_schedule, learning_rate
+
+TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+FAST = [*TINY, "--image-size", "32", "--batch", "4", "--workers", "0", "--loader", "local"]
+
+
+def train_args(data: Path, logdir: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--logdir", str(logdir), *FAST,
+        "--attack-iter", "2", "--attack-epsilon", "8", "--steps-per-epoch", "2",
+        "--train-eval", "light", "--log-every", "1", *extra,
+    ]  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- schedule and optimizer ------------------------------------------------------------------
+def test_learning_rate_follows_imagenet_in_1_hour():
+    cfg = Config(data="x")
+    total = 2048  # peak 0.1 * 2048 / 256 = 0.8, warm-up from 0.1 over 5 epochs
+    expected = {0: 0.1, 2.5: 0.45, 5: 0.8, 34.99: 0.8, 35: 0.08, 70: 0.008, 95: 0.0008, 109: 0.0008}
+    for progress, lr in expected.items():
+        assert learning_rate(progress, cfg, total) == pytest.approx(lr)
+
+
+def test_small_total_batch_gets_a_nonzero_scaled_lr_without_warmup():
+    cfg = Config(data="x")
+    assert learning_rate(0, cfg, 32) == pytest.approx(0.0125)  # not 0 (integer division)
+    assert learning_rate(40, cfg, 32) == pytest.approx(0.00125)
+
+
+def test_weight_decay_only_on_conv_and_fc_weights():
+    model = nets.build_model("ResNetDenoise", num_blocks=[1, 1, 1, 1], width=8, num_classes=5)
+    optimizer = build_optimizer(model, Config(data="x"))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    expected = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    }
+    assert decayed == expected
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-4
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+
+
+def test_original_eval_schedule():
+    names = {e: [s.name for s in eval_schedule("original") if s.when(e, 110)] for e in (1, 20, 30)}
+    assert names[1] == ["eval-clean", "eval-10step"]
+    assert names[20] == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
+    assert names[30] == ["eval-clean", "eval-10step", "eval-100step"]
+    last = [s.name for s in eval_schedule("original") if s.when(110, 110)]
+    assert last == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
+
+
+# --- a real run --------------------------------------------------------------------------------
+def test_train_writes_checkpoints_config_metrics_and_resumes(tiny_imagenet, tmp_path, capsys):
+    logdir = tmp_path / "run"
+    args = train_args(tiny_imagenet, logdir, "--keep-checkpoints", "2")
+    assert main([*args, "--epochs", "3"]) == 0
+    assert sorted(p.name for p in logdir.glob("checkpoint-*")) == [
+        "checkpoint-epoch0002.pt",
+        "checkpoint-epoch0003.pt",
+    ]
+    saved = json.loads((logdir / "config.json").read_text())
+    assert saved["config"]["batch"] == 4 and saved["config"]["num_blocks"] == [1, 1, 1, 1]
+    assert saved["run"]["world_size"] == 1 and saved["run"]["steps"] == 2
+    records = read_jsonl(logdir / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if r["phase"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert all(0 <= r["train/attack_success_rate"] <= 1 for r in records if r["phase"] == "train")
+    evals = [r for r in records if r["phase"] == "eval-10step"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and all(r["images"] == 7 for r in evals)
+    assert list(logdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+    state = torch.load(logdir / "checkpoint-epoch0003.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["step"] == 6
+
+    capsys.readouterr()
+    assert main([*args, "--epochs", "4"]) == 0
+    assert "resuming from" in capsys.readouterr().err
+    records = read_jsonl(logdir / "metrics.jsonl")
+    assert [r["step"] for r in records if r["phase"] == "train"][-2:] == [7, 8]
+    assert torch.load(logdir / "checkpoint-epoch0004.pt", weights_only=True)["step"] == 8
+
+
+def test_eval_counts_match_a_direct_model_call(tiny_imagenet, tmp_path):
+    logdir = tmp_path / "run"
+    assert main([*train_args(tiny_imagenet, logdir, "--train-eval", "none"), "--epochs", "1"]) == 0
+    ckpt = logdir / "checkpoint-epoch0001.pt"
+    out = tmp_path / "eval.json"
+    common = ["--eval", "--load", str(ckpt), "--data", str(tiny_imagenet), *FAST]
+    assert main([*common, "--attack-iter", "0", "--eval-output", str(out)]) == 0
+    result = json.loads(out.read_text())
+
+    model = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3).eval()
+    nets.load_weights(model, ckpt)
+    paths = sorted((tiny_imagenet / "val").glob("*/*.png"))
+    images = np.stack([eval_transform(cv2.imread(str(p)), 32) for p in paths])
+    labels = torch.tensor([int(p.parent.name[1:]) for p in paths])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+    assert result["images"] == 7
+    assert result["top1_error"] == pytest.approx((logits.argmax(1) != labels).float().mean())
+    assert result["top5_error"] == 0.0  # 3 classes: the label is always in the top 5
+    assert result["attack_success_rate"] == pytest.approx(result["top1_error"])
+
+    assert (
+        main([*common, "--attack-iter", "3", "--attack-epsilon", "64", "--eval-output", str(out)])
+        == 0
+    )
+    attacked = json.loads(out.read_text())
+    assert attacked["attack"] == {"iter": 3, "epsilon": 64.0, "step_size": 1.0, "target": "random"}
+    assert attacked["top1_error"] >= result["top1_error"]
+
+
+# --- interruption ----------------------------------------------------------------------------
+def test_sigkill_mid_run_then_relaunch_resumes(tiny_imagenet, tmp_path):
+    logdir = tmp_path / "run"
+    cmd = [
+        sys.executable, str(REPO / "main.py"),
+        *train_args(tiny_imagenet, logdir, "--train-eval", "none", "--steps-per-epoch", "6"),
+        "--epochs", "30", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (logdir / "checkpoint-epoch0002.pt").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = [p.name for p in logdir.glob("checkpoint-epoch*.pt")]
+    last = max(int(name[16:20]) for name in done)
+    for path in logdir.glob("checkpoint-epoch*.pt"):  # every visible checkpoint is complete
+        assert torch.load(path, weights_only=True)["epoch"] == int(path.name[16:20])
+
+    relaunch = [*cmd[:-4], "--epochs", str(last + 1), "--threads", "1"]
+    rerun = subprocess.run(relaunch, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"after epoch {last}" in rerun.stderr
+    state = torch.load(logdir / f"checkpoint-epoch{last + 1:04d}.pt", weights_only=True)
+    assert state["step"] == 6 * (last + 1)
+    assert not list(logdir.glob(".checkpoint-*")), "a temporary file was left behind"
+
+
+# --- bad input: one line naming the culprit, non-zero exit -------------------------------------
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(train_args(missing, tmp_path / "run")) == 1
+    assert str(missing) in error_line(capsys)
+
+
+def test_empty_class_folder(tiny_imagenet, tmp_path, capsys):
+    (tiny_imagenet / "train" / "n99999").mkdir()
+    assert main(train_args(tiny_imagenet, tmp_path / "run")) == 1
+    assert "n99999" in error_line(capsys)
+
+
+def test_corrupt_validation_image_is_an_error(tiny_imagenet, tmp_path, capsys):
+    bad = tiny_imagenet / "val" / "n00000" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ckpt = tmp_path / "w.pt"
+    nets.save_weights(
+        nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt
+    )
+    args = [
+        "--eval",
+        "--load",
+        str(ckpt),
+        "--data",
+        str(tiny_imagenet),
+        *FAST,
+        "--attack-iter",
+        "0",
+    ]
+    assert main(args) == 1
+    assert "broken.png" in error_line(capsys)
+
+
+def test_corrupt_training_image_is_skipped_and_named(tiny_imagenet, tmp_path, capsys):
+    bad = tiny_imagenet / "train" / "n00001" / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    args = train_args(
+        tiny_imagenet, tmp_path / "run", "--train-eval", "none", "--steps-per-epoch", "4"
+    )
+    assert main([*args, "--epochs", "1", "--batch", "4"]) == 0
+    assert "broken.JPEG" in capsys.readouterr().err
+
+
+def test_unknown_flag_values_are_one_line(capsys):
+    assert main(["--fake", "--arch", "ResNot"]) == 1
+    line = error_line(capsys)
+    assert "ResNot" in line and "ResNeXtDenoiseAll" in line
+    assert main(["--fake", "--loader", "carrier-pigeon"]) == 1
+    assert "carrier-pigeon" in error_line(capsys)
+
+
+def test_load_of_a_wrong_architecture(tiny_imagenet, tmp_path, capsys):
+    ckpt = tmp_path / "denoise.npz"
+    nets.save_npz(
+        nets.build_model("ResNetDenoise", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt
+    )
+    args = [
+        "--eval",
+        "--load",
+        str(ckpt),
+        "--data",
+        str(tiny_imagenet),
+        *FAST,
+        "--attack-iter",
+        "0",
+    ]
+    assert main(args) == 1
+    line = error_line(capsys)
+    assert str(ckpt) in line and "group0_denoise" in line
+
+
+def test_bad_flag_value_from_the_command_line(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--fake", "--attack-iter", "-3"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == ["error: --attack-iter: must be >= 0, got -3"]

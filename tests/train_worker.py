@@ -1,0 +1,28 @@
+"""One rank of a real multi-process training run (launched by torchrun or mpirun in the tests).
+
+Usage: train_worker.py OUT_DIR MAIN_PY_FLAGS...  Trains as main.py would, then saves this
+rank's final parameters and BatchNorm statistics to OUT_DIR/rank<R>.pt for comparison.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import distributed
+from main import build_parser, config_from_args
+from train import run_training
+
+
+def run(out_dir: Path, argv: list[str]) -> None:
+    cfg = config_from_args(build_parser().parse_args(argv))
+    env = distributed.detect()
+    torch.set_num_threads(1)
+    device = distributed.select_device(env)
+    with distributed.process_group(env, device, timeout_s=120):
+        outcome = run_training(cfg, env, device)
+        torch.save(outcome.model.state_dict(), out_dir / f"rank{env.rank}.pt")
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]), sys.argv[2:])
