@@ -29,7 +29,7 @@ class Config:
     # --- data ----------------------------------------------------------------------------------
     data: str | None = None  # ImageNet-layout folder: train/<wnid>/*, val/<wnid>/* (or val.txt)
     fake: bool = False  # constant uint8 batches instead of data, for throughput tests
-    loader: str = "local"  # "server": pull from third_party/serve-data.py; "local": in-process
+    loader: str = "server"  # "server": the machine's serve-data.py (as the original); "local"
     data_server: str | None = None  # server address; None = ipc://@imagenet-train-b{batch}
     data_timeout: float = 60.0  # seconds without a batch before the server is declared gone
     workers: int = 2  # decoding worker processes per training process (local loader, eval)

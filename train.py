@@ -199,6 +199,7 @@ def train_epoch(
     model.train()
     meter = Meter(device)
     step = first_step
+    start = time.perf_counter()
     bar = tqdm(
         range(steps),
         desc=f"epoch {epoch}/{cfg.epochs}",
@@ -227,6 +228,12 @@ def train_epoch(
             meter.reset()
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"training diverged: loss is {loss.item()} in epoch {epoch}")
+    per_process = steps * cfg.batch / (time.perf_counter() - start)
+    if distributed.is_main_process():
+        tqdm.write(
+            f"epoch {epoch}: {per_process:.1f} images/s per process, "
+            f"{per_process * total_batch / cfg.batch:.1f} images/s in total"
+        )
     return step
 
 

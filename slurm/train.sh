@@ -25,7 +25,9 @@ ATTACK_ITER="${ATTACK_ITER:-30}"
 ATTACK_EPSILON="${ATTACK_EPSILON:-16}"
 ATTACK_STEP_SIZE="${ATTACK_STEP_SIZE:-1}"
 DATA_CPUS="${DATA_CPUS:-60}"  # CPUs of each node's data server (decoding, augmentation)
-LOGDIR="${LOGDIR:-train_log/${ARCH}${DEPTH}-${SLURM_JOB_ID}}"
+# Run directory; the default is main.py's own (train_log/PGD-...), which stays the same from one
+# job to the next, so that resubmitting the script resumes from the latest checkpoint.
+LOGDIR="${LOGDIR:-}"
 
 # sbatch runs a copy of this script, so its own path may not lead back to the repository.
 cd_repo_root() {
@@ -71,4 +73,4 @@ srun --kill-on-bad-exit=1 \
   python main.py --data "$DATA" --batch "$BATCH" \
   --attack-iter "$ATTACK_ITER" --attack-epsilon "$ATTACK_EPSILON" \
   --attack-step-size "$ATTACK_STEP_SIZE" \
-  --arch "$ARCH" -d "$DEPTH" --logdir "$LOGDIR" "$@"
+  --arch "$ARCH" -d "$DEPTH" ${LOGDIR:+--logdir "$LOGDIR"} "$@"

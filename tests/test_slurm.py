@@ -112,7 +112,7 @@ def test_train_starts_one_data_server_per_node_then_trains(fake_repo: Path, tmp_
     expected = (
         "python main.py --data /data/imagenet --batch 17"
         " --attack-iter 30 --attack-epsilon 16 --attack-step-size 1"
-        " --arch ResNet -d 152 --logdir train_log/ResNet152-4242 --extra-flag"
+        " --arch ResNet -d 152 --extra-flag"
     )
     assert _split(job["argv"])[1] == expected.split()
     assert job["env"] == {"MASTER_ADDR": "gpu1", "MASTER_PORT": str(20000 + 4242)}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -253,3 +254,32 @@ def test_bad_flag_value_from_the_command_line(tmp_path):
     )  # fmt: skip
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == ["error: --attack-iter: must be >= 0, got -3"]
+
+
+# --- the per-machine data server (the original's default source) ------------------------------
+def test_training_pulls_batches_from_a_real_data_server(tiny_imagenet, tmp_path):
+    address = f"ipc://@iat-test-{uuid.uuid4().hex}"
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "third_party" / "serve-data.py"), "--data", str(tiny_imagenet),
+         "--batch", "4", "--image-size", "32", "--workers", "1", "--bind", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        args = train_args(tiny_imagenet, tmp_path / "run", "--train-eval", "none")
+        args += ["--loader", "server", "--data-server", address, "--data-timeout", "60"]
+        assert main([*args, "--epochs", "2"]) == 0
+        records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+        assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2, 3, 4]
+        assert server.poll() is None, "the server must keep serving"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_a_data_server_that_never_answers_is_one_clear_error(tiny_imagenet, tmp_path, capsys):
+    address = f"ipc://@iat-nobody-{uuid.uuid4().hex}"
+    args = train_args(tiny_imagenet, tmp_path / "run", "--train-eval", "none")
+    args += ["--loader", "server", "--data-server", address, "--data-timeout", "1.5"]
+    assert main(args) == 1
+    line = error_line(capsys)
+    assert address in line and "serve-data.py" in line
