@@ -87,7 +87,7 @@ class ConvBN(Conv2dSame):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn(super().forward(x))
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class MaxPool2dSame(nn.Module):
