@@ -153,8 +153,11 @@ def fake_batches(batch: int, image_size: int, num_classes: int, seed: int) -> It
         yield images, labels
 
 
-def server_batches(address: str, timeout_s: float) -> Iterator[Batch]:
-    """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone."""
+def server_batches(address: str, timeout_s: float, pin_memory: bool) -> Iterator[Batch]:
+    """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone.
+
+    With `pin_memory` (CUDA), images land in page-locked memory for an asynchronous copy."""
     with ZMQBatchClient(address, timeout_s=timeout_s) as client:
         for images, labels in client:
-            yield torch.from_numpy(images), torch.from_numpy(labels).long()
+            images = torch.from_numpy(images)
+            yield (images.pin_memory() if pin_memory else images), torch.from_numpy(labels).long()

@@ -10,6 +10,7 @@ keep far more accuracy under attack than the clean one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 
 import distributed
+import nets
 from checkpoint import latest_checkpoint
 from config import Config
 from evaluate import EvalResult, attacker_for, evaluate
 from predict import run_predict
+from runtime import build_model
 from third_party.imagenet import list_split
 from train import run_training
 
@@ -29,6 +32,7 @@ IMAGE_SIZE = 32
 VAL_EVERY = 5  # every 5th image of the set goes to val/
 EPSILON = 32.0  # pixel units; digits are high-contrast, so a larger ball than ImageNet's 16
 ATTACK_ITER = 3
+TOTAL_BATCH = 64
 EVAL_ATTACK_ITER = 10
 
 
@@ -55,14 +59,14 @@ def write_digits_folder(root: Path, image_size: int = IMAGE_SIZE) -> tuple[int, 
     return counts[0], counts[1]
 
 
-def demo_config(data: Path, logdir: Path, attack_iter: int) -> Config:
+def demo_config(data: Path, logdir: Path, attack_iter: int, nprocs: int) -> Config:
     return Config(
         data=str(data),
         loader="local",
         workers=0,
         image_size=IMAGE_SIZE,
         train_augment="none",
-        batch=64,
+        batch=TOTAL_BATCH // nprocs,
         arch="ResNet",
         num_blocks=(1, 1, 1, 1),
         width=16,
@@ -101,9 +105,23 @@ def evaluate_both(cfg: Config, model: torch.nn.Module) -> tuple[EvalResult, Eval
     return results[0], results[1]
 
 
-def train_and_evaluate(cfg: Config) -> tuple[EvalResult, EvalResult]:
-    outcome = run_training(cfg, distributed.detect(), torch.device("cpu"))
-    return evaluate_both(cfg, outcome.model)
+def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:
+    """One process of the demo's data-parallel training (started by distributed.spawn)."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    with distributed.process_group(env, device, timeout_s=300):
+        run_training(cfg, env, device)
+
+
+def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[EvalResult, EvalResult]:
+    """Train on `nprocs` processes (Gloo), then evaluate the final checkpoint here."""
+    if nprocs > 1:
+        distributed.spawn(_train_rank, nprocs, (cfg, 1))
+    else:
+        run_training(cfg, distributed.detect(), torch.device("cpu"))
+    model = build_model(cfg, num_classes=10)
+    nets.load_weights(model, latest_checkpoint(cfg.logdir))
+    return evaluate_both(cfg, model)
 
 
 def summary_table(rows: list[tuple[str, EvalResult, EvalResult]]) -> str:
@@ -123,18 +141,20 @@ def run_demo(logdir: str) -> int:
     if not (data / "train").is_dir():
         n_train, n_val = write_digits_folder(data)
         print(f"wrote {n_train} train / {n_val} val digit images to {data}")
+    nprocs = 2 if (os.cpu_count() or 1) >= 2 else 1
+    print(f"training on {nprocs} process(es), Gloo, through distributed.py")
     rows = []
     for name, k in (
         (f"adversarial (PGD-{ATTACK_ITER})", ATTACK_ITER),
         ("clean (--attack-iter 0)", 0),
     ):
-        cfg = demo_config(data, root / f"attack-iter{k}", k)
+        cfg = demo_config(data, root / f"attack-iter{k}", k, nprocs)
         print(f"training {name} ...")
-        clean, adv = train_and_evaluate(cfg)
+        clean, adv = train_and_evaluate(cfg, nprocs)
         rows.append((name, clean, adv))
     adv_logdir = root / f"attack-iter{ATTACK_ITER}"
     predict_cfg = dataclasses.replace(
-        demo_config(data, adv_logdir, ATTACK_ITER),
+        demo_config(data, adv_logdir, ATTACK_ITER, nprocs),
         mode="eval_directory",
         num_classes=10,
         eval_directory=str(data / "unlabeled"),

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -40,7 +41,7 @@ class DistEnv:
     local_world_size: int  # number of processes on this host
     master_addr: str  # host of rank 0, where the TCP rendezvous store listens
     master_port: int  # port of that store
-    launcher: str  # "torchrun" | "openmpi" | "mpich" | "slurm" | "single"
+    launcher: str  # "torchrun" | "openmpi" | "mpich" | "slurm" | "spawn" | "single"
 
 
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -308,6 +309,31 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_initialized():
         dist.broadcast(t, src=src)
     return t
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (for a rendezvous between local processes)."""
+    with socket.socket() as s:
+        s.bind((DEFAULT_MASTER_ADDR, 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Callable[..., None], nprocs: int, args: tuple = ()) -> None:
+    """Run ``fn(env, *args)`` in ``nprocs`` new processes of this machine, one rank each.
+
+    A launcher for tools that start their own workers (``main.py --demo``); ``fn`` must be a
+    module-level function. Raises if any process fails.
+    """
+    port = free_port()
+    envs = [
+        DistEnv(rank, nprocs, rank, nprocs, DEFAULT_MASTER_ADDR, port, "spawn")
+        for rank in range(nprocs)
+    ]
+    mp.spawn(_run_spawned, args=(envs, fn, args), nprocs=nprocs)
+
+
+def _run_spawned(index: int, envs: list[DistEnv], fn: Callable[..., None], args: tuple) -> None:
+    fn(envs[index], *args)
 
 
 def cleanup() -> None:

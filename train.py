@@ -256,7 +256,8 @@ def batch_stream(
     if cfg.fake:
         yield from fake_batches(cfg.batch, cfg.image_size, num_classes, cfg.seed + rank)
     elif cfg.loader == "server":
-        yield from server_batches(cfg.data_server or default_address(cfg.batch), cfg.data_timeout)
+        address = cfg.data_server or default_address(cfg.batch)
+        yield from server_batches(address, cfg.data_timeout, torch.cuda.is_available())
     else:
         for epoch in range(start_epoch, cfg.epochs + 1):
             yield from local_train_batches(
@@ -354,6 +355,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
         prob_start_from_clean=cfg.prob_start_from_clean,
         target=None if cfg.attack_target == "none" else cfg.attack_target,
         num_classes=num_classes,
+        fast=cfg.use_fp16xla,
     )
     batches = batch_stream(cfg, train, num_classes, steps, start_epoch)
     results: dict[str, EvalResult] = {}
