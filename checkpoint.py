@@ -7,13 +7,12 @@ can also be read by `nets.load_weights` (key "model").
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from atomic_io import atomic_write
 from nets import CheckpointError
 
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
@@ -62,16 +61,7 @@ def save_checkpoint(
         "epoch": epoch,
         "step": step,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from atomic_io import atomic_write_text
 
 ARCHITECTURES = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
 DEPTHS = (50, 101, 152)
@@ -141,22 +142,6 @@ def default_logdir(cfg: Config, world_size: int) -> str:
         f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{cfg.attack_iter}"
         f"-epsilon{float(cfg.attack_epsilon)}-step{float(cfg.attack_step_size)}",
     )
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(cfg: Config, logdir: str | Path, run: dict) -> Path:

@@ -22,7 +22,7 @@ import distributed
 import nets
 from checkpoint import latest_checkpoint
 from config import Config
-from evaluate import EvalResult, attacker_for, evaluate
+from evaluate import EvalResult, evaluate_attack
 from predict import run_predict
 from runtime import build_model
 from third_party.imagenet import list_split
@@ -85,24 +85,19 @@ def demo_config(data: Path, logdir: Path, attack_iter: int, nprocs: int) -> Conf
 
 def evaluate_both(cfg: Config, model: torch.nn.Module) -> tuple[EvalResult, EvalResult]:
     val = list_split(cfg.data, "val")[0]
-    results = []
-    for k in (0, EVAL_ATTACK_ITER):
-        generator = torch.Generator()
-        results.append(
-            evaluate(
-                model,
-                attacker_for(cfg, k, 10, generator),
-                val,
-                batch=128,
-                image_size=cfg.image_size,
-                workers=0,
-                device=torch.device("cpu"),
-                seed=1,
-                generator=generator,
-                desc=f"eval PGD-{k}",
-            )
+    clean, attacked = (
+        evaluate_attack(
+            model,
+            cfg,
+            val,
+            attack_iter=k,
+            num_classes=10,
+            device=torch.device("cpu"),
+            desc=f"PGD-{k}",
         )
-    return results[0], results[1]
+        for k in (0, EVAL_ATTACK_ITER)
+    )
+    return clean, attacked
 
 
 def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:

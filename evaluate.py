@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import distributed
 from adv_model import Attacker, attack_success, build_attacker
-from config import Config, atomic_write_text
+from atomic_io import atomic_write_text
+from config import Config
 from data import EvalDataset, to_model_input
 from runtime import dataset_classes, load_model, resolve_num_classes
 from third_party.imagenet import list_split
@@ -108,7 +109,7 @@ def evaluate(
 def attacker_for(
     cfg: Config, attack_iter: int, num_classes: int, generator: torch.Generator
 ) -> Attacker:
-    """The evaluation attacker: PGD from a random start (never from the clean image)."""
+    """The evaluation attacker: PGD from a random start (never from the clean image), fp32."""
     return build_attacker(
         attack_iter,
         cfg.attack_epsilon,
@@ -119,15 +120,21 @@ def attacker_for(
     )
 
 
-def run_eval(cfg: Config, device: torch.device) -> EvalResult:
-    """--eval: the --load'ed model on the validation split under a PGD-`attack_iter` attack."""
-    samples, classes = list_split(cfg.data, "val")
-    num_classes = resolve_num_classes(cfg, dataset_classes(cfg) or classes)
-    model = load_model(cfg, num_classes, device)
+def evaluate_attack(
+    model: torch.nn.Module,
+    cfg: Config,
+    samples: Sequence[Sample],
+    *,
+    attack_iter: int,
+    num_classes: int,
+    device: torch.device,
+    desc: str,
+) -> EvalResult:
+    """`evaluate` under the configured PGD-`attack_iter` attack (0: clean)."""
     generator = torch.Generator(device=device)
-    result = evaluate(
+    return evaluate(
         model,
-        attacker_for(cfg, cfg.attack_iter, num_classes, generator),
+        attacker_for(cfg, attack_iter, num_classes, generator),
         samples,
         batch=cfg.batch,
         image_size=cfg.image_size,
@@ -135,7 +142,24 @@ def run_eval(cfg: Config, device: torch.device) -> EvalResult:
         device=device,
         seed=cfg.seed,
         generator=generator,
-        desc=f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean",
+        desc=desc,
+    )
+
+
+def run_eval(cfg: Config, device: torch.device) -> EvalResult:
+    """--eval: the --load'ed model on the validation split under a PGD-`attack_iter` attack."""
+    samples, classes = list_split(cfg.data, "val")
+    num_classes = resolve_num_classes(cfg, dataset_classes(cfg) or classes)
+    model = load_model(cfg, num_classes, device)
+    desc = f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean"
+    result = evaluate_attack(
+        model,
+        cfg,
+        samples,
+        attack_iter=cfg.attack_iter,
+        num_classes=num_classes,
+        device=device,
+        desc=desc,
     )
     if distributed.is_main_process():
         print(summary_line(cfg, result))

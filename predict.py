@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from config import Config, atomic_write_text
+from atomic_io import atomic_write_text
+from config import Config
 from data import to_model_input
 from runtime import IMAGENET_CLASSES, load_model
 from third_party.imagenet import CorruptImageError, DataError, read_image_bgr
