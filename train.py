@@ -30,7 +30,7 @@ from checkpoint import (
 )
 from config import Config, default_logdir, save_config
 from data import fake_batches, local_train_batches, server_batches, to_model_input
-from evaluate import EvalResult, attacker_for, evaluate
+from evaluate import EvalResult, evaluate_attack
 from run_logging import RunLogger
 from runtime import dataset_classes, load_model, resolve_num_classes, split_exists
 from third_party.imagenet import list_split
@@ -105,17 +105,13 @@ def run_evals(
     for spec in eval_schedule(cfg.train_eval):
         if not spec.when(epoch, cfg.epochs):
             continue
-        generator = torch.Generator(device=device)
-        results[spec.name] = evaluate(
+        results[spec.name] = evaluate_attack(
             model,
-            attacker_for(cfg, spec.attack_iter, num_classes, generator),
+            cfg,
             val,
-            batch=cfg.batch,
-            image_size=cfg.image_size,
-            workers=cfg.workers,
+            attack_iter=spec.attack_iter,
+            num_classes=num_classes,
             device=device,
-            seed=cfg.seed,
-            generator=generator,
             desc=spec.name,
         )
     return results
