@@ -21,7 +21,7 @@ from adv_model import Attacker, attack_success, build_attacker
 from atomic_io import atomic_write_text
 from config import Config
 from data import EvalDataset, to_model_input
-from runtime import dataset_classes, load_model, resolve_num_classes
+from runtime import check_labels, checkpoint_classes, load_model
 from third_party.imagenet import list_split
 
 Sample = tuple[str, int]
@@ -148,8 +148,9 @@ def evaluate_attack(
 
 def run_eval(cfg: Config, device: torch.device) -> EvalResult:
     """--eval: the --load'ed model on the validation split under a PGD-`attack_iter` attack."""
-    samples, classes = list_split(cfg.data, "val")
-    num_classes = resolve_num_classes(cfg, dataset_classes(cfg) or classes)
+    samples = list_split(cfg.data, "val")[0]
+    num_classes = checkpoint_classes(cfg)
+    check_labels(samples, num_classes, "val")
     model = load_model(cfg, num_classes, device)
     desc = f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean"
     result = evaluate_attack(

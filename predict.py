@@ -20,7 +20,7 @@ from tqdm import tqdm
 from atomic_io import atomic_write_text
 from config import Config
 from data import to_model_input
-from runtime import IMAGENET_CLASSES, load_model
+from runtime import checkpoint_classes, load_model
 from third_party.imagenet import CorruptImageError, DataError, read_image_bgr
 
 
@@ -100,7 +100,7 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 def run_predict(cfg: Config, device: torch.device) -> Path:
     files = list_directory(cfg.eval_directory)
     names = load_class_names(cfg.class_names) if cfg.class_names else None
-    model = load_model(cfg, cfg.num_classes or IMAGENET_CLASSES, device)
+    model = load_model(cfg, checkpoint_classes(cfg), device)
     top_classes, top_probs, bad = predict_files(
         model, files, batch=cfg.batch, image_size=cfg.image_size, workers=cfg.workers, device=device
     )

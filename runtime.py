@@ -8,7 +8,7 @@ import torch
 
 import nets
 from config import Config
-from third_party.imagenet import list_split
+from third_party.imagenet import DataError, list_split
 
 Sample = tuple[str, int]
 IMAGENET_CLASSES = 1000
@@ -38,6 +38,19 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
     if cfg.num_classes is not None:
         return cfg.num_classes
     return len(classes) if classes else IMAGENET_CLASSES
+
+
+def checkpoint_classes(cfg: Config) -> int:
+    """Evaluation: --num-classes if given, else as many classes as the --load'ed checkpoint."""
+    return cfg.num_classes or nets.checkpoint_num_classes(cfg.load)
+
+
+def check_labels(samples: list[Sample], num_classes: int, split: str) -> None:
+    top = max((label for _, label in samples), default=-1)
+    if top >= num_classes:
+        raise DataError(
+            f"--data: {split} labels go up to {top} but the model has {num_classes} classes"
+        )
 
 
 def load_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:

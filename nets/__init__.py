@@ -2,6 +2,7 @@
 
 from nets.checkpoint import (
     CheckpointError,
+    checkpoint_num_classes,
     load_npz_dict,
     load_weights,
     model_to_npz_dict,
@@ -26,6 +27,7 @@ __all__ = [
     "NUM_BLOCKS",
     "Bottleneck",
     "CheckpointError",
+    "checkpoint_num_classes",
     "DenoisedBottleneck",
     "DenoisingBlock",
     "ResNet",

@@ -88,6 +88,19 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
+    """Outputs of the checkpoint's final layer (``linear/b`` or ``linear.bias``): its classes."""
+    path = Path(path)
+    if path.suffix.lower() == NPZ_SUFFIX:
+        arrays = _variable_names(path, _read_npz(path))
+        bias = arrays.get("linear/b")
+    else:
+        bias = _read_pt(path).get("linear.bias")
+    if bias is None or len(bias.shape) != 1:
+        raise CheckpointError(f"{path}: no final layer (linear/b) to count the classes from")
+    return int(bias.shape[0])
+
+
 def load_npz_dict(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Loads ``{original name: array}`` (as from ``model_to_npz_dict``) into ``model``, strictly."""
     source = "<arrays>"

@@ -67,7 +67,7 @@ def expected_labels(folder: Path, checkpoint: Path) -> dict[str, int]:
 def predict_args(folder: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
     return [
         "--eval-directory", str(folder), "--prediction-file", str(out), "--load", str(checkpoint),
-        *ARCH, "--num-classes", "10", "--image-size", str(SIZE), "--batch", "2", "--workers", "0",
+        *ARCH, "--image-size", str(SIZE), "--batch", "2", "--workers", "0",
         *extra,
     ]  # fmt: skip
 

@@ -227,6 +227,17 @@ def test_unknown_flag_values_are_one_line(capsys):
     assert "carrier-pigeon" in error_line(capsys)
 
 
+def test_eval_takes_the_class_count_from_the_checkpoint(tiny_imagenet, tmp_path, capsys):
+    common = ["--eval", "--data", str(tiny_imagenet), *FAST, "--attack-iter", "0"]
+    for classes in (10, 2):
+        ckpt = tmp_path / f"c{classes}.npz"
+        model = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=classes)
+        nets.save_npz(model, ckpt)
+        code = main([*common, "--load", str(ckpt)])
+        assert code == (0 if classes == 10 else 1)
+    assert "val labels go up to 2 but the model has 2 classes" in error_line(capsys)
+
+
 def test_load_of_a_wrong_architecture(tiny_imagenet, tmp_path, capsys):
     ckpt = tmp_path / "denoise.npz"
     nets.save_npz(
