@@ -58,4 +58,6 @@ def load_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.
     model = build_model(cfg, num_classes)
     if cfg.load is not None:
         nets.load_weights(model, cfg.load)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # matches data.to_model_input
     return model.to(device)

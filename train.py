@@ -329,6 +329,10 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     classes = dataset_classes(cfg)
     train = list_split(cfg.data, "train")[0] if classes is not None else None
     val = list_split(cfg.data, "val")[0] if cfg.data and split_exists(cfg.data, "val") else None
+    if val is None and cfg.train_eval != "none" and distributed.is_main_process():
+        print(
+            "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
+        )
     num_classes = resolve_num_classes(cfg, classes)
     world = distributed.get_world_size()
     total_batch = cfg.batch * world

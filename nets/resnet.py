@@ -58,7 +58,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.conv3(self.conv2(self.conv1(x)))
-        return F.relu(residual + self.convshortcut(x), inplace=True)
+        return F.relu(residual.add_(self.convshortcut(x)), inplace=True)
 
 
 class DenoisedBottleneck(Bottleneck):

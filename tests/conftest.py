@@ -29,6 +29,14 @@ def write_imagenet(
     return root
 
 
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    """A small conv net with BatchNorm trained on 1500 digits; 297 held out (left in train mode)."""
+    from digits_model import train_digits_model
+
+    return train_digits_model()
+
+
 @pytest.fixture()
 def tiny_imagenet(tmp_path: Path) -> Path:
     return write_imagenet(tmp_path / "imagenet")

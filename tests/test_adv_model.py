@@ -7,7 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+from digits_model import (
+    NUM_CLASSES,
+    assert_unchanged,
+    eval_logits,
+    snapshot,
+)
 from torch import nn
 
 from adv_model import (
@@ -16,26 +21,6 @@ from adv_model import (
     attack_success,
     build_attacker,
 )
-
-NUM_CLASSES = 10
-
-
-class DigitsNet(nn.Module):
-    """A tiny conv net with BatchNorm taking 3x16x16 images in pixel units [0, 255]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32 * 4 * 4, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / 127.5 - 1.0
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(F.avg_pool2d(x, 2).flatten(1))
 
 
 class LinearNet(nn.Module):
@@ -91,43 +76,8 @@ class ProbeNet(nn.Module):
         return self.inner(x)
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) * (255.0 / 16.0)
-    images = F.interpolate(images[:, None], scale_factor=2, mode="nearest").expand(-1, 3, -1, -1)
-    return images.contiguous(), torch.tensor(data.target, dtype=torch.int64)
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict[str, torch.Tensor | nn.Module]:
-    """A DigitsNet trained on 1500 digits; 297 held out. Left in train mode."""
-    torch.manual_seed(0)
-    images, labels = _digits()
-    train_x, train_y, test_x, test_y = images[:1500], labels[:1500], images[1500:], labels[1500:]
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        idx = torch.randint(0, len(train_x), (64,), generator=gen)
-        loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return {"model": model, "x": test_x, "y": test_y}
-
-
-def _eval_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    model.train(was_training)
-    return logits
-
-
 def test_trained_model_is_accurate(digits):
-    logits = _eval_logits(digits["model"], digits["x"])
+    logits = eval_logits(digits["model"], digits["x"])
     assert (logits.argmax(1) == digits["y"]).float().mean() > 0.9
 
 
@@ -167,7 +117,7 @@ def test_least_likely_target_is_argmin_of_clean_logits(digits):
     model, x, y = digits["model"], digits["x"][:64], digits["y"][:64]
     attacker = PGDAttacker(2, 8.0, 1.0, target="least_likely")
     _, targets = attacker.attack(model, x, y)
-    torch.testing.assert_close(targets, _eval_logits(model, x).argmin(1))
+    torch.testing.assert_close(targets, eval_logits(model, x).argmin(1))
 
 
 def test_untargeted_returns_no_targets(digits):
@@ -203,31 +153,15 @@ def test_unknown_target_lists_valid_values():
         PGDAttacker(5, 16.0, 1.0, target="most_likely")
 
 
-def _snapshot(model: nn.Module) -> tuple[list[bool], list[bool], dict[str, torch.Tensor]]:
-    modes = [m.training for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    return modes, flags, buffers
-
-
-def _assert_unchanged(model: nn.Module, before) -> None:
-    modes, flags, buffers = before
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    for name, b in model.named_buffers():
-        assert torch.equal(b, buffers[name]), name
-    assert all(p.grad is None for p in model.parameters())
-
-
 def test_model_state_untouched_and_no_parameter_grads(digits):
     model = copy.deepcopy(digits["model"])
     model.train()
     model.bn2.eval()  # a mixed mode must come back as it was
     model.fc.weight.requires_grad_(False)
-    before = _snapshot(model)
+    before = snapshot(model)
     assert any(before[0]) and not all(before[0])
     PGDAttacker(3, 16.0, 4.0).attack(model, digits["x"][:32], digits["y"][:32])
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_attack_runs_in_inference_mode_with_frozen_parameters(digits):
@@ -243,10 +177,10 @@ def test_model_state_restored_after_exception(digits, fail_at):
     model = ExplodingNet(copy.deepcopy(digits["model"]), fail_at)
     model.train()
     model.inner.bn1.eval()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         PGDAttacker(4, 16.0, 4.0).attack(model, digits["x"][:8], digits["y"][:8])
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_noop_is_identity(digits):
@@ -337,7 +271,7 @@ def test_targeted_pgd_succeeds_on_undefended_model(digits):
     # 8x8 digits with 16 grey levels are coarse: epsilon 64 (4 grey levels) is needed here.
     attacker = PGDAttacker(10, 64.0, 1.0, generator=torch.Generator().manual_seed(6))
     adv, targets = attacker.attack(model, x, y)
-    logits = _eval_logits(model, adv)
+    logits = eval_logits(model, adv)
     success = attack_success(logits, y, targets).float().mean()
     assert success > 0.8  # on clean images about (1 - accuracy) / 9
     torch.testing.assert_close(success, (logits.argmax(1) == targets).float().mean())
@@ -345,11 +279,11 @@ def test_targeted_pgd_succeeds_on_undefended_model(digits):
 
 def test_untargeted_pgd_drops_accuracy(digits):
     model, x, y = digits["model"], digits["x"], digits["y"]
-    clean_acc = (_eval_logits(model, x).argmax(1) == y).float().mean()
+    clean_acc = (eval_logits(model, x).argmax(1) == y).float().mean()
     adv, targets = PGDAttacker(10, 48.0, 1.0, target=None).attack(model, x, y)
-    adv_acc = (_eval_logits(model, adv).argmax(1) == y).float().mean()
+    adv_acc = (eval_logits(model, adv).argmax(1) == y).float().mean()
     assert clean_acc > 0.9 and adv_acc < 0.2
-    success = attack_success(_eval_logits(model, adv), y, targets).float().mean()
+    success = attack_success(eval_logits(model, adv), y, targets).float().mean()
     torch.testing.assert_close(success, 1.0 - adv_acc)
 
 

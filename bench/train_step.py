@@ -1,0 +1,311 @@
+"""Cost model of adversarial training, measured: clean step, attack iteration, PGD-K step.
+
+    python bench/train_step.py --arch ResNet ResNetDenoise -d 50 --image-size 64 --batch 16 \\
+        --attack-iter 10 --threads 2 [--variants eager-fp32 compiled-amp] [--memory]
+
+Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one process:
+  T_clean  train.train_step with a NoOpAttacker (forward + backward + optimizer step);
+  T_iter   one attack iteration: the attacker's objective forward + the input gradient only,
+           under adv_model.attack_mode (BN in inference mode, parameters frozen);
+  T_pgd    train.train_step with the PGD-K attacker (the real training code path).
+Attack variants: eager or torch.compile'd iteration, fp32 or mixed precision (autocast: bf16 on
+CPU, fp16 with loss scale 128 on CUDA). "compiled-amp" is --use-fp16xla. The training step itself
+(forward, backward, optimizer) is fp32 and eager in every variant, as in train.py.
+``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
+
+import nets  # noqa: E402
+import train  # noqa: E402
+from adv_model import NoOpAttacker, PGDAttacker, attack_mode  # noqa: E402
+from config import Config  # noqa: E402
+from data import to_model_input  # noqa: E402
+
+# Feature Denoising, Sec 6: epsilon 16; training starts 20% of batches from the clean image.
+EPSILON = 16.0
+PROB_START_FROM_CLEAN = 0.2
+LABEL_SMOOTHING = 0.1  # Feature Denoising, Sec 5
+NUM_CLASSES = 1000
+VARIANTS = {  # name: (autocast, compiled)
+    "eager-fp32": (False, False),
+    "eager-amp": (True, False),
+    "compiled-fp32": (False, True),
+    "compiled-amp": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    arch: str
+    variant: str
+    clean_s: float
+    iter_s: float
+    pgd_s: float
+    first_call_s: float  # the first PGD step, compilation included
+    flop_ratio: float  # FLOPs of one attack iteration / FLOPs of one clean step
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(args: argparse.Namespace, arch: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    depth = None if args.num_blocks else args.depth
+    model = nets.build_model(
+        arch, depth=depth, num_blocks=args.num_blocks, num_classes=NUM_CLASSES, width=args.width
+    )
+    if args.channels_last_model:
+        model = model.to(memory_format=torch.channels_last)
+    return model, train.build_optimizer(model, Config(fake=True))
+
+
+def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 NHWC batch turned into model input exactly as the training loop does."""
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.image_size, args.image_size, 3)
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
+    x = to_model_input(images, torch.device("cpu"))
+    return (x.contiguous() if args.contiguous_input else x), labels
+
+
+def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
+    autocast, compiled = VARIANTS[variant]
+    return PGDAttacker(
+        num_iter,
+        EPSILON,
+        1.0,
+        prob_start_from_clean=PROB_START_FROM_CLEAN,
+        num_classes=NUM_CLASSES,
+        autocast=autocast,
+        compiled=compiled,
+    )
+
+
+def step_fn(model, optimizer, attack, x, y) -> Callable[[], object]:
+    model.train()
+    return lambda: train.train_step(model, model, attack, optimizer, x, y, LABEL_SMOOTHING)
+
+
+def iteration_fn(model: torch.nn.Module, attack: PGDAttacker, x, y) -> Callable[[], object]:
+    """One attack iteration as PGDAttacker runs it: objective forward + input gradient."""
+    objective = attack.objective(x.device)
+
+    def run() -> torch.Tensor:
+        with torch.enable_grad(), attack_mode(model):
+            adv = x.detach().requires_grad_(True)
+            return torch.autograd.grad(objective(model, adv, y), adv)[0]
+
+    return run
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def iteration_flop_ratio(model, optimizer, x, y) -> float:
+    """FLOPs of an attack iteration over those of a clean step: about 2/3 when the iteration
+    skips the weight-gradient convolutions (forward 1 + input gradient 1 vs 1 + 2), about 1
+    if it did not. (FlopCounterMode cannot follow autograd.grad, hence backward() here.)"""
+    objective = attacker_for(1, "eager-fp32").objective(x.device)
+
+    def iteration() -> None:
+        with torch.enable_grad(), attack_mode(model):
+            objective(model, x.detach().requires_grad_(True), y).backward()
+
+    clean = counted_flops(step_fn(model, optimizer, NoOpAttacker(), x, y))
+    return counted_flops(iteration) / clean
+
+
+def measure(args: argparse.Namespace, arch: str) -> list[Row]:
+    model, optimizer = build(args, arch)
+    x, y = batch(args)
+    flop_ratio = iteration_flop_ratio(model, optimizer, x, y)
+    clean = median_seconds(
+        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats
+    )
+    rows = []
+    for variant in args.variants:
+        attack = attacker_for(args.attack_iter, variant)
+        pgd_step = step_fn(model, optimizer, attack, x, y)
+        start = time.perf_counter()
+        pgd_step()
+        first = time.perf_counter() - start
+        iteration = median_seconds(iteration_fn(model, attack, x, y), args.warmup, args.repeats)
+        pgd = median_seconds(pgd_step, args.warmup, args.repeats)
+        rows.append(Row(arch, variant, clean, iteration, pgd, first, flop_ratio))
+        print(f"  measured {arch} {variant}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[Row], k: int, batch_size: int) -> None:
+    print(
+        f"| arch | attack | T_clean ms | T_iter ms | T_iter/T_clean | FLOPs iter/clean | "
+        f"T_pgd{k} ms | "
+        f"T_pgd/(T_clean+{k}T_iter) | PGD-{k} img/s | clean img/s | first step s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        overhead = r.pgd_s / (r.clean_s + k * r.iter_s)
+        print(
+            f"| {r.arch} | {r.variant} | {r.clean_s * 1e3:.0f} | {r.iter_s * 1e3:.0f} | "
+            f"{r.iter_s / r.clean_s:.3f} | {r.flop_ratio:.3f} | {r.pgd_s * 1e3:.0f} | "
+            f"{overhead:.3f} | "
+            f"{batch_size / r.pgd_s:.1f} | {batch_size / r.clean_s:.1f} | {r.first_call_s:.1f} |"
+        )
+
+
+def print_speedups(rows: list[Row], base_variant: str = "eager-fp32") -> None:
+    """Each attack variant's iteration and PGD step relative to eager fp32, per architecture."""
+    base = {r.arch: r for r in rows if r.variant == base_variant}
+    others = [r for r in rows if r.variant != base_variant and r.arch in base]
+    if not others:
+        return
+    print(f"\n| arch | attack | T_iter / {base_variant} | T_pgd / {base_variant} |")
+    print("|---|---|---:|---:|")
+    for r in others:
+        b = base[r.arch]
+        print(f"| {r.arch} | {r.variant} | {r.iter_s / b.iter_s:.3f} | {r.pgd_s / b.pgd_s:.3f} |")
+
+
+def print_relative(rows: list[Row], base_arch: str = "ResNet") -> None:
+    """Each architecture's steps relative to ResNet's, per attack variant."""
+    base = {r.variant: r for r in rows if r.arch == base_arch}
+    others = [r for r in rows if r.arch != base_arch and r.variant in base]
+    if not others:
+        return
+    print(f"\n| arch | attack | clean step / {base_arch} | PGD step / {base_arch} |")
+    print("|---|---|---:|---:|")
+    for r in others:
+        b = base[r.variant]
+        print(f"| {r.arch} | {r.variant} | {r.clean_s / b.clean_s:.3f} | {r.pgd_s / b.pgd_s:.3f} |")
+
+
+def peak_rss_mib(args: argparse.Namespace, arch: str, num_iter: int) -> float:
+    """Peak RSS of a fresh process running two PGD-``num_iter`` training steps (eager fp32)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--rss-probe",
+        str(num_iter),
+        "--arch",
+        arch,
+        *forwarded_flags(args),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def forwarded_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--image-size", str(args.image_size), "--batch", str(args.batch)]
+    flags += ["--threads", str(args.threads), "--width", str(args.width), "-d", str(args.depth)]
+    if args.num_blocks:
+        flags += ["--num-blocks", *map(str, args.num_blocks)]
+    if args.contiguous_input:
+        flags.append("--contiguous-input")
+    if args.channels_last_model:
+        flags.append("--channels-last-model")
+    return flags
+
+
+def rss_probe(args: argparse.Namespace, num_iter: int) -> None:
+    model, optimizer = build(args, args.arch[0])
+    x, y = batch(args)
+    attack = NoOpAttacker() if num_iter == 0 else attacker_for(num_iter, "eager-fp32")
+    step = step_fn(model, optimizer, attack, x, y)
+    step()
+    step()
+    print(peak_rss_of_this_process_mib())
+
+
+def peak_rss_of_this_process_mib() -> float:
+    """VmHWM, the peak RSS of this process image (ru_maxrss is not used: after fork + exec it
+    starts from the parent's RSS at the fork)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def print_memory(args: argparse.Namespace) -> None:
+    k = args.attack_iter
+    print(f"\n| arch | peak RSS MiB, clean | PGD-1 | PGD-{k} | PGD-{k} / PGD-1 |")
+    print("|---|---:|---:|---:|---:|")
+    for arch in args.arch:
+        clean, one, many = (peak_rss_mib(args, arch, n) for n in (0, 1, k))
+        print(f"| {arch} | {clean:.0f} | {one:.0f} | {many:.0f} | {many / one:.3f} |")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["ResNet"], choices=nets.available_architectures())
+    p.add_argument("-d", "--depth", type=int, default=50)
+    p.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--attack-iter", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--contiguous-input", action="store_true", help="NCHW-contiguous input")
+    p.add_argument("--channels-last-model", action="store_true", help="channels-last weights")
+    p.add_argument("--memory", action="store_true", help="add the peak-RSS table")
+    p.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.rss_probe is not None:
+        rss_probe(args, args.rss_probe)
+        return
+    print(f"{machine()}; batch {args.batch}, {args.image_size}x{args.image_size}, ", end="")
+    print(f"PGD-{args.attack_iter}, median of {args.repeats} after {args.warmup} warm-up\n")
+    rows = [row for arch in args.arch for row in measure(args, arch)]
+    print_table(rows, args.attack_iter, args.batch)
+    print_relative(rows)
+    print_speedups(rows)
+    if args.memory:
+        print_memory(args)
+
+
+if __name__ == "__main__":
+    main()
