@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
     )
-    attack.add_argument("--use-fp16xla", action="store_true", default=None, help="fast attack")
+    attack.add_argument(
+        "--use-fp16xla",
+        action="store_true",
+        default=None,
+        help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
+    )
 
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))

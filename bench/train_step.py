@@ -92,7 +92,7 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
     x = to_model_input(images, torch.device("cpu"))
-    return (x.contiguous() if args.contiguous_input else x), labels
+    return (x.to(memory_format=torch.channels_last) if args.channels_last_input else x), labels
 
 
 def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
@@ -229,8 +229,8 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
     flags += ["--threads", str(args.threads), "--width", str(args.width), "-d", str(args.depth)]
     if args.num_blocks:
         flags += ["--num-blocks", *map(str, args.num_blocks)]
-    if args.contiguous_input:
-        flags.append("--contiguous-input")
+    if args.channels_last_input:
+        flags.append("--channels-last-input")
     if args.channels_last_model:
         flags.append("--channels-last-model")
     return flags
@@ -284,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--contiguous-input", action="store_true", help="NCHW-contiguous input")
+    p.add_argument("--channels-last-input", action="store_true", help="channels-last input")
     p.add_argument("--channels-last-model", action="store_true", help="channels-last weights")
     p.add_argument("--memory", action="store_true", help="add the peak-RSS table")
     p.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
