@@ -329,7 +329,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     classes = dataset_classes(cfg)
     train = list_split(cfg.data, "train")[0] if classes is not None else None
     val = list_split(cfg.data, "val")[0] if cfg.data and split_exists(cfg.data, "val") else None
-    if val is None and cfg.train_eval != "none" and distributed.is_main_process():
+    if val is None and cfg.data and cfg.train_eval != "none" and distributed.is_main_process():
         print(
             "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
         )
