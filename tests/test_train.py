@@ -188,24 +188,17 @@ def test_empty_class_folder(tiny_imagenet, tmp_path, capsys):
     assert "n99999" in error_line(capsys)
 
 
+def eval_clean(data: Path, arch: str, tmp_path: Path) -> list[str]:
+    """--eval arguments (a tiny --arch ResNet) for a fresh 3-class `arch` checkpoint (.npz)."""
+    ckpt = tmp_path / f"{arch}.npz"
+    nets.save_npz(nets.build_model(arch, num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt)
+    return ["--eval", "--load", str(ckpt), "--data", str(data), *FAST, "--attack-iter", "0"]
+
+
 def test_corrupt_validation_image_is_an_error(tiny_imagenet, tmp_path, capsys):
     bad = tiny_imagenet / "val" / "n00000" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    ckpt = tmp_path / "w.pt"
-    nets.save_weights(
-        nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt
-    )
-    args = [
-        "--eval",
-        "--load",
-        str(ckpt),
-        "--data",
-        str(tiny_imagenet),
-        *FAST,
-        "--attack-iter",
-        "0",
-    ]
-    assert main(args) == 1
+    assert main(eval_clean(tiny_imagenet, "ResNet", tmp_path)) == 1
     assert "broken.png" in error_line(capsys)
 
 
@@ -239,23 +232,10 @@ def test_eval_takes_the_class_count_from_the_checkpoint(tiny_imagenet, tmp_path,
 
 
 def test_load_of_a_wrong_architecture(tiny_imagenet, tmp_path, capsys):
-    ckpt = tmp_path / "denoise.npz"
-    nets.save_npz(
-        nets.build_model("ResNetDenoise", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), ckpt
-    )
-    args = [
-        "--eval",
-        "--load",
-        str(ckpt),
-        "--data",
-        str(tiny_imagenet),
-        *FAST,
-        "--attack-iter",
-        "0",
-    ]
+    args = eval_clean(tiny_imagenet, "ResNetDenoise", tmp_path)  # evaluated as --arch ResNet
     assert main(args) == 1
     line = error_line(capsys)
-    assert str(ckpt) in line and "group0_denoise" in line
+    assert "ResNetDenoise.npz" in line and "group0_denoise" in line
 
 
 def test_bad_flag_value_from_the_command_line(tmp_path):
