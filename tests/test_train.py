@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nets
 from config import Config
@@ -94,7 +96,11 @@ def test_train_writes_checkpoints_config_metrics_and_resumes(tiny_imagenet, tmp_
     assert all(0 <= r["train/attack_success_rate"] <= 1 for r in records if r["phase"] == "train")
     evals = [r for r in records if r["phase"] == "eval-10step"]
     assert [r["epoch"] for r in evals] == [1, 2, 3] and all(r["images"] == 7 for r in evals)
-    assert list(logdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert [e.step for e in events.Scalars("eval-10step/top1_error")] == [2, 4, 6]
 
     state = torch.load(logdir / "checkpoint-epoch0003.pt", weights_only=True)
     assert state["epoch"] == 3 and state["step"] == 6
@@ -105,6 +111,21 @@ def test_train_writes_checkpoints_config_metrics_and_resumes(tiny_imagenet, tmp_
     records = read_jsonl(logdir / "metrics.jsonl")
     assert [r["step"] for r in records if r["phase"] == "train"][-2:] == [7, 8]
     assert torch.load(logdir / "checkpoint-epoch0004.pt", weights_only=True)["step"] == 8
+
+
+def test_load_of_a_training_checkpoint_continues_its_schedule(tiny_imagenet, tmp_path, capsys):
+    first = tmp_path / "first"
+    args = train_args(tiny_imagenet, first, "--train-eval", "none")
+    assert main([*args, "--epochs", "1"]) == 0
+    second = tmp_path / "second"
+    load = ["--load", str(first / "checkpoint-epoch0001.pt")]
+    assert (
+        main([*train_args(tiny_imagenet, second, "--train-eval", "none"), *load, "--epochs", "2"])
+        == 0
+    )
+    assert "after epoch 1" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(second / "metrics.jsonl")] == [3, 4]
+    assert [p.name for p in second.glob("checkpoint-*")] == ["checkpoint-epoch0002.pt"]
 
 
 def test_eval_counts_match_a_direct_model_call(tiny_imagenet, tmp_path):
