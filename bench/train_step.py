@@ -63,13 +63,23 @@ class Row:
     flop_ratio: float  # FLOPs of one attack iteration / FLOPs of one clean step
 
 
-def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (nothing to do on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(
+    fn: Callable[[], object], warmup: int, repeats: int, device: torch.device
+) -> float:
     for _ in range(warmup):
         fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -82,6 +92,7 @@ def build(args: argparse.Namespace, arch: str) -> tuple[torch.nn.Module, torch.o
     )
     if args.channels_last_model:
         model = model.to(memory_format=torch.channels_last)
+    model = model.to(args.device)
     return model, train.build_optimizer(model, Config(fake=True))
 
 
@@ -90,8 +101,8 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, args.image_size, args.image_size, 3)
     images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
-    x = to_model_input(images, torch.device("cpu"))
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g).to(args.device)
+    x = to_model_input(images, args.device)
     return (x.to(memory_format=torch.channels_last) if args.channels_last_input else x), labels
 
 
@@ -150,7 +161,7 @@ def measure(args: argparse.Namespace, arch: str) -> list[Row]:
     x, y = batch(args)
     flop_ratio = iteration_flop_ratio(model, optimizer, x, y)
     clean = median_seconds(
-        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats
+        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
     )
     rows = []
     for variant in args.variants:
@@ -158,9 +169,12 @@ def measure(args: argparse.Namespace, arch: str) -> list[Row]:
         pgd_step = step_fn(model, optimizer, attack, x, y)
         start = time.perf_counter()
         pgd_step()
+        synchronize(args.device)
         first = time.perf_counter() - start
-        iteration = median_seconds(iteration_fn(model, attack, x, y), args.warmup, args.repeats)
-        pgd = median_seconds(pgd_step, args.warmup, args.repeats)
+        iteration = median_seconds(
+            iteration_fn(model, attack, x, y), args.warmup, args.repeats, args.device
+        )
+        pgd = median_seconds(pgd_step, args.warmup, args.repeats, args.device)
         rows.append(Row(arch, variant, clean, iteration, pgd, first, flop_ratio))
         print(f"  measured {arch} {variant}", file=sys.stderr, flush=True)
     return rows
@@ -281,6 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--attack-iter", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device", type=torch.device, default=torch.device("cpu"), help="cpu, cuda, cuda:1 ..."
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
