@@ -295,3 +295,19 @@ def test_a_data_server_that_never_answers_is_one_clear_error(tiny_imagenet, tmp_
     assert main(args) == 1
     line = error_line(capsys)
     assert address in line and "serve-data.py" in line
+
+
+def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, monkeypatch):
+    calls = []
+    real_compile = torch.compile
+
+    def spy(fn, **kwargs):  # the same graph capture, without inductor's minute of codegen
+        calls.append(kwargs)
+        return real_compile(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    args = train_args(tiny_imagenet, tmp_path / "run", "--use-fp16xla", "--epochs", "1")
+    assert main(args) == 0
+    assert calls == [{"dynamic": False, "mode": "default"}]  # training; evaluation stays fp32
+    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["phase"] != "train"]
+    assert {r["phase"] for r in evals} == {"eval-clean", "eval-10step"}
