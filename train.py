@@ -307,6 +307,19 @@ def restore(cfg: Config, logdir: str, model: torch.nn.Module, optimizer) -> tupl
     return state["epoch"] + 1, state["step"]
 
 
+def check_same_start(start_epoch: int, step: int, device: torch.device) -> None:
+    """Every process must resume from the same point (rank 0's), or DDP would mix schedules."""
+    mine = torch.tensor([start_epoch, step], dtype=torch.int64, device=device)
+    reference = distributed.broadcast_tensor(mine.clone(), src=0)
+    disagree = distributed.all_reduce_sum((mine != reference).any().to(torch.int64))
+    if disagree.item():
+        raise ValueError(
+            f"--logdir: processes would resume from different points (rank 0: epoch "
+            f"{int(reference[0])}, rank {distributed.get_rank()}: epoch {start_epoch}); the run "
+            "directory must be on a filesystem that every machine sees"
+        )
+
+
 def run_info(env: distributed.DistEnv, device: torch.device) -> dict:
     return {
         "world_size": distributed.get_world_size(),
@@ -347,6 +360,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     model = load_model(cfg, num_classes, device)
     optimizer = build_optimizer(model, cfg)
     start_epoch, step = restore(cfg, logdir, model, optimizer)
+    check_same_start(start_epoch, step, device)
     ddp_model = wrap_model(model, cfg, device)
     attacker = build_attacker(
         cfg.attack_iter,

@@ -26,13 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: list[str], script: str, args: list[str], timeout: int = 240):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+def launch(launcher: list[str], script: str, args: list[str], timeout: int = 240, ok=True, **env):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **env}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [*launcher, script, *args]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert run.returncode == 0, f"{cmd} failed:\n{run.stderr[-3000:]}"
+    assert (run.returncode == 0) == ok, f"{cmd} exited {run.returncode}:\n{run.stderr[-3000:]}"
     return run
 
 
@@ -94,3 +94,16 @@ def test_eval_counts_every_image_once_whatever_the_number_of_processes(tiny_imag
         assert r["images"] == 7
         for key in ("top1_error", "top5_error", "attack_success_rate"):
             assert r[key] == results[0][key], (key, [x[key] for x in results])
+
+
+def test_ranks_that_would_resume_from_different_points_stop(tiny_imagenet, tmp_path):
+    logdir = tmp_path / "run"
+    flags = train_flags(tiny_imagenet, logdir)
+    launch([sys.executable], "main.py", [*flags, "--logdir", f"{logdir}-rank0"])
+    assert (tmp_path / "run-rank0" / "checkpoint-epoch0001.pt").exists()
+    run = launch(
+        torchrun(2), "tests/train_worker.py", [str(tmp_path), *flags, "--epochs", "2"],
+        ok=False, TEST_LOGDIR_PER_RANK="1",
+    )  # fmt: skip
+    assert "processes would resume from different points" in run.stderr
+    assert "filesystem that every machine sees" in run.stderr

@@ -2,8 +2,11 @@
 
 Usage: train_worker.py OUT_DIR MAIN_PY_FLAGS...  Trains as main.py would, then saves this
 rank's final parameters and BatchNorm statistics to OUT_DIR/rank<R>.pt for comparison.
+With TEST_LOGDIR_PER_RANK set, each rank gets its own run directory (--logdir + "-rank<R>").
 """
 
+import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from train import run_training
 def run(out_dir: Path, argv: list[str]) -> None:
     cfg = config_from_args(build_parser().parse_args(argv))
     env = distributed.detect()
+    if os.environ.get("TEST_LOGDIR_PER_RANK"):  # machines that do not share the run directory
+        cfg = dataclasses.replace(cfg, logdir=f"{cfg.logdir}-rank{env.rank}")
     torch.set_num_threads(1)
     device = distributed.select_device(env)
     with distributed.process_group(env, device, timeout_s=120):
