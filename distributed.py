@@ -97,7 +97,7 @@ def _mpi_broadcast_hostname() -> str:
     try:
         from mpi4py import MPI
     except ImportError as error:
-        raise RuntimeError(
+        raise ValueError(
             "This MPI job spans several hosts, so the ranks need rank 0's address: "
             "export MASTER_ADDR=<host of rank 0> (e.g. `mpirun -x MASTER_ADDR=... `) "
             "or install mpi4py (`pip install mpi4py`) to share it automatically."

@@ -61,7 +61,7 @@ def test_mpi_on_several_hosts_without_master_addr_or_mpi4py(
 ) -> None:
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
     several_hosts = {**OPENMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
-    with pytest.raises(RuntimeError, match="MASTER_ADDR.*mpi4py"):
+    with pytest.raises(ValueError, match="MASTER_ADDR.*mpi4py"):
         distributed.detect(several_hosts)
 
 
