@@ -3,7 +3,13 @@
 Every attacker takes any ``nn.Module`` that maps float NCHW BGR images in pixel units [0, 255]
 to logits (the model normalises its own input), and shares one interface:
 ``attacker.attack(model, images, labels) -> (adv_images, target_labels)`` where
-``target_labels`` is int64 and -1 wherever the attack has no target.
+``target_labels`` is int64 and -1 wherever the attack has no target. A ``generator`` keyword
+gives the attack's randomness for one batch (evaluators seed one per batch, so that results do
+not depend on the number of processes).
+
+``ATTACKS`` is the registry (name -> factory of ``AttackSettings``) from which training and
+evaluation build their attackers; ``training_objective`` is the loss adversarial training
+minimises, kept beside the attackers.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +37,29 @@ class Attacker(abc.ABC):
     """The interface shared by every attacker (clean evaluation included)."""
 
     @abc.abstractmethod
-    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns ``(adv_images, target_labels)``; ``target_labels`` is -1 where untargeted."""
+    def attack(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns ``(adv_images, target_labels)``; ``target_labels`` is -1 where untargeted.
+
+        ``generator``, when given, is the random source for this call (else the attacker's
+        own)."""
 
 
 class NoOpAttacker(Attacker):
     """Leaves images untouched: clean training and clean evaluation."""
 
-    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def attack(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
         return images, no_targets(labels)
 
 
@@ -138,42 +160,53 @@ class PGDAttacker(Attacker):
         self.compiled = compiled
         self._objectives: dict[str, Objective] = {}
 
-    def attack(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def attack(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        generator = self.generator if generator is None else generator
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
         with torch.inference_mode(False), torch.enable_grad(), attack_mode(model):
             clean = images.detach()
             if not clean.is_floating_point():
                 clean = clean.float()
-            target_labels = self._target_labels(model, clean, labels)
+            target_labels = self._target_labels(model, clean, labels, generator)
             goal = labels.long() if self.target is None else target_labels
             # Feature Denoising, Sec 6: perturbations are bounded in L-infinity norm; every
             # iterate stays in the epsilon-ball around the clean image and in the pixel range.
             lower = (clean - self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
             upper = (clean + self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
-            adv = self._start(clean, lower, upper)
+            adv = self._start(clean, lower, upper, generator)
             objective = self.objective(clean.device)
             for _ in range(self.num_iter):
                 adv = self._step(objective, model, adv, lower, upper, goal)
         return adv.detach(), target_labels
 
-    def _target_labels(self, model: nn.Module, clean: Tensor, labels: Tensor) -> Tensor:
+    def _target_labels(
+        self, model: nn.Module, clean: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
         if self.target is None:
             return no_targets(labels)
         if self.target == "random" and self.num_classes is not None:
-            return random_wrong_labels(labels, self.num_classes, self.generator)
+            return random_wrong_labels(labels, self.num_classes, generator)
         with torch.no_grad():
             logits = model(clean)
         if self.target == "least_likely":
             return logits.argmin(dim=1).to(device=labels.device, dtype=torch.int64)
-        return random_wrong_labels(labels, logits.shape[1], self.generator)
+        return random_wrong_labels(labels, logits.shape[1], generator)
 
-    def _start(self, clean: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    def _start(
+        self, clean: Tensor, lower: Tensor, upper: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
         # Feature Denoising, Sec 5: a batch starts PGD from the clean image with probability
         # prob_start_from_clean (20% in training), otherwise from a uniform random point in the
         # epsilon-ball. Decided once per batch, as a tensor, without a host sync.
-        from_noise = _uniform((), 0.0, 1.0, clean, self.generator) >= self.prob_start_from_clean
-        noise = _uniform(clean.shape, -self.epsilon, self.epsilon, clean, self.generator)
+        from_noise = _uniform((), 0.0, 1.0, clean, generator) >= self.prob_start_from_clean
+        noise = _uniform(clean.shape, -self.epsilon, self.epsilon, clean, generator)
         start = clean + from_noise.to(clean.dtype) * noise
         return torch.minimum(torch.maximum(start, lower), upper)
 
@@ -211,6 +244,63 @@ class PGDAttacker(Attacker):
         return torch.minimum(torch.maximum(stepped, lower), upper)
 
 
+@dataclass(frozen=True)
+class AttackSettings:
+    """Everything an attack factory may use; each factory takes what it needs."""
+
+    num_iter: int  # iterations (0: no attack)
+    epsilon: float  # radius of the threat model, pixel units [0, 255]
+    step_size: float  # per-iteration step, pixel units
+    target: str | None = "random"  # "random", "least_likely" or None (untargeted)
+    prob_start_from_clean: float = 0.0  # chance per batch of starting from the clean image
+    num_classes: int | None = None  # for random targets
+    generator: torch.Generator | None = None  # default random source (per call: attack(...))
+    fast: bool = False  # the original's --use-fp16xla: autocast + torch.compile
+
+
+AttackFactory = Callable[[AttackSettings], Attacker]
+ATTACKS: dict[str, AttackFactory] = {}
+
+
+def register_attack(name: str) -> Callable[[AttackFactory], AttackFactory]:
+    """Decorator adding an attack factory to ``ATTACKS`` under ``name``."""
+
+    def add(factory: AttackFactory) -> AttackFactory:
+        if name in ATTACKS:
+            raise ValueError(f"attack {name!r} is registered twice")
+        ATTACKS[name] = factory
+        return factory
+
+    return add
+
+
+@register_attack("clean")
+def _clean(settings: AttackSettings) -> Attacker:
+    return NoOpAttacker()
+
+
+@register_attack("pgd")
+def _pgd(settings: AttackSettings) -> Attacker:
+    return PGDAttacker(
+        settings.num_iter,
+        settings.epsilon,
+        settings.step_size,
+        prob_start_from_clean=settings.prob_start_from_clean,
+        target=settings.target,
+        num_classes=settings.num_classes,
+        generator=settings.generator,
+        autocast=settings.fast,
+        compiled=settings.fast,
+    )
+
+
+def create_attacker(name: str, settings: AttackSettings) -> Attacker:
+    """The attacker registered as ``name``, built from ``settings``."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; registered: {sorted(ATTACKS)}")
+    return ATTACKS[name](settings)
+
+
 def build_attacker(
     num_iter: int,
     epsilon: float,
@@ -221,24 +311,35 @@ def build_attacker(
     generator: torch.Generator | None = None,
     fast: bool = False,
 ) -> Attacker:
-    """A ``NoOpAttacker`` when ``num_iter == 0`` (clean), else a ``PGDAttacker``.
+    """The original's choice: ``"clean"`` when ``num_iter == 0``, else ``"pgd"``.
 
     ``fast`` is the original's ``--use-fp16xla`` (fp16 + XLA, about 2x faster for about 3 points
     less robustness): the attack runs under autocast and compiled.
     """
-    if num_iter == 0:
-        return NoOpAttacker()
-    return PGDAttacker(
-        num_iter,
-        epsilon,
-        step_size,
-        prob_start_from_clean=prob_start_from_clean,
-        target=target,
-        num_classes=num_classes,
-        generator=generator,
-        autocast=fast,
-        compiled=fast,
+    settings = AttackSettings(
+        num_iter, epsilon, step_size, target, prob_start_from_clean, num_classes, generator, fast
     )
+    return create_attacker("clean" if num_iter == 0 else "pgd", settings)
+
+
+def training_objective(
+    model: nn.Module,
+    attack_model: nn.Module,
+    attacker: Attacker,
+    images: Tensor,
+    labels: Tensor,
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The adversarial training loss of one batch: ``(loss, logits, target_labels)``.
+
+    The attack runs on ``attack_model`` (the bare network, BatchNorm in inference mode) and the
+    loss is computed through ``model`` (e.g. its DDP wrapper) on the adversarial images only.
+    """
+    adv, targets = attacker.attack(attack_model, images, labels)
+    logits = model(adv)
+    # Feature Denoising Sec 5: label smoothing 0.1 on the adversarial images.
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return loss, logits.detach(), targets
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

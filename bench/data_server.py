@@ -25,11 +25,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))  # make ``third_party`` importable when run as a script
+    sys.path.insert(0, str(REPO))  # make ``iat`` importable when run as a script
 
-from third_party.augment import fbresnet_augment  # noqa: E402
-from third_party.data_client import ZMQBatchClient  # noqa: E402
-from third_party.imagenet import list_split, read_image_bgr  # noqa: E402
+from iat.data.augment import fbresnet_augment  # noqa: E402
+from iat.data.client import ZMQBatchClient  # noqa: E402
+from iat.data.layouts import list_split, read_image_bgr  # noqa: E402
 
 SCRIPT = REPO / "third_party" / "serve-data.py"
 IMAGE_SIZE = 224

@@ -4,13 +4,13 @@
         --attack-iter 10 --threads 2 [--variants eager-fp32 compiled-amp] [--memory]
 
 Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one process:
-  T_clean  train.train_step with a NoOpAttacker (forward + backward + optimizer step);
+  T_clean  trainer.train_step with a NoOpAttacker (forward + backward + optimizer step);
   T_iter   one attack iteration: the attacker's objective forward + the input gradient only,
            under adv_model.attack_mode (BN in inference mode, parameters frozen);
-  T_pgd    train.train_step with the PGD-K attacker (the real training code path).
+  T_pgd    trainer.train_step with the PGD-K attacker (the real training code path).
 Attack variants: eager or torch.compile'd iteration, fp32 or mixed precision (autocast: bf16 on
 CPU, fp16 with loss scale 128 on CUDA). "compiled-amp" is --use-fp16xla. The training step itself
-(forward, backward, optimizer) is fp32 and eager in every variant, as in train.py.
+(forward, backward, optimizer) is fp32 and eager in every variant, as in iat/trainer.py.
 ``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32).
 """
 
@@ -34,10 +34,10 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
 
 import nets  # noqa: E402
-import train  # noqa: E402
 from adv_model import NoOpAttacker, PGDAttacker, attack_mode  # noqa: E402
-from config import Config  # noqa: E402
-from data import to_model_input  # noqa: E402
+from iat import builders, trainer  # noqa: E402
+from iat.config import Config  # noqa: E402
+from iat.data.sources import to_model_input  # noqa: E402
 
 # Feature Denoising, Sec 6: epsilon 16; training starts 20% of batches from the clean image.
 EPSILON = 16.0
@@ -93,7 +93,7 @@ def build(args: argparse.Namespace, arch: str) -> tuple[torch.nn.Module, torch.o
     if args.channels_last_model:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(args.device)
-    return model, train.build_optimizer(model, Config(fake=True))
+    return model, builders.build_optimizer(model, Config(fake=True))
 
 
 def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,7 @@ def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
 
 def step_fn(model, optimizer, attack, x, y) -> Callable[[], object]:
     model.train()
-    return lambda: train.train_step(model, model, attack, optimizer, x, y, LABEL_SMOOTHING)
+    return lambda: trainer.train_step(model, model, attack, optimizer, x, y, LABEL_SMOOTHING)
 
 
 def iteration_fn(model: torch.nn.Module, attack: PGDAttacker, x, y) -> Callable[[], object]:

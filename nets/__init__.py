@@ -2,11 +2,13 @@
 
 from nets.checkpoint import (
     CheckpointError,
+    Weights,
     checkpoint_num_classes,
     load_npz_dict,
     load_weights,
     model_to_npz_dict,
     npz_variable_shapes,
+    read_weights,
     save_npz,
     save_weights,
 )
@@ -38,8 +40,10 @@ __all__ = [
     "load_weights",
     "model_to_npz_dict",
     "npz_variable_shapes",
+    "read_weights",
     "register",
     "save_npz",
     "save_weights",
     "softmax_nonlocal",
+    "Weights",
 ]

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import nn
+
+from iat.atomic_io import atomic_write
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
@@ -31,7 +31,6 @@ TENSOR_NAME_SUFFIX = ":0"
 LISTED_NAMES = 10
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 _IGNORED_BUFFER = "num_batches_tracked"
-_FILE_MODE = 0o644  # mkstemp creates 0600; checkpoints are meant to be shared read-only
 _BN_LEAVES = {
     "weight": "gamma",
     "bias": "beta",
@@ -60,45 +59,69 @@ def model_to_npz_dict(model: nn.Module) -> dict[str, np.ndarray]:
 def save_npz(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Writes the weights in the original ``.npz`` format, atomically."""
     arrays = model_to_npz_dict(model)
-    _write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+    atomic_write(Path(path), lambda file: np.savez(file, **arrays))
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Writes ``model.state_dict()`` in this project's ``.pt`` format, atomically."""
     state = model.state_dict()
-    _write_atomically(Path(path), lambda file: torch.save(state, file))
+    atomic_write(Path(path), lambda file: torch.save(state, file))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Loads an original ``.npz`` or an own ``.pt`` checkpoint into ``model``, strictly.
+@dataclass(frozen=True)
+class Weights:
+    """A checkpoint file read once: its tensors, and (``.pt``) everything stored beside them."""
+
+    source: str  # the file, for error messages
+    kind: str  # "npz" (original names, original layouts) or "pt" (a torch state_dict)
+    tensors: Mapping[str, object]
+    contents: Mapping[str, object] | None  # a .pt file's top-level mapping (training state)
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the final layer (``linear/b`` or ``linear.bias``): the classes."""
+        bias = self.tensors.get("linear/b" if self.kind == "npz" else "linear.bias")
+        if bias is None or len(getattr(bias, "shape", ())) != 1:
+            raise CheckpointError(
+                f"{self.source}: no final layer (linear/b) to count the classes from"
+            )
+        return int(bias.shape[0])
+
+
+def read_weights(path: str | os.PathLike[str]) -> Weights:
+    """Reads an original ``.npz`` or an own ``.pt`` checkpoint (without unpickling anything).
 
     A ``.pt`` file holds a state_dict or a training checkpoint whose ``"model"`` entry is one.
-    Raises CheckpointError naming the file when it cannot be read, or naming the missing,
-    unexpected and mis-shaped tensors when it does not match the model.
-    """
+    Raises CheckpointError naming the file when it cannot be read."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == NPZ_SUFFIX:
-        state = _npz_state(model, path, _variable_names(path, _read_npz(path)))
-    elif suffix in PT_SUFFIXES:
-        state = _pt_state(model, path, _read_pt(path))
+        return Weights(str(path), "npz", _variable_names(path, _read_npz(path)), None)
+    if suffix in PT_SUFFIXES:
+        contents = _read_pt(path)
+        return Weights(str(path), "pt", _state_dict_of(path, contents), contents)
+    expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES))
+    raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; use {expected}")
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike[str] | Weights) -> None:
+    """Loads a checkpoint (a path, or ``read_weights``' result) into ``model``, strictly.
+
+    Raises CheckpointError naming the file when it cannot be read, or naming the missing,
+    unexpected and mis-shaped tensors when it does not match the model.
+    """
+    if not isinstance(weights, Weights):
+        weights = read_weights(weights)
+    if weights.kind == "npz":
+        state = _npz_state(model, weights.source, weights.tensors)
     else:
-        expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES))
-        raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; use {expected}")
+        state = _pt_state(model, weights.source, weights.tensors)
     model.load_state_dict(state, strict=True)
 
 
 def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
     """Outputs of the checkpoint's final layer (``linear/b`` or ``linear.bias``): its classes."""
-    path = Path(path)
-    if path.suffix.lower() == NPZ_SUFFIX:
-        arrays = _variable_names(path, _read_npz(path))
-        bias = arrays.get("linear/b")
-    else:
-        bias = _read_pt(path).get("linear.bias")
-    if bias is None or len(bias.shape) != 1:
-        raise CheckpointError(f"{path}: no final layer (linear/b) to count the classes from")
-    return int(bias.shape[0])
+    return read_weights(path).num_classes
 
 
 def load_npz_dict(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
@@ -211,11 +234,15 @@ def _read_pt(path: Path) -> Mapping[str, object]:
         ) from error
     except (RuntimeError, OSError, ValueError, EOFError) as error:
         raise CheckpointError(f"{path}: unreadable .pt checkpoint ({error})") from error
-    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
-        content = content["model"]
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: holds {type(content).__name__}, not a state_dict")
     return content
+
+
+def _state_dict_of(path: Path, contents: Mapping[str, object]) -> Mapping[str, object]:
+    """A training checkpoint's ``"model"`` entry, or the file's mapping itself."""
+    model = contents.get("model")
+    return model if isinstance(model, Mapping) else contents
 
 
 def _weights_only_reason(message: str) -> str:
@@ -299,18 +326,3 @@ def _describe(value: object) -> str:
 
 def _shape(shape: tuple[int, ...] | torch.Size) -> str:
     return "x".join(map(str, shape)) or "scalar"
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes through ``write`` to a temporary file beside ``path``, then renames it over."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from iat import distributed
 
 
 def _report(env: distributed.DistEnv) -> dict:

@@ -1,4 +1,4 @@
-"""The fbresnet augmentation and the validation transform of ``third_party.augment``."""
+"""The fbresnet augmentation and the validation transform of ``iat.data.augment``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from third_party import augment
+from iat.data import augment
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import zmq
 
-from third_party.data_client import DataServerTimeout, ZMQBatchClient
-from third_party.zmq_protocol import ProtocolError, decode_batch, default_address, encode_batch
+from iat.data.client import DataServerTimeout, ZMQBatchClient
+from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "third_party" / "serve-data.py"
@@ -313,7 +313,7 @@ def test_malicious_message_is_skipped_not_unpickled(tmp_path: Path, address: str
     try:
         push.bind(address)
         with (
-            caplog.at_level(logging.ERROR, logger="third_party.data_client"),
+            caplog.at_level(logging.ERROR, logger="iat.data.client"),
             ZMQBatchClient(address, timeout_s=10) as client,
         ):
             push.send_multipart([payload])
@@ -336,7 +336,7 @@ def test_missing_data_folder_fails_clearly(tmp_path: Path, address: str, start_s
     server, log = start_server(
         "--data", str(missing), "--batch", "4", "--bind", address, cwd=tmp_path
     )
-    assert server.wait(timeout=30) == 2
+    assert server.wait(timeout=30) == 1  # as main.py for the same mistake
     lines = log.read_text().strip().splitlines()
     assert len(lines) == 1 and str(missing) in lines[0] and "error" in lines[0]
 

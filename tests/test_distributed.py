@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
+from iat import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"

@@ -1,4 +1,4 @@
-"""Listing ImageNet-style folders and decoding images with ``third_party.imagenet``."""
+"""Listing ImageNet-style folders and decoding images with ``iat.data.layouts``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from third_party.imagenet import CorruptImageError, DataError, list_split, read_image_bgr
+from iat.data.layouts import CorruptImageError, DataError, list_split, read_image_bgr
 
 
 def _write_jpeg(path: Path, seed: int, shape: tuple[int, int] = (12, 10)) -> None:

@@ -20,10 +20,11 @@ from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nets
-from config import Config
+from iat.builders import build_optimizer, learning_rate
+from iat.config import Config
+from iat.data.augment import eval_transform
+from iat.eval_schedule import EVAL_SCHEDULES
 from main import main
-from third_party.augment import eval_transform
-from train import build_optimizer, eval_schedule, learning_rate
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
 FAST = [*TINY, "--image-size", "32", "--batch", "4", "--workers", "0", "--loader", "local"]
@@ -70,11 +71,11 @@ def test_weight_decay_only_on_conv_and_fc_weights():
 
 
 def test_original_eval_schedule():
-    names = {e: [s.name for s in eval_schedule("original") if s.when(e, 110)] for e in (1, 20, 30)}
+    names = {e: [s.name for s in EVAL_SCHEDULES["original"] if s.when(e, 110)] for e in (1, 20, 30)}
     assert names[1] == ["eval-clean", "eval-10step"]
     assert names[20] == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
     assert names[30] == ["eval-clean", "eval-10step", "eval-100step"]
-    last = [s.name for s in eval_schedule("original") if s.when(110, 110)]
+    last = [s.name for s in EVAL_SCHEDULES["original"] if s.when(110, 110)]
     assert last == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
 
 
@@ -147,14 +148,22 @@ def test_eval_counts_match_a_direct_model_call(tiny_imagenet, tmp_path):
     assert result["images"] == 7
     assert result["top1_error"] == pytest.approx((logits.argmax(1) != labels).float().mean())
     assert result["top5_error"] == 0.0  # 3 classes: the label is always in the top 5
-    assert result["attack_success_rate"] == pytest.approx(result["top1_error"])
+    # Clean evaluation reports no attack: no success rate, no attack settings.
+    assert "attack_success_rate" not in result
+    assert result["attack"] == {"name": "clean"} and result["threat_model"] == "clean"
 
     assert (
         main([*common, "--attack-iter", "3", "--attack-epsilon", "64", "--eval-output", str(out)])
         == 0
     )
     attacked = json.loads(out.read_text())
-    assert attacked["attack"] == {"iter": 3, "epsilon": 64.0, "step_size": 1.0, "target": "random"}
+    assert attacked["attack"] == {
+        "name": "pgd",
+        "iter": 3,
+        "epsilon": 64.0,
+        "step_size": 1.0,
+        "target": "random",
+    }
     assert attacked["top1_error"] >= result["top1_error"]
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from iat import distributed
+from iat.trainer import run_training
 from main import build_parser, config_from_args
-from train import run_training
 
 
 def run(out_dir: Path, argv: list[str]) -> None:

@@ -18,15 +18,16 @@ import cv2
 import numpy as np
 import torch
 
-import distributed
 import nets
-from checkpoint import latest_checkpoint
-from config import Config
-from evaluate import EvalResult, evaluate_attack
-from predict import run_predict
-from runtime import build_model
-from third_party.imagenet import list_split
-from train import run_training
+from iat import distributed
+from iat.builders import build_model
+from iat.config import Config
+from iat.data.layouts import list_split
+from iat.evaluate import evaluate_attack
+from iat.metrics import EvalResult
+from iat.predict import run_predict
+from iat.run_state import latest_checkpoint
+from iat.trainer import run_training
 
 IMAGE_SIZE = 32
 VAL_EVERY = 5  # every 5th image of the set goes to val/
@@ -114,8 +115,8 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[EvalResult, EvalResult
         distributed.spawn(_train_rank, nprocs, (cfg, 1))
     else:
         run_training(cfg, distributed.detect(), torch.device("cpu"))
-    model = build_model(cfg, num_classes=10)
-    nets.load_weights(model, latest_checkpoint(cfg.logdir))
+    weights = nets.read_weights(latest_checkpoint(cfg.logdir))
+    model = build_model(cfg, 10, torch.device("cpu"), weights)
     return evaluate_both(cfg, model)
 
 
@@ -137,7 +138,7 @@ def run_demo(logdir: str) -> int:
         n_train, n_val = write_digits_folder(data)
         print(f"wrote {n_train} train / {n_val} val digit images to {data}")
     nprocs = 2 if (os.cpu_count() or 1) >= 2 else 1
-    print(f"training on {nprocs} process(es), Gloo, through distributed.py")
+    print(f"training on {nprocs} process(es), Gloo, through iat.distributed")
     rows = []
     for name, k in (
         (f"adversarial (PGD-{ATTACK_ITER})", ATTACK_ITER),

@@ -1,4 +1,5 @@
-"""The original's ImageNet augmentations (tensorpack ``fbresnet_augmentor``) as pure functions.
+"""Image transforms as pure functions: the original's ImageNet augmentation (tensorpack
+``fbresnet_augmentor``), its validation crop, and the registry of training augmentations.
 
 Images are HxWx3 uint8 BGR arrays (OpenCV order); randomness comes only from the
 ``np.random.Generator`` passed in, so the same seed gives the same bytes.
@@ -142,3 +143,23 @@ def eval_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
     _check_image(img)
     resized = resize_shortest_edge(img, int(round(size * 256 / 224)))
     return np.ascontiguousarray(center_crop(resized, size))
+
+
+def flip_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """The validation crop, flipped horizontally with probability 1/2 (cheap augmentation)."""
+    out = eval_transform(img, size)
+    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
+
+
+def no_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """The validation crop only."""
+    return eval_transform(img, size)
+
+
+TrainTransform = Callable[[np.ndarray, np.random.Generator, int], np.ndarray]
+# --train-augment choices: name -> transform(image, rng, size).
+TRAIN_AUGMENTATIONS: dict[str, TrainTransform] = {
+    "fbresnet": fbresnet_augment,
+    "flip": flip_augment,
+    "none": no_augment,
+}

@@ -18,7 +18,7 @@ from types import TracebackType
 import numpy as np
 import zmq
 
-from third_party.zmq_protocol import ProtocolError, decode_batch
+from iat.data.protocol import ProtocolError, decode_batch
 
 _LOG = logging.getLogger(__name__)
 _POLL_MS = 100  # how often the receiver thread checks whether it should stop

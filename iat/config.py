@@ -1,25 +1,43 @@
 """The run configuration: one frozen object, validated once, written into the run directory.
 
-`main.py` builds it from the command line; every other module receives the fields it needs as
-explicit arguments. Defaults reproduce the original ImageNet-Adversarial-Training recipe.
+``iat.cli`` builds it from the command line (or replays a run's ``config.json`` with flags over
+it); every other module receives the fields it needs as explicit arguments. Defaults reproduce
+the original ImageNet-Adversarial-Training recipe. Flag choices come from the registries that
+hold them (architectures, batch sources, augmentations, in-training evaluations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from atomic_io import atomic_write_text
+import nets
+from adv_model import TARGET_MODES
+from iat.data.augment import TRAIN_AUGMENTATIONS
+from iat.data.sources import TRAIN_SOURCES
+from iat.eval_schedule import EVAL_SCHEDULES
 
-ARCHITECTURES = ("ResNet", "ResNetDenoise", "ResNeXtDenoiseAll")
-DEPTHS = (50, 101, 152)
-LOADERS = ("server", "local")
-ATTACK_TARGETS = ("random", "least_likely", "none")
-TRAIN_AUGMENTATIONS = ("fbresnet", "flip", "none")
-TRAIN_EVAL_SCHEDULES = ("original", "light", "none")
+MODES = ("train", "eval", "eval_directory")
+NO_TARGET = "none"  # --attack-target for untargeted attacks
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every flag with a fixed set of values, from the registry that owns them."""
+    return {
+        "arch": tuple(nets.available_architectures()),
+        "loader": tuple(TRAIN_SOURCES),
+        "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
+        "train_augment": tuple(TRAIN_AUGMENTATIONS),
+        "train_eval": tuple(EVAL_SCHEDULES),
+    }
+
+
+def depths() -> tuple[int, ...]:
+    return tuple(nets.NUM_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ class Config:
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
     print_top5: bool = False  # --eval-directory: print the top-5 classes of every image
     class_names: str | None = None  # file with one class name per line (LOC_synset_mapping.txt)
-    threads: int | None = None  # torch intra-op threads per process; None: torch's default
+    threads: int | None = None  # torch threads per process; None: usable CPUs / local processes
 
     def __post_init__(self) -> None:
         validate(self)
@@ -89,40 +107,82 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _choice(name: str, value: object, choices: tuple) -> None:
-    _check(value in choices, f"--{name.replace('_', '-')}: {value!r} is not one of {choices}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    _check(value in allowed, f"{_flag(name)}: {value!r} is not one of {allowed}")
+
+
+def _finite(cfg: Config) -> None:
+    """Every number must be finite (nan or inf in a flag is always a mistake)."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{_flag(field.name)}: must be a finite number, got {v}")
+
+
+# (field, lowest allowed value, whether the bound itself is allowed)
+_LOWER_BOUNDS = (
+    ("batch", 1, True),
+    ("attack_iter", 0, True),
+    ("attack_epsilon", 0, True),
+    ("attack_step_size", 0, False),
+    ("epochs", 1, True),
+    ("image_size", 16, True),
+    ("workers", 0, True),
+    ("keep_checkpoints", 1, True),
+    ("log_every", 1, True),
+    ("base_lr", 0, False),
+    ("warmup_epochs", 0, True),
+    ("weight_decay", 0, True),
+    ("momentum", 0, True),
+    ("label_smoothing", 0, True),
+    ("data_timeout", 0, False),
+    ("width", 1, True),
+    ("num_classes", 2, True),
+    ("steps_per_epoch", 1, True),
+    ("threads", 1, True),
+)
+
+
+def _bounds(cfg: Config) -> None:
+    for name, low, inclusive in _LOWER_BOUNDS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        ok = value >= low if inclusive else value > low
+        _check(ok, f"{_flag(name)}: must be {'>=' if inclusive else '>'} {low}, got {value}")
+    _check(cfg.label_smoothing < 1, "--label-smoothing: must be < 1")
+    _check(cfg.momentum < 1, "--momentum: must be < 1")
+    _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
+    _check(
+        all(e >= 0 for e in cfg.lr_decay_epochs),
+        f"--lr-decay-epochs: must be >= 0, got {list(cfg.lr_decay_epochs)}",
+    )
+    _check(
+        1 <= cfg.starting_epoch <= cfg.epochs + 1,
+        f"--starting-epoch: must be in [1, {cfg.epochs + 1}], got {cfg.starting_epoch}",
+    )
 
 
 def validate(cfg: Config) -> None:
     """Raise ValueError with one line naming the first bad field."""
-    _choice("mode", cfg.mode, ("train", "eval", "eval_directory"))
-    _choice("arch", cfg.arch, ARCHITECTURES)
-    _choice("loader", cfg.loader, LOADERS)
-    _choice("attack_target", cfg.attack_target, ATTACK_TARGETS)
-    _choice("train_augment", cfg.train_augment, TRAIN_AUGMENTATIONS)
-    _choice("train_eval", cfg.train_eval, TRAIN_EVAL_SCHEDULES)
+    _choice("mode", cfg.mode, MODES)
+    for name, allowed in choices().items():
+        _choice(name, getattr(cfg, name), allowed)
     if cfg.num_blocks is None:
-        _choice("depth", cfg.depth, DEPTHS)
+        _choice("depth", cfg.depth, depths())
     else:
         _check(
             len(cfg.num_blocks) == 4 and all(n >= 1 for n in cfg.num_blocks),
             f"--num-blocks: expected 4 positive counts, got {list(cfg.num_blocks)}",
         )
-    _check(cfg.batch >= 1, f"--batch: must be >= 1, got {cfg.batch}")
-    _check(cfg.attack_iter >= 0, f"--attack-iter: must be >= 0, got {cfg.attack_iter}")
-    _check(cfg.attack_epsilon >= 0, f"--attack-epsilon: must be >= 0, got {cfg.attack_epsilon}")
-    _check(cfg.attack_step_size > 0, "--attack-step-size: must be > 0")
-    _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
-    _check(cfg.epochs >= 1, f"--epochs: must be >= 1, got {cfg.epochs}")
-    _check(
-        1 <= cfg.starting_epoch <= cfg.epochs + 1,
-        f"--starting-epoch: must be in [1, {cfg.epochs + 1}], got {cfg.starting_epoch}",
-    )
-    _check(cfg.image_size >= 16, f"--image-size: must be >= 16, got {cfg.image_size}")
-    _check(cfg.workers >= 0, f"--workers: must be >= 0, got {cfg.workers}")
-    _check(cfg.keep_checkpoints >= 1, "--keep-checkpoints: must be >= 1")
-    if cfg.steps_per_epoch is not None:
-        _check(cfg.steps_per_epoch >= 1, "--steps-per-epoch: must be >= 1")
+    _finite(cfg)
+    _bounds(cfg)
     needs_data = cfg.mode in ("train", "eval") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     if cfg.mode == "eval_directory":
@@ -144,9 +204,28 @@ def default_logdir(cfg: Config, world_size: int) -> str:
     )
 
 
-def save_config(cfg: Config, logdir: str | Path, run: dict) -> Path:
-    """Write the resolved configuration and the run's facts (world size, device, versions)."""
-    path = Path(logdir) / "config.json"
-    text = json.dumps({"config": dataclasses.asdict(cfg), "run": run}, indent=2, sort_keys=True)
-    atomic_write_text(path, text + "\n")
-    return path
+def config_record(cfg: Config, run: dict) -> dict:
+    """What ``config.json`` holds: the configuration, and the run's facts beside it."""
+    return {"config": dataclasses.asdict(cfg), "run": run}
+
+
+_TUPLE_FIELDS = ("num_blocks", "lr_decay_epochs")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The configuration fields stored in a run's ``config.json`` (to replay the run)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config: cannot read {path}: {e}") from None
+    values = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(values, dict):
+        raise ValueError(f'--config: {path} has no "config" object')
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config: {path} has unknown fields {unknown}")
+    for name in _TUPLE_FIELDS:
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    return values

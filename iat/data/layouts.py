@@ -1,6 +1,10 @@
-"""Reading an ImageNet-style folder: listing (path, label) samples and decoding images.
+"""Dataset layouts: listing ``(path, label)`` samples of each split, and decoding images.
 
-Two layouts are understood, as in the original's ``dataset.ILSVRC12Files``:
+A *reader* knows one layout family; ``create_reader(root)`` picks it (``READERS`` is the
+registry: a new layout is one class and one entry). Each split is listed once per reader and
+cached. Torch-free: the data server imports it.
+
+``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
 * ``root/<split>/<wnid>/<image>`` -- one folder per class (always used for ``train``);
 * ``root/val/<image>`` plus ``root/val.txt`` with ``<filename> <label index>`` lines.
@@ -11,6 +15,7 @@ so that the labels of every split agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -93,9 +98,8 @@ def _list_flat(root: Path, split: str, split_dir: Path) -> tuple[list[Sample], l
     return samples, classes
 
 
-def list_split(root: str | Path, split: str) -> tuple[list[Sample], list[str]]:
-    """Return the sorted ``(path, label)`` samples of ``root/split`` and the sorted class wnids."""
-    root = Path(root)
+def _list_imagenet_split(root: Path, split: str) -> tuple[list[Sample], list[str]]:
+    """The sorted ``(path, label)`` samples of ``root/split`` and the sorted class wnids."""
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     split_dir = root / split
@@ -110,6 +114,46 @@ def list_split(root: str | Path, split: str) -> tuple[list[Sample], list[str]]:
     return _list_flat(root, split, split_dir)
 
 
+class ImageNetReader:
+    """The ImageNet release layouts (class folders; flat ``val/`` + ``val.txt``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._splits: dict[str, tuple[list[Sample], list[str]]] = {}
+
+    def has_split(self, split: str) -> bool:
+        return (self.root / split).is_dir()
+
+    def split(self, split: str) -> tuple[list[Sample], list[str]]:
+        """``(samples, classes)`` of ``split``, listed on first use and then cached."""
+        if split not in self._splits:
+            self._splits[split] = _list_imagenet_split(self.root, split)
+        return self._splits[split]
+
+    def samples(self, split: str) -> list[Sample]:
+        return self.split(split)[0]
+
+    def classes(self) -> list[str]:
+        """The class names: those of ``train/`` when it exists, else those of ``val/``."""
+        return self.split("train" if self.has_split("train") else "val")[1]
+
+
+Reader = ImageNetReader
+READERS: dict[str, Callable[[str | Path], Reader]] = {"imagenet": ImageNetReader}
+
+
+def create_reader(root: str | Path, layout: str = "imagenet") -> Reader:
+    """The reader of ``layout`` (a ``READERS`` name) for the data folder ``root``."""
+    if layout not in READERS:
+        raise DataError(f"unknown data layout {layout!r}; known: {sorted(READERS)}")
+    return READERS[layout](root)
+
+
+def list_split(root: str | Path, split: str) -> tuple[list[Sample], list[str]]:
+    """``(samples, classes)`` of one split of an ImageNet-layout folder (one-off listing)."""
+    return create_reader(root).split(split)
+
+
 def read_image_bgr(path: str) -> np.ndarray:
     """Decode an image file into an HxWx3 uint8 BGR array (gray expanded, alpha dropped)."""
     try:
@@ -120,3 +164,12 @@ def read_image_bgr(path: str) -> np.ndarray:
     if image is None:
         raise CorruptImageError(f"cannot decode image {path}")
     return image
+
+
+def check_labels(samples: list[Sample], num_classes: int, split: str) -> None:
+    """Every label must be a class of the model."""
+    top = max((label for _, label in samples), default=-1)
+    if top >= num_classes:
+        raise DataError(
+            f"--data: {split} labels go up to {top} but the model has {num_classes} classes"
+        )

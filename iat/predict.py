@@ -11,48 +11,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from atomic_io import atomic_write_text
-from config import Config
-from data import to_model_input
-from runtime import checkpoint_classes, load_model
-from third_party.imagenet import CorruptImageError, DataError, read_image_bgr
-
-
-def list_directory(directory: str | Path) -> list[Path]:
-    """Every regular, non-hidden file of `directory`, sorted by name."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"--eval-directory: {directory} is not a directory")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"--eval-directory: {directory} contains no files")
-    return files
-
-
-class DirectoryImages(Dataset):
-    """(image uint8 HxWx3, readable?) per file; unreadable files give an empty image."""
-
-    def __init__(self, files: list[Path], image_size: int):
-        self.files = files
-        self.image_size = image_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
-        try:
-            img = read_image_bgr(str(self.files[index]))
-        except CorruptImageError:
-            return torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8), False
-        size = (self.image_size, self.image_size)
-        img = cv2.resize(img, size, interpolation=cv2.INTER_CUBIC)
-        return torch.from_numpy(np.ascontiguousarray(img)), True
+from iat.atomic_io import atomic_write_text
+from iat.builders import load_for_inference
+from iat.config import Config
+from iat.data.layouts import CorruptImageError, DataError
+from iat.data.sources import eval_loader, list_directory, resize_square, to_model_input
 
 
 def predict_files(
@@ -65,18 +31,25 @@ def predict_files(
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
     """Top-5 classes and probabilities of every file (rows of unreadable files are -1)."""
-    loader = DataLoader(DirectoryImages(files, image_size), batch_size=batch, num_workers=workers)
+    loader = eval_loader(
+        [(str(f), -1) for f in files],
+        batch=batch,
+        image_size=image_size,
+        workers=workers,
+        rank=0,
+        world_size=1,
+        pin_memory=False,
+        transform=resize_square,
+    )
     model.eval()
     classes, probs, bad = [], [], []
-    offset = 0
-    for images, ok in tqdm(loader, desc="predict", unit="batch"):
+    for images, _, indices, ok in tqdm(loader, desc="predict", unit="batch"):
         with torch.no_grad():
             p = model(to_model_input(images, device)).float().softmax(dim=1).cpu()
         top = p.topk(min(5, p.shape[1]), dim=1)
         classes.append(torch.where(ok[:, None], top.indices, -1))
         probs.append(top.values)
-        bad += [files[offset + i] for i in torch.nonzero(~ok).flatten().tolist()]
-        offset += len(ok)
+        bad += [files[i] for i in indices[~ok].tolist()]
     return torch.cat(classes), torch.cat(probs), bad
 
 
@@ -100,7 +73,7 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 def run_predict(cfg: Config, device: torch.device) -> Path:
     files = list_directory(cfg.eval_directory)
     names = load_class_names(cfg.class_names) if cfg.class_names else None
-    model = load_model(cfg, checkpoint_classes(cfg), device)
+    model, _ = load_for_inference(cfg, device)
     top_classes, top_probs, bad = predict_files(
         model, files, batch=cfg.batch, image_size=cfg.image_size, workers=cfg.workers, device=device
     )

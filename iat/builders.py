@@ -1,0 +1,121 @@
+"""The only place a configuration becomes objects: model, attacker, optimizer, schedule, DDP.
+
+Every choice is looked up in a registry (``nets.ARCHITECTURES``, ``adv_model.ATTACKS``); weights
+are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) and loaded here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import nets
+from adv_model import Attacker, AttackSettings, create_attacker
+from iat.config import NO_TARGET, Config
+
+IMAGENET_CLASSES = 1000
+
+
+# --- model -----------------------------------------------------------------------------------
+def build_model(
+    cfg: Config, num_classes: int, device: torch.device, weights: nets.Weights | None = None
+) -> torch.nn.Module:
+    """The configured architecture on `device`, with `weights` loaded strictly if given."""
+    depth = None if cfg.num_blocks is not None else cfg.depth
+    model = nets.build_model(
+        cfg.arch, depth=depth, num_blocks=cfg.num_blocks, num_classes=num_classes, width=cfg.width
+    )
+    if weights is not None:
+        nets.load_weights(model, weights)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # matches sources.to_model_input
+    return model.to(device)
+
+
+def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
+    """--num-classes if given, else the number of classes in the data, else ImageNet's 1000."""
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    return len(classes) if classes else IMAGENET_CLASSES
+
+
+def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The --load'ed model (read once) and its class count (--num-classes or the checkpoint's)."""
+    weights = nets.read_weights(cfg.load)
+    num_classes = cfg.num_classes or weights.num_classes
+    return build_model(cfg, num_classes, device, weights), num_classes
+
+
+# --- attacker --------------------------------------------------------------------------------
+def attack_settings(
+    cfg: Config, *, attack_iter: int, num_classes: int, training: bool
+) -> AttackSettings:
+    """Training attacks start from the clean image with --prob-start-from-clean and may run
+    fast (--use-fp16xla); evaluation attacks always start from a random point, in fp32."""
+    return AttackSettings(
+        num_iter=attack_iter,
+        epsilon=cfg.attack_epsilon,
+        step_size=cfg.attack_step_size,
+        target=None if cfg.attack_target == NO_TARGET else cfg.attack_target,
+        prob_start_from_clean=cfg.prob_start_from_clean if training else 0.0,
+        num_classes=num_classes,
+        fast=cfg.use_fp16xla and training,
+    )
+
+
+def attack_name(attack_iter: int) -> str:
+    """The registry name of the configured attack: the original's PGD, or none for 0 steps."""
+    return "clean" if attack_iter == 0 else "pgd"
+
+
+def build_attacker(cfg: Config, *, attack_iter: int, num_classes: int, training: bool) -> Attacker:
+    """The attacker of training (``training=True``) or evaluation, from ``adv_model.ATTACKS``."""
+    settings = attack_settings(
+        cfg, attack_iter=attack_iter, num_classes=num_classes, training=training
+    )
+    return create_attacker(attack_name(attack_iter), settings)
+
+
+# --- optimizer and schedule ------------------------------------------------------------------
+def peak_lr(base_lr: float, total_batch: int) -> float:
+    # "ImageNet in 1 Hour" Sec 2.1: linear scaling, lr = 0.1 * total_batch / 256 (in floating
+    # point: the original's integer division trained batches below 256 at LR 0).
+    return base_lr * total_batch / 256
+
+
+def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
+    """LR at `progress` epochs completed (fractional)."""
+    peak = peak_lr(cfg.base_lr, total_batch)
+    if progress < cfg.warmup_epochs and peak > cfg.base_lr:
+        # "ImageNet in 1 Hour" Sec 2.2: gradual warm-up, linear from 0.1 over 5 epochs.
+        return cfg.base_lr + (peak - cfg.base_lr) * progress / cfg.warmup_epochs
+    decays = sum(progress >= e for e in cfg.lr_decay_epochs)
+    return peak * 0.1**decays
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    # Weight decay 1e-4 on conv and fc weights only, not on BatchNorm parameters or biases
+    # (the original regularises '.*/W'). Nesterov momentum 0.9 ("ImageNet in 1 Hour" Sec 5.1).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+
+
+# --- data parallelism ------------------------------------------------------------------------
+def wrap_model(
+    model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int
+) -> torch.nn.Module:
+    """DistributedDataParallel averages gradients over all processes (the original's
+    HorovodTrainer(average=True)); BatchNorm statistics stay per process unless --sync-bn."""
+    if world_size == 1:
+        return model
+    if cfg.sync_bn:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA devices")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

@@ -1,0 +1,183 @@
+"""The command line of ``main.py``: flags -> a frozen ``Config`` -> the chosen mode.
+
+Flags default to None here: the defaults live in ``iat.config.Config``, in one place, and the
+choice lists come from the registries (``iat.config.choices``). ``--config RUN/config.json``
+replays a run: its stored configuration, with the flags given on the command line over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from iat import distributed
+from iat.config import Config, choices, depths, read_config_file
+from iat.data.client import DataServerTimeout
+from iat.data.layouts import DataError
+from nets import CheckpointError
+
+DESCRIPTION = """Adversarial training and white-box evaluation of ImageNet classifiers.
+
+Train:          python main.py --data DIR --batch 32 --attack-iter 30 --arch ResNet -d 50
+Evaluate:       python main.py --eval --load CKPT --data DIR --attack-iter 100 --arch ResNet -d 152
+Predict:        python main.py --eval-directory DIR --prediction-file out.txt --load CKPT ...
+Replay a run:   python main.py --config RUN/config.json [flags that override it]
+Demo:           python main.py --demo
+Launch on many processes with mpirun, srun or torchrun; see README.md.
+"""
+
+# Errors that are the user's input (a path, a flag, a checkpoint, a server): one line, exit 1.
+USER_ERRORS = (DataError, CheckpointError, DataServerTimeout, FloatingPointError, ValueError)
+
+
+class UsageError(ValueError):
+    """A flag that cannot be parsed (argparse's message, reported as one line, exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _help(name: str, text: str) -> str:
+    field = Config.__dataclass_fields__[name]
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return f"{text} (default: {default})"
+
+
+def _choice_arg(group, flag: str, text: str) -> None:
+    name = flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, choices=choices()[name], help=_help(name, text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
+    p.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true", help="evaluate --load'ed weights on val/")
+    mode.add_argument("--eval-directory", help="classify every image file of this folder")
+    mode.add_argument("--demo", action="store_true", help="train and attack a tiny model on digits")
+    p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
+    data.add_argument("--fake", action="store_true", default=None, help="constant fake batches")
+    _choice_arg(data, "--loader", "training batches: the data server or a local loader")
+    data.add_argument("--data-server", help="data server address (default: ipc by --batch)")
+    data.add_argument("--data-timeout", type=float, help=_help("data_timeout", "seconds"))
+    data.add_argument("--workers", type=int, help=_help("workers", "decoding processes"))
+    data.add_argument("--image-size", type=int, help=_help("image_size", "crop size"))
+    _choice_arg(data, "--train-augment", "training augmentation")
+    data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
+
+    model = p.add_argument_group("model")
+    _choice_arg(model, "--arch", "architecture")
+    model.add_argument("-d", "--depth", type=int, choices=depths(), help=_help("depth", "depth"))
+    model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
+    model.add_argument("--width", type=int, help=_help("width", "base channel count"))
+    model.add_argument("--num-classes", type=int, help="default: classes in the data, or 1000")
+    model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
+    model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
+
+    attack = p.add_argument_group("attack (pixel units, 0-255)")
+    attack.add_argument("--attack-iter", type=int, help=_help("attack_iter", "PGD iterations"))
+    attack.add_argument("--attack-epsilon", type=float, help=_help("attack_epsilon", "L-inf"))
+    attack.add_argument("--attack-step-size", type=float, help=_help("attack_step_size", "step"))
+    _choice_arg(attack, "--attack-target", "the attack's goal")
+    attack.add_argument(
+        "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+    )
+    attack.add_argument(
+        "--use-fp16xla",
+        action="store_true",
+        default=None,
+        help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
+    )
+
+    opt = p.add_argument_group("training")
+    opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
+    opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
+    opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
+    opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument("--lr-decay-epochs", type=int, nargs="*", help="default: 35 70 95")
+    opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
+    opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
+    _choice_arg(opt, "--train-eval", "in-training evaluations")
+    opt.add_argument("--seed", type=int, help=_help("seed", ""))
+    opt.add_argument(
+        "--threads", type=int, help="torch threads per process (default: usable CPUs / processes)"
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
+    out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
+    out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
+    out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
+    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    out.add_argument("--skip-unreadable", action="store_true", default=None, help="skip bad files")
+    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+    return p
+
+
+_NOT_CONFIG = ("eval", "demo", "config")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The frozen configuration: flags given on the command line over --config's values (if
+    given) over Config's defaults. The mode always comes from the flags."""
+    values = read_config_file(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+    for name in ("num_blocks", "lr_decay_epochs"):
+        if name in given:
+            given[name] = tuple(given[name])
+    values.update(given)
+    values["mode"] = "eval" if args.eval else "eval_directory" if args.eval_directory else "train"
+    return Config(**values)
+
+
+def default_threads(env: distributed.DistEnv) -> int:
+    """The CPUs this process may use, shared by the processes of this machine (at least 1)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (usable or 1) // env.local_world_size)
+
+
+def run(cfg: Config) -> None:
+    import torch
+
+    env = distributed.detect()
+    torch.set_num_threads(cfg.threads or default_threads(env))
+    device = distributed.select_device(env)
+    distributed.init(env, device)
+    try:
+        if cfg.mode == "eval_directory":
+            from iat.predict import run_predict
+
+            run_predict(cfg, device)
+        elif cfg.mode == "eval":
+            from iat.evaluate import run_eval
+
+            run_eval(cfg, device)
+        else:
+            from iat.trainer import run_training
+
+            run_training(cfg, env, device)
+    finally:
+        distributed.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.demo:
+            from iat.demo import run_demo
+
+            return run_demo(args.logdir or "demo_log")
+        run(config_from_args(args))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

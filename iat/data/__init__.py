@@ -1,0 +1,4 @@
+"""The data side: dataset layouts, augmentation, sampling policy, the ZMQ server and client.
+
+Everything here except ``sources`` is torch-free, so that the data server never imports torch.
+"""

@@ -1,0 +1,102 @@
+"""Which images make up each training batch, and what happens to an unreadable one.
+
+One policy for both batch sources, the data server and the local loader (torch-free):
+
+* the training set is an endless stream of epochs, each a fresh permutation seeded by
+  ``(seed, epoch)``; global batch ``b`` holds stream positions ``[b * B, (b + 1) * B)``;
+* augmenting batch ``b`` draws from an RNG seeded by ``(seed, b)`` only, so the bytes do not
+  depend on which worker or process builds it;
+* an image that cannot be decoded is replaced by a random other image (drawn from the batch's
+  RNG), remembered and reported once; ``MAX_CORRUPT_RETRIES`` in a row is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from iat.data.augment import TrainTransform
+from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
+
+MAX_CORRUPT_RETRIES = 100  # consecutive undecodable replacements before giving up
+
+
+class EpochSchedule:
+    """Sample indices of batch b of an endless stream of epochs, each a fresh seeded shuffle."""
+
+    def __init__(self, n_samples: int, batch: int, seed: int) -> None:
+        if n_samples < 1:
+            raise DataError("the training set is empty")
+        self.n_samples, self.batch, self.seed = n_samples, batch, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(
+                self.n_samples
+            )
+        return self._perms[epoch]
+
+    def indices(self, batch_index: int) -> np.ndarray:
+        positions = np.arange(batch_index * self.batch, (batch_index + 1) * self.batch)
+        epochs, offsets = np.divmod(positions, self.n_samples)
+        return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+
+
+def augment_rng(seed: int, batch_index: int) -> np.random.Generator:
+    """Augmentation RNG of one batch: depends on (seed, batch) only, not on the worker count."""
+    return np.random.default_rng([seed, 1, batch_index])
+
+
+class BatchBuilder:
+    """Decodes and augments the samples of one batch, replacing corrupt images by random others."""
+
+    def __init__(self, samples: list[Sample], image_size: int, transform: TrainTransform) -> None:
+        self.samples, self.image_size, self.transform = samples, image_size, transform
+        self.corrupt: set[str] = set()
+
+    def _load(
+        self, index: int, rng: np.random.Generator, new_corrupt: list[str]
+    ) -> tuple[np.ndarray, int]:
+        for _ in range(MAX_CORRUPT_RETRIES):
+            path, label = self.samples[index]
+            if path not in self.corrupt:
+                try:
+                    return self.transform(read_image_bgr(path), rng, self.image_size), label
+                except CorruptImageError:
+                    self.corrupt.add(path)
+                    new_corrupt.append(path)
+            index = int(rng.integers(len(self.samples)))
+        raise DataError(f"{MAX_CORRUPT_RETRIES} undecodable images in a row, e.g. {path}")
+
+    def build(
+        self, indices: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``(images uint8 [B, S, S, 3], labels int32 [B], newly found corrupt paths)``."""
+        size = self.image_size
+        images = np.empty((len(indices), size, size, 3), dtype=np.uint8)
+        labels = np.empty(len(indices), dtype=np.int32)
+        new_corrupt: list[str] = []
+        for i, index in enumerate(indices):
+            images[i], labels[i] = self._load(int(index), rng, new_corrupt)
+        return images, labels, new_corrupt
+
+
+class TrainStream:
+    """Global batch ``b`` of the training stream, built by ``BatchBuilder`` (any process)."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        batch: int,
+        image_size: int,
+        transform: TrainTransform,
+        seed: int,
+    ) -> None:
+        self.schedule = EpochSchedule(len(samples), batch, seed)
+        self.builder = BatchBuilder(samples, image_size, transform)
+        self.seed = seed
+
+    def batch(self, batch_index: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        rng = augment_rng(self.seed, batch_index)
+        return self.builder.build(self.schedule.indices(batch_index), rng)

@@ -1,0 +1,324 @@
+"""Per-machine ImageNet data server: decode + fbresnet-augment in worker processes, PUSH batches.
+
+    python third_party/serve-data.py --data /path/to/imagenet --batch 32
+
+Training processes on the same machine pull from it with ``iat.data.client.ZMQBatchClient``
+(default address ``ipc://@imagenet-train-b<batch>``), as in the original's serve-data.py.
+
+Design: W worker processes each build whole batches (worker k builds batches k, k+W, k+2W, ...
+of an endless stream of per-epoch shuffles) and PUSH them, already encoded as raw-buffer frames,
+over a private ipc socket to this main process, which re-stamps the header with its server id and
+sequence number and forwards the frames zero-copy to the public PUSH socket. Which images make
+up batch b, and how it is augmented, is ``iat.data.sampling``'s policy (shared with the local
+loader): the stream does not depend on the number of workers. Torch is never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import zmq
+
+from iat.data.augment import TRAIN_AUGMENTATIONS
+from iat.data.layouts import DataError, Sample, create_reader
+from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
+from iat.data.sampling import TrainStream
+
+WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
+MAIN_POLL_MS = 200
+LINGER_MS = 30_000  # after max_batches, how long queued batches may take to be delivered
+FAKE_CLASSES = 1000
+
+Batch = tuple[np.ndarray, np.ndarray]  # images uint8 [B, S, S, 3], labels int32 [B]
+
+
+class _Shutdown(Exception):
+    """Raised by the SIGTERM/SIGINT handler to unwind the main loop."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data: str | None  # ImageNet folder with train/<wnid>/ (unused with fake)
+    batch: int  # images per batch
+    image_size: int  # side of the square augmented images
+    augment: str  # training augmentation, a name of augment.TRAIN_AUGMENTATIONS
+    workers: int  # decoding processes
+    bind: str  # public ZMQ address of the PUSH socket
+    hwm: int  # send high-water mark of the public socket, in batches
+    fake: bool  # serve one constant random batch instead of decoding images
+    benchmark: bool  # do not send; print throughput
+    seed: int  # shuffling and augmentation seed
+    log_every: float  # seconds between status lines on stderr
+    max_batches: int | None  # exit after this many batches (None: serve forever)
+
+
+def _worker_send(sock: zmq.Socket, frames: list, parent_pid: int) -> bool:
+    while not sock.poll(WORKER_POLL_MS, zmq.POLLOUT):
+        if os.getppid() != parent_pid:
+            return False
+    sock.send_multipart(frames, copy=False)
+    return True
+
+
+def worker_main(worker_id: int, samples: list[Sample], cfg: ServerConfig, address: str) -> None:
+    """Worker process: build batches worker_id, worker_id + W, ... and push them to ``address``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the main process's handler is inherited
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+    parent_pid = os.getppid()
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    transform = TRAIN_AUGMENTATIONS[cfg.augment]
+    stream = TrainStream(samples, cfg.batch, cfg.image_size, transform, cfg.seed)
+    try:
+        for batch_index in range(worker_id, sys.maxsize, cfg.workers):
+            images, labels, new_corrupt = stream.batch(batch_index)
+            meta = json.dumps({"corrupt": new_corrupt}).encode()
+            frames = [meta, *encode_batch(images, labels, batch_index, f"worker{worker_id}")]
+            if not _worker_send(sock, frames, parent_pid):
+                return
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        sock.close()
+        context.term()
+
+
+class Status:
+    """Counters of the main process and the periodic stderr status line."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.batches = 0
+        self.corrupt: dict[str, None] = {}  # distinct corrupt files, in the order reported
+        self.start = self.last_log = time.monotonic()
+        self.last_batches = 0
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if now - self.last_log < self.cfg.log_every and not force:
+            return
+        rate = (self.batches - self.last_batches) * self.cfg.batch / (now - self.last_log)
+        megabytes = rate * self.cfg.image_size**2 * 3 / 1e6
+        line = f"serve-data: {self.batches} batches, {rate:.1f} images/s, {megabytes:.1f} MB/s"
+        if self.corrupt:
+            line += f"; skipped {len(self.corrupt)} corrupt images, e.g. {next(iter(self.corrupt))}"
+        print(line, file=sys.stderr, flush=True)
+        self.last_log, self.last_batches = now, self.batches
+
+    def done(self) -> bool:
+        return self.cfg.max_batches is not None and self.batches >= self.cfg.max_batches
+
+
+def _receive_from_worker(pull: zmq.Socket, status: Status) -> Batch | None:
+    frames = pull.recv_multipart(copy=False)
+    try:
+        meta = json.loads(frames[0].bytes)
+        images, labels, _, _ = decode_batch(frames[1:])
+        corrupt = meta["corrupt"]
+        if not isinstance(corrupt, list):
+            raise ProtocolError(f"bad corrupt-file list {corrupt!r:.100}")
+    except (ValueError, KeyError, TypeError) as err:  # ProtocolError is a ValueError
+        print(f"serve-data: dropped a malformed internal message: {err}", file=sys.stderr)
+        return None
+    status.corrupt.update((str(path), None) for path in corrupt)
+    return images, labels
+
+
+def _check_workers(workers: list[multiprocessing.Process]) -> None:
+    for proc in workers:
+        if not proc.is_alive():
+            raise RuntimeError(f"worker {proc.name} died (exit code {proc.exitcode})")
+
+
+def _next_batch(pull: zmq.Socket | None, fake: Batch | None, status: Status) -> Batch | None:
+    if fake is not None:
+        return fake
+    if pull.poll(MAIN_POLL_MS, zmq.POLLIN):
+        return _receive_from_worker(pull, status)
+    return None
+
+
+def run_loop(
+    cfg: ServerConfig,
+    pull: zmq.Socket | None,
+    push: zmq.Socket | None,
+    fake: Batch | None,
+    workers: list[multiprocessing.Process],
+) -> None:
+    """Move batches from the workers (or the fake batch) to the public socket until done."""
+    status = Status(cfg)
+    server_id = f"{socket.gethostname()}:{os.getpid()}"
+    frames = None
+    while not status.done():
+        if frames is None:
+            batch = _next_batch(pull, fake, status)
+            frames = None if batch is None else encode_batch(*batch, status.batches, server_id)
+        if frames is not None and (push is None or push.poll(MAIN_POLL_MS, zmq.POLLOUT)):
+            if push is not None:
+                push.send_multipart(frames, copy=False)
+            status.batches += 1
+            frames = None
+        _check_workers(workers)
+        status.maybe_log()
+    status.maybe_log(force=True)
+
+
+def _start_workers(
+    cfg: ServerConfig, samples: list[Sample], address: str
+) -> list[multiprocessing.Process]:
+    # fork: the sample list is shared copy-on-write; no ZMQ context exists yet in this process.
+    ctx = multiprocessing.get_context("fork")
+    workers = [
+        ctx.Process(target=worker_main, args=(k, samples, cfg, address), name=f"worker{k}")
+        for k in range(cfg.workers)
+    ]
+    for proc in workers:
+        proc.daemon = True
+        proc.start()
+    return workers
+
+
+def _stop_workers(workers: list[multiprocessing.Process]) -> None:
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+
+
+def _fake_batch(cfg: ServerConfig) -> Batch:
+    rng = np.random.default_rng(cfg.seed)
+    shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    return images, rng.integers(0, FAKE_CLASSES, cfg.batch, dtype=np.int32)
+
+
+def _open_public(context: zmq.Context, cfg: ServerConfig) -> zmq.Socket | None:
+    if cfg.benchmark:
+        return None
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, cfg.hwm)
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        push.bind(cfg.bind)
+    except zmq.ZMQError as err:
+        push.close()
+        raise RuntimeError(f"cannot bind {cfg.bind}: {err}") from err
+    return push
+
+
+def serve(cfg: ServerConfig, samples: list[Sample]) -> None:
+    """Run the server until SIGTERM/SIGINT or ``max_batches``; workers are always reaped."""
+    internal = f"ipc://@serve-data-{os.getpid()}-{uuid.uuid4().hex}"
+    workers = [] if cfg.fake else _start_workers(cfg, samples, internal)
+    context = zmq.Context()
+    pull = push = None
+    try:
+        if not cfg.fake:
+            pull = context.socket(zmq.PULL)
+            pull.setsockopt(zmq.RCVHWM, 2 * cfg.workers)
+            pull.bind(internal)
+        push = _open_public(context, cfg)
+        fake = _fake_batch(cfg) if cfg.fake else None
+        print(f"serve-data: serving on {cfg.bind}", file=sys.stderr, flush=True)
+        run_loop(cfg, pull, push, fake, workers)
+        if push is not None:
+            push.close(linger=LINGER_MS)  # deliver the batches still queued (max_batches)
+    finally:
+        _stop_workers(workers)
+        for sock in (pull, push):
+            if sock is not None:
+                sock.close(linger=0)
+        context.term()
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> ServerConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="ImageNet folder containing train/<wnid>/*.JPEG")
+    p.add_argument("--batch", type=_positive(int), required=True, help="images per batch")
+    p.add_argument("--image-size", type=_positive(int), default=224, help="output side")
+    p.add_argument(
+        "--train-augment",
+        choices=sorted(TRAIN_AUGMENTATIONS),
+        default="fbresnet",
+        help="augmentation",
+    )
+    default_workers = max(1, (os.cpu_count() or 1) - 1)
+    p.add_argument("--workers", type=_positive(int), default=default_workers)
+    p.add_argument("--bind", help="ZMQ address (default ipc://@imagenet-train-b<batch>)")
+    p.add_argument("--hwm", type=_positive(int), default=150, help="send queue, in batches")
+    p.add_argument("--fake", action="store_true", help="serve a constant random batch")
+    p.add_argument("--benchmark", action="store_true", help="do not send; print throughput")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=_positive(float), default=60.0, help="seconds")
+    p.add_argument("--max-batches", type=_positive(int), help="exit after sending N batches")
+    a = p.parse_args(argv)
+    if not a.fake and not a.data:
+        p.error("--data is required unless --fake is given")
+    return ServerConfig(
+        data=a.data,
+        batch=a.batch,
+        image_size=a.image_size,
+        augment=a.train_augment,
+        workers=a.workers,
+        bind=a.bind or default_address(a.batch),
+        hwm=a.hwm,
+        fake=a.fake,
+        benchmark=a.benchmark,
+        seed=a.seed,
+        log_every=a.log_every,
+        max_batches=a.max_batches,
+    )
+
+
+def _raise_shutdown(signum: int, frame: object) -> None:
+    raise _Shutdown(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        samples = [] if cfg.fake else create_reader(cfg.data).samples("train")
+    except DataError as err:
+        print(f"serve-data: error: {err}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT may arrive ignored (background job)
+        signal.signal(signum, _raise_shutdown)
+    try:
+        serve(cfg, samples)
+    except _Shutdown:
+        print("serve-data: shutting down", file=sys.stderr)
+    except (RuntimeError, zmq.ZMQError) as err:
+        print(f"serve-data: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,209 @@
+"""Batch sources: the torch side of the data pipeline, and the one place that picks a source.
+
+Every training source yields ``(images, labels)`` with images as uint8 NHWC BGR tensors on the
+CPU; the conversion to float NCHW happens on the device (``to_model_input``), so only bytes
+cross the bus. Training sources (``TRAIN_SOURCES``): the per-machine ZMQ data server
+(``third_party/serve-data.py``, as the original), a local folder decoded by DataLoader worker
+processes with the server's own sampling policy (``iat.data.sampling``), and constant fake
+batches (``--fake``). Evaluation has one sharding (``rank_batches``), used by every evaluator.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from iat.data.augment import TRAIN_AUGMENTATIONS, eval_transform
+from iat.data.client import ZMQBatchClient
+from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
+from iat.data.protocol import default_address
+from iat.data.sampling import TrainStream
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in pixel units [0, 255] on `device`.
+
+    On CUDA the result stays channels-last in memory (the permuted NHWC bytes), the layout of
+    cuDNN's tensor-core convolutions; on the CPU, oneDNN runs these networks faster on plain NCHW
+    (bench/RESULTS.md: attack iteration 154 ms vs 172 ms on ResNet-50 at 64x64)."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return x if device.type == "cuda" else x.contiguous()
+
+
+# --- training sources ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSourceSpec:
+    """What a training batch source needs to know (from the configuration and the job)."""
+
+    samples: Sequence[Sample] | None  # the training split (None for fake data)
+    batch: int  # images per process and step
+    image_size: int
+    augment: str  # a name of augment.TRAIN_AUGMENTATIONS
+    num_classes: int
+    workers: int  # local loader: decoding processes
+    seed: int
+    rank: int
+    world_size: int
+    first_batch: int  # steps already taken by this run (a resumed run continues the stream)
+    address: str | None  # data server address; None: the default for `batch`
+    timeout_s: float  # data server: seconds without a batch before it is declared gone
+    pin_memory: bool  # page-locked host memory for an asynchronous copy (CUDA)
+
+
+def fake_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
+    """Constant random batches, as the original's --fake: measures the model, not the data."""
+    g = torch.Generator().manual_seed(spec.seed + spec.rank)
+    shape = (spec.batch, spec.image_size, spec.image_size, 3)
+    images = torch.randint(0, 256, shape, generator=g).to(torch.uint8)
+    labels = torch.randint(0, spec.num_classes, (spec.batch,), generator=g)
+    while True:
+        yield images, labels
+
+
+def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
+    """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone.
+
+    With `pin_memory` (CUDA), images land in page-locked memory for an asynchronous copy."""
+    address = spec.address or default_address(spec.batch)
+    with ZMQBatchClient(address, timeout_s=spec.timeout_s) as client:
+        for images, labels in client:
+            images = torch.from_numpy(images)
+            images = images.pin_memory() if spec.pin_memory else images
+            yield images, torch.from_numpy(labels).long()
+
+
+class _StreamBatches(Dataset):
+    """Item k is global batch ``first + k * world_size`` of the training stream (one rank's)."""
+
+    def __init__(self, stream: TrainStream, first: int, world_size: int, count: int) -> None:
+        self.stream, self.first, self.world_size, self.count = stream, first, world_size, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        return self.stream.batch(self.first + k * self.world_size)
+
+
+LOCAL_CHUNK = 1 << 20  # batches per DataLoader pass (any large number: the stream is endless)
+
+
+def local_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
+    """This rank's batches of the training stream, decoded by DataLoader worker processes.
+
+    Step s of the run uses global batch ``s * world_size + rank``, so ranks see disjoint
+    images, and a resumed run continues where the killed one stopped."""
+    stream = TrainStream(
+        list(spec.samples),
+        spec.batch,
+        spec.image_size,
+        TRAIN_AUGMENTATIONS[spec.augment],
+        spec.seed,
+    )
+    step = spec.first_batch
+    while True:
+        first = step * spec.world_size + spec.rank
+        loader = DataLoader(
+            _StreamBatches(stream, first, spec.world_size, LOCAL_CHUNK),
+            batch_size=None,
+            num_workers=spec.workers,
+            pin_memory=spec.pin_memory,
+        )
+        for images, labels, corrupt in loader:
+            for path in corrupt:
+                tqdm.write(f"warning: skipping corrupt training image {path}", file=sys.stderr)
+            yield images, labels.long()
+            step += 1
+
+
+TRAIN_SOURCES: dict[str, Callable[[TrainSourceSpec], Iterator[Batch]]] = {
+    "server": server_batches,
+    "local": local_batches,
+}
+
+
+def train_batches(loader: str, fake: bool, spec: TrainSourceSpec) -> Iterator[Batch]:
+    """The run's training batches, step after step: fake data, or the `loader` source."""
+    return fake_batches(spec) if fake else TRAIN_SOURCES[loader](spec)
+
+
+# --- evaluation and prediction ---------------------------------------------------------------
+def rank_batches(num_images: int, batch: int, rank: int, world_size: int) -> list[list[int]]:
+    """Global batch j (images [j*batch, (j+1)*batch)) belongs to rank j % world_size."""
+    starts = range(rank * batch, num_images, world_size * batch)
+    return [list(range(s, min(s + batch, num_images))) for s in starts]
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The original's black-box prediction transform: a naive cubic resize to size x size."""
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+class ImageFiles(Dataset):
+    """``(image uint8 HxWx3, label, index, readable?)`` of each file, after ``transform``.
+
+    Unreadable files give a black image and ``readable = False``; the caller decides."""
+
+    def __init__(
+        self, samples: Sequence[Sample], image_size: int, transform: Callable = eval_transform
+    ) -> None:
+        self.samples, self.image_size, self.transform = samples, image_size, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        path, label = self.samples[index]
+        try:
+            img = self.transform(read_image_bgr(path), self.image_size)
+        except CorruptImageError:
+            img, ok = np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+        else:
+            ok = True
+        return torch.from_numpy(np.ascontiguousarray(img)), label, index, ok
+
+
+def eval_loader(
+    samples: Sequence[Sample],
+    *,
+    batch: int,
+    image_size: int,
+    workers: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+    transform: Callable = eval_transform,
+) -> DataLoader:
+    """This rank's share of ``samples`` in ``rank_batches`` order (every image exactly once)."""
+    return DataLoader(
+        ImageFiles(samples, image_size, transform),
+        batch_sampler=rank_batches(len(samples), batch, rank, world_size),
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
+
+
+def unreadable(samples: Sequence[Sample], indices: torch.Tensor, ok: torch.Tensor) -> list[str]:
+    """The paths of a batch's unreadable files."""
+    return [samples[i][0] for i in indices[~ok].tolist()]
+
+
+def list_directory(directory: str | Path) -> list[Path]:
+    """Every regular, non-hidden file of `directory`, sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"--eval-directory: {directory} is not a directory")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"--eval-directory: {directory} contains no files")
+    return files

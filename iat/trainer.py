@@ -1,0 +1,291 @@
+"""Adversarial training: the loop, data-parallel, checkpointed and resumable.
+
+Feature Denoising Sec 5: every training image is replaced by its PGD adversarial example
+(random target, 20% of batches start from the clean image), and the network is trained on
+those only, with label smoothing 0.1 (``adv_model.training_objective``). The schedule is
+"ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adv_model import Attacker, training_objective
+from iat import builders, distributed
+from iat.config import Config, config_record, default_logdir
+from iat.data.layouts import Sample, check_labels, create_reader
+from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
+from iat.eval_schedule import EVAL_SCHEDULES
+from iat.evaluate import evaluate_attack
+from iat.metrics import EvalResult, Meter
+from iat.run_logging import RunLogger, run_directory_logger
+from iat.run_state import Progress, Start, plan_start, remove_partial_checkpoints, save_checkpoint
+
+IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
+
+
+@dataclass
+class Training:
+    """The objects one training run works with (built once by ``setup``)."""
+
+    cfg: Config
+    model: torch.nn.Module  # the bare network: attacked, evaluated and saved
+    ddp_model: torch.nn.Module  # what the loss is computed through (DDP wrapper or the model)
+    attacker: Attacker
+    optimizer: torch.optim.Optimizer
+    batches: Iterator
+    steps: int  # steps per epoch
+    total_batch: int  # images per step over all processes
+    device: torch.device
+
+
+# --- one step, one epoch ---------------------------------------------------------------------
+def train_step(
+    model: torch.nn.Module,
+    attack_model: torch.nn.Module,
+    attacker: Attacker,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step: attack (BN in inference mode, on the bare model), then learn on the result."""
+    loss, logits, targets = training_objective(
+        model, attack_model, attacker, images, labels, label_smoothing
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits, targets
+
+
+def _log_step(
+    run: Training, logger: RunLogger, meter: Meter, step: int, epoch: int, lr: float, bar
+) -> None:
+    scalars = meter.read()
+    per_process = scalars["train/images_per_sec_per_process"]
+    scalars["train/images_per_sec"] = per_process * run.total_batch / run.cfg.batch
+    scalars["train/lr"] = lr
+    logger.log(step, scalars, epoch=epoch, phase="train")
+    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.4g}")
+    meter.reset()
+
+
+def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
+    """Run the steps of epoch `epoch` (1-based) from global `step`; returns the step after."""
+    cfg = run.cfg
+    run.ddp_model.train()
+    meter = Meter(run.device)
+    start = time.perf_counter()
+    bar = tqdm(
+        range(run.steps),
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        disable=not distributed.is_main_process(),
+        dynamic_ncols=True,
+    )
+    for i in bar:
+        images, labels = next(run.batches)
+        lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        images = to_model_input(images, run.device)
+        labels = labels.to(run.device, non_blocking=True)
+        loss, logits, targets = train_step(
+            run.ddp_model,
+            run.model,
+            run.attacker,
+            run.optimizer,
+            images,
+            labels,
+            cfg.label_smoothing,
+        )
+        meter.add(loss, logits, labels, targets)
+        step += 1
+        if step % cfg.log_every == 0 or i == run.steps - 1:
+            _log_step(run, logger, meter, step, epoch, lr, bar)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"training diverged: loss is {loss.item()} in epoch {epoch}")
+    per_process = run.steps * cfg.batch / (time.perf_counter() - start)
+    if distributed.is_main_process():
+        tqdm.write(
+            f"epoch {epoch}: {per_process:.1f} images/s per process, "
+            f"{per_process * run.total_batch / cfg.batch:.1f} images/s in total"
+        )
+    return step
+
+
+# --- in-training evaluation ------------------------------------------------------------------
+def run_evals(
+    run: Training, val: Sequence[Sample], num_classes: int, epoch: int
+) -> dict[str, EvalResult]:
+    results = {}
+    for spec in EVAL_SCHEDULES[run.cfg.train_eval]:
+        if spec.when(epoch, run.cfg.epochs):
+            results[spec.name] = evaluate_attack(
+                run.model,
+                run.cfg,
+                val,
+                attack_iter=spec.attack_iter,
+                num_classes=num_classes,
+                device=run.device,
+                desc=spec.name,
+            )
+    return results
+
+
+def log_evals(logger: RunLogger, results: dict[str, EvalResult], step: int, epoch: int) -> None:
+    for name, r in results.items():
+        scalars = {
+            f"{name}/top1_error": r.top1_error,
+            f"{name}/top5_error": r.top5_error,
+            f"{name}/attack_success_rate": r.attack_success_rate,
+        }
+        logger.log(step, scalars, epoch=epoch, phase=name, images=r.images)
+        if distributed.is_main_process():
+            tqdm.write(
+                f"epoch {epoch} {name}: top1 error {r.top1_error:.4f}, "
+                f"top5 error {r.top5_error:.4f}, attack success {r.attack_success_rate:.4f} "
+                f"({r.images} images)"
+            )
+
+
+# --- setting up a run ------------------------------------------------------------------------
+def resolve_logdir(cfg: Config) -> str:
+    return cfg.logdir or default_logdir(cfg, distributed.get_world_size())
+
+
+def steps_per_epoch(cfg: Config, num_train: int | None, total_batch: int) -> int:
+    if cfg.steps_per_epoch is not None:
+        return cfg.steps_per_epoch
+    return max(1, (num_train or IMAGENET_TRAIN_IMAGES) // total_batch)
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics before evaluating or saving."""
+    for buf in model.buffers():
+        distributed.broadcast_tensor(buf, src=0)
+
+
+def check_same_start(progress: Progress, device: torch.device) -> None:
+    """Every process must resume from the same point (rank 0's), or DDP would mix schedules."""
+    mine = torch.tensor([progress.epoch, progress.step], dtype=torch.int64, device=device)
+    reference = distributed.broadcast_tensor(mine.clone(), src=0)
+    disagree = distributed.all_reduce_sum((mine != reference).any().to(torch.int64))
+    if disagree.item():
+        raise ValueError(
+            f"--logdir: processes would resume from different points (rank 0: after epoch "
+            f"{int(reference[0])}, rank {distributed.get_rank()}: after epoch {progress.epoch}); "
+            "the run directory must be on a filesystem that every machine sees"
+        )
+
+
+def run_info(env: distributed.DistEnv, device: torch.device) -> dict:
+    return {
+        "world_size": distributed.get_world_size(),
+        "launcher": env.launcher,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "argv": sys.argv,
+    }
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    model: torch.nn.Module  # the trained network (unwrapped), on its device
+    logdir: str  # where its checkpoints, config.json and metrics.jsonl are
+    results: dict[str, EvalResult]  # the last in-training evaluations
+
+
+def setup(
+    cfg: Config, start: Start, train: Sequence[Sample] | None, num_classes: int, device
+) -> Training:
+    """Build the run's objects from the configuration and the start point."""
+    world = distributed.get_world_size()
+    total_batch = cfg.batch * world
+    steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
+    torch.manual_seed(cfg.seed)
+    model = builders.build_model(cfg, num_classes, device, start.weights)
+    optimizer = builders.build_optimizer(model, cfg)
+    if start.optimizer is not None:
+        optimizer.load_state_dict(start.optimizer)
+    spec = TrainSourceSpec(
+        samples=train,
+        batch=cfg.batch,
+        image_size=cfg.image_size,
+        augment=cfg.train_augment,
+        num_classes=num_classes,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        rank=distributed.get_rank(),
+        world_size=world,
+        first_batch=start.progress.step,
+        address=cfg.data_server,
+        timeout_s=cfg.data_timeout,
+        pin_memory=device.type == "cuda",
+    )
+    return Training(
+        cfg=cfg,
+        model=model,
+        ddp_model=builders.wrap_model(model, cfg, device, world),
+        attacker=builders.build_attacker(
+            cfg, attack_iter=cfg.attack_iter, num_classes=num_classes, training=True
+        ),
+        optimizer=optimizer,
+        batches=train_batches(cfg.loader, cfg.fake, spec),
+        steps=steps,
+        total_batch=total_batch,
+        device=device,
+    )
+
+
+def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) -> TrainOutcome:
+    """Train as configured, resuming the run directory's latest checkpoint if there is one."""
+    main_proc = distributed.is_main_process()
+    reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data)
+    classes = reader.classes() if reader else None
+    train = reader.samples("train") if reader and reader.has_split("train") else None
+    val = reader.samples("val") if reader and reader.has_split("val") else None
+    if val is None and reader and cfg.train_eval != "none" and main_proc:
+        print(
+            "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
+        )
+    num_classes = builders.resolve_num_classes(cfg, classes)
+    for split, samples in (("train", train), ("val", val)):
+        if samples:
+            check_labels(samples, num_classes, split)
+    logdir = resolve_logdir(cfg)
+    start = plan_start(logdir, cfg.load, cfg.starting_epoch)
+    check_same_start(start.progress, device)
+    run = setup(cfg, start, train, num_classes, device)
+    results: dict[str, EvalResult] = {}
+    if main_proc:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(logdir)
+        if start.kind != "fresh":
+            print(start.describe(), file=sys.stderr)
+    with run_directory_logger(logdir, enabled=main_proc) as logger:
+        logger.log_config(
+            config_record(cfg, {**run_info(env, device), "logdir": logdir, "steps": run.steps})
+        )
+        step = start.progress.step
+        for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
+            step = train_epoch(run, epoch, step, logger)
+            sync_buffers(run.model)
+            if main_proc:
+                save_checkpoint(
+                    logdir, Progress(epoch, step), run.model, run.optimizer, cfg.keep_checkpoints
+                )
+            if val:
+                results = run_evals(run, val, num_classes, epoch)
+                log_evals(logger, results, step, epoch)
+            distributed.barrier()
+    return TrainOutcome(model=run.model, logdir=logdir, results=results)
