@@ -301,27 +301,6 @@ def create_attacker(name: str, settings: AttackSettings) -> Attacker:
     return ATTACKS[name](settings)
 
 
-def build_attacker(
-    num_iter: int,
-    epsilon: float,
-    step_size: float,
-    prob_start_from_clean: float = 0.0,
-    target: str | None = "random",
-    num_classes: int | None = None,
-    generator: torch.Generator | None = None,
-    fast: bool = False,
-) -> Attacker:
-    """The original's choice: ``"clean"`` when ``num_iter == 0``, else ``"pgd"``.
-
-    ``fast`` is the original's ``--use-fp16xla`` (fp16 + XLA, about 2x faster for about 3 points
-    less robustness): the attack runs under autocast and compiled.
-    """
-    settings = AttackSettings(
-        num_iter, epsilon, step_size, target, prob_start_from_clean, num_classes, generator, fast
-    )
-    return create_attacker("clean" if num_iter == 0 else "pgd", settings)
-
-
 def training_objective(
     model: nn.Module,
     attack_model: nn.Module,

@@ -16,10 +16,12 @@ from digits_model import (
 from torch import nn
 
 from adv_model import (
+    ATTACKS,
+    AttackSettings,
     NoOpAttacker,
     PGDAttacker,
     attack_success,
-    build_attacker,
+    create_attacker,
 )
 
 
@@ -190,13 +192,17 @@ def test_noop_is_identity(digits):
     assert targets.dtype == torch.int64 and targets.tolist() == [-1] * 7
 
 
-def test_build_attacker():
-    assert isinstance(build_attacker(0, 16.0, 1.0), NoOpAttacker)
-    attacker = build_attacker(10, 16.0, 1.0, prob_start_from_clean=0.2, target=None)
+def test_attack_registry():
+    assert {"clean", "pgd"} <= set(ATTACKS)
+    assert isinstance(create_attacker("clean", AttackSettings(0, 16.0, 1.0)), NoOpAttacker)
+    settings = AttackSettings(10, 16.0, 1.0, target=None, prob_start_from_clean=0.2)
+    attacker = create_attacker("pgd", settings)
     assert isinstance(attacker, PGDAttacker)
     assert attacker.num_iter == 10 and attacker.target is None
     assert attacker.prob_start_from_clean == 0.2
     assert attacker.step_size == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="unknown attack 'pgdd'.*'pgd'"):
+        create_attacker("pgdd", settings)
 
 
 def _linear_input_grad_sign(model: LinearNet, x: torch.Tensor, classes: torch.Tensor):

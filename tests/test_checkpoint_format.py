@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import nets
 import nets.layers
 
-SHARED_ENV = "IAT_SHARED_DIR"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 MANIFESTS = [
     ("ResNet", 50),
     ("ResNet", 152),
@@ -26,12 +25,8 @@ TINY = {"num_blocks": [1, 1, 1, 1], "num_classes": 10, "width": 8}
 
 @pytest.fixture(scope="module")
 def reference_dir() -> Path:
-    """/work/shared/reference beside the repository, or under $IAT_SHARED_DIR."""
-    shared = os.environ.get(SHARED_ENV) or Path(__file__).resolve().parents[2] / "shared"
-    directory = Path(shared) / "reference"
-    if not directory.is_dir():
-        pytest.fail(f"reference data not found at {directory}; set {SHARED_ENV}")
-    return directory
+    """The original implementation's outputs, carried by the repository (see ORIGIN.md)."""
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="module")

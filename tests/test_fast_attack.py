@@ -14,11 +14,12 @@ from digits_model import assert_unchanged, eval_logits, snapshot
 
 import nets
 from adv_model import (
+    AttackSettings,
     PGDAttacker,
     attack_mode,
     attack_success,
     autocast_dtype,
-    build_attacker,
+    create_attacker,
 )
 
 
@@ -35,9 +36,9 @@ def test_autocast_dtype_follows_the_device():
 
 
 def test_build_attacker_fast_means_autocast_and_compiled():
-    fast = build_attacker(3, 16.0, 1.0, fast=True)
+    fast = create_attacker("pgd", AttackSettings(3, 16.0, 1.0, fast=True))
     assert fast.autocast and fast.compiled
-    plain = build_attacker(3, 16.0, 1.0)
+    plain = create_attacker("pgd", AttackSettings(3, 16.0, 1.0))
     assert not plain.autocast and not plain.compiled
 
 

@@ -1,0 +1,108 @@
+"""The package's shape: installed names, a torch-free data server, replayable configurations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import REPO
+
+from iat.cli import build_parser, config_from_args
+from main import main
+
+# What a wheel must hold at the top level: the package and the original's two module names.
+TOP_LEVEL = {"iat", "nets", "adv_model.py"}
+SOURCES = ("pyproject.toml", "README.md", "adv_model.py", "main.py", "iat", "nets", "third_party")
+
+
+def _copy_sources(dest: Path) -> Path:
+    dest.mkdir()
+    for name in SOURCES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def test_wheel_installs_only_the_package_nets_and_adv_model(tmp_path: Path) -> None:
+    # Built from a copy, so that the build leaves nothing in the working tree.
+    source = _copy_sources(tmp_path / "src")
+    out = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(source)],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = out.glob("*.whl")
+    names = {entry.split("/")[0] for entry in zipfile.ZipFile(wheel).namelist()}
+    assert {n for n in names if not n.endswith(".dist-info")} == TOP_LEVEL
+    listing = zipfile.ZipFile(wheel).namelist()
+    assert "iat/data/server.py" in listing and "nets/resnet.py" in listing
+
+
+# Runs first in the child: any import of torch fails there.
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+DATA_SERVER_MODULES = ("layouts", "augment", "sampling", "protocol", "client", "server")
+
+
+def _run_without_torch(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + code],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_data_server_modules_import_and_serve_without_torch() -> None:
+    blocked = _run_without_torch("import torch")
+    assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
+    imports = "\n".join(f"import iat.data.{m}" for m in DATA_SERVER_MODULES)
+    done = _run_without_torch(f"{imports}\nassert 'torch' not in sys.modules\nprint('ok')")
+    assert done.returncode == 0, done.stderr
+    # The entry script itself serves fake batches (benchmark mode: no consumer needed).
+    script = REPO / "third_party" / "serve-data.py"
+    serve = _run_without_torch(
+        "import runpy\n"
+        f"sys.argv = [{str(script)!r}, '--fake', '--benchmark', '--batch', '2',"
+        " '--image-size', '16', '--max-batches', '3', '--log-every', '100']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    assert serve.returncode == 0, serve.stderr
+    assert "serve-data: 3 batches" in serve.stderr
+
+
+def test_a_run_replays_from_its_config_json(tiny_imagenet: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    flags = [
+        "--data", str(tiny_imagenet), "--logdir", str(first), "--arch", "ResNet",
+        "--num-blocks", "1", "1", "1", "1", "--width", "8", "--image-size", "32",
+        "--batch", "4", "--workers", "0", "--loader", "local", "--attack-iter", "1",
+        "--attack-epsilon", "4", "--steps-per-epoch", "1", "--epochs", "1",
+        "--train-eval", "none", "--lr-decay-epochs", "7", "9", "--seed", "5",
+    ]  # fmt: skip
+    assert main(flags) == 0
+    stored = json.loads((first / "config.json").read_text())["config"]
+
+    # Parsing alone gives back the same configuration.
+    replayed = config_from_args(build_parser().parse_args(["--config", str(first / "config.json")]))
+    assert json.loads(json.dumps(replayed.__dict__)) == stored
+
+    # Replaying runs it again; flags given override the stored values.
+    second = tmp_path / "second"
+    assert main(["--config", str(first / "config.json"), "--logdir", str(second)]) == 0
+    again = json.loads((second / "config.json").read_text())["config"]
+    assert again == {**stored, "logdir": str(second)}
+    assert main(["--config", str(first / "config.json"), "--seed", "x"]) == 1
