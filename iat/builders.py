@@ -6,11 +6,13 @@ are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import nets
-from adv_model import Attacker, AttackSettings, create_attacker
+from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import NO_TARGET, Config
 
 IMAGENET_CLASSES = 1000
@@ -47,11 +49,35 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
 
 
 # --- attacker --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttackPrecision:
+    """How the training attack computes (the original's --use-fp16xla, adapted to the device)."""
+
+    autocast: bool
+    compiled: bool
+    description: str  # said in the run's first lines and in config.json
+
+
+def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision:
+    """fp16 + compiled (CUDA graphs) on CUDA; bf16 + compiled on a CPU with bf16 units; else
+    fp32 eager, where neither pays (issue measurements on AVX2: bf16 autocast 14x slower,
+    compiled fp32 no faster than eager)."""
+    if not use_fp16xla:
+        return AttackPrecision(False, False, "fp32, eager")
+    if has_native_low_precision(device):
+        dtype = "fp16 (loss x128)" if device.type == "cuda" else "bf16"
+        return AttackPrecision(True, True, f"{dtype} autocast, compiled (--use-fp16xla)")
+    return AttackPrecision(
+        False, False, "fp32, eager: this CPU has no bf16 units, --use-fp16xla would be slower"
+    )
+
+
 def attack_settings(
-    cfg: Config, *, attack_iter: int, num_classes: int, training: bool
+    cfg: Config, *, attack_iter: int, num_classes: int, precision: AttackPrecision | None = None
 ) -> AttackSettings:
-    """Training attacks start from the clean image with --prob-start-from-clean and may run
-    fast (--use-fp16xla); evaluation attacks always start from a random point, in fp32."""
+    """Training attacks (given their `precision`) start from the clean image with
+    --prob-start-from-clean; evaluation attacks always start from a random point, in fp32."""
+    training = precision is not None
     return AttackSettings(
         num_iter=attack_iter,
         epsilon=cfg.attack_epsilon,
@@ -59,7 +85,8 @@ def attack_settings(
         target=None if cfg.attack_target == NO_TARGET else cfg.attack_target,
         prob_start_from_clean=cfg.prob_start_from_clean if training else 0.0,
         num_classes=num_classes,
-        fast=cfg.use_fp16xla and training,
+        autocast=training and precision.autocast,
+        compiled=training and precision.compiled,
     )
 
 
@@ -68,10 +95,13 @@ def attack_name(attack_iter: int) -> str:
     return "clean" if attack_iter == 0 else "pgd"
 
 
-def build_attacker(cfg: Config, *, attack_iter: int, num_classes: int, training: bool) -> Attacker:
-    """The attacker of training (``training=True``) or evaluation, from ``adv_model.ATTACKS``."""
+def build_attacker(
+    cfg: Config, *, attack_iter: int, num_classes: int, precision: AttackPrecision | None = None
+) -> Attacker:
+    """The training attacker (with its `precision`) or, without one, the evaluation attacker,
+    from ``adv_model.ATTACKS``."""
     settings = attack_settings(
-        cfg, attack_iter=attack_iter, num_classes=num_classes, training=training
+        cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
     )
     return create_attacker(attack_name(attack_iter), settings)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from iat import distributed
@@ -67,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_arg(data, "--loader", "training batches: the data server or a local loader")
     data.add_argument("--data-server", help="data server address (default: ipc by --batch)")
     data.add_argument("--data-timeout", type=float, help=_help("data_timeout", "seconds"))
-    data.add_argument("--workers", type=int, help=_help("workers", "decoding processes"))
+    data.add_argument(
+        "--workers", type=int, help="decoding processes per process (default: its CPUs, <= 8)"
+    )
     data.add_argument("--image-size", type=int, help=_help("image_size", "crop size"))
     _choice_arg(data, "--train-augment", "training augmentation")
     data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
@@ -139,17 +140,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
-def default_threads(env: distributed.DistEnv) -> int:
-    """The CPUs this process may use, shared by the processes of this machine (at least 1)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (usable or 1) // env.local_world_size)
+MAX_DEFAULT_WORKERS = 8  # decoding processes per training process, by default
+
+
+def resolve_resources(cfg: Config, env: distributed.DistEnv) -> Config:
+    """--threads and --workers when not given: this process's share of the usable CPUs (a
+    shared machine's affinity mask, divided among this host's processes), so that processes
+    never oversubscribe the cores (2.3 vs 195 images/s measured on a busy 2-core machine)."""
+    share = distributed.cpus_per_process(env)
+    threads = cfg.threads or share
+    workers = cfg.workers if cfg.workers is not None else min(MAX_DEFAULT_WORKERS, share)
+    return dataclasses.replace(cfg, threads=threads, workers=workers)
 
 
 def run(cfg: Config) -> None:
     import torch
 
     env = distributed.detect()
-    torch.set_num_threads(cfg.threads or default_threads(env))
+    cfg = resolve_resources(cfg, env)
+    torch.set_num_threads(cfg.threads)
     device = distributed.select_device(env)
     distributed.init(env, device)
     try:

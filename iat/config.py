@@ -51,7 +51,7 @@ class Config:
     loader: str = "server"  # "server": the machine's serve-data.py (as the original); "local"
     data_server: str | None = None  # server address; None = ipc://@imagenet-train-b{batch}
     data_timeout: float = 60.0  # seconds without a batch before the server is declared gone
-    workers: int = 2  # decoding worker processes per training process (local loader, eval)
+    workers: int | None = None  # decoding processes per process; None: its CPU share, <= 8
     image_size: int = 224  # side of the square crops fed to the network
     train_augment: str = "fbresnet"  # "fbresnet" (the original), "flip" (eval crop + flip), "none"
     batch: int = 32  # images per process and step (the original's --batch: per GPU)

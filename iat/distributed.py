@@ -232,6 +232,18 @@ def _check_ranks(
         raise ValueError(f"{names[1]}={local_rank} is outside 0..{local_world_size - 1}")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which launchers and cgroups set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpus_per_process(env: DistEnv) -> int:
+    """This process's share of the usable CPUs among the job's processes on this host."""
+    return max(1, usable_cpus() // env.local_world_size)
+
+
 def select_device(env: DistEnv) -> torch.device:
     """This process's device: ``cuda:<local_rank % device count>`` when CUDA exists, else CPU."""
     if torch.cuda.is_available():

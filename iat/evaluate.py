@@ -82,7 +82,7 @@ def evaluate_attack(
     desc: str,
 ) -> EvalResult:
     """`evaluate` under the configured PGD-`attack_iter` attack (0: clean), fp32."""
-    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes, training=False)
+    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes)
     return evaluate(
         model,
         attacker,

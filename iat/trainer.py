@@ -8,6 +8,7 @@ those only, with label smoothing 0.1 (``adv_model.training_objective``). The sch
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ from iat import builders, distributed
 from iat.config import Config, config_record, default_logdir
 from iat.data.layouts import Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
+from iat.distributed import usable_cpus
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.metrics import EvalResult, Meter
@@ -42,6 +44,7 @@ class Training:
     attacker: Attacker
     optimizer: torch.optim.Optimizer
     batches: Iterator
+    precision: builders.AttackPrecision  # how the training attack computes
     steps: int  # steps per epoch
     total_batch: int  # images per step over all processes
     device: torch.device
@@ -124,11 +127,16 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
 
 # --- in-training evaluation ------------------------------------------------------------------
 def run_evals(
-    run: Training, val: Sequence[Sample], num_classes: int, epoch: int
+    run: Training,
+    val: Sequence[Sample],
+    num_classes: int,
+    progress: Progress,
+    logger: RunLogger,
 ) -> dict[str, EvalResult]:
+    """The scheduled evaluations after `progress.epoch`, each logged as soon as it finishes."""
     results = {}
     for spec in EVAL_SCHEDULES[run.cfg.train_eval]:
-        if spec.when(epoch, run.cfg.epochs):
+        if spec.runs_after(progress.epoch, run.cfg.epochs):
             results[spec.name] = evaluate_attack(
                 run.model,
                 run.cfg,
@@ -138,23 +146,20 @@ def run_evals(
                 device=run.device,
                 desc=spec.name,
             )
+            log_eval(logger, spec.name, results[spec.name], progress)
     return results
 
 
-def log_evals(logger: RunLogger, results: dict[str, EvalResult], step: int, epoch: int) -> None:
-    for name, r in results.items():
-        scalars = {
-            f"{name}/top1_error": r.top1_error,
-            f"{name}/top5_error": r.top5_error,
-            f"{name}/attack_success_rate": r.attack_success_rate,
-        }
-        logger.log(step, scalars, epoch=epoch, phase=name, images=r.images)
-        if distributed.is_main_process():
-            tqdm.write(
-                f"epoch {epoch} {name}: top1 error {r.top1_error:.4f}, "
-                f"top5 error {r.top5_error:.4f}, attack success {r.attack_success_rate:.4f} "
-                f"({r.images} images)"
-            )
+def log_eval(logger: RunLogger, name: str, r: EvalResult, progress: Progress) -> None:
+    scalars = {f"{name}/top1_error": r.top1_error, f"{name}/top5_error": r.top5_error}
+    line = f"epoch {progress.epoch} {name}: top1 error {r.top1_error:.4f}, "
+    line += f"top5 error {r.top5_error:.4f}"
+    if name != "eval-clean":
+        scalars[f"{name}/attack_success_rate"] = r.attack_success_rate
+        line += f", attack success {r.attack_success_rate:.4f}"
+    logger.log(progress.step, scalars, epoch=progress.epoch, phase=name, images=r.images)
+    if distributed.is_main_process():
+        tqdm.write(f"{line} ({r.images} images)")
 
 
 # --- setting up a run ------------------------------------------------------------------------
@@ -193,6 +198,7 @@ def run_info(env: distributed.DistEnv, device: torch.device) -> dict:
         "launcher": env.launcher,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "cpus": usable_cpus(),
         "torch": torch.__version__,
         "argv": sys.argv,
     }
@@ -213,6 +219,7 @@ def setup(
     total_batch = cfg.batch * world
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
+    precision = builders.attack_precision(cfg.use_fp16xla, device)
     model = builders.build_model(cfg, num_classes, device, start.weights)
     optimizer = builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
@@ -237,10 +244,11 @@ def setup(
         model=model,
         ddp_model=builders.wrap_model(model, cfg, device, world),
         attacker=builders.build_attacker(
-            cfg, attack_iter=cfg.attack_iter, num_classes=num_classes, training=True
+            cfg, attack_iter=cfg.attack_iter, num_classes=num_classes, precision=precision
         ),
         optimizer=optimizer,
         batches=train_batches(cfg.loader, cfg.fake, spec),
+        precision=precision,
         steps=steps,
         total_batch=total_batch,
         device=device,
@@ -266,26 +274,42 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     start = plan_start(logdir, cfg.load, cfg.starting_epoch)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)
-    results: dict[str, EvalResult] = {}
+    if start.progress.epoch >= cfg.epochs:
+        if main_proc:
+            print(
+                f"{logdir}: already complete ({start.progress.epoch} of {cfg.epochs} epochs); "
+                "nothing to train (a new --logdir, or more --epochs, trains again)",
+                file=sys.stderr,
+            )
+        return TrainOutcome(model=run.model, logdir=logdir, results={})
+    # The first batch before the run directory: a data server that is down leaves nothing.
+    run.batches = itertools.chain([next(run.batches)], run.batches)
+    facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
+    facts["attack_precision"] = run.precision.description
     if main_proc:
         Path(logdir).mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(logdir)
-        if start.kind != "fresh":
-            print(start.describe(), file=sys.stderr)
+        print(start_line(facts, start), file=sys.stderr)
+    results: dict[str, EvalResult] = {}
     with run_directory_logger(logdir, enabled=main_proc) as logger:
-        logger.log_config(
-            config_record(cfg, {**run_info(env, device), "logdir": logdir, "steps": run.steps})
-        )
+        logger.log_config(config_record(cfg, facts))
         step = start.progress.step
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
             step = train_epoch(run, epoch, step, logger)
             sync_buffers(run.model)
+            progress = Progress(epoch, step)
             if main_proc:
-                save_checkpoint(
-                    logdir, Progress(epoch, step), run.model, run.optimizer, cfg.keep_checkpoints
-                )
+                save_checkpoint(logdir, progress, run.model, run.optimizer, cfg.keep_checkpoints)
             if val:
-                results = run_evals(run, val, num_classes, epoch)
-                log_evals(logger, results, step, epoch)
+                results = run_evals(run, val, num_classes, progress, logger)
             distributed.barrier()
     return TrainOutcome(model=run.model, logdir=logdir, results=results)
+
+
+def start_line(facts: dict, start: Start) -> str:
+    """The run's first line: where it starts, where it runs, and how the attack computes."""
+    return (
+        f"{facts['logdir']}: {start.describe()}; {facts['world_size']} process(es) "
+        f"({facts['launcher']}) on {facts['device']}, {facts['threads']} thread(s) each "
+        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}"
+    )

@@ -36,7 +36,7 @@ def test_autocast_dtype_follows_the_device():
 
 
 def test_build_attacker_fast_means_autocast_and_compiled():
-    fast = create_attacker("pgd", AttackSettings(3, 16.0, 1.0, fast=True))
+    fast = create_attacker("pgd", AttackSettings(3, 16.0, 1.0, autocast=True, compiled=True))
     assert fast.autocast and fast.compiled
     plain = create_attacker("pgd", AttackSettings(3, 16.0, 1.0))
     assert not plain.autocast and not plain.compiled

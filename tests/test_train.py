@@ -70,13 +70,30 @@ def test_weight_decay_only_on_conv_and_fc_weights():
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
 
 
+def _evals(epoch: int, epochs: int) -> list[str]:
+    return [s.name for s in EVAL_SCHEDULES["original"] if s.runs_after(epoch, epochs)]
+
+
 def test_original_eval_schedule():
-    names = {e: [s.name for s in EVAL_SCHEDULES["original"] if s.when(e, 110)] for e in (1, 20, 30)}
+    names = {e: _evals(e, 110) for e in (1, 20, 30, 104, 106, 108, 109, 110)}
     assert names[1] == ["eval-clean", "eval-10step"]
     assert names[20] == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
     assert names[30] == ["eval-clean", "eval-10step", "eval-100step"]
-    last = [s.name for s in EVAL_SCHEDULES["original"] if s.when(110, 110)]
-    assert last == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
+    assert names[104] == ["eval-clean", "eval-10step"]
+    assert names[106] == names[108] == names[30]  # PGD-100 in the last 5 epochs
+    assert names[109] == names[110] == names[20]  # PGD-50 in the last 2
+    # Independent count over the recipe: PGD-50 after epochs 20, 40, 60, 80, 100, 109, 110.
+    assert sum("eval-50step" in _evals(e, 110) for e in range(1, 111)) == 7
+    assert sum("eval-100step" in _evals(e, 110) for e in range(1, 111)) == 11 + 4
+
+
+def test_eval_schedule_scales_to_short_runs():
+    # A 2-epoch run evaluates PGD-50 and PGD-100 once, after its last epoch.
+    assert _evals(1, 2) == ["eval-clean", "eval-10step"]
+    assert _evals(2, 2) == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
+    # 22 epochs: PGD-50 every 4 epochs (20 * 22 / 110) and in the last 1; PGD-100 every 2.
+    assert [e for e in range(1, 23) if "eval-50step" in _evals(e, 22)] == [4, 8, 12, 16, 20, 22]
+    assert [e for e in range(1, 23) if "eval-100step" in _evals(e, 22)] == list(range(2, 23, 2))
 
 
 # --- a real run --------------------------------------------------------------------------------

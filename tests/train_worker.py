@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from iat import distributed
+from iat.cli import resolve_resources
 from iat.trainer import run_training
 from main import build_parser, config_from_args
 
@@ -20,6 +21,7 @@ from main import build_parser, config_from_args
 def run(out_dir: Path, argv: list[str]) -> None:
     cfg = config_from_args(build_parser().parse_args(argv))
     env = distributed.detect()
+    cfg = resolve_resources(cfg, env)
     if os.environ.get("TEST_LOGDIR_PER_RANK"):  # machines that do not share the run directory
         cfg = dataclasses.replace(cfg, logdir=f"{cfg.logdir}-rank{env.rank}")
     torch.set_num_threads(1)
