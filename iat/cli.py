@@ -28,7 +28,14 @@ Launch on many processes with mpirun, srun or torchrun; see README.md.
 """
 
 # Errors that are the user's input (a path, a flag, a checkpoint, a server): one line, exit 1.
-USER_ERRORS = (DataError, CheckpointError, DataServerTimeout, FloatingPointError, ValueError)
+USER_ERRORS = (
+    DataError,
+    CheckpointError,
+    DataServerTimeout,
+    FloatingPointError,
+    ValueError,
+    distributed.PeerLostError,
+)
 
 
 class UsageError(ValueError):
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_arg(opt, "--train-eval", "in-training evaluations")
     opt.add_argument("--seed", type=int, help=_help("seed", ""))
     opt.add_argument(
+        "--collective-timeout",
+        type=float,
+        help=_help("collective_timeout", "seconds before a dead or hung rank stops the others"),
+    )
+    opt.add_argument(
         "--threads", type=int, help="torch threads per process (default: usable CPUs / processes)"
     )
 
@@ -118,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
-    out.add_argument("--skip-unreadable", action="store_true", default=None, help="skip bad files")
+    out.add_argument(
+        "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
+    )
     out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
     out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
     return p
@@ -160,22 +174,27 @@ def run(cfg: Config) -> None:
     cfg = resolve_resources(cfg, env)
     torch.set_num_threads(cfg.threads)
     device = distributed.select_device(env)
-    distributed.init(env, device)
+    distributed.init(env, device, cfg.collective_timeout)
     try:
-        if cfg.mode == "eval_directory":
-            from iat.predict import run_predict
-
-            run_predict(cfg, device)
-        elif cfg.mode == "eval":
-            from iat.evaluate import run_eval
-
-            run_eval(cfg, device)
-        else:
-            from iat.trainer import run_training
-
-            run_training(cfg, env, device)
+        with distributed.naming_lost_peers():
+            _dispatch(cfg, env, device)
     finally:
         distributed.cleanup()
+
+
+def _dispatch(cfg: Config, env: distributed.DistEnv, device) -> None:
+    if cfg.mode == "eval_directory":
+        from iat.predict import run_predict
+
+        run_predict(cfg, device)
+    elif cfg.mode == "eval":
+        from iat.evaluate import run_eval
+
+        run_eval(cfg, device)
+    else:
+        from iat.trainer import run_training
+
+        run_training(cfg, env, device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory")
 NO_TARGET = "none"  # --attack-target for untargeted attacks
+DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -96,6 +97,7 @@ class Config:
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
     print_top5: bool = False  # --eval-directory: print the top-5 classes of every image
     class_names: str | None = None  # file with one class name per line (LOC_synset_mapping.txt)
+    collective_timeout: float = 300.0  # seconds a rank waits for the others in a collective
     threads: int | None = None  # torch threads per process; None: usable CPUs / local processes
 
     def __post_init__(self) -> None:
@@ -146,6 +148,7 @@ _LOWER_BOUNDS = (
     ("num_classes", 2, True),
     ("steps_per_epoch", 1, True),
     ("threads", 1, True),
+    ("collective_timeout", 0, False),
 )
 
 
@@ -183,6 +186,12 @@ def validate(cfg: Config) -> None:
         )
     _finite(cfg)
     _bounds(cfg)
+    if cfg.data_server is not None:
+        _check(
+            cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),
+            f"--data-server: {cfg.data_server!r} is not a ZeroMQ address "
+            f"({' or '.join(t + '...' for t in DATA_SERVER_TRANSPORTS)})",
+        )
     needs_data = cfg.mode in ("train", "eval") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     if cfg.mode == "eval_directory":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -251,11 +252,33 @@ def select_device(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+PEER_REPORT_WAIT_S = 3.0  # after a failed collective, how long survivors wait for each other
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank died or stopped answering; names the rank."""
+
+
+@dataclass
+class _JobState:
+    """This process's rendezvous store (rank 0 hosts it), kept for failure reports."""
+
+    store: dist.TCPStore | None = None
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    progress: int = 0  # the training step this rank reached
+
+
+_job = _JobState()  # the process group is per process; so is what we know about it
+
+
+def init(
+    env: DistEnv, device: torch.device, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+) -> None:
     """Join the process group: NCCL on CUDA, Gloo on CPU; nothing to do for one process.
 
-    ``timeout_s`` bounds every collective, so a dead rank ends the others with an error
-    instead of a hang.
+    ``timeout_s`` bounds every collective, so a dead or hung rank ends the others with an
+    error instead of a hang; ``PeerLostError`` then names the rank that stopped answering.
     """
     if env.world_size == 1:
         return
@@ -263,14 +286,67 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         device_id = device
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(
+        env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout
+    )
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
-        init_method=_tcp_url(env.master_addr, env.master_port),
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device_id,
     )
+    _job.store, _job.timeout_s, _job.progress = store, timeout_s, 0
+
+
+def mark_progress(step: int) -> None:
+    """Record that this rank reached training step `step` (read when a peer is lost)."""
+    _job.progress = step
+    if _job.store is not None:
+        _job.store.set(f"iat/progress/{get_rank()}", str(step))
+
+
+def lost_peer_error(error: BaseException) -> PeerLostError | None:
+    """After a failed collective: the ranks that did not report the failure too within a few
+    seconds (dead or hung), as one error naming them; None when every rank reported (then the
+    failure is not a lost peer) or when not distributed."""
+    store, rank = _job.store, get_rank()
+    if store is None or not isinstance(error, RuntimeError):
+        return None
+    try:
+        store.set_timeout(timedelta(seconds=PEER_REPORT_WAIT_S))
+        store.set(f"iat/failed/{rank}", "1")
+        lost = _unreported_peers(store, rank, get_world_size())
+        progress = {r: _progress_of(store, r) for r in lost}
+    except RuntimeError:  # the store lives in rank 0's process
+        return PeerLostError(
+            f"rank 0 (which hosts the rendezvous at {_job.timeout_s:g} s timeout) is gone; "
+            f"this is rank {rank}, at step {_job.progress}"
+        )
+    if not lost:
+        return None
+    names = ", ".join(f"rank {r} (last at step {progress[r]})" for r in lost)
+    return PeerLostError(
+        f"{names} stopped answering (dead or hung): a collective of rank {rank} (at step "
+        f"{_job.progress}) failed after at most {_job.timeout_s:g} s (--collective-timeout)"
+    )
+
+
+def _unreported_peers(store: dist.TCPStore, rank: int, world_size: int) -> list[int]:
+    deadline = time.monotonic() + PEER_REPORT_WAIT_S
+    others = [r for r in range(world_size) if r != rank]
+    while True:
+        missing = [r for r in others if not store.check([f"iat/failed/{r}"])]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
+
+
+def _progress_of(store: dist.TCPStore, rank: int) -> str:
+    key = f"iat/progress/{rank}"
+    return store.get(key).decode() if store.check([key]) else "none"
 
 
 def _tcp_url(addr: str, port: int) -> str:
@@ -279,7 +355,9 @@ def _tcp_url(addr: str, port: int) -> str:
 
 
 @contextmanager
-def process_group(env: DistEnv, device: torch.device, timeout_s: float = 1800.0) -> Iterator[None]:
+def process_group(
+    env: DistEnv, device: torch.device, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+) -> Iterator[None]:
     """``init()`` on entry and ``cleanup()`` on exit."""
     init(env, device, timeout_s)
     try:
@@ -304,22 +382,39 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+@contextmanager
+def naming_lost_peers() -> Iterator[None]:
+    """Turns a collective's failure caused by a lost rank into a ``PeerLostError`` naming it."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except RuntimeError as error:
+        lost = lost_peer_error(error)
+        if lost is None:
+            raise
+        raise lost from error
+
+
 def barrier() -> None:
     if is_initialized():
-        dist.barrier()
+        with naming_lost_peers():
+            dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all ranks in place and return it (unchanged when not distributed)."""
     if is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with naming_lost_peers():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite ``t`` in place with rank ``src``'s copy and return it."""
     if is_initialized():
-        dist.broadcast(t, src=src)
+        with naming_lost_peers():
+            dist.broadcast(t, src=src)
     return t
 
 
@@ -352,3 +447,4 @@ def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if is_initialized():
         dist.destroy_process_group()
+    _job.store = None

@@ -9,6 +9,7 @@ averages; here counts are summed across ranks).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -39,9 +40,13 @@ def evaluate(
     workers: int,
     device: torch.device,
     seed: int,
+    skip_unreadable: bool = False,
     desc: str = "eval",
 ) -> EvalResult:
-    """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`."""
+    """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
+
+    An unreadable image is an error naming it, or, with `skip_unreadable`, left out of the
+    counts and counted in ``EvalResult.skipped``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = eval_loader(
         samples,
@@ -57,9 +62,17 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
+    skipped = torch.zeros((), dtype=torch.float64, device=device)
     for j, (images, labels, indices, ok) in enumerate(progress):
         if not ok.all():
-            raise CorruptImageError(f"cannot decode image {unreadable(samples, indices, ok)[0]}")
+            bad = unreadable(samples, indices, ok)
+            if not skip_unreadable:
+                raise CorruptImageError(
+                    f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
+                )
+            tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
+            skipped += len(bad)
+            images, labels = images[ok], labels[ok]
         generator.manual_seed(batch_seed(seed, rank + j * world))
         images, labels = to_model_input(images, device), labels.to(device)
         adv, targets = attacker.attack(model, images, labels, generator=generator)
@@ -68,7 +81,8 @@ def evaluate(
         totals += count_batch(logits, labels, targets)
     model.train(was_training)
     distributed.all_reduce_sum(totals)
-    return EvalResult.from_counts(totals)
+    distributed.all_reduce_sum(skipped)
+    return EvalResult.from_counts(totals, skipped=int(skipped.item()))
 
 
 def evaluate_attack(
@@ -92,6 +106,7 @@ def evaluate_attack(
         workers=cfg.workers,
         device=device,
         seed=cfg.seed,
+        skip_unreadable=cfg.skip_unreadable,
         desc=desc,
     )
 
@@ -130,8 +145,9 @@ def threat_model(cfg: Config) -> str:
 
 
 def summary_line(cfg: Config, r: EvalResult) -> str:
+    skipped = f" ({r.skipped} unreadable skipped)" if r.skipped else ""
     line = (
-        f"{threat_model(cfg)}: {r.images} images, top-1 error {r.top1_error:.4f}, "
+        f"{threat_model(cfg)}: {r.images} images{skipped}, top-1 error {r.top1_error:.4f}, "
         f"top-5 error {r.top5_error:.4f}"
     )
     return (

@@ -36,11 +36,12 @@ class EvalResult:
     top1_error: float  # fraction of (attacked) images whose top-1 prediction is wrong
     top5_error: float  # fraction whose label is not among the top 5
     attack_success_rate: float  # fraction where the attack reached its goal (see attack_success)
+    skipped: int = 0  # unreadable images left out (--skip-unreadable)
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor) -> EvalResult:
+    def from_counts(cls, counts: torch.Tensor, skipped: int = 0) -> EvalResult:
         n, top1, top5, success = counts.tolist()
-        return cls(int(n), top1 / max(n, 1), top5 / max(n, 1), success / max(n, 1))
+        return cls(int(n), top1 / max(n, 1), top5 / max(n, 1), success / max(n, 1), skipped)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -53,12 +53,18 @@ def predict_files(
     return torch.cat(classes), torch.cat(probs), bad
 
 
-def load_class_names(path: str | Path) -> list[str]:
-    """One class per line, e.g. ImageNet's LOC_synset_mapping.txt ("n01440764 tench, ...")."""
+def load_class_names(path: str | Path, num_classes: int) -> list[str]:
+    """One class per line, e.g. ImageNet's LOC_synset_mapping.txt ("n01440764 tench, ..."):
+    exactly one line per class of the model."""
     try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise DataError(f"--class-names: cannot read {path}: {e.strerror}") from e
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--class-names: cannot read {path}: {e}") from e
+    if len(names) != num_classes:
+        raise DataError(
+            f"--class-names: {path} names {len(names)} classes but the model has {num_classes}"
+        )
+    return names
 
 
 def format_top5(name: str, classes: list[int], probs: list[float], names: list[str] | None):
@@ -72,8 +78,8 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 
 def run_predict(cfg: Config, device: torch.device) -> Path:
     files = list_directory(cfg.eval_directory)
-    names = load_class_names(cfg.class_names) if cfg.class_names else None
-    model, _ = load_for_inference(cfg, device)
+    model, num_classes = load_for_inference(cfg, device)
+    names = load_class_names(cfg.class_names, num_classes) if cfg.class_names else None
     top_classes, top_probs, bad = predict_files(
         model, files, batch=cfg.batch, image_size=cfg.image_size, workers=cfg.workers, device=device
     )

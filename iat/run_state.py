@@ -9,6 +9,7 @@ returns its weights, which the model builder loads, and its optimizer state and 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,16 @@ from nets import CheckpointError
 
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
+
+
+def check_run_directory(logdir: str | Path) -> None:
+    """Fail early, before anything is built, when `logdir` cannot hold a run."""
+    path = Path(logdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--logdir: {path} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--logdir: cannot create {path}: {existing} is not a writable folder")
 
 
 def checkpoint_path(logdir: str | Path, epoch: int) -> Path:

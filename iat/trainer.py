@@ -22,14 +22,21 @@ from tqdm import tqdm
 from adv_model import Attacker, training_objective
 from iat import builders, distributed
 from iat.config import Config, config_record, default_logdir
-from iat.data.layouts import Sample, check_labels, create_reader
+from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.metrics import EvalResult, Meter
 from iat.run_logging import RunLogger, run_directory_logger
-from iat.run_state import Progress, Start, plan_start, remove_partial_checkpoints, save_checkpoint
+from iat.run_state import (
+    Progress,
+    Start,
+    check_run_directory,
+    plan_start,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
 
@@ -96,6 +103,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     )
     for i in bar:
         images, labels = next(run.batches)
+        distributed.mark_progress(step + 1)
         lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -261,6 +269,8 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data)
     classes = reader.classes() if reader else None
     train = reader.samples("train") if reader and reader.has_split("train") else None
+    if reader and train is None and cfg.loader == "local":
+        raise DataError(f"--data: {cfg.data} has no train/ split to train on (--loader local)")
     val = reader.samples("val") if reader and reader.has_split("val") else None
     if val is None and reader and cfg.train_eval != "none" and main_proc:
         print(
@@ -271,6 +281,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
         if samples:
             check_labels(samples, num_classes, split)
     logdir = resolve_logdir(cfg)
+    check_run_directory(logdir)
     start = plan_start(logdir, cfg.load, cfg.starting_epoch)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)

@@ -239,4 +239,5 @@ def test_collective_with_a_missing_rank_fails_instead_of_hanging(tmp_path: Path,
             proc.wait(timeout=30)
     assert (tmp_path / "rank0.entered").exists(), output.decode()
     assert ranks[0].returncode != 0, output.decode()
+    assert "PeerLostError: rank 1 (last at step " in output.decode(), output.decode()
     _check_pair(_read_results(tmp_path), "torchrun")

@@ -135,6 +135,13 @@ class ImageNetReader:
 
     def classes(self) -> list[str]:
         """The class names: those of ``train/`` when it exists, else those of ``val/``."""
+        if not self.root.is_dir():
+            raise DataError(f"data folder {self.root} does not exist or is not a folder")
+        if not (self.has_split("train") or self.has_split("val")):
+            raise DataError(
+                f"data folder {self.root} has neither train/ nor val/ "
+                "(expected train/<wnid>/*.JPEG and val/<wnid>/* or val/ + val.txt)"
+            )
         return self.split("train" if self.has_split("train") else "val")[1]
 
 
