@@ -331,7 +331,7 @@ def _read_member_data(path: Path, archive: zipfile.ZipFile, member: NpyMember) -
         declared = _parse_npy_header(file)
         if declared != (member.shape, member.fortran_order, member.dtype):
             raise CheckpointError(f"{path}: member {member.member} changed while being read")
-        data = file.read(member.nbytes)
+        data = bytearray(file.read(member.nbytes))  # writable: torch uses it without a copy
     if len(data) != member.nbytes:
         raise CheckpointError(f"{path}: member {member.member} is truncated")
     order = "F" if member.fortran_order else "C"

@@ -308,7 +308,8 @@ def train_steps_logged(logdir: Path) -> list[int]:
 
 
 def wait_for_partial_epoch(proc: subprocess.Popen, logdir: Path, steps: int) -> None:
-    """Until the run has logged a step in the middle of its third epoch (or later)."""
+    """Until the run has logged the first or second step of its third epoch (or a later one):
+    the kill then comes several steps before the epoch's checkpoint."""
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, proc.stderr.read()
@@ -316,7 +317,7 @@ def wait_for_partial_epoch(proc: subprocess.Popen, logdir: Path, steps: int) -> 
         metrics = logdir / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         logged = [json.loads(line)["step"] for line in lines[-1:] if line.endswith("}")]
-        if logged and logged[-1] > 2 * steps and 0 < logged[-1] % steps < steps - 1:
+        if logged and logged[-1] > 2 * steps and 0 < logged[-1] % steps < 3:
             return
         time.sleep(0.01)
 
