@@ -23,6 +23,7 @@ import iat.trainer
 import nets
 from iat.builders import build_optimizer
 from iat.config import Config
+from iat.run_logging import forget_records_after
 from iat.run_state import plan_start
 from main import main
 
@@ -320,6 +321,19 @@ def wait_for_partial_epoch(proc: subprocess.Popen, logdir: Path, steps: int) -> 
         if logged and logged[-1] > 2 * steps and 0 < logged[-1] % steps < 3:
             return
         time.sleep(0.01)
+
+
+def test_records_after_the_restored_step_and_a_torn_line_are_forgotten(tmp_path):
+    records = [
+        {"step": 3, "phase": "train"},
+        {"step": 3, "phase": "eval-clean"},
+        {"result": "eval", "top1_error": 0.5},
+        {"step": 4, "phase": "train"},
+    ]
+    lines = [json.dumps(r) + "\n" for r in records]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "pha')  # killed here
+    forget_records_after(tmp_path, 3)
+    assert read_jsonl(tmp_path / "metrics.jsonl") == records[:3]
 
 
 def test_sigkill_then_relaunch_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
