@@ -6,6 +6,8 @@ are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
-from iat.config import NO_TARGET, Config
+from iat.config import MODEL_FIELDS, NO_TARGET, Config
 
 IMAGENET_CLASSES = 1000
 
@@ -41,11 +43,92 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
     return len(classes) if classes else IMAGENET_CLASSES
 
 
-def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """The --load'ed model (read once) and its class count (--num-classes or the checkpoint's)."""
+def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
+    """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
+    values; ``depth`` is None when ``num_blocks`` gives the size."""
+    blocks = cfg.num_blocks
+    return {
+        "arch": cfg.arch,
+        "depth": None if blocks is not None else cfg.depth,
+        "num_blocks": None if blocks is None else list(blocks),
+        "width": cfg.width,
+        "num_classes": num_classes,
+    }
+
+
+def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Config]:
+    """The --load'ed model (read once) and the configuration it was built from: the
+    architecture a training checkpoint records fills in the model fields the user did not set,
+    and ``num_classes`` is --num-classes or the checkpoint's."""
     weights = nets.read_weights(cfg.load)
-    num_classes = cfg.num_classes or weights.num_classes
-    return build_model(cfg, num_classes, device, weights), num_classes
+    cfg = with_recorded_architecture(cfg, weights)
+    cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or weights.num_classes)
+    return build_model(cfg, cfg.num_classes, device, weights), cfg
+
+
+def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
+    """``cfg`` with the architecture `weights` records where ``cfg.explicit_model_fields`` do
+    not set it; a set field that disagrees with the record is one error naming both."""
+    record = weights.architecture
+    if record is None:
+        return cfg
+    recorded = _recorded_fields(weights.source, record)
+    explicit = set(cfg.explicit_model_fields)
+    size_given = bool(explicit & {"depth", "num_blocks"})
+    disagree = []
+    if "arch" in explicit and cfg.arch != recorded["arch"]:
+        disagree.append(f"--arch {cfg.arch}")
+    if size_given and _blocks(cfg.depth, cfg.num_blocks) != _blocks(
+        recorded["depth"], recorded["num_blocks"]
+    ):
+        size = cfg.num_blocks
+        disagree.append(f"-d {cfg.depth}" if size is None else f"--num-blocks {_words(size)}")
+    if "width" in explicit and cfg.width != recorded["width"]:
+        disagree.append(f"--width {cfg.width}")
+    if disagree:
+        raise ValueError(
+            f"{', '.join(disagree)}: {weights.source} was trained as "
+            f"{nets.describe_architecture(record)}; leave the flags out to use its architecture"
+        )
+    unset = [name for name in MODEL_FIELDS if name not in explicit]
+    if size_given:
+        unset = [name for name in unset if name not in ("depth", "num_blocks")]
+    return dataclasses.replace(cfg, **{name: recorded[name] for name in unset})
+
+
+def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, object]:
+    """MODEL_FIELDS of an architecture record, as Config values; CheckpointError if invalid."""
+    blocks, depth = record.get("num_blocks"), record.get("depth")
+    valid_size = (
+        isinstance(blocks, list) and len(blocks) == 4 and all(_positive(n) for n in blocks)
+    ) or (blocks is None and depth in nets.NUM_BLOCKS)
+    if not (
+        record.get("arch") in nets.available_architectures()
+        and _positive(record.get("width"))
+        and valid_size
+    ):
+        raise nets.CheckpointError(
+            f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record"
+        )
+    return {
+        "arch": record["arch"],
+        "depth": depth,
+        "num_blocks": None if blocks is None else tuple(blocks),
+        "width": record["width"],
+    }
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _blocks(depth: int | None, num_blocks: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Blocks per group, as ``nets.build_model`` resolves them (num_blocks over depth)."""
+    return tuple(num_blocks) if num_blocks is not None else nets.NUM_BLOCKS[depth]
+
+
+def _words(values: tuple[int, ...]) -> str:
+    return " ".join(map(str, values))
 
 
 # --- attacker --------------------------------------------------------------------------------
@@ -96,13 +179,19 @@ def attack_name(attack_iter: int) -> str:
 
 
 def build_attacker(
-    cfg: Config, *, attack_iter: int, num_classes: int, precision: AttackPrecision | None = None
+    cfg: Config,
+    *,
+    attack_iter: int,
+    num_classes: int,
+    precision: AttackPrecision | None = None,
+    generator: torch.Generator | None = None,
 ) -> Attacker:
     """The training attacker (with its `precision`) or, without one, the evaluation attacker,
-    from ``adv_model.ATTACKS``."""
+    from ``adv_model.ATTACKS``; `generator` is its default random source (None: torch's)."""
     settings = attack_settings(
         cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
     )
+    settings = dataclasses.replace(settings, generator=generator)
     return create_attacker(attack_name(attack_iter), settings)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from iat import distributed
-from iat.config import Config, choices, depths, read_config_file
+from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
 from nets import CheckpointError
@@ -150,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if name in given:
             given[name] = tuple(given[name])
     values.update(given)
+    values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in values)
     values["mode"] = "eval" if args.eval else "eval_directory" if args.eval_directory else "train"
     return Config(**values)
 

@@ -22,6 +22,7 @@ from iat.data.sources import TRAIN_SOURCES
 from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory")
+MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training checkpoint records
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 
@@ -99,6 +100,9 @@ class Config:
     class_names: str | None = None  # file with one class name per line (LOC_synset_mapping.txt)
     collective_timeout: float = 300.0  # seconds a rank waits for the others in a collective
     threads: int | None = None  # torch threads per process; None: usable CPUs / local processes
+    # MODEL_FIELDS the user set (flags or --config); for the others --eval and --eval-directory
+    # use the architecture a .pt training checkpoint records. The command line sets it.
+    explicit_model_fields: tuple[str, ...] = MODEL_FIELDS
 
     def __post_init__(self) -> None:
         validate(self)
@@ -184,6 +188,10 @@ def validate(cfg: Config) -> None:
             len(cfg.num_blocks) == 4 and all(n >= 1 for n in cfg.num_blocks),
             f"--num-blocks: expected 4 positive counts, got {list(cfg.num_blocks)}",
         )
+    _check(
+        set(cfg.explicit_model_fields) <= set(MODEL_FIELDS),
+        f"explicit_model_fields: {list(cfg.explicit_model_fields)} not all in {MODEL_FIELDS}",
+    )
     _finite(cfg)
     _bounds(cfg)
     if cfg.data_server is not None:
@@ -218,7 +226,7 @@ def config_record(cfg: Config, run: dict) -> dict:
     return {"config": dataclasses.asdict(cfg), "run": run}
 
 
-_TUPLE_FIELDS = ("num_blocks", "lr_decay_epochs")
+_TUPLE_FIELDS = ("num_blocks", "lr_decay_epochs", "explicit_model_fields")
 
 
 def read_config_file(path: str | Path) -> dict:

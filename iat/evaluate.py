@@ -114,7 +114,8 @@ def evaluate_attack(
 def run_eval(cfg: Config, device: torch.device) -> EvalResult:
     """--eval: the --load'ed model on the validation split under the configured attack."""
     samples = create_reader(cfg.data).samples("val")
-    model, num_classes = load_for_inference(cfg, device)
+    model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
+    num_classes = cfg.num_classes
     check_labels(samples, num_classes, "val")
     desc = f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean"
     result = evaluate_attack(

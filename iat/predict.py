@@ -78,8 +78,8 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 
 def run_predict(cfg: Config, device: torch.device) -> Path:
     files = list_directory(cfg.eval_directory)
-    model, num_classes = load_for_inference(cfg, device)
-    names = load_class_names(cfg.class_names, num_classes) if cfg.class_names else None
+    model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
+    names = load_class_names(cfg.class_names, cfg.num_classes) if cfg.class_names else None
     top_classes, top_probs, bad = predict_files(
         model, files, batch=cfg.batch, image_size=cfg.image_size, workers=cfg.workers, device=device
     )

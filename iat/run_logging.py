@@ -37,10 +37,13 @@ class Backend:
 
 
 class TensorBoardBackend(Backend):
-    def __init__(self, logdir: str | Path) -> None:
+    """Event files; ``purge_step`` hides the events a killed run wrote at or after that step
+    (TensorBoard's own mechanism), so that a resumed run's steps are not shown twice."""
+
+    def __init__(self, logdir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(logdir))
+        self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
     def scalars(self, step: int, scalars: dict[str, float], context: dict) -> None:
         for name, value in scalars.items():
@@ -67,6 +70,29 @@ class JsonLinesBackend(Backend):
 
     def close(self) -> None:
         self._file.close()
+
+
+def forget_records_after(logdir: str | Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` (atomically) without the records of steps after `step`: those a
+    killed run logged after its last checkpoint, which the resumed run logs again. A line torn
+    by the kill is dropped too; records without a step (results) are kept."""
+    path = Path(logdir) / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_at_most(line, step)]
+    if kept != lines:
+        atomic_write_text(path, "".join(kept))
+
+
+def _step_at_most(line: str, step: int) -> bool:
+    if not line.endswith("\n"):
+        return False  # the last line, cut short by a kill
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return not isinstance(record, dict) or record.get("step", step) <= step
 
 
 class ConfigFileBackend(Backend):
@@ -119,11 +145,18 @@ class RunLogger:
         self.close()
 
 
-def run_directory_logger(logdir: str | Path, enabled: bool = True) -> RunLogger:
-    """TensorBoard, ``metrics.jsonl`` and ``config.json`` in `logdir` (nothing if not enabled)."""
+def run_directory_logger(
+    logdir: str | Path, enabled: bool = True, purge_step: int | None = None
+) -> RunLogger:
+    """TensorBoard, ``metrics.jsonl`` and ``config.json`` in `logdir` (nothing if not enabled);
+    TensorBoard events at or after `purge_step` (a killed run's) are purged."""
     if not enabled:
         return RunLogger()
     Path(logdir).mkdir(parents=True, exist_ok=True)
     return RunLogger(
-        [TensorBoardBackend(logdir), JsonLinesBackend(logdir), ConfigFileBackend(logdir)]
+        [
+            TensorBoardBackend(logdir, purge_step),
+            JsonLinesBackend(logdir),
+            ConfigFileBackend(logdir),
+        ]
     )

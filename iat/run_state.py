@@ -4,13 +4,18 @@ Files are ``checkpoint-epoch{E:04d}.pt`` in the run directory: plain tensors and
 with torch.save through the project's one atomic writer and read back with
 ``weights_only=True`` (nothing is unpickled). The model weights inside can also be read by
 ``nets.load_weights`` (key ``"model"``). Every checkpoint file is read once: ``plan_start``
-returns its weights, which the model builder loads, and its optimizer state and progress.
+returns its weights, which the model builder loads, and its optimizer state, progress and random
+state, each checked (a wrong type is one CheckpointError naming the file and the field). Beside
+them a checkpoint records the architecture it was trained as (``nets.ARCHITECTURE_KEY``), and the
+state of the training attack's random generator (``"rng"``), so that a resumed run draws what the
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from nets import CheckpointError
 
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
+RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator's uint8 state}
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -74,14 +80,22 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     keep: int,
+    *,
+    architecture: Mapping[str, object],
+    attack_generator: torch.Generator,
 ) -> Path:
-    """Write the state after `progress.epoch` completed epochs, then prune all but `keep`."""
+    """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
+
+    `architecture` holds plain values (``builders.architecture_record``); the attack
+    generator's state is what the next epoch's attacks start from."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": progress.epoch,
         "step": progress.step,
+        nets.ARCHITECTURE_KEY: dict(architecture),
+        RNG_FIELD: {"device": attack_generator.device.type, "attack": attack_generator.get_state()},
     }
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(logdir)[:-keep]:
@@ -98,6 +112,7 @@ class Start:
     weights: nets.Weights | None  # to load into the model (read once)
     optimizer: dict | None  # optimizer state to restore
     progress: Progress  # completed epochs and steps before this run's first step
+    rng: dict | None = None  # the attack generator's state to restore (RNG_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -109,11 +124,70 @@ class Start:
         }[self.kind]
 
 
-def _training_state(weights: nets.Weights) -> tuple[dict, Progress] | None:
+@dataclass(frozen=True)
+class _TrainingState:
+    optimizer: dict
+    progress: Progress
+    rng: dict | None
+
+
+def _training_state(weights: nets.Weights) -> _TrainingState | None:
+    """The checked training fields of a checkpoint; None for plain weights."""
     contents = weights.contents
     if contents is None or not set(TRAINING_FIELDS) <= contents.keys():
         return None
-    return contents["optimizer"], Progress(int(contents["epoch"]), int(contents["step"]))
+    source = weights.source
+    progress = Progress(
+        _count(source, "epoch", contents["epoch"]), _count(source, "step", contents["step"])
+    )
+    optimizer = _optimizer_state(source, contents["optimizer"])
+    return _TrainingState(optimizer, progress, _rng_state(source, contents.get(RNG_FIELD)))
+
+
+def _field_error(source: str, field: str, expected: str, value: object) -> CheckpointError:
+    return CheckpointError(f"{source}: field {field!r} must be {expected}, not {_kind(value)}")
+
+
+def _kind(value: object) -> str:
+    return repr(value) if isinstance(value, int) else type(value).__name__
+
+
+def _count(source: str, field: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _field_error(source, field, "a non-negative integer", value)
+    return value
+
+
+def _optimizer_state(source: str, value: object) -> dict:
+    """``torch.optim.Optimizer.state_dict()``'s structure: {"state": {...}, "param_groups":
+    [{"params": [int, ...], ...}, ...]} (whether it fits the model is checked when loaded)."""
+    groups = value.get("param_groups") if isinstance(value, Mapping) else None
+    valid = (
+        isinstance(value, Mapping)
+        and isinstance(value.get("state"), Mapping)
+        and isinstance(groups, list)
+        and all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups)
+    )
+    if not valid:
+        raise _field_error(source, "optimizer", "an optimizer state_dict", value)
+    return dict(value)
+
+
+def _rng_state(source: str, value: object) -> dict | None:
+    """RNG_FIELD, checked; None when absent (checkpoints written before it existed)."""
+    if value is None:
+        return None
+    state = value.get("attack") if isinstance(value, Mapping) else None
+    valid = (
+        isinstance(value, Mapping)
+        and isinstance(value.get("device"), str)
+        and isinstance(state, torch.Tensor)
+        and state.dtype == torch.uint8
+        and state.dim() == 1
+    )
+    if not valid:
+        raise _field_error(source, RNG_FIELD, '{"device": str, "attack": uint8 tensor}', value)
+    return dict(value)
 
 
 def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Start:
@@ -132,5 +206,5 @@ def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Sta
         if latest is not None:
             raise CheckpointError(f"{source}: a run checkpoint without {TRAINING_FIELDS}")
         return Start("weights", weights, None, fresh)
-    optimizer, progress = state
-    return Start("resume" if latest is not None else "continue", weights, optimizer, progress)
+    kind = "resume" if latest is not None else "continue"
+    return Start(kind, weights, state.optimizer, state.progress, state.rng)

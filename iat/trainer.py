@@ -9,7 +9,6 @@ those only, with label smoothing 0.1 (``adv_model.training_objective``). The sch
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +27,7 @@ from iat.distributed import usable_cpus
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.metrics import EvalResult, Meter
-from iat.run_logging import RunLogger, run_directory_logger
+from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
     Start,
@@ -37,6 +36,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
 
@@ -49,6 +49,7 @@ class Training:
     model: torch.nn.Module  # the bare network: attacked, evaluated and saved
     ddp_model: torch.nn.Module  # what the loss is computed through (DDP wrapper or the model)
     attacker: Attacker
+    generator: torch.Generator  # the training attack's randomness, saved in every checkpoint
     optimizer: torch.optim.Optimizer
     batches: Iterator
     precision: builders.AttackPrecision  # how the training attack computes
@@ -90,10 +91,14 @@ def _log_step(
 
 
 def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
-    """Run the steps of epoch `epoch` (1-based) from global `step`; returns the step after."""
+    """Run the steps of epoch `epoch` (1-based) from global `step`; returns the step after.
+
+    Raises FloatingPointError if any step's loss was not finite (checked once, at the end: the
+    flag is accumulated on the device, without a host sync per step)."""
     cfg = run.cfg
     run.ddp_model.train()
     meter = Meter(run.device)
+    non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
     start = time.perf_counter()
     bar = tqdm(
         range(run.steps),
@@ -118,12 +123,13 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
             labels,
             cfg.label_smoothing,
         )
+        non_finite |= ~torch.isfinite(loss.detach())
         meter.add(loss, logits, labels, targets)
         step += 1
         if step % cfg.log_every == 0 or i == run.steps - 1:
             _log_step(run, logger, meter, step, epoch, lr, bar)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"training diverged: loss is {loss.item()} in epoch {epoch}")
+    if distributed.all_reduce_sum(non_finite.to(torch.int64)).item():
+        raise FloatingPointError(f"training diverged: a non-finite loss in epoch {epoch}")
     per_process = run.steps * cfg.batch / (time.perf_counter() - start)
     if distributed.is_main_process():
         tqdm.write(
@@ -131,6 +137,18 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
             f"{per_process * run.total_batch / cfg.batch:.1f} images/s in total"
         )
     return step
+
+
+def require_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    """Raise FloatingPointError naming the first non-finite weight or statistic: such a model
+    is never saved (a relaunch would resume from it). One host sync."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist()
+    bad = [name for name, ok in zip(state, finite, strict=True) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"training diverged: {len(bad)} non-finite tensors ({bad[0]}, ...) in epoch {epoch}"
+        )
 
 
 # --- in-training evaluation ------------------------------------------------------------------
@@ -219,6 +237,38 @@ class TrainOutcome:
     results: dict[str, EvalResult]  # the last in-training evaluations
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, start: Start) -> None:
+    """Load the checkpoint's optimizer state; one CheckpointError if it does not fit."""
+    try:
+        optimizer.load_state_dict(start.optimizer)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{start.weights.source}: field 'optimizer' does not fit this model's optimizer "
+            f"({error})"
+        ) from error
+
+
+def restore_generator(generator: torch.Generator, start: Start) -> None:
+    """Continue the training attack's random stream where the checkpoint left it.
+
+    Every process is seeded alike and draws alike, so rank 0's saved state is every rank's. A
+    state from another device type cannot be continued: the run goes on, not bit-exact."""
+    saved = start.rng
+    if saved["device"] != generator.device.type:
+        print(
+            f"warning: {start.weights.source} holds a {saved['device']} random state; the "
+            f"{generator.device.type} attack restarts its random stream from --seed",
+            file=sys.stderr,
+        )
+        return
+    try:
+        generator.set_state(saved["attack"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{start.weights.source}: field 'rng' is not a {saved['device']} random state"
+        ) from error
+
+
 def setup(
     cfg: Config, start: Start, train: Sequence[Sample] | None, num_classes: int, device
 ) -> Training:
@@ -231,7 +281,10 @@ def setup(
     model = builders.build_model(cfg, num_classes, device, start.weights)
     optimizer = builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
-        optimizer.load_state_dict(start.optimizer)
+        restore_optimizer(optimizer, start)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if start.rng is not None:
+        restore_generator(generator, start)
     spec = TrainSourceSpec(
         samples=train,
         batch=cfg.batch,
@@ -252,8 +305,13 @@ def setup(
         model=model,
         ddp_model=builders.wrap_model(model, cfg, device, world),
         attacker=builders.build_attacker(
-            cfg, attack_iter=cfg.attack_iter, num_classes=num_classes, precision=precision
+            cfg,
+            attack_iter=cfg.attack_iter,
+            num_classes=num_classes,
+            precision=precision,
+            generator=generator,
         ),
+        generator=generator,
         optimizer=optimizer,
         batches=train_batches(cfg.loader, cfg.fake, spec),
         precision=precision,
@@ -300,17 +358,28 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     if main_proc:
         Path(logdir).mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(logdir)
+        forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)
     results: dict[str, EvalResult] = {}
-    with run_directory_logger(logdir, enabled=main_proc) as logger:
+    purge = start.progress.step + 1
+    with run_directory_logger(logdir, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
             step = train_epoch(run, epoch, step, logger)
             sync_buffers(run.model)
+            require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
             if main_proc:
-                save_checkpoint(logdir, progress, run.model, run.optimizer, cfg.keep_checkpoints)
+                save_checkpoint(
+                    logdir,
+                    progress,
+                    run.model,
+                    run.optimizer,
+                    cfg.keep_checkpoints,
+                    architecture=builders.architecture_record(cfg, num_classes),
+                    attack_generator=run.generator,
+                )
             if val:
                 results = run_evals(run, val, num_classes, progress, logger)
             distributed.barrier()

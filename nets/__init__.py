@@ -1,9 +1,11 @@
 """Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints."""
 
 from nets.checkpoint import (
+    ARCHITECTURE_KEY,
     CheckpointError,
     Weights,
     checkpoint_num_classes,
+    describe_architecture,
     load_npz_dict,
     load_weights,
     model_to_npz_dict,
@@ -25,6 +27,7 @@ from nets.resnet import (
 )
 
 __all__ = [
+    "ARCHITECTURE_KEY",
     "ARCHITECTURES",
     "NUM_BLOCKS",
     "Bottleneck",
@@ -32,6 +35,7 @@ __all__ = [
     "checkpoint_num_classes",
     "DenoisedBottleneck",
     "DenoisingBlock",
+    "describe_architecture",
     "ResNet",
     "available_architectures",
     "build_model",

@@ -3,19 +3,27 @@
 Original names are the torch module paths with ``/`` separators plus a leaf per tensor:
 convolution ``W`` (HWIO layout, torch OIHW), BatchNorm ``bn/gamma``, ``bn/beta``, ``bn/mean/EMA``,
 ``bn/variance/EMA``, fully connected ``W`` ([in, out], torch [out, in]) and ``b``. Nothing is
-ever unpickled: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``.
+ever unpickled: ``.npz`` members are parsed as ``.npy`` arrays without pickles, ``.pt`` files with
+``torch.load(weights_only=True)``. A hostile ``.npz`` allocates nothing: ``read_weights`` reads only
+the zip directory and each member's ``.npy`` header (names, shapes, dtypes, sizes checked against
+the zip entry), and array data is read by ``load_weights`` only after the names and shapes match
+the model, so a zip bomb under an extra name or a header declaring 10^12 elements is refused
+without being decompressed or allocated.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import re
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +36,27 @@ NPZ_SUFFIX = ".npz"
 # tensorpack's dump-model-params stores tensor names ("conv0/W:0"); the manifests use variable
 # names ("conv0/W"). Both are accepted on load.
 TENSOR_NAME_SUFFIX = ":0"
-LISTED_NAMES = 10
-_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+LISTED_NAMES = 3  # names listed per kind of mismatch: the error stays a few hundred characters
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,  # a compression method zipfile lacks
+    RuntimeError,  # an encrypted member
+)
+_NPY_SUFFIX = ".npy"
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+# The key under which a training checkpoint records its architecture (plain values), written by
+# iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes"}.
+ARCHITECTURE_KEY = "architecture"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
 _IGNORED_BUFFER = "num_batches_tracked"
 _BN_LEAVES = {
     "weight": "gamma",
@@ -69,12 +96,30 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 @dataclass(frozen=True)
+class NpyMember:
+    """One ``.npz`` member as its ``.npy`` header declares it (its data not yet read)."""
+
+    member: str  # name inside the zip archive, e.g. "conv0/W:0.npy"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data the header declares (Python integers: no overflow)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
 class Weights:
-    """A checkpoint file read once: its tensors, and (``.pt``) everything stored beside them."""
+    """A checkpoint file read once: its tensors, and (``.pt``) everything stored beside them.
+
+    For ``.npz`` files ``tensors`` holds each member's declared ``NpyMember`` (shape, dtype);
+    ``load_weights`` reads the data after checking them against the model."""
 
     source: str  # the file, for error messages
     kind: str  # "npz" (original names, original layouts) or "pt" (a torch state_dict)
-    tensors: Mapping[str, object]
+    tensors: Mapping[str, object]  # npz: {name: NpyMember}; pt: {state_dict key: tensor}
     contents: Mapping[str, object] | None  # a .pt file's top-level mapping (training state)
 
     @property
@@ -87,16 +132,23 @@ class Weights:
             )
         return int(bias.shape[0])
 
+    @property
+    def architecture(self) -> Mapping[str, object] | None:
+        """What a training checkpoint says it was trained as (``ARCHITECTURE_KEY``), if it does."""
+        record = (self.contents or {}).get(ARCHITECTURE_KEY)
+        return record if isinstance(record, Mapping) else None
+
 
 def read_weights(path: str | os.PathLike[str]) -> Weights:
     """Reads an original ``.npz`` or an own ``.pt`` checkpoint (without unpickling anything).
 
     A ``.pt`` file holds a state_dict or a training checkpoint whose ``"model"`` entry is one.
-    Raises CheckpointError naming the file when it cannot be read."""
+    Of an ``.npz`` file only the directory and the ``.npy`` headers are read (nothing is
+    allocated for the arrays). Raises CheckpointError naming the file when it cannot be read."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == NPZ_SUFFIX:
-        return Weights(str(path), "npz", _variable_names(path, _read_npz(path)), None)
+        return Weights(str(path), "npz", _variable_names(path, _read_npz_headers(path)), None)
     if suffix in PT_SUFFIXES:
         contents = _read_pt(path)
         return Weights(str(path), "pt", _state_dict_of(path, contents), contents)
@@ -112,11 +164,27 @@ def load_weights(model: nn.Module, weights: str | os.PathLike[str] | Weights) ->
     """
     if not isinstance(weights, Weights):
         weights = read_weights(weights)
+    trained_as = describe_architecture(weights.architecture)
     if weights.kind == "npz":
-        state = _npz_state(model, weights.source, weights.tensors)
+        _check_npz(model, weights.source, weights.tensors)  # from the headers, before any data
+        arrays = _read_npz_arrays(Path(weights.source), weights.tensors)
+        state = _npz_state(model, weights.source, arrays)
     else:
-        state = _pt_state(model, weights.source, weights.tensors)
+        state = _pt_state(model, weights.source, weights.tensors, trained_as)
     model.load_state_dict(state, strict=True)
+
+
+def describe_architecture(record: Mapping[str, object] | None) -> str:
+    """``record`` (``Weights.architecture``) in words, e.g. "ResNet (blocks 1 1 1 1, width 8,
+    3 classes)"; empty when unknown."""
+    if record is None:
+        return ""
+    blocks = record.get("num_blocks")
+    size = f"blocks {' '.join(map(str, blocks))}" if blocks else f"depth {record.get('depth')}"
+    return (
+        f"{record.get('arch')} ({size}, width {record.get('width')}, "
+        f"{record.get('num_classes')} classes)"
+    )
 
 
 def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
@@ -127,7 +195,8 @@ def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
 def load_npz_dict(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Loads ``{original name: array}`` (as from ``model_to_npz_dict``) into ``model``, strictly."""
     source = "<arrays>"
-    model.load_state_dict(_npz_state(model, source, _variable_names(source, arrays)), strict=True)
+    named = _variable_names(source, arrays.items())
+    model.load_state_dict(_npz_state(model, source, named), strict=True)
 
 
 def npz_variable_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -197,24 +266,82 @@ def _original_shape(shape: torch.Size, layout: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz_headers(path: Path) -> list[tuple[str, NpyMember]]:
+    """Every member's name (without ".npy") and declared array, from the headers alone."""
     _require_file(path)
+    with path.open("rb") as file:
+        if file.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
+            raise CheckpointError(f"{path}: holds a single array, not an .npz archive of variables")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except _NPZ_ERRORS as error:
-        raise CheckpointError(f"{path}: unreadable .npz checkpoint ({error})") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{path}: holds a single array, not an .npz archive of variables")
-    try:
-        with archive:
-            return {name: archive[name] for name in archive.files}
+        with zipfile.ZipFile(path) as archive:
+            return [_read_member_header(path, archive, info) for info in archive.infolist()]
+    except CheckpointError:
+        raise
     except _NPZ_ERRORS as error:
         raise CheckpointError(f"{path}: unreadable .npz checkpoint ({error})") from error
 
 
-def _variable_names(source: Path | str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``arrays`` keyed by variable names ("conv0/W"), accepting tensor names ("conv0/W:0")."""
-    named = [(name.removesuffix(TENSOR_NAME_SUFFIX), array) for name, array in arrays.items()]
+def _parse_npy_header(file: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of an ``.npy`` stream; reads only the header bytes."""
+    version = np.lib.format.read_magic(file)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    return _NPY_HEADER_READERS[version](file)
+
+
+def _read_member_header(
+    path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo
+) -> tuple[str, NpyMember]:
+    """One member's declared array, refused unless it is a plain array whose declared size is
+    exactly what the zip entry holds (so reading it later allocates no more than that)."""
+    name = info.filename
+    if not name.endswith(_NPY_SUFFIX):
+        raise CheckpointError(f"{path}: member {name} is not an .npy array")
+    try:
+        with archive.open(info) as file:
+            shape, fortran_order, dtype = _parse_npy_header(file)
+            header_bytes = file.tell()
+    except _NPZ_ERRORS as error:
+        raise CheckpointError(f"{path}: member {name}: unreadable .npy header ({error})") from error
+    member = NpyMember(name, shape, dtype, fortran_order)
+    if dtype.hasobject:
+        raise CheckpointError(f"{path}: member {name} holds Python objects, which are never loaded")
+    held = info.file_size - header_bytes
+    if member.nbytes != held:
+        raise CheckpointError(
+            f"{path}: member {name} declares {_shape(shape)} {dtype} ({member.nbytes} bytes) but "
+            f"its zip entry holds {held} bytes of data"
+        )
+    return name.removesuffix(_NPY_SUFFIX), member
+
+
+def _read_npz_arrays(path: Path, members: Mapping[str, NpyMember]) -> dict[str, np.ndarray]:
+    """The data of ``members`` (already checked against the model), each exactly its size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name: _read_member_data(path, archive, m) for name, m in members.items()}
+    except CheckpointError:
+        raise
+    except _NPZ_ERRORS as error:
+        raise CheckpointError(f"{path}: unreadable .npz checkpoint ({error})") from error
+
+
+def _read_member_data(path: Path, archive: zipfile.ZipFile, member: NpyMember) -> np.ndarray:
+    with archive.open(member.member) as file:
+        declared = _parse_npy_header(file)
+        if declared != (member.shape, member.fortran_order, member.dtype):
+            raise CheckpointError(f"{path}: member {member.member} changed while being read")
+        data = bytearray(file.read(member.nbytes))  # writable: torch uses it without a copy
+    if len(data) != member.nbytes:
+        raise CheckpointError(f"{path}: member {member.member} is truncated")
+    order = "F" if member.fortran_order else "C"
+    return np.frombuffer(data, member.dtype).reshape(member.shape, order=order)
+
+
+def _variable_names(source: Path | str, arrays: Iterable[tuple[str, _Array]]) -> dict[str, _Array]:
+    """``(name, array)`` pairs keyed by variable names ("conv0/W"), accepting tensor names
+    ("conv0/W:0"); a name stored twice (also as both) is refused."""
+    named = [(name.removesuffix(TENSOR_NAME_SUFFIX), array) for name, array in arrays]
     counts = Counter(name for name, _ in named)
     duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
@@ -227,10 +354,9 @@ def _read_pt(path: Path) -> Mapping[str, object]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = _weights_only_reason(str(error))
         raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True), it holds more than tensors and "
-            f"plain containers ({reason})"
+            f"{path}: refused by torch.load(weights_only=True): {_refused_object(str(error))}; "
+            "only tensors and plain containers are loaded, nothing was run"
         ) from error
     except (RuntimeError, OSError, ValueError, EOFError) as error:
         raise CheckpointError(f"{path}: unreadable .pt checkpoint ({error})") from error
@@ -245,11 +371,11 @@ def _state_dict_of(path: Path, contents: Mapping[str, object]) -> Mapping[str, o
     return model if isinstance(model, Mapping) else contents
 
 
-def _weights_only_reason(message: str) -> str:
-    """The informative line of torch's long weights-only refusal message."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    detail = [line for line in lines if line.startswith("WeightsUnpickler error")]
-    return (detail or lines or ["unpickling refused"])[0]
+def _refused_object(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its message ("GLOBAL module.name");
+    torch's advice (which includes loading unsafely) is deliberately not repeated."""
+    found = _REFUSED_GLOBAL.search(message)
+    return f"it holds the Python object {found.group(1)}" if found else "it holds Python objects"
 
 
 def _require_file(path: Path) -> None:
@@ -261,6 +387,18 @@ def _npz_state(
     model: nn.Module, source: Path | str, arrays: Mapping[str, np.ndarray]
 ) -> dict[str, torch.Tensor]:
     """The full state_dict for ``model`` from original arrays; strict name and shape check."""
+    variables = _check_npz(model, source, arrays)
+    state = model.state_dict()
+    for name, variable in variables.items():
+        state[variable.key] = _from_original(arrays[name], variable.layout)
+    return state
+
+
+def _check_npz(
+    model: nn.Module, source: Path | str, arrays: Mapping[str, np.ndarray | NpyMember]
+) -> dict[str, _Variable]:
+    """The model's variables by original name, once `arrays` (data, or the shapes and dtypes
+    their headers declare) match them exactly; else CheckpointError naming the differences."""
     variables = {v.original: v for v in _variables(model)}
     state = model.state_dict()
     shapes = {n: _original_shape(state[v.key].shape, v.layout) for n, v in variables.items()}
@@ -272,17 +410,15 @@ def _npz_state(
         if name in shapes and not _fits(array, shapes[name])
     ]
     _check_match(source, missing, unexpected, misshaped)
-    for name, variable in variables.items():
-        state[variable.key] = _from_original(arrays[name], variable.layout)
-    return state
+    return variables
 
 
-def _fits(array: np.ndarray, shape: tuple[int, ...]) -> bool:
+def _fits(array: np.ndarray | NpyMember, shape: tuple[int, ...]) -> bool:
     return array.shape == shape and np.issubdtype(array.dtype, np.floating)
 
 
 def _pt_state(
-    model: nn.Module, path: Path, content: Mapping[str, object]
+    model: nn.Module, path: Path | str, content: Mapping[str, object], trained_as: str = ""
 ) -> dict[str, torch.Tensor]:
     """The full state_dict for ``model`` from an own checkpoint; strict name and shape check."""
     state = model.state_dict()
@@ -297,17 +433,22 @@ def _pt_state(
             misshaped.append(f"{key} (file {_describe(value)}, model {_shape(expected)})")
             continue
         state[key] = value
-    _check_match(path, missing, unexpected, misshaped)
+    _check_match(path, missing, unexpected, misshaped, trained_as)
     return state
 
 
 def _check_match(
-    source: Path | str, missing: list[str], unexpected: list[str], misshaped: list[str]
+    source: Path | str,
+    missing: list[str],
+    unexpected: list[str],
+    misshaped: list[str],
+    trained_as: str = "",
 ) -> None:
     kinds = {"missing": missing, "unexpected": unexpected, "mis-shaped": misshaped}
     problems = [f"{len(names)} {kind}: {_listing(names)}" for kind, names in kinds.items() if names]
     if problems:
-        raise CheckpointError(f"{source}: does not match the model; " + "; ".join(problems))
+        known = f" (it was trained as {trained_as})" if trained_as else ""
+        raise CheckpointError(f"{source}: does not match the model{known}; " + "; ".join(problems))
 
 
 def _listing(names: list[str]) -> str:
@@ -317,7 +458,7 @@ def _listing(names: list[str]) -> str:
 
 
 def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray | NpyMember):
         return f"{_shape(value.shape)} {value.dtype}"
     if isinstance(value, torch.Tensor):
         return _shape(value.shape)
