@@ -5,29 +5,49 @@ one of them (load balancing). A malformed message (bad header, wrong dtype or si
 is not a batch, e.g. a pickle payload) is skipped and logged with its reason; it is never
 interpreted. Decoded arrays are zero-copy views of the received ZMQ frames, which are writable,
 so they can go straight to ``torch.from_numpy``; they are copied only when misaligned.
+
+Given the trainer's configuration (batch, image size, number of classes), the client also refuses
+labels out of range (malformed: skipped), frames larger than such a batch (ZMQ drops the
+connection before allocating them) and batches of another shape (``BatchShapeMismatch``: the
+server was started for another configuration, which ends the run with one clear error).
+
+Shutdown never blocks: the receiver thread owns and closes the socket, ``close`` waits for it a
+bounded time, and the context is terminated only once the socket is closed. Clients still open
+when the interpreter exits are closed by an ``atexit`` hook, while their threads can still run.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from iat.data.protocol import ProtocolError, decode_batch
+from iat.data.protocol import MAX_HEADER_BYTES, decode_batch
 
 _LOG = logging.getLogger(__name__)
 _POLL_MS = 100  # how often the receiver thread checks whether it should stop
+_JOIN_S = 2.0  # how long close() waits for the receiver thread to close its socket
+_RETRY_WAIT_S = 0.3  # after a dropped connection, how long ZMQ's own retry is waited for
 
 Batch = tuple[np.ndarray, np.ndarray]
 
 
 class DataServerTimeout(RuntimeError):
     """No batch arrived from the data server within the client's timeout."""
+
+
+class BatchShapeMismatch(ValueError):
+    """The data server sends batches of another shape than this run is configured for."""
 
 
 def _writable_aligned(array: np.ndarray) -> np.ndarray:
@@ -39,11 +59,21 @@ class ZMQBatchClient:
 
     A background thread receives and validates up to ``prefetch`` batches ahead; ``hwm`` is the
     ZMQ receive high-water mark (batches queued inside ZMQ). If no batch is available for
-    ``timeout_s`` seconds the iterator raises ``DataServerTimeout``.
+    ``timeout_s`` seconds the iterator raises ``DataServerTimeout``. ``batch`` and
+    ``image_size``, when given, are the shape every batch must have (else ``BatchShapeMismatch``)
+    and bound the size of a received frame; labels must be below ``num_classes`` when given.
     """
 
     def __init__(
-        self, address: str, timeout_s: float = 60.0, prefetch: int = 4, hwm: int = 8
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        prefetch: int = 4,
+        hwm: int = 8,
+        *,
+        batch: int | None = None,
+        image_size: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         if timeout_s <= 0 or prefetch < 1 or hwm < 1:
             raise ValueError(
@@ -51,20 +81,36 @@ class ZMQBatchClient:
             )
         self.address = address
         self.timeout_s = timeout_s
+        self.batch, self.image_size, self.num_classes = batch, image_size, num_classes
         self.rejected = 0
         self._last_rejection = ""
+        self._refused = 0  # connections dropped by ZMQ on a refused frame, then made anew
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._context = zmq.Context()
         self._socket = self._connect(hwm)
+        # Connection drops, watched to reconnect: ZMQ does not after a refused frame.
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
+        self._lost_at: float | None = None  # when a connection dropped that ZMQ did not retry
         self._thread = threading.Thread(target=self._receive_loop, name="zmq-batch-client")
         self._thread.daemon = True
         self._thread.start()
+        _OPEN_CLIENTS.add(self)
+
+    def _max_frame_bytes(self) -> int:
+        """The largest frame a batch of the expected shape has (-1: no limit, shape unknown)."""
+        if self.batch is None or self.image_size is None:
+            return -1
+        return max(self.batch * self.image_size**2 * 3, MAX_HEADER_BYTES)
 
     def _connect(self, hwm: int) -> zmq.Socket:
         sock = self._context.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        # A larger frame is refused (and its connection dropped) before it is allocated.
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes())
         try:
             sock.connect(self.address)
         except zmq.ZMQError as err:
@@ -76,27 +122,67 @@ class ZMQBatchClient:
         return sock
 
     def _receive_loop(self) -> None:
-        # The socket is used and closed by this thread only once it has started.
+        # The sockets are used and closed by this thread only once it has started.
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if self._socket.poll(_POLL_MS, zmq.POLLIN):
+                ready = dict(poller.poll(_POLL_MS))
+                if self._monitor in ready:
+                    self._on_connection_event(recv_monitor_message(self._monitor))
+                if self._socket in ready:
                     batch = self._decode(self._socket.recv_multipart(copy=False))
                     if batch is not None:
                         self._put(batch)
+                self._revive_connection()
         except Exception as err:  # surfaced to the consumer by __next__
             self._put(err)
         finally:
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
 
+    def _on_connection_event(self, event: dict) -> None:
+        """A dropped connection is followed at once by ZMQ's own retry when the server went away,
+        but not after a protocol error (e.g. a frame over ``_max_frame_bytes``)."""
+        lost = event["event"] == zmq.EVENT_DISCONNECTED
+        self._lost_at = time.monotonic() if lost else None
+
+    def _revive_connection(self) -> None:
+        """Connect anew if a dropped connection has not been retried by ZMQ.
+
+        Only then: disconnecting discards the batches already received and not yet read."""
+        if self._lost_at is None or time.monotonic() - self._lost_at < _RETRY_WAIT_S:
+            return
+        self._lost_at = None
+        self._refused += 1
+        _LOG.debug("connection to %s dropped on a refused frame; reconnecting", self.address)
+        with contextlib.suppress(zmq.ZMQError):  # the endpoint may be gone already
+            self._socket.disconnect(self.address)
+        self._socket.connect(self.address)
+
     def _decode(self, frames: list[zmq.Frame]) -> Batch | None:
+        """The message's batch, or None if it is malformed (skipped, counted, logged)."""
         try:
-            images, labels, _, _ = decode_batch(frames)
-        except ProtocolError as err:
+            images, labels, _, _ = decode_batch(frames, self.num_classes)
+        except Exception as err:  # whatever one message does, the receiver goes on
             self.rejected += 1
             self._last_rejection = str(err)
             _LOG.error("rejected a malformed message from %s: %s", self.address, err)
             return None
+        self._check_shape(images.shape)
         return _writable_aligned(images), _writable_aligned(labels)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        batch, height, width, _ = shape
+        size = self.image_size
+        if (batch, height, width) == (self.batch or batch, size or height, size or width):
+            return
+        raise BatchShapeMismatch(
+            f"the data server at {self.address} sends batches of {batch} images of"
+            f" {height}x{width}, but this run is configured for --batch {self.batch}"
+            f" --image-size {size}: start the server with the same --batch and --image-size"
+        )
 
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
@@ -107,10 +193,19 @@ class ZMQBatchClient:
                 continue
 
     def _timeout_error(self) -> DataServerTimeout:
+        image_size = f" --image-size {self.image_size}" if self.image_size else ""
         message = (
             f"data server at {self.address} is not answering (no batch for {self.timeout_s:g} s);"
-            " start it with: python third_party/serve-data.py --data DIR --batch B"
+            f" start it with: python third_party/serve-data.py --data DIR"
+            f" --batch {self.batch or 'B'}{image_size}"
         )
+        if self._max_frame_bytes() > 0:
+            message += (
+                f"; a server with a larger batch or image size is refused (frames over"
+                f" {self._max_frame_bytes()} bytes)"
+            )
+        if self._refused:
+            message += f" (the connection was dropped {self._refused} times on a refused frame)"
         if self.rejected:
             message += (
                 f" ({self.rejected} malformed messages rejected, last: {self._last_rejection})"
@@ -127,16 +222,26 @@ class ZMQBatchClient:
             item = self._queue.get(timeout=self.timeout_s)
         except queue.Empty:
             raise self._timeout_error() from None
+        if isinstance(item, BatchShapeMismatch):
+            raise item
         if isinstance(item, BaseException):
             raise RuntimeError(f"receiving from {self.address} failed: {item}") from item
         return item
 
     def close(self) -> None:
-        """Stop the receiver thread and release the socket; safe to call twice."""
+        """Stop the receiver thread and release the socket; never blocks; safe to call twice.
+
+        If the thread has not closed its socket in time (it is stuck, or was killed by the
+        interpreter's shutdown, which also makes it look stopped), terminating the context would
+        wait for that socket forever: the context is left to the process's exit instead."""
         if self._stop.is_set():
             return
         self._stop.set()
-        self._thread.join()
+        _OPEN_CLIENTS.discard(self)
+        self._thread.join(timeout=_JOIN_S)
+        if not self._socket.closed:
+            _LOG.warning("the receiver thread for %s did not stop; not waiting", self.address)
+            return
         self._context.term()
 
     def __enter__(self) -> ZMQBatchClient:
@@ -149,3 +254,14 @@ class ZMQBatchClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_OPEN_CLIENTS: weakref.WeakSet[ZMQBatchClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    """Close the clients still open at exit (e.g. held by an error's traceback): at this point
+    their threads still run; at the final garbage collection they would be frozen."""
+    for client in list(_OPEN_CLIENTS):
+        client.close()

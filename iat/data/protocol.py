@@ -9,8 +9,9 @@ A batch is one ZMQ multipart message of exactly three frames:
 2. the labels, raw little-endian bytes of an ``int32 [B]`` array.
 
 The receiver trusts nothing: the header is parsed as JSON only, every field is type-checked, the
-dtypes come from a whitelist, shapes are bounded and must match the byte length of their frame.
-Any violation raises ``ProtocolError``; no payload is ever interpreted as code.
+dtypes come from a whitelist, shapes are bounded and must match the byte length of their frame,
+labels must be class indices. Any violation raises ``ProtocolError``; no payload is ever
+interpreted as code.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def _parse_header(frame: Frame) -> dict:
         header = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"header frame is not JSON: {err}") from None
+    except RecursionError:  # e.g. 2000 nested lists: short enough, but too deep for the parser
+        raise ProtocolError("header frame is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     if header.get("magic") != MAGIC:
@@ -140,11 +143,21 @@ def _array(name: str, frame: Frame, dtype: np.dtype, shape: tuple[int, ...]) -> 
     return np.frombuffer(view, dtype=dtype).reshape(shape)
 
 
-def decode_batch(frames: Sequence[Frame]) -> tuple[np.ndarray, np.ndarray, int, str]:
+def _check_labels(labels: np.ndarray, num_classes: int | None) -> None:
+    if labels.min() < 0:
+        raise ProtocolError(f"labels: negative label {int(labels.min())}")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ProtocolError(f"labels: label {int(labels.max())} >= {num_classes} classes")
+
+
+def decode_batch(
+    frames: Sequence[Frame], num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int, str]:
     """Validate a received message; return ``(images, labels, seq, server_id)``.
 
     The arrays are zero-copy views of the frames (writable when the frames are, as ``zmq.Frame``
-    objects received with ``copy=False`` are); labels are checked to be non-negative.
+    objects received with ``copy=False`` are); labels are checked to be non-negative, and below
+    ``num_classes`` when it is given (an out-of-range label would reach the loss).
     """
     if len(frames) != 1 + len(_ARRAYS):
         raise ProtocolError(f"expected {1 + len(_ARRAYS)} frames, got {len(frames)}")
@@ -159,6 +172,5 @@ def decode_batch(frames: Sequence[Frame]) -> tuple[np.ndarray, np.ndarray, int, 
         _array(name, frame, dtype, shape)
         for (name, _, dtype, _), frame, shape in zip(_ARRAYS, frames[1:], shapes, strict=True)
     )
-    if labels.min() < 0:
-        raise ProtocolError(f"labels: negative label {int(labels.min())}")
+    _check_labels(labels, num_classes)
     return images, labels.astype(np.int32, copy=False), seq, server_id

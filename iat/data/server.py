@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -213,9 +214,40 @@ def _fake_batch(cfg: ServerConfig) -> Batch:
     return images, rng.integers(0, FAKE_CLASSES, cfg.batch, dtype=np.int32)
 
 
+def _listening(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket file ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # the file outlived its server (e.g. SIGKILL)
+            return False
+    return True
+
+
+def _claim_ipc_path(address: str) -> None:
+    """Refuse a filesystem ipc address another process listens on; remove a stale socket file.
+
+    ZMQ would unlink the file and bind silently, stealing the address from a running server
+    (abstract ``ipc://@name`` addresses are refused by the kernel instead)."""
+    if not address.startswith("ipc://") or address.startswith("ipc://@"):
+        return
+    path = address[len("ipc://") :]
+    try:
+        if not os.path.lexists(path):
+            return
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise RuntimeError(f"cannot bind {address}: {path} exists and is not a socket")
+        if _listening(path):
+            raise RuntimeError(f"cannot bind {address}: address in use (a process listens on it)")
+        os.unlink(path)
+    except OSError as err:
+        raise RuntimeError(f"cannot bind {address}: {err}") from err
+
+
 def _open_public(context: zmq.Context, cfg: ServerConfig) -> zmq.Socket | None:
     if cfg.benchmark:
         return None
+    _claim_ipc_path(cfg.bind)
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, cfg.hwm)
     push.setsockopt(zmq.LINGER, 0)

@@ -71,11 +71,18 @@ def fake_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
 
 
 def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
-    """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone.
+    """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone,
+    BatchShapeMismatch when it serves another batch or image size than `spec`'s.
 
     With `pin_memory` (CUDA), images land in page-locked memory for an asynchronous copy."""
     address = spec.address or default_address(spec.batch)
-    with ZMQBatchClient(address, timeout_s=spec.timeout_s) as client:
+    with ZMQBatchClient(
+        address,
+        timeout_s=spec.timeout_s,
+        batch=spec.batch,
+        image_size=spec.image_size,
+        num_classes=spec.num_classes,
+    ) as client:
         for images, labels in client:
             images = torch.from_numpy(images)
             images = images.pin_memory() if spec.pin_memory else images
