@@ -149,8 +149,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("num_blocks", "lr_decay_epochs"):
         if name in given:
             given[name] = tuple(given[name])
+    # The model fields the user chose: the flags given, and those the replayed run chose.
+    explicit = set(given) | set(values.get("explicit_model_fields", ()))
     values.update(given)
-    values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in values)
+    values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
     values["mode"] = "eval" if args.eval else "eval_directory" if args.eval_directory else "train"
     return Config(**values)
 
