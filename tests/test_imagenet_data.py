@@ -123,3 +123,38 @@ def test_read_image_bgr_rejects_garbage(tmp_path: Path) -> None:
         read_image_bgr(str(tmp_path / "empty.jpg"))
     with pytest.raises(CorruptImageError, match="absent.jpg"):
         read_image_bgr(str(tmp_path / "absent.jpg"))
+
+
+def test_prepare_val_builds_class_folders_from_kaggle_csv(folder: Path) -> None:
+    from iat.data.prepare_val import main as prepare_val
+
+    val = folder / "val"
+    for i in range(1, 4):
+        _write_jpeg(val / f"ILSVRC2012_val_{i:08d}.JPEG", seed=i)
+    truth = folder / "LOC_val_solution.csv"
+    truth.write_text(
+        "ImageId,PredictionString\n"
+        "ILSVRC2012_val_00000002,n03 10 20 30 40 n03 1 2 3 4\n"
+        "ILSVRC2012_val_00000001,n01 5 6 7 8\n"
+        "ILSVRC2012_val_00000003,n03 1 1 2 2\n"
+    )
+    assert prepare_val([str(val), str(truth)]) == 0
+    samples, classes = list_split(folder, "val")
+    assert classes == ["n01", "n02", "n03"]  # the train/ classes: labels agree with training
+    assert samples == [
+        (str(val / "n01" / "ILSVRC2012_val_00000001.JPEG"), 0),
+        (str(val / "n03" / "ILSVRC2012_val_00000002.JPEG"), 2),
+        (str(val / "n03" / "ILSVRC2012_val_00000003.JPEG"), 2),
+    ]
+
+
+def test_prepare_val_moves_nothing_when_an_image_is_missing(folder: Path, capsys) -> None:
+    from iat.data.prepare_val import main as prepare_val
+
+    val = folder / "val"
+    _write_jpeg(val / "a.JPEG", seed=1)
+    truth = folder / "labels.txt"
+    truth.write_text("a n01\nb.JPEG n02\n")
+    assert prepare_val([str(val), str(truth)]) == 1
+    assert "1 labelled images are missing, e.g. b" in capsys.readouterr().err
+    assert sorted(p.name for p in val.iterdir()) == ["a.JPEG"]

@@ -121,3 +121,14 @@ def test_print_top5_with_class_names(image_dir, checkpoint, tmp_path, capsys):
 def test_missing_directory(checkpoint, tmp_path, capsys):
     assert main(predict_args(tmp_path / "nope", tmp_path / "p.txt", checkpoint)) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_class_names_must_name_every_class(image_dir, checkpoint, tmp_path, capsys):
+    names = tmp_path / "synsets.txt"
+    names.write_text("".join(f"n{i:08d}\n" for i in range(9)))  # the model has 10 classes
+    out = tmp_path / "predictions.txt"
+    args = predict_args(image_dir, out, checkpoint, "--print-top5", "--class-names", str(names))
+    assert main(args) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "names 9 classes but the model has 10" in line and str(names) in line
+    assert not out.exists()

@@ -1,0 +1,107 @@
+"""What a first user meets: resource choices said and recorded, shared file modes, re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from iat import distributed
+from iat.builders import attack_precision
+from main import main
+
+TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+
+
+def short_run(data: Path, logdir: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--logdir", str(logdir), *TINY, "--image-size", "32",
+        "--batch", "4", "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "4",
+        "--steps-per-epoch", "1", "--epochs", "1", "--train-eval", "none", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture()
+def umask():
+    """Set a umask for the test, restore it afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600)])
+def test_every_output_file_respects_the_umask(tiny_imagenet, tmp_path, umask, mask, expected):
+    umask(mask)
+    run = tmp_path / "run"
+    assert main(short_run(tiny_imagenet, run)) == 0
+    ckpt = run / "checkpoint-epoch0001.pt"
+    result, predictions = tmp_path / "eval.json", tmp_path / "predictions.txt"
+    common = ["--load", str(ckpt), *TINY, "--image-size", "32", "--workers", "0"]
+    assert main(["--eval", "--data", str(tiny_imagenet), *common, "--attack-iter", "0",
+                 "--eval-output", str(result)]) == 0  # fmt: skip
+    assert main(["--eval-directory", str(tiny_imagenet / "val" / "n00000"), *common,
+                 "--prediction-file", str(predictions)]) == 0  # fmt: skip
+    for path in (ckpt, run / "config.json", run / "metrics.jsonl", result, predictions):
+        assert _mode(path) == expected, path
+    assert result.read_text().endswith("}\n")
+
+
+def test_threads_workers_and_attack_precision_are_said_and_recorded(
+    tiny_imagenet, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    assert main(short_run(tiny_imagenet, run)) == 0
+    share = distributed.usable_cpus()  # one process: all usable CPUs
+    first = capsys.readouterr().err.splitlines()[0]
+    assert f"{share} thread(s) each ({share} usable CPUs)" in first
+    assert "attack: fp32, eager" in first
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["threads"] == share and record["run"]["threads"] == share
+    assert record["config"]["workers"] == min(8, share)
+    assert record["run"]["attack_precision"] == "fp32, eager"
+    assert main(short_run(tiny_imagenet, tmp_path / "one", "--threads", "1")) == 0
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["run"]["threads"] == 1
+
+
+def test_fast_attack_uses_bf16_only_on_cpus_with_bf16_units(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert attack_precision(False, cpu).description == "fp32, eager"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    emulated = attack_precision(True, cpu)
+    assert not emulated.autocast and not emulated.compiled
+    assert "no bf16 units" in emulated.description
+    for unit in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda unit=unit: {unit: True})
+        native = attack_precision(True, cpu)
+        assert native.autocast and native.compiled and native.description.startswith("bf16")
+    gpu = attack_precision(True, cuda)
+    assert gpu.autocast and gpu.compiled and gpu.description.startswith("fp16")
+
+
+def test_a_finished_run_says_so_and_trains_nothing(tiny_imagenet, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(short_run(tiny_imagenet, run)) == 0
+    ckpt = run / "checkpoint-epoch0001.pt"
+    before = (ckpt.stat().st_mtime_ns, (run / "metrics.jsonl").read_text())
+    capsys.readouterr()
+    assert main(short_run(tiny_imagenet, run)) == 0
+    err = capsys.readouterr().err
+    assert "already complete (1 of 1 epochs)" in err and "epoch 1/1" not in err
+    assert (ckpt.stat().st_mtime_ns, (run / "metrics.jsonl").read_text()) == before
+
+
+def test_an_empty_data_folder_is_named(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(short_run(empty, tmp_path / "run")) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has neither train/ nor val/" in line and str(empty) in line
+    assert not (tmp_path / "run").exists()
