@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # White-box evaluation on Slurm: every GPU attacks its share of the validation set.
 # Submit from the repository root, e.g. 2 nodes x 8 GPUs against 100-step PGD:
-#   mkdir -p logs && CKPT=train_log/ResNet152-1234/checkpoint.pt sbatch --nodes=2 slurm/eval.sh
+#   mkdir -p logs && CKPT=train_log/PGD-ResNet152-Batch32-32GPUs-iter30-epsilon16.0-step1.0/checkpoint-epoch0110.pt \
+#     sbatch --nodes=2 slurm/eval.sh
 # Every variable below can be overridden from the environment; extra arguments go to main.py.
 #SBATCH --job-name=adv-eval
 #SBATCH --nodes=1
