@@ -146,3 +146,75 @@ def test_logdir_that_is_a_file(tmp_path: Path, capsys) -> None:
     assert main(args) == 1
     line = _last_line(capsys.readouterr().err)
     assert line.startswith("error: --logdir") and str(logdir) in line
+
+
+# Runs main.py, but the second checkpoint write stops half-way (as a process killed there would).
+HANG_IN_SECOND_SAVE = """
+import sys, time, torch
+real_save, saves = torch.save, []
+def save(obj, f, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b"half a checkpoint")
+        f.flush()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_bit_exact(tiny_imagenet, tmp_path):
+    import torch
+
+    def run_args(logdir: Path) -> list[str]:
+        return ["--data", str(tiny_imagenet), "--logdir", str(logdir), *TINY,
+                "--image-size", "32", "--batch", "4", "--workers", "0", "--loader", "local",
+                "--attack-iter", "2", "--attack-epsilon", "8", "--steps-per-epoch", "2",
+                "--train-eval", "none", "--threads", "1", "--epochs", "3"]  # fmt: skip
+
+    logdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANG_IN_SECOND_SAVE, *run_args(logdir)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(logdir.glob(".checkpoint-epoch0002.pt.*.tmp")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no second checkpoint write"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert [p.name for p in logdir.glob("checkpoint-epoch*.pt")] == ["checkpoint-epoch0001.pt"]
+
+    assert main(run_args(logdir)) == 0  # resumes after epoch 1
+    assert not list(logdir.glob(".checkpoint-*")), "the half-written file was left behind"
+    assert main(run_args(tmp_path / "reference")) == 0  # never interrupted
+    resumed, reference = (
+        torch.load(d / "checkpoint-epoch0003.pt", weights_only=True)["model"]
+        for d in (logdir, tmp_path / "reference")
+    )
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_atomic_writes_fsync_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    import stat
+
+    from iat.atomic_io import atomic_write_text
+
+    synced: list[tuple[bool, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        synced.append((is_dir, sorted(p.name for p in tmp_path.iterdir())[-1]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "config.json", "{}\n")
+    # The data before the rename (under its temporary name), the folder after it.
+    assert [is_dir for is_dir, _ in synced] == [False, True]
+    assert synced[0][1].startswith(".config.json.") and synced[1][1] == "config.json"
