@@ -142,17 +142,25 @@ class AttackPrecision:
 
 
 def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision:
-    """fp16 + compiled (CUDA graphs) on CUDA; bf16 + compiled on a CPU with bf16 units; else
-    fp32 eager, where neither pays (issue measurements on AVX2: bf16 autocast 14x slower,
-    compiled fp32 no faster than eager)."""
+    """What --use-fp16xla can gain on `device`, as measured (bench/RESULTS.md):
+
+    * CUDA: fp16 autocast, compiled with CUDA graphs (the original's fp16 + XLA);
+    * a CPU with AMX: bf16 autocast, compiled (PGD-10 step 0.64x eager fp32);
+    * a CPU with AVX512-BF16 but no AMX: bf16 autocast, eager (0.70x; compiled was 1.50x);
+    * a CPU without bf16 units: fp32 eager (bf16 autocast is emulated, 14x slower; compiled
+      fp32 no faster than eager).
+    """
     if not use_fp16xla:
         return AttackPrecision(False, False, "fp32, eager")
-    if has_native_low_precision(device):
-        dtype = "fp16 (loss x128)" if device.type == "cuda" else "bf16"
-        return AttackPrecision(True, True, f"{dtype} autocast, compiled (--use-fp16xla)")
-    return AttackPrecision(
-        False, False, "fp32, eager: this CPU has no bf16 units, --use-fp16xla would be slower"
-    )
+    if device.type == "cuda":
+        return AttackPrecision(True, True, "fp16 (loss x128) autocast, compiled (--use-fp16xla)")
+    if not has_native_low_precision(device):
+        return AttackPrecision(
+            False, False, "fp32, eager: this CPU has no bf16 units, --use-fp16xla would be slower"
+        )
+    if torch.cpu.get_capabilities().get("amx_bf16"):
+        return AttackPrecision(True, True, "bf16 autocast, compiled (--use-fp16xla, AMX)")
+    return AttackPrecision(True, False, "bf16 autocast, eager (--use-fp16xla; no AMX)")
 
 
 def attack_settings(

@@ -299,8 +299,14 @@ def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, 
         return real_compile(fn, backend="aot_eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
+    # A CPU with AMX, where compiling the bf16 attack pays (iat.builders.attack_precision).
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     args = train_args(tiny_imagenet, tmp_path / "run", "--use-fp16xla", "--epochs", "1")
     assert main(args) == 0
     assert calls == [{"dynamic": False, "mode": "default"}]  # training; evaluation stays fp32
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["phase"] != "train"]
     assert {r["phase"] for r in evals} == {"eval-clean", "eval-10step"}
+    # Without bf16 units nothing is compiled: the attack stays fp32 and eager.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    args = train_args(tiny_imagenet, tmp_path / "plain", "--use-fp16xla", "--epochs", "1")
+    assert main(args) == 0 and len(calls) == 1
