@@ -6,6 +6,7 @@ One policy for both batch sources, the data server and the local loader (torch-f
   ``(seed, epoch)``; global batch ``b`` holds stream positions ``[b * B, (b + 1) * B)``;
 * augmenting batch ``b`` draws from an RNG seeded by ``(seed, b)`` only, so the bytes do not
   depend on which worker or process builds it;
+* ``--fake`` data is one constant random batch, drawn from ``seed`` alone;
 * an image that cannot be decoded is replaced by a random other image (drawn from the batch's
   RNG), remembered and reported once; ``MAX_CORRUPT_RETRIES`` in a row is an error.
 """
@@ -41,6 +42,16 @@ class EpochSchedule:
         positions = np.arange(batch_index * self.batch, (batch_index + 1) * self.batch)
         epochs, offsets = np.divmod(positions, self.n_samples)
         return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+
+
+def fake_batch(
+    batch: int, image_size: int, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One constant random batch, as the original's --fake (measures the model, not the data):
+    ``(images uint8 [B, S, S, 3], labels int32 [B])``."""
+    rng = np.random.default_rng([seed, 2])
+    images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    return images, rng.integers(0, num_classes, batch, dtype=np.int32)
 
 
 def augment_rng(seed: int, batch_index: int) -> np.random.Generator:

@@ -36,7 +36,7 @@ import zmq
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
-from iat.data.sampling import TrainStream
+from iat.data.sampling import TrainStream, fake_batch
 
 WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
 MAIN_POLL_MS = 200
@@ -207,13 +207,6 @@ def _stop_workers(workers: list[multiprocessing.Process]) -> None:
             proc.join(timeout=5)
 
 
-def _fake_batch(cfg: ServerConfig) -> Batch:
-    rng = np.random.default_rng(cfg.seed)
-    shape = (cfg.batch, cfg.image_size, cfg.image_size, 3)
-    images = rng.integers(0, 256, shape, dtype=np.uint8)
-    return images, rng.integers(0, FAKE_CLASSES, cfg.batch, dtype=np.int32)
-
-
 def _listening(path: str) -> bool:
     """Whether a process accepts connections on the Unix socket file ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -271,7 +264,7 @@ def serve(cfg: ServerConfig, samples: list[Sample]) -> None:
             pull.setsockopt(zmq.RCVHWM, 2 * cfg.workers)
             pull.bind(internal)
         push = _open_public(context, cfg)
-        fake = _fake_batch(cfg) if cfg.fake else None
+        fake = fake_batch(cfg.batch, cfg.image_size, FAKE_CLASSES, cfg.seed) if cfg.fake else None
         print(f"serve-data: serving on {cfg.bind}", file=sys.stderr, flush=True)
         run_loop(cfg, pull, push, fake, workers)
         if push is not None:

@@ -25,7 +25,7 @@ from iat.data.augment import TRAIN_AUGMENTATIONS, eval_transform
 from iat.data.client import ZMQBatchClient
 from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
 from iat.data.protocol import default_address
-from iat.data.sampling import TrainStream
+from iat.data.sampling import TrainStream, fake_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,13 +61,13 @@ class TrainSourceSpec:
 
 
 def fake_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
-    """Constant random batches, as the original's --fake: measures the model, not the data."""
-    g = torch.Generator().manual_seed(spec.seed + spec.rank)
-    shape = (spec.batch, spec.image_size, spec.image_size, 3)
-    images = torch.randint(0, 256, shape, generator=g).to(torch.uint8)
-    labels = torch.randint(0, spec.num_classes, (spec.batch,), generator=g)
+    """The constant batch of ``sampling.fake_batch`` (each rank its own), forever."""
+    images, labels = fake_batch(
+        spec.batch, spec.image_size, spec.num_classes, spec.seed + spec.rank
+    )
+    batch = torch.from_numpy(images), torch.from_numpy(labels).long()
     while True:
-        yield images, labels
+        yield batch
 
 
 def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
