@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
     data.add_argument("--fake", action="store_true", default=None, help="constant fake batches")
+    _choice_arg(data, "--data-layout", "layout of --data (auto: tiny-imagenet if wnids.txt)")
     _choice_arg(data, "--loader", "training batches: the data server or a local loader")
     data.add_argument("--data-server", help="data server address (default: ipc by --batch)")
     data.add_argument("--data-timeout", type=float, help=_help("data_timeout", "seconds"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import nets
 from adv_model import TARGET_MODES
 from iat.data.augment import TRAIN_AUGMENTATIONS
+from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.eval_schedule import EVAL_SCHEDULES
 
@@ -34,6 +35,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "loader": tuple(TRAIN_SOURCES),
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
         "train_augment": tuple(TRAIN_AUGMENTATIONS),
+        "data_layout": (AUTO_LAYOUT, *READERS),
         "train_eval": tuple(EVAL_SCHEDULES),
     }
 
@@ -50,6 +52,7 @@ class Config:
     # --- data ----------------------------------------------------------------------------------
     data: str | None = None  # ImageNet-layout folder: train/<wnid>/*, val/<wnid>/* (or val.txt)
     fake: bool = False  # constant uint8 batches instead of data, for throughput tests
+    data_layout: str = "auto"  # data folder layout (layouts.READERS) or "auto" to detect it
     loader: str = "server"  # "server": the machine's serve-data.py (as the original); "local"
     data_server: str | None = None  # server address; None = ipc://@imagenet-train-b{batch}
     data_timeout: float = 60.0  # seconds without a batch before the server is declared gone

@@ -94,7 +94,7 @@ COLUMNS = (
 
 def evaluate_columns(cfg: Config, model: torch.nn.Module) -> list[EvalResult]:
     """The model's accuracy under each of the table's threat models."""
-    val = list_split(cfg.data, "val")[0]
+    val = list_split(cfg.data, "val", cfg.data_layout)[0]
     return [
         evaluate_attack(
             model,

@@ -113,7 +113,7 @@ def evaluate_attack(
 
 def run_eval(cfg: Config, device: torch.device) -> EvalResult:
     """--eval: the --load'ed model on the validation split under the configured attack."""
-    samples = create_reader(cfg.data).samples("val")
+    samples = create_reader(cfg.data, cfg.data_layout).samples("val")
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     num_classes = cfg.num_classes
     check_labels(samples, num_classes, "val")

@@ -324,7 +324,7 @@ def setup(
 def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) -> TrainOutcome:
     """Train as configured, resuming the run directory's latest checkpoint if there is one."""
     main_proc = distributed.is_main_process()
-    reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data)
+    reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data, cfg.data_layout)
     classes = reader.classes() if reader else None
     train = reader.samples("train") if reader and reader.has_split("train") else None
     if reader and train is None and cfg.loader == "local":

@@ -156,10 +156,26 @@ def no_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np
     return eval_transform(img, size)
 
 
+def pad_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """The usual augmentation for small images (CIFAR, Tiny ImageNet; Madry et al. 2018, Sec
+    C.1): resized to size x size if needed, zero-padded by size/8 on each side, a random
+    size x size crop, and a horizontal flip with probability 1/2."""
+    _check_image(img)
+    if img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
+    pad = max(1, size // SMALL_IMAGE_PAD_FRACTION)
+    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+    y0, x0 = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    out = padded[y0 : y0 + size, x0 : x0 + size]
+    return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
+
+
+SMALL_IMAGE_PAD_FRACTION = 8  # 4 pixels of padding for 32x32 images, as Madry et al.
 TrainTransform = Callable[[np.ndarray, np.random.Generator, int], np.ndarray]
 # --train-augment choices: name -> transform(image, rng, size).
 TRAIN_AUGMENTATIONS: dict[str, TrainTransform] = {
     "fbresnet": fbresnet_augment,
     "flip": flip_augment,
     "none": no_augment,
+    "pad-crop-flip": pad_crop_flip,
 }

@@ -1,8 +1,9 @@
 """Dataset layouts: listing ``(path, label)`` samples of each split, and decoding images.
 
-A *reader* knows one layout family; ``create_reader(root)`` picks it (``READERS`` is the
-registry: a new layout is one class and one entry). Each split is listed once per reader and
-cached. Torch-free: the data server imports it.
+A *reader* knows one layout family; ``create_reader(root, layout)`` picks it (``READERS`` is
+the registry: a new layout is one class and one entry; ``auto`` detects it). Each split is
+listed once per reader and cached. Torch-free: the data server imports it. Readers: ``imagenet``
+(below; also any class-per-folder tree) and ``tiny-imagenet`` (``TinyImageNetReader``).
 
 ``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
@@ -145,20 +146,114 @@ class ImageNetReader:
         return self.split("train" if self.has_split("train") else "val")[1]
 
 
-Reader = ImageNetReader
-READERS: dict[str, Callable[[str | Path], Reader]] = {"imagenet": ImageNetReader}
+class TinyImageNetReader:
+    """Tiny ImageNet's release layout (200 classes, 64x64):
+
+    * ``wnids.txt``: the class wnids, one per line, in the release's class-index order;
+    * ``train/<wnid>/images/*.JPEG``;
+    * ``val/images/*.JPEG`` with ``val/val_annotations.txt`` (``<file>\t<wnid>\t<box>`` lines).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._classes: list[str] | None = None
+        self._splits: dict[str, list[Sample]] = {}
+
+    def has_split(self, split: str) -> bool:
+        return (self.root / split).is_dir()
+
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            path = self.root / TINY_IMAGENET_WNIDS
+            try:
+                self._classes = [w.strip() for w in path.read_text().splitlines() if w.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"cannot read the class list {path}: {e}") from None
+            if not self._classes:
+                raise DataError(f"{path} lists no classes")
+        return self._classes
+
+    def samples(self, split: str) -> list[Sample]:
+        if split not in self._splits:
+            index = {wnid: i for i, wnid in enumerate(self.classes())}
+            lister = self._list_val if split == "val" else self._list_train
+            self._splits[split] = lister(self.root / split, index)
+        return self._splits[split]
+
+    def split(self, split: str) -> tuple[list[Sample], list[str]]:
+        return self.samples(split), self.classes()
+
+    @staticmethod
+    def _list_train(split_dir: Path, index: dict[str, int]) -> list[Sample]:
+        if not split_dir.is_dir():
+            raise DataError(f"split folder {split_dir} does not exist")
+        samples: list[Sample] = []
+        for class_dir in _class_dirs(split_dir):
+            if class_dir.name not in index:
+                raise DataError(f"class folder {class_dir} is not listed in {TINY_IMAGENET_WNIDS}")
+            images = class_dir / "images"
+            folder = images if images.is_dir() else class_dir
+            samples += [(str(p), index[class_dir.name]) for p in _images_in(folder)]
+        return samples
+
+    @staticmethod
+    def _list_val(split_dir: Path, index: dict[str, int]) -> list[Sample]:
+        annotations = split_dir / TINY_IMAGENET_VAL_LABELS
+        try:
+            lines = annotations.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {annotations}: {e}") from None
+        samples: list[Sample] = []
+        for lineno, line in enumerate(lines, start=1):
+            parts = line.split("\t")
+            if not line.strip():
+                continue
+            if len(parts) < 2 or parts[1] not in index:
+                raise DataError(
+                    f"{annotations}:{lineno}: expected '<file>\\t<wnid>', got {line!r:.80}"
+                )
+            path = split_dir / "images" / parts[0]
+            if not path.is_file():
+                raise DataError(f"{annotations}:{lineno}: image {path} does not exist")
+            samples.append((str(path), index[parts[1]]))
+        return sorted(samples)
 
 
-def create_reader(root: str | Path, layout: str = "imagenet") -> Reader:
-    """The reader of ``layout`` (a ``READERS`` name) for the data folder ``root``."""
+TINY_IMAGENET_WNIDS = "wnids.txt"
+TINY_IMAGENET_VAL_LABELS = "val_annotations.txt"
+Reader = ImageNetReader | TinyImageNetReader
+# --data-layout choices ("auto" detects): name -> reader of a data folder.
+READERS: dict[str, Callable[[str | Path], Reader]] = {
+    "imagenet": ImageNetReader,
+    "tiny-imagenet": TinyImageNetReader,
+}
+AUTO_LAYOUT = "auto"
+
+
+def detect_layout(root: str | Path) -> str:
+    """Tiny ImageNet when its class list and validation annotations are there, else ImageNet's
+    class-folder layouts (which also cover any class-per-folder tree: Imagenette, CIFAR-10
+    exported as PNGs, ImageNet down-sampled to 64x64)."""
+    root = Path(root)
+    if (root / TINY_IMAGENET_WNIDS).is_file():
+        return "tiny-imagenet"
+    return "imagenet"
+
+
+def create_reader(root: str | Path, layout: str = AUTO_LAYOUT) -> Reader:
+    """The reader of ``layout`` (a ``READERS`` name, or ``auto``) for the data folder ``root``."""
+    if layout == AUTO_LAYOUT:
+        layout = detect_layout(root)
     if layout not in READERS:
         raise DataError(f"unknown data layout {layout!r}; known: {sorted(READERS)}")
     return READERS[layout](root)
 
 
-def list_split(root: str | Path, split: str) -> tuple[list[Sample], list[str]]:
-    """``(samples, classes)`` of one split of an ImageNet-layout folder (one-off listing)."""
-    return create_reader(root).split(split)
+def list_split(
+    root: str | Path, split: str, layout: str = AUTO_LAYOUT
+) -> tuple[list[Sample], list[str]]:
+    """``(samples, classes)`` of one split of a data folder (one-off listing)."""
+    return create_reader(root, layout).split(split)
 
 
 def read_image_bgr(path: str) -> np.ndarray:

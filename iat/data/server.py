@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 
 from iat.data.augment import TRAIN_AUGMENTATIONS
-from iat.data.layouts import DataError, Sample, create_reader
+from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 from iat.data.sampling import TrainStream, fake_batch
 
@@ -56,6 +56,7 @@ class ServerConfig:
     batch: int  # images per batch
     image_size: int  # side of the square augmented images
     augment: str  # training augmentation, a name of augment.TRAIN_AUGMENTATIONS
+    layout: str  # data folder layout, a name of layouts.READERS or "auto"
     workers: int  # decoding processes
     bind: str  # public ZMQ address of the PUSH socket
     hwm: int  # send high-water mark of the public socket, in batches
@@ -298,6 +299,12 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         default="fbresnet",
         help="augmentation",
     )
+    p.add_argument(
+        "--data-layout",
+        choices=[AUTO_LAYOUT, *READERS],
+        default=AUTO_LAYOUT,
+        help="layout of --data (auto: tiny-imagenet if wnids.txt, else imagenet)",
+    )
     default_workers = max(1, (os.cpu_count() or 1) - 1)
     p.add_argument("--workers", type=_positive(int), default=default_workers)
     p.add_argument("--bind", help="ZMQ address (default ipc://@imagenet-train-b<batch>)")
@@ -315,6 +322,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         batch=a.batch,
         image_size=a.image_size,
         augment=a.train_augment,
+        layout=a.data_layout,
         workers=a.workers,
         bind=a.bind or default_address(a.batch),
         hwm=a.hwm,
@@ -333,7 +341,7 @@ def _raise_shutdown(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        samples = [] if cfg.fake else create_reader(cfg.data).samples("train")
+        samples = [] if cfg.fake else create_reader(cfg.data, cfg.layout).samples("train")
     except DataError as err:
         print(f"serve-data: error: {err}", file=sys.stderr)
         return 1
