@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
+    _choice_arg(out, "--split", "--eval: the split to attack")
+    out.add_argument("--num-examples", type=int, help="--eval: only the first N images")
+    out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")
+    out.add_argument(
+        "--watch-interval", type=float, help=_help("watch_interval", "--watch: seconds")
+    )
+    out.add_argument(
+        "--watch-timeout",
+        type=float,
+        help=_help("watch_timeout", "--watch: stop after this long without a new checkpoint"),
+    )
     out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
     out.add_argument(
         "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
@@ -191,6 +202,10 @@ def _dispatch(cfg: Config, env: distributed.DistEnv, device) -> None:
         from iat.predict import run_predict
 
         run_predict(cfg, device)
+    elif cfg.mode == "eval" and cfg.watch is not None:
+        from iat.watch import watch
+
+        watch(cfg, device)
     elif cfg.mode == "eval":
         from iat.evaluate import run_eval
 

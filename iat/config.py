@@ -26,6 +26,7 @@ MODES = ("train", "eval", "eval_directory")
 MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training checkpoint records
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
+EVAL_SPLITS = ("val", "train")
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -36,6 +37,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
         "train_augment": tuple(TRAIN_AUGMENTATIONS),
         "data_layout": (AUTO_LAYOUT, *READERS),
+        "split": EVAL_SPLITS,
         "train_eval": tuple(EVAL_SCHEDULES),
     }
 
@@ -95,6 +97,11 @@ class Config:
     logdir: str | None = None  # None: train_log/PGD-{arch}{depth}-Batch{b}-{N}GPUs-iter...
     keep_checkpoints: int = 10  # most recent per-epoch checkpoints kept
     log_every: int = 20  # training steps between logged scalars
+    split: str = "val"  # --eval: the split to attack ("val" or "train")
+    num_examples: int | None = None  # --eval: only the first N images of the split
+    watch: str | None = None  # --eval: evaluate each new checkpoint of this run directory
+    watch_interval: float = 10.0  # --watch: seconds between looks at the run directory
+    watch_timeout: float = 3600.0  # --watch: stop after this long without a new checkpoint
     eval_output: str | None = None  # --eval: also write the metrics as JSON here
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
@@ -156,6 +163,9 @@ _LOWER_BOUNDS = (
     ("steps_per_epoch", 1, True),
     ("threads", 1, True),
     ("collective_timeout", 0, False),
+    ("num_examples", 1, True),
+    ("watch_interval", 0, False),
+    ("watch_timeout", 0, False),
 )
 
 
@@ -209,7 +219,10 @@ def validate(cfg: Config) -> None:
         _check(cfg.eval_directory is not None, "--eval-directory: a folder is required")
         _check(cfg.load is not None, "--load: weights are required with --eval-directory")
     if cfg.mode == "eval":
-        _check(cfg.load is not None, "--load: weights are required with --eval")
+        _check(
+            cfg.load is not None or cfg.watch is not None,
+            "--load: weights are required with --eval (or --watch RUN_DIR)",
+        )
 
 
 def default_logdir(cfg: Config, world_size: int) -> str:

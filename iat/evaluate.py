@@ -111,29 +111,41 @@ def evaluate_attack(
     )
 
 
-def run_eval(cfg: Config, device: torch.device) -> EvalResult:
-    """--eval: the --load'ed model on the validation split under the configured attack."""
-    samples = create_reader(cfg.data, cfg.data_layout).samples("val")
+def eval_samples(cfg: Config) -> list[Sample]:
+    """The samples --eval attacks: the --split of --data, its first --num-examples if given."""
+    samples = create_reader(cfg.data, cfg.data_layout).samples(cfg.split)
+    return samples[: cfg.num_examples] if cfg.num_examples else samples
+
+
+def evaluate_checkpoint(
+    cfg: Config, samples: list[Sample], device: torch.device, logger: RunLogger
+) -> EvalResult:
+    """The --load'ed model on `samples` under the configured attack; the result is logged
+    (as ``eval``) and its summary line printed."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
-    num_classes = cfg.num_classes
-    check_labels(samples, num_classes, "val")
+    check_labels(samples, cfg.num_classes, cfg.split)
     desc = f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean"
     result = evaluate_attack(
         model,
         cfg,
         samples,
         attack_iter=cfg.attack_iter,
-        num_classes=num_classes,
+        num_classes=cfg.num_classes,
         device=device,
         desc=desc,
     )
+    logger.log_result("eval", eval_record(cfg, result))
+    if distributed.is_main_process():
+        print(summary_line(cfg, result), flush=True)
+    return result
+
+
+def run_eval(cfg: Config, device: torch.device) -> EvalResult:
+    """--eval: the --load'ed model on the validation split under the configured attack."""
     main_proc = distributed.is_main_process()
     backends = [ResultFileBackend(cfg.eval_output)] if cfg.eval_output and main_proc else []
     with RunLogger(backends) as logger:
-        logger.log_result("eval", eval_record(cfg, result))
-    if main_proc:
-        print(summary_line(cfg, result))
-    return result
+        return evaluate_checkpoint(cfg, eval_samples(cfg), device, logger)
 
 
 def threat_model(cfg: Config) -> str:
@@ -174,6 +186,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "threat_model": threat_model(cfg),
         "attack": attack,
         "checkpoint": cfg.load,
+        "split": cfg.split,
         "arch": cfg.arch,
         "depth": cfg.depth,
         "num_blocks": cfg.num_blocks,

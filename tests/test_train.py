@@ -310,3 +310,48 @@ def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     args = train_args(tiny_imagenet, tmp_path / "plain", "--use-fp16xla", "--epochs", "1")
     assert main(args) == 0 and len(calls) == 1
+
+
+def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    watcher = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run),
+         "--data", str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers", "0",
+         "--attack-iter", "0", "--num-examples", "5", "--watch-interval", "0.2",
+         "--watch-timeout", "120", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # Trains while the watcher runs: two checkpoints appear one after the other.
+        assert main([*train_args(tiny_imagenet, run, "--train-eval", "none"), "--epochs", "2"]) == 0
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err[-3000:]
+    assert out.count("clean: 5 images") == 2, out
+    assert "evaluated 2 checkpoint(s)" in err
+    for epoch in (1, 2):
+        record = json.loads((run / "eval" / f"checkpoint-epoch{epoch:04d}.json").read_text())
+        assert record["images"] == 5 and record["checkpoint"].endswith(f"epoch{epoch:04d}.pt")
+        assert record["split"] == "val"
+    assert not list((run / "eval").glob(".*"))  # no temporary file left
+    # A second watcher finds nothing new and stops at once (the run's last epoch is done).
+    again = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run),
+         "--data", str(tiny_imagenet), "--image-size", "32", "--workers", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0 and "evaluated 0 checkpoint(s)" in again.stderr
+
+
+def test_eval_on_the_first_examples_of_the_train_split(tiny_imagenet, tmp_path):
+    run = tmp_path / "run"
+    assert main([*train_args(tiny_imagenet, run, "--train-eval", "none"), "--epochs", "1"]) == 0
+    out = tmp_path / "eval.json"
+    args = ["--eval", "--load", str(run / "checkpoint-epoch0001.pt"), "--data",
+            str(tiny_imagenet), "--image-size", "32", "--workers", "0", "--attack-iter", "0",
+            "--split", "train", "--num-examples", "5", "--eval-output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(out.read_text())
+    assert record["images"] == 5 and record["split"] == "train"
