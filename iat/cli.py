@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
+    out.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="mlruns",
+        help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
+    )
     _choice_arg(out, "--split", "--eval: the split to attack")
     out.add_argument("--num-examples", type=int, help="--eval: only the first N images")
     out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")

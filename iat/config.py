@@ -102,6 +102,7 @@ class Config:
     watch: str | None = None  # --eval: evaluate each new checkpoint of this run directory
     watch_interval: float = 10.0  # --watch: seconds between looks at the run directory
     watch_timeout: float = 3600.0  # --watch: stop after this long without a new checkpoint
+    mlflow: str | None = None  # MLflow tracking URI or local folder; None: no MLflow run
     eval_output: str | None = None  # --eval: also write the metrics as JSON here
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -18,11 +19,11 @@ from tqdm import tqdm
 from adv_model import Attacker
 from iat import distributed
 from iat.builders import build_attacker, load_for_inference
-from iat.config import Config
+from iat.config import Config, config_record
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, to_model_input, unreadable
 from iat.metrics import EvalResult, count_batch
-from iat.run_logging import ResultFileBackend, RunLogger
+from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -142,9 +143,14 @@ def evaluate_checkpoint(
 
 def run_eval(cfg: Config, device: torch.device) -> EvalResult:
     """--eval: the --load'ed model on the validation split under the configured attack."""
-    main_proc = distributed.is_main_process()
-    backends = [ResultFileBackend(cfg.eval_output)] if cfg.eval_output and main_proc else []
+    backends: list[Backend] = []
+    if distributed.is_main_process():
+        if cfg.eval_output:
+            backends.append(ResultFileBackend(cfg.eval_output))
+        if cfg.mlflow:
+            backends.append(MlflowBackend(cfg.mlflow, run_name=f"eval {Path(cfg.load).name}"))
     with RunLogger(backends) as logger:
+        logger.log_config(config_record(cfg, {"world_size": distributed.get_world_size()}))
         return evaluate_checkpoint(cfg, eval_samples(cfg), device, logger)
 
 

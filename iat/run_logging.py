@@ -10,6 +10,7 @@ configuration and the run's facts, replayable with ``main.py --config``), and a 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from iat.atomic_io import atomic_write_text
 
 CONFIG_FILE = "config.json"
+MLFLOW_EXPERIMENT = "imagenet-adversarial-training"
+_MLFLOW_FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -63,7 +66,7 @@ class JsonLinesBackend(Backend):
         self._write({"time": time.time(), "step": step, **context, **scalars})
 
     def result(self, name: str, record: dict) -> None:
-        self._write({"time": time.time(), "result": name, **record})
+        self._write({"time": time.time(), "phase": name, **record})
 
     def _write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -115,6 +118,65 @@ class ResultFileBackend(Backend):
         atomic_write_text(self.path, json.dumps(record, indent=2) + "\n")
 
 
+class MlflowBackend(Backend):
+    """One MLflow run (what NIST's Dioptra tracks with): parameters from the configuration, the
+    run's facts as tags, every scalar as a metric at its step, each evaluation's numbers as
+    metrics, and the newest checkpoint's path as the tag ``checkpoint``.
+
+    `uri` is a tracking URI or a local folder (``./mlruns``). MLflow 3 keeps its folder store in
+    maintenance mode behind an opt-in, which a local folder given here opts into; give a
+    ``sqlite:///...`` or ``http://...`` URI (and the full ``mlflow`` package) for a database or
+    server. Needs the optional extra: ``pip install -e '.[mlflow]'``."""
+
+    def __init__(self, uri: str, run_name: str, experiment: str = MLFLOW_EXPERIMENT) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ValueError(
+                "--mlflow: MLflow is not installed (pip install -e '.[mlflow]')"
+            ) from None
+        self.uri = mlflow_uri(uri)
+        self._client = MlflowClient(self.uri)
+        found = self._client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def config(self, record: dict) -> None:
+        from mlflow.entities import Param, RunTag
+
+        params = [Param(k, _text(v)) for k, v in sorted(record.get("config", {}).items())]
+        tags = [RunTag(f"run.{k}", _text(v)) for k, v in sorted(record.get("run", {}).items())]
+        self._client.log_batch(self.run_id, params=params, tags=tags)
+
+    def scalars(self, step: int, scalars: dict[str, float], context: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(v), now, step) for name, v in scalars.items()]
+        self._client.log_batch(self.run_id, metrics=metrics)
+
+    def result(self, name: str, record: dict) -> None:
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+        if "path" in record:  # a checkpoint
+            self._client.set_tag(self.run_id, "checkpoint", str(record["path"]))
+        self.scalars(int(record.get("step", 0)), {f"{name}/{k}": v for k, v in numbers.items()}, {})
+
+    def close(self) -> None:
+        self._client.set_terminated(self.run_id)
+
+
+def mlflow_uri(uri: str) -> str:
+    """A tracking URI; a local folder becomes a ``file://`` URI (with MLflow 3's opt-in)."""
+    if "://" in uri or uri.startswith("file:"):
+        return uri
+    os.environ.setdefault(_MLFLOW_FILE_STORE_OPT_IN, "true")
+    return Path(uri).resolve().as_uri()
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 class RunLogger:
     """Sends each record to every backend; ``with`` closes them."""
 
@@ -146,17 +208,22 @@ class RunLogger:
 
 
 def run_directory_logger(
-    logdir: str | Path, enabled: bool = True, purge_step: int | None = None
+    logdir: str | Path,
+    enabled: bool = True,
+    purge_step: int | None = None,
+    mlflow: str | None = None,
 ) -> RunLogger:
-    """TensorBoard, ``metrics.jsonl`` and ``config.json`` in `logdir` (nothing if not enabled);
-    TensorBoard events at or after `purge_step` (a killed run's) are purged."""
+    """TensorBoard, ``metrics.jsonl`` and ``config.json`` in `logdir`, plus an MLflow run when
+    `mlflow` (a URI or folder) is given; nothing if not enabled. TensorBoard events at or after
+    `purge_step` (a killed run's) are purged."""
     if not enabled:
         return RunLogger()
     Path(logdir).mkdir(parents=True, exist_ok=True)
-    return RunLogger(
-        [
-            TensorBoardBackend(logdir, purge_step),
-            JsonLinesBackend(logdir),
-            ConfigFileBackend(logdir),
-        ]
-    )
+    backends: list[Backend] = [
+        TensorBoardBackend(logdir, purge_step),
+        JsonLinesBackend(logdir),
+        ConfigFileBackend(logdir),
+    ]
+    if mlflow is not None:
+        backends.append(MlflowBackend(mlflow, run_name=Path(logdir).name))
+    return RunLogger(backends)

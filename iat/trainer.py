@@ -362,7 +362,9 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
         print(start_line(facts, start), file=sys.stderr)
     results: dict[str, EvalResult] = {}
     purge = start.progress.step + 1
-    with run_directory_logger(logdir, enabled=main_proc, purge_step=purge) as logger:
+    with run_directory_logger(
+        logdir, enabled=main_proc, purge_step=purge, mlflow=cfg.mlflow
+    ) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
@@ -371,7 +373,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
             if main_proc:
-                save_checkpoint(
+                path = save_checkpoint(
                     logdir,
                     progress,
                     run.model,
@@ -380,6 +382,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     architecture=builders.architecture_record(cfg, num_classes),
                     attack_generator=run.generator,
                 )
+                logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
             if val:
                 results = run_evals(run, val, num_classes, progress, logger)
             distributed.barrier()

@@ -141,7 +141,11 @@ def test_load_of_a_training_checkpoint_continues_its_schedule(tiny_imagenet, tmp
         == 0
     )
     assert "after epoch 1" in capsys.readouterr().err
-    assert [r["step"] for r in read_jsonl(second / "metrics.jsonl")] == [3, 4]
+    records = read_jsonl(second / "metrics.jsonl")
+    assert [r["step"] for r in records if r["phase"] == "train"] == [3, 4]
+    assert [(r["phase"], r["epoch"]) for r in records if r["phase"] != "train"] == [
+        ("checkpoint", 2)
+    ]
     assert [p.name for p in second.glob("checkpoint-*")] == ["checkpoint-epoch0002.pt"]
 
 
@@ -304,7 +308,8 @@ def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, 
     args = train_args(tiny_imagenet, tmp_path / "run", "--use-fp16xla", "--epochs", "1")
     assert main(args) == 0
     assert calls == [{"dynamic": False, "mode": "default"}]  # training; evaluation stays fp32
-    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["phase"] != "train"]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in records if r["phase"].startswith("eval")]
     assert {r["phase"] for r in evals} == {"eval-clean", "eval-10step"}
     # Without bf16 units nothing is compiled: the attack stays fp32 and eager.
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})

@@ -107,3 +107,36 @@ def test_an_empty_data_folder_is_named(tmp_path, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "has neither train/ nor val/" in line and str(empty) in line
     assert not (tmp_path / "run").exists()
+
+
+def test_mlflow_run_holds_parameters_metrics_and_the_checkpoint(tiny_imagenet, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from iat.run_logging import MLFLOW_EXPERIMENT, mlflow_uri
+
+    store = tmp_path / "mlruns"
+    run = tmp_path / "run"
+    args = short_run(
+        tiny_imagenet, run, "--epochs", "2", "--log-every", "1", "--mlflow", str(store)
+    )
+    assert main(args) == 0
+    ckpt = run / "checkpoint-epoch0002.pt"
+    assert main(["--eval", "--load", str(ckpt), "--data", str(tiny_imagenet), *TINY,
+                 "--image-size", "32", "--workers", "0", "--attack-iter", "1",
+                 "--mlflow", str(store)]) == 0  # fmt: skip
+
+    client = MlflowClient(mlflow_uri(str(store)))  # MLflow's own client reads it back
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    train, evaluation = runs["run"], runs["eval checkpoint-epoch0002.pt"]
+    assert train.info.status == "FINISHED" and evaluation.info.status == "FINISHED"
+    assert train.data.params["arch"] == "ResNet" and train.data.params["attack_iter"] == "1"
+    assert train.data.tags["checkpoint"] == str(ckpt)
+    losses = client.get_metric_history(train.info.run_id, "train/loss")
+    logged = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    expected = [(r["step"], r["train/loss"]) for r in logged if r["phase"] == "train"]
+    history = sorted((m.step, m.value) for m in losses)
+    assert [step for step, _ in history] == [step for step, _ in expected] == [1, 2]
+    assert [v for _, v in history] == pytest.approx([v for _, v in expected])
+    assert evaluation.data.metrics["eval/images"] == 7
+    assert 0 <= evaluation.data.metrics["eval/attack_success_rate"] <= 1
