@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--eval", action="store_true", help="evaluate --load'ed weights on val/")
     mode.add_argument("--eval-directory", help="classify every image file of this folder")
     mode.add_argument("--demo", action="store_true", help="train and attack a tiny model on digits")
+    mode.add_argument(
+        "--report", nargs="+", metavar="DIR", help="plots and a table from runs and evaluations"
+    )
+    p.add_argument("--out", default="report", help="--report: output folder (default: report)")
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
 
     data = p.add_argument_group("data")
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_NOT_CONFIG = ("eval", "demo", "config")
+_NOT_CONFIG = ("eval", "demo", "config", "report", "out")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -229,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             from iat.demo import run_demo
 
             return run_demo(args.logdir or "demo_log")
+        if args.report:
+            from iat.report import write_report
+
+            for path in write_report(args.report, args.out):
+                print(f"wrote {path}")
+            return 0
         run(config_from_args(args))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
