@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--eval-directory", help="classify every image file of this folder")
     mode.add_argument("--demo", action="store_true", help="train and attack a tiny model on digits")
     mode.add_argument(
+        "--export-activations",
+        metavar="LAYER",
+        help="write a layer's activations over --split (e.g. gap, group3)",
+    )
+    mode.add_argument(
         "--report", nargs="+", metavar="DIR", help="plots and a table from runs and evaluations"
     )
     p.add_argument("--out", default="report", help="--report: output folder (default: report)")
@@ -135,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     out.add_argument(
+        "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
+    )
+    out.add_argument(
         "--mlflow",
         nargs="?",
         const="mlruns",
@@ -160,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_MODE_FLAGS = ("eval", "eval_directory", "export_activations")  # flag dest = mode name
 _NOT_CONFIG = ("eval", "demo", "config", "report", "out")
 
 
@@ -175,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     explicit = set(given) | set(values.get("explicit_model_fields", ()))
     values.update(given)
     values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
-    values["mode"] = "eval" if args.eval else "eval_directory" if args.eval_directory else "train"
+    values["mode"] = next((m for m in _MODE_FLAGS if getattr(args, m)), "train")
     return Config(**values)
 
 
@@ -208,7 +217,11 @@ def run(cfg: Config) -> None:
 
 
 def _dispatch(cfg: Config, env: distributed.DistEnv, device) -> None:
-    if cfg.mode == "eval_directory":
+    if cfg.mode == "export_activations":
+        from iat.embedding import run_export
+
+        run_export(cfg, device)
+    elif cfg.mode == "eval_directory":
         from iat.predict import run_predict
 
         run_predict(cfg, device)

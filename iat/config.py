@@ -22,7 +22,7 @@ from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.eval_schedule import EVAL_SCHEDULES
 
-MODES = ("train", "eval", "eval_directory")
+MODES = ("train", "eval", "eval_directory", "export_activations")
 MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training checkpoint records
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
@@ -102,6 +102,8 @@ class Config:
     watch: str | None = None  # --eval: evaluate each new checkpoint of this run directory
     watch_interval: float = 10.0  # --watch: seconds between looks at the run directory
     watch_timeout: float = 3600.0  # --watch: stop after this long without a new checkpoint
+    export_activations: str | None = None  # layer whose activations --export-activations writes
+    activations_file: str = "activations.npz"  # where: .npz (NumPy) or .mat (MATLAB)
     mlflow: str | None = None  # MLflow tracking URI or local folder; None: no MLflow run
     eval_output: str | None = None  # --eval: also write the metrics as JSON here
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
@@ -214,11 +216,17 @@ def validate(cfg: Config) -> None:
             f"--data-server: {cfg.data_server!r} is not a ZeroMQ address "
             f"({' or '.join(t + '...' for t in DATA_SERVER_TRANSPORTS)})",
         )
-    needs_data = cfg.mode in ("train", "eval") and not cfg.fake
+    needs_data = cfg.mode in ("train", "eval", "export_activations") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     if cfg.mode == "eval_directory":
         _check(cfg.eval_directory is not None, "--eval-directory: a folder is required")
         _check(cfg.load is not None, "--load: weights are required with --eval-directory")
+    if cfg.mode == "export_activations":
+        _check(cfg.load is not None, "--load: weights are required with --export-activations")
+        _check(
+            cfg.activations_file.endswith((".npz", ".mat")),
+            f"--activations-file: {cfg.activations_file} must end in .npz or .mat",
+        )
     if cfg.mode == "eval":
         _check(
             cfg.load is not None or cfg.watch is not None,

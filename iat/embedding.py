@@ -1,0 +1,186 @@
+"""Embedding-space defenses of the NIPS-2018 defense project: a layer's activations exported,
+compressed by PCA, and LESCI — classification by the nearest neighbours of the compressed
+activation in a stored embedding space, falling back to the network where they disagree.
+
+``--export-activations LAYER`` writes the activations of a named module (a ``nets`` module
+path, e.g. ``group3`` or ``gap``) over a split, with their labels, as ``.npz`` or MATLAB
+``.mat`` (SciPy), as the original project did. ``PCA`` and ``nearest_neighbours`` are plain
+torch; ``LESCI`` wraps a model and is attackable: its backward pass is the network's own
+(BPDA through the k-NN step, Athalye, Carlini & Wagner 2018, Sec 4.1), so white-box attacks are
+not fooled by the non-differentiable vote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from iat.atomic_io import atomic_write
+from iat.data.layouts import DataError
+
+ACTIVATIONS_KEY, LABELS_KEY = "activations", "labels"
+OVERRIDE_MARGIN = 1.0  # where the vote overrides the network, its class leads by this logit
+
+
+@contextmanager
+def captured(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
+    """Collects the output of ``model``'s module named `layer`, flattened per example, for every
+    forward pass inside the block."""
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        names = ", ".join(n for n in modules if n and "." not in n)
+        raise ValueError(f"--export-activations: no layer {layer!r}; top-level layers: {names}")
+    outputs: list[torch.Tensor] = []
+    handle = modules[layer].register_forward_hook(
+        lambda _module, _inputs, output: outputs.append(output.flatten(1))
+    )
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def save_activations(path: str | Path, activations: np.ndarray, labels: np.ndarray) -> Path:
+    """``.npz`` (NumPy) or ``.mat`` (MATLAB, through SciPy), written atomically."""
+    path = Path(path)
+    arrays = {ACTIVATIONS_KEY: activations, LABELS_KEY: labels}
+    if path.suffix == ".mat":
+        from scipy.io import savemat
+
+        return atomic_write(path, lambda f: savemat(f, arrays))
+    if path.suffix == ".npz":
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
+    raise DataError(f"--activations-file: {path} must end in .npz or .mat")
+
+
+def load_activations(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """What ``save_activations`` wrote (never unpickled)."""
+    path = Path(path)
+    if path.suffix == ".mat":
+        from scipy.io import loadmat
+
+        arrays = loadmat(path)
+        return arrays[ACTIVATIONS_KEY], arrays[LABELS_KEY].reshape(-1)
+    with np.load(path, allow_pickle=False) as arrays:
+        return arrays[ACTIVATIONS_KEY], arrays[LABELS_KEY]
+
+
+class PCA:
+    """Principal components of rows of `data` (centred), via the SVD."""
+
+    def __init__(self, data: torch.Tensor, components: int) -> None:
+        if not 1 <= components <= min(data.shape):
+            raise ValueError(f"PCA: components must be in [1, {min(data.shape)}], got {components}")
+        self.mean = data.mean(dim=0)
+        _, _, vh = torch.linalg.svd(data - self.mean, full_matrices=False)
+        self.components = vh[:components]  # [k, D], orthonormal rows
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.components.T
+
+    def restore(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.components + self.mean
+
+
+def nearest_neighbours(queries: torch.Tensor, space: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[Q, k]`` of each query's `k` nearest rows of `space` (Euclidean), nearest
+    first."""
+    return torch.cdist(queries, space).topk(k, dim=1, largest=False).indices
+
+
+def knn_vote(
+    neighbour_labels: torch.Tensor, num_classes: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(majority class, whether it reaches `threshold`)`` of each row of neighbour labels."""
+    counts = torch.nn.functional.one_hot(neighbour_labels, num_classes).sum(dim=1)
+    top = counts.max(dim=1)
+    return top.indices, top.values >= threshold * neighbour_labels.shape[1]
+
+
+class LESCI(nn.Module):
+    """Classify by the k nearest neighbours of the PCA-compressed activation of `layer` among a
+    stored embedding space (majority with at least `threshold` of the votes), else by the
+    network.
+
+    Returns the network's logits, except where the vote overrides the network: there the voted
+    class's logit is raised just enough to lead by ``OVERRIDE_MARGIN``. The raise is a constant
+    on the backward pass (BPDA: the k-NN step is the identity), and it is small, so a loss on
+    these logits is not saturated: attacks get the network's gradient, never a masked one."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        pca: PCA,
+        space: torch.Tensor,
+        space_labels: torch.Tensor,
+        k: int = 10,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.model, self.layer, self.pca, self.k, self.threshold = model, layer, pca, k, threshold
+        self.register_buffer("space", pca.compress(space))
+        self.register_buffer("space_labels", space_labels.long())
+
+    def decide(self, logits: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """The class of each example: the confident vote, else the network's."""
+        neighbours = nearest_neighbours(self.pca.compress(activations), self.space, self.k)
+        vote, confident = knn_vote(self.space_labels[neighbours], logits.shape[1], self.threshold)
+        return torch.where(confident, vote, logits.argmax(dim=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with captured(self.model, self.layer) as outputs:
+            logits = self.model(images)
+        decided = self.decide(logits.detach(), outputs[-1].detach())
+        plain = logits.detach()
+        gap = plain.max(dim=1).values - plain.gather(1, decided[:, None]).squeeze(1)
+        raise_by = torch.where(gap > 0, gap + OVERRIDE_MARGIN, torch.zeros_like(gap))
+        return logits + raise_by[:, None] * nn.functional.one_hot(decided, logits.shape[1])
+
+
+def export_activations(
+    model: nn.Module, layer: str, batches, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """The flattened activations of `layer` and the labels over ``(images, labels, ...)``
+    batches (uint8 NHWC, as ``sources.eval_loader`` gives them)."""
+    from iat.data.sources import to_model_input
+
+    model.eval()
+    collected, labels = [], []
+    with torch.no_grad(), captured(model, layer) as outputs:
+        for images, batch_labels, *_ in batches:
+            model(to_model_input(images, device))
+            collected.append(outputs.pop().cpu())
+            labels.append(batch_labels)
+    return torch.cat(collected).numpy(), torch.cat(labels).numpy()
+
+
+def run_export(cfg, device: torch.device) -> Path:
+    """--export-activations LAYER: the --load'ed model's activations over --split of --data."""
+    from iat import distributed
+    from iat.builders import load_for_inference
+    from iat.data.sources import eval_loader
+    from iat.evaluate import eval_samples
+
+    samples = eval_samples(cfg)
+    model, cfg = load_for_inference(cfg, device)
+    loader = eval_loader(
+        samples,
+        batch=cfg.batch,
+        image_size=cfg.image_size,
+        workers=cfg.workers,
+        rank=0,
+        world_size=1,
+        pin_memory=device.type == "cuda",
+    )
+    activations, labels = export_activations(model, cfg.export_activations, loader, device)
+    path = Path(cfg.activations_file)
+    if distributed.is_main_process():
+        save_activations(path, activations, labels)
+        print(f"wrote {activations.shape[0]} x {activations.shape[1]} activations to {path}")
+    return path
