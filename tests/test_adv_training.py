@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from digits_model import DigitsNet, digits_tensors, eval_logits
 from test_train import error_line, train_args
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 import nets
 from adv_model import (
@@ -25,6 +28,7 @@ from adv_model import (
     no_targets,
     training_objective,
 )
+from iat import distributed
 from iat.attack_spec import AttackSpec, parse_attack_spec
 from iat.builders import AttackPrecision, build_optimizer, build_training_attacker
 from iat.config import Config
@@ -307,31 +311,75 @@ def no_bn_net() -> nn.Module:
     return net
 
 
-def test_accumulated_micro_batches_give_the_update_of_one_large_batch():
+def accumulation_data() -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.rand(12, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 255
-    labels = torch.arange(12) % 5
-    cfg = Config(data="x", weight_decay=1e-2)
+    return images, torch.arange(12) % 5
+
+
+def train_in_parts(model: nn.Module, ddp: nn.Module, images, labels, split) -> nn.Module:
+    """Two updates (momentum enters the second) of `model`, through `ddp`, on the batch cut
+    into micro-batches of the sizes `split`."""
+    optimizer = build_optimizer(model, Config(data="x", weight_decay=1e-2))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.05
     # A deterministic PGD (from the clean image, untargeted): per image, so split or whole
     # batches make the same adversarial images.
     attacker = PGDAttacker(3, 8.0, 2.0, prob_start_from_clean=1.0, target=None)
-    loss = LossSettings(label_smoothing=0.1)
-    models = []
-    for split in ((12,), (4, 4, 4)):
+    parts = [(images[i], labels[i]) for i in torch.split(torch.arange(len(labels)), split)]
+    for _ in range(2):
+        result = train_step(ddp, model, attacker, optimizer, parts, LossSettings(0.1))
+    assert result.labels.shape == labels.shape  # every micro-batch is counted
+    return model
+
+
+def assert_same_parameters(left: nn.Module, right: nn.Module) -> None:
+    pairs = zip(left.named_parameters(), right.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_accumulated_micro_batches_give_the_update_of_one_large_batch():
+    images, labels = accumulation_data()
+    whole = no_bn_net()
+    train_in_parts(whole, whole, images, labels, (12,))
+    micro = no_bn_net()
+    train_in_parts(micro, micro, images, labels, (4, 4, 4))
+    assert_same_parameters(micro, whole)
+    assert not torch.equal(whole[0].weight, no_bn_net()[0].weight)
+
+
+def _accumulating_rank(env: distributed.DistEnv, out_dir: str) -> None:
+    """One of 2 ranks: its 6 images as 2 micro-batches of 3, through DDP, counting the
+    gradient all-reduces (a communication hook)."""
+    torch.set_num_threads(1)
+    with distributed.process_group(env, torch.device("cpu"), timeout_s=60):
         model = no_bn_net()
-        optimizer = build_optimizer(model, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = 0.05
-        for _ in range(2):  # twice: momentum enters the second update
-            parts = torch.split(torch.arange(12), split)
-            result = train_step(model, model, attacker, optimizer,
-                                [(images[i], labels[i]) for i in parts], loss)  # fmt: skip
-        models.append(model)
-        assert result.labels.shape == (12,)  # every micro-batch counted
-    for (name, whole), (_, micro) in zip(
-        models[0].named_parameters(), models[1].named_parameters(), strict=True
-    ):
-        torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(models[0][0].weight, no_bn_net()[0].weight)
+        ddp = DistributedDataParallel(model)
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(1)
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_allreduce)
+        images, labels = accumulation_data()
+        mine = slice(6 * env.rank, 6 * env.rank + 6)
+        train_in_parts(model, ddp, images[mine], labels[mine], (3, 3))
+        torch.save({"model": model.state_dict(), "allreduces": len(calls)},
+                   Path(out_dir) / f"rank{env.rank}.pt")  # fmt: skip
+
+
+def test_accumulation_on_two_processes_all_reduces_once_per_update(tmp_path):
+    distributed.spawn(_accumulating_rank, 2, (str(tmp_path),))
+    images, labels = accumulation_data()
+    whole = no_bn_net()
+    train_in_parts(whole, whole, images, labels, (12,))
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["allreduces"] == 2  # 2 updates, one bucket, no sync on the first micro
+        model = no_bn_net()
+        model.load_state_dict(saved["model"])
+        assert_same_parameters(model, whole)
 
 
 # --- 6. cheap adversarial training on the digits -----------------------------------------------
