@@ -30,6 +30,7 @@ NO_TARGET = -1
 # The original's --use-fp16xla scales the fp16 loss by 128 before the backward pass so that small
 # input gradients do not underflow; only their sign is used. bf16 has fp32's range: no scaling.
 FP16_LOSS_SCALE = 128.0
+FGSM_RS_STEP = 1.25  # FGSM-RS step in units of epsilon (Wong, Rice, Kolter 2020, Sec 4)
 Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
@@ -244,6 +245,49 @@ class PGDAttacker(Attacker):
         return torch.minimum(torch.maximum(stepped, lower), upper)
 
 
+class FreeAttacker(Attacker):
+    """Free adversarial training's perturbation (Shafahi et al. 2019, "Adversarial Training for
+    Free!", Alg. 1): no attack pass of its own. ``attack`` returns the images plus the current
+    perturbation delta, as a leaf of the training graph; the training step's one backward pass
+    gives the weight gradient and delta's gradient alike, and ``advance`` (after that backward)
+    moves delta by epsilon * sign(gradient), clipped to the epsilon-ball. Delta is carried over
+    between replays of a minibatch and from minibatch to minibatch; ``reset`` zeroes it."""
+
+    def __init__(self, epsilon: float) -> None:
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        self.epsilon = float(epsilon)
+        self.delta: Tensor | None = None
+        self._leaf: Tensor | None = None
+
+    def reset(self) -> None:
+        """Start again from delta = 0 (Alg. 1's initialisation)."""
+        self.delta = None
+        self._leaf = None
+
+    def attack(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if self.delta is None or self.delta.shape != images.shape:
+            self.delta = torch.zeros_like(images)
+        self._leaf = self.delta.clone().requires_grad_(True)
+        adv = torch.clamp(images.detach() + self._leaf, PIXEL_MIN, PIXEL_MAX)
+        return adv, no_targets(labels)
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Shafahi et al. Alg. 1: delta <- clip(delta + eps * sign(grad_x), -eps, eps)."""
+        if self._leaf is None or self._leaf.grad is None:
+            raise RuntimeError("advance() needs a backward pass through the last attack")
+        stepped = self.delta + self.epsilon * self._leaf.grad.sign()
+        self.delta = stepped.clamp(-self.epsilon, self.epsilon)
+        self._leaf = None
+
+
 @dataclass(frozen=True)
 class AttackSettings:
     """Everything an attack factory may use; each factory takes what it needs."""
@@ -295,11 +339,55 @@ def _pgd(settings: AttackSettings) -> Attacker:
     )
 
 
+@register_attack("fgsmrs")
+def _fgsm_random_start(settings: AttackSettings) -> Attacker:
+    """FGSM with a random start (Wong, Rice, Kolter 2020, "Fast is better than free", Alg. 3):
+    one untargeted sign step of 1.25 epsilon from a uniform point of the epsilon-ball, projected
+    back onto it. ``num_iter``, ``step_size``, ``target`` and ``prob_start_from_clean`` of the
+    settings are not used: the method fixes them."""
+    # Wong et al. Sec 4: alpha = 1.25 epsilon; the random start is what makes one step work.
+    return PGDAttacker(
+        1,
+        settings.epsilon,
+        FGSM_RS_STEP * settings.epsilon,
+        prob_start_from_clean=0.0,
+        target=None,
+        generator=settings.generator,
+        autocast=settings.autocast,
+        compiled=settings.compiled,
+    )
+
+
+@register_attack("free")
+def _free(settings: AttackSettings) -> Attacker:
+    return FreeAttacker(settings.epsilon)
+
+
 def create_attacker(name: str, settings: AttackSettings) -> Attacker:
     """The attacker registered as ``name``, built from ``settings``."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; registered: {sorted(ATTACKS)}")
     return ATTACKS[name](settings)
+
+
+def mixed_batch(batch: int, adv_fraction: float, paired: bool) -> tuple[slice, slice]:
+    """Which images of a batch of ``batch`` are attacked and which stay clean.
+
+    ``round(adv_fraction * batch)`` images (at least 1) are attacked: the first ones. The clean
+    part is the rest of the batch (mixed-minibatch PGD, Kurakin et al. 2017 Sec 4.1: each
+    image is used once) or, when ``paired``, the first ``batch - attacked`` images, so that
+    the first ``min(attacked, clean)`` images are in the batch both clean and adversarial
+    (ALP Sec 3: a minibatch of m clean examples and their m adversarial examples)."""
+    attacked = min(batch, max(1, round(adv_fraction * batch)))
+    clean = slice(0, batch - attacked) if paired else slice(attacked, batch)
+    return slice(0, attacked), clean
+
+
+def logit_pairing_loss(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
+    """The mean squared difference of paired logits (ALP Sec 3, L2 loss between f(x) and
+    f(x~)): the first ``min(len(clean), len(adv))`` rows of each are pairs."""
+    pairs = min(clean_logits.shape[0], adv_logits.shape[0])
+    return F.mse_loss(adv_logits[:pairs], clean_logits[:pairs])
 
 
 def training_objective(
@@ -309,17 +397,31 @@ def training_objective(
     images: Tensor,
     labels: Tensor,
     label_smoothing: float,
+    adv_fraction: float = 1.0,
+    lp_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The adversarial training loss of one batch: ``(loss, logits, target_labels)``.
+    """The adversarial training loss of one batch: ``(loss, adv_logits, target_labels)``.
 
     The attack runs on ``attack_model`` (the bare network, BatchNorm in inference mode) and the
-    loss is computed through ``model`` (e.g. its DDP wrapper) on the adversarial images only.
-    """
-    adv, targets = attacker.attack(attack_model, images, labels)
-    logits = model(adv)
-    # Feature Denoising Sec 5: label smoothing 0.1 on the adversarial images.
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    return loss, logits.detach(), targets
+    loss is computed through ``model`` (e.g. its DDP wrapper) in one forward pass.
+    ``adv_fraction`` 1 (the original) trains on adversarial images only; below 1 the batch is
+    mixed (``mixed_batch``), and ``lp_weight`` > 0 adds adversarial logit pairing. The logits
+    and targets returned are those of the adversarial images, made from the first
+    ``len(adv_logits)`` images of the batch (what the training metrics count)."""
+    pairing = lp_weight > 0
+    attacked, clean = mixed_batch(images.shape[0], adv_fraction, paired=pairing)
+    adv, targets = attacker.attack(attack_model, images[attacked], labels[attacked])
+    logits = model(torch.cat([adv, images[clean].to(adv.dtype)]))
+    adv_logits, clean_logits = logits[: adv.shape[0]], logits[adv.shape[0] :]
+    # Feature Denoising Sec 5: label smoothing 0.1; ALP Sec 3: the cross-entropy of the mixed
+    # minibatch, clean and adversarial images alike.
+    loss = F.cross_entropy(
+        logits, torch.cat([labels[attacked], labels[clean]]), label_smoothing=label_smoothing
+    )
+    if pairing:
+        # ALP Sec 3: J(M, theta) + lambda * L(f(x), f(x~)) over the pairs.
+        loss = loss + lp_weight * logit_pairing_loss(clean_logits, adv_logits)
+    return loss, adv_logits.detach(), targets
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

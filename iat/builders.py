@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
-from iat.config import MODEL_FIELDS, NO_TARGET, Config
+from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
+from iat.run_state import averaged_weights
 
 IMAGENET_CLASSES = 1000
 
@@ -62,6 +63,8 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
     and ``num_classes`` is --num-classes or the checkpoint's."""
     weights = nets.read_weights(cfg.load)
     cfg = with_recorded_architecture(cfg, weights)
+    if cfg.eval_ema:
+        weights = averaged_weights(weights)
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or weights.num_classes)
     return build_model(cfg, cfg.num_classes, device, weights), cfg
 
@@ -203,6 +206,27 @@ def build_attacker(
     return create_attacker(attack_name(attack_iter), settings)
 
 
+def build_training_attacker(
+    cfg: Config, *, num_classes: int, precision: AttackPrecision, generator: torch.Generator
+) -> Attacker:
+    """The training attack: --adv-method's spec (or the --attack-* flags), computed with
+    `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
+    perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
+    spec = training_attack_spec(cfg)
+    settings = AttackSettings(
+        num_iter=spec.num_iter,
+        epsilon=spec.epsilon,
+        step_size=spec.step_size,
+        target=spec.target,
+        prob_start_from_clean=cfg.prob_start_from_clean,
+        num_classes=num_classes,
+        generator=generator,
+        autocast=precision.autocast,
+        compiled=precision.compiled,
+    )
+    return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
+
+
 # --- optimizer and schedule ------------------------------------------------------------------
 def peak_lr(base_lr: float, total_batch: int) -> float:
     # "ImageNet in 1 Hour" Sec 2.1: linear scaling, lr = 0.1 * total_batch / 256 (in floating
@@ -221,10 +245,13 @@ def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD over the trainable parameters (frozen ones, requires_grad False, are left out: no
+    weight decay or momentum moves them)."""
     # Weight decay 1e-4 on conv and fc weights only, not on BatchNorm parameters or biases
     # (the original regularises '.*/W'). Nesterov momentum 0.9 ("ImageNet in 1 Hour" Sec 5.1).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
     )
 
+    _adversarial_training_args(p)
+
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
     opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
@@ -166,6 +168,47 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
     out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
     return p
+
+
+def _scope_list(text: str) -> tuple[str, ...]:
+    """ "a,b" -> ("a", "b"): the original's comma-separated variable-name prefixes."""
+    return tuple(scope.strip() for scope in text.split(","))
+
+
+def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "adversarial-training variants (README: Adversarial-training options)"
+    )
+    group.add_argument(
+        "--adv-method",
+        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS "
+        "(default: the --attack-* flags)",
+    )
+    group.add_argument(
+        "--adv-fraction",
+        type=float,
+        help="attacked fraction of a batch (default: 0.5 with --lp-weight, else 1)",
+    )
+    group.add_argument("--lp-weight", type=float, help=_help("lp_weight", "logit pairing"))
+    group.add_argument(
+        "--moving-average-decay",
+        type=float,
+        help=_help("moving_average_decay", "EMA of the weights, <= 0 disables; ALP: 0.9999"),
+    )
+    group.add_argument(
+        "--eval-ema", action="store_true", default=None, help="evaluate the averaged weights"
+    )
+    group.add_argument("--finetune-checkpoint", help="weights a fresh run starts from")
+    group.add_argument(
+        "--finetune-exclude-scopes", type=_scope_list, help="a,b: not loaded (fresh init)"
+    )
+    group.add_argument(
+        "--finetune-trainable-scopes", type=_scope_list, help="a,b: trained; the rest frozen"
+    )
+    group.add_argument("--accumulate", type=int, help=_help("accumulate", "micro-batches/update"))
+    group.add_argument(
+        "--free-replays", type=int, help=_help("free_replays", "free adversarial training")
+    )
 
 
 _MODE_FLAGS = ("eval", "eval_directory", "export_activations")  # flag dest = mode name

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nets
 from adv_model import TARGET_MODES
+from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
@@ -79,6 +80,22 @@ class Config:
     attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
     prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
     use_fp16xla: bool = False  # attack under autocast and compiled (the original's fp16 + XLA)
+    # The training attack as a spec (iat.attack_spec: clean, pgd_EPS_STEP_NITER, pgdll_...,
+    # pgdrnd_..., fgsmrs_EPS); None: the --attack-* flags above (random-target PGD).
+    adv_method: str | None = None
+
+    # --- adversarial-training variants (ALP; "Fast is better than free"; free training) -------
+    # Fraction of each batch that is attacked; None: 0.5 with --lp-weight > 0 (ALP Sec 3), else
+    # 1 (Feature Denoising Sec 5: adversarial images only). Below 1 without pairing: M-PGD.
+    adv_fraction: float | None = None
+    lp_weight: float = 0.0  # adversarial logit pairing weight (ALP Sec 3); <= 0: no pairing
+    moving_average_decay: float = -1.0  # EMA of the weights (ALP: 0.9999); <= 0 disables
+    eval_ema: bool = False  # evaluate the averaged weights (training: in-training evaluation)
+    finetune_checkpoint: str | None = None  # weights (.npz / .pt) a fresh run starts from
+    finetune_exclude_scopes: tuple[str, ...] = ()  # not loaded: freshly initialised
+    finetune_trainable_scopes: tuple[str, ...] | None = None  # None: all; else others frozen
+    accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
+    free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
@@ -169,6 +186,8 @@ _LOWER_BOUNDS = (
     ("num_examples", 1, True),
     ("watch_interval", 0, False),
     ("watch_timeout", 0, False),
+    ("accumulate", 1, True),
+    ("free_replays", 1, True),
 )
 
 
@@ -210,6 +229,7 @@ def validate(cfg: Config) -> None:
     )
     _finite(cfg)
     _bounds(cfg)
+    _adversarial_training(cfg)
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),
@@ -234,11 +254,81 @@ def validate(cfg: Config) -> None:
         )
 
 
+def training_attack_spec(cfg: Config) -> AttackSpec:
+    """The training attack: --adv-method's spec, else the original's --attack-* flags."""
+    if cfg.adv_method is not None:
+        return parse_attack_spec(cfg.adv_method)
+    target = None if cfg.attack_target == NO_TARGET else cfg.attack_target
+    return flags_attack_spec(cfg.attack_iter, cfg.attack_epsilon, cfg.attack_step_size, target)
+
+
+def adv_fraction(cfg: Config) -> float:
+    """--adv-fraction, or its default: 0.5 with logit pairing (ALP Sec 3), else 1."""
+    if cfg.adv_fraction is not None:
+        return cfg.adv_fraction
+    return 0.5 if cfg.lp_weight > 0 else 1.0
+
+
+def ema_enabled(cfg: Config) -> bool:
+    # ALP's train.py averages the weights only for a positive --moving_average_decay.
+    return cfg.moving_average_decay > 0
+
+
+def _scopes(name: str, scopes: tuple[str, ...] | None) -> None:
+    _check(
+        scopes is None or all(scopes),
+        f"{_flag(name)}: empty scope in {','.join(scopes or ())!r}",
+    )
+
+
+def _adversarial_training(cfg: Config) -> None:
+    """The training variants' flags: each bad value or combination, one line."""
+    spec = training_attack_spec(cfg)
+    if cfg.adv_fraction is not None:
+        _check(
+            0 < cfg.adv_fraction <= 1, f"--adv-fraction: must be in (0, 1], got {cfg.adv_fraction}"
+        )
+    _check(
+        cfg.lp_weight <= 0 or adv_fraction(cfg) < 1,
+        "--lp-weight: logit pairing needs clean images in the batch (--adv-fraction < 1)",
+    )
+    _check(
+        cfg.moving_average_decay < 1,
+        f"--moving-average-decay: must be < 1 (<= 0 disables), got {cfg.moving_average_decay}",
+    )
+    _check(
+        not (cfg.eval_ema and cfg.mode == "train" and not ema_enabled(cfg)),
+        "--eval-ema: training keeps no averaged weights without --moving-average-decay > 0",
+    )
+    _scopes("finetune_exclude_scopes", cfg.finetune_exclude_scopes)
+    _scopes("finetune_trainable_scopes", cfg.finetune_trainable_scopes)
+    scoped = cfg.finetune_exclude_scopes or cfg.finetune_trainable_scopes is not None
+    _check(
+        not scoped or cfg.finetune_checkpoint is not None,
+        "--finetune-exclude-scopes/--finetune-trainable-scopes: need --finetune-checkpoint",
+    )
+    _check(
+        cfg.finetune_checkpoint is None or cfg.load is None,
+        "--finetune-checkpoint: starts a run from weights; --load cannot be given with it",
+    )
+    if cfg.free_replays > 1:
+        _check(spec.name != "clean", "--free-replays: needs an attack epsilon (not clean)")
+        _check(
+            adv_fraction(cfg) == 1 and cfg.accumulate == 1,
+            "--free-replays: cannot be combined with --adv-fraction < 1, --lp-weight or "
+            "--accumulate",
+        )
+
+
 def default_logdir(cfg: Config, world_size: int) -> str:
     """The original's run-directory name: PGD-ResNet50-Batch32-8GPUs-iter30-epsilon16.0-step1.0"""
     model = f"{cfg.arch}{cfg.depth}"
     if cfg.num_blocks is not None:
         model = f"{cfg.arch}-blocks{''.join(str(n) for n in cfg.num_blocks)}"
+    if cfg.adv_method is not None:
+        return os.path.join(
+            "train_log", f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-{cfg.adv_method}"
+        )
     return os.path.join(
         "train_log",
         f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{cfg.attack_iter}"
@@ -251,7 +341,13 @@ def config_record(cfg: Config, run: dict) -> dict:
     return {"config": dataclasses.asdict(cfg), "run": run}
 
 
-_TUPLE_FIELDS = ("num_blocks", "lr_decay_epochs", "explicit_model_fields")
+_TUPLE_FIELDS = (
+    "num_blocks",
+    "lr_decay_epochs",
+    "explicit_model_fields",
+    "finetune_exclude_scopes",
+    "finetune_trainable_scopes",
+)
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -28,6 +28,7 @@ from nets import CheckpointError
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
 RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator's uint8 state}
+EMA_FIELD = "ema"  # the averaged weights (iat.ema), keyed as "model"; only with an average
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -83,11 +84,13 @@ def save_checkpoint(
     *,
     architecture: Mapping[str, object],
     attack_generator: torch.Generator,
+    averaged: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
 
     `architecture` holds plain values (``builders.architecture_record``); the attack
-    generator's state is what the next epoch's attacks start from."""
+    generator's state is what the next epoch's attacks start from; `averaged` is the moving
+    average of the weights, when the run keeps one."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "model": model.state_dict(),
@@ -97,6 +100,8 @@ def save_checkpoint(
         nets.ARCHITECTURE_KEY: dict(architecture),
         RNG_FIELD: {"device": attack_generator.device.type, "attack": attack_generator.get_state()},
     }
+    if averaged is not None:
+        state[EMA_FIELD] = dict(averaged)
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -113,6 +118,7 @@ class Start:
     optimizer: dict | None  # optimizer state to restore
     progress: Progress  # completed epochs and steps before this run's first step
     rng: dict | None = None  # the attack generator's state to restore (RNG_FIELD)
+    ema: dict | None = None  # the averaged weights to restore (EMA_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -129,6 +135,7 @@ class _TrainingState:
     optimizer: dict
     progress: Progress
     rng: dict | None
+    ema: dict | None
 
 
 def _training_state(weights: nets.Weights) -> _TrainingState | None:
@@ -141,7 +148,8 @@ def _training_state(weights: nets.Weights) -> _TrainingState | None:
         _count(source, "epoch", contents["epoch"]), _count(source, "step", contents["step"])
     )
     optimizer = _optimizer_state(source, contents["optimizer"])
-    return _TrainingState(optimizer, progress, _rng_state(source, contents.get(RNG_FIELD)))
+    rng = _rng_state(source, contents.get(RNG_FIELD))
+    return _TrainingState(optimizer, progress, rng, _ema_state(source, contents.get(EMA_FIELD)))
 
 
 def _field_error(source: str, field: str, expected: str, value: object) -> CheckpointError:
@@ -190,6 +198,31 @@ def _rng_state(source: str, value: object) -> dict | None:
     return dict(value)
 
 
+def _ema_state(source: str, value: object) -> dict | None:
+    """EMA_FIELD, checked: {state_dict key: tensor}; None when absent."""
+    if value is None:
+        return None
+    valid = isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+    if not valid:
+        raise _field_error(source, EMA_FIELD, "a mapping of names to tensors", value)
+    return dict(value)
+
+
+def averaged_weights(weights: nets.Weights) -> nets.Weights:
+    """The moving-average weights a training checkpoint holds beside its raw ones (--eval-ema),
+    as loadable weights; CheckpointError when it holds none."""
+    contents = weights.contents or {}
+    state = _ema_state(weights.source, contents.get(EMA_FIELD))
+    if state is None:
+        raise CheckpointError(
+            f"{weights.source}: no averaged weights (field {EMA_FIELD!r}); it was trained "
+            "without --moving-average-decay, leave out --eval-ema"
+        )
+    return nets.Weights(weights.source, "pt", state, contents)
+
+
 def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Start:
     """Resume the run directory's latest checkpoint (a relaunch), else start from --load.
 
@@ -207,4 +240,4 @@ def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Sta
             raise CheckpointError(f"{source}: a run checkpoint without {TRAINING_FIELDS}")
         return Start("weights", weights, None, fresh)
     kind = "resume" if latest is not None else "continue"
-    return Start(kind, weights, state.optimizer, state.progress, state.rng)
+    return Start(kind, weights, state.optimizer, state.progress, state.rng, state.ema)

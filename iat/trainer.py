@@ -3,11 +3,15 @@
 Feature Denoising Sec 5: every training image is replaced by its PGD adversarial example
 (random target, 20% of batches start from the clean image), and the network is trained on
 those only, with label smoothing 0.1 (``adv_model.training_objective``). The schedule is
-"ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``).
+"ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``). The variants (README,
+"Adversarial-training options"): mixed batches and logit pairing (in the objective), virtual
+batches of several micro-batches, free training's replayed batches, a moving average of the
+weights, and fine-tuning from another checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
@@ -16,16 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from adv_model import Attacker, training_objective
+import nets
+from adv_model import Attacker, FreeAttacker, training_objective
 from iat import builders, distributed
-from iat.config import Config, config_record, default_logdir
+from iat.config import Config, adv_fraction, config_record, default_logdir, ema_enabled
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
+from iat.ema import WeightAverage
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
+from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
@@ -53,9 +61,35 @@ class Training:
     optimizer: torch.optim.Optimizer
     batches: Iterator
     precision: builders.AttackPrecision  # how the training attack computes
-    steps: int  # steps per epoch
-    total_batch: int  # images per step over all processes
+    steps: int  # steps (updates) per epoch
+    total_batch: int  # images per update over all processes (micro-batches included)
     device: torch.device
+    loss: LossSettings
+    ema: WeightAverage | None = None  # the moving average of the weights, when kept
+    held: list[MicroBatch] | None = None  # free training: the batch being replayed
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The arguments of ``adv_model.training_objective`` beyond the batch."""
+
+    label_smoothing: float
+    adv_fraction: float = 1.0  # attacked fraction of each batch
+    lp_weight: float = 0.0  # adversarial logit pairing weight
+
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images (model input) and labels, on the device
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One update: the mean loss and, for the metrics, the adversarial images' logits with their
+    labels and attack targets (every micro-batch's, concatenated)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
 
 
 # --- one step, one epoch ---------------------------------------------------------------------
@@ -64,18 +98,65 @@ def train_step(
     attack_model: torch.nn.Module,
     attacker: Attacker,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step: attack (BN in inference mode, on the bare model), then learn on the result."""
-    loss, logits, targets = training_objective(
-        model, attack_model, attacker, images, labels, label_smoothing
-    )
+    micro_batches: Sequence[MicroBatch],
+    loss: LossSettings,
+) -> StepResult:
+    """One update from one or more micro-batches (a virtual batch): for each, attack (BN in
+    inference mode, on the bare model) and accumulate the gradient of its loss / count; then
+    one optimizer step. Under DDP only the last micro-batch's backward all-reduces."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    count = len(micro_batches)
+    parts = []
+    for k, (images, labels) in enumerate(micro_batches):
+        with _sync_gradients(model, k == count - 1):
+            value, logits, targets = training_objective(
+                model,
+                attack_model,
+                attacker,
+                images,
+                labels,
+                loss.label_smoothing,
+                loss.adv_fraction,
+                loss.lp_weight,
+            )
+            # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
+            (value / count).backward()
+        parts.append((value.detach(), logits, labels[: logits.shape[0]], targets))
     optimizer.step()
-    return loss, logits, targets
+    values, logits, labels, targets = zip(*parts, strict=True)
+    return StepResult(
+        torch.stack(values).mean(), torch.cat(logits), torch.cat(labels), torch.cat(targets)
+    )
+
+
+def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for every micro-batch but the last: gradients accumulate locally and
+    are all-reduced once per update."""
+    if last or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def loader_batches_before(step: int, accumulate: int, free_replays: int) -> int:
+    """Batches each process has drawn from its source before global `step`: `accumulate` per
+    update, or one per `free_replays` updates (a resumed run continues the same stream)."""
+    return step * accumulate // free_replays
+
+
+def _next_batch(run: Training) -> MicroBatch:
+    images, labels = next(run.batches)
+    return to_model_input(images, run.device), labels.to(run.device, non_blocking=True)
+
+
+def step_batches(run: Training, step: int) -> list[MicroBatch]:
+    """The micro-batches of update `step` (0-based, global): --accumulate fresh ones, or with
+    --free-replays M the same batch for M consecutive updates (Shafahi et al. Alg. 1)."""
+    replays = run.cfg.free_replays
+    if replays == 1:
+        return [_next_batch(run) for _ in range(run.cfg.accumulate)]
+    if run.held is None or step % replays == 0:
+        run.held = [_next_batch(run)]
+    return run.held
 
 
 def _log_step(
@@ -83,7 +164,7 @@ def _log_step(
 ) -> None:
     scalars = meter.read()
     per_process = scalars["train/images_per_sec_per_process"]
-    scalars["train/images_per_sec"] = per_process * run.total_batch / run.cfg.batch
+    scalars["train/images_per_sec"] = per_process * distributed.get_world_size()
     scalars["train/lr"] = lr
     logger.log(step, scalars, epoch=epoch, phase="train")
     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.4g}")
@@ -106,35 +187,33 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         disable=not distributed.is_main_process(),
         dynamic_ncols=True,
     )
+    if isinstance(run.attacker, FreeAttacker):
+        run.attacker.reset()  # delta restarts at 0 each epoch: checkpoints need not hold it
     for i in bar:
-        images, labels = next(run.batches)
+        micro_batches = step_batches(run, step)
         distributed.mark_progress(step + 1)
         lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        images = to_model_input(images, run.device)
-        labels = labels.to(run.device, non_blocking=True)
-        loss, logits, targets = train_step(
-            run.ddp_model,
-            run.model,
-            run.attacker,
-            run.optimizer,
-            images,
-            labels,
-            cfg.label_smoothing,
+        result = train_step(
+            run.ddp_model, run.model, run.attacker, run.optimizer, micro_batches, run.loss
         )
-        non_finite |= ~torch.isfinite(loss.detach())
-        meter.add(loss, logits, labels, targets)
+        if isinstance(run.attacker, FreeAttacker):
+            run.attacker.advance()
         step += 1
+        if run.ema is not None:
+            run.ema.update(run.model, step)
+        non_finite |= ~torch.isfinite(result.loss)
+        meter.add(result.loss, result.logits, result.labels, result.targets)
         if step % cfg.log_every == 0 or i == run.steps - 1:
             _log_step(run, logger, meter, step, epoch, lr, bar)
     if distributed.all_reduce_sum(non_finite.to(torch.int64)).item():
         raise FloatingPointError(f"training diverged: a non-finite loss in epoch {epoch}")
-    per_process = run.steps * cfg.batch / (time.perf_counter() - start)
+    per_process = run.steps * cfg.batch * cfg.accumulate / (time.perf_counter() - start)
     if distributed.is_main_process():
         tqdm.write(
             f"epoch {epoch}: {per_process:.1f} images/s per process, "
-            f"{per_process * run.total_batch / cfg.batch:.1f} images/s in total"
+            f"{per_process * distributed.get_world_size():.1f} images/s in total"
         )
     return step
 
@@ -159,12 +238,14 @@ def run_evals(
     progress: Progress,
     logger: RunLogger,
 ) -> dict[str, EvalResult]:
-    """The scheduled evaluations after `progress.epoch`, each logged as soon as it finishes."""
+    """The scheduled evaluations after `progress.epoch`, each logged as soon as it finishes
+    (of the averaged weights with --eval-ema)."""
     results = {}
+    model = run.ema.averaged_model(run.model) if run.cfg.eval_ema else run.model
     for spec in EVAL_SCHEDULES[run.cfg.train_eval]:
         if spec.runs_after(progress.epoch, run.cfg.epochs):
             results[spec.name] = evaluate_attack(
-                run.model,
+                model,
                 run.cfg,
                 val,
                 attack_iter=spec.attack_iter,
@@ -199,10 +280,13 @@ def steps_per_epoch(cfg: Config, num_train: int | None, total_batch: int) -> int
     return max(1, (num_train or IMAGENET_TRAIN_IMAGES) // total_batch)
 
 
-def sync_buffers(model: torch.nn.Module) -> None:
-    """Give every process rank 0's BatchNorm statistics before evaluating or saving."""
+def sync_buffers(model: torch.nn.Module, ema: WeightAverage | None = None) -> None:
+    """Give every process rank 0's BatchNorm statistics (and averaged weights, whose
+    statistics differ per process too) before evaluating or saving."""
     for buf in model.buffers():
         distributed.broadcast_tensor(buf, src=0)
+    for tensor in ema.shadow.values() if ema is not None else ():
+        distributed.broadcast_tensor(tensor, src=0)
 
 
 def check_same_start(progress: Progress, device: torch.device) -> None:
@@ -269,16 +353,51 @@ def restore_generator(generator: torch.Generator, start: Start) -> None:
         ) from error
 
 
+def restore_ema(ema: WeightAverage, start: Start) -> None:
+    """Continue the checkpoint's moving average; one CheckpointError if it does not fit."""
+    try:
+        ema.load_state_dict(start.ema)
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{start.weights.source}: field 'ema' does not fit this model ({error})"
+        ) from error
+
+
+def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.nn.Module:
+    """The model at the start point: the run's or --load's weights, or for a fresh run
+    --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
+    fresh = start.kind == "fresh"
+    model = builders.build_model(cfg, num_classes, device, start.weights)
+    if fresh and cfg.finetune_checkpoint is not None:
+        weights = nets.read_weights(cfg.finetune_checkpoint)
+        load_finetune_weights(model, weights, cfg.finetune_exclude_scopes)
+    if cfg.finetune_trainable_scopes is not None:
+        freeze_outside(model, cfg.finetune_trainable_scopes)
+    return model
+
+
+def build_ema(cfg: Config, model: torch.nn.Module, start: Start) -> WeightAverage | None:
+    """The moving average (--moving-average-decay > 0): the checkpoint's, else from the start
+    weights."""
+    if not ema_enabled(cfg):
+        return None
+    ema = WeightAverage(model, cfg.moving_average_decay)
+    if start.ema is not None:
+        restore_ema(ema, start)
+    return ema
+
+
 def setup(
     cfg: Config, start: Start, train: Sequence[Sample] | None, num_classes: int, device
 ) -> Training:
     """Build the run's objects from the configuration and the start point."""
     world = distributed.get_world_size()
-    total_batch = cfg.batch * world
+    # A virtual batch of --accumulate micro-batches: the LR follows the images per update.
+    total_batch = cfg.batch * world * cfg.accumulate
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
     precision = builders.attack_precision(cfg.use_fp16xla, device)
-    model = builders.build_model(cfg, num_classes, device, start.weights)
+    model = build_network(cfg, start, num_classes, device)
     optimizer = builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
         restore_optimizer(optimizer, start)
@@ -295,7 +414,7 @@ def setup(
         seed=cfg.seed,
         rank=distributed.get_rank(),
         world_size=world,
-        first_batch=start.progress.step,
+        first_batch=loader_batches_before(start.progress.step, cfg.accumulate, cfg.free_replays),
         address=cfg.data_server,
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
@@ -304,12 +423,8 @@ def setup(
         cfg=cfg,
         model=model,
         ddp_model=builders.wrap_model(model, cfg, device, world),
-        attacker=builders.build_attacker(
-            cfg,
-            attack_iter=cfg.attack_iter,
-            num_classes=num_classes,
-            precision=precision,
-            generator=generator,
+        attacker=builders.build_training_attacker(
+            cfg, num_classes=num_classes, precision=precision, generator=generator
         ),
         generator=generator,
         optimizer=optimizer,
@@ -318,6 +433,8 @@ def setup(
         steps=steps,
         total_batch=total_batch,
         device=device,
+        loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight),
+        ema=build_ema(cfg, model, start),
     )
 
 
@@ -369,7 +486,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
         step = start.progress.step
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
             step = train_epoch(run, epoch, step, logger)
-            sync_buffers(run.model)
+            sync_buffers(run.model, run.ema)
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
             if main_proc:
@@ -381,6 +498,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     cfg.keep_checkpoints,
                     architecture=builders.architecture_record(cfg, num_classes),
                     attack_generator=run.generator,
+                    averaged=None if run.ema is None else run.ema.state_dict(),
                 )
                 logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
             if val:

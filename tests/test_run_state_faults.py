@@ -279,6 +279,9 @@ def assert_same_run_state(left: Path, right: Path) -> None:
             state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"]
         )
     assert torch.equal(a["rng"]["attack"], b["rng"]["attack"])
+    assert a.keys() == b.keys()
+    for key, tensor in a.get("ema", {}).items():  # the moving average, when the run keeps one
+        assert torch.equal(tensor, b["ema"][key]), f"ema {key}"
 
 
 def test_resumed_pgd_run_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
@@ -302,6 +305,17 @@ def test_resumed_pgd_run_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
     assert main([*train_args(tiny_imagenet, forgetful), *PGD_RUN, "--epochs", "2"]) == 0
     resumed = torch.load(forgetful / "checkpoint-epoch0002.pt", weights_only=True)["model"]
     assert not torch.equal(resumed["linear.weight"], state["model"]["linear.weight"])
+
+
+def test_resumed_free_training_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
+    # 3 updates per epoch, each batch replayed twice: epoch 2 starts halfway through a batch's
+    # replays, which the resumed run must take up again (the same batch, delta from 0).
+    free = [*PGD_RUN, "--free-replays", "2", "--adv-method", "pgd_8_2_1", "--keep-checkpoints", "3"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert main([*train_args(tiny_imagenet, whole), *free, "--epochs", "3"]) == 0
+    assert main([*train_args(tiny_imagenet, halves), *free, "--epochs", "1"]) == 0
+    assert main([*train_args(tiny_imagenet, halves), *free, "--epochs", "3"]) == 0
+    assert_same_run_state(whole / "checkpoint-epoch0003.pt", halves / "checkpoint-epoch0003.pt")
 
 
 def train_steps_logged(logdir: Path) -> list[int]:
@@ -336,10 +350,18 @@ def test_records_after_the_restored_step_and_a_torn_line_are_forgotten(tmp_path)
     assert read_jsonl(tmp_path / "metrics.jsonl") == records[:3]
 
 
-def test_sigkill_then_relaunch_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
+# The adversarial-training variants that carry state across steps: the weights' moving average,
+# virtual batches (two loader batches per step), logit pairing on half-attacked batches.
+VARIANTS = ["--moving-average-decay", "0.9", "--accumulate", "2", "--adv-method", "pgdll_8_2_2",
+            "--lp-weight", "0.5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", [[], VARIANTS], ids=["original", "ema-accumulate-alp"])
+def test_sigkill_then_relaunch_equals_the_uninterrupted_run(tiny_imagenet, tmp_path, variant):
     steps = 6
     logdir = tmp_path / "run"
     args = [*train_args(tiny_imagenet, logdir), *PGD_RUN, "--steps-per-epoch", str(steps)]
+    args += variant
     cmd = [sys.executable, str(REPO / "main.py"), *args]
     proc = subprocess.Popen(
         [*cmd, "--epochs", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -369,7 +391,7 @@ def test_sigkill_then_relaunch_equals_the_uninterrupted_run(tiny_imagenet, tmp_p
 
     reference = tmp_path / "reference"
     ref_args = [*train_args(tiny_imagenet, reference), *PGD_RUN, "--steps-per-epoch", str(steps)]
-    assert main([*ref_args, "--epochs", str(last + 1)]) == 0
+    assert main([*ref_args, *variant, "--epochs", str(last + 1)]) == 0
     name = f"checkpoint-epoch{last + 1:04d}.pt"
     assert_same_run_state(reference / name, logdir / name)
 

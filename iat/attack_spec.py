@@ -1,0 +1,57 @@
+"""Training-attack specs: the one parser of ``--adv-method`` (Adversarial Logit Pairing's names).
+
+``clean``, ``pgd_EPS_STEP_NITER`` (untargeted), ``pgdll_EPS_STEP_NITER`` (toward the
+least-likely class), ``pgdrnd_EPS_STEP_NITER`` (toward a random wrong class) and ``fgsmrs_EPS``
+(FGSM with a random start, Wong et al. 2020), integers in pixel units. Without ``--adv-method``
+the original's ``--attack-iter/--attack-epsilon/--attack-step-size/--attack-target`` describe
+the attack (random target by default). Each spec names an ``adv_model.ATTACKS`` entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+VALID_FORMS = "clean, pgd_EPS_STEP_NITER, pgdll_EPS_STEP_NITER, pgdrnd_EPS_STEP_NITER, fgsmrs_EPS"
+# ALP's attack names: the prefix says the target (ALP README, "adv_method" flag).
+PGD_TARGETS = {"pgd": None, "pgdll": "least_likely", "pgdrnd": "random"}
+_PGD = re.compile(r"^(pgd|pgdll|pgdrnd)_(\d+)_(\d+)_(\d+)$")
+_FGSM_RS = re.compile(r"^fgsmrs_(\d+)$")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One training attack, as ``adv_model.create_attacker`` builds it."""
+
+    name: str  # the ATTACKS registry name: "clean", "pgd" or "fgsmrs"
+    num_iter: int  # iterations (0 for clean, 1 for fgsmrs)
+    epsilon: float  # L-inf radius, pixel units
+    step_size: float  # pixel units (fgsmrs: set by the attack itself, 1.25 epsilon)
+    target: str | None  # "random", "least_likely" or None (untargeted)
+
+
+def parse_attack_spec(text: str) -> AttackSpec:
+    """The spec ``text`` names; ValueError (one line listing the valid forms) otherwise."""
+    if text == "clean":
+        return AttackSpec("clean", 0, 0.0, 0.0, None)
+    pgd = _PGD.match(text)
+    if pgd:
+        kind, eps, step, niter = pgd.groups()
+        if int(niter) >= 1 and int(step) >= 1:
+            return AttackSpec("pgd", int(niter), float(eps), float(step), PGD_TARGETS[kind])
+    fgsm = _FGSM_RS.match(text)
+    if fgsm:
+        return AttackSpec("fgsmrs", 1, float(fgsm.group(1)), 0.0, None)
+    raise ValueError(
+        f"--adv-method: {text!r} is not an attack spec; valid forms: {VALID_FORMS} "
+        "(integers in pixel units, STEP and NITER >= 1)"
+    )
+
+
+def flags_attack_spec(
+    attack_iter: int, epsilon: float, step_size: float, target: str | None
+) -> AttackSpec:
+    """The original's flags as a spec: PGD-`attack_iter` (0: clean)."""
+    if attack_iter == 0:
+        return AttackSpec("clean", 0, epsilon, step_size, target)
+    return AttackSpec("pgd", attack_iter, epsilon, step_size, target)
