@@ -83,6 +83,15 @@ def demo_config(data: Path, logdir: Path, attack_iter: int, nprocs: int) -> Conf
     )
 
 
+# The table's rows: (name, run folder, --attack-iter, --adv-method). FGSM with a random start
+# ("Fast is better than free", Wong et al. 2020) is what to pick when compute is short.
+MODELS = (
+    (f"adversarial (PGD-{ATTACK_ITER})", f"attack-iter{ATTACK_ITER}", ATTACK_ITER, None),
+    ("clean (--attack-iter 0)", "attack-iter0", 0, None),
+    (f"cheap (FGSM-RS, eps {EPSILON:g})", "fgsmrs", 1, f"fgsmrs_{EPSILON:g}"),
+)
+
+
 # The table's columns: (heading, attack iterations, --attack-target). The paper's metric
 # (targeted PGD toward a random wrong class) never stands alone: untargeted PGD beside it.
 COLUMNS = (
@@ -117,10 +126,12 @@ def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:
         run_training(cfg, env, device)
 
 
-def train_and_evaluate(cfg: Config, nprocs: int) -> list[EvalResult]:
-    """Train on `nprocs` processes (Gloo), then evaluate the final checkpoint here."""
+def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], bool]:
+    """Train on `nprocs` processes (Gloo), then evaluate the final checkpoint here; whether it
+    was trained now (or reused)."""
     done = latest_checkpoint(cfg.logdir)
-    if done is not None and done.name == checkpoint_path(cfg.logdir, cfg.epochs).name:
+    reuse = done is not None and done.name == checkpoint_path(cfg.logdir, cfg.epochs).name
+    if reuse:
         print(f"reusing the trained model {done} (delete {cfg.logdir} to train it again)")
     elif nprocs > 1:
         distributed.spawn(_train_rank, nprocs, (cfg, 1))
@@ -128,19 +139,22 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> list[EvalResult]:
         run_training(cfg, distributed.detect(), torch.device("cpu"))
     weights = nets.read_weights(latest_checkpoint(cfg.logdir))
     model = build_model(cfg, 10, torch.device("cpu"), weights)
-    return evaluate_columns(cfg, model)
+    return evaluate_columns(cfg, model), not reuse
 
 
-def summary_table(rows: list[tuple[str, list[EvalResult]]]) -> str:
-    """Accuracy (1 - top-1 error) of each model under each column's threat model."""
+def summary_table(rows: list[tuple[str, list[EvalResult], float | None]]) -> str:
+    """Accuracy (1 - top-1 error) of each model under each column's threat model, and the
+    wall time its training took."""
     widths = [max(10, len(heading) + 2) for heading, _, _ in COLUMNS]
     head = f"{'model':<28}" + "".join(
         f"{h:>{w}}" for (h, _, _), w in zip(COLUMNS, widths, strict=True)
     )
+    head += f"{'train s':>10}"
     lines = [head, "-" * len(head)]
-    for name, results in rows:
+    for name, results, seconds in rows:
         cells = "".join(f"{1 - r.top1_error:>{w}.3f}" for r, w in zip(results, widths, strict=True))
-        lines.append(f"{name:<28}{cells}")
+        took = "reused" if seconds is None else f"{seconds:.0f}"
+        lines.append(f"{name:<28}{cells}{took:>10}")
     return "\n".join(lines)
 
 
@@ -158,13 +172,12 @@ def run_demo(logdir: str) -> int:
     nprocs = 2 if cpus >= 2 else 1
     print(f"training on {nprocs} process(es) of {cpus} usable CPUs, Gloo, through iat.distributed")
     rows = []
-    for name, k in (
-        (f"adversarial (PGD-{ATTACK_ITER})", ATTACK_ITER),
-        ("clean (--attack-iter 0)", 0),
-    ):
-        cfg = demo_config(data, root / f"attack-iter{k}", k, nprocs)
+    for name, folder, k, method in MODELS:
+        cfg = dataclasses.replace(demo_config(data, root / folder, k, nprocs), adv_method=method)
         print(f"training {name} ...")
-        rows.append((name, train_and_evaluate(cfg, nprocs)))
+        began = time.perf_counter()
+        results, trained = train_and_evaluate(cfg, nprocs)
+        rows.append((name, results, time.perf_counter() - began if trained else None))
     adv_logdir = root / f"attack-iter{ATTACK_ITER}"
     predict_cfg = dataclasses.replace(
         demo_config(data, adv_logdir, ATTACK_ITER, nprocs),
@@ -181,7 +194,7 @@ def run_demo(logdir: str) -> int:
         f"pixels (of 255), {time.perf_counter() - start:.0f} s"
     )
     print(summary_table(rows))
-    (_, adversarial), (_, standard) = rows
+    (_, adversarial, _), (_, standard, _) = rows[:2]
     attacked = zip(adversarial[1:], standard[1:], strict=True)
     robust_gain = all(adv.top1_error < std.top1_error for adv, std in attacked)
     print("adversarial training helps under attack:", "yes" if robust_gain else "NO")
