@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adv_model import (
+    ATTACK_LOSSES,
     PIXEL_MAX,
     PIXEL_MIN,
     Attacker,
@@ -38,7 +39,6 @@ from adv_model import (
     no_targets,
 )
 
-LOSSES = ("ce", "cw")
 # Croce & Hein 2020, Sec 3.2: rho = 0.75 (fraction of increasing steps below which the step
 # size is halved) and momentum alpha = 0.75.
 APGD_RHO = 0.75
@@ -194,8 +194,8 @@ def _check_common(epsilon: float, norm: str, norms: tuple[str, ...], loss: str =
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     if norm not in norms:
         raise ValueError(f"norm {norm!r} is not one of {norms}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss {loss!r} is not one of {LOSSES}")
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"loss {loss!r} is not one of {ATTACK_LOSSES}")
 
 
 # --- FGM -------------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ class AttackSettings:
 AttackFactory = Callable[[AttackSettings], Attacker]
 ATTACKS: dict[str, AttackFactory] = {}
 NORMS = ("inf", "2", "1")
+ATTACK_LOSSES = ("ce", "cw")  # cross-entropy, or the Carlini-Wagner logit margin
 ATTACK_NORMS: dict[str, tuple[str, ...]] = {}  # the norms each registered attack supports
 
 
