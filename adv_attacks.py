@@ -434,8 +434,8 @@ def apgd_checkpoints(num_iter: int) -> list[int]:
     w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     previous, current = 0.0, 0.22
     points = [0]
-    while math.ceil(current * num_iter) <= num_iter:
-        point = math.ceil(current * num_iter)
+    # Rounded before ceil: p_j are hundredths, and 0.57 * 100 is 57.000000000000007 in floats.
+    while (point := math.ceil(round(current * num_iter, 6))) <= num_iter:
         if point > points[-1]:
             points.append(point)
         previous, current = current, current + max(current - previous - 0.03, 0.06)
