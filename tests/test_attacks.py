@@ -23,6 +23,7 @@ from adv_attacks import (
     targeted_dlr,
 )
 from adv_model import ATTACK_NORMS, AttackSettings, PGDAttacker, attack_success, create_attacker
+from iat.config import Config, eval_attack
 
 TOLERANCE = {"inf": 1e-4, "2": 1e-3, "1": 1e-2}  # float32 rounding of a [0, 255] image
 # Radii of similar strength on 3x16x16 digits, per norm.
@@ -263,3 +264,33 @@ def test_strong_is_at_least_each_member(digits):
     assert (
         counts["apgd-t"]["attacked"] == counts["apgd-ce"]["attacked"] - counts["apgd-ce"]["broken"]
     )
+
+
+EVAL = {"mode": "eval", "load": "w.pt", "data": "imagenet"}
+BAD_ATTACK_OPTIONS = [
+    ({"attack": "pgdd"}, "--attack: 'pgdd' is not one of"),
+    ({"attack": "apgd-ce", "norm": "2"}, "--norm 2: --attack apgd-ce supports inf"),
+    ({"attack": "pgd", "norm": "1"}, "--norm 1: --attack pgd supports inf, 2"),
+    ({"norm": "3"}, "--norm: '3' is not one of"),
+    ({"attack": "apgd-t", "attack_iter": 0}, "--attack-iter: --attack apgd-t needs >= 1"),
+    ({"attack": "apgd-ce", "attack_loss": "cw"}, "--attack-loss cw: only --attack pgd, fgm"),
+    ({"attack": "fgm", "restarts": 2}, "--restarts 2: only --attack pgd, apgd-ce"),
+    ({"restarts": 0}, "--restarts: must be >= 1"),
+    ({"eps_step": 0.0}, "--eps-step: must be > 0"),
+    ({"apgd_targets": 0}, "--apgd-targets: must be >= 1"),
+    ({"mode": "train", "attack": "strong"}, "--attack: only --eval takes it"),
+    ({"mode": "train", "attack_loss": "cw"}, "--attack-loss: only --eval takes it"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_ATTACK_OPTIONS)
+def test_bad_attack_options_are_one_line(values, message):
+    with pytest.raises(ValueError) as error:
+        Config(**{**EVAL, **values})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_attack_defaults_keep_the_original_evaluation():
+    assert eval_attack(Config(**EVAL)) == "pgd"
+    assert eval_attack(Config(**EVAL, attack_iter=0)) == "clean"
+    assert eval_attack(Config(**EVAL, attack="fgm", norm="1", attack_iter=0)) == "fgm"
