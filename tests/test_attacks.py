@@ -4,10 +4,15 @@ strong ensemble against its members, on the trained digits model."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from digits_model import NUM_CLASSES, eval_logits
 from scipy.optimize import linprog
 from test_adv_model import LinearNet
@@ -294,3 +299,23 @@ def test_attack_defaults_keep_the_original_evaluation():
     assert eval_attack(Config(**EVAL)) == "pgd"
     assert eval_attack(Config(**EVAL, attack_iter=0)) == "clean"
     assert eval_attack(Config(**EVAL, attack="fgm", norm="1", attack_iter=0)) == "fgm"
+
+
+def test_adv_model_alone_registers_and_builds_the_whole_zoo():
+    """Importing adv_model is enough: the zoo's names are registered and built on demand."""
+    code = (
+        "import sys, adv_model\n"
+        "assert 'adv_attacks' not in sys.modules\n"
+        "settings = adv_model.AttackSettings(1, 4.0, 1.0)\n"
+        "for name in sorted(adv_model.ATTACKS):\n"
+        "    print(name, type(adv_model.create_attacker(name, settings)).__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.stdout.split("\n")[:-1]) == [
+        "apgd-ce APGDAttacker", "apgd-t APGDAttacker", "clean NoOpAttacker",
+        "fgm FGMAttacker", "fgm-minimal FGMAttacker", "pgd PGDAttacker", "strong EnsembleAttacker",
+    ]  # fmt: skip

@@ -14,9 +14,13 @@ from conftest import REPO
 from iat.cli import build_parser, config_from_args
 from main import main
 
-# What a wheel must hold at the top level: the package and the original's two module names.
-TOP_LEVEL = {"iat", "nets", "adv_model.py"}
-SOURCES = ("pyproject.toml", "README.md", "adv_model.py", "main.py", "iat", "nets", "third_party")
+# What a wheel must hold at the top level: the package, the original's two module names and the
+# evaluation attack zoo beside adv_model.
+TOP_LEVEL = {"iat", "nets", "adv_model.py", "adv_attacks.py"}
+SOURCES = (
+    "pyproject.toml", "README.md", "adv_model.py", "adv_attacks.py", "main.py", "iat", "nets",
+    "third_party",
+)  # fmt: skip
 
 
 def _copy_sources(dest: Path) -> Path:
@@ -30,7 +34,7 @@ def _copy_sources(dest: Path) -> Path:
     return dest
 
 
-def test_wheel_installs_only_the_package_nets_and_adv_model(tmp_path: Path) -> None:
+def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: Path) -> None:
     # Built from a copy, so that the build leaves nothing in the working tree.
     source = _copy_sources(tmp_path / "src")
     out = tmp_path / "dist"
