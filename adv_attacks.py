@@ -237,6 +237,8 @@ class FGMAttacker(Attacker):
         self.num_classes = num_classes
         self.generator = generator
         self.last_min_epsilon: Tensor | None = None
+        bins = len(self.levels()) + 1 if minimal else 0
+        self._level_counts = torch.zeros(bins, dtype=torch.float64)
 
     def levels(self) -> list[float]:
         """The epsilons the minimal mode tries, in order: 0, eps_step, 2 eps_step, ..., epsilon."""
@@ -625,6 +627,8 @@ class EnsembleAttacker(Attacker):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
+        self._broken = torch.zeros(len(self.members) + 1, dtype=torch.float64)
+        self._attacked = torch.zeros(len(self.members), dtype=torch.float64)
 
     def attack(
         self,
