@@ -564,6 +564,8 @@ class APGDAttacker(Attacker):
         def project(x: Tensor) -> Tensor:
             return torch.minimum(torch.maximum(x, lower), upper)
 
+        # Algorithm 1 starts from its input x^(0); the authors' code (and here) from a random
+        # point of the epsilon-ball, so that restarts differ.
         x = project(clean + eps * (2 * _rand(clean.shape, clean, generator) - 1))
         value, grad, logits = gain_and_grad(model, x, gain)
         broken = logits.argmax(dim=1) != labels
