@@ -189,6 +189,15 @@ def _rand(shape: torch.Size | tuple, like: Tensor, generator: torch.Generator | 
     return torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+def uniform_l2_start(clean: Tensor, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """A uniform point of the L2 ball around ``clean`` (a Gaussian direction, radius
+    eps * U^(1/d)), clipped to [0, 255]."""
+    direction = unit_l2(_randn(clean.shape, clean, generator))
+    dims = clean[0].numel()
+    radius = epsilon * _rand((clean.shape[0],), clean, generator) ** (1.0 / dims)
+    return clip_pixels(clean + direction * _per_example(radius, clean))
+
+
 def _check_common(epsilon: float, norm: str, norms: tuple[str, ...], loss: str = "ce") -> None:
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
@@ -407,11 +416,7 @@ class NormPGDAttacker(PGDAttacker):
         return adv
 
     def _l2_start(self, clean: Tensor, generator: torch.Generator | None) -> Tensor:
-        """A uniform point of the L2 ball: a Gaussian direction, radius eps * U^(1/d)."""
-        direction = unit_l2(_randn(clean.shape, clean, generator))
-        dims = clean[0].numel()
-        radius = self.epsilon * _rand((clean.shape[0],), clean, generator) ** (1.0 / dims)
-        return clip_pixels(clean + direction * _per_example(radius, clean))
+        return uniform_l2_start(clean, self.epsilon, generator)
 
     def _l2_step(
         self, objective: Callable, model: nn.Module, adv: Tensor, clean: Tensor, goal: Tensor
@@ -444,6 +449,17 @@ def apgd_checkpoints(num_iter: int) -> list[int]:
     return points
 
 
+def ball_projection(clean: Tensor, norm: str, epsilon: float) -> Callable[[Tensor], Tensor]:
+    """x -> its projection onto the ``norm`` ball of radius ``epsilon`` around ``clean``, within
+    [0, 255]. L-inf: a clamp (the exact projection onto the box intersection); L2: the ball's
+    projection, then the pixel clip (which only shortens the perturbation)."""
+    if norm == "inf":
+        lower = (clean - epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
+        upper = (clean + epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
+        return lambda x: torch.minimum(torch.maximum(x, lower), upper)
+    return lambda x: clip_pixels(clean + project_l2(x - clean, epsilon))
+
+
 def targeted_dlr(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Croce & Hein 2020, Sec 4 (targeted DLR loss), to be maximised:
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi the logits sorted decreasingly."""
@@ -459,7 +475,7 @@ def ce_gain(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class APGDAttacker(Attacker):
-    """APGD (Croce & Hein 2020, Sec 3) under L-inf, untargeted with the cross-entropy
+    """APGD (Croce & Hein 2020, Sec 3) under L-inf or L2, untargeted with the cross-entropy
     (APGD-CE) or, with ``targeted``, APGD-T: the targeted DLR loss (Sec 4) toward each of the
     ``top_k`` most likely wrong classes of the clean image in turn (capped at classes - 1).
 
@@ -479,10 +495,12 @@ class APGDAttacker(Attacker):
         top_k: int = 9,
         restarts: int = 1,
         generator: torch.Generator | None = None,
+        norm: str = "inf",
     ) -> None:
         if num_iter < 1 or restarts < 1 or top_k < 1:
             raise ValueError(f"num_iter, restarts, top_k must be >= 1: {num_iter, restarts, top_k}")
-        _check_common(epsilon, "inf", ("inf",))
+        _check_common(epsilon, norm, ("inf", "2"))
+        self.norm = norm
         self.num_iter = num_iter
         self.epsilon = float(epsilon)
         self.targeted = targeted
@@ -558,15 +576,13 @@ class APGDAttacker(Attacker):
     ) -> tuple[Tensor, Tensor]:
         """One APGD run (Croce & Hein 2020, Algorithm 1): ``(images, best gain)``."""
         eps = self.epsilon
-        lower = (clean - eps).clamp(PIXEL_MIN, PIXEL_MAX)
-        upper = (clean + eps).clamp(PIXEL_MIN, PIXEL_MAX)
-
-        def project(x: Tensor) -> Tensor:
-            return torch.minimum(torch.maximum(x, lower), upper)
-
+        project = ball_projection(clean, self.norm, eps)
         # Algorithm 1 starts from its input x^(0); the authors' code (and here) from a random
         # point of the epsilon-ball, so that restarts differ.
-        x = project(clean + eps * (2 * _rand(clean.shape, clean, generator) - 1))
+        if self.norm == "inf":
+            x = project(clean + eps * (2 * _rand(clean.shape, clean, generator) - 1))
+        else:
+            x = uniform_l2_start(clean, eps, generator)
         value, grad, logits = gain_and_grad(model, x, gain)
         broken = logits.argmax(dim=1) != labels
         out = x
@@ -579,10 +595,11 @@ class APGDAttacker(Attacker):
         halved_at_check = torch.zeros(labels.shape, dtype=torch.bool, device=clean.device)
         checkpoints = apgd_checkpoints(self.num_iter)
         for k in range(self.num_iter):
-            # Algorithm 1, lines 3 and 8-9: z = P(x + eta sign(grad)); x_new = P(x + alpha
-            # (z - x) + (1 - alpha)(x - x_prev)), alpha = 0.75; the first step has no momentum
-            # (alpha = 1), as the authors' code.
-            z = project(x + _per_example(step, x) * grad.sign())
+            # Algorithm 1, lines 3 and 8-9: z = P(x + eta sign(grad)) (L2: grad / ||grad||_2);
+            # x_new = P(x + alpha (z - x) + (1 - alpha)(x - x_prev)), alpha = 0.75; the first
+            # step has no momentum (alpha = 1), as the authors' code.
+            direction = grad.sign() if self.norm == "inf" else unit_l2(grad)
+            z = project(x + _per_example(step, x) * direction)
             alpha = 1.0 if k == 0 else APGD_MOMENTUM
             x_prev, x = x, project(x + alpha * (z - x) + (1 - alpha) * (x - x_prev))
             new_value, grad, logits = gain_and_grad(model, x, gain)
@@ -732,6 +749,7 @@ def apgd_from_settings(settings: AttackSettings, targeted: bool) -> APGDAttacker
         top_k=settings.top_k,
         restarts=settings.restarts,
         generator=settings.generator,
+        norm=settings.norm,
     )
 
 

@@ -357,14 +357,14 @@ def _fgm_minimal(settings: AttackSettings) -> Attacker:
     return fgm_from_settings(settings, minimal=True)
 
 
-@register_attack("apgd-ce")
+@register_attack("apgd-ce", norms=("inf", "2"))
 def _apgd_ce(settings: AttackSettings) -> Attacker:
     from adv_attacks import apgd_from_settings
 
     return apgd_from_settings(settings, targeted=False)
 
 
-@register_attack("apgd-t")
+@register_attack("apgd-t", norms=("inf", "2"))
 def _apgd_t(settings: AttackSettings) -> Attacker:
     from adv_attacks import apgd_from_settings
 

@@ -71,6 +71,7 @@ def attackers(k: int, eps: float) -> dict[str, Attacker]:
         "fgm L1": make("fgm", target=None, norm="1", scale=L1_SCALE),
         "fgm-minimal (eps_step 1)": make("fgm-minimal", target=None),
         f"apgd-ce-{k}": make("apgd-ce"),
+        f"apgd-ce-{k} L2": make("apgd-ce", norm="2", scale=L2_SCALE),
         f"apgd-t-{k} (9 targets)": make("apgd-t"),
         f"strong-{k}": make("strong"),
     }

@@ -191,17 +191,19 @@ def test_apgd_checkpoints_are_the_papers():
     assert apgd_checkpoints(1) == [0, 1]
 
 
-def test_apgd_ce_at_least_as_strong_as_pgd_at_the_same_budget(digits):
+@pytest.mark.parametrize(("norm", "radii"), [("inf", (16.0, 32.0)), ("2", (300.0, 500.0))])
+def test_apgd_ce_at_least_as_strong_as_pgd_at_the_same_budget(digits, norm, radii):
+    """Measured (5 iterations, 297 digits): L-inf 0.296 vs 0.242 at 16; L2 0.357 vs 0.276 at
+    300 and 0.751 vs 0.613 at 500."""
     model, x, y = digits["model"], digits["x"], digits["y"]
-    for eps in (16.0, 32.0):
-        pgd_adv, _ = PGDAttacker(5, eps, eps / 4, target=None).attack(
-            model, x, y, generator=seeded(1)
-        )
-        apgd_adv, _ = APGDAttacker(5, eps).attack(model, x, y, generator=seeded(1))
-        pgd = misclassified(model, pgd_adv, y).float().mean().item()
-        apgd = misclassified(model, apgd_adv, y).float().mean().item()
-        assert apgd >= pgd, (eps, apgd, pgd)
-        assert apgd < 0.99  # a budget where the difference can show
+    for eps in radii:
+        pgd = NormPGDAttacker(5, eps, eps / 4, norm=norm, target=None)
+        pgd_adv, _ = pgd.attack(model, x, y, generator=seeded(1))
+        apgd_adv, _ = APGDAttacker(5, eps, norm=norm).attack(model, x, y, generator=seeded(1))
+        pgd_rate = misclassified(model, pgd_adv, y).float().mean().item()
+        apgd_rate = misclassified(model, apgd_adv, y).float().mean().item()
+        assert apgd_rate >= pgd_rate, (eps, apgd_rate, pgd_rate)
+        assert apgd_rate < 0.99  # a budget where the difference can show
 
 
 def test_apgd_ce_matches_adversarial_robustness_toolbox(digits):
@@ -275,7 +277,8 @@ def test_strong_is_at_least_each_member(digits):
 EVAL = {"mode": "eval", "load": "w.pt", "data": "imagenet"}
 BAD_ATTACK_OPTIONS = [
     ({"attack": "pgdd"}, "--attack: 'pgdd' is not one of"),
-    ({"attack": "apgd-ce", "norm": "2"}, "--norm 2: --attack apgd-ce supports inf"),
+    ({"attack": "apgd-ce", "norm": "1"}, "--norm 1: --attack apgd-ce supports inf, 2"),
+    ({"attack": "strong", "norm": "2"}, "--norm 2: --attack strong supports inf"),
     ({"attack": "pgd", "norm": "1"}, "--norm 1: --attack pgd supports inf, 2"),
     ({"norm": "3"}, "--norm: '3' is not one of"),
     ({"attack": "apgd-t", "attack_iter": 0}, "--attack-iter: --attack apgd-t needs >= 1"),
