@@ -50,6 +50,19 @@ class Attacker(abc.ABC):
         ``generator``, when given, is the random source for this call (else the attacker's
         own)."""
 
+    def stats_template(self, device: torch.device) -> dict[str, Tensor]:
+        """Zero float64 counts shaped like ``batch_stats()``: what an evaluator sums over batches
+        and processes (a process with no batch still joins the sum). None by default."""
+        return {}
+
+    def batch_stats(self) -> dict[str, Tensor]:
+        """Counts of the last ``attack`` call (same keys and shapes as ``stats_template``)."""
+        return {}
+
+    def describe_stats(self, stats: dict[str, Tensor], images: int) -> dict[str, object]:
+        """Named figures from ``stats`` summed over ``images`` images (for summaries and JSON)."""
+        return {}
+
 
 class NoOpAttacker(Attacker):
     """Leaves images untouched: clean training and clean evaluation."""
@@ -104,6 +117,28 @@ def random_wrong_labels(
         1, num_classes, labels.shape, generator=generator, device=_device(generator, labels)
     )
     return (labels.long() + offset.to(labels.device)) % num_classes
+
+
+def choose_targets(
+    model: nn.Module,
+    clean: Tensor,
+    labels: Tensor,
+    target: str | None,
+    num_classes: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The attack's target per example for a ``target`` mode of ``TARGET_MODES``: -1 (None), a
+    random wrong class (``num_classes`` read from the model when None), or the least likely
+    class of the clean logits."""
+    if target is None:
+        return no_targets(labels)
+    if target == "random" and num_classes is not None:
+        return random_wrong_labels(labels, num_classes, generator)
+    with torch.no_grad():
+        logits = model(clean)
+    if target == "least_likely":
+        return logits.argmin(dim=1).to(device=labels.device, dtype=torch.int64)
+    return random_wrong_labels(labels, logits.shape[1], generator)
 
 
 def attack_success(logits: Tensor, labels: Tensor, target_labels: Tensor) -> Tensor:
@@ -190,15 +225,7 @@ class PGDAttacker(Attacker):
     def _target_labels(
         self, model: nn.Module, clean: Tensor, labels: Tensor, generator: torch.Generator | None
     ) -> Tensor:
-        if self.target is None:
-            return no_targets(labels)
-        if self.target == "random" and self.num_classes is not None:
-            return random_wrong_labels(labels, self.num_classes, generator)
-        with torch.no_grad():
-            logits = model(clean)
-        if self.target == "least_likely":
-            return logits.argmin(dim=1).to(device=labels.device, dtype=torch.int64)
-        return random_wrong_labels(labels, logits.shape[1], generator)
+        return choose_targets(model, clean, labels, self.target, self.num_classes, generator)
 
     def _start(
         self, clean: Tensor, lower: Tensor, upper: Tensor, generator: torch.Generator | None
@@ -301,31 +328,49 @@ class AttackSettings:
     generator: torch.Generator | None = None  # default random source (per call: attack(...))
     autocast: bool = False  # iterations under autocast (fp16 on CUDA, bf16 on the CPU)
     compiled: bool = False  # iterations compiled with torch.compile
+    norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (ATTACK_NORMS: who takes which)
+    restarts: int = 1  # PGD / APGD-CE runs per example; each restart attacks the unbroken ones
+    loss: str = "ce"  # PGD / FGM objective: "ce" (cross-entropy) or "cw" (logit margin)
+    eps_step: float = 1.0  # fgm-minimal: epsilon grows by this much until the example breaks
+    top_k: int = 9  # APGD-T: target classes, the k most likely wrong ones (capped at classes-1)
 
 
 AttackFactory = Callable[[AttackSettings], Attacker]
 ATTACKS: dict[str, AttackFactory] = {}
+NORMS = ("inf", "2", "1")
+ATTACK_LOSSES = ("ce", "cw")  # cross-entropy, or the Carlini-Wagner logit margin
+ATTACK_NORMS: dict[str, tuple[str, ...]] = {}  # the norms each registered attack supports
 
 
-def register_attack(name: str) -> Callable[[AttackFactory], AttackFactory]:
-    """Decorator adding an attack factory to ``ATTACKS`` under ``name``."""
+def register_attack(
+    name: str, norms: tuple[str, ...] = ("inf",)
+) -> Callable[[AttackFactory], AttackFactory]:
+    """Decorator adding an attack factory to ``ATTACKS`` under ``name``, and the threat-model
+    norms it supports to ``ATTACK_NORMS``."""
 
     def add(factory: AttackFactory) -> AttackFactory:
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is registered twice")
         ATTACKS[name] = factory
+        ATTACK_NORMS[name] = norms
         return factory
 
     return add
 
 
-@register_attack("clean")
+@register_attack("clean", norms=NORMS)
 def _clean(settings: AttackSettings) -> Attacker:
     return NoOpAttacker()
 
 
-@register_attack("pgd")
+@register_attack("pgd", norms=("inf", "2"))
 def _pgd(settings: AttackSettings) -> Attacker:
+    """The original's PGD; with another norm, loss or restarts, ``iat.attacks.NormPGDAttacker``
+    (a subclass whose first restart is this PGD, draw for draw)."""
+    if (settings.norm, settings.loss, settings.restarts) != ("inf", "ce", 1):
+        from iat.attacks import pgd_from_settings
+
+        return pgd_from_settings(settings)
     return PGDAttacker(
         settings.num_iter,
         settings.epsilon,
@@ -363,10 +408,52 @@ def _free(settings: AttackSettings) -> Attacker:
     return FreeAttacker(settings.epsilon)
 
 
+# The evaluation attack zoo lives in iat/attacks.py; its factories are registered here so that
+# the registry is complete whenever adv_model is imported, and imported lazily (iat.attacks imports
+# this module).
+@register_attack("fgm", norms=NORMS)
+def _fgm(settings: AttackSettings) -> Attacker:
+    from iat.attacks import fgm_from_settings
+
+    return fgm_from_settings(settings, minimal=False)
+
+
+@register_attack("fgm-minimal", norms=NORMS)
+def _fgm_minimal(settings: AttackSettings) -> Attacker:
+    from iat.attacks import fgm_from_settings
+
+    return fgm_from_settings(settings, minimal=True)
+
+
+@register_attack("apgd-ce", norms=("inf", "2"))
+def _apgd_ce(settings: AttackSettings) -> Attacker:
+    from iat.attacks import apgd_from_settings
+
+    return apgd_from_settings(settings, targeted=False)
+
+
+@register_attack("apgd-t", norms=("inf", "2"))
+def _apgd_t(settings: AttackSettings) -> Attacker:
+    from iat.attacks import apgd_from_settings
+
+    return apgd_from_settings(settings, targeted=True)
+
+
+@register_attack("strong")
+def _strong(settings: AttackSettings) -> Attacker:
+    from iat.attacks import strong_from_settings
+
+    return strong_from_settings(settings)
+
+
 def create_attacker(name: str, settings: AttackSettings) -> Attacker:
     """The attacker registered as ``name``, built from ``settings``."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; registered: {sorted(ATTACKS)}")
+    if settings.norm not in ATTACK_NORMS[name]:
+        raise ValueError(
+            f"attack {name!r} supports norms {ATTACK_NORMS[name]}, not {settings.norm!r}"
+        )
     return ATTACKS[name](settings)
 
 

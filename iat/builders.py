@@ -181,6 +181,11 @@ def attack_settings(
         num_classes=num_classes,
         autocast=training and precision.autocast,
         compiled=training and precision.compiled,
+        norm=cfg.norm,
+        restarts=cfg.restarts,
+        loss=cfg.attack_loss,
+        eps_step=cfg.eps_step,
+        top_k=cfg.apgd_targets,
     )
 
 
@@ -196,14 +201,16 @@ def build_attacker(
     num_classes: int,
     precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
+    name: str | None = None,
 ) -> Attacker:
     """The training attacker (with its `precision`) or, without one, the evaluation attacker,
-    from ``adv_model.ATTACKS``; `generator` is its default random source (None: torch's)."""
+    from ``adv_model.ATTACKS``: `name` (--eval's --attack), else ``attack_name(attack_iter)``;
+    `generator` is its default random source (None: torch's)."""
     settings = attack_settings(
         cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
     )
     settings = dataclasses.replace(settings, generator=generator)
-    return create_attacker(attack_name(attack_iter), settings)
+    return create_attacker(name or attack_name(attack_iter), settings)
 
 
 def build_training_attacker(

@@ -101,11 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     attack = p.add_argument_group("attack (pixel units, 0-255)")
     attack.add_argument("--attack-iter", type=int, help=_help("attack_iter", "PGD iterations"))
-    attack.add_argument("--attack-epsilon", type=float, help=_help("attack_epsilon", "L-inf"))
+    attack.add_argument(
+        "--attack-epsilon", type=float, help=_help("attack_epsilon", "radius, in --norm")
+    )
     attack.add_argument("--attack-step-size", type=float, help=_help("attack_step_size", "step"))
     _choice_arg(attack, "--attack-target", "the attack's goal")
     attack.add_argument(
         "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+    )
+    _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
+    _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
+    attack.add_argument("--restarts", type=int, help=_help("restarts", "pgd / apgd-* restarts"))
+    _choice_arg(attack, "--attack-loss", "pgd / fgm loss: cross-entropy or CW margin")
+    attack.add_argument(
+        "--eps-step", type=float, help=_help("eps_step", "fgm-minimal epsilon increment")
+    )
+    attack.add_argument(
+        "--apgd-targets", type=int, help=_help("apgd_targets", "apgd-t / strong target classes")
     )
     attack.add_argument(
         "--use-fp16xla",

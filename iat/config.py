@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from adv_model import TARGET_MODES
+from adv_model import ATTACK_LOSSES, ATTACK_NORMS, ATTACKS, NORMS, TARGET_MODES
 from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
@@ -28,6 +28,10 @@ MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training check
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train")
+# What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
+SINGLE_STEP_ATTACKS = ("clean", "fgm", "fgm-minimal")  # --attack-iter does not apply
+LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
+RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-t", "strong")  # take --restarts
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -35,6 +39,9 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {
         "arch": tuple(nets.available_architectures()),
         "loader": tuple(TRAIN_SOURCES),
+        "attack": tuple(ATTACKS),
+        "norm": NORMS,
+        "attack_loss": ATTACK_LOSSES,
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
         "train_augment": tuple(TRAIN_AUGMENTATIONS),
         "data_layout": (AUTO_LAYOUT, *READERS),
@@ -75,7 +82,7 @@ class Config:
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
     attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
-    attack_epsilon: float = 16.0  # L-inf radius of the perturbation
+    attack_epsilon: float = 16.0  # radius of the perturbation (L-inf; --eval: in --norm)
     attack_step_size: float = 1.0  # per-iteration step (raised to epsilon / attack_iter if lower)
     attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
     prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
@@ -96,6 +103,14 @@ class Config:
     finetune_trainable_scopes: tuple[str, ...] | None = None  # None: all; else others frozen
     accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
     free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
+
+    # --- --eval's attack (adv_model.ATTACKS; README "Evaluation" lists them) ----------------
+    attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
+    norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: ATTACK_NORMS)
+    restarts: int = 1  # runs per example of pgd / apgd-*, each on the examples not yet broken
+    attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
+    eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
+    apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
@@ -188,6 +203,9 @@ _LOWER_BOUNDS = (
     ("watch_timeout", 0, False),
     ("accumulate", 1, True),
     ("free_replays", 1, True),
+    ("restarts", 1, True),
+    ("eps_step", 0, False),
+    ("apgd_targets", 1, True),
 )
 
 
@@ -215,7 +233,8 @@ def validate(cfg: Config) -> None:
     """Raise ValueError with one line naming the first bad field."""
     _choice("mode", cfg.mode, MODES)
     for name, allowed in choices().items():
-        _choice(name, getattr(cfg, name), allowed)
+        if name != "attack" or cfg.attack is not None:
+            _choice(name, getattr(cfg, name), allowed)
     if cfg.num_blocks is None:
         _choice("depth", cfg.depth, depths())
     else:
@@ -236,6 +255,7 @@ def validate(cfg: Config) -> None:
             f"--data-server: {cfg.data_server!r} is not a ZeroMQ address "
             f"({' or '.join(t + '...' for t in DATA_SERVER_TRANSPORTS)})",
         )
+    _attack_options(cfg)
     needs_data = cfg.mode in ("train", "eval", "export_activations") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     if cfg.mode == "eval_directory":
@@ -318,6 +338,41 @@ def _adversarial_training(cfg: Config) -> None:
             "--free-replays: cannot be combined with --adv-fraction < 1, --lp-weight or "
             "--accumulate",
         )
+
+
+def eval_attack(cfg: Config) -> str:
+    """The registry name of --eval's attack: --attack, else the original's PGD (clean for 0
+    iterations)."""
+    if cfg.attack is not None:
+        return cfg.attack
+    return "clean" if cfg.attack_iter == 0 else "pgd"
+
+
+_EVAL_ONLY_DEFAULTS = (("attack", None), ("norm", "inf"), ("restarts", 1), ("attack_loss", "ce"))
+
+
+def _attack_options(cfg: Config) -> None:
+    """--attack and its options: only --eval attacks with them (training and its evaluations
+    use the original's L-inf PGD), and only where the attack takes them."""
+    if cfg.mode != "eval":
+        for name, default in _EVAL_ONLY_DEFAULTS:
+            _check(getattr(cfg, name) == default, f"{_flag(name)}: only --eval takes it")
+        return
+    attack = eval_attack(cfg)
+    norms = ATTACK_NORMS[attack]
+    _check(cfg.norm in norms, f"--norm {cfg.norm}: --attack {attack} supports {', '.join(norms)}")
+    _check(
+        attack in SINGLE_STEP_ATTACKS or cfg.attack_iter >= 1,
+        f"--attack-iter: --attack {attack} needs >= 1 iterations, got {cfg.attack_iter}",
+    )
+    _check(
+        cfg.attack_loss == "ce" or attack in LOSS_ATTACKS,
+        f"--attack-loss {cfg.attack_loss}: only --attack {', '.join(LOSS_ATTACKS)} take it",
+    )
+    _check(
+        cfg.restarts == 1 or attack in RESTART_ATTACKS,
+        f"--restarts {cfg.restarts}: only --attack {', '.join(RESTART_ATTACKS)} take it",
+    )
 
 
 def default_logdir(cfg: Config, world_size: int) -> str:

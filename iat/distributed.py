@@ -335,13 +335,19 @@ def lost_peer_error(error: BaseException) -> PeerLostError | None:
 
 
 def _unreported_peers(store: dist.TCPStore, rank: int, world_size: int) -> list[int]:
-    deadline = time.monotonic() + PEER_REPORT_WAIT_S
     others = [r for r in range(world_size) if r != rank]
+    missing = _missing_keys(store, [f"iat/failed/{r}" for r in others])
+    return [r for r in others if f"iat/failed/{r}" in missing]
+
+
+def _missing_keys(store: dist.TCPStore, keys: list[str]) -> list[str]:
+    """The `keys` still absent from `store` after waiting up to ``PEER_REPORT_WAIT_S``."""
+    deadline = time.monotonic() + PEER_REPORT_WAIT_S
     while True:
-        missing = [r for r in others if not store.check([f"iat/failed/{r}"])]
+        missing = [key for key in keys if not store.check([key])]
         if not missing or time.monotonic() > deadline:
             return missing
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def _progress_of(store: dist.TCPStore, rank: int) -> str:
@@ -444,7 +450,17 @@ def _run_spawned(index: int, envs: list[DistEnv], fn: Callable[..., None], args:
 
 
 def cleanup() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one. Rank 0 hosts the rendezvous store,
+    so it waits (briefly) until every rank has left before the store goes with it: a rank still
+    talking to a store that is gone aborts in torch's C++ code."""
+    rank, world_size, store = get_rank(), get_world_size(), _job.store
     if is_initialized():
         dist.destroy_process_group()
+    if store is not None:
+        try:
+            store.set(f"iat/left/{rank}", "1")
+            if rank == 0:
+                _missing_keys(store, [f"iat/left/{r}" for r in range(world_size)])
+        except RuntimeError:  # a rank or the store is gone already: nothing to wait for
+            pass
     _job.store = None

@@ -19,7 +19,15 @@ from tqdm import tqdm
 from adv_model import Attacker
 from iat import distributed
 from iat.builders import build_attacker, load_for_inference
-from iat.config import Config, config_record
+from iat.config import (
+    LOSS_ATTACKS,
+    NO_TARGET,
+    RESTART_ATTACKS,
+    SINGLE_STEP_ATTACKS,
+    Config,
+    config_record,
+    eval_attack,
+)
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, to_model_input, unreadable
 from iat.metrics import EvalResult, count_batch
@@ -64,6 +72,9 @@ def evaluate(
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     skipped = torch.zeros((), dtype=torch.float64, device=device)
+    # The attacker's own counts (e.g. minimal epsilons, ensemble members), summed like totals;
+    # a rank without batches still joins the sums with zeros.
+    stats = attacker.stats_template(device)
     for j, (images, labels, indices, ok) in enumerate(progress):
         if not ok.all():
             bad = unreadable(samples, indices, ok)
@@ -80,10 +91,16 @@ def evaluate(
         with torch.no_grad():
             logits = model(adv).float()
         totals += count_batch(logits, labels, targets)
+        for key, value in attacker.batch_stats().items():
+            stats[key] += value
     model.train(was_training)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
-    return EvalResult.from_counts(totals, skipped=int(skipped.item()))
+    for key in sorted(stats):  # the same order on every rank
+        distributed.all_reduce_sum(stats[key])
+    images = int(totals[0].item())
+    details = attacker.describe_stats(stats, images)
+    return EvalResult.from_counts(totals, skipped=int(skipped.item()), details=details)
 
 
 def evaluate_attack(
@@ -95,9 +112,11 @@ def evaluate_attack(
     num_classes: int,
     device: torch.device,
     desc: str,
+    name: str | None = None,
 ) -> EvalResult:
-    """`evaluate` under the configured PGD-`attack_iter` attack (0: clean), fp32."""
-    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes)
+    """`evaluate` under the attack registered as `name` (default: the configured PGD-
+    `attack_iter`, clean for 0), fp32."""
+    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes, name=name)
     return evaluate(
         model,
         attacker,
@@ -125,7 +144,6 @@ def evaluate_checkpoint(
     (as ``eval``) and its summary line printed."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     check_labels(samples, cfg.num_classes, cfg.split)
-    desc = f"eval PGD-{cfg.attack_iter}" if cfg.attack_iter else "eval clean"
     result = evaluate_attack(
         model,
         cfg,
@@ -133,7 +151,8 @@ def evaluate_checkpoint(
         attack_iter=cfg.attack_iter,
         num_classes=cfg.num_classes,
         device=device,
-        desc=desc,
+        desc=f"eval {threat_model(cfg)}",
+        name=eval_attack(cfg),
     )
     logger.log_result("eval", eval_record(cfg, result))
     if distributed.is_main_process():
@@ -154,13 +173,40 @@ def run_eval(cfg: Config, device: torch.device) -> EvalResult:
         return evaluate_checkpoint(cfg, eval_samples(cfg), device, logger)
 
 
+NORM_NAMES = {"inf": "L-inf", "2": "L2", "1": "L1"}
+TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"}
+
+
+def attack_target(cfg: Config) -> str:
+    """What --eval's attack aims at: --attack-target for pgd and fgm; "none" (misclassification)
+    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t."""
+    attack = eval_attack(cfg)
+    if attack in ("pgd", "fgm", "fgm-minimal"):
+        return cfg.attack_target
+    return f"top-{cfg.apgd_targets}" if attack == "apgd-t" else NO_TARGET
+
+
 def threat_model(cfg: Config) -> str:
-    """The attack a number was measured under, in words."""
-    if cfg.attack_iter == 0:
+    """--eval's attack in words: attack, iterations, target, norm, epsilon (and its options)."""
+    attack = eval_attack(cfg)
+    if attack == "clean":
         return "clean"
-    target = {"random": "random target", "least_likely": "least-likely target"}
-    goal = target.get(cfg.attack_target, "untargeted")
-    return f"PGD-{cfg.attack_iter} {goal}, L-inf eps={cfg.attack_epsilon:g}"
+    k, target = cfg.attack_iter, attack_target(cfg)
+    goal = TARGET_WORDS.get(
+        target, f"{target} targets" if target.startswith("top") else "untargeted"
+    )
+    ball = f"{NORM_NAMES[cfg.norm]} eps={cfg.attack_epsilon:g}"
+    restarts = f", {cfg.restarts} restarts" if cfg.restarts > 1 else ""
+    loss = ", CW loss" if cfg.attack_loss == "cw" else ""
+    if attack == "strong":
+        members = f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{restarts}"
+        return f"strong (worst case of {members}), {ball}"
+    if attack == "fgm":
+        return f"FGM {goal}, {ball}{loss}"
+    if attack == "fgm-minimal":
+        return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}"
+    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
+    return f"{name}-{k} {goal}, {ball}{loss}{restarts}"
 
 
 def summary_line(cfg: Config, r: EvalResult) -> str:
@@ -169,28 +215,45 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
         f"{threat_model(cfg)}: {r.images} images{skipped}, top-1 error {r.top1_error:.4f}, "
         f"top-5 error {r.top5_error:.4f}"
     )
-    return (
-        line if cfg.attack_iter == 0 else f"{line}, attack success rate {r.attack_success_rate:.4f}"
+    if eval_attack(cfg) == "clean":
+        return line
+    line += (
+        f", attack success rate {r.attack_success_rate:.4f}, "
+        f"robust accuracy {r.robust_accuracy:.4f}"
     )
+    return line + "".join(_detail_words(r.details))
+
+
+def _detail_words(details: dict) -> list[str]:
+    """The attacker's figures in words: fgm-minimal's median, strong's members."""
+    words = []
+    if "median_min_epsilon" in details:
+        words.append(f", median minimal eps {details['median_min_epsilon']:g}")
+    if "members" in details:
+        members = [
+            f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
+            for name, m in details["members"].items()
+        ]
+        words.append(
+            f"; clean wrong {details['clean_wrong']}, then {', then '.join(members)}; "
+            f"ensemble success {details['ensemble_success_rate']:.4f}"
+        )
+    return words
 
 
 def eval_record(cfg: Config, r: EvalResult) -> dict:
     record = r.as_dict()
-    attack: dict = {"name": "clean"}
-    if cfg.attack_iter:
-        attack = {
-            "name": "pgd",
-            "iter": cfg.attack_iter,
-            "epsilon": cfg.attack_epsilon,
-            "step_size": cfg.attack_step_size,
-            "target": cfg.attack_target,
-        }
+    attack = eval_attack(cfg)
+    settings: dict = {"name": attack}
+    if attack == "clean":
+        for key in ("attack_success_rate", "robust_accuracy", "details"):
+            del record[key]
     else:
-        del record["attack_success_rate"]
+        settings.update(_attack_record(cfg, attack))
     return {
         **record,
         "threat_model": threat_model(cfg),
-        "attack": attack,
+        "attack": settings,
         "checkpoint": cfg.load,
         "split": cfg.split,
         "arch": cfg.arch,
@@ -198,3 +261,21 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "num_blocks": cfg.num_blocks,
         "world_size": distributed.get_world_size(),
     }
+
+
+def _attack_record(cfg: Config, attack: str) -> dict:
+    """The settings `attack` uses, as the JSON result names them."""
+    record: dict = {"epsilon": cfg.attack_epsilon, "norm": cfg.norm, "target": attack_target(cfg)}
+    if attack not in SINGLE_STEP_ATTACKS:
+        record["iter"] = cfg.attack_iter
+    if attack in ("pgd", "strong"):
+        record["step_size"] = cfg.attack_step_size
+    if attack in LOSS_ATTACKS:
+        record["loss"] = cfg.attack_loss
+    if attack in RESTART_ATTACKS:
+        record["restarts"] = cfg.restarts
+    if attack == "fgm-minimal":
+        record["eps_step"] = cfg.eps_step
+    if attack in ("apgd-t", "strong"):
+        record["apgd_targets"] = cfg.apgd_targets
+    return record

@@ -7,7 +7,7 @@ logging) and by evaluation (summed on the device, then over ranks).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -37,14 +37,25 @@ class EvalResult:
     top5_error: float  # fraction whose label is not among the top 5
     attack_success_rate: float  # fraction where the attack reached its goal (see attack_success)
     skipped: int = 0  # unreadable images left out (--skip-unreadable)
+    # the attacker's own figures (Attacker.describe_stats): e.g. the median minimal epsilon,
+    # each ensemble member's success
+    details: dict = field(default_factory=dict)
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Top-1 accuracy under attack: 1 - top-1 error (clean accuracy for clean evaluation)."""
+        return 1.0 - self.top1_error
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, skipped: int = 0) -> EvalResult:
+    def from_counts(
+        cls, counts: torch.Tensor, skipped: int = 0, details: dict | None = None
+    ) -> EvalResult:
         n, top1, top5, success = counts.tolist()
-        return cls(int(n), top1 / max(n, 1), top5 / max(n, 1), success / max(n, 1), skipped)
+        rates = (top1 / max(n, 1), top5 / max(n, 1), success / max(n, 1))
+        return cls(int(n), *rates, skipped=skipped, details=details or {})
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "robust_accuracy": self.robust_accuracy}
 
 
 class Meter:

@@ -100,6 +100,9 @@ BAD_FLAGS = [
     (["--collective-timeout", "0"], "--collective-timeout"),
     (["--batch", "four"], "--batch"),
     (["--arch", "ResNot"], "--arch"),
+    (["--attack", "apgd-ce"], "--attack"),  # training attacks with the original's PGD
+    (["--norm", "2"], "--norm"),
+    (["--restarts", "0"], "--restarts"),
     (["--load", "/no/such/weights.npz"], "/no/such/weights.npz"),
     (["--data-server", "carrier-pigeon://nest", "--loader", "server"], "carrier-pigeon"),
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, write_imagenet
 
 import nets
 
@@ -94,6 +94,39 @@ def test_eval_counts_every_image_once_whatever_the_number_of_processes(tiny_imag
         assert r["images"] == 7
         for key in ("top1_error", "top5_error", "attack_success_rate"):
             assert r[key] == results[0][key], (key, [x[key] for x in results])
+
+
+ZOO = ["fgm", "fgm-minimal", "pgd", "apgd-ce", "apgd-t", "strong"]
+
+
+def test_every_attack_counts_the_same_on_one_and_two_processes(tmp_path):
+    """The attack zoo (tests/eval_worker.py: 9 images in batches of 2, so the ranks get 3 and 2
+    batches) gives the same counts and the same attacker figures on 1 and 2 processes."""
+    data = write_imagenet(tmp_path / "imagenet", classes=5, val_images=9)
+    ckpt = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    nets.save_weights(
+        nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=5), ckpt
+    )
+    records = {}
+    for n, launcher in ((1, [sys.executable]), (2, torchrun(2))):
+        out = tmp_path / f"world{n}"
+        out.mkdir()
+        launch(launcher, "tests/eval_worker.py", [str(out), str(ckpt), str(data), *ZOO])
+        records[n] = {a: json.loads((out / f"{a}.json").read_text()) for a in ZOO}
+    for attack in ZOO:
+        one, two = records[1][attack], records[2][attack]
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        assert one["images"] == 9 and one["attack"]["name"] == attack
+        del one["world_size"], two["world_size"]
+        assert one == two, attack
+    strong = records[1]["strong"]
+    # The ensemble's own count of broken examples is the evaluator's top-1 error.
+    assert strong["details"]["ensemble_success_rate"] == pytest.approx(strong["top1_error"])
+    assert strong["robust_accuracy"] == pytest.approx(1 - strong["top1_error"])
+    assert strong["threat_model"].startswith("strong (worst case of APGD-CE-2, APGD-T-2 top-2")
+    median = records[1]["fgm-minimal"]["details"]["median_min_epsilon"]
+    assert median == float("inf") or 0 <= median <= 16, median
 
 
 def test_ranks_that_would_resume_from_different_points_stop(tiny_imagenet, tmp_path):

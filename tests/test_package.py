@@ -30,7 +30,7 @@ def _copy_sources(dest: Path) -> Path:
     return dest
 
 
-def test_wheel_installs_only_the_package_nets_and_adv_model(tmp_path: Path) -> None:
+def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: Path) -> None:
     # Built from a copy, so that the build leaves nothing in the working tree.
     source = _copy_sources(tmp_path / "src")
     out = tmp_path / "dist"
