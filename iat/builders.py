@@ -27,7 +27,13 @@ def build_model(
     """The configured architecture on `device`, with `weights` loaded strictly if given."""
     depth = None if cfg.num_blocks is not None else cfg.depth
     model = nets.build_model(
-        cfg.arch, depth=depth, num_blocks=cfg.num_blocks, num_classes=num_classes, width=cfg.width
+        cfg.arch,
+        depth=depth,
+        num_blocks=cfg.num_blocks,
+        num_classes=num_classes,
+        width=cfg.width,
+        denoise_op=cfg.denoise_op,
+        denoise_window=cfg.denoise_window,
     )
     if weights is not None:
         nets.load_weights(model, weights)
@@ -45,14 +51,19 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
 
 def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
     """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
-    values; ``depth`` is None when ``num_blocks`` gives the size."""
+    values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
+    denoising blocks use (None: no denoising blocks). Records written before denoising ops were
+    selectable lack the two ``denoise_`` keys: they mean the architecture's original op."""
     blocks = cfg.num_blocks
+    denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
     return {
         "arch": cfg.arch,
         "depth": None if blocks is not None else cfg.depth,
         "num_blocks": None if blocks is None else list(blocks),
         "width": cfg.width,
         "num_classes": num_classes,
+        "denoise_op": None if denoise is None else denoise.op,
+        "denoise_window": cfg.denoise_window,
     }
 
 
@@ -85,6 +96,7 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
         disagree.append(f"-d {cfg.depth}" if size is None else f"--num-blocks {_words(size)}")
     if "width" in explicit and cfg.width != recorded["width"]:
         disagree.append(f"--width {cfg.width}")
+    disagree += _denoise_disagreements(cfg, recorded, explicit)
     if disagree:
         raise ValueError(
             f"{', '.join(disagree)}: {weights.source} was trained as "
@@ -96,16 +108,37 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     return dataclasses.replace(cfg, **{name: recorded[name] for name in unset})
 
 
+def _denoise_disagreements(
+    cfg: Config, recorded: Mapping[str, object], explicit: set[str]
+) -> list[str]:
+    """The --denoise-op / --denoise-window flags given that differ from what was recorded (an
+    op left out, or None, is the architecture's original one)."""
+    arch = cfg.arch if "arch" in explicit else recorded["arch"]
+    original = nets.DEFAULT_DENOISE_OPS.get(arch)
+    disagree = []
+    if "denoise_op" in explicit and (cfg.denoise_op or original) != (
+        recorded["denoise_op"] or original
+    ):
+        disagree.append(f"--denoise-op {cfg.denoise_op}")
+    if "denoise_window" in explicit and cfg.denoise_window != recorded["denoise_window"]:
+        disagree.append(f"--denoise-window {cfg.denoise_window}")
+    return disagree
+
+
 def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, object]:
     """MODEL_FIELDS of an architecture record, as Config values; CheckpointError if invalid."""
     blocks, depth = record.get("num_blocks"), record.get("depth")
     valid_size = (
         isinstance(blocks, list) and len(blocks) == 4 and all(_positive(n) for n in blocks)
     ) or (blocks is None and depth in nets.NUM_BLOCKS)
+    op = record.get("denoise_op")
+    window = record.get("denoise_window", nets.DEFAULT_WINDOW)
     if not (
         record.get("arch") in nets.available_architectures()
         and _positive(record.get("width"))
         and valid_size
+        and (op is None or op in nets.DENOISE_OPS)
+        and _positive(window)
     ):
         raise nets.CheckpointError(
             f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record"
@@ -115,6 +148,8 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
         "depth": depth,
         "num_blocks": None if blocks is None else tuple(blocks),
         "width": record["width"],
+        "denoise_op": op,
+        "denoise_window": window,
     }
 
 

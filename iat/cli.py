@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-d", "--depth", type=int, choices=depths(), help=_help("depth", "depth"))
     model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
     model.add_argument("--width", type=int, help=_help("width", "base channel count"))
+    _choice_arg(
+        model, "--denoise-op", "denoising operation of the denoising blocks (None: the arch's own)"
+    )
+    model.add_argument(
+        "--denoise-window",
+        type=int,
+        help=_help("denoise_window", "window side of the local ops bilateral, mean, median"),
+    )
     model.add_argument("--num-classes", type=int, help="default: classes in the data, or 1000")
     model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")

@@ -22,7 +22,8 @@ from iat.data.sources import TRAIN_SOURCES
 from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory")
-MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training checkpoint records
+# What a training checkpoint records (builders.architecture_record).
+MODEL_FIELDS = ("arch", "depth", "num_blocks", "width", "denoise_op", "denoise_window")
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 
@@ -31,6 +32,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every flag with a fixed set of values, from the registry that owns them."""
     return {
         "arch": tuple(nets.available_architectures()),
+        "denoise_op": tuple(nets.available_denoise_ops()),
         "loader": tuple(TRAIN_SOURCES),
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
         "train_augment": tuple(TRAIN_AUGMENTATIONS),
@@ -63,6 +65,13 @@ class Config:
     depth: int | None = 50  # 50 / 101 / 152; ignored when num_blocks is given
     num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1)
     width: int = 64  # base channel count (64 = the original); smaller for tiny models
+    # Denoising operation of the denoising blocks (nets.DENOISE_OPS; Feature Denoising Sec 4.1);
+    # None: the architecture's original one (ResNetDenoise embedded_gaussian, ResNeXtDenoiseAll
+    # dot_product). Only for architectures with denoising blocks.
+    denoise_op: str | None = None
+    denoise_window: int = (
+        nets.DEFAULT_WINDOW
+    )  # side of the local ops' window (bilateral, mean, median); odd
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
@@ -176,11 +185,29 @@ def _bounds(cfg: Config) -> None:
     )
 
 
+_OPTIONAL_CHOICES = ("denoise_op",)  # choice fields where None means "the default"
+
+
+def _denoise(cfg: Config) -> None:
+    """The denoising op and window suit the architecture. When --eval or --eval-directory take
+    the architecture from a checkpoint, only the op and window are checked here; the rest when
+    the model is built (builders.build_model)."""
+    flag = _flag("denoise_window" if cfg.denoise_window != nets.DEFAULT_WINDOW else "denoise_op")
+    try:
+        if cfg.mode == "train" or "arch" in cfg.explicit_model_fields:
+            nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
+        elif cfg.denoise_op is not None:
+            nets.check_denoise_op(cfg.denoise_op, cfg.denoise_window)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError with one line naming the first bad field."""
     _choice("mode", cfg.mode, MODES)
     for name, allowed in choices().items():
-        _choice(name, getattr(cfg, name), allowed)
+        if getattr(cfg, name) is not None or name not in _OPTIONAL_CHOICES:
+            _choice(name, getattr(cfg, name), allowed)
     if cfg.num_blocks is None:
         _choice("depth", cfg.depth, depths())
     else:
@@ -194,6 +221,7 @@ def validate(cfg: Config) -> None:
     )
     _finite(cfg)
     _bounds(cfg)
+    _denoise(cfg)
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),
@@ -214,6 +242,8 @@ def default_logdir(cfg: Config, world_size: int) -> str:
     model = f"{cfg.arch}{cfg.depth}"
     if cfg.num_blocks is not None:
         model = f"{cfg.arch}-blocks{''.join(str(n) for n in cfg.num_blocks)}"
+    if cfg.denoise_op is not None:
+        model += f"-{cfg.denoise_op}"
     return os.path.join(
         "train_log",
         f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{cfg.attack_iter}"
