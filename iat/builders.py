@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import MODEL_FIELDS, NO_TARGET, Config
+from iat.defenses import parse_defense
 
 IMAGENET_CLASSES = 1000
 
@@ -53,7 +54,8 @@ def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
     """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
     values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
     denoising blocks use (None: no denoising blocks). Records written before denoising ops were
-    selectable lack the two ``denoise_`` keys: they mean the architecture's original op."""
+    selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
+    ``defense`` is the input-transform defense the model is evaluated behind (iat.defenses)."""
     blocks = cfg.num_blocks
     denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
     return {
@@ -64,6 +66,7 @@ def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
         "num_classes": num_classes,
         "denoise_op": None if denoise is None else denoise.op,
         "denoise_window": cfg.denoise_window,
+        "defense": cfg.defense,
     }
 
 
@@ -79,7 +82,8 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
 
 def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     """``cfg`` with the architecture `weights` records where ``cfg.explicit_model_fields`` do
-    not set it; a set field that disagrees with the record is one error naming both."""
+    not set it; a set field that disagrees with the record is one error naming both. The
+    defense is a test-time wrapper, not weights: --defense given replaces the recorded one."""
     record = weights.architecture
     if record is None:
         return cfg
@@ -133,8 +137,10 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
     ) or (blocks is None and depth in nets.NUM_BLOCKS)
     op = record.get("denoise_op")
     window = record.get("denoise_window", nets.DEFAULT_WINDOW)
+    defense = record.get("defense")
     if not (
-        record.get("arch") in nets.available_architectures()
+        _valid_defense(defense)
+        and record.get("arch") in nets.available_architectures()
         and _positive(record.get("width"))
         and valid_size
         and (op is None or op in nets.DENOISE_OPS)
@@ -150,7 +156,20 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
         "width": record["width"],
         "denoise_op": op,
         "denoise_window": window,
+        "defense": defense,
     }
+
+
+def _valid_defense(spec: object) -> bool:
+    if spec is None:
+        return True
+    if not isinstance(spec, str):
+        return False
+    try:
+        parse_defense(spec)
+    except ValueError:
+        return False
+    return True
 
 
 def _positive(value: object) -> bool:
@@ -228,13 +247,15 @@ def build_attacker(
     num_classes: int,
     precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
+    eot_samples: int = 1,
 ) -> Attacker:
     """The training attacker (with its `precision`) or, without one, the evaluation attacker,
-    from ``adv_model.ATTACKS``; `generator` is its default random source (None: torch's)."""
+    from ``adv_model.ATTACKS``; `generator` is its default random source (None: torch's);
+    `eot_samples` draws are averaged per iteration (EOT against a random defense)."""
     settings = attack_settings(
         cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
     )
-    settings = dataclasses.replace(settings, generator=generator)
+    settings = dataclasses.replace(settings, generator=generator, eot_samples=eot_samples)
     return create_attacker(attack_name(attack_iter), settings)
 
 

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--num-classes", type=int, help="default: classes in the data, or 1000")
     model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
+    model.add_argument(
+        "--defense",
+        help="input transforms before the model when evaluating, e.g. jpeg:75,median:3,noise:8 "
+        "(median window, JPEG quality 1-100, noise sigma in pixels); none: no defense",
+    )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
     attack = p.add_argument_group("attack (pixel units, 0-255)")
@@ -104,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_arg(attack, "--attack-target", "the attack's goal")
     attack.add_argument(
         "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+    )
+    attack.add_argument(
+        "--eot-samples", type=int, help=_help("eot_samples", "draws per step vs random defenses")
     )
     attack.add_argument(
         "--use-fp16xla",

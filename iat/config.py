@@ -19,11 +19,12 @@ import nets
 from adv_model import TARGET_MODES
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.sources import TRAIN_SOURCES
+from iat.defenses import parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory")
 # What a training checkpoint records (builders.architecture_record).
-MODEL_FIELDS = ("arch", "depth", "num_blocks", "width", "denoise_op", "denoise_window")
+MODEL_FIELDS = ("arch", "depth", "num_blocks", "width", "denoise_op", "denoise_window", "defense")
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 
@@ -75,6 +76,9 @@ class Config:
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
+    # Input-transform defense applied before the model in evaluation and prediction (iat.defenses),
+    # e.g. "jpeg:75,median:3,noise:8"; None or "none": no defense. Recorded in checkpoints.
+    defense: str | None = None
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
     attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
@@ -83,6 +87,7 @@ class Config:
     attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
     prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
     use_fp16xla: bool = False  # attack under autocast and compiled (the original's fp16 + XLA)
+    eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
@@ -161,6 +166,7 @@ _LOWER_BOUNDS = (
     ("num_classes", 2, True),
     ("steps_per_epoch", 1, True),
     ("threads", 1, True),
+    ("eot_samples", 1, True),
     ("collective_timeout", 0, False),
 )
 
@@ -222,6 +228,10 @@ def validate(cfg: Config) -> None:
     _finite(cfg)
     _bounds(cfg)
     _denoise(cfg)
+    try:
+        parse_defense(cfg.defense)
+    except ValueError as e:
+        raise ValueError(f"--defense: {e}") from None
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from adv_model import Attacker
-from iat import distributed
+from iat import defenses, distributed
 from iat.builders import build_attacker, load_for_inference
 from iat.config import Config
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
@@ -45,8 +45,9 @@ def evaluate(
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
 
-    An unreadable image is an error naming it, or, with `skip_unreadable`, left out of the
-    counts and counted in ``EvalResult.skipped``."""
+    The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
+    view); the images are scored by `model` itself. An unreadable image is an error naming it,
+    or, with `skip_unreadable`, left out of the counts and counted in ``EvalResult.skipped``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = eval_loader(
         samples,
@@ -75,14 +76,29 @@ def evaluate(
             images, labels = images[ok], labels[ok]
         generator.manual_seed(batch_seed(seed, rank + j * world))
         images, labels = to_model_input(images, device), labels.to(device)
-        adv, targets = attacker.attack(model, images, labels, generator=generator)
-        with torch.no_grad():
-            logits = model(adv).float()
+        logits, targets = attack_batch(model, attacker, images, labels, generator)
         totals += count_batch(logits, labels, targets)
     model.train(was_training)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
     return EvalResult.from_counts(totals, skipped=int(skipped.item()))
+
+
+def attack_batch(
+    model: torch.nn.Module,
+    attacker: Attacker,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits of the attacked images, attack targets)``: the attack runs on what a white-box
+    attacker must differentiate (BPDA/EOT for a defended model, Athalye et al. 2018 Sec 4), the
+    logits come from `model` with its real transforms."""
+    adv, targets = attacker.attack(
+        defenses.attack_model(model), images, labels, generator=generator
+    )
+    with torch.no_grad():
+        return model(adv).float(), targets
 
 
 def evaluate_attack(
@@ -95,8 +111,13 @@ def evaluate_attack(
     device: torch.device,
     desc: str,
 ) -> EvalResult:
-    """`evaluate` under the configured PGD-`attack_iter` attack (0: clean), fp32."""
-    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes)
+    """`evaluate` under the configured PGD-`attack_iter` attack (0: clean), fp32, of `model`
+    behind the configured defense (--defense), attacked through BPDA and EOT."""
+    model = defenses.defend(model, cfg.defense)
+    eot = defenses.eot_samples(model, cfg.eot_samples)
+    attacker = build_attacker(
+        cfg, attack_iter=attack_iter, num_classes=num_classes, eot_samples=eot
+    )
     return evaluate(
         model,
         attacker,
@@ -139,10 +160,16 @@ def run_eval(cfg: Config, device: torch.device) -> EvalResult:
 def threat_model(cfg: Config) -> str:
     """The attack a number was measured under, in words."""
     if cfg.attack_iter == 0:
-        return "clean"
+        return f"clean{_defense_words(cfg)}"
     target = {"random": "random target", "least_likely": "least-likely target"}
     goal = target.get(cfg.attack_target, "untargeted")
-    return f"PGD-{cfg.attack_iter} {goal}, L-inf eps={cfg.attack_epsilon:g}"
+    return f"PGD-{cfg.attack_iter} {goal}, L-inf eps={cfg.attack_epsilon:g}{_defense_words(cfg)}"
+
+
+def _defense_words(cfg: Config) -> str:
+    """The defense and how the attack sees it, after a comma; empty without a defense."""
+    words = defenses.describe(cfg.defense, cfg.eot_samples, attacked=cfg.attack_iter > 0)
+    return f", {words}" if words else ""
 
 
 def summary_line(cfg: Config, r: EvalResult) -> str:
@@ -177,5 +204,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "arch": cfg.arch,
         "depth": cfg.depth,
         "num_blocks": cfg.num_blocks,
+        "denoise_op": cfg.denoise_op,
+        "defense": cfg.defense,
         "world_size": distributed.get_world_size(),
     }
