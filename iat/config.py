@@ -70,14 +70,14 @@ class Config:
     # None: the architecture's original one (ResNetDenoise embedded_gaussian, ResNeXtDenoiseAll
     # dot_product). Only for architectures with denoising blocks.
     denoise_op: str | None = None
-    denoise_window: int = (
-        nets.DEFAULT_WINDOW
-    )  # side of the local ops' window (bilateral, mean, median); odd
+    # Side of the local ops' window (bilateral, mean, median); odd.
+    denoise_window: int = nets.DEFAULT_WINDOW
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
-    # Input-transform defense applied before the model in evaluation and prediction (iat.defenses),
-    # e.g. "jpeg:75,median:3,noise:8"; None or "none": no defense. Recorded in checkpoints.
+    # Input-transform defense before the model in evaluation (in-training included) and
+    # prediction, attacked through BPDA/EOT (iat.defenses), e.g. "jpeg:75,median:3,noise:8"; None
+    # or "none": no defense. Training runs undefended; checkpoints record it for evaluation.
     defense: str | None = None
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
