@@ -175,28 +175,11 @@ class DefendedModel(nn.Module):
         """Whether any transform is random (a white-box attack then needs EOT)."""
         return any(t.random for t in self.transforms)
 
-    def spec(self) -> str:
-        return ",".join(t.spec() for t in self.transforms)
-
     def attack_view(self) -> nn.Module:
         """The same network behind the transforms as a white-box attack differentiates them:
         BPDA for every non-differentiable one; random ones keep drawing (for EOT)."""
         view = [t if t.differentiable else Bpda(t) for t in self.transforms]
-        return _AttackView(self.model, view)
-
-
-class _AttackView(nn.Module):
-    """``model`` after transforms (BPDA-wrapped where needed); shares ``model``'s parameters."""
-
-    def __init__(self, model: nn.Module, transforms: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.model = model
-        self.transforms = nn.ModuleList(transforms)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for transform in self.transforms:
-            x = transform(x)
-        return self.model(x)
+        return nn.Sequential(*view, self.model)
 
 
 @dataclass(frozen=True)
