@@ -85,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-d", "--depth", type=int, choices=depths(), help=_help("depth", "depth"))
     model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
     model.add_argument("--width", type=int, help=_help("width", "base channel count"))
-    _choice_arg(
-        model, "--denoise-op", "denoising operation of the denoising blocks (None: the arch's own)"
-    )
+    _choice_arg(model, "--denoise-op", "denoising blocks' operation; None: the arch's original")
     model.add_argument(
         "--denoise-window",
         type=int,

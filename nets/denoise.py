@@ -3,7 +3,7 @@
 Feature Denoising (Xie et al., CVPR 2019), Sec 4: a denoising block is ``x + BN(conv1x1(D(x)))``
 (Fig. 4) where the denoising operation D is one of Sec 4.1's: non-local means with a Gaussian
 (softmax) or dot-product affinity, with or without embedding; the bilateral filter (non-local
-means restricted to a local window); the mean filter; the median filter. Sec 6.3 (Fig. 7)
+means restricted to a local window); the mean filter; the median filter. Sec 6.3 (the ablation)
 compares them. ``DENOISE_OPS`` maps each name to its operation; ``DenoisingBlock`` wraps one.
 
 Local operations (bilateral, mean, median) use a ``window`` x ``window`` neighbourhood Omega(i)
@@ -22,7 +22,7 @@ from torch import nn
 
 from nets.layers import ConvBN
 
-DEFAULT_WINDOW = 3  # Feature Denoising Sec 4.1 and Fig. 7: 3x3 local windows
+DEFAULT_WINDOW = 3  # Feature Denoising Sec 4.1 ("e.g., a 3x3 patch") and its Sec 6.3 ablation: 3x3
 
 
 def softmax_nonlocal(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -117,34 +117,30 @@ class DenoiseOp:
     embed: bool  # theta and phi from 1x1 embedding convs to C/2 channels, else theta = phi = x
     local: bool  # uses a window x window neighbourhood (the window size applies)
     means: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-    description: str  # in words, for help and architecture descriptions
 
 
 def _nonlocal(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A non-local ``fn(theta, phi, g)`` as a ``DenoiseOp.means`` (no window)."""
     return lambda theta, phi, g, window: fn(theta, phi, g)
 
 
 def _filter(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A filter ``fn(x, window)`` of the features as a ``DenoiseOp.means``."""
     return lambda theta, phi, g, window: fn(g, window)
 
 
-# Feature Denoising Sec 4.1 (operations) and Sec 6.3, Fig. 7 (their comparison).
+# Feature Denoising Sec 4.1 (operations) and Sec 6.3 (their ablation).
 DENOISE_OPS: dict[str, DenoiseOp] = {
-    "embedded_gaussian": DenoiseOp(
-        True, False, _nonlocal(softmax_nonlocal), "non-local means, embedded Gaussian (softmax)"
-    ),
-    "gaussian": DenoiseOp(
-        False, False, _nonlocal(softmax_nonlocal), "non-local means, Gaussian (softmax)"
-    ),
-    "dot_product": DenoiseOp(
-        False, False, _nonlocal(dot_product_nonlocal), "non-local means, dot product"
-    ),
-    "embedded_dot_product": DenoiseOp(
-        True, False, _nonlocal(dot_product_nonlocal), "non-local means, embedded dot product"
-    ),
-    "bilateral": DenoiseOp(True, True, bilateral_filter, "bilateral filter, embedded Gaussian"),
-    "mean": DenoiseOp(False, True, _filter(mean_filter), "mean filter"),
-    "median": DenoiseOp(False, True, _filter(median_filter), "median filter"),
+    # Non-local means, Eqn. (1): embedded Gaussian (softmax; ResNetDenoise's original), Gaussian
+    # on the raw features, dot product (ResNeXtDenoiseAll's original), embedded dot product.
+    "embedded_gaussian": DenoiseOp(True, False, _nonlocal(softmax_nonlocal)),
+    "gaussian": DenoiseOp(False, False, _nonlocal(softmax_nonlocal)),
+    "dot_product": DenoiseOp(False, False, _nonlocal(dot_product_nonlocal)),
+    "embedded_dot_product": DenoiseOp(True, False, _nonlocal(dot_product_nonlocal)),
+    # Eqn. (2): the embedded Gaussian weights within a local window.
+    "bilateral": DenoiseOp(True, True, bilateral_filter),
+    "mean": DenoiseOp(False, True, _filter(mean_filter)),
+    "median": DenoiseOp(False, True, _filter(median_filter)),
 }
 
 
