@@ -168,6 +168,9 @@ class PGDAttacker(Attacker):
             projection stay fp32, so the iterates keep every guarantee of the fp32 attack.
         compiled: compile that pass with ``torch.compile`` (plus CUDA graphs on CUDA), with
             static shapes: one compilation per batch shape and model.
+        eot_samples: forward passes whose losses each iteration averages: against a model with
+            a random input transform, the gradient averaged over that many draws (EOT, Athalye,
+            Carlini & Wagner, ICML 2018, Sec 4.3); 1 for deterministic models.
     """
 
     def __init__(
@@ -181,8 +184,11 @@ class PGDAttacker(Attacker):
         generator: torch.Generator | None = None,
         autocast: bool = False,
         compiled: bool = False,
+        eot_samples: int = 1,
     ) -> None:
         _check_args(num_iter, epsilon, step_size, prob_start_from_clean, target)
+        if eot_samples < 1:
+            raise ValueError(f"eot_samples must be >= 1, got {eot_samples}")
         self.num_iter = num_iter
         self.epsilon = float(epsilon)
         # Feature Denoising, Sec 6.1: step size 1, except for 10-iteration attacks where it is
@@ -194,6 +200,7 @@ class PGDAttacker(Attacker):
         self.generator = generator
         self.autocast = autocast
         self.compiled = compiled
+        self.eot_samples = eot_samples
         self._objectives: dict[str, Objective] = {}
 
     def attack(
@@ -241,8 +248,12 @@ class PGDAttacker(Attacker):
     def _loss(self, model: nn.Module, adv: Tensor, goal: Tensor) -> Tensor:
         """The objective each step descends: cross-entropy to the target, or minus the
         cross-entropy of the true label when untargeted. Summed over examples, so per-example
-        gradients are not scaled down by the batch size (the sign is unaffected)."""
-        loss = F.cross_entropy(model(adv), goal, reduction="sum")
+        gradients are not scaled down by the batch size (the sign is unaffected); averaged over
+        ``eot_samples`` forward passes (each a fresh draw of a random model)."""
+        draws = [
+            F.cross_entropy(model(adv), goal, reduction="sum") for _ in range(self.eot_samples)
+        ]
+        loss = draws[0] if self.eot_samples == 1 else torch.stack(draws).mean()
         return -loss if self.target is None else loss
 
     def objective(self, device: torch.device) -> Objective:
@@ -333,6 +344,7 @@ class AttackSettings:
     loss: str = "ce"  # PGD / FGM objective: "ce" (cross-entropy) or "cw" (logit margin)
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this much until the example breaks
     top_k: int = 9  # APGD-T: target classes, the k most likely wrong ones (capped at classes-1)
+    eot_samples: int = 1  # forward passes averaged per iteration (EOT against random models)
 
 
 AttackFactory = Callable[[AttackSettings], Attacker]
@@ -381,6 +393,7 @@ def _pgd(settings: AttackSettings) -> Attacker:
         generator=settings.generator,
         autocast=settings.autocast,
         compiled=settings.compiled,
+        eot_samples=settings.eot_samples,
     )
 
 

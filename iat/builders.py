@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
+from iat.defenses import parse_defense
 from iat.run_state import averaged_weights
 
 IMAGENET_CLASSES = 1000
@@ -28,7 +29,13 @@ def build_model(
     """The configured architecture on `device`, with `weights` loaded strictly if given."""
     depth = None if cfg.num_blocks is not None else cfg.depth
     model = nets.build_model(
-        cfg.arch, depth=depth, num_blocks=cfg.num_blocks, num_classes=num_classes, width=cfg.width
+        cfg.arch,
+        depth=depth,
+        num_blocks=cfg.num_blocks,
+        num_classes=num_classes,
+        width=cfg.width,
+        denoise_op=cfg.denoise_op,
+        denoise_window=cfg.denoise_window,
     )
     if weights is not None:
         nets.load_weights(model, weights)
@@ -46,14 +53,21 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
 
 def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
     """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
-    values; ``depth`` is None when ``num_blocks`` gives the size."""
+    values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
+    denoising blocks use (None: no denoising blocks). Records written before denoising ops were
+    selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
+    ``defense`` is the input-transform defense the model is evaluated behind (iat.defenses)."""
     blocks = cfg.num_blocks
+    denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
     return {
         "arch": cfg.arch,
         "depth": None if blocks is not None else cfg.depth,
         "num_blocks": None if blocks is None else list(blocks),
         "width": cfg.width,
         "num_classes": num_classes,
+        "denoise_op": None if denoise is None else denoise.op,
+        "denoise_window": cfg.denoise_window,
+        "defense": cfg.defense,
     }
 
 
@@ -71,7 +85,8 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
 
 def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     """``cfg`` with the architecture `weights` records where ``cfg.explicit_model_fields`` do
-    not set it; a set field that disagrees with the record is one error naming both."""
+    not set it; a set field that disagrees with the record is one error naming both. The
+    defense is a test-time wrapper, not weights: --defense given replaces the recorded one."""
     record = weights.architecture
     if record is None:
         return cfg
@@ -88,6 +103,7 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
         disagree.append(f"-d {cfg.depth}" if size is None else f"--num-blocks {_words(size)}")
     if "width" in explicit and cfg.width != recorded["width"]:
         disagree.append(f"--width {cfg.width}")
+    disagree += _denoise_disagreements(cfg, recorded, explicit)
     if disagree:
         raise ValueError(
             f"{', '.join(disagree)}: {weights.source} was trained as "
@@ -99,16 +115,39 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     return dataclasses.replace(cfg, **{name: recorded[name] for name in unset})
 
 
+def _denoise_disagreements(
+    cfg: Config, recorded: Mapping[str, object], explicit: set[str]
+) -> list[str]:
+    """The --denoise-op / --denoise-window flags given that differ from what was recorded (an
+    op left out, or None, is the architecture's original one)."""
+    arch = cfg.arch if "arch" in explicit else recorded["arch"]
+    original = nets.DEFAULT_DENOISE_OPS.get(arch)
+    disagree = []
+    if "denoise_op" in explicit and (cfg.denoise_op or original) != (
+        recorded["denoise_op"] or original
+    ):
+        disagree.append(f"--denoise-op {cfg.denoise_op}")
+    if "denoise_window" in explicit and cfg.denoise_window != recorded["denoise_window"]:
+        disagree.append(f"--denoise-window {cfg.denoise_window}")
+    return disagree
+
+
 def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, object]:
     """MODEL_FIELDS of an architecture record, as Config values; CheckpointError if invalid."""
     blocks, depth = record.get("num_blocks"), record.get("depth")
     valid_size = (
         isinstance(blocks, list) and len(blocks) == 4 and all(_positive(n) for n in blocks)
     ) or (blocks is None and depth in nets.NUM_BLOCKS)
+    op = record.get("denoise_op")
+    window = record.get("denoise_window", nets.DEFAULT_WINDOW)
+    defense = record.get("defense")
     if not (
-        record.get("arch") in nets.available_architectures()
+        _valid_defense(defense)
+        and record.get("arch") in nets.available_architectures()
         and _positive(record.get("width"))
         and valid_size
+        and (op is None or op in nets.DENOISE_OPS)
+        and _positive(window)
     ):
         raise nets.CheckpointError(
             f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record"
@@ -118,7 +157,22 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
         "depth": depth,
         "num_blocks": None if blocks is None else tuple(blocks),
         "width": record["width"],
+        "denoise_op": op,
+        "denoise_window": window,
+        "defense": defense,
     }
+
+
+def _valid_defense(spec: object) -> bool:
+    if spec is None:
+        return True
+    if not isinstance(spec, str):
+        return False
+    try:
+        parse_defense(spec)
+    except ValueError:
+        return False
+    return True
 
 
 def _positive(value: object) -> bool:
@@ -202,14 +256,16 @@ def build_attacker(
     precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
     name: str | None = None,
+    eot_samples: int = 1,
 ) -> Attacker:
     """The training attacker (with its `precision`) or, without one, the evaluation attacker,
     from ``adv_model.ATTACKS``: `name` (--eval's --attack), else ``attack_name(attack_iter)``;
-    `generator` is its default random source (None: torch's)."""
+    `generator` is its default random source (None: torch's); `eot_samples` draws are averaged
+    per iteration (EOT against a random defense)."""
     settings = attack_settings(
         cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
     )
-    settings = dataclasses.replace(settings, generator=generator)
+    settings = dataclasses.replace(settings, generator=generator, eot_samples=eot_samples)
     return create_attacker(name or attack_name(attack_iter), settings)
 
 

@@ -95,8 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-d", "--depth", type=int, choices=depths(), help=_help("depth", "depth"))
     model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
     model.add_argument("--width", type=int, help=_help("width", "base channel count"))
+    _choice_arg(model, "--denoise-op", "denoising blocks' operation; None: the arch's original")
+    model.add_argument(
+        "--denoise-window",
+        type=int,
+        help=_help("denoise_window", "window side of the local ops bilateral, mean, median"),
+    )
     model.add_argument("--num-classes", type=int, help="default: classes in the data, or 1000")
     model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
+    model.add_argument(
+        "--defense",
+        help="input transforms before the model when evaluating, e.g. jpeg:75,median:3,noise:8 "
+        "(median window, JPEG quality 1-100, noise sigma in pixels); none: no defense",
+    )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
     attack = p.add_argument_group("attack (pixel units, 0-255)")
@@ -118,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attack.add_argument(
         "--apgd-targets", type=int, help=_help("apgd_targets", "apgd-t / strong target classes")
+    )
+    attack.add_argument(
+        "--eot-samples", type=int, help=_help("eot_samples", "draws per step vs random defenses")
     )
     attack.add_argument(
         "--use-fp16xla",

@@ -21,10 +21,12 @@ from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
+from iat.defenses import parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
-MODEL_FIELDS = ("arch", "depth", "num_blocks", "width")  # what a training checkpoint records
+# What a training checkpoint records (builders.architecture_record).
+MODEL_FIELDS = ("arch", "depth", "num_blocks", "width", "denoise_op", "denoise_window", "defense")
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train")
@@ -38,6 +40,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every flag with a fixed set of values, from the registry that owns them."""
     return {
         "arch": tuple(nets.available_architectures()),
+        "denoise_op": tuple(nets.available_denoise_ops()),
         "loader": tuple(TRAIN_SOURCES),
         "attack": tuple(ATTACKS),
         "norm": NORMS,
@@ -76,9 +79,19 @@ class Config:
     depth: int | None = 50  # 50 / 101 / 152; ignored when num_blocks is given
     num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1)
     width: int = 64  # base channel count (64 = the original); smaller for tiny models
+    # Denoising operation of the denoising blocks (nets.DENOISE_OPS; Feature Denoising Sec 4.1);
+    # None: the architecture's original one (ResNetDenoise embedded_gaussian, ResNeXtDenoiseAll
+    # dot_product). Only for architectures with denoising blocks.
+    denoise_op: str | None = None
+    # Side of the local ops' window (bilateral, mean, median); odd.
+    denoise_window: int = nets.DEFAULT_WINDOW
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
+    # Input-transform defense before the model in evaluation (in-training included) and
+    # prediction, attacked through BPDA/EOT (iat.defenses), e.g. "jpeg:75,median:3,noise:8"; None
+    # or "none": no defense. Training runs undefended; checkpoints record it for evaluation.
+    defense: str | None = None
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
     attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
@@ -111,6 +124,8 @@ class Config:
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
     apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
+
+    eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
@@ -197,6 +212,7 @@ _LOWER_BOUNDS = (
     ("num_classes", 2, True),
     ("steps_per_epoch", 1, True),
     ("threads", 1, True),
+    ("eot_samples", 1, True),
     ("collective_timeout", 0, False),
     ("num_examples", 1, True),
     ("watch_interval", 0, False),
@@ -229,11 +245,28 @@ def _bounds(cfg: Config) -> None:
     )
 
 
+_OPTIONAL_CHOICES = ("denoise_op", "attack")  # choice fields where None means "the default"
+
+
+def _denoise(cfg: Config) -> None:
+    """The denoising op and window suit the architecture. When --eval or --eval-directory take
+    the architecture from a checkpoint, only the op and window are checked here; the rest when
+    the model is built (builders.build_model)."""
+    flag = _flag("denoise_window" if cfg.denoise_window != nets.DEFAULT_WINDOW else "denoise_op")
+    try:
+        if cfg.mode == "train" or "arch" in cfg.explicit_model_fields:
+            nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
+        elif cfg.denoise_op is not None:
+            nets.check_denoise_op(cfg.denoise_op, cfg.denoise_window)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError with one line naming the first bad field."""
     _choice("mode", cfg.mode, MODES)
     for name, allowed in choices().items():
-        if name != "attack" or cfg.attack is not None:
+        if getattr(cfg, name) is not None or name not in _OPTIONAL_CHOICES:
             _choice(name, getattr(cfg, name), allowed)
     if cfg.num_blocks is None:
         _choice("depth", cfg.depth, depths())
@@ -249,6 +282,11 @@ def validate(cfg: Config) -> None:
     _finite(cfg)
     _bounds(cfg)
     _adversarial_training(cfg)
+    _denoise(cfg)
+    try:
+        parse_defense(cfg.defense)
+    except ValueError as e:
+        raise ValueError(f"--defense: {e}") from None
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),
@@ -380,6 +418,8 @@ def default_logdir(cfg: Config, world_size: int) -> str:
     model = f"{cfg.arch}{cfg.depth}"
     if cfg.num_blocks is not None:
         model = f"{cfg.arch}-blocks{''.join(str(n) for n in cfg.num_blocks)}"
+    if cfg.denoise_op is not None:
+        model += f"-{cfg.denoise_op}"
     if cfg.adv_method is not None:
         return os.path.join(
             "train_log", f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-{cfg.adv_method}"

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from adv_model import Attacker
-from iat import distributed
+from iat import defenses, distributed
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     LOSS_ATTACKS,
@@ -54,8 +54,9 @@ def evaluate(
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
 
-    An unreadable image is an error naming it, or, with `skip_unreadable`, left out of the
-    counts and counted in ``EvalResult.skipped``."""
+    The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
+    view); the images are scored by `model` itself. An unreadable image is an error naming it,
+    or, with `skip_unreadable`, left out of the counts and counted in ``EvalResult.skipped``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = eval_loader(
         samples,
@@ -87,9 +88,7 @@ def evaluate(
             images, labels = images[ok], labels[ok]
         generator.manual_seed(batch_seed(seed, rank + j * world))
         images, labels = to_model_input(images, device), labels.to(device)
-        adv, targets = attacker.attack(model, images, labels, generator=generator)
-        with torch.no_grad():
-            logits = model(adv).float()
+        logits, targets = attack_batch(model, attacker, images, labels, generator)
         totals += count_batch(logits, labels, targets)
         for key, value in attacker.batch_stats().items():
             stats[key] += value
@@ -101,6 +100,23 @@ def evaluate(
     images = int(totals[0].item())
     details = attacker.describe_stats(stats, images)
     return EvalResult.from_counts(totals, skipped=int(skipped.item()), details=details)
+
+
+def attack_batch(
+    model: torch.nn.Module,
+    attacker: Attacker,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits of the attacked images, attack targets)``: the attack runs on what a white-box
+    attacker must differentiate (BPDA/EOT for a defended model, Athalye et al. 2018 Sec 4), the
+    logits come from `model` with its real transforms."""
+    adv, targets = attacker.attack(
+        defenses.attack_model(model), images, labels, generator=generator
+    )
+    with torch.no_grad():
+        return model(adv).float(), targets
 
 
 def evaluate_attack(
@@ -115,8 +131,13 @@ def evaluate_attack(
     name: str | None = None,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
-    `attack_iter`, clean for 0), fp32."""
-    attacker = build_attacker(cfg, attack_iter=attack_iter, num_classes=num_classes, name=name)
+    `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
+    attacked through BPDA and EOT."""
+    model = defenses.defend(model, cfg.defense)
+    eot = defenses.eot_samples(model, cfg.eot_samples)
+    attacker = build_attacker(
+        cfg, attack_iter=attack_iter, num_classes=num_classes, name=name, eot_samples=eot
+    )
     return evaluate(
         model,
         attacker,
@@ -190,7 +211,7 @@ def threat_model(cfg: Config) -> str:
     """--eval's attack in words: attack, iterations, target, norm, epsilon (and its options)."""
     attack = eval_attack(cfg)
     if attack == "clean":
-        return "clean"
+        return f"clean{_defense_words(cfg)}"
     k, target = cfg.attack_iter, attack_target(cfg)
     goal = TARGET_WORDS.get(
         target, f"{target} targets" if target.startswith("top") else "untargeted"
@@ -200,13 +221,19 @@ def threat_model(cfg: Config) -> str:
     loss = ", CW loss" if cfg.attack_loss == "cw" else ""
     if attack == "strong":
         members = f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{restarts}"
-        return f"strong (worst case of {members}), {ball}"
+        return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
     if attack == "fgm":
-        return f"FGM {goal}, {ball}{loss}"
+        return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
-        return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}"
+        return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
     name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
-    return f"{name}-{k} {goal}, {ball}{loss}{restarts}"
+    return f"{name}-{k} {goal}, {ball}{loss}{restarts}{_defense_words(cfg)}"
+
+
+def _defense_words(cfg: Config) -> str:
+    """The defense and how the attack sees it, after a comma; empty without a defense."""
+    words = defenses.describe(cfg.defense, cfg.eot_samples, attacked=eval_attack(cfg) != "clean")
+    return f", {words}" if words else ""
 
 
 def summary_line(cfg: Config, r: EvalResult) -> str:
@@ -259,6 +286,8 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "arch": cfg.arch,
         "depth": cfg.depth,
         "num_blocks": cfg.num_blocks,
+        "denoise_op": cfg.denoise_op,
+        "defense": cfg.defense,
         "world_size": distributed.get_world_size(),
     }
 

@@ -14,21 +14,47 @@ from nets.checkpoint import (
     save_npz,
     save_weights,
 )
-from nets.denoise import DenoisingBlock, dot_product_nonlocal, softmax_nonlocal
+from nets.denoise import (
+    DEFAULT_WINDOW,
+    DENOISE_OPS,
+    DenoiseOp,
+    DenoisingBlock,
+    available_denoise_ops,
+    bilateral_filter,
+    check_denoise_op,
+    dot_product_nonlocal,
+    mean_filter,
+    median_filter,
+    softmax_nonlocal,
+)
 from nets.resnet import (
     ARCHITECTURES,
+    DEFAULT_DENOISE_OPS,
     NUM_BLOCKS,
     Bottleneck,
+    Denoise,
     DenoisedBottleneck,
     ResNet,
     available_architectures,
     build_model,
     register,
+    resolve_denoise,
 )
 
 __all__ = [
     "ARCHITECTURE_KEY",
     "ARCHITECTURES",
+    "available_denoise_ops",
+    "bilateral_filter",
+    "check_denoise_op",
+    "DEFAULT_DENOISE_OPS",
+    "DEFAULT_WINDOW",
+    "Denoise",
+    "DENOISE_OPS",
+    "DenoiseOp",
+    "mean_filter",
+    "median_filter",
+    "resolve_denoise",
     "NUM_BLOCKS",
     "Bottleneck",
     "CheckpointError",

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from iat.atomic_io import atomic_write
+from nets.denoise import DENOISE_OPS
+from nets.resnet import DEFAULT_DENOISE_OPS
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
@@ -53,7 +55,8 @@ _NPY_HEADER_READERS = {
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 # The key under which a training checkpoint records its architecture (plain values), written by
-# iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes"}.
+# iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
+# "denoise_op", "denoise_window"} (the last two absent from older checkpoints).
 ARCHITECTURE_KEY = "architecture"
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
@@ -176,15 +179,27 @@ def load_weights(model: nn.Module, weights: str | os.PathLike[str] | Weights) ->
 
 def describe_architecture(record: Mapping[str, object] | None) -> str:
     """``record`` (``Weights.architecture``) in words, e.g. "ResNet (blocks 1 1 1 1, width 8,
-    3 classes)"; empty when unknown."""
+    3 classes)" or "ResNetDenoise (depth 50, width 64, 1000 classes, denoising median 3x3)";
+    empty when unknown."""
     if record is None:
         return ""
     blocks = record.get("num_blocks")
     size = f"blocks {' '.join(map(str, blocks))}" if blocks else f"depth {record.get('depth')}"
     return (
         f"{record.get('arch')} ({size}, width {record.get('width')}, "
-        f"{record.get('num_classes')} classes)"
+        f"{record.get('num_classes')} classes{_describe_denoise(record)})"
     )
+
+
+def _describe_denoise(record: Mapping[str, object]) -> str:
+    """ ", denoising median 3x3" when the record names an op other than the architecture's
+    original one (records without one mean the original)."""
+    op = record.get("denoise_op")
+    if op is None or op == DEFAULT_DENOISE_OPS.get(record.get("arch")):
+        return ""
+    window = record.get("denoise_window")
+    local = op in DENOISE_OPS and DENOISE_OPS[op].local
+    return f", denoising {op}" + (f" {window}x{window}" if local else "")
 
 
 def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:

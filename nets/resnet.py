@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets.denoise import DenoisingBlock
+from nets.denoise import DEFAULT_WINDOW, DenoisingBlock, check_denoise_op
 from nets.layers import ConvBN, GlobalAvgPool, MaxPool2dSame, Preprocess
 
 NUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -37,8 +38,20 @@ class BlockFactory(Protocol):
     def __call__(self, in_channels: int, ch_out: int, stride: int) -> nn.Module: ...
 
 
-ModelBuilder = Callable[[Sequence[int], int, int], nn.Module]
+@dataclass(frozen=True)
+class Denoise:
+    """The denoising operation of an architecture's blocks (a ``nets.denoise.DENOISE_OPS`` name)
+    and its window size (local ops only)."""
+
+    op: str
+    window: int = DEFAULT_WINDOW
+
+
+ModelBuilder = Callable[[Sequence[int], int, int, Denoise | None], nn.Module]
 ARCHITECTURES: dict[str, ModelBuilder] = {}
+# Each architecture's original denoising operation (None: it has no denoising blocks); old
+# checkpoints were trained with it, so it stays the default.
+DEFAULT_DENOISE_OPS: dict[str, str | None] = {}
 
 
 class Bottleneck(nn.Module):
@@ -62,18 +75,25 @@ class Bottleneck(nn.Module):
 
 
 class DenoisedBottleneck(Bottleneck):
-    """Bottleneck followed by a dot-product denoising block without embedding (``non_local``).
+    """Bottleneck followed by a denoising block (``non_local``; the original: dot product without
+    embedding).
 
     Feature Denoising, Sec 6.2: the winning ResNeXt101-32x8 entry adds non-local denoising
     blocks to all residual blocks.
     """
 
     def __init__(
-        self, in_channels: int, ch_out: int, stride: int, groups: int = 1, width_factor: int = 1
+        self,
+        in_channels: int,
+        ch_out: int,
+        stride: int,
+        groups: int = 1,
+        width_factor: int = 1,
+        denoise: Denoise = Denoise("dot_product"),
     ) -> None:
         super().__init__(in_channels, ch_out, stride, groups, width_factor)
         channels = BOTTLENECK_EXPANSION * ch_out
-        self.non_local = DenoisingBlock(channels, embed=False, softmax=False)
+        self.non_local = DenoisingBlock(channels, denoise.op, denoise.window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.non_local(super().forward(x))
@@ -87,7 +107,7 @@ class ResNet(nn.Sequential):
         block: factory of one residual block.
         num_classes: outputs of the final ``linear`` layer.
         width: stem channels; the groups use ch_out = width * (1, 2, 4, 8).
-        group_denoising: add a softmax denoising block with embedding after each group
+        group_denoise: add a denoising block with this operation after each group
             (``groupN_denoise``; Feature Denoising, Sec 6: after res2, res3, res4 and res5).
     """
 
@@ -97,7 +117,7 @@ class ResNet(nn.Sequential):
         block: BlockFactory,
         num_classes: int = 1000,
         width: int = 64,
-        group_denoising: bool = False,
+        group_denoise: Denoise | None = None,
     ) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["preprocess"] = Preprocess()
@@ -108,21 +128,24 @@ class ResNet(nn.Sequential):
             ch_out = width * 2**index
             layers[f"group{index}"] = _group(block, channels, ch_out, count, stride)
             channels = BOTTLENECK_EXPANSION * ch_out
-            if group_denoising:
-                denoise = DenoisingBlock(channels, embed=True, softmax=True)
+            if group_denoise is not None:
+                denoise = DenoisingBlock(channels, group_denoise.op, group_denoise.window)
                 layers[f"group{index}_denoise"] = denoise
         layers["gap"] = GlobalAvgPool()
         layers["linear"] = _classifier(channels, num_classes)
         super().__init__(layers)
 
 
-def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding a model builder ``(num_blocks, num_classes, width) -> model``."""
+def register(name: str, denoise_op: str | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator adding a model builder ``(num_blocks, num_classes, width, denoise) -> model``;
+    `denoise_op` is its original denoising operation (None: no denoising blocks, and the builder
+    always receives ``denoise=None``)."""
 
     def add(builder: ModelBuilder) -> ModelBuilder:
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
         ARCHITECTURES[name] = builder
+        DEFAULT_DENOISE_OPS[name] = denoise_op
         return builder
 
     return add
@@ -134,28 +157,45 @@ def available_architectures() -> list[str]:
 
 
 @register("ResNet")
-def resnet(num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64) -> ResNet:
+def resnet(
+    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
+) -> ResNet:
     """Plain ResNet with bottleneck blocks."""
     return ResNet(num_blocks, Bottleneck, num_classes, width)
 
 
-@register("ResNetDenoise")
-def resnet_denoise(num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64) -> ResNet:
-    """ResNet with a softmax denoising block after each group (Feature Denoising, Sec 6)."""
-    return ResNet(num_blocks, Bottleneck, num_classes, width, group_denoising=True)
-
-
-@register("ResNeXtDenoiseAll")
-def resnext_denoise_all(
-    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64
+@register("ResNetDenoise", denoise_op="embedded_gaussian")
+def resnet_denoise(
+    num_blocks: Sequence[int],
+    num_classes: int = 1000,
+    width: int = 64,
+    denoise: Denoise = Denoise("embedded_gaussian"),
 ) -> ResNet:
-    """ResNeXt 32x8d with a dot-product denoising block after every block (Sec 6.2)."""
+    """ResNet with a denoising block after each group (Feature Denoising, Sec 6); originally
+    non-local means with an embedded Gaussian (softmax) affinity."""
+    return ResNet(num_blocks, Bottleneck, num_classes, width, group_denoise=denoise)
+
+
+@register("ResNeXtDenoiseAll", denoise_op="dot_product")
+def resnext_denoise_all(
+    num_blocks: Sequence[int],
+    num_classes: int = 1000,
+    width: int = 64,
+    denoise: Denoise = Denoise("dot_product"),
+) -> ResNet:
+    """ResNeXt 32x8d with a denoising block after every block (Sec 6.2); originally dot-product
+    non-local means without embedding."""
     if (RESNEXT_WIDTH_FACTOR * width) % RESNEXT_GROUPS:
         raise ValueError(
             f"ResNeXtDenoiseAll needs {RESNEXT_WIDTH_FACTOR} * width divisible by "
             f"{RESNEXT_GROUPS}, got width={width}"
         )
-    block = partial(DenoisedBottleneck, groups=RESNEXT_GROUPS, width_factor=RESNEXT_WIDTH_FACTOR)
+    block = partial(
+        DenoisedBottleneck,
+        groups=RESNEXT_GROUPS,
+        width_factor=RESNEXT_WIDTH_FACTOR,
+        denoise=denoise,
+    )
     return ResNet(num_blocks, block, num_classes, width)
 
 
@@ -165,8 +205,14 @@ def build_model(
     num_blocks: Sequence[int] | None = None,
     num_classes: int = 1000,
     width: int = 64,
+    denoise_op: str | None = None,
+    denoise_window: int = DEFAULT_WINDOW,
 ) -> nn.Module:
-    """Builds a registered architecture; give exactly one of ``depth`` and ``num_blocks``."""
+    """Builds a registered architecture; give exactly one of ``depth`` and ``num_blocks``.
+
+    ``denoise_op`` (a ``nets.DENOISE_OPS`` name) replaces the denoising operation of an
+    architecture with denoising blocks (None: its original one, ``DEFAULT_DENOISE_OPS``);
+    ``denoise_window`` is the window of the local ops (bilateral, mean, median)."""
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}"
@@ -174,7 +220,26 @@ def build_model(
     blocks = _resolve_num_blocks(depth, num_blocks)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
-    return ARCHITECTURES[arch](blocks, num_classes, width)
+    denoise = resolve_denoise(arch, denoise_op, denoise_window)
+    return ARCHITECTURES[arch](blocks, num_classes, width, denoise)
+
+
+def resolve_denoise(arch: str, denoise_op: str | None, denoise_window: int) -> Denoise | None:
+    """The denoising `arch` gets: `denoise_op` or its original op; None for an architecture
+    without denoising blocks. ValueError for an op given to such an architecture, an unknown op
+    or a bad window."""
+    default = DEFAULT_DENOISE_OPS[arch]
+    if default is None:
+        if denoise_op is not None or denoise_window != DEFAULT_WINDOW:
+            with_blocks = [name for name, op in sorted(DEFAULT_DENOISE_OPS.items()) if op]
+            raise ValueError(
+                f"{arch} has no denoising blocks to set an operation for; "
+                f"use one of {', '.join(with_blocks)}"
+            )
+        return None
+    op = denoise_op or default
+    check_denoise_op(op, denoise_window)
+    return Denoise(op, denoise_window)
 
 
 def _resolve_num_blocks(depth: int | None, num_blocks: Sequence[int] | None) -> tuple[int, ...]:

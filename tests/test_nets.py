@@ -179,11 +179,12 @@ def _randomise_bn(module: torch.nn.Module) -> None:
 
 
 def _naive_block_output(block: nets.DenoisingBlock, x: torch.Tensor) -> torch.Tensor:
+    softmax = block.op in ("embedded_gaussian", "gaussian")
     if block.embed:
         theta, phi = block.embedding_theta(x), block.embedding_phi(x)
-        f = _naive_softmax(theta, phi, x) if block.softmax else _naive_dot_product(theta, phi, x)
+        f = _naive_softmax(theta, phi, x) if softmax else _naive_dot_product(theta, phi, x)
     else:
-        f = _naive_softmax(x, x, x) if block.softmax else _naive_dot_product(x, x, x)
+        f = _naive_softmax(x, x, x) if softmax else _naive_dot_product(x, x, x)
     conv, bn = block.conv, block.conv.bn
     y = F.conv2d(f.float(), conv.weight)
     y = (y - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
@@ -192,9 +193,11 @@ def _naive_block_output(block: nets.DenoisingBlock, x: torch.Tensor) -> torch.Te
     return x + y * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize(("embed", "softmax"), [(True, True), (False, False), (True, False)])
-def test_denoising_block_wiring(embed, softmax):
-    block = nets.DenoisingBlock(12, embed=embed, softmax=softmax).eval()
+@pytest.mark.parametrize(
+    "op", ["embedded_gaussian", "gaussian", "dot_product", "embedded_dot_product"]
+)
+def test_denoising_block_wiring(op):
+    block = nets.DenoisingBlock(12, op).eval()
     x = _random(2, 12, 5, 4, seed=8)
     assert torch.equal(block(x), x)  # zero-initialised BN gamma: the block starts as identity
     _randomise_bn(block)
@@ -204,7 +207,7 @@ def test_denoising_block_wiring(embed, softmax):
 
 def test_embedded_denoising_needs_even_channels():
     with pytest.raises(ValueError, match="even channel count, got 7"):
-        nets.DenoisingBlock(7, embed=True, softmax=True)
+        nets.DenoisingBlock(7, "embedded_gaussian")
 
 
 # --- structure and initialisation ---
