@@ -16,7 +16,7 @@ import nets
 from adv_model import PGDAttacker
 from iat import builders
 from iat.config import Config
-from iat.trainer import train_step
+from iat.trainer import LossSettings, train_step
 from main import main
 
 TINY = ["--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -265,8 +265,8 @@ def test_every_new_op_trains_one_step(arch, op):
     optimizer = builders.build_optimizer(model, cfg)
     attacker = PGDAttacker(1, 8.0, 4.0, num_classes=5)
     images, labels = torch.rand(4, 3, 16, 16) * 255, torch.arange(4) % 5
-    loss, _, _ = train_step(model, model, attacker, optimizer, images, labels, 0.1)
-    assert math.isfinite(loss.item())
+    result = train_step(model, model, attacker, optimizer, [(images, labels)], LossSettings(0.1))
+    assert math.isfinite(result.loss.item())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     denoise_weights = {
         k for k in before if ("_denoise." in k or "non_local." in k) and "conv.weight" in k
