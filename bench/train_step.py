@@ -121,7 +121,8 @@ def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
 
 def step_fn(model, optimizer, attack, x, y) -> Callable[[], object]:
     model.train()
-    return lambda: trainer.train_step(model, model, attack, optimizer, x, y, LABEL_SMOOTHING)
+    loss = trainer.LossSettings(LABEL_SMOOTHING)
+    return lambda: trainer.train_step(model, model, attack, optimizer, [(x, y)], loss)
 
 
 def iteration_fn(model: torch.nn.Module, attack: PGDAttacker, x, y) -> Callable[[], object]:
