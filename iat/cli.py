@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 
 from iat import distributed
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
@@ -45,6 +46,18 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(message)
+
+
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    """A comma-separated list of numbers, e.g. "2,4,8,16"."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+    return parse
 
 
 def _help(name: str, text: str) -> str:
@@ -177,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
     )
     _choice_arg(out, "--split", "--eval: the split to attack")
+    out.add_argument(
+        "--quantize",
+        action="store_true",
+        default=None,
+        help="--eval: round adversarial images to uint8 before scoring (as files hold them)",
+    )
+    out.add_argument(
+        "--export-adversarial",
+        metavar="DIR",
+        help="--eval: write the adversarial images as PNGs (implies --quantize)",
+    )
+    out.add_argument(
+        "--sweep-epsilon", type=_numbers(float), help="--eval: e.g. 2,4,8,16 (pixel units)"
+    )
+    out.add_argument("--sweep-iters", type=_numbers(int), help="--eval: e.g. 10,50,100")
     out.add_argument("--num-examples", type=int, help="--eval: only the first N images")
     out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")
     out.add_argument(

@@ -146,6 +146,10 @@ class Config:
     log_every: int = 20  # training steps between logged scalars
     split: str = "val"  # --eval: the split to attack ("val" or "train")
     num_examples: int | None = None  # --eval: only the first N images of the split
+    quantize: bool = False  # --eval: round adversarial images to uint8 before scoring them
+    export_adversarial: str | None = None  # --eval: write them as PNGs here (implies quantize)
+    sweep_epsilon: tuple[float, ...] | None = None  # --eval: evaluate at each of these epsilons
+    sweep_iters: tuple[int, ...] | None = None  # --eval: ... and at each of these iterations
     watch: str | None = None  # --eval: evaluate each new checkpoint of this run directory
     watch_interval: float = 10.0  # --watch: seconds between looks at the run directory
     watch_timeout: float = 3600.0  # --watch: stop after this long without a new checkpoint
@@ -233,6 +237,9 @@ def _bounds(cfg: Config) -> None:
         ok = value >= low if inclusive else value > low
         _check(ok, f"{_flag(name)}: must be {'>=' if inclusive else '>'} {low}, got {value}")
     _check(cfg.label_smoothing < 1, "--label-smoothing: must be < 1")
+    for name in ("sweep_epsilon", "sweep_iters"):
+        values = getattr(cfg, name) or ()
+        _check(all(v >= 0 for v in values), f"{_flag(name)}: must be >= 0, got {list(values)}")
     _check(cfg.momentum < 1, "--momentum: must be < 1")
     _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
     _check(
@@ -437,6 +444,8 @@ def config_record(cfg: Config, run: dict) -> dict:
 
 
 _TUPLE_FIELDS = (
+    "sweep_epsilon",
+    "sweep_iters",
     "num_blocks",
     "lr_decay_epochs",
     "explicit_model_fields",

@@ -9,15 +9,18 @@ averages; here counts are summed across ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import torch
 from tqdm import tqdm
 
-from adv_model import Attacker
+from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker
 from iat import defenses, distributed
+from iat.atomic_io import atomic_write
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     LOSS_ATTACKS,
@@ -50,9 +53,14 @@ def evaluate(
     device: torch.device,
     seed: int,
     skip_unreadable: bool = False,
+    quantize: bool = False,
+    export: AdversarialExport | None = None,
     desc: str = "eval",
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
+
+    With `quantize` the adversarial images are rounded to uint8 (as a file would hold them)
+    before they are scored; `export` writes them as PNGs.
 
     The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
     view); the images are scored by `model` itself. An unreadable image is an error naming it,
@@ -88,7 +96,11 @@ def evaluate(
             images, labels = images[ok], labels[ok]
         generator.manual_seed(batch_seed(seed, rank + j * world))
         images, labels = to_model_input(images, device), labels.to(device)
-        logits, targets = attack_batch(model, attacker, images, labels, generator)
+        adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
+        with torch.no_grad():
+            logits = model(adv).float()
+        if export is not None:
+            export.write(adv, indices[ok] if not ok.all() else indices)
         totals += count_batch(logits, labels, targets)
         for key, value in attacker.batch_stats().items():
             stats[key] += value
@@ -102,21 +114,48 @@ def evaluate(
     return EvalResult.from_counts(totals, skipped=int(skipped.item()), details=details)
 
 
-def attack_batch(
+def attack_images(
     model: torch.nn.Module,
     attacker: Attacker,
     images: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator | None,
+    quantize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits of the attacked images, attack targets)``: the attack runs on what a white-box
-    attacker must differentiate (BPDA/EOT for a defended model, Athalye et al. 2018 Sec 4), the
-    logits come from `model` with its real transforms."""
+    """``(attacked images, attack targets)``: the attack runs on what a white-box attacker must
+    differentiate (BPDA/EOT for a defended model, Athalye et al. 2018 Sec 4); scoring them is
+    `model`'s, with its real transforms. `quantize` rounds them to whole pixel values."""
     adv, targets = attacker.attack(
         defenses.attack_model(model), images, labels, generator=generator
     )
-    with torch.no_grad():
-        return model(adv).float(), targets
+    return (quantize_images(adv) if quantize else adv), targets
+
+
+def quantize_images(adv: torch.Tensor) -> torch.Tensor:
+    """Adversarial images rounded to uint8 values, as a PNG keeps them. Rounding moves a pixel
+    by at most 0.5; clean images are whole numbers, so an L-inf ball of whole-pixel radius is
+    never left (other norms may grow by that rounding)."""
+    return adv.round().clamp(PIXEL_MIN, PIXEL_MAX)
+
+
+class AdversarialExport:
+    """Writes evaluated adversarial images as lossless PNGs (uint8, BGR) under `root`, at the
+    same relative paths as the samples under `split_dir` (class folders kept), ``.png``."""
+
+    def __init__(self, root: str | Path, samples: Sequence[Sample], split_dir: str | Path) -> None:
+        self.root, self.samples, self.split_dir = Path(root), samples, Path(split_dir)
+
+    def path(self, index: int) -> Path:
+        relative = Path(self.samples[index][0]).relative_to(self.split_dir)
+        return (self.root / relative).with_suffix(".png")
+
+    def write(self, adv: torch.Tensor, indices: torch.Tensor) -> None:
+        pixels = adv.round().clamp(PIXEL_MIN, PIXEL_MAX).to(torch.uint8).permute(0, 2, 3, 1)
+        for image, index in zip(pixels.cpu().numpy(), indices.tolist(), strict=True):
+            ok, encoded = cv2.imencode(".png", image)
+            if not ok:
+                raise ValueError(f"--export-adversarial: cannot encode image {index} as PNG")
+            atomic_write(self.path(index), lambda f, data=encoded: f.write(data.tobytes()))
 
 
 def evaluate_attack(
@@ -129,6 +168,7 @@ def evaluate_attack(
     device: torch.device,
     desc: str,
     name: str | None = None,
+    export: AdversarialExport | None = None,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
@@ -148,6 +188,8 @@ def evaluate_attack(
         device=device,
         seed=cfg.seed,
         skip_unreadable=cfg.skip_unreadable,
+        quantize=cfg.quantize or export is not None,
+        export=export,
         desc=desc,
     )
 
@@ -160,29 +202,49 @@ def eval_samples(cfg: Config) -> list[Sample]:
 
 def evaluate_checkpoint(
     cfg: Config, samples: list[Sample], device: torch.device, logger: RunLogger
-) -> EvalResult:
-    """The --load'ed model on `samples` under the configured attack; the result is logged
-    (as ``eval``) and its summary line printed."""
+) -> list[EvalResult]:
+    """The --load'ed model (read once) on `samples` under the configured attack, or under each
+    point of the --sweep-epsilon x --sweep-iters grid; every result is logged (as ``eval``) and
+    its summary line printed."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     check_labels(samples, cfg.num_classes, cfg.split)
-    result = evaluate_attack(
-        model,
-        cfg,
-        samples,
-        attack_iter=cfg.attack_iter,
-        num_classes=cfg.num_classes,
-        device=device,
-        desc=f"eval {threat_model(cfg)}",
-        name=eval_attack(cfg),
-    )
-    logger.log_result("eval", eval_record(cfg, result))
-    if distributed.is_main_process():
-        print(summary_line(cfg, result), flush=True)
-    return result
+    export = None
+    if cfg.export_adversarial is not None:
+        split_dir = Path(cfg.data) / cfg.split
+        export = AdversarialExport(cfg.export_adversarial, samples, split_dir)
+    results = []
+    for point in sweep(cfg):
+        result = evaluate_attack(
+            model,
+            point,
+            samples,
+            attack_iter=point.attack_iter,
+            num_classes=point.num_classes,
+            device=device,
+            desc=f"eval {threat_model(point)}",
+            name=eval_attack(point),
+            export=export,
+        )
+        logger.log_result("eval", eval_record(point, result))
+        if distributed.is_main_process():
+            print(summary_line(point, result), flush=True)
+        results.append(result)
+    return results
 
 
-def run_eval(cfg: Config, device: torch.device) -> EvalResult:
-    """--eval: the --load'ed model on the validation split under the configured attack."""
+def sweep(cfg: Config) -> list[Config]:
+    """The configurations --sweep-epsilon and --sweep-iters ask for (just `cfg` without them)."""
+    epsilons = cfg.sweep_epsilon or (cfg.attack_epsilon,)
+    iterations = cfg.sweep_iters or (cfg.attack_iter,)
+    return [
+        dataclasses.replace(cfg, attack_epsilon=float(eps), attack_iter=k)
+        for eps in epsilons
+        for k in iterations
+    ]
+
+
+def run_eval(cfg: Config, device: torch.device) -> list[EvalResult]:
+    """--eval: the --load'ed model on the validation split under the configured attack(s)."""
     backends: list[Backend] = []
     if distributed.is_main_process():
         if cfg.eval_output:

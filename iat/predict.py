@@ -1,6 +1,7 @@
 """--eval-directory: classify every image of a folder and write a black-box prediction file.
 
-As the original (its CAAD submission format): files sorted by name, read by OpenCV as BGR,
+As the original (its CAAD submission format): files sorted by name (by relative path when the
+folder has subfolders, e.g. class folders), read by OpenCV as BGR,
 naively resized to image_size x image_size with cubic interpolation, one `filename,label` line
 per image. An unreadable file stops the run with an error naming every such file and no
 prediction file is written, unless --skip-unreadable is given (then each is named in a warning).
@@ -97,9 +98,10 @@ def run_predict(cfg: Config, device: torch.device) -> Path:
     for path, classes, probs in zip(files, top_classes.tolist(), top_probs.tolist(), strict=True):
         if classes[0] < 0:
             continue
-        lines.append(f"{path.name},{classes[0]}\n")
+        name = path.relative_to(cfg.eval_directory).as_posix()  # the file name in a flat folder
+        lines.append(f"{name},{classes[0]}\n")
         if cfg.print_top5:
-            print(format_top5(path.name, classes, probs, names))
+            print(format_top5(name, classes, probs, names))
     atomic_write_text(cfg.prediction_file, "".join(lines))
     print(f"wrote {len(lines)} predictions to {cfg.prediction_file}", file=sys.stderr)
     return Path(cfg.prediction_file)

@@ -109,13 +109,17 @@ class ConfigFileBackend(Backend):
 
 
 class ResultFileBackend(Backend):
-    """A JSON file holding the latest evaluation record (``--eval-output``), written atomically."""
+    """A JSON file of the evaluation records (``--eval-output``), rewritten atomically after
+    each: the record itself, or ``{"records": [...]}`` once there are several (a sweep)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.records: list[dict] = []
 
     def result(self, name: str, record: dict) -> None:
-        atomic_write_text(self.path, json.dumps(record, indent=2) + "\n")
+        self.records.append(record)
+        content = record if len(self.records) == 1 else {"records": self.records}
+        atomic_write_text(self.path, json.dumps(content, indent=2) + "\n")
 
 
 class MlflowBackend(Backend):

@@ -99,7 +99,8 @@ def test_eval_counts_every_image_once_whatever_the_number_of_processes(tiny_imag
 ZOO = ["fgm", "fgm-minimal", "pgd", "apgd-ce", "apgd-t", "strong"]
 
 
-def test_every_attack_counts_the_same_on_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("launcher", [torchrun, mpirun], ids=["torchrun", "mpirun"])
+def test_every_attack_counts_the_same_on_one_and_two_processes(tmp_path, launcher):
     """The attack zoo (tests/eval_worker.py: 9 images in batches of 2, so the ranks get 3 and 2
     batches) gives the same counts and the same attacker figures on 1 and 2 processes."""
     data = write_imagenet(tmp_path / "imagenet", classes=5, val_images=9)
@@ -109,10 +110,10 @@ def test_every_attack_counts_the_same_on_one_and_two_processes(tmp_path):
         nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=5), ckpt
     )
     records = {}
-    for n, launcher in ((1, [sys.executable]), (2, torchrun(2))):
+    for n, command in ((1, [sys.executable]), (2, launcher(2))):
         out = tmp_path / f"world{n}"
         out.mkdir()
-        launch(launcher, "tests/eval_worker.py", [str(out), str(ckpt), str(data), *ZOO])
+        launch(command, "tests/eval_worker.py", [str(out), str(ckpt), str(data), *ZOO])
         records[n] = {a: json.loads((out / f"{a}.json").read_text()) for a in ZOO}
     for attack in ZOO:
         one, two = records[1][attack], records[2][attack]

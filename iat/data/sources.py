@@ -206,11 +206,16 @@ def unreadable(samples: Sequence[Sample], indices: torch.Tensor, ok: torch.Tenso
 
 
 def list_directory(directory: str | Path) -> list[Path]:
-    """Every regular, non-hidden file of `directory`, sorted by name."""
+    """Every regular, non-hidden file under `directory` (subfolders too, e.g. the class folders
+    of exported adversarial images), sorted by relative path."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"--eval-directory: {directory} is not a directory")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
     if not files:
         raise DataError(f"--eval-directory: {directory} contains no files")
     return files

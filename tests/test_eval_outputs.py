@@ -1,0 +1,87 @@
+"""--eval's outputs beyond the summary: exported adversarial images (black-box transfer) and
+sweeps over epsilon and iterations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import nets
+from iat.data.augment import eval_transform
+from iat.data.layouts import list_split, read_image_bgr
+from iat.report import robust_accuracy_curves
+from main import main
+
+ARCH = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+COMMON = [*ARCH, "--image-size", "32", "--batch", "3", "--workers", "0"]
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3)
+    with torch.no_grad():  # predictions that depend on the image
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    path = tmp_path / "model.npz"
+    nets.save_npz(model, path)
+    return path
+
+
+def test_exported_adversarial_images_reproduce_the_reported_numbers(
+    tiny_imagenet: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    exported, result = tmp_path / "adversarial", tmp_path / "eval.json"
+    args = ["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON,
+            "--attack-iter", "3", "--attack-epsilon", "8", "--attack-target", "none",
+            "--export-adversarial", str(exported), "--eval-output", str(result)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(result.read_text())
+    samples = list_split(tiny_imagenet, "val")[0]
+    files = sorted(exported.rglob("*.png"))
+    assert len(files) == len(samples) == record["images"] == 7
+    for path, _ in samples:  # same relative names, class folders kept, in the epsilon-ball
+        relative = Path(path).relative_to(tiny_imagenet / "val").with_suffix(".png")
+        adversarial = cv2.imread(str(exported / relative), cv2.IMREAD_UNCHANGED)
+        clean = eval_transform(read_image_bgr(path), 32)
+        assert adversarial.shape == clean.shape and adversarial.dtype == np.uint8
+        assert np.abs(adversarial.astype(int) - clean.astype(int)).max() <= 8
+    # Black-box use: another run classifies the exported files; its errors are the reported ones.
+    predictions = tmp_path / "predictions.txt"
+    assert main(["--eval-directory", str(exported), "--load", str(checkpoint), *COMMON,
+                 "--prediction-file", str(predictions)]) == 0  # fmt: skip
+    lines = [line.split(",") for line in predictions.read_text().splitlines()]
+    assert [name for name, _ in lines] == [p.relative_to(exported).as_posix() for p in files]
+    wrong = sum(int(label) != int(name.split("/")[0][1:]) for name, label in lines)
+    assert wrong / 7 == pytest.approx(record["top1_error"], abs=1e-12)
+
+
+def test_sweeps_give_one_record_per_point(tiny_imagenet: Path, checkpoint: Path, tmp_path: Path):
+    result = tmp_path / "sweep.json"
+    assert main(["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON,
+                 "--attack-iter", "2", "--sweep-epsilon", "0,4,16", "--sweep-iters", "1,3",
+                 "--attack-target", "none", "--eval-output", str(result)]) == 0  # fmt: skip
+    records = json.loads(result.read_text())["records"]
+    points = [(r["attack"]["epsilon"], r["attack"]["iter"]) for r in records]
+    assert points == [(0.0, 1), (0.0, 3), (4.0, 1), (4.0, 3), (16.0, 1), (16.0, 3)]
+    assert all(r["images"] == 7 for r in records)
+    at_zero = [r["top1_error"] for r in records if r["attack"]["epsilon"] == 0]
+    assert at_zero[0] == at_zero[1]  # no budget, no attack: the clean error
+    strongest = max(r["top1_error"] for r in records)
+    assert strongest >= at_zero[0]
+    curves = robust_accuracy_curves(records, "epsilon")
+    (points_by_eps,) = curves.values()
+    assert sorted({x for x, _ in points_by_eps}) == [0.0, 4.0, 16.0]
+
+
+def test_bad_sweep_is_one_line(tiny_imagenet: Path, checkpoint: Path, capsys) -> None:
+    args = ["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON]
+    assert main([*args, "--sweep-epsilon", "4,x"]) == 1
+    assert "--sweep-epsilon" in capsys.readouterr().err
+    assert main([*args, "--sweep-iters", "-1"]) == 1
+    assert "--sweep-iters: must be >= 0" in capsys.readouterr().err
