@@ -92,12 +92,15 @@ MODELS = (
 )
 
 
-# The table's columns: (heading, attack iterations, --attack-target). The paper's metric
-# (targeted PGD toward a random wrong class) never stands alone: untargeted PGD beside it.
+# The table's columns: (heading, attack iterations, --attack-target, --attack). The paper's
+# metric (targeted PGD toward a random wrong class) never stands alone: untargeted PGD and the
+# strong ensemble stand beside it.
 COLUMNS = (
-    ("clean", 0, "random"),
-    (f"PGD-{EVAL_ATTACK_ITER} rand-target", EVAL_ATTACK_ITER, "random"),
-    (f"PGD-{EVAL_ATTACK_ITER} untargeted", EVAL_ATTACK_ITER, "none"),
+    ("clean", 0, "random", "clean"),
+    (f"PGD-{EVAL_ATTACK_ITER} rand-target", EVAL_ATTACK_ITER, "random", "pgd"),
+    (f"PGD-{EVAL_ATTACK_ITER} untargeted", EVAL_ATTACK_ITER, "none", "pgd"),
+    # AutoAttack-grade: the worst case of APGD-CE, APGD-T and targeted PGD per example.
+    (f"strong-{EVAL_ATTACK_ITER}", EVAL_ATTACK_ITER, "random", "strong"),
 )
 
 
@@ -113,8 +116,9 @@ def evaluate_columns(cfg: Config, model: torch.nn.Module) -> list[EvalResult]:
             num_classes=10,
             device=torch.device("cpu"),
             desc=heading,
+            name=name,
         )
-        for heading, k, target in COLUMNS
+        for heading, k, target, name in COLUMNS
     ]
 
 
@@ -145,10 +149,9 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], bool
 def summary_table(rows: list[tuple[str, list[EvalResult], float | None]]) -> str:
     """Accuracy (1 - top-1 error) of each model under each column's threat model, and the
     wall time its training took."""
-    widths = [max(10, len(heading) + 2) for heading, _, _ in COLUMNS]
-    head = f"{'model':<28}" + "".join(
-        f"{h:>{w}}" for (h, _, _), w in zip(COLUMNS, widths, strict=True)
-    )
+    headings = [column[0] for column in COLUMNS]
+    widths = [max(10, len(heading) + 2) for heading in headings]
+    head = f"{'model':<28}" + "".join(f"{h:>{w}}" for h, w in zip(headings, widths, strict=True))
     head += f"{'train s':>10}"
     lines = [head, "-" * len(head)]
     for name, results, seconds in rows:

@@ -16,21 +16,23 @@ def test_demo_trains_attacks_predicts_and_shows_robustness(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PGD-10 rand-target" in run.stdout and "PGD-10 untargeted" in run.stdout
+    assert "strong-10" in run.stdout
     number = r"\s+([01]\.\d{3})"
     rows = {
-        m.group(1): tuple(float(m.group(i)) for i in (2, 3, 4))
+        m.group(1): tuple(float(m.group(i)) for i in (2, 3, 4, 5))
         for m in re.finditer(
-            rf"^(adversarial|clean|cheap) .*?{number * 3}\s+(\d+|reused)$", run.stdout, re.M
+            rf"^(adversarial|clean|cheap) .*?{number * 4}\s+(\d+|reused)$", run.stdout, re.M
         )
     }
-    (adv_clean, adv_pgd, adv_untargeted) = rows["adversarial"]
-    (std_clean, std_pgd, std_untargeted) = rows["clean"]
+    (adv_clean, adv_pgd, adv_untargeted, adv_strong) = rows["adversarial"]
+    (std_clean, std_pgd, std_untargeted, _) = rows["clean"]
     assert adv_clean > 0.8 and std_clean > 0.9, run.stdout
     assert adv_pgd > std_pgd + 0.3, run.stdout  # adversarial training clearly helps under PGD
     # Untargeted PGD is the stronger attack: never a higher accuracy than random-target PGD.
     assert adv_untargeted <= adv_pgd and std_untargeted <= std_pgd, run.stdout
+    assert adv_strong <= adv_untargeted, run.stdout  # the ensemble includes stronger attacks
     # FGSM with a random start (one step) also makes the model robust, for less compute.
-    cheap_clean, cheap_pgd, _ = rows["cheap"]
+    cheap_clean, cheap_pgd, _, _ = rows["cheap"]
     assert cheap_clean > 0.7 and cheap_pgd > std_pgd + 0.3, run.stdout
     assert "adversarial training helps under attack: yes" in run.stdout
     lines = (tmp_path / "predictions.txt").read_text().splitlines()
