@@ -96,8 +96,9 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     disagree = []
     if "arch" in explicit and cfg.arch != recorded["arch"]:
         disagree.append(f"--arch {cfg.arch}")
-    if size_given and _blocks(cfg.depth, cfg.num_blocks) != _blocks(
-        recorded["depth"], recorded["num_blocks"]
+    arch = cfg.arch if "arch" in explicit else recorded["arch"]
+    if size_given and _blocks(arch, cfg.depth, cfg.num_blocks) != _blocks(
+        recorded["arch"], recorded["depth"], recorded["num_blocks"]
     ):
         size = cfg.num_blocks
         disagree.append(f"-d {cfg.depth}" if size is None else f"--num-blocks {_words(size)}")
@@ -137,7 +138,11 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
     blocks, depth = record.get("num_blocks"), record.get("depth")
     valid_size = (
         isinstance(blocks, list) and len(blocks) == 4 and all(_positive(n) for n in blocks)
-    ) or (blocks is None and depth in nets.NUM_BLOCKS)
+    ) or (
+        blocks is None
+        and record.get("arch") in nets.ARCHITECTURES
+        and depth in nets.depths_of(record["arch"])
+    )
     op = record.get("denoise_op")
     window = record.get("denoise_window", nets.DEFAULT_WINDOW)
     defense = record.get("defense")
@@ -179,9 +184,9 @@ def _positive(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _blocks(depth: int | None, num_blocks: tuple[int, ...] | None) -> tuple[int, ...]:
+def _blocks(arch: str, depth: int | None, num_blocks: tuple[int, ...] | None) -> tuple[int, ...]:
     """Blocks per group, as ``nets.build_model`` resolves them (num_blocks over depth)."""
-    return tuple(num_blocks) if num_blocks is not None else nets.NUM_BLOCKS[depth]
+    return tuple(num_blocks) if num_blocks is not None else nets.num_blocks_of(arch, depth)
 
 
 def _words(values: tuple[int, ...]) -> str:

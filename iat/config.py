@@ -54,7 +54,10 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 
 def depths() -> tuple[int, ...]:
-    return tuple(nets.NUM_BLOCKS)
+    """Every -d some architecture accepts (each checks its own: nets.depths_of)."""
+    return tuple(
+        sorted({d for arch in nets.available_architectures() for d in nets.depths_of(arch)})
+    )
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ class Config:
 
     # --- model ---------------------------------------------------------------------------------
     arch: str = "ResNet"  # ResNet, ResNetDenoise or ResNeXtDenoiseAll (nets registry)
-    depth: int | None = 50  # 50 / 101 / 152; ignored when num_blocks is given
+    depth: int | None = 50  # 50 / 101 / 152 (ResNetBasic: 18 / 34); num_blocks overrides it
     num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1)
     width: int = 64  # base channel count (64 = the original); smaller for tiny models
     # Denoising operation of the denoising blocks (nets.DENOISE_OPS; Feature Denoising Sec 4.1);
@@ -276,7 +279,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) is not None or name not in _OPTIONAL_CHOICES:
             _choice(name, getattr(cfg, name), allowed)
     if cfg.num_blocks is None:
-        _choice("depth", cfg.depth, depths())
+        _choice("depth", cfg.depth, nets.depths_of(cfg.arch))
     else:
         _check(
             len(cfg.num_blocks) == 4 and all(n >= 1 for n in cfg.num_blocks),

@@ -1,4 +1,5 @@
-"""Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints."""
+"""Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints,
+ResNet-v2 (ALP) and basic-block ResNets for small images."""
 
 from nets.checkpoint import (
     ARCHITECTURE_KEY,
@@ -37,9 +38,12 @@ from nets.resnet import (
     ResNet,
     available_architectures,
     build_model,
+    depths_of,
+    num_blocks_of,
     register,
     resolve_denoise,
 )
+from nets.resnet_variants import BasicBlock, PreActBottleneck, ResNetBasic, ResNetV2
 
 __all__ = [
     "ARCHITECTURE_KEY",
@@ -56,6 +60,12 @@ __all__ = [
     "median_filter",
     "resolve_denoise",
     "NUM_BLOCKS",
+    "BasicBlock",
+    "PreActBottleneck",
+    "ResNetBasic",
+    "ResNetV2",
+    "depths_of",
+    "num_blocks_of",
     "Bottleneck",
     "CheckpointError",
     "checkpoint_num_classes",

@@ -7,7 +7,7 @@ Module names follow the original TensorFlow variable scopes (``conv0``, ``group2
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -49,6 +49,7 @@ class Denoise:
 
 ModelBuilder = Callable[[Sequence[int], int, int, Denoise | None], nn.Module]
 ARCHITECTURES: dict[str, ModelBuilder] = {}
+DEPTHS: dict[str, dict[int, tuple[int, int, int, int]]] = {}  # arch -> depth -> num_blocks
 # Each architecture's original denoising operation (None: it has no denoising blocks); old
 # checkpoints were trained with it, so it stays the default.
 DEFAULT_DENOISE_OPS: dict[str, str | None] = {}
@@ -136,19 +137,37 @@ class ResNet(nn.Sequential):
         super().__init__(layers)
 
 
-def register(name: str, denoise_op: str | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
+def register(
+    name: str,
+    denoise_op: str | None = None,
+    depths: Mapping[int, tuple[int, int, int, int]] = NUM_BLOCKS,
+) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding a model builder ``(num_blocks, num_classes, width, denoise) -> model``;
     `denoise_op` is its original denoising operation (None: no denoising blocks, and the builder
-    always receives ``denoise=None``)."""
+    always receives ``denoise=None``); `depths` maps each ``-d`` to its blocks per group."""
 
     def add(builder: ModelBuilder) -> ModelBuilder:
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
         ARCHITECTURES[name] = builder
         DEFAULT_DENOISE_OPS[name] = denoise_op
+        DEPTHS[name] = dict(depths)
         return builder
 
     return add
+
+
+def depths_of(arch: str) -> tuple[int, ...]:
+    """The depths ``-d`` accepts for `arch`."""
+    return tuple(DEPTHS[arch])
+
+
+def num_blocks_of(arch: str, depth: int) -> tuple[int, ...]:
+    """Blocks per group of `arch` at `depth`; ValueError naming the valid depths."""
+    if depth not in DEPTHS[arch]:
+        valid = ", ".join(map(str, DEPTHS[arch]))
+        raise ValueError(f"unknown depth {depth!r} for {arch}; valid depths: {valid}")
+    return DEPTHS[arch][depth]
 
 
 def available_architectures() -> list[str]:
@@ -217,7 +236,7 @@ def build_model(
         raise ValueError(
             f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}"
         )
-    blocks = _resolve_num_blocks(depth, num_blocks)
+    blocks = _resolve_num_blocks(arch, depth, num_blocks)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
     denoise = resolve_denoise(arch, denoise_op, denoise_window)
@@ -242,17 +261,15 @@ def resolve_denoise(arch: str, denoise_op: str | None, denoise_window: int) -> D
     return Denoise(op, denoise_window)
 
 
-def _resolve_num_blocks(depth: int | None, num_blocks: Sequence[int] | None) -> tuple[int, ...]:
+def _resolve_num_blocks(
+    arch: str, depth: int | None, num_blocks: Sequence[int] | None
+) -> tuple[int, ...]:
     if (depth is None) == (num_blocks is None):
         raise ValueError(
             f"give exactly one of depth and num_blocks, got depth={depth}, num_blocks={num_blocks}"
         )
     if num_blocks is None:
-        if depth not in NUM_BLOCKS:
-            raise ValueError(
-                f"unknown depth {depth!r}; valid depths: {', '.join(map(str, NUM_BLOCKS))}"
-            )
-        return NUM_BLOCKS[depth]
+        return num_blocks_of(arch, depth)
     blocks = tuple(num_blocks)
     valid = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in blocks)
     if len(blocks) != len(GROUP_STRIDES) or not valid:
@@ -298,3 +315,27 @@ def _classifier(in_features: int, num_classes: int) -> nn.Linear:
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
     return linear
+
+
+# Registered here (not in nets/resnet_variants.py) so that the registry is complete on import.
+from nets.resnet_variants import (  # noqa: E402
+    BASIC_NUM_BLOCKS,
+    ResNetBasic,
+    ResNetV2,
+)
+
+
+@register("ResNetV2")
+def resnet_v2(
+    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
+) -> ResNetV2:
+    """Pre-activation ResNet (Identity Mappings, He et al. 2016), ALP's ``resnet_v2_50``."""
+    return ResNetV2(num_blocks, num_classes, width)
+
+
+@register("ResNetBasic", depths=BASIC_NUM_BLOCKS)
+def resnet_basic(
+    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
+) -> ResNetBasic:
+    """Basic-block ResNet (18 / 34) with a stem for small images (64x64 and below)."""
+    return ResNetBasic(num_blocks, num_classes, width)

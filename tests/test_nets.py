@@ -28,8 +28,10 @@ def _random(*shape: int, seed: int = 0) -> torch.Tensor:
 # --- registry and build_model ---
 
 
-def test_registry_lists_the_three_architectures():
-    assert nets.available_architectures() == ["ResNeXtDenoiseAll", "ResNet", "ResNetDenoise"]
+def test_registry_lists_the_architectures():
+    assert nets.available_architectures() == [
+        "ResNeXtDenoiseAll", "ResNet", "ResNetBasic", "ResNetDenoise", "ResNetV2"
+    ]  # fmt: skip
     assert set(nets.ARCHITECTURES) == set(nets.available_architectures())
 
 
@@ -54,7 +56,7 @@ def test_num_blocks_overrides_depth_layout():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"arch": "VGG", "depth": 50}, "'VGG'.*ResNeXtDenoiseAll, ResNet, ResNetDenoise"),
+        ({"arch": "VGG", "depth": 50}, "'VGG'.*ResNeXtDenoiseAll, ResNet, ResNetBasic"),
         ({"arch": "ResNet", "depth": 34}, "34.*50, 101, 152"),
         ({"arch": "ResNet"}, "exactly one of depth and num_blocks"),
         ({"arch": "ResNet", "depth": 50, "num_blocks": [1, 1, 1, 1]}, "exactly one"),
