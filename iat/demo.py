@@ -130,25 +130,28 @@ def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:
         run_training(cfg, env, device)
 
 
-def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], bool]:
-    """Train on `nprocs` processes (Gloo), then evaluate the final checkpoint here; whether it
-    was trained now (or reused)."""
+def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], float | None]:
+    """Train on `nprocs` processes (Gloo), then evaluate the final checkpoint here; the
+    training's wall time (None when a finished model was reused)."""
     done = latest_checkpoint(cfg.logdir)
-    reuse = done is not None and done.name == checkpoint_path(cfg.logdir, cfg.epochs).name
-    if reuse:
+    seconds = None
+    if done is not None and done.name == checkpoint_path(cfg.logdir, cfg.epochs).name:
         print(f"reusing the trained model {done} (delete {cfg.logdir} to train it again)")
-    elif nprocs > 1:
-        distributed.spawn(_train_rank, nprocs, (cfg, 1))
     else:
-        run_training(cfg, distributed.detect(), torch.device("cpu"))
+        began = time.perf_counter()
+        if nprocs > 1:
+            distributed.spawn(_train_rank, nprocs, (cfg, 1))
+        else:
+            run_training(cfg, distributed.detect(), torch.device("cpu"))
+        seconds = time.perf_counter() - began
     weights = nets.read_weights(latest_checkpoint(cfg.logdir))
     model = build_model(cfg, 10, torch.device("cpu"), weights)
-    return evaluate_columns(cfg, model), not reuse
+    return evaluate_columns(cfg, model), seconds
 
 
 def summary_table(rows: list[tuple[str, list[EvalResult], float | None]]) -> str:
     """Accuracy (1 - top-1 error) of each model under each column's threat model, and the
-    wall time its training took."""
+    wall time its training took (training only, evaluation excluded)."""
     headings = [column[0] for column in COLUMNS]
     widths = [max(10, len(heading) + 2) for heading in headings]
     head = f"{'model':<28}" + "".join(f"{h:>{w}}" for h, w in zip(headings, widths, strict=True))
@@ -178,9 +181,7 @@ def run_demo(logdir: str) -> int:
     for name, folder, k, method in MODELS:
         cfg = dataclasses.replace(demo_config(data, root / folder, k, nprocs), adv_method=method)
         print(f"training {name} ...")
-        began = time.perf_counter()
-        results, trained = train_and_evaluate(cfg, nprocs)
-        rows.append((name, results, time.perf_counter() - began if trained else None))
+        rows.append((name, *train_and_evaluate(cfg, nprocs)))
     adv_logdir = root / f"attack-iter{ATTACK_ITER}"
     predict_cfg = dataclasses.replace(
         demo_config(data, adv_logdir, ATTACK_ITER, nprocs),
