@@ -348,6 +348,7 @@ class NormPGDAttacker(PGDAttacker):
         generator: torch.Generator | None = None,
         autocast: bool = False,
         compiled: bool = False,
+        eot_samples: int = 1,
     ) -> None:
         super().__init__(
             num_iter,
@@ -358,6 +359,7 @@ class NormPGDAttacker(PGDAttacker):
             generator=generator,
             autocast=autocast,
             compiled=compiled,
+            eot_samples=eot_samples,
         )
         _check_common(epsilon, norm, ("inf", "2"), loss)
         if restarts < 1:
@@ -431,8 +433,10 @@ class NormPGDAttacker(PGDAttacker):
         untargeted, maximised toward a target), summed over examples."""
         if self.loss == "ce":
             return super()._loss(model, adv, goal)
-        margin = logit_margin(model(adv), goal)
-        return margin.sum() if self.target is None else -margin.sum()
+        # EOT (Athalye et al. 2018, Sec 4.1): the margin averaged over draws of a random model.
+        draws = [logit_margin(model(adv), goal).sum() for _ in range(self.eot_samples)]
+        margin = torch.stack(draws).mean()
+        return margin if self.target is None else -margin
 
 
 # --- APGD ------------------------------------------------------------------------------------
@@ -738,6 +742,7 @@ def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
         generator=settings.generator,
         autocast=settings.autocast,
         compiled=settings.compiled,
+        eot_samples=settings.eot_samples,
     )
 
 

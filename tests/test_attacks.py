@@ -324,3 +324,28 @@ def test_adv_model_alone_registers_and_builds_the_whole_zoo():
         "fgm FGMAttacker", "fgm-minimal FGMAttacker", "fgsmrs PGDAttacker", "free FreeAttacker",
         "pgd PGDAttacker", "strong EnsembleAttacker",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("norm", "loss"), [("2", "ce"), ("inf", "cw")])
+def test_pgd_with_other_norms_and_losses_averages_eot_draws(norm: str, loss: str) -> None:
+    """Against a random defense every PGD variant averages `eot_samples` draws per iteration."""
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 4 * 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return self.linear(x.flatten(1) / 255)
+
+    settings = AttackSettings(
+        2, 16.0 if norm == "inf" else 100.0, 4.0, target=None, norm=norm, loss=loss,
+        eot_samples=3,
+    )  # fmt: skip
+    attacker = create_attacker("pgd", settings)
+    images, labels = torch.rand(2, 3, 4, 4) * 255, torch.tensor([0, 1])
+    attacker.attack(Counting(), images, labels, generator=torch.Generator().manual_seed(0))
+    # 2 iterations x 3 draws, plus the final forward pass that scores the restart.
+    assert len(calls) == 2 * 3 + 1
