@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
-from iat.defenses import parse_defense
+from iat.defenses import DEFENSE_PHASES, parse_defense
 from iat.run_state import averaged_weights
 
 IMAGENET_CLASSES = 1000
@@ -56,7 +56,8 @@ def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
     values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
     denoising blocks use (None: no denoising blocks). Records written before denoising ops were
     selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
-    ``defense`` is the input-transform defense the model is evaluated behind (iat.defenses)."""
+    ``defense`` is the input-transform defense and ``defense_apply`` when it applies (iat.defenses;
+    records without it mean "predict": the model is evaluated behind it)."""
     blocks = cfg.num_blocks
     denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
     return {
@@ -68,6 +69,7 @@ def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
         "denoise_op": None if denoise is None else denoise.op,
         "denoise_window": cfg.denoise_window,
         "defense": cfg.defense,
+        "defense_apply": cfg.defense_apply,
     }
 
 
@@ -86,7 +88,8 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
 def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
     """``cfg`` with the architecture `weights` records where ``cfg.explicit_model_fields`` do
     not set it; a set field that disagrees with the record is one error naming both. The
-    defense is a test-time wrapper, not weights: --defense given replaces the recorded one."""
+    defense is a wrapper, not weights: --defense given replaces the recorded one and applies as
+    --defense-apply says (default: in evaluation), whatever the record's phase."""
     record = weights.architecture
     if record is None:
         return cfg
@@ -111,6 +114,8 @@ def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:
             f"{nets.describe_architecture(record)}; leave the flags out to use its architecture"
         )
     unset = [name for name in MODEL_FIELDS if name not in explicit]
+    if "defense" in explicit:
+        unset = [name for name in unset if name != "defense_apply"]
     if size_given:
         unset = [name for name in unset if name not in ("depth", "num_blocks")]
     return dataclasses.replace(cfg, **{name: recorded[name] for name in unset})
@@ -146,8 +151,10 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
     op = record.get("denoise_op")
     window = record.get("denoise_window", nets.DEFAULT_WINDOW)
     defense = record.get("defense")
+    defense_apply = record.get("defense_apply", "predict")
     if not (
         _valid_defense(defense)
+        and defense_apply in DEFENSE_PHASES
         and record.get("arch") in nets.available_architectures()
         and _positive(record.get("width"))
         and valid_size
@@ -165,6 +172,7 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
         "denoise_op": op,
         "denoise_window": window,
         "defense": defense,
+        "defense_apply": defense_apply,
     }
 
 

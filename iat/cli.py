@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load", help="weights: original .npz, or .pt (resumes a training run)")
     model.add_argument(
         "--defense",
-        help="input transforms before the model when evaluating, e.g. jpeg:75,median:3,noise:8 "
-        "(median window, JPEG quality 1-100, noise sigma in pixels); none: no defense",
+        help="input transforms before the model, e.g. jpeg:75,median:3,noise:8 (median window, "
+        "JPEG quality 1-100, noise sigma in pixels); none: no defense",
     )
+    _choice_arg(model, "--defense-apply", "when --defense applies: evaluation, training or both")
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
     attack = p.add_argument_group("attack (pixel units, 0-255)")

@@ -21,12 +21,21 @@ from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
-from iat.defenses import parse_defense
+from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
 # What a training checkpoint records (builders.architecture_record).
-MODEL_FIELDS = ("arch", "depth", "num_blocks", "width", "denoise_op", "denoise_window", "defense")
+MODEL_FIELDS = (
+    "arch",
+    "depth",
+    "num_blocks",
+    "width",
+    "denoise_op",
+    "denoise_window",
+    "defense",
+    "defense_apply",
+)
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train")
@@ -50,6 +59,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data_layout": (AUTO_LAYOUT, *READERS),
         "split": EVAL_SPLITS,
         "train_eval": tuple(EVAL_SCHEDULES),
+        "defense_apply": tuple(DEFENSE_PHASES),
     }
 
 
@@ -91,10 +101,12 @@ class Config:
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
-    # Input-transform defense before the model in evaluation (in-training included) and
-    # prediction, attacked through BPDA/EOT (iat.defenses), e.g. "jpeg:75,median:3,noise:8"; None
-    # or "none": no defense. Training runs undefended; checkpoints record it for evaluation.
+    # Input-transform defense before the model, attacked through BPDA/EOT (iat.defenses), e.g.
+    # "jpeg:75,median:3,noise:8"; None or "none": no defense. Checkpoints record it.
     defense: str | None = None
+    # When it applies (Dioptra's apply_fit / apply_predict): "predict" (evaluation, in-training
+    # evaluation included, and prediction), "fit" (training only) or "both".
+    defense_apply: str = "predict"
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
     attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
@@ -297,6 +309,10 @@ def validate(cfg: Config) -> None:
         parse_defense(cfg.defense)
     except ValueError as e:
         raise ValueError(f"--defense: {e}") from None
+    _check(
+        cfg.mode != "train" or cfg.defense_apply == "predict" or fit_defense(cfg) is not None,
+        f"--defense-apply {cfg.defense_apply}: needs a --defense to apply in training",
+    )
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),
@@ -335,6 +351,17 @@ def adv_fraction(cfg: Config) -> float:
     if cfg.adv_fraction is not None:
         return cfg.adv_fraction
     return 0.5 if cfg.lp_weight > 0 else 1.0
+
+
+def fit_defense(cfg: Config) -> str | None:
+    """The defense training passes its images through (--defense-apply fit or both)."""
+    return applied_defense(cfg.defense, cfg.defense_apply, "fit")
+
+
+def predict_defense(cfg: Config) -> str | None:
+    """The defense evaluation and prediction pass images through (--defense-apply predict or
+    both)."""
+    return applied_defense(cfg.defense, cfg.defense_apply, "predict")
 
 
 def ema_enabled(cfg: Config) -> bool:

@@ -31,11 +31,18 @@ from torch import nn
 
 PIXEL_MAX = 255.0
 NO_DEFENSE = "none"  # --defense none: explicitly no defense (over a checkpoint's record)
+# --defense-apply: the phases a defense applies in (Dioptra's apply_fit / apply_predict).
+DEFENSE_PHASES: dict[str, tuple[str, ...]] = {
+    "predict": ("predict",),
+    "fit": ("fit",),
+    "both": ("fit", "predict"),
+}
 
 
 class InputTransform(nn.Module, abc.ABC):
     """One input transform. ``differentiable``: its autograd gradient is the useful one (else
-    an attack needs BPDA); ``random``: each call draws fresh randomness (an attack needs EOT)."""
+    an attack needs BPDA); ``random``: each call draws fresh randomness (an attack needs EOT)
+    from its ``generator`` attribute (``reseed`` replaces it)."""
 
     differentiable: bool = True
     random: bool = False
@@ -189,12 +196,16 @@ class DefenseKind:
     parse: Callable[[str], float]
     check: Callable[[float], bool]
     bounds: str  # the allowed values, in words
-    build: Callable[[float], InputTransform]
+    build: Callable[[float, torch.Generator | None], InputTransform]  # (parameter, generator)
 
 
 DEFENSES: dict[str, DefenseKind] = {
-    "median": DefenseKind(int, lambda k: k >= 1 and k % 2 == 1, "an odd size", MedianSmoothing),
-    "jpeg": DefenseKind(int, lambda q: 1 <= q <= 100, "a quality 1-100", JpegCompression),
+    "median": DefenseKind(
+        int, lambda k: k >= 1 and k % 2 == 1, "an odd size", lambda k, _: MedianSmoothing(k)
+    ),
+    "jpeg": DefenseKind(
+        int, lambda q: 1 <= q <= 100, "a quality 1-100", lambda q, _: JpegCompression(q)
+    ),
     "noise": DefenseKind(float, lambda s: 0 < s < float("inf"), "a sigma > 0", GaussianNoise),
 }
 
@@ -223,14 +234,25 @@ def parse_defense(spec: str | None) -> list[tuple[str, float]]:
     return parts
 
 
-def build_transforms(spec: str | None) -> list[InputTransform]:
-    """The transforms of ``spec`` (``--defense``), in order."""
-    return [DEFENSES[name].build(value) for name, value in parse_defense(spec)]
+def applied_defense(spec: str | None, apply: str, phase: str) -> str | None:
+    """``spec`` if it applies in ``phase`` ("fit" or "predict") under ``--defense-apply``
+    ``apply``, else None."""
+    return spec if phase in DEFENSE_PHASES[apply] and parse_defense(spec) else None
 
 
-def defend(model: nn.Module, spec: str | None) -> nn.Module:
+def build_transforms(
+    spec: str | None, generator: torch.Generator | None = None
+) -> list[InputTransform]:
+    """The transforms of ``spec`` (``--defense``), in order; random ones draw from
+    ``generator`` (None: torch's default)."""
+    return [DEFENSES[name].build(value, generator) for name, value in parse_defense(spec)]
+
+
+def defend(
+    model: nn.Module, spec: str | None, generator: torch.Generator | None = None
+) -> nn.Module:
     """``model`` behind the transforms of ``spec`` (``--defense``); ``model`` itself if none."""
-    transforms = build_transforms(spec)
+    transforms = build_transforms(spec, generator)
     return DefendedModel(model, transforms) if transforms else model
 
 
@@ -251,6 +273,18 @@ def describe(spec: str | None, eot_samples: int, attacked: bool) -> str:
 def attack_model(model: nn.Module) -> nn.Module:
     """What a white-box attack on `model` differentiates: a defended model's BPDA/EOT view."""
     return model.attack_view() if isinstance(model, DefendedModel) else model
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Random transforms of a defended `model` draw from a fresh generator seeded with `seed`
+    (the attack view shares them): evaluation reseeds per batch, so a random defense's draws
+    depend on the batch, not on the process that scores it."""
+    if not isinstance(model, DefendedModel):
+        return
+    for transform in model.transforms:
+        if transform.random:
+            device = next(model.model.parameters()).device
+            transform.generator = torch.Generator(device=device).manual_seed(seed)
 
 
 def eot_samples(model: nn.Module, requested: int) -> int:

@@ -30,11 +30,14 @@ from iat.config import (
     Config,
     config_record,
     eval_attack,
+    predict_defense,
 )
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, to_model_input, unreadable
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
+
+DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -95,6 +98,7 @@ def evaluate(
             skipped += len(bad)
             images, labels = images[ok], labels[ok]
         generator.manual_seed(batch_seed(seed, rank + j * world))
+        defenses.reseed(model, batch_seed(seed, rank + j * world) + DEFENSE_SEED_OFFSET)
         images, labels = to_model_input(images, device), labels.to(device)
         adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
         with torch.no_grad():
@@ -172,8 +176,8 @@ def evaluate_attack(
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
-    attacked through BPDA and EOT."""
-    model = defenses.defend(model, cfg.defense)
+    attacked through BPDA and EOT (nothing when it applies only in training)."""
+    model = defenses.defend(model, predict_defense(cfg))
     eot = defenses.eot_samples(model, cfg.eot_samples)
     attacker = build_attacker(
         cfg, attack_iter=attack_iter, num_classes=num_classes, name=name, eot_samples=eot
@@ -294,7 +298,9 @@ def threat_model(cfg: Config) -> str:
 
 def _defense_words(cfg: Config) -> str:
     """The defense and how the attack sees it, after a comma; empty without a defense."""
-    words = defenses.describe(cfg.defense, cfg.eot_samples, attacked=eval_attack(cfg) != "clean")
+    words = defenses.describe(
+        predict_defense(cfg), cfg.eot_samples, attacked=eval_attack(cfg) != "clean"
+    )
     return f", {words}" if words else ""
 
 
@@ -349,7 +355,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "depth": cfg.depth,
         "num_blocks": cfg.num_blocks,
         "denoise_op": cfg.denoise_op,
-        "defense": cfg.defense,
+        "defense": predict_defense(cfg),
         "world_size": distributed.get_world_size(),
     }
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from iat.atomic_io import atomic_write_text
 from iat.builders import load_for_inference
-from iat.config import Config
+from iat.config import Config, predict_defense
 from iat.data.layouts import CorruptImageError, DataError
 from iat.data.sources import eval_loader, list_directory, resize_square, to_model_input
 from iat.defenses import defend
@@ -81,7 +81,7 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 def run_predict(cfg: Config, device: torch.device) -> Path:
     files = list_directory(cfg.eval_directory)
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
-    model = defend(model, cfg.defense)
+    model = defend(model, predict_defense(cfg))
     names = load_class_names(cfg.class_names, cfg.num_classes) if cfg.class_names else None
     top_classes, top_probs, bad = predict_files(
         model, files, batch=cfg.batch, image_size=cfg.image_size, workers=cfg.workers, device=device

@@ -25,8 +25,15 @@ from tqdm import tqdm
 
 import nets
 from adv_model import Attacker, FreeAttacker, training_objective
-from iat import builders, distributed
-from iat.config import Config, adv_fraction, config_record, default_logdir, ema_enabled
+from iat import builders, defenses, distributed
+from iat.config import (
+    Config,
+    adv_fraction,
+    config_record,
+    default_logdir,
+    ema_enabled,
+    fit_defense,
+)
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
@@ -54,8 +61,11 @@ class Training:
     """The objects one training run works with (built once by ``setup``)."""
 
     cfg: Config
-    model: torch.nn.Module  # the bare network: attacked, evaluated and saved
-    ddp_model: torch.nn.Module  # what the loss is computed through (DDP wrapper or the model)
+    model: torch.nn.Module  # the bare network: evaluated and saved
+    # What the loss is computed through: the DDP wrapper (or the model), behind the training
+    # defense (--defense-apply fit/both) if any.
+    ddp_model: torch.nn.Module
+    attack_model: torch.nn.Module  # what the training attack differentiates (BPDA/EOT view)
     attacker: Attacker
     generator: torch.Generator  # the training attack's randomness, saved in every checkpoint
     optimizer: torch.optim.Optimizer
@@ -132,6 +142,8 @@ def train_step(
 def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` for every micro-batch but the last: gradients accumulate locally and
     are all-reduced once per update."""
+    if isinstance(model, defenses.DefendedModel):
+        model = model.model
     if last or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -196,7 +208,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(
-            run.ddp_model, run.model, run.attacker, run.optimizer, micro_batches, run.loss
+            run.ddp_model, run.attack_model, run.attacker, run.optimizer, micro_batches, run.loss
         )
         if isinstance(run.attacker, FreeAttacker):
             run.attacker.advance()
@@ -404,6 +416,9 @@ def setup(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if start.rng is not None:
         restore_generator(generator, start)
+    # Dioptra's apply_fit: the training images pass through the defense (its random draws from
+    # the checkpointed generator), and the training attack sees it as evaluation would (BPDA).
+    defense = fit_defense(cfg)
     spec = TrainSourceSpec(
         samples=train,
         batch=cfg.batch,
@@ -422,7 +437,10 @@ def setup(
     return Training(
         cfg=cfg,
         model=model,
-        ddp_model=builders.wrap_model(model, cfg, device, world),
+        ddp_model=defenses.defend(
+            builders.wrap_model(model, cfg, device, world), defense, generator
+        ),
+        attack_model=defenses.attack_model(defenses.defend(model, defense, generator)),
         attacker=builders.build_training_attacker(
             cfg, num_classes=num_classes, precision=precision, generator=generator
         ),

@@ -4,6 +4,7 @@ and evaluation uses BPDA), and --defense through flags, checkpoints and --eval."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import cv2
@@ -237,3 +238,83 @@ def test_defense_is_recorded_and_evaluation_attacks_through_bpda(tiny_imagenet, 
     assert json.loads(out.read_text())["defense"] == "jpeg:50,noise:2"
     assert main([*evaluate, "--attack-iter", "0", "--defense", "none"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("clean: 7 images")
+
+
+# --- --defense-apply: the defense at training time (Dioptra's apply_fit / apply_predict) ---
+
+
+def test_a_training_step_through_a_defense_is_the_step_on_the_transformed_images():
+    from adv_model import NoOpAttacker
+    from iat.trainer import LossSettings, train_step
+
+    x, y = _images(4, 9, seed=7), torch.tensor([0, 1, 2, 3])
+    net = _small_net()
+    net(x)  # materialise the lazy layer
+    nets_ = [net, copy.deepcopy(net)]
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets_]
+    defended = defenses.DefendedModel(nets_[0], [defenses.JpegCompression(20)])
+    loss = LossSettings(label_smoothing=0.0)
+    train_step(defended, defended.attack_view(), NoOpAttacker(), optimizers[0], [(x, y)], loss)
+    jpeg = defenses.jpeg_round_trip(x, 20)  # the reference: the step on JPEG'd images
+    train_step(nets_[1], nets_[1], NoOpAttacker(), optimizers[1], [(jpeg, y)], loss)
+    for a, b in zip(nets_[0].parameters(), nets_[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(jpeg, x)
+
+
+def _weights(ckpt) -> dict:
+    state = torch.load(ckpt, weights_only=True)["model"]
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def test_defense_apply_fit_trains_behind_the_defense_and_evaluates_without_it(
+    tiny_imagenet, tmp_path, capsys
+):
+    common = ["--data", str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers", "0"]
+    train = [*common, "--loader", "local", *TINY, "--epochs", "1", "--steps-per-epoch", "1",
+             "--attack-iter", "1", "--train-eval", "none"]  # fmt: skip
+    runs = {
+        "plain": [],
+        "predict": ["--defense", "jpeg:10"],
+        "fit": ["--defense", "jpeg:10", "--defense-apply", "fit"],
+        "both": ["--defense", "jpeg:10", "--defense-apply", "both"],
+    }
+    ckpts = {}
+    for name, flags in runs.items():
+        assert main([*train, "--logdir", str(tmp_path / name), *flags]) == 0, name
+        ckpts[name] = tmp_path / name / "checkpoint-epoch0001.pt"
+    record = torch.load(ckpts["fit"], weights_only=True)[nets.ARCHITECTURE_KEY]
+    assert (record["defense"], record["defense_apply"]) == ("jpeg:10", "fit")
+    config = json.loads((tmp_path / "both" / "config.json").read_text())["config"]
+    assert config["defense_apply"] == "both"
+
+    plain = _weights(ckpts["plain"])
+    # A defense applied in evaluation only leaves training untouched, bit for bit; applied in
+    # training, the step sees the transformed images.
+    assert all(torch.equal(plain[k], v) for k, v in _weights(ckpts["predict"]).items())
+    for name in ("fit", "both"):
+        assert not all(torch.equal(plain[k], v) for k, v in _weights(ckpts[name]).items())
+
+    summaries = {}
+    for name in ("fit", "both"):
+        out = tmp_path / f"{name}.json"
+        capsys.readouterr()
+        evaluate = ["--eval", *common, "--load", str(ckpts[name]), "--eval-output", str(out)]
+        assert main([*evaluate, "--attack-iter", "1"]) == 0
+        summaries[name] = capsys.readouterr().out.strip().splitlines()[-1]
+        assert json.loads(out.read_text())["defense"] == (None if name == "fit" else "jpeg:10")
+    assert summaries["fit"].startswith("PGD-1 random target, L-inf eps=16: 7 images")
+    assert summaries["both"].startswith(
+        "PGD-1 random target, L-inf eps=16, defense jpeg:10, attacked through BPDA"
+    )
+    # --defense given at evaluation applies there, whatever phase the checkpoint recorded.
+    capsys.readouterr()
+    assert main(["--eval", *common, "--load", str(ckpts["fit"]), "--defense", "median:3"]) == 0
+    assert ", defense median:3:" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_defense_apply_fit_without_a_defense_is_one_line(tmp_path, capsys):
+    assert main(["--fake", "--logdir", str(tmp_path / "run"), *TINY, "--defense-apply", "fit"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: --defense-apply fit: needs a --defense to apply in training\n"
+    assert not (tmp_path / "run").exists()

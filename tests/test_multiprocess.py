@@ -141,3 +141,36 @@ def test_ranks_that_would_resume_from_different_points_stop(tiny_imagenet, tmp_p
     )  # fmt: skip
     assert "processes would resume from different points" in run.stderr
     assert "filesystem that every machine sees" in run.stderr
+
+
+def test_a_defended_checkpoint_evaluates_the_same_on_one_process_and_under_mpirun(
+    tiny_imagenet, tmp_path
+):
+    """A checkpoint trained with a JPEG + noise defense reloads as defended (BPDA for JPEG, EOT
+    for the noise) and gives the same counts on 1 process and on 2 under mpirun: the noise is
+    drawn per evaluation batch, not per process."""
+    logdir = tmp_path / "run"
+    flags = [*train_flags(tiny_imagenet, logdir), "--steps-per-epoch", "1"]
+    launch([sys.executable], "main.py", [*flags, "--defense", "jpeg:50,noise:4"])
+    ckpt = logdir / "checkpoint-epoch0001.pt"
+    evaluate = [
+        "--eval", "--load", str(ckpt), "--data", str(tiny_imagenet), "--image-size", "32",
+        "--batch", "2", "--workers", "0", "--attack-iter", "2", "--eot-samples", "2",
+    ]  # fmt: skip
+    results = {}
+    for n, launcher in ((1, [sys.executable]), (2, mpirun(2))):
+        out, export = tmp_path / f"eval{n}.json", tmp_path / f"adv{n}"
+        flags = [*evaluate, "--eval-output", str(out), "--export-adversarial", str(export)]
+        run = launch(launcher, "main.py", flags)
+        results[n] = json.loads(out.read_text())
+        assert "attacked through BPDA (identity backward) for jpeg:50 and EOT over 2" in run.stdout
+    one, two = results[1], results[2]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["defense"] == two["defense"] == "jpeg:50,noise:4"
+    for key in ("images", "top1_error", "top5_error", "attack_success_rate"):
+        assert one[key] == two[key], key
+    # The attack followed the same EOT draws: the same adversarial images, byte for byte.
+    files = sorted(p.relative_to(tmp_path / "adv1") for p in (tmp_path / "adv1").rglob("*.png"))
+    assert len(files) == 7
+    for name in files:
+        assert (tmp_path / "adv1" / name).read_bytes() == (tmp_path / "adv2" / name).read_bytes()
