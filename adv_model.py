@@ -471,16 +471,24 @@ def create_attacker(name: str, settings: AttackSettings) -> Attacker:
 
 
 def mixed_batch(batch: int, adv_fraction: float, paired: bool) -> tuple[slice, slice]:
-    """Which images of a batch of ``batch`` are attacked and which stay clean.
+    """Which images of a loaded batch of ``batch`` are attacked and which are used clean.
 
-    ``round(adv_fraction * batch)`` images (at least 1) are attacked: the first ones. The clean
-    part is the rest of the batch (mixed-minibatch PGD, Kurakin et al. 2017 Sec 4.1: each
-    image is used once) or, when ``paired``, the first ``batch - attacked`` images, so that
-    the first ``min(attacked, clean)`` images are in the batch both clean and adversarial
-    (ALP Sec 3: a minibatch of m clean examples and their m adversarial examples)."""
-    attacked = min(batch, max(1, round(adv_fraction * batch)))
-    clean = slice(0, batch - attacked) if paired else slice(attacked, batch)
-    return slice(0, attacked), clean
+    Unpaired (mixed-minibatch PGD, Kurakin et al. 2017 Sec 4.1): each image once, the first
+    ``round(adv_fraction * batch)`` (at least 1) attacked, the rest clean. Paired (ALP Sec 3: a
+    minibatch of m clean examples and their m adversarial examples; ALP's train.py concatenates
+    the loaded batch with its attacked copy): every loaded image is used, clean or attacked or
+    both, and the first images are both, so that ``adv_fraction`` of the ``attacked + clean``
+    images trained on are adversarial: all images clean and the first
+    ``batch * F / (1 - F)`` attacked for F <= 0.5 (all twice at 0.5), else all attacked and the
+    first ``batch * (1 - F) / F`` clean."""
+    if not paired:
+        attacked = min(batch, max(1, round(adv_fraction * batch)))
+        return slice(0, attacked), slice(attacked, batch)
+    if adv_fraction <= 0.5:
+        attacked = min(batch, max(1, round(batch * adv_fraction / (1 - adv_fraction))))
+        return slice(0, attacked), slice(0, batch)
+    clean = min(batch, max(1, round(batch * (1 - adv_fraction) / adv_fraction)))
+    return slice(0, batch), slice(0, clean)
 
 
 def logit_pairing_loss(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:

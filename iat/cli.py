@@ -242,7 +242,8 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--adv-fraction",
         type=float,
-        help="attacked fraction of a batch (default: 0.5 with --lp-weight, else 1)",
+        help="adversarial fraction of the images trained on (default: 0.5 with --lp-weight, "
+        "each image clean and attacked; else 1)",
     )
     group.add_argument("--lp-weight", type=float, help=_help("lp_weight", "logit pairing"))
     group.add_argument(

@@ -120,8 +120,9 @@ class Config:
     adv_method: str | None = None
 
     # --- adversarial-training variants (ALP; "Fast is better than free"; free training) -------
-    # Fraction of each batch that is attacked; None: 0.5 with --lp-weight > 0 (ALP Sec 3), else
-    # 1 (Feature Denoising Sec 5: adversarial images only). Below 1 without pairing: M-PGD.
+    # Fraction of the images trained on that are adversarial (adv_model.mixed_batch); None: 0.5
+    # with --lp-weight > 0 (ALP Sec 3: each image clean and attacked), else 1 (Feature Denoising
+    # Sec 5: adversarial images only). Below 1 without pairing: M-PGD.
     adv_fraction: float | None = None
     lp_weight: float = 0.0  # adversarial logit pairing weight (ALP Sec 3); <= 0: no pairing
     moving_average_decay: float = -1.0  # EMA of the weights (ALP: 0.9999); <= 0 disables

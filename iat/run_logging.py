@@ -35,6 +35,10 @@ class Backend:
     def config(self, record: dict) -> None:
         """The resolved configuration and the run's facts, once at start."""
 
+    def flush(self) -> None:
+        """Put what was logged so far on disk (before a checkpoint: a run killed after it
+        resumes from that checkpoint and must find every step up to it)."""
+
     def close(self) -> None:
         """Flush and release."""
 
@@ -51,6 +55,10 @@ class TensorBoardBackend(Backend):
     def scalars(self, step: int, scalars: dict[str, float], context: dict) -> None:
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        # The writer buffers events (with TensorFlow installed, until its own periodic flush).
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -198,6 +206,10 @@ class RunLogger:
     def log_config(self, record: dict) -> None:
         for backend in self.backends:
             backend.config(record)
+
+    def flush(self) -> None:
+        for backend in self.backends:
+            backend.flush()
 
     def close(self) -> None:
         backends, self.backends = self.backends, []

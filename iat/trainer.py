@@ -508,6 +508,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
             if main_proc:
+                logger.flush()  # the steps up to the checkpoint survive a kill right after it
                 path = save_checkpoint(
                     logdir,
                     progress,

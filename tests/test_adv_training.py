@@ -156,8 +156,12 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: floa
     return total / len(labels)
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
-def test_logit_pairing_loss_equals_an_independent_computation(fraction):
+@pytest.mark.parametrize(
+    ("fraction", "n_adv", "n_clean"), [(0.25, 3, 8), (0.5, 8, 8), (0.75, 8, 3)]
+)
+def test_logit_pairing_loss_equals_an_independent_computation(fraction, n_adv, n_clean):
+    """ALP's batches: every loaded image is used, clean and / or adversarial, the first ones
+    both; n_adv / (n_adv + n_clean) is the requested fraction up to rounding (3/11, 8/16, 8/11)."""
     torch.manual_seed(0)
     model = Recorder()
     images, labels = torch.rand(8, 3, 2, 2) * 255, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
@@ -165,20 +169,20 @@ def test_logit_pairing_loss_equals_an_independent_computation(fraction):
     loss, adv_logits, targets = training_objective(
         model, model, ShiftAttacker(), images, labels, smoothing, fraction, weight
     )
-    n_adv = round(8 * fraction)
     (batch,) = model.seen
-    assert batch.shape[0] == 8  # the requested fraction of one batch of 8
+    assert batch.shape[0] == n_adv + n_clean and max(n_adv, n_clean) == 8  # none left unused
+    assert abs(n_adv / (n_adv + n_clean) - fraction) <= 0.5 / (n_adv + n_clean) + 0.03
     assert torch.equal(batch[:n_adv], images[:n_adv] + 7)  # adversarial: the first n_adv
-    assert torch.equal(batch[n_adv:], images[: 8 - n_adv])  # clean twins (paired)
+    assert torch.equal(batch[n_adv:], images[:n_clean])  # clean twins (paired)
     with torch.no_grad():
         adv = model.linear((images[:n_adv] + 7).flatten(1))
-        clean = model.linear(images[: 8 - n_adv].flatten(1))
-    pairs = min(n_adv, 8 - n_adv)
+        clean = model.linear(images[:n_clean].flatten(1))
+    pairs = min(n_adv, n_clean)
     squared = [
         (a - c) ** 2 for a, c in zip(adv[:pairs].flatten(), clean[:pairs].flatten(), strict=True)
     ]
     expected = smoothed_cross_entropy(
-        torch.cat([adv, clean]), torch.cat([labels[:n_adv], labels[: 8 - n_adv]]), smoothing
+        torch.cat([adv, clean]), torch.cat([labels[:n_adv], labels[:n_clean]]), smoothing
     ) + weight * float(sum(squared)) / len(squared)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert adv_logits.shape[0] == n_adv and targets.shape[0] == n_adv
