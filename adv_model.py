@@ -289,7 +289,9 @@ class FreeAttacker(Attacker):
     perturbation delta, as a leaf of the training graph; the training step's one backward pass
     gives the weight gradient and delta's gradient alike, and ``advance`` (after that backward)
     moves delta by epsilon * sign(gradient), clipped to the epsilon-ball. Delta is carried over
-    between replays of a minibatch and from minibatch to minibatch; ``reset`` zeroes it."""
+    between replays of a minibatch, from minibatch to minibatch and across epochs (a training
+    checkpoint holds it); it starts at 0 (Alg. 1's initialisation) and restarts at 0 if the
+    batch's shape changes."""
 
     def __init__(self, epsilon: float) -> None:
         if epsilon < 0:
@@ -297,11 +299,6 @@ class FreeAttacker(Attacker):
         self.epsilon = float(epsilon)
         self.delta: Tensor | None = None
         self._leaf: Tensor | None = None
-
-    def reset(self) -> None:
-        """Start again from delta = 0 (Alg. 1's initialisation)."""
-        self.delta = None
-        self._leaf = None
 
     def attack(
         self,

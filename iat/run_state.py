@@ -28,6 +28,9 @@ from nets import CheckpointError
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
 RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator's uint8 state}
+# Free training's perturbation (Shafahi et al. Alg. 1: carried over from minibatch to minibatch,
+# epochs included); only with --free-replays > 1.
+FREE_DELTA_FIELD = "free_delta"
 EMA_FIELD = "ema"  # the averaged weights (iat.ema), keyed as "model"; only with an average
 
 
@@ -85,12 +88,14 @@ def save_checkpoint(
     architecture: Mapping[str, object],
     attack_generator: torch.Generator,
     averaged: Mapping[str, torch.Tensor] | None = None,
+    free_delta: torch.Tensor | None = None,
 ) -> Path:
     """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
 
     `architecture` holds plain values (``builders.architecture_record``); the attack
     generator's state is what the next epoch's attacks start from; `averaged` is the moving
-    average of the weights, when the run keeps one."""
+    average of the weights, when the run keeps one; `free_delta` free training's perturbation,
+    which the next epoch carries on from."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "model": model.state_dict(),
@@ -102,6 +107,8 @@ def save_checkpoint(
     }
     if averaged is not None:
         state[EMA_FIELD] = dict(averaged)
+    if free_delta is not None:
+        state[FREE_DELTA_FIELD] = free_delta.detach().cpu()
     atomic_write(path, lambda f: torch.save(state, f))
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -119,6 +126,7 @@ class Start:
     progress: Progress  # completed epochs and steps before this run's first step
     rng: dict | None = None  # the attack generator's state to restore (RNG_FIELD)
     ema: dict | None = None  # the averaged weights to restore (EMA_FIELD)
+    free_delta: torch.Tensor | None = None  # free training's perturbation (FREE_DELTA_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -136,6 +144,7 @@ class _TrainingState:
     progress: Progress
     rng: dict | None
     ema: dict | None
+    free_delta: torch.Tensor | None
 
 
 def _training_state(weights: nets.Weights) -> _TrainingState | None:
@@ -149,7 +158,10 @@ def _training_state(weights: nets.Weights) -> _TrainingState | None:
     )
     optimizer = _optimizer_state(source, contents["optimizer"])
     rng = _rng_state(source, contents.get(RNG_FIELD))
-    return _TrainingState(optimizer, progress, rng, _ema_state(source, contents.get(EMA_FIELD)))
+    ema = _ema_state(source, contents.get(EMA_FIELD))
+    return _TrainingState(
+        optimizer, progress, rng, ema, _free_delta(source, contents.get(FREE_DELTA_FIELD))
+    )
 
 
 def _field_error(source: str, field: str, expected: str, value: object) -> CheckpointError:
@@ -210,6 +222,21 @@ def _ema_state(source: str, value: object) -> dict | None:
     return dict(value)
 
 
+def _free_delta(source: str, value: object) -> torch.Tensor | None:
+    """FREE_DELTA_FIELD, checked: a finite float NCHW tensor; None when absent."""
+    if value is None:
+        return None
+    valid = (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.dim() == 4
+        and bool(torch.isfinite(value).all())
+    )
+    if not valid:
+        raise _field_error(source, FREE_DELTA_FIELD, "a finite float NCHW tensor", value)
+    return value
+
+
 def averaged_weights(weights: nets.Weights) -> nets.Weights:
     """The moving-average weights a training checkpoint holds beside its raw ones (--eval-ema),
     as loadable weights; CheckpointError when it holds none."""
@@ -240,4 +267,6 @@ def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Sta
             raise CheckpointError(f"{source}: a run checkpoint without {TRAINING_FIELDS}")
         return Start("weights", weights, None, fresh)
     kind = "resume" if latest is not None else "continue"
-    return Start(kind, weights, state.optimizer, state.progress, state.rng, state.ema)
+    return Start(
+        kind, weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+    )

@@ -199,8 +199,6 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         disable=not distributed.is_main_process(),
         dynamic_ncols=True,
     )
-    if isinstance(run.attacker, FreeAttacker):
-        run.attacker.reset()  # delta restarts at 0 each epoch: checkpoints need not hold it
     for i in bar:
         micro_batches = step_batches(run, step)
         distributed.mark_progress(step + 1)
@@ -375,6 +373,11 @@ def restore_ema(ema: WeightAverage, start: Start) -> None:
         ) from error
 
 
+def free_delta(attacker: Attacker) -> torch.Tensor | None:
+    """Free training's current perturbation (None for other attacks, or before the first)."""
+    return attacker.delta if isinstance(attacker, FreeAttacker) else None
+
+
 def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.nn.Module:
     """The model at the start point: the run's or --load's weights, or for a fresh run
     --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
@@ -434,6 +437,11 @@ def setup(
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
     )
+    attacker = builders.build_training_attacker(
+        cfg, num_classes=num_classes, precision=precision, generator=generator
+    )
+    if isinstance(attacker, FreeAttacker) and start.free_delta is not None:
+        attacker.delta = start.free_delta.to(device)  # Shafahi et al. Alg. 1: carried over
     return Training(
         cfg=cfg,
         model=model,
@@ -441,9 +449,7 @@ def setup(
             builders.wrap_model(model, cfg, device, world), defense, generator
         ),
         attack_model=defenses.attack_model(defenses.defend(model, defense, generator)),
-        attacker=builders.build_training_attacker(
-            cfg, num_classes=num_classes, precision=precision, generator=generator
-        ),
+        attacker=attacker,
         generator=generator,
         optimizer=optimizer,
         batches=train_batches(cfg.loader, cfg.fake, spec),
@@ -518,6 +524,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     architecture=builders.architecture_record(cfg, num_classes),
                     attack_generator=run.generator,
                     averaged=None if run.ema is None else run.ema.state_dict(),
+                    free_delta=free_delta(run.attacker),
                 )
                 logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
             if val:

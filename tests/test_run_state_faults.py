@@ -311,13 +311,20 @@ def test_resumed_pgd_run_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
 
 def test_resumed_free_training_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
     # 3 updates per epoch, each batch replayed twice: epoch 2 starts halfway through a batch's
-    # replays, which the resumed run must take up again (the same batch, delta from 0).
+    # replays, which the resumed run must take up again (the same batch, and the perturbation
+    # carried over from the checkpoint: Shafahi et al. Alg. 1 never resets it).
     free = [*PGD_RUN, "--free-replays", "2", "--adv-method", "pgd_8_2_1", "--keep-checkpoints", "3"]
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert main([*train_args(tiny_imagenet, whole), *free, "--epochs", "3"]) == 0
     assert main([*train_args(tiny_imagenet, halves), *free, "--epochs", "1"]) == 0
     assert main([*train_args(tiny_imagenet, halves), *free, "--epochs", "3"]) == 0
     assert_same_run_state(whole / "checkpoint-epoch0003.pt", halves / "checkpoint-epoch0003.pt")
+    deltas = [
+        torch.load(run / "checkpoint-epoch0001.pt", weights_only=True)["free_delta"]
+        for run in (whole, halves)
+    ]
+    assert torch.equal(deltas[0], deltas[1])
+    assert deltas[0].shape == (4, 3, 32, 32) and deltas[0].abs().max() == 8  # steps of eps
 
 
 def train_steps_logged(logdir: Path) -> list[int]:
