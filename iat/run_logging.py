@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ CONFIG_FILE = "config.json"
 MLFLOW_EXPERIMENT = "imagenet-adversarial-training"
 _MLFLOW_FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 METRICS_FILE = "metrics.jsonl"
+_NO_TENSORFLOW = "tensorboard.compat.notf"
 
 
 class Backend:
@@ -43,11 +46,20 @@ class Backend:
         """Flush and release."""
 
 
+def _tensorboard_without_tensorflow() -> None:
+    """TensorBoard's event writer needs no TensorFlow but imports it when it is installed (the
+    ``convert`` extra): seconds and a page of log lines in every process. A module named
+    ``tensorboard.compat.notf`` is TensorBoard's own switch (its ``no_tensorflow`` build
+    target) to use its bundled stub instead."""
+    sys.modules.setdefault(_NO_TENSORFLOW, types.ModuleType(_NO_TENSORFLOW))
+
+
 class TensorBoardBackend(Backend):
     """Event files; ``purge_step`` hides the events a killed run wrote at or after that step
     (TensorBoard's own mechanism), so that a resumed run's steps are not shown twice."""
 
     def __init__(self, logdir: str | Path, purge_step: int | None = None) -> None:
+        _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,31 @@ def test_mlflow_run_holds_parameters_metrics_and_the_checkpoint(tiny_imagenet, t
     assert [v for _, v in history] == pytest.approx([v for _, v in expected])
     assert evaluation.data.metrics["eval/images"] == 7
     assert 0 <= evaluation.data.metrics["eval/attack_success_rate"] <= 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow (the convert extra) absent"
+)
+def test_tensorboard_logging_never_imports_tensorflow(tmp_path):
+    """With TensorFlow installed (the convert extra) TensorBoard's writer would import it in
+    every training process; the run logger keeps it to TensorBoard's stub, and the events
+    still read back."""
+    code = (
+        "import sys\n"
+        "from iat.run_logging import TensorBoardBackend\n"
+        f"b = TensorBoardBackend({str(tmp_path)!r})\n"
+        "b.scalars(3, {'train/loss': 0.25}, {})\n"
+        "b.close()\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False" and "oneDNN" not in run.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.25)]
