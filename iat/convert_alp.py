@@ -183,11 +183,37 @@ def plan_conversion(
     with torch.device("meta"):  # shapes only: nothing allocated
         model = nets.build_model(ARCH, num_blocks=num_blocks, num_classes=num_classes, width=width)
     table = variable_table(model, scope)
+    # ExponentialMovingAverage.variables_to_restore: the trainable variables' shadows, the BN
+    # moving statistics (not trainable) as they are.
     averages = {name: f"{name}{EMA_SUFFIX}" for name in table if _is_trainable(name)}
-    has_averages = all(shadow in shapes for shadow in averages.values())
+    lacking = [shadow for shadow in averages.values() if shadow not in shapes]
+    if use_moving_average and lacking:
+        raise ConversionError(
+            f"{source}: --use-moving-average, but {len(lacking)} of {len(averages)} weights have "
+            f"no moving average (first {lacking[0]}); convert the weights without the flag"
+        )
     sources = {
         averages.get(name, name) if use_moving_average else name: v for name, v in table.items()
     }
+    listed = _mismatches(weights, shapes, floating, table, sources)
+    if listed:
+        inferred = _describe(num_blocks, width, num_classes)
+        raise ConversionError(
+            f"{source}: does not match TF-slim's resnet_v2 as its shapes describe it "
+            f"({inferred}); " + "; ".join(listed)
+        )
+    ignored = tuple(name for name in shapes if is_ignored(name))
+    return Plan(num_blocks, width, num_classes, sources, ignored, not lacking)
+
+
+def _mismatches(
+    weights: Mapping[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...]],
+    floating: Mapping[str, bool],
+    table: Mapping[str, Variable],
+    sources: Mapping[str, Variable],
+) -> list[str]:
+    """ "N unexpected: ...", "N missing: ...", "N mis-shaped: ..." (each kind only if any)."""
     unexpected = [name for name in weights if name not in table]
     missing = [name for name in sources if name not in shapes]
     misshaped = [
@@ -196,17 +222,7 @@ def plan_conversion(
         if name in shapes and (shapes[name] != v.shape or not floating[name])
     ]
     problems = {"unexpected": unexpected, "missing": missing, "mis-shaped": misshaped}
-    listed = [
-        f"{len(names)} {kind}: {', '.join(names)}" for kind, names in problems.items() if names
-    ]
-    if listed:
-        inferred = _describe(num_blocks, width, num_classes)
-        raise ConversionError(
-            f"{source}: does not match TF-slim's resnet_v2 as its shapes describe it "
-            f"({inferred}); " + "; ".join(listed)
-        )
-    ignored = tuple(name for name in shapes if is_ignored(name))
-    return Plan(num_blocks, width, num_classes, sources, ignored, has_averages)
+    return [f"{len(names)} {kind}: {', '.join(names)}" for kind, names in problems.items() if names]
 
 
 def _is_trainable(name: str) -> bool:

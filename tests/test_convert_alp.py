@@ -124,25 +124,26 @@ def test_background_class_and_moving_averages(
 
 @needs_tensorflow
 @pytest.mark.parametrize(
-    ("checkpoint", "named"),
+    ("checkpoint", "flags", "message"),
     [
-        ("extra", f"1 unexpected: {SCOPE}block1/unit_1/bottleneck_v2/se/weights"),
-        (
-            "misshaped",
-            f"1 mis-shaped: {SCOPE}block2/unit_1/bottleneck_v2/conv2/weights "
-            "(file 5x5x16x16, model 3x3x16x16)",
-        ),
+        ("extra", [], f"does not match TF-slim's resnet_v2 as its shapes describe it (ResNetV2, "
+         f"blocks 2 1 1 1, width 8, 3 classes); 1 unexpected: {SCOPE}block1/unit_1/"
+         "bottleneck_v2/se/weights"),
+        ("misshaped", [], f"does not match TF-slim's resnet_v2 as its shapes describe it "
+         f"(ResNetV2, blocks 2 1 1 1, width 8, 3 classes); 1 mis-shaped: {SCOPE}block2/unit_1/"
+         "bottleneck_v2/conv2/weights (file 5x5x16x16, model 3x3x16x16)"),
+        ("small", ["--use-moving-average"], "--use-moving-average, but 64 of 64 weights have no "
+         f"moving average (first {SCOPE}conv1/weights/ExponentialMovingAverage); convert the "
+         "weights without the flag"),
     ],
-)
-def test_unmapped_or_misshaped_variables_are_one_line(
-    alp: Path, tmp_path: Path, checkpoint: str, named: str
+)  # fmt: skip
+def test_checkpoints_that_do_not_match_are_one_line(
+    alp: Path, tmp_path: Path, checkpoint: str, flags: list[str], message: str
 ) -> None:
-    out = tmp_path / "alp.pt"
-    done = _convert(str(alp / checkpoint / "model.ckpt"), str(out))
+    ckpt = alp / checkpoint / "model.ckpt"
+    done = _convert(str(ckpt), str(tmp_path / "alp.pt"), *flags)
     assert done.returncode == 1 and done.stdout == ""
-    (line,) = done.stderr.splitlines()
-    assert line.startswith(f"error: {alp / checkpoint / 'model.ckpt'}: does not match")
-    assert line.endswith(named)
+    assert done.stderr.splitlines() == [f"error: {ckpt}: {message}"]
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary file
 
 
