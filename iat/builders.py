@@ -7,7 +7,7 @@ are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,18 +58,44 @@ def architecture_record(cfg: Config, num_classes: int) -> dict[str, object]:
     selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
     ``defense`` is the input-transform defense and ``defense_apply`` when it applies (iat.defenses;
     records without it mean "predict": the model is evaluated behind it)."""
-    blocks = cfg.num_blocks
     denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
+    return model_record(
+        cfg.arch,
+        depth=cfg.depth,
+        num_blocks=cfg.num_blocks,
+        width=cfg.width,
+        num_classes=num_classes,
+        denoise_op=None if denoise is None else denoise.op,
+        denoise_window=cfg.denoise_window,
+        defense=cfg.defense,
+        defense_apply=cfg.defense_apply,
+    )
+
+
+def model_record(
+    arch: str,
+    *,
+    depth: int | None,
+    num_blocks: Sequence[int] | None,
+    width: int,
+    num_classes: int,
+    denoise_op: str | None = None,
+    denoise_window: int = nets.DEFAULT_WINDOW,
+    defense: str | None = None,
+    defense_apply: str = "predict",
+) -> dict[str, object]:
+    """``architecture_record`` from explicit values (converted weights have no Config);
+    ``num_blocks`` given wins over ``depth``, as in ``nets.build_model``."""
     return {
-        "arch": cfg.arch,
-        "depth": None if blocks is not None else cfg.depth,
-        "num_blocks": None if blocks is None else list(blocks),
-        "width": cfg.width,
+        "arch": arch,
+        "depth": None if num_blocks is not None else depth,
+        "num_blocks": None if num_blocks is None else list(num_blocks),
+        "width": width,
         "num_classes": num_classes,
-        "denoise_op": None if denoise is None else denoise.op,
-        "denoise_window": cfg.denoise_window,
-        "defense": cfg.defense,
-        "defense_apply": cfg.defense_apply,
+        "denoise_op": denoise_op,
+        "denoise_window": denoise_window,
+        "defense": defense,
+        "defense_apply": defense_apply,
     }
 
 

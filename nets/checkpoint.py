@@ -1,14 +1,14 @@
 """Weights in the original tensorpack ``.npz`` format and in this project's own ``.pt`` format.
 
 Original names are the torch module paths with ``/`` separators plus a leaf per tensor:
-convolution ``W`` (HWIO layout, torch OIHW), BatchNorm ``bn/gamma``, ``bn/beta``, ``bn/mean/EMA``,
-``bn/variance/EMA``, fully connected ``W`` ([in, out], torch [out, in]) and ``b``. Nothing is
-ever unpickled: ``.npz`` members are parsed as ``.npy`` arrays without pickles, ``.pt`` files with
-``torch.load(weights_only=True)``. A hostile ``.npz`` allocates nothing: ``read_weights`` reads only
-the zip directory and each member's ``.npy`` header (names, shapes, dtypes, sizes checked against
-the zip entry), and array data is read by ``load_weights`` only after the names and shapes match
-the model, so a zip bomb under an extra name or a header declaring 10^12 elements is refused
-without being decompressed or allocated.
+convolution ``W`` (HWIO layout, torch OIHW) and ``b`` (if it has a bias), BatchNorm ``bn/gamma``,
+``bn/beta``, ``bn/mean/EMA``, ``bn/variance/EMA``, fully connected ``W`` ([in, out], torch
+[out, in]) and ``b``. Nothing is ever unpickled: ``.npz`` members are parsed as ``.npy`` arrays
+without pickles, ``.pt`` files with ``torch.load(weights_only=True)``. A hostile ``.npz``
+allocates nothing: ``read_weights`` reads only the zip directory and each member's ``.npy`` header
+(names, shapes, dtypes, sizes checked against the zip entry), and array data is read by
+``load_weights`` only after the names and shapes match the model, so a zip bomb under an extra
+name or a header declaring 10^12 elements is refused without being decompressed or allocated.
 """
 
 from __future__ import annotations
@@ -240,6 +240,8 @@ def _module_variables(name: str, module: nn.Module) -> Iterator[_Variable]:
     key = f"{name}." if name else ""
     if isinstance(module, nn.Conv2d):
         yield _Variable(f"{prefix}/W", f"{key}weight", "conv")
+        if module.bias is not None:
+            yield _Variable(f"{prefix}/b", f"{key}bias", "vector")
     elif isinstance(module, nn.BatchNorm2d):
         for leaf, original in _BN_LEAVES.items():
             yield _Variable(f"{prefix}/{original}", f"{key}{leaf}", "vector")

@@ -4,6 +4,8 @@ The original (tensorpack, NCHW) pads every convolution and the stem max-pool wit
 ``SAME`` rule, which is asymmetric (one more pixel after than before) for even input sizes with
 stride 2. PyTorch's symmetric padding would shift every feature map by one pixel and change the
 logits, so the layers here compute the TensorFlow padding from the input size at run time.
+TF-slim's ResNets (``resnet_utils.conv2d_same``) instead pad by a fixed amount whatever the input
+size; ``Conv2dSame(..., fixed_padding=True)`` reproduces that.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
     return total // 2, total - total // 2
 
 
+def fixed_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
+    """TF-slim's ``resnet_utils.conv2d_same`` padding (before, after) of one spatial dimension:
+    the effective kernel less one, ``(k - 1) // 2`` before and the rest after, then a ``VALID``
+    convolution, whatever the input size and stride (at stride 1 this equals ``SAME``)."""
+    total = (kernel - 1) * dilation
+    return total // 2, total - total // 2
+
+
 def _pad_hw(x: torch.Tensor, kernel: int, stride: int, dilation: int) -> tuple[int, int, int, int]:
     """Padding of the last two dimensions of ``x`` as (top, bottom, left, right)."""
     top, bottom = same_padding(x.shape[-2], kernel, stride, dilation)
@@ -38,25 +48,49 @@ def _pad_hw(x: torch.Tensor, kernel: int, stride: int, dilation: int) -> tuple[i
 
 
 class Conv2dSame(nn.Conv2d):
-    """Bias-free square convolution with TensorFlow ``SAME`` padding."""
+    """Square convolution with TensorFlow ``SAME`` padding, bias-free unless ``bias``.
+
+    With ``fixed_padding`` it pads as TF-slim's ``resnet_utils.conv2d_same`` instead (the function
+    ``fixed_padding``), which differs from ``SAME`` for even input sizes at stride 2: the 3x3
+    kernel gets one pixel before and one after, not none before and one after.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+        fixed_padding: bool = False,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=False
+            in_channels, out_channels, kernel, stride, padding=0, groups=groups, bias=bias
         )
         # Original resnet_backbone: Conv2D kernel_initializer =
         # variance_scaling_initializer(scale=2.0, mode='fan_out'), use_bias=False.
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if bias:
+            nn.init.zeros_(self.bias)  # TF-slim conv2d: biases_initializer=zeros_initializer()
+        self.fixed_padding = fixed_padding
+
+    def _padding(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) for the input ``x``."""
+        if self.fixed_padding:
+            before, after = fixed_padding(self.kernel_size[0], self.dilation[0])
+            return before, after, before, after
+        return _pad_hw(x, self.kernel_size[0], self.stride[0], self.dilation[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom, left, right = _pad_hw(x, self.kernel_size[0], self.stride[0], self.dilation[0])
+        top, bottom, left, right = self._padding(x)
         if top == bottom and left == right:
             padding = (top, left)
-            return F.conv2d(x, self.weight, None, self.stride, padding, self.dilation, self.groups)
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
+            )
         x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ConvBN(Conv2dSame):
@@ -75,8 +109,11 @@ class ConvBN(Conv2dSame):
         groups: int = 1,
         relu: bool = True,
         zero_gamma: bool = False,
+        fixed_padding: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel, stride, groups)
+        super().__init__(
+            in_channels, out_channels, kernel, stride, groups, fixed_padding=fixed_padding
+        )
         # TF BatchNorm decay 0.9 == torch momentum 0.1; epsilon 1e-5 as in tensorpack.
         self.bn = nn.BatchNorm2d(out_channels, eps=1e-5, momentum=0.1)
         if zero_gamma:

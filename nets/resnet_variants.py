@@ -1,7 +1,10 @@
 """ResNet-v2 (pre-activation) and basic-block ResNets: the architectures of the adversarial
 logit pairing code (``resnet_v2_50``) and of the NIPS-2018 defense baselines (ResNet-18 on
 64x64 Tiny ImageNet), in this project's conventions: float NCHW BGR pixels in [0, 255] in
-(the model normalises), TensorFlow ``SAME`` padding, module names that are variable scopes.
+(the model normalises), module names that are variable scopes.
+
+``ResNetV2`` is TF-slim's ``nets/resnet_v2.py`` exactly (its padding, strides, biases and
+shortcuts), so that ALP's checkpoints convert without changing the logits (``iat.convert_alp``).
 """
 
 from __future__ import annotations
@@ -18,31 +21,44 @@ from nets.layers import Conv2dSame, ConvBN, GlobalAvgPool, MaxPool2dSame, Prepro
 V2_EXPANSION = 4  # ResNet-v2 uses v1's bottleneck widths and block counts (nets.NUM_BLOCKS)
 # Deep Residual Learning (He et al. 2016), Table 1: basic blocks for depths 18 and 34.
 BASIC_NUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-GROUP_STRIDES = (1, 2, 2, 2)
+GROUP_STRIDES = (1, 2, 2, 2)  # on the first block of each group
+# TF-slim resnet_v2_50 (resnet_v2_block): blocks 1-3 halve the resolution in their LAST unit,
+# block4 keeps it (the stem's /4 and these /8 give v1's nominal stride 32).
+V2_GROUP_STRIDES = (2, 2, 2, 1)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
+    # TF-slim resnet_arg_scope: batch_norm_epsilon=1e-5, batch_norm_scale=True (a gamma).
     return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
 
 
 class PreActBottleneck(nn.Module):
-    """He et al. 2016 (Identity Mappings), Fig. 1b / 4e: BN-ReLU before each convolution; the
-    shortcut is the identity, or a 1x1 projection of the pre-activated input when the shape
-    changes (as TF-slim's ``bottleneck`` in resnet_v2)."""
+    """TF-slim's ``bottleneck`` of resnet_v2 (He et al. 2016, Identity Mappings, Fig. 1b):
+    ``preact`` = BN-ReLU of the input; 1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU with the unit's stride
+    (``conv2d_same`` padding), 1x1 conv with a bias and no BN; added to the shortcut."""
 
     def __init__(self, in_channels: int, ch_out: int, stride: int) -> None:
         super().__init__()
         out_channels = V2_EXPANSION * ch_out
+        self.stride = stride
         self.preact = _bn(in_channels)
         self.conv1 = ConvBN(in_channels, ch_out, 1)
-        self.conv2 = ConvBN(ch_out, ch_out, 3, stride)
-        self.conv3 = Conv2dSame(ch_out, out_channels, 1)
-        project = in_channels != out_channels or stride != 1
-        self.shortcut = Conv2dSame(in_channels, out_channels, 1, stride) if project else None
+        self.conv2 = ConvBN(ch_out, ch_out, 3, stride, fixed_padding=True)
+        self.conv3 = Conv2dSame(ch_out, out_channels, 1, bias=True)
+        # TF-slim decides by the depth alone: an unchanged depth keeps the raw input, subsampled
+        # when the unit strides; else a 1x1 projection (with a bias) of the pre-activated input.
+        project = in_channels != out_channels
+        self.shortcut = (
+            Conv2dSame(in_channels, out_channels, 1, stride, bias=True) if project else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.preact(x))
-        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        if self.shortcut is None:
+            # resnet_utils.subsample: a 1x1 max-pool with the stride, i.e. every stride-th pixel.
+            shortcut = x[..., :: self.stride, :: self.stride]
+        else:
+            shortcut = self.shortcut(pre)
         return shortcut + self.conv3(self.conv2(self.conv1(pre)))
 
 
@@ -63,13 +79,30 @@ class BasicBlock(nn.Module):
         return F.relu(self.conv2(self.conv1(x)) + shortcut)
 
 
-def _groups(block, in_channels: int, width: int, num_blocks: Sequence[int], expansion: int):
+def _first_unit_strides(num_blocks: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each block's stride: the first block of a group strides (He et al. 2016, Table 1)."""
+    return [
+        (stride,) + (1,) * (count - 1)
+        for count, stride in zip(num_blocks, GROUP_STRIDES, strict=True)
+    ]
+
+
+def _last_unit_strides(num_blocks: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each unit's stride as TF-slim's ``resnet_v2_block``: the last unit of a group strides."""
+    return [
+        (1,) * (count - 1) + (stride,)
+        for count, stride in zip(num_blocks, V2_GROUP_STRIDES, strict=True)
+    ]
+
+
+def _groups(block, in_channels: int, width: int, strides: list[tuple[int, ...]], expansion: int):
+    """``group{i}/block{j}`` modules, block j of group i with stride ``strides[i][j]``."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for index, (count, stride) in enumerate(zip(num_blocks, GROUP_STRIDES, strict=True)):
+    for index, group_strides in enumerate(strides):
         ch_out = width * 2**index
         blocks = OrderedDict()
-        for b in range(count):
-            blocks[f"block{b}"] = block(in_channels, ch_out, stride if b == 0 else 1)
+        for b, stride in enumerate(group_strides):
+            blocks[f"block{b}"] = block(in_channels, ch_out, stride)
             in_channels = expansion * ch_out
         layers[f"group{index}"] = nn.Sequential(blocks)
     return layers, in_channels
@@ -83,16 +116,19 @@ def _classifier(in_features: int, num_classes: int) -> nn.Linear:
 
 
 class ResNetV2(nn.Sequential):
-    """Pre-activation ResNet (ALP's ``resnet_v2_50``): 7x7/2 convolution and 3x3/2 max-pooling
-    without BN or ReLU (the blocks pre-activate), four groups of ``PreActBottleneck``, a final
-    BN-ReLU (``postnorm``), global average pooling and ``linear``."""
+    """TF-slim's ``resnet_v2`` (ALP's ``resnet_v2_50`` at depth 50, width 64): the root block
+    ``conv0`` (slim's ``conv1``: 7x7/2, ``conv2d_same`` padding, a bias, no BN or ReLU) and 3x3/2
+    max-pooling (``SAME``, as resnet_arg_scope sets it); four groups of ``PreActBottleneck``,
+    the last unit of groups 0-2 striding; ``postnorm`` BN-ReLU, the spatial mean and ``linear``
+    (slim's 1x1 ``logits`` convolution with a bias)."""
 
     def __init__(self, num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["preprocess"] = Preprocess()
-        layers["conv0"] = Conv2dSame(3, width, 7, stride=2)
+        layers["conv0"] = Conv2dSame(3, width, 7, stride=2, bias=True, fixed_padding=True)
         layers["pool0"] = MaxPool2dSame(3, 2)
-        groups, channels = _groups(PreActBottleneck, width, width, num_blocks, V2_EXPANSION)
+        strides = _last_unit_strides(num_blocks)
+        groups, channels = _groups(PreActBottleneck, width, width, strides, V2_EXPANSION)
         layers.update(groups)
         layers["postnorm"] = _bn(channels)
         layers["postrelu"] = nn.ReLU()
@@ -109,7 +145,8 @@ class ResNetBasic(nn.Sequential):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["preprocess"] = Preprocess()
         layers["conv0"] = ConvBN(3, width, 3)
-        groups, channels = _groups(BasicBlock, width, width, num_blocks, 1)
+        strides = _first_unit_strides(num_blocks)
+        groups, channels = _groups(BasicBlock, width, width, strides, 1)
         layers.update(groups)
         layers["gap"] = GlobalAvgPool()
         layers["linear"] = _classifier(channels, num_classes)
