@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import nets
 from adv_model import Attacker, FreeAttacker, training_objective
-from iat import builders, distributed
+from iat import builders, defenses, distributed
 from iat.config import Config, adv_fraction, config_record, default_logdir, ema_enabled
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
@@ -44,6 +44,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from iat.sparse_frontend import frontend_spec
 from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
@@ -196,7 +197,12 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(
-            run.ddp_model, run.model, run.attacker, run.optimizer, micro_batches, run.loss
+            run.ddp_model,
+            defenses.attack_model(run.model),  # BPDA through a sparse-coding frontend
+            run.attacker,
+            run.optimizer,
+            micro_batches,
+            run.loss,
         )
         if isinstance(run.attacker, FreeAttacker):
             run.attacker.advance()
@@ -496,7 +502,9 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     run.model,
                     run.optimizer,
                     cfg.keep_checkpoints,
-                    architecture=builders.architecture_record(cfg, num_classes),
+                    architecture=builders.architecture_record(
+                        cfg, num_classes, frontend_spec(run.model)
+                    ),
                     attack_generator=run.generator,
                     averaged=None if run.ema is None else run.ema.state_dict(),
                 )
