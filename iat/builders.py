@@ -22,6 +22,7 @@ from iat.sparse_frontend import (
     FrontendClassifier,
     FrontendSpec,
     empty_frontend,
+    frontend_shapes,
     load_frontend,
 )
 
@@ -52,11 +53,20 @@ def build_model(
 
 
 def recorded_frontend(weights: nets.Weights | None) -> FrontendSpec | None:
-    """The sparse-coding frontend a training checkpoint carries (its record), if any."""
+    """The sparse-coding frontend a training checkpoint carries (its record), if any; checked
+    against its tensors before anything of the record's size is built."""
     record = None if weights is None else weights.architecture
     if record is None or record.get("frontend") is None:
         return None
-    return FrontendSpec.from_record(record["frontend"], weights.source)
+    spec = FrontendSpec.from_record(record["frontend"], weights.source)
+    for key, shape in frontend_shapes(spec).items():
+        tensor = weights.tensors.get(key)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            raise nets.CheckpointError(
+                f"{weights.source}: its frontend record ({spec.describe()}) does not match "
+                f"its tensor {key}"
+            )
+    return spec
 
 
 def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:

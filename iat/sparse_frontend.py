@@ -424,6 +424,16 @@ def load_frontend(path: str | Path) -> SparseFrontend:
     return frontend
 
 
+def frontend_shapes(spec: FrontendSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors that size a frontend of `spec`, by their state_dict keys in a
+    ``FrontendClassifier`` (checked before one is built from a checkpoint's record)."""
+    patch = (spec.patch_size, spec.patch_size)
+    return {
+        "frontend.encoder.conv.weight": (spec.atoms, 3, *patch),
+        "frontend.decoder.deconv.weight": (spec.atoms, spec.hidden, *patch),
+    }
+
+
 def empty_frontend(spec: FrontendSpec) -> SparseFrontend:
     """A frontend of `spec`'s shape whose tensors a checkpoint then fills."""
     atoms = dc_atom(spec.patch_size).expand(spec.atoms, -1, -1, -1).contiguous()

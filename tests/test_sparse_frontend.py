@@ -18,7 +18,7 @@ from digits_model import DigitsNet, digits_tensors
 import nets
 from adv_model import PGDAttacker
 from iat import sparse_frontend as sf
-from iat.builders import load_for_inference
+from iat.builders import architecture_record, load_for_inference
 from iat.config import Config
 from iat.evaluate import attack_images
 from main import main
@@ -278,6 +278,28 @@ def test_a_corrupt_frontend_file_is_one_error_line(content, message, tmp_path, c
                     str(tmp_path / "x.npz")]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_frontend_record_that_lies_about_its_size_is_refused(tmp_path):
+    atoms = _unit_atoms(5, PATCH, seed=6)
+    spec = _spec(atoms, top_t=2, threshold=1.0)
+    classifier = nets.build_model("ResNetBasic", num_blocks=[1] * 4, width=4, num_classes=3)
+    model = sf.FrontendClassifier(sf.SparseFrontend(atoms, spec), classifier)
+    resnet = Config(arch="ResNetBasic", num_blocks=(1,) * 4, width=4, fake=True)
+    record = architecture_record(resnet, 3)
+    lying = {**spec.record(), "atoms": 10**9}  # would allocate terabytes if believed
+    path = tmp_path / "lying.pt"
+    state = {"model": model.state_dict(), nets.ARCHITECTURE_KEY: {**record, "frontend": lying}}
+    torch.save(state, path)
+    cfg = Config(mode="eval", load=str(path), data=str(tmp_path), explicit_model_fields=())
+    with pytest.raises(nets.CheckpointError, match="frontend record .* does not match"):
+        load_for_inference(cfg, torch.device("cpu"))
+    state[nets.ARCHITECTURE_KEY]["frontend"] = spec.record()
+    torch.save(state, path)
+    loaded, _ = load_for_inference(cfg, torch.device("cpu"))
+    x = torch.rand(2, 3, 16, 16) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_frontend_trainable_needs_a_frontend(tmp_path, capsys):
