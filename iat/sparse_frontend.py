@@ -455,9 +455,9 @@ def train_decoder(
     device: torch.device,
 ) -> float:
     """Adam on the decoder's reconstruction MSE over `epochs` passes of `batches` (a
-    re-iterable of float NCHW pixel batches); returns the last epoch's mean loss."""
+    re-iterable of float NCHW pixel batches), on `device`; returns the last epoch's mean loss."""
+    frontend.to(device).train()
     optimizer = torch.optim.Adam(frontend.decoder.parameters(), lr=lr)
-    frontend.train()
     mean = math.nan
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0
@@ -531,9 +531,10 @@ def _train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     frontend = SparseFrontend(atoms, spec)
     batches = _ImageBatches(args.data, args.image_size, args.batch, args.max_images, args.seed)
-    mse = train_decoder(
-        frontend, batches, epochs=args.epochs, lr=args.lr, device=torch.device("cpu")
-    )
+    from iat import distributed
+
+    device = distributed.select_device(distributed.detect())
+    mse = train_decoder(frontend, batches, epochs=args.epochs, lr=args.lr, device=device)
     save_frontend(args.out, frontend)
     print(f"wrote {spec.describe()} to {args.out} (reconstruction MSE {mse:.5f})")
 
@@ -557,11 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="decoder channels")
     train.add_argument("--batch", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    for sub, epochs in ((learn, 2), (train, 5)):
+    # learn holds its images in memory: 2,000 by default (the authors used Imagenette's 9,469).
+    for sub, epochs, max_images in ((learn, 2, 2000), (train, 5, None)):
         sub.add_argument("--data", required=True, help="image folder with a train/ split")
         sub.add_argument("--out", required=True, help="output .npz file")
         sub.add_argument("--image-size", type=int, default=224, help="centre-crop side")
-        sub.add_argument("--max-images", type=int, help="only the first N training images")
+        sub.add_argument(
+            "--max-images", type=int, default=max_images, help="only the first N training images"
+        )
         sub.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
         sub.add_argument("--seed", type=int, default=0)
     return parser
