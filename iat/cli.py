@@ -122,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         "JPEG quality 1-100, noise sigma in pixels); none: no defense",
     )
     _choice_arg(model, "--defense-apply", "when --defense applies: evaluation, training or both")
+    model.add_argument(
+        "--frontend",
+        metavar="FILE",
+        help="sparse-coding frontend before the classifier (python -m iat.sparse_frontend train)",
+    )
+    model.add_argument(
+        "--frontend-trainable",
+        action="store_true",
+        default=None,
+        help="train the frontend's decoder with the classifier (default: frozen)",
+    )
+    _choice_arg(
+        model, "--frontend-gradient", "white-box attacks through the frontend: BPDA or masked"
+    )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
     attack = p.add_argument_group("attack (pixel units, 0-255)")

@@ -23,6 +23,7 @@ from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
+from iat.sparse_frontend import ATTACK_GRADIENTS
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
 # What a training checkpoint records (builders.architecture_record).
@@ -60,6 +61,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "split": EVAL_SPLITS,
         "train_eval": tuple(EVAL_SCHEDULES),
         "defense_apply": tuple(DEFENSE_PHASES),
+        "frontend_gradient": ATTACK_GRADIENTS,
     }
 
 
@@ -107,6 +109,15 @@ class Config:
     # When it applies (Dioptra's apply_fit / apply_predict): "predict" (evaluation, in-training
     # evaluation included, and prediction), "fit" (training only) or "both".
     defense_apply: str = "predict"
+    # Sparse-coding frontend before the classifier (iat.sparse_frontend; Bakiskan et al. 2021):
+    # a file from `python -m iat.sparse_frontend train`. Checkpoints carry its tensors and spec;
+    # --eval of such a checkpoint uses the checkpoint's (and sets this to the checkpoint).
+    frontend: str | None = None
+    frontend_trainable: bool = False  # train the frontend's decoder with the classifier
+    # What white-box attacks differentiate through the frontend: "bpda" (identity backward for
+    # top-T and threshold, Athalye et al. 2018 Sec 4.1) or "autograd" (gradient-masked: only to
+    # compare against).
+    frontend_gradient: str = "bpda"
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
     attack_iter: int = 30  # PGD iterations; 0 = train / evaluate on clean images
@@ -306,6 +317,10 @@ def validate(cfg: Config) -> None:
     _bounds(cfg)
     _adversarial_training(cfg)
     _denoise(cfg)
+    _check(
+        not cfg.frontend_trainable or cfg.frontend is not None,
+        "--frontend-trainable: needs --frontend FILE",
+    )
     try:
         parse_defense(cfg.defense)
     except ValueError as e:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -186,7 +187,7 @@ class DefendedModel(nn.Module):
         """The same network behind the transforms as a white-box attack differentiates them:
         BPDA for every non-differentiable one; random ones keep drawing (for EOT)."""
         view = [t if t.differentiable else Bpda(t) for t in self.transforms]
-        return nn.Sequential(*view, self.model)
+        return nn.Sequential(*view, attack_model(self.model))
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,18 @@ def describe(spec: str | None, eot_samples: int, attacked: bool) -> str:
     return f"defense {','.join(t.spec() for t in transforms)}{through}"
 
 
+@runtime_checkable
+class AttackViewed(Protocol):
+    """A model whose white-box attack differentiates another view of it: ``DefendedModel``,
+    ``iat.sparse_frontend.FrontendClassifier``."""
+
+    def attack_view(self) -> nn.Module: ...
+
+
 def attack_model(model: nn.Module) -> nn.Module:
-    """What a white-box attack on `model` differentiates: a defended model's BPDA/EOT view."""
-    return model.attack_view() if isinstance(model, DefendedModel) else model
+    """What a white-box attack on `model` differentiates: its attack view (a defended model's
+    BPDA/EOT view, BPDA through a sparse-coding frontend), else `model` itself."""
+    return model.attack_view() if isinstance(model, AttackViewed) else model
 
 
 def reseed(model: nn.Module, seed: int) -> None:

@@ -36,6 +36,7 @@ from iat.data.layouts import CorruptImageError, Sample, check_labels, create_rea
 from iat.data.sources import eval_loader, to_model_input, unreadable
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
+from iat.sparse_frontend import describe_attack
 
 DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
@@ -297,11 +298,15 @@ def threat_model(cfg: Config) -> str:
 
 
 def _defense_words(cfg: Config) -> str:
-    """The defense and how the attack sees it, after a comma; empty without a defense."""
-    words = defenses.describe(
-        predict_defense(cfg), cfg.eot_samples, attacked=eval_attack(cfg) != "clean"
-    )
-    return f", {words}" if words else ""
+    """The defense and the sparse-coding frontend, and how the attack sees them, after commas;
+    empty without either."""
+    attacked = eval_attack(cfg) != "clean"
+    words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
+    if cfg.frontend is not None:
+        words.append(
+            describe_attack(cfg.frontend_gradient) if attacked else "sparse-coding frontend"
+        )
+    return "".join(f", {w}" for w in words if w)
 
 
 def summary_line(cfg: Config, r: EvalResult) -> str:
@@ -356,6 +361,8 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "num_blocks": cfg.num_blocks,
         "denoise_op": cfg.denoise_op,
         "defense": predict_defense(cfg),
+        "frontend": cfg.frontend,
+        "frontend_gradient": cfg.frontend_gradient if cfg.frontend is not None else None,
         "world_size": distributed.get_world_size(),
     }
 

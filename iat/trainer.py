@@ -51,6 +51,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from iat.sparse_frontend import frontend_spec
 from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
@@ -521,7 +522,9 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     run.model,
                     run.optimizer,
                     cfg.keep_checkpoints,
-                    architecture=builders.architecture_record(cfg, num_classes),
+                    architecture=builders.architecture_record(
+                        cfg, num_classes, frontend_spec(run.model)
+                    ),
                     attack_generator=run.generator,
                     averaged=None if run.ema is None else run.ema.state_dict(),
                     free_delta=free_delta(run.attacker),

@@ -58,6 +58,9 @@ _NPY_HEADER_READERS = {
 # iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
 # "denoise_op", "denoise_window"} (the last two absent from older checkpoints).
 ARCHITECTURE_KEY = "architecture"
+# A classifier behind a sparse-coding frontend (iat.sparse_frontend.FrontendClassifier) keeps its
+# state_dict entries under this prefix, beside the frontend's under "frontend.".
+CLASSIFIER_PREFIX = "classifier."
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
 _IGNORED_BUFFER = "num_batches_tracked"
@@ -127,8 +130,10 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        """Outputs of the final layer (``linear/b`` or ``linear.bias``): the classes."""
-        bias = self.tensors.get("linear/b" if self.kind == "npz" else "linear.bias")
+        """Outputs of the final layer (``linear/b`` or ``linear.bias``, also behind a frontend):
+        the classes."""
+        name = "linear/b" if self.kind == "npz" else "linear.bias"
+        bias = self.tensors.get(name, self.tensors.get(CLASSIFIER_PREFIX + name))
         if bias is None or len(getattr(bias, "shape", ())) != 1:
             raise CheckpointError(
                 f"{self.source}: no final layer (linear/b) to count the classes from"

@@ -294,7 +294,7 @@ def test_resumed_pgd_run_equals_the_uninterrupted_run(tiny_imagenet, tmp_path):
     assert state["architecture"] == {
         "arch": "ResNet", "depth": None, "num_blocks": [1, 1, 1, 1], "width": 8, "num_classes": 3,
         "denoise_op": None, "denoise_window": 3, "defense": None,
-        "defense_apply": "predict",
+        "defense_apply": "predict", "frontend": None,
     }  # fmt: skip
 
     # The saved random state is what makes the difference: without it (a checkpoint from before
