@@ -11,6 +11,7 @@ mpirun, ``srun --mpi=pmix``) also export the OpenMPI or Slurm variables, which a
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -454,6 +455,10 @@ def cleanup() -> None:
     so it waits (briefly) until every rank has left before the store goes with it: a rank still
     talking to a store that is gone aborts in torch's C++ code."""
     rank, world_size, store = get_rank(), get_world_size(), _job.store
+    # Objects that hold the group (a DDP wrapper in a reference cycle) are freed now, while the
+    # interpreter is whole: freed at its finalisation, their Gloo threads abort the process
+    # ("terminate called without an active exception").
+    gc.collect()
     if is_initialized():
         dist.destroy_process_group()
     if store is not None:
