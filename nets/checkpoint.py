@@ -185,7 +185,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike[str] | Weights) ->
 def describe_architecture(record: Mapping[str, object] | None) -> str:
     """``record`` (``Weights.architecture``) in words, e.g. "ResNet (blocks 1 1 1 1, width 8,
     3 classes)" or "ResNetDenoise (depth 50, width 64, 1000 classes, denoising median 3x3)";
-    empty when unknown."""
+    ", behind a sparse-coding frontend" when the record carries one; empty when unknown."""
     if record is None:
         return ""
     blocks = record.get("num_blocks")
@@ -193,6 +193,7 @@ def describe_architecture(record: Mapping[str, object] | None) -> str:
     return (
         f"{record.get('arch')} ({size}, width {record.get('width')}, "
         f"{record.get('num_classes')} classes{_describe_denoise(record)})"
+        + (", behind a sparse-coding frontend" if record.get("frontend") else "")
     )
 
 

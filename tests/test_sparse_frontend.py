@@ -305,3 +305,12 @@ def test_a_frontend_record_that_lies_about_its_size_is_refused(tmp_path):
 def test_frontend_trainable_needs_a_frontend(tmp_path, capsys):
     assert main(["--fake", "--logdir", str(tmp_path / "run"), "--frontend-trainable"]) == 1
     assert "--frontend-trainable: needs --frontend FILE" in capsys.readouterr().err
+
+
+def test_architecture_words_name_the_frontend():
+    record = {"arch": "ResNet", "num_blocks": [1, 1, 1, 1], "width": 8, "num_classes": 3}
+    assert nets.describe_architecture(record) == "ResNet (blocks 1 1 1 1, width 8, 3 classes)"
+    with_frontend = {**record, "frontend": {"atoms": 9}}
+    assert nets.describe_architecture(with_frontend) == (
+        "ResNet (blocks 1 1 1 1, width 8, 3 classes), behind a sparse-coding frontend"
+    )
