@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 import nets
+from iat.sparse_frontend import FrontendClassifier
 from nets import CheckpointError
 
 
@@ -59,9 +60,10 @@ def _donor(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     """A copy of `model` whose classifier has `num_classes` outputs (left uninitialised: the
     checkpoint fills it, and torch's random stream is not drawn from)."""
     donor = copy.deepcopy(model)
-    linear = donor.linear
+    head = donor.classifier if isinstance(donor, FrontendClassifier) else donor
+    linear = head.linear
     if linear.out_features != num_classes:
-        donor.linear = torch.nn.utils.skip_init(torch.nn.Linear, linear.in_features, num_classes)
+        head.linear = torch.nn.utils.skip_init(torch.nn.Linear, linear.in_features, num_classes)
     return donor
 
 

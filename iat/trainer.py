@@ -51,7 +51,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from iat.sparse_frontend import frontend_spec
+from iat.sparse_frontend import FrontendClassifier, frontend_spec
 from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
@@ -384,11 +384,16 @@ def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.
     --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
     fresh = start.kind == "fresh"
     model = builders.build_model(cfg, num_classes, device, start.weights)
+    # Behind a sparse-coding frontend the scopes are the classifier's (the original's names);
+    # the frontend is trained or frozen as --frontend-trainable says.
+    classifier = model.classifier if isinstance(model, FrontendClassifier) else model
     if fresh and cfg.finetune_checkpoint is not None:
         weights = nets.read_weights(cfg.finetune_checkpoint)
-        load_finetune_weights(model, weights, cfg.finetune_exclude_scopes)
+        # Weights with a frontend of their own fill the whole model; others the classifier.
+        whole = builders.recorded_frontend(weights) is not None
+        load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:
-        freeze_outside(model, cfg.finetune_trainable_scopes)
+        freeze_outside(classifier, cfg.finetune_trainable_scopes)
     return model
 
 

@@ -314,3 +314,35 @@ def test_architecture_words_name_the_frontend():
     assert nets.describe_architecture(with_frontend) == (
         "ResNet (blocks 1 1 1 1, width 8, 3 classes), behind a sparse-coding frontend"
     )
+
+
+def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_path):
+    """--frontend with --finetune-checkpoint of plain classifier weights: the weights fill the
+    classifier behind the frontend, the scopes are the classifier's own names, and the frozen
+    frontend stays as its file has it."""
+    from main import main
+
+    atoms = _unit_atoms(9, PATCH, seed=5)
+    frontend = sf.SparseFrontend(atoms, _spec(atoms, top_t=3, threshold=1.0))
+    sf.save_frontend(tmp_path / "frontend.npz", frontend)
+    torch.manual_seed(0)
+    donor = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=7)
+    nets.save_weights(donor, tmp_path / "donor.pt")
+    logdir = tmp_path / "run"
+    args = ["--data", str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers",
+            "0", "--loader", "local", "--arch", "ResNet", "--num-blocks", "1", "1", "1", "1",
+            "--width", "8", "--epochs", "1", "--steps-per-epoch", "2", "--attack-iter", "1",
+            "--train-eval", "none", "--logdir", str(logdir), "--frontend",
+            str(tmp_path / "frontend.npz"), "--finetune-checkpoint", str(tmp_path / "donor.pt"),
+            "--finetune-exclude-scopes", "linear", "--finetune-trainable-scopes",
+            "linear"]  # fmt: skip
+    assert main(args) == 0
+    state = torch.load(logdir / "checkpoint-epoch0001.pt", weights_only=True)["model"]
+    for key, value in donor.state_dict().items():
+        trained = state[f"classifier.{key}"]
+        if key.startswith("linear."):
+            assert trained.shape[0] == 3  # the data's 3 classes, freshly initialised
+        elif key.endswith(("weight", "bias")) and "bn" not in key:
+            assert torch.equal(trained, value), key  # loaded, and frozen
+    for key, value in frontend.state_dict().items():
+        assert torch.equal(state[f"frontend.{key}"], value), key
