@@ -17,6 +17,8 @@ import nets
 from iat.sparse_frontend import FrontendClassifier
 from nets import CheckpointError
 
+CLASSIFIER_PREFIX = "classifier."  # FrontendClassifier's classifier in the state_dict
+
 
 def original_name(key: str) -> str:
     """The original's variable name for a state_dict key's prefix: ``.`` -> ``/``."""
@@ -24,7 +26,9 @@ def original_name(key: str) -> str:
 
 
 def in_scopes(key: str, scopes: Iterable[str]) -> bool:
-    name = original_name(key)
+    """Whether state_dict `key` is in a scope; behind a sparse-coding frontend the classifier's
+    keys are matched by their own names (``classifier.linear.weight`` is in ``linear``)."""
+    name = original_name(key.removeprefix(CLASSIFIER_PREFIX))
     return any(name.startswith(scope) for scope in scopes)
 
 

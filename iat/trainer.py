@@ -391,6 +391,11 @@ def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.
         weights = nets.read_weights(cfg.finetune_checkpoint)
         # Weights with a frontend of their own fill the whole model; others the classifier.
         whole = builders.recorded_frontend(weights) is not None
+        if whole and classifier is model:
+            raise CheckpointError(
+                f"--finetune-checkpoint {weights.source} carries a sparse-coding frontend; "
+                "give --frontend FILE to train behind one"
+            )
         load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:
         freeze_outside(classifier, cfg.finetune_trainable_scopes)

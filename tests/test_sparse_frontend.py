@@ -316,7 +316,7 @@ def test_architecture_words_name_the_frontend():
     )
 
 
-def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_path):
+def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_path, capsys):
     """--frontend with --finetune-checkpoint of plain classifier weights: the weights fill the
     classifier behind the frontend, the scopes are the classifier's own names, and the frozen
     frontend stays as its file has it."""
@@ -346,3 +346,24 @@ def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_p
             assert torch.equal(trained, value), key  # loaded, and frozen
     for key, value in frontend.state_dict().items():
         assert torch.equal(state[f"frontend.{key}"], value), key
+
+    # From a checkpoint that carries its own frontend: the whole model is filled, and the
+    # scopes still name the classifier's tensors.
+    again = tmp_path / "again"
+    first = logdir / "checkpoint-epoch0001.pt"
+    rest = args[: args.index("--finetune-checkpoint")]
+    rest[rest.index("--logdir") + 1] = str(again)
+    assert main([*rest, "--finetune-checkpoint", str(first),
+                 "--finetune-exclude-scopes", "linear", "--finetune-trainable-scopes",
+                 "linear"]) == 0  # fmt: skip
+    second = torch.load(again / "checkpoint-epoch0001.pt", weights_only=True)["model"]
+    for key, value in state.items():
+        if key.startswith("classifier.linear."):
+            assert not torch.equal(second[key], value), key  # initialised afresh, trained
+        elif key.startswith("frontend.") or (key.endswith(("weight", "bias")) and "bn" not in key):
+            assert torch.equal(second[key], value), key
+    bare = [a for a in rest if a != str(tmp_path / "frontend.npz") and a != "--frontend"]
+    bare[bare.index("--logdir") + 1] = str(tmp_path / "bare")
+    capsys.readouterr()
+    assert main([*bare, "--finetune-checkpoint", str(first)]) == 1
+    assert "carries a sparse-coding frontend; give --frontend FILE" in capsys.readouterr().err
