@@ -63,10 +63,10 @@ class Training:
 
     cfg: Config
     model: torch.nn.Module  # the bare network: evaluated and saved
-    # What the loss is computed through: the DDP wrapper (or the model), behind the training
-    # defense (--defense-apply fit/both) if any.
-    ddp_model: torch.nn.Module
-    attack_model: torch.nn.Module  # what the training attack differentiates (BPDA/EOT view)
+    # What the training attack differentiates: the model behind the training defense
+    # (--defense-apply fit/both) and its frontend as white-box attacks see them (BPDA).
+    attack_model: torch.nn.Module
+    ddp_model: torch.nn.Module  # what the loss is computed through: attack_model, DDP-wrapped
     attacker: Attacker
     generator: torch.Generator  # the training attack's randomness, saved in every checkpoint
     optimizer: torch.optim.Optimizer
@@ -143,8 +143,6 @@ def train_step(
 def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` for every micro-batch but the last: gradients accumulate locally and
     are all-reduced once per update."""
-    if isinstance(model, defenses.DefendedModel):
-        model = model.model
     if last or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -431,8 +429,11 @@ def setup(
     if start.rng is not None:
         restore_generator(generator, start)
     # Dioptra's apply_fit: the training images pass through the defense (its random draws from
-    # the checkpointed generator), and the training attack sees it as evaluation would (BPDA).
-    defense = fit_defense(cfg)
+    # the checkpointed generator). The training attack and the loss both go through what a
+    # white-box attack differentiates (BPDA for JPEG and for a sparse-coding frontend): its
+    # forward pass is the real one and BPDA changes only the input gradient, which free
+    # training's perturbation takes from the loss (through the real transforms it would be 0).
+    trained = defenses.attack_model(defenses.defend(model, fit_defense(cfg), generator))
     spec = TrainSourceSpec(
         samples=train,
         batch=cfg.batch,
@@ -456,10 +457,8 @@ def setup(
     return Training(
         cfg=cfg,
         model=model,
-        ddp_model=defenses.defend(
-            builders.wrap_model(model, cfg, device, world), defense, generator
-        ),
-        attack_model=defenses.attack_model(defenses.defend(model, defense, generator)),
+        ddp_model=builders.wrap_model(trained, cfg, device, world),
+        attack_model=trained,
         attacker=attacker,
         generator=generator,
         optimizer=optimizer,

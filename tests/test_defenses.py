@@ -318,3 +318,17 @@ def test_defense_apply_fit_without_a_defense_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --defense-apply fit: needs a --defense to apply in training\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_free_training_behind_jpeg_moves_its_perturbation_through_bpda(tiny_imagenet, tmp_path):
+    """Free training takes its perturbation's gradient from the training loss: behind JPEG
+    (zero gradient almost everywhere) that loss must be differentiated through BPDA, or the
+    perturbation stays 0 and the run is clean training."""
+    logdir = tmp_path / "run"
+    assert main(["--data", str(tiny_imagenet), "--image-size", "32", "--batch", "4",
+                 "--workers", "0", "--loader", "local", *TINY, "--epochs", "1",
+                 "--steps-per-epoch", "2", "--train-eval", "none", "--logdir", str(logdir),
+                 "--free-replays", "2", "--adv-method", "pgd_8_2_1", "--defense", "jpeg:50",
+                 "--defense-apply", "fit"]) == 0  # fmt: skip
+    delta = torch.load(logdir / "checkpoint-epoch0001.pt", weights_only=True)["free_delta"]
+    assert delta.abs().max().item() == 8  # moved by eps * sign(gradient), clipped to eps
