@@ -94,8 +94,8 @@ def save_checkpoint(
 
     `architecture` holds plain values (``builders.architecture_record``); the attack
     generator's state is what the next epoch's attacks start from; `averaged` is the moving
-    average of the weights, when the run keeps one; `free_delta` free training's perturbation,
-    which the next epoch carries on from."""
+    average of the weights, when the run keeps one; `free_delta` free training's perturbations,
+    one per process [world, N, C, H, W], which the next epoch carries on from."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "model": model.state_dict(),
@@ -126,7 +126,7 @@ class Start:
     progress: Progress  # completed epochs and steps before this run's first step
     rng: dict | None = None  # the attack generator's state to restore (RNG_FIELD)
     ema: dict | None = None  # the averaged weights to restore (EMA_FIELD)
-    free_delta: torch.Tensor | None = None  # free training's perturbation (FREE_DELTA_FIELD)
+    free_delta: torch.Tensor | None = None  # free training's perturbations (FREE_DELTA_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -223,17 +223,19 @@ def _ema_state(source: str, value: object) -> dict | None:
 
 
 def _free_delta(source: str, value: object) -> torch.Tensor | None:
-    """FREE_DELTA_FIELD, checked: a finite float NCHW tensor; None when absent."""
+    """FREE_DELTA_FIELD, checked: a finite float [world, N, C, H, W] tensor; None when absent."""
     if value is None:
         return None
     valid = (
         isinstance(value, torch.Tensor)
         and value.is_floating_point()
-        and value.dim() == 4
+        and value.dim() == 5
         and bool(torch.isfinite(value).all())
     )
     if not valid:
-        raise _field_error(source, FREE_DELTA_FIELD, "a finite float NCHW tensor", value)
+        raise _field_error(
+            source, FREE_DELTA_FIELD, "a finite float [world, N, C, H, W] tensor", value
+        )
     return value
 
 

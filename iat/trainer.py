@@ -372,9 +372,32 @@ def restore_ema(ema: WeightAverage, start: Start) -> None:
         ) from error
 
 
-def free_delta(attacker: Attacker) -> torch.Tensor | None:
-    """Free training's current perturbation (None for other attacks, or before the first)."""
-    return attacker.delta if isinstance(attacker, FreeAttacker) else None
+def gathered_free_delta(attacker: Attacker) -> torch.Tensor | None:
+    """Free training's current perturbations of every rank, stacked [world, N, C, H, W] (each
+    rank's follows its own data); None for other attacks. A collective: every rank calls it."""
+    if not isinstance(attacker, FreeAttacker) or attacker.delta is None:
+        return None
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    stacked = attacker.delta.new_zeros((world, *attacker.delta.shape))
+    stacked[rank] = attacker.delta
+    return distributed.all_reduce_sum(stacked)
+
+
+def restore_free_delta(attacker: Attacker, start: Start, device: torch.device) -> None:
+    """This rank's perturbation from the checkpoint (Shafahi et al. Alg. 1: carried over);
+    from 0 when the number of processes changed, with a warning."""
+    if not isinstance(attacker, FreeAttacker) or start.free_delta is None:
+        return
+    world = distributed.get_world_size()
+    if start.free_delta.shape[0] != world:
+        if distributed.is_main_process():
+            print(
+                f"warning: {start.weights.source} holds free training's perturbation of "
+                f"{start.free_delta.shape[0]} processes, not {world}: it starts again from 0",
+                file=sys.stderr,
+            )
+        return
+    attacker.delta = start.free_delta[distributed.get_rank()].to(device)
 
 
 def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.nn.Module:
@@ -452,8 +475,7 @@ def setup(
     attacker = builders.build_training_attacker(
         cfg, num_classes=num_classes, precision=precision, generator=generator
     )
-    if isinstance(attacker, FreeAttacker) and start.free_delta is not None:
-        attacker.delta = start.free_delta.to(device)  # Shafahi et al. Alg. 1: carried over
+    restore_free_delta(attacker, start, device)
     return Training(
         cfg=cfg,
         model=model,
@@ -523,6 +545,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             sync_buffers(run.model, run.ema)
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
+            free_deltas = gathered_free_delta(run.attacker)
             if main_proc:
                 logger.flush()  # the steps up to the checkpoint survive a kill right after it
                 path = save_checkpoint(
@@ -536,7 +559,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                     ),
                     attack_generator=run.generator,
                     averaged=None if run.ema is None else run.ema.state_dict(),
-                    free_delta=free_delta(run.attacker),
+                    free_delta=free_deltas,
                 )
                 logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
             if val:

@@ -174,3 +174,22 @@ def test_a_defended_checkpoint_evaluates_the_same_on_one_process_and_under_mpiru
     assert len(files) == 7
     for name in files:
         assert (tmp_path / "adv1" / name).read_bytes() == (tmp_path / "adv2" / name).read_bytes()
+
+
+def test_free_training_resumes_bit_exactly_on_two_processes(tiny_imagenet, tmp_path):
+    """Each rank's free-training perturbation follows its own data: the checkpoint holds both,
+    and a run stopped after epoch 1 and relaunched equals the uninterrupted one."""
+    free = ["--free-replays", "2", "--adv-method", "pgd_8_2_1", "--steps-per-epoch", "3"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    launch(torchrun(2), "main.py", [*train_flags(tiny_imagenet, whole), *free, "--epochs", "2"])
+    for epochs in ("1", "2"):
+        launch(torchrun(2), "main.py", [*train_flags(tiny_imagenet, halves), *free,
+                                        "--epochs", epochs])  # fmt: skip
+    states = [
+        torch.load(run / "checkpoint-epoch0002.pt", weights_only=True) for run in (whole, halves)
+    ]
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), key
+    deltas = states[0]["free_delta"]
+    assert torch.equal(deltas, states[1]["free_delta"])
+    assert deltas.shape[0] == 2 and not torch.equal(deltas[0], deltas[1])  # one per rank

@@ -324,7 +324,7 @@ def test_resumed_free_training_equals_the_uninterrupted_run(tiny_imagenet, tmp_p
         for run in (whole, halves)
     ]
     assert torch.equal(deltas[0], deltas[1])
-    assert deltas[0].shape == (4, 3, 32, 32) and deltas[0].abs().max() == 8  # steps of eps
+    assert deltas[0].shape == (1, 4, 3, 32, 32) and deltas[0].abs().max() == 8  # steps of eps
 
 
 def train_steps_logged(logdir: Path) -> list[int]:
