@@ -329,6 +329,13 @@ def validate(cfg: Config) -> None:
         cfg.mode != "train" or cfg.defense_apply == "predict" or fit_defense(cfg) is not None,
         f"--defense-apply {cfg.defense_apply}: needs a --defense to apply in training",
     )
+    _check(
+        cfg.mode == "train"
+        or cfg.defense_apply != "fit"
+        or "defense_apply" not in cfg.explicit_model_fields,
+        "--defense-apply fit: the defense applies only in training, this run would evaluate "
+        "without it (predict or both apply it here)",
+    )
     if cfg.data_server is not None:
         _check(
             cfg.data_server.startswith(DATA_SERVER_TRANSPORTS),

@@ -30,6 +30,7 @@ from iat.config import (
     Config,
     config_record,
     eval_attack,
+    fit_defense,
     predict_defense,
 )
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
@@ -302,6 +303,8 @@ def _defense_words(cfg: Config) -> str:
     empty without either."""
     attacked = eval_attack(cfg) != "clean"
     words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
+    if fit_defense(cfg) and predict_defense(cfg) is None:
+        words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
     if cfg.frontend is not None:
         words.append(
             describe_attack(cfg.frontend_gradient) if attacked else "sparse-coding frontend"

@@ -303,7 +303,10 @@ def test_defense_apply_fit_trains_behind_the_defense_and_evaluates_without_it(
         assert main([*evaluate, "--attack-iter", "1"]) == 0
         summaries[name] = capsys.readouterr().out.strip().splitlines()[-1]
         assert json.loads(out.read_text())["defense"] == (None if name == "fit" else "jpeg:10")
-    assert summaries["fit"].startswith("PGD-1 random target, L-inf eps=16: 7 images")
+    assert summaries["fit"].startswith(
+        "PGD-1 random target, L-inf eps=16, trained behind jpeg:10 (--defense-apply fit), "
+        "evaluated without it: 7 images"
+    )
     assert summaries["both"].startswith(
         "PGD-1 random target, L-inf eps=16, defense jpeg:10, attacked through BPDA"
     )
@@ -318,6 +321,12 @@ def test_defense_apply_fit_without_a_defense_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --defense-apply fit: needs a --defense to apply in training\n"
     assert not (tmp_path / "run").exists()
+    # Outside training, "fit" would silently evaluate without the defense.
+    args = ["--eval", "--fake", *TINY, "--defense", "jpeg:50", "--defense-apply", "fit"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --defense-apply fit: the defense applies only in training")
+    assert err.count("\n") == 1
 
 
 def test_free_training_behind_jpeg_moves_its_perturbation_through_bpda(tiny_imagenet, tmp_path):
