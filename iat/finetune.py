@@ -16,8 +16,7 @@ import torch
 import nets
 from iat.sparse_frontend import FrontendClassifier
 from nets import CheckpointError
-
-CLASSIFIER_PREFIX = "classifier."  # FrontendClassifier's classifier in the state_dict
+from nets.checkpoint import CLASSIFIER_PREFIX
 
 
 def original_name(key: str) -> str:

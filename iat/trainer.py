@@ -411,11 +411,17 @@ def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.
     if fresh and cfg.finetune_checkpoint is not None:
         weights = nets.read_weights(cfg.finetune_checkpoint)
         # Weights with a frontend of their own fill the whole model; others the classifier.
-        whole = builders.recorded_frontend(weights) is not None
+        recorded = builders.recorded_frontend(weights)
+        whole = recorded is not None
         if whole and classifier is model:
             raise CheckpointError(
                 f"--finetune-checkpoint {weights.source} carries a sparse-coding frontend; "
                 "give --frontend FILE to train behind one"
+            )
+        if whole and recorded != model.frontend.spec:
+            raise CheckpointError(
+                f"--finetune-checkpoint {weights.source} carries a {recorded.describe()}, "
+                f"--frontend a {model.frontend.spec.describe()}: give the same frontend"
             )
         load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:

@@ -362,6 +362,16 @@ def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_p
             assert not torch.equal(second[key], value), key  # initialised afresh, trained
         elif key.startswith("frontend.") or (key.endswith(("weight", "bias")) and "bn" not in key):
             assert torch.equal(second[key], value), key
+    # A frontend file with other settings than the checkpoint's: one line, not a mixture.
+    other = sf.SparseFrontend(atoms, _spec(atoms, top_t=2, threshold=1.0))
+    sf.save_frontend(tmp_path / "other.npz", other)
+    mixed = [
+        str(tmp_path / "other.npz") if a == str(tmp_path / "frontend.npz") else a for a in rest
+    ]
+    mixed[mixed.index("--logdir") + 1] = str(tmp_path / "mixed")
+    capsys.readouterr()
+    assert main([*mixed, "--finetune-checkpoint", str(first)]) == 1
+    assert "top-3" in capsys.readouterr().err
     bare = [a for a in rest if a != str(tmp_path / "frontend.npz") and a != "--frontend"]
     bare[bare.index("--logdir") + 1] = str(tmp_path / "bare")
     capsys.readouterr()
