@@ -42,7 +42,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +63,7 @@ DEFAULT_TOP_T = 8  # kept coefficients per patch location (the paper uses 15 of 
 # pixels, the authors' defaults (config.toml: activation_beta 3, assumed_budget 8/255).
 DEFAULT_THRESHOLD = 24.0
 DEFAULT_HIDDEN = 64  # decoder channels after the transposed convolution
+MAX_PATCHES = 50_000  # patches `learn` draws (evenly over the images) to learn the atoms from
 _MIN_PATCH_NORM = 1e-6  # flat patches (all one value) carry no shape and are not learned from
 _MAX_FILE_BYTES = 1 << 30  # a frontend or dictionary file declaring more is refused unread
 _DICTIONARY_KEYS = ("atoms", "stride")
@@ -141,8 +142,26 @@ def dc_atom(patch_size: int, channels: int = 3) -> torch.Tensor:
     return torch.full((channels, patch_size, patch_size), 1.0 / math.sqrt(size))
 
 
+def sample_patches(
+    images: torch.Tensor, patch_size: int, stride: int, per_image: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``per_image`` patches of each image of the NCHW batch, at distinct grid positions (the
+    ``extract_patches`` grid) drawn from ``generator``, as rows [N * k, C*p*p]: only the
+    drawn patches are ever copied."""
+    n, c, h, w = images.shape
+    rows, cols = (h - patch_size) // stride + 1, (w - patch_size) // stride + 1
+    k = min(per_image, rows * cols)
+    drawn = torch.stack([torch.randperm(rows * cols, generator=generator)[:k] for _ in range(n)])
+    offsets = torch.arange(patch_size)
+    top = (drawn // cols * stride)[..., None] + offsets  # [n, k, p]
+    left = (drawn % cols * stride)[..., None] + offsets
+    batch = torch.arange(n)[:, None, None, None]
+    patches = images.permute(0, 2, 3, 1)[batch, top[..., :, None], left[..., None, :]]
+    return patches.permute(0, 1, 4, 2, 3).reshape(n * k, c * patch_size * patch_size)
+
+
 def learn_dictionary(
-    images: torch.Tensor,
+    images: torch.Tensor | Iterable[torch.Tensor],
     *,
     atoms: int,
     patch_size: int,
@@ -150,16 +169,29 @@ def learn_dictionary(
     epochs: int = 2,
     batch: int = 256,
     alpha: float = 1.0,
-    max_patches: int = 50_000,
+    max_patches: int = MAX_PATCHES,
+    patches_per_image: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """Unit-norm atoms [atoms + 1, 3, p, p]: the DC atom, then `atoms` learned by
     ``MiniBatchDictionaryLearning`` (L1 penalty `alpha`, as the authors' lamda 1.0) from at
-    most `max_patches` normalised patches of `images` (float NCHW, pixel units), `epochs` passes
-    of `batch` patches each."""
+    most `max_patches` normalised patches of `images` (float NCHW pixel batches, or one such
+    tensor), `epochs` passes of `batch` patches each. ``patches_per_image`` draws that many
+    patches of each image at random positions (None: every patch), so that a large data set
+    never has all its patches in memory at once."""
     from sklearn.decomposition import MiniBatchDictionaryLearning
 
-    patches = normalise_patches(extract_patches(images.float(), patch_size, stride))
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for chunk in [images] if isinstance(images, torch.Tensor) else images:
+        chunk = chunk.float()
+        patches = (
+            extract_patches(chunk, patch_size, stride)
+            if patches_per_image is None
+            else sample_patches(chunk, patch_size, stride, patches_per_image, generator)
+        )
+        parts.append(normalise_patches(patches))
+    patches = torch.cat(parts)
     if len(patches) < atoms:
         raise DataError(
             f"--dict-atoms {atoms}: only {len(patches)} non-flat patches to learn them from"
@@ -488,7 +520,11 @@ class _ImageBatches:
         samples = create_reader(data).samples("train")
         if not samples:
             raise DataError(f"--data: {data} has no training images")
-        self.files = ImageFiles(samples[:max_images] if max_images else samples, image_size)
+        if max_images is not None and max_images < len(samples):
+            # A seeded random subset: the readers list the images class by class.
+            chosen = np.random.default_rng(seed).choice(len(samples), max_images, replace=False)
+            samples = [samples[i] for i in sorted(chosen)]
+        self.files = ImageFiles(samples, image_size)
         self.batch, self.generator = batch, torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -503,10 +539,11 @@ class _ImageBatches:
 
 
 def _learn(args: argparse.Namespace) -> None:
-    batches = _ImageBatches(args.data, args.image_size, 256, args.max_images, args.seed)
-    images = torch.cat(list(tqdm(batches, desc="reading images", leave=False)))
+    batches = _ImageBatches(args.data, args.image_size, 64, args.max_images, args.seed)
     atoms = learn_dictionary(
-        images,
+        tqdm(batches, desc="sampling patches", leave=False),
+        patches_per_image=math.ceil(MAX_PATCHES / len(batches.files)),
+        max_patches=MAX_PATCHES,
         atoms=args.dict_atoms,
         patch_size=args.patch_size,
         stride=args.stride,
@@ -558,13 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="decoder channels")
     train.add_argument("--batch", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    # learn holds its images in memory: 2,000 by default (the authors used Imagenette's 9,469).
+    # learn draws its patches from 2,000 images by default (the authors used Imagenette's 9,469).
     for sub, epochs, max_images in ((learn, 2, 2000), (train, 5, None)):
         sub.add_argument("--data", required=True, help="image folder with a train/ split")
         sub.add_argument("--out", required=True, help="output .npz file")
         sub.add_argument("--image-size", type=int, default=224, help="centre-crop side")
         sub.add_argument(
-            "--max-images", type=int, default=max_images, help="only the first N training images"
+            "--max-images", type=int, default=max_images, help="a seeded random N training images"
         )
         sub.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
         sub.add_argument("--seed", type=int, default=0)

@@ -377,3 +377,17 @@ def test_finetuning_behind_a_frontend_scopes_the_classifier(tiny_imagenet, tmp_p
     capsys.readouterr()
     assert main([*bare, "--finetune-checkpoint", str(first)]) == 1
     assert "carries a sparse-coding frontend; give --frontend FILE" in capsys.readouterr().err
+
+
+def test_sampled_patches_are_rows_of_the_full_extraction():
+    images = torch.rand(3, 3, 12, 13, generator=torch.Generator().manual_seed(2)) * 255
+    sampled = sf.sample_patches(images, PATCH, STRIDE, 5, torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)
+    locations = ((12 - PATCH) // STRIDE + 1) * ((13 - PATCH) // STRIDE + 1)
+    expected = [
+        sf.extract_patches(images[i : i + 1], PATCH, STRIDE)[
+            torch.randperm(locations, generator=draws)[:5]
+        ]
+        for i in range(3)
+    ]
+    assert torch.equal(sampled, torch.cat(expected))
