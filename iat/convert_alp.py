@@ -17,6 +17,7 @@ TensorFlow is needed only here, to read the checkpoint (``pip install -e '.[conv
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -305,7 +306,7 @@ def _import_tensorflow():
 
 
 def _open_checkpoint(tf, ckpt: str):
-    """``(reader, shapes, floating)`` of a TF checkpoint (prefix or folder)."""
+    """``(reader, shapes, dtypes)`` of a TF checkpoint (prefix or folder)."""
     try:
         reader = tf.train.load_checkpoint(ckpt)
         shapes = {name: tuple(s) for name, s in reader.get_variable_to_shape_map().items()}
@@ -314,7 +315,29 @@ def _open_checkpoint(tf, ckpt: str):
         raise ConversionError(
             f"{ckpt}: not a readable TensorFlow checkpoint ({_first_line(error)})"
         ) from error
-    return reader, shapes, {name: dtype.is_floating for name, dtype in dtypes.items()}
+    return reader, shapes, dtypes
+
+
+def check_declared_size(
+    ckpt: str, data_files: Sequence[Path], plan: Plan, itemsizes: Mapping[str, int]
+) -> None:
+    """The variables to read must fit in the checkpoint's data files: a header declaring more
+    (a hostile or truncated checkpoint) is refused before anything of that size is allocated."""
+    declared = sum(math.prod(v.shape) * itemsizes[name] for name, v in plan.sources.items())
+    on_disk = sum(path.stat().st_size for path in data_files)
+    if declared > on_disk:
+        raise ConversionError(
+            f"{ckpt}: its variables declare {declared} bytes but its data files hold {on_disk}; "
+            "refused before reading"
+        )
+
+
+def _data_files(tf, ckpt: str) -> list[Path]:
+    """The files holding a checkpoint's tensor data: ``PREFIX.data-*`` (format V2), else the
+    checkpoint file itself (V1)."""
+    prefix = tf.train.latest_checkpoint(ckpt) if os.path.isdir(ckpt) else ckpt
+    files = sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.data-*"))
+    return files or [Path(prefix)]
 
 
 def _first_line(error: Exception) -> str:
@@ -337,8 +360,11 @@ def convert(args: argparse.Namespace) -> str:
     if out.suffix.lower() not in _OUT_SUFFIXES:
         raise ConversionError(f"{out}: unknown output extension; use {', '.join(_OUT_SUFFIXES)}")
     tf = _import_tensorflow()
-    reader, shapes, floating = _open_checkpoint(tf, args.ckpt)
+    reader, shapes, dtypes = _open_checkpoint(tf, args.ckpt)
+    floating = {name: dtype.is_floating for name, dtype in dtypes.items()}
     plan = plan_conversion(args.ckpt, shapes, floating, args.use_moving_average)
+    itemsizes = {name: dtype.size for name, dtype in dtypes.items()}
+    check_declared_size(args.ckpt, _data_files(tf, args.ckpt), plan, itemsizes)
     state = _read_state(tf, args.ckpt, reader, plan)
     drop = plan.num_classes == BACKGROUND_OUTPUTS and not args.keep_background_class
     if drop:

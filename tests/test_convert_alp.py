@@ -159,6 +159,26 @@ def test_missing_or_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out.pt").exists()
 
 
+@needs_tensorflow
+def test_a_checkpoint_whose_data_is_shorter_than_declared_is_refused_unread(
+    alp: Path, tmp_path: Path
+) -> None:
+    """A truncated (or hostile) data file: the header's sizes are checked against the data on
+    disk before any tensor is allocated."""
+    import shutil
+
+    for path in (alp / "small").iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    (data,) = tmp_path.glob("model.ckpt.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    ckpt = tmp_path / "model.ckpt"
+    done = _convert(str(ckpt), str(tmp_path / "alp.pt"))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: {ckpt}: its variables declare ") and "refused" in line
+    assert not (tmp_path / "alp.pt").exists()
+
+
 def test_every_resnet_v2_50_tensor_has_its_slim_name() -> None:
     with torch.device("meta"):
         model = nets.build_model("ResNetV2", depth=50)
