@@ -337,7 +337,8 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, start: Start) -> None:
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise CheckpointError(
             f"{start.weights.source}: field 'optimizer' does not fit this model's optimizer "
-            f"({error})"
+            f"({error}); the trained tensors must be those of the run it continues (same "
+            "--finetune-trainable-scopes and --frontend-trainable)"
         ) from error
 
 

@@ -391,3 +391,20 @@ def test_sampled_patches_are_rows_of_the_full_extraction():
         for i in range(3)
     ]
     assert torch.equal(sampled, torch.cat(expected))
+
+
+def test_resuming_with_another_frontend_trainable_names_the_flag(tiny_imagenet, tmp_path, capsys):
+    from main import main
+
+    atoms = _unit_atoms(9, PATCH, seed=5)
+    sf.save_frontend(tmp_path / "fe.npz", sf.SparseFrontend(atoms, _spec(atoms, 3, 1.0)))
+    args = ["--data", str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers",
+            "0", "--loader", "local", "--arch", "ResNet", "--num-blocks", "1", "1", "1", "1",
+            "--width", "8", "--steps-per-epoch", "1", "--attack-iter", "1", "--train-eval",
+            "none", "--logdir", str(tmp_path / "run"),
+            "--frontend", str(tmp_path / "fe.npz")]  # fmt: skip
+    assert main([*args, "--frontend-trainable", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--frontend-trainable" in err
