@@ -22,6 +22,7 @@ from torch import nn
 
 from iat.atomic_io import atomic_write
 from iat.data.layouts import DataError
+from iat.sparse_frontend import FrontendClassifier
 
 ACTIVATIONS_KEY, LABELS_KEY = "activations", "labels"
 OVERRIDE_MARGIN = 1.0  # where the vote overrides the network, its class leads by this logit
@@ -30,8 +31,10 @@ OVERRIDE_MARGIN = 1.0  # where the vote overrides the network, its class leads b
 @contextmanager
 def captured(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
     """Collects the output of ``model``'s module named `layer`, flattened per example, for every
-    forward pass inside the block."""
-    modules = dict(model.named_modules())
+    forward pass inside the block. Behind a sparse-coding frontend the classifier's layers go by
+    their own names (``gap``, not ``classifier.gap``)."""
+    network = model.classifier if isinstance(model, FrontendClassifier) else model
+    modules = dict(network.named_modules())
     if layer not in modules or not layer:
         names = ", ".join(n for n in modules if n and "." not in n)
         raise ValueError(f"--export-activations: no layer {layer!r}; top-level layers: {names}")

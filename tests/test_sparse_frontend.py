@@ -408,3 +408,25 @@ def test_resuming_with_another_frontend_trainable_names_the_flag(tiny_imagenet, 
     assert main([*args, "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--frontend-trainable" in err
+
+
+def test_activations_behind_a_frontend_go_by_the_classifiers_layer_names():
+    from iat.embedding import captured
+
+    atoms = _unit_atoms(9, PATCH, seed=5)
+    frontend = sf.SparseFrontend(atoms, _spec(atoms, 3, 1.0)).eval()
+    classifier = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3).eval()
+    model = sf.FrontendClassifier(frontend, classifier)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255
+    with torch.no_grad(), captured(model, "gap") as behind:
+        model(x)
+    with torch.no_grad(), captured(classifier, "gap") as direct:
+        classifier(frontend(x))
+    assert behind[0].shape == (2, 256) and torch.equal(
+        behind[0], direct[0]
+    )  # group3: 4 x 8 x width 8
+    with (
+        pytest.raises(ValueError, match="top-level layers: preprocess, conv0, "),
+        captured(model, "classifier"),
+    ):
+        pass
