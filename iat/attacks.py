@@ -82,13 +82,16 @@ def example_gain(logits: Tensor, labels: Tensor, targets: Tensor, loss: str) -> 
 
 
 def gain_and_grad(
-    model: nn.Module, adv: Tensor, gain: Callable[[Tensor], Tensor]
+    model: nn.Module, adv: Tensor, gain: Callable[[Tensor], Tensor], eot_samples: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(gain per example, its input gradient, logits)`` at ``adv``. The gains are summed before
-    the backward pass, so each example's gradient is its own (not scaled by the batch size)."""
+    the backward pass, so each example's gradient is its own (not scaled by the batch size).
+    Against a random model (defense), gain, gradient and logits are means over ``eot_samples``
+    forward passes, each a fresh draw (EOT: Athalye, Carlini & Wagner 2018, Sec 4.3)."""
     adv = adv.detach().requires_grad_(True)
-    logits = model(adv)
-    value = gain(logits)
+    draws = [model(adv) for _ in range(eot_samples)]
+    value = torch.stack([gain(logits) for logits in draws]).mean(dim=0)
+    logits = torch.stack(draws).mean(dim=0)
     (grad,) = torch.autograd.grad(value.sum(), adv)
     return value.detach(), grad, logits.detach()
 
@@ -233,6 +236,7 @@ class FGMAttacker(Attacker):
         eps_step: float = 1.0,
         num_classes: int | None = None,
         generator: torch.Generator | None = None,
+        eot_samples: int = 1,
     ) -> None:
         _check_common(epsilon, norm, ("inf", "2", "1"), loss)
         if minimal and eps_step <= 0:
@@ -245,6 +249,7 @@ class FGMAttacker(Attacker):
         self.eps_step = float(eps_step)
         self.num_classes = num_classes
         self.generator = generator
+        self.eot_samples = eot_samples  # draws averaged per gradient against a random defense
         self.last_min_epsilon: Tensor | None = None
         bins = len(self.levels()) + 1 if minimal else 0
         self._level_counts = torch.zeros(bins, dtype=torch.float64)
@@ -266,7 +271,7 @@ class FGMAttacker(Attacker):
             clean = as_float(images)
             targets = choose_targets(model, clean, labels, self.target, self.num_classes, generator)
             gain = partial(example_gain, labels=labels, targets=targets, loss=self.loss)
-            _, grad, _ = gain_and_grad(model, clean, gain)
+            _, grad, _ = gain_and_grad(model, clean, gain, self.eot_samples)
             if not self.minimal:
                 return fgm_point(clean, grad, self.norm, self.epsilon), targets
             with torch.no_grad():
@@ -488,7 +493,8 @@ class APGDAttacker(Attacker):
     image, and each further run (a restart of APGD-CE, the next target of APGD-T) attacks only
     the examples no earlier run broke. Each example returns its first misclassified iterate, else
     the iterate of highest loss. All iterations run batch-wise on tensors (no host sync inside
-    a run); ``num_iter`` iterations cost num_iter + 1 forward and backward passes.
+    a run); ``num_iter`` iterations cost num_iter + 1 forward and backward passes (times
+    ``eot_samples`` against a random defense).
     """
 
     def __init__(
@@ -500,6 +506,7 @@ class APGDAttacker(Attacker):
         restarts: int = 1,
         generator: torch.Generator | None = None,
         norm: str = "inf",
+        eot_samples: int = 1,
     ) -> None:
         if num_iter < 1 or restarts < 1 or top_k < 1:
             raise ValueError(f"num_iter, restarts, top_k must be >= 1: {num_iter, restarts, top_k}")
@@ -511,6 +518,7 @@ class APGDAttacker(Attacker):
         self.top_k = top_k
         self.restarts = restarts
         self.generator = generator
+        self.eot_samples = eot_samples  # draws averaged per gradient against a random defense
 
     def attack(
         self,
@@ -587,7 +595,7 @@ class APGDAttacker(Attacker):
             x = project(clean + eps * (2 * _rand(clean.shape, clean, generator) - 1))
         else:
             x = uniform_l2_start(clean, eps, generator)
-        value, grad, logits = gain_and_grad(model, x, gain)
+        value, grad, logits = gain_and_grad(model, x, gain, self.eot_samples)
         broken = logits.argmax(dim=1) != labels
         out = x
         x_best, best, grad_best = x, value, grad
@@ -606,7 +614,7 @@ class APGDAttacker(Attacker):
             z = project(x + _per_example(step, x) * direction)
             alpha = 1.0 if k == 0 else APGD_MOMENTUM
             x_prev, x = x, project(x + alpha * (z - x) + (1 - alpha) * (x - x_prev))
-            new_value, grad, logits = gain_and_grad(model, x, gain)
+            new_value, grad, logits = gain_and_grad(model, x, gain, self.eot_samples)
             newly = (logits.argmax(dim=1) != labels) & ~broken
             out = torch.where(_per_example(newly, x), x, out)
             broken = broken | newly
@@ -726,6 +734,7 @@ def fgm_from_settings(settings: AttackSettings, minimal: bool) -> FGMAttacker:
         eps_step=settings.eps_step,
         num_classes=settings.num_classes,
         generator=settings.generator,
+        eot_samples=settings.eot_samples,
     )
 
 
@@ -755,6 +764,7 @@ def apgd_from_settings(settings: AttackSettings, targeted: bool) -> APGDAttacker
         restarts=settings.restarts,
         generator=settings.generator,
         norm=settings.norm,
+        eot_samples=settings.eot_samples,
     )
 
 
@@ -764,14 +774,10 @@ STRONG_MEMBERS = ("apgd-ce", "apgd-t", "pgd-target")
 def strong_from_settings(settings: AttackSettings) -> EnsembleAttacker:
     """APGD-CE, APGD-T (``top_k`` targets) and the original's PGD toward a random wrong class
     (with ``restarts``), each with ``num_iter`` iterations and ``epsilon`` (L-inf)."""
-    pgd = NormPGDAttacker(
-        settings.num_iter,
-        settings.epsilon,
-        settings.step_size,
-        restarts=settings.restarts,
-        target="random",
-        num_classes=settings.num_classes,
-        generator=settings.generator,
+    pgd = pgd_from_settings(
+        dataclasses.replace(
+            settings, norm="inf", loss="ce", target="random", autocast=False, compiled=False
+        )
     )
     members = (
         apgd_from_settings(dataclasses.replace(settings, restarts=1), targeted=False),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from iat.attacks import (
     FGMAttacker,
     NormPGDAttacker,
     apgd_checkpoints,
+    ce_gain,
+    gain_and_grad,
     histogram_median,
     l1_box_ascent,
     logit_margin,
@@ -349,3 +352,58 @@ def test_pgd_with_other_norms_and_losses_averages_eot_draws(norm: str, loss: str
     attacker.attack(Counting(), images, labels, generator=torch.Generator().manual_seed(0))
     # 2 iterations x 3 draws, plus the final forward pass that scores the restart.
     assert len(calls) == 2 * 3 + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "gradients"), [("fgm", 1), ("apgd-ce", 3), ("apgd-t", 3 * 2), ("strong", 3 + 6 + 2)]
+)
+def test_every_zoo_attack_averages_eot_draws_per_gradient(name: str, gradients: int) -> None:
+    """Against a random defense (README: white-box evaluation attacks it through EOT) each
+    input gradient of FGM, APGD and the strong ensemble averages `eot_samples` draws: with 3
+    draws instead of 1, every gradient costs 2 more forward passes."""
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(3 * 4 * 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return self.linear(x.flatten(1) / 255)
+
+    model = Counting()
+    images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 255
+    labels = model(images).argmax(dim=1)  # correctly classified: every run attacks them
+
+    def forward_passes(eot: int) -> int:
+        calls.clear()
+        # A radius too small to break anything: no run stops early.
+        settings = AttackSettings(
+            2, 0.01, 0.005, target=None, num_classes=5, top_k=2, eot_samples=eot
+        )
+        create_attacker(name, settings).attack(
+            model, images, labels, generator=torch.Generator().manual_seed(0)
+        )
+        return len(calls)
+
+    assert forward_passes(3) - forward_passes(1) == 2 * gradients
+
+
+def test_eot_gradient_is_the_mean_of_the_draws_gradients() -> None:
+    weights = torch.randn(5, 3 * 4 * 4, generator=torch.Generator().manual_seed(1))
+    noise = torch.Generator()
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:  # a random defense before a linear model
+        return (x + 20 * torch.randn(x.shape, generator=noise)).flatten(1).tanh() @ weights.T
+
+    x, labels = torch.rand(2, 3, 4, 4) * 255, torch.tensor([1, 3])
+    gain = partial(ce_gain, labels=labels)
+    noise.manual_seed(7)
+    value, grad, logits = gain_and_grad(noisy, x, gain, eot_samples=4)
+    noise.manual_seed(7)
+    draws = [gain_and_grad(noisy, x, gain) for _ in range(4)]
+    torch.testing.assert_close(grad, torch.stack([d[1] for d in draws]).mean(0))
+    torch.testing.assert_close(value, torch.stack([d[0] for d in draws]).mean(0))
+    torch.testing.assert_close(logits, torch.stack([d[2] for d in draws]).mean(0))
