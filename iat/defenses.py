@@ -145,13 +145,23 @@ class _Bpda(torch.autograd.Function):
     incoming gradient passed through unchanged backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, transform: InputTransform) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         with torch.no_grad():
             return transform(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def bpda_identity(
+    x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``transform(x)`` forward, the identity's gradient backward (Athalye et al. Sec 4.1): how
+    a white-box attack differentiates a shape-preserving non-differentiable step."""
+    return _Bpda.apply(x, transform)
 
 
 class Bpda(nn.Module):
@@ -162,7 +172,7 @@ class Bpda(nn.Module):
         self.transform = transform
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Bpda.apply(x, self.transform)
+        return bpda_identity(x, self.transform)
 
 
 class DefendedModel(nn.Module):

@@ -44,6 +44,7 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ from tqdm import tqdm
 import nets
 from iat.atomic_io import atomic_write
 from iat.data.layouts import DataError
+from iat.defenses import bpda_identity
 
 PIXEL_MAX = 255.0
 ATTACK_GRADIENTS = ("bpda", "autograd")  # --frontend-gradient: BPDA, or the masked autograd
@@ -236,19 +238,6 @@ def sparse_code(
     return activation(keep_top_t(coefficients, top_t), l1_norms, threshold)
 
 
-class _SparseCodeBpda(torch.autograd.Function):
-    """BPDA with the identity (Athalye et al. 2018, Sec 4.1): the real sparse code forward, the
-    incoming gradient passed to every coefficient unchanged backward."""
-
-    @staticmethod
-    def forward(ctx, coefficients, l1_norms, top_t, threshold):
-        return sparse_code(coefficients, l1_norms, top_t, threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None
-
-
 class SparseEncoder(nn.Module):
     """Correlation with the (frozen) atoms at `stride`, then top-T and the activation."""
 
@@ -265,9 +254,12 @@ class SparseEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, bpda: bool = False) -> torch.Tensor:
         coefficients = self.conv(x)
-        if bpda:
-            return _SparseCodeBpda.apply(coefficients, self.l1_norms(), self.top_t, self.threshold)
-        return sparse_code(coefficients, self.l1_norms(), self.top_t, self.threshold)
+        code = partial(
+            sparse_code, l1_norms=self.l1_norms(), top_t=self.top_t, threshold=self.threshold
+        )
+        # BPDA (Athalye et al. 2018, Sec 4.1): the real sparse code forward, the gradient passed
+        # to every coefficient unchanged backward.
+        return bpda_identity(coefficients, code) if bpda else code(coefficients)
 
 
 class Decoder(nn.Module):
