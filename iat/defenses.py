@@ -301,9 +301,9 @@ def reseed(model: nn.Module, seed: int) -> None:
     depend on the batch, not on the process that scores it."""
     if not isinstance(model, DefendedModel):
         return
+    device = next(model.model.parameters()).device
     for transform in model.transforms:
         if transform.random:
-            device = next(model.model.parameters()).device
             transform.generator = torch.Generator(device=device).manual_seed(seed)
 
 

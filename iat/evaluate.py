@@ -99,8 +99,9 @@ def evaluate(
             tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
             skipped += len(bad)
             images, labels = images[ok], labels[ok]
-        generator.manual_seed(batch_seed(seed, rank + j * world))
-        defenses.reseed(model, batch_seed(seed, rank + j * world) + DEFENSE_SEED_OFFSET)
+        this_seed = batch_seed(seed, rank + j * world)
+        generator.manual_seed(this_seed)
+        defenses.reseed(model, this_seed + DEFENSE_SEED_OFFSET)
         images, labels = to_model_input(images, device), labels.to(device)
         adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
         with torch.no_grad():
