@@ -82,10 +82,13 @@ def measure(
 ) -> tuple[float, float]:
     """(median seconds per image, images through the model per image) of ``attacker``."""
     times = []
+    device = images.device
     for r in range(repeats + 1):
         model.images = 0
         start = time.perf_counter()
-        attacker.attack(model, images, labels, generator=torch.Generator().manual_seed(r))
+        attacker.attack(model, images, labels, generator=torch.Generator(device).manual_seed(r))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time covers the queued GPU work
         if r:  # the first call warms up
             times.append(time.perf_counter() - start)
     batch = images.shape[0]
@@ -102,10 +105,19 @@ def build(args: argparse.Namespace) -> tuple[PassCounter, torch.Tensor, torch.Te
         num_classes=NUM_CLASSES,
         width=args.width,
     ).eval()
-    images = torch.rand(args.batch, 3, args.image_size, args.image_size) * 255
+    if args.device.type == "cuda":  # the layout iat.builders gives a model on CUDA
+        model = model.to(args.device, memory_format=torch.channels_last)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    images = torch.rand(shape, device=args.device) * 255
     with torch.no_grad():
         labels = model(images).argmax(dim=1)
     return PassCounter(model), images, labels
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 def main() -> None:
@@ -120,11 +132,13 @@ def main() -> None:
     p.add_argument("--epsilon", type=float, nargs="+", default=[16.0, 0.0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="or cuda")
+    p.add_argument("--only", nargs="+", help="just these attackers (and the PGD-10 reference)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, images, labels = build(args)
     print(
-        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch "
+        f"{device_name(args.device)}, torch "
         f"{torch.__version__}; {args.arch} blocks {args.num_blocks} width {args.width}, "
         f"{args.image_size}x{args.image_size}, batch {args.batch}, median of {args.repeats}"
     )
@@ -132,6 +146,7 @@ def main() -> None:
         rows = {
             name: measure(attacker, model, images, labels, args.repeats)
             for name, attacker in attackers(args.attack_iter, eps).items()
+            if not args.only or name == REFERENCE or name in args.only
         }
         ref_time, ref_passes = rows[REFERENCE]
         print(f"\nL-inf epsilon {eps:g} (L2 {eps * L2_SCALE:g}, L1 {eps * L1_SCALE:g})")

@@ -75,6 +75,8 @@ def build(args: argparse.Namespace, arch: str, op: str | None) -> torch.nn.Modul
         denoise_op=op,
         denoise_window=args.window if op and nets.DENOISE_OPS[op].local else 3,
     )
+    if args.device.type == "cuda":  # the layout iat.builders gives a model on CUDA
+        model = model.to(memory_format=torch.channels_last)
     return model.to(args.device)
 
 

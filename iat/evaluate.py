@@ -232,7 +232,7 @@ def evaluate_checkpoint(
             name=eval_attack(point),
             export=export,
         )
-        logger.log_result("eval", eval_record(point, result))
+        logger.log_result("eval", {**eval_record(point, result), "device": str(device)})
         if distributed.is_main_process():
             print(summary_line(point, result), flush=True)
         results.append(result)

@@ -1,0 +1,320 @@
+"""The GPU benchmark table: adversarial training's cost on one CUDA device, measured in one run.
+
+    python bench/gpu_bench.py [--arch ResNet-50 ResNet-152 ResNetDenoise-152 \\
+        ResNeXtDenoiseAll-101] [--image-size 224] [--max-batch 64] [--iters 10 30]
+    python bench/gpu_bench.py --warm-only --arch ResNet-152   # fill the compile cache only
+    python bench/gpu_bench.py --profile ResNetDenoise-152      # torch.profiler's top entries
+    python bench/gpu_bench.py --arch ResNet-50 --rows rows.jsonl   # also append rows as JSON
+    python bench/gpu_bench.py --summarize rows.jsonl           # ratios and projection only
+
+Per architecture, at the largest batch up to --max-batch that fits (halved on out-of-memory):
+  T_clean  trainer.train_step with a NoOpAttacker (forward + backward + SGD);
+  T_iter   one attack iteration (objective forward + input gradient, attack_mode);
+  T_pgdK   trainer.train_step with the PGD-K attacker, for each K of --iters;
+  peak     torch.cuda.max_memory_allocated over a PGD-K step (flat in K if the attack frees
+           each iteration's graph);
+for the attack in eager fp32 and as --use-fp16xla makes it on CUDA (fp16 autocast, loss x128,
+torch.compile with CUDA graphs). The training step itself is eager fp32 in both, as in
+iat/trainer.py. "fp32" is PyTorch's default: cuDNN convolutions may use TF32, matrix products
+do not. Times are medians of --repeats after --warmup runs (bench/train_step.py's helpers).
+
+Then: the Denoise / plain step ratios, the fast / fp32 ratios, and the GPU-hours the original's
+recipe (Feature Denoising Sec 6: 110 epochs of 1.28 M images, PGD-30 for the paper's models)
+would take at the measured per-GPU throughput, against the original's 52 h x 128 V100 (ResNet-152)
+and 90 h x 128 (ResNetDenoise-152). The projection assumes perfect scaling (no all-reduce cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
+
+from train_step import (  # noqa: E402  (bench/, the script's folder)
+    attacker_for,
+    iteration_fn,
+    median_seconds,
+    step_fn,
+)
+
+import nets  # noqa: E402
+from adv_model import NoOpAttacker  # noqa: E402
+from iat import builders  # noqa: E402
+from iat.config import Config  # noqa: E402
+
+NUM_CLASSES = 1000
+VARIANTS = ("eager-fp32", "compiled-amp")  # compiled-amp: --use-fp16xla on CUDA
+IMAGES_PER_EPOCH = 1_281_167  # ImageNet-1k train
+EPOCHS = 110  # Feature Denoising Sec 6 (ResNet-152 and its Denoise version, PGD-30)
+ORIGINAL_GPU_HOURS = {"ResNet-152": 52 * 128, "ResNetDenoise-152": 90 * 128}  # Sec 6, V100s
+
+
+@dataclass
+class Row:
+    arch: str
+    variant: str
+    batch: int
+    clean_s: float
+    iter_s: float
+    first_s: float  # the first PGD step (compilation included)
+    pgd_s: dict[int, float]
+    peak_gib: dict[int, float]
+
+
+def parse_arch(word: str) -> tuple[str, int]:
+    name, _, depth = word.rpartition("-")
+    if name not in nets.available_architectures() or not depth.isdigit():
+        raise argparse.ArgumentTypeError(f"{word!r}: expected ARCH-DEPTH, e.g. ResNet-152")
+    return name, int(depth)
+
+
+def build(word: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    arch, depth = parse_arch(word)
+    model = nets.build_model(arch, depth=depth, num_classes=NUM_CLASSES)
+    model = model.to(device, memory_format=torch.channels_last)  # as builders does on CUDA
+    return model, builders.build_optimizer(model, Config(fake=True))
+
+
+def batch(size: int, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, image_size, image_size, 3), generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (size,), generator=g).to(device)
+    x = images.to(torch.uint8).pin_memory().to(device).permute(0, 3, 1, 2).float()
+    return x, labels  # channels-last in memory, as iat.data.sources.to_model_input on CUDA
+
+
+def fitting_batch(model, optimizer, args: argparse.Namespace) -> int:
+    """The largest batch up to --max-batch (halving) whose PGD-1 step fits in memory."""
+    size = args.max_batch
+    while size >= 1:
+        try:
+            x, y = batch(size, args.image_size, args.device)
+            step_fn(model, optimizer, attacker_for(1, "eager-fp32"), x, y)()
+            torch.cuda.synchronize(args.device)
+            return size
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            size //= 2
+    raise SystemExit("gpu_bench: not even a batch of 1 fits")
+
+
+def peak_gib(fn, device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def measure(word: str, args: argparse.Namespace) -> list[Row]:
+    model, optimizer = build(word, args.device)
+    size = fitting_batch(model, optimizer, args)
+    x, y = batch(size, args.image_size, args.device)
+    clean = median_seconds(
+        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
+    )
+    rows = []
+    for variant in VARIANTS:
+        start = time.perf_counter()
+        step_fn(model, optimizer, attacker_for(1, variant), x, y)()
+        torch.cuda.synchronize(args.device)
+        first = time.perf_counter() - start
+        iteration = median_seconds(
+            iteration_fn(model, attacker_for(1, variant), x, y),
+            args.warmup,
+            args.repeats,
+            args.device,
+        )
+        pgd, peak = {}, {}
+        for k in args.iters:
+            step = step_fn(model, optimizer, attacker_for(k, variant), x, y)
+            peak[k] = peak_gib(step, args.device)
+            pgd[k] = median_seconds(step, 0, args.repeats, args.device)
+        rows.append(Row(word, variant, size, clean, iteration, first, pgd, peak))
+        print(f"  measured {word} {variant}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_rows(rows: list[Row], iters: list[int]) -> None:
+    for r in rows:
+        pgd = " | ".join(f"{r.pgd_s[k] * 1e3:.0f}" for k in iters)
+        rate = " | ".join(f"{r.batch / r.pgd_s[k]:.0f}" for k in iters)
+        peak = " | ".join(f"{r.peak_gib[k]:.1f}" for k in iters)
+        print(
+            f"| {r.arch} | {r.variant} | {r.batch} | {r.clean_s * 1e3:.0f} | "
+            f"{r.iter_s * 1e3:.1f} | {pgd} | {r.batch / r.clean_s:.0f} | {rate} | {peak} | "
+            f"{r.first_s:.1f} |",
+            flush=True,
+        )
+
+
+def print_header(iters: list[int]) -> None:
+    pgd = " | ".join(f"T_pgd{k} ms" for k in iters)
+    rate = " | ".join(f"PGD-{k} img/s" for k in iters)
+    peak = " | ".join(f"peak GiB PGD-{k}" for k in iters)
+    print(
+        f"| model | attack | batch | T_clean ms | T_iter ms | {pgd} | clean img/s | {rate} | "
+        f"{peak} | first PGD step s |"
+    )
+    print("|---|---|---:|---:|---:|" + "---:|" * (3 * len(iters) + 2), flush=True)
+
+
+def print_ratios(rows: list[Row], iters: list[int]) -> None:
+    by = {(r.arch, r.variant): r for r in rows}
+    print("\n| model | T_iter fp32 / fast | T_pgd fp32 / fast (per K) | peak PGD-max / PGD-min |")
+    print("|---|---:|---:|---:|")
+    for arch in dict.fromkeys(r.arch for r in rows):
+        slow, fast = by.get((arch, "eager-fp32")), by.get((arch, "compiled-amp"))
+        if slow is None or fast is None:
+            continue
+        per_k = ", ".join(f"{k}: {slow.pgd_s[k] / fast.pgd_s[k]:.2f}" for k in iters)
+        flat = max(slow.peak_gib.values()) / min(slow.peak_gib.values())
+        print(f"| {arch} | {slow.iter_s / fast.iter_s:.2f} | {per_k} | {flat:.3f} |")
+    pairs = [("ResNetDenoise-152", "ResNet-152"), ("ResNeXtDenoiseAll-101", "ResNet-152")]
+    print("\n| models | attack | clean step ratio | PGD step ratio (per K) |")
+    print("|---|---|---:|---:|")
+    for left, right in pairs:
+        for variant in VARIANTS:
+            a, b = by.get((left, variant)), by.get((right, variant))
+            if a is None or b is None:
+                continue
+            # per image: the two may run at different batch sizes
+            per_k = ", ".join(
+                f"{k}: {(a.pgd_s[k] / a.batch) / (b.pgd_s[k] / b.batch):.2f}" for k in iters
+            )
+            clean = (a.clean_s / a.batch) / (b.clean_s / b.batch)
+            print(f"| {left} / {right} | {variant} | {clean:.2f} | {per_k} |")
+
+
+def print_projection(rows: list[Row], k: int = 30) -> None:
+    print(
+        f"\nProjected GPU-hours of the original's recipe ({EPOCHS} epochs x {IMAGES_PER_EPOCH:,} "
+        f"images, PGD-{k}) at the measured per-GPU PGD-{k} throughput, perfect scaling:"
+    )
+    print("\n| model | attack | img/s per GPU | GPU-hours | original (128 V100) | ratio |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if k not in r.pgd_s:
+            continue
+        rate = r.batch / r.pgd_s[k]
+        hours = EPOCHS * IMAGES_PER_EPOCH / rate / 3600
+        original = ORIGINAL_GPU_HOURS.get(r.arch)
+        theirs = f"{original:,}" if original else "-"
+        ratio = f"{hours / original:.2f}" if original else "-"
+        print(f"| {r.arch} | {r.variant} | {rate:.0f} | {hours:,.0f} | {theirs} | {ratio} |")
+
+
+def profile(word: str, args: argparse.Namespace) -> None:
+    """torch.profiler's top entries (self CUDA time) of one PGD-10 step, fp32 and fast."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, optimizer = build(word, args.device)
+    x, y = batch(args.max_batch, args.image_size, args.device)
+    for variant in VARIANTS:
+        step = step_fn(model, optimizer, attacker_for(10, variant), x, y)
+        step()
+        step()
+        torch.cuda.synchronize(args.device)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(args.device)
+        print(f"\n### {word}, PGD-10 training step, attack {variant}, batch {args.max_batch}\n")
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top)
+        print("```\n" + table + "\n```", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        type=str,
+        default=["ResNet-50", "ResNet-152", "ResNetDenoise-152", "ResNeXtDenoiseAll-101"],
+    )
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--iters", type=int, nargs="+", default=[10, 30])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", type=torch.device, default=torch.device("cuda", 0))
+    p.add_argument("--no-header", action="store_true", help="rows only (to append to a table)")
+    p.add_argument("--rows", type=Path, help="append each measured row to this JSON-lines file")
+    p.add_argument("--summarize", type=Path, help="print the ratio tables of a --rows file")
+    p.add_argument("--warm-only", action="store_true", help="compile the fast attack, no timing")
+    p.add_argument("--profile", metavar="ARCH-DEPTH", help="profile one model instead")
+    p.add_argument("--top", type=int, default=15, help="--profile: rows of the table")
+    args = p.parse_args()
+    for word in args.arch + ([args.profile] if args.profile else []):
+        try:
+            parse_arch(word)
+        except argparse.ArgumentTypeError as e:
+            p.error(str(e))
+    return args
+
+
+def read_rows(path: Path) -> list[Row]:
+    rows = []
+    for line in path.read_text().splitlines():
+        fields = json.loads(line)
+        for key in ("pgd_s", "peak_gib"):  # JSON object keys are strings
+            fields[key] = {int(k): v for k, v in fields[key].items()}
+        rows.append(Row(**fields))
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    if args.summarize:
+        rows = read_rows(args.summarize)
+        iters = sorted(set.intersection(*(set(r.pgd_s) for r in rows)))
+        print_ratios(rows, iters)
+        print_projection(rows, max(iters))
+        return
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device here; nothing measured")
+        return
+    if args.profile:
+        profile(args.profile, args)
+        return
+    if args.warm_only:
+        for word in args.arch:
+            model, optimizer = build(word, args.device)
+            x, y = batch(args.max_batch, args.image_size, args.device)
+            step_fn(model, optimizer, attacker_for(1, "compiled-amp"), x, y)()
+            torch.cuda.synchronize(args.device)
+            print(f"gpu_bench: compiled the fast attack of {word}", flush=True)
+        return
+    name = torch.cuda.get_device_name(args.device)
+    if not args.no_header:
+        print(
+            f"{name}, torch {torch.__version__}; {args.image_size}x{args.image_size}, median of "
+            f"{args.repeats} after {args.warmup} warm-up\n"
+        )
+        print_header(args.iters)
+    rows = []
+    for word in args.arch:
+        measured = measure(word, args)
+        print_rows(measured, args.iters)
+        if args.rows:
+            with args.rows.open("a") as f:
+                f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in measured)
+        rows += measured
+    print_ratios(rows, args.iters)
+    print_projection(rows, max(args.iters))
+
+
+if __name__ == "__main__":
+    main()
