@@ -15,8 +15,9 @@ Per architecture, at the largest batch up to --max-batch that fits (halved on ou
            each iteration's graph);
 for the attack in eager fp32 and as --use-fp16xla makes it on CUDA (fp16 autocast, loss x128,
 torch.compile with CUDA graphs). The training step itself is eager fp32 in both, as in
-iat/trainer.py. "fp32" is PyTorch's default: cuDNN convolutions may use TF32, matrix products
-do not. Times are medians of --repeats after --warmup runs (bench/train_step.py's helpers).
+iat/trainer.py. "fp32" is what a training run sets on CUDA (iat.distributed.select_device):
+cuDNN convolutions and matrix products may use TF32; --no-tf32 turns both off. Times are
+medians of --repeats after --warmup runs (bench/train_step.py's helpers).
 
 Then: the Denoise / plain step ratios, the fast / fp32 ratios, and the GPU-hours the original's
 recipe (Feature Denoising Sec 6: 110 epochs of 1.28 M images, PGD-30 for the paper's models)
@@ -49,7 +50,7 @@ from train_step import (  # noqa: E402  (bench/, the script's folder)
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker  # noqa: E402
-from iat import builders  # noqa: E402
+from iat import builders, distributed  # noqa: E402
 from iat.config import Config  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -126,7 +127,7 @@ def measure(word: str, args: argparse.Namespace) -> list[Row]:
         step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
     )
     rows = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         start = time.perf_counter()
         step_fn(model, optimizer, attacker_for(1, variant), x, y)()
         torch.cuda.synchronize(args.device)
@@ -247,12 +248,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--iters", type=int, nargs="+", default=[10, 30])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", type=torch.device, default=torch.device("cuda", 0))
     p.add_argument("--no-header", action="store_true", help="rows only (to append to a table)")
     p.add_argument("--rows", type=Path, help="append each measured row to this JSON-lines file")
     p.add_argument("--summarize", type=Path, help="print the ratio tables of a --rows file")
+    p.add_argument("--no-tf32", action="store_true", help="plain fp32 products and convolutions")
     p.add_argument("--warm-only", action="store_true", help="compile the fast attack, no timing")
     p.add_argument("--profile", metavar="ARCH-DEPTH", help="profile one model instead")
     p.add_argument("--top", type=int, default=15, help="--profile: rows of the table")
@@ -286,6 +289,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device here; nothing measured")
         return
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        distributed.select_device(distributed.detect())  # the training run's CUDA settings (TF32)
     if args.profile:
         profile(args.profile, args)
         return
@@ -300,7 +307,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(args.device)
     if not args.no_header:
         print(
-            f"{name}, torch {torch.__version__}; {args.image_size}x{args.image_size}, median of "
+            f"{name}, torch {torch.__version__}; {args.image_size}x{args.image_size}, TF32 "
+            f"{'off' if args.no_tf32 else 'on'}, median of "
             f"{args.repeats} after {args.warmup} warm-up\n"
         )
         print_header(args.iters)
@@ -312,8 +320,9 @@ def main() -> None:
             with args.rows.open("a") as f:
                 f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in measured)
         rows += measured
-    print_ratios(rows, args.iters)
-    print_projection(rows, max(args.iters))
+    if len(args.arch) > 1:  # one model per process (gpu_proof.sh): --summarize at the end
+        print_ratios(rows, args.iters)
+        print_projection(rows, max(args.iters))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,13 @@ def softmax_nonlocal(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) ->
     [N, C', H, W] and g of shape [N, C, H, W]; the softmax runs over the positions q (the keys).
     """
     n, c, h, w = g.shape
-    query = theta.flatten(2).transpose(1, 2)
-    key = phi.flatten(2).transpose(1, 2)
-    value = g.flatten(2).transpose(1, 2)
+    # [N, 1 head, HW, C]: the 4-d layout SDPA's fused CUDA kernels take (3-d runs unfused).
+    query = theta.flatten(2).transpose(1, 2).unsqueeze(1)
+    key = phi.flatten(2).transpose(1, 2).unsqueeze(1)
+    value = g.flatten(2).transpose(1, 2).unsqueeze(1)
     # SDPA's default scale 1/sqrt(C') is the original's division by sqrt(theta channels).
     f = F.scaled_dot_product_attention(query, key, value)
-    return f.transpose(1, 2).reshape(n, c, h, w)
+    return f.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
 
 def dot_product_nonlocal(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
