@@ -224,7 +224,7 @@ def profile(word: str, args: argparse.Namespace) -> None:
 
     model, optimizer = build(word, args.device)
     x, y = batch(args.max_batch, args.image_size, args.device)
-    for variant in VARIANTS:
+    for variant in args.variants:
         step = step_fn(model, optimizer, attacker_for(10, variant), x, y)
         step()
         step()
