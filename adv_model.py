@@ -191,9 +191,7 @@ class PGDAttacker(Attacker):
             raise ValueError(f"eot_samples must be >= 1, got {eot_samples}")
         self.num_iter = num_iter
         self.epsilon = float(epsilon)
-        # Feature Denoising, Sec 6.1: step size 1, except for 10-iteration attacks where it is
-        # epsilon / 10 = 1.6; i.e. max(step_size, epsilon / num_iter).
-        self.step_size = max(float(step_size), self.epsilon / num_iter)
+        self.step_size = pgd_step_size(self.epsilon, num_iter, step_size)
         self.prob_start_from_clean = prob_start_from_clean
         self.target = target
         self.num_classes = num_classes
@@ -527,6 +525,14 @@ def training_objective(
         # ALP Sec 3: J(M, theta) + lambda * L(f(x), f(x~)) over the pairs.
         loss = loss + lp_weight * logit_pairing_loss(clean_logits, adv_logits)
     return loss, adv_logits.detach(), targets
+
+
+def pgd_step_size(epsilon: float, num_iter: int, step_size: float) -> float:
+    """The step PGD takes: ``step_size``, raised to ``epsilon / num_iter`` when smaller, so that
+    the iterations can cross the ball. Feature Denoising, Sec 6.1: step size 1, except for
+    10-iteration attacks where it is epsilon / 10 = 1.6. Summaries and records state this value.
+    """
+    return max(float(step_size), float(epsilon) / num_iter) if num_iter else float(step_size)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -18,7 +18,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker
+from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, pgd_step_size
 from iat import defenses, distributed
 from iat.atomic_io import atomic_write
 from iat.builders import build_attacker, load_for_inference
@@ -288,15 +288,24 @@ def threat_model(cfg: Config) -> str:
     ball = f"{NORM_NAMES[cfg.norm]} eps={cfg.attack_epsilon:g}"
     restarts = f", {cfg.restarts} restarts" if cfg.restarts > 1 else ""
     loss = ", CW loss" if cfg.attack_loss == "cw" else ""
+    step = f", step {effective_step_size(cfg):g}"
     if attack == "strong":
-        members = f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{restarts}"
+        members = (
+            f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{step}{restarts}"
+        )
         return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
     if attack == "fgm":
         return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
     name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
-    return f"{name}-{k} {goal}, {ball}{loss}{restarts}{_defense_words(cfg)}"
+    step = step if attack == "pgd" else ""  # APGD adapts its own step (Croce & Hein 2020)
+    return f"{name}-{k} {goal}, {ball}{step}{loss}{restarts}{_defense_words(cfg)}"
+
+
+def effective_step_size(cfg: Config) -> float:
+    """The step --eval's PGD takes (adv_model.pgd_step_size), not only the one asked for."""
+    return pgd_step_size(cfg.attack_epsilon, cfg.attack_iter, cfg.attack_step_size)
 
 
 def _defense_words(cfg: Config) -> str:
@@ -377,7 +386,8 @@ def _attack_record(cfg: Config, attack: str) -> dict:
     if attack not in SINGLE_STEP_ATTACKS:
         record["iter"] = cfg.attack_iter
     if attack in ("pgd", "strong"):
-        record["step_size"] = cfg.attack_step_size
+        record["step_size"] = effective_step_size(cfg)
+        record["step_size_requested"] = cfg.attack_step_size
     if attack in LOSS_ATTACKS:
         record["loss"] = cfg.attack_loss
     if attack in RESTART_ATTACKS:

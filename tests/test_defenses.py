@@ -232,7 +232,7 @@ def test_defense_is_recorded_and_evaluation_attacks_through_bpda(tiny_imagenet, 
     assert main([*evaluate, "--attack-iter", "1", "--eot-samples", "3"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(
-        "PGD-1 random target, L-inf eps=16, defense jpeg:50,noise:2, attacked through "
+        "PGD-1 random target, L-inf eps=16, step 16, defense jpeg:50,noise:2, attacked through "
         "BPDA (identity backward) for jpeg:50 and EOT over 3 draws: 7 images"
     )
     assert json.loads(out.read_text())["defense"] == "jpeg:50,noise:2"
@@ -304,11 +304,11 @@ def test_defense_apply_fit_trains_behind_the_defense_and_evaluates_without_it(
         summaries[name] = capsys.readouterr().out.strip().splitlines()[-1]
         assert json.loads(out.read_text())["defense"] == (None if name == "fit" else "jpeg:10")
     assert summaries["fit"].startswith(
-        "PGD-1 random target, L-inf eps=16, trained behind jpeg:10 (--defense-apply fit), "
+        "PGD-1 random target, L-inf eps=16, step 16, trained behind jpeg:10 (--defense-apply fit), "
         "evaluated without it: 7 images"
     )
     assert summaries["both"].startswith(
-        "PGD-1 random target, L-inf eps=16, defense jpeg:10, attacked through BPDA"
+        "PGD-1 random target, L-inf eps=16, step 16, defense jpeg:10, attacked through BPDA"
     )
     # --defense given at evaluation applies there, whatever phase the checkpoint recorded.
     capsys.readouterr()

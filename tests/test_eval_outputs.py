@@ -85,3 +85,25 @@ def test_bad_sweep_is_one_line(tiny_imagenet: Path, checkpoint: Path, capsys) ->
     assert "--sweep-epsilon" in capsys.readouterr().err
     assert main([*args, "--sweep-iters", "-1"]) == 1
     assert "--sweep-iters: must be >= 0" in capsys.readouterr().err
+
+
+def test_pgd_summary_and_record_state_the_step_taken(
+    tiny_imagenet: Path, checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """An audit found --attack-step-size 1 and 3.2 both ran 3.2 (raised to epsilon / iterations)
+    while the record said 1.0, and step 8 printed the same label as 3.2: the step PGD took is
+    now in the summary line and the record, beside the one asked for."""
+    lines, steps = {}, {}
+    for asked in ("1", "3.2", "8"):
+        result = tmp_path / f"step{asked}.json"
+        capsys.readouterr()
+        assert main(["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON,
+                     "--attack-iter", "10", "--attack-epsilon", "32", "--attack-step-size", asked,
+                     "--eval-output", str(result)]) == 0  # fmt: skip
+        lines[asked] = capsys.readouterr().out.strip().splitlines()[-1]
+        record = json.loads(result.read_text())["attack"]
+        steps[asked] = (record["step_size"], record["step_size_requested"])
+    assert steps == {"1": (3.2, 1.0), "3.2": (3.2, 3.2), "8": (8.0, 8.0)}
+    assert lines["1"].startswith("PGD-10 random target, L-inf eps=32, step 3.2: 7 images")
+    assert lines["8"].startswith("PGD-10 random target, L-inf eps=32, step 8: 7 images")
+    assert lines["1"] == lines["3.2"]  # the same attack: the same line, the same numbers

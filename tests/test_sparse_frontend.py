@@ -243,7 +243,7 @@ def test_commands_learn_train_classify_and_evaluate(tmp_path, capsys):
                  "--frontend-gradient", "autograd"]) == 0  # fmt: skip
     bpda_line, masked_line = capsys.readouterr().out.strip().splitlines()[-2:]
     assert bpda_line.startswith(
-        "PGD-5 untargeted, L-inf eps=32, sparse-coding frontend, attacked through BPDA "
+        "PGD-5 untargeted, L-inf eps=32, step 8, sparse-coding frontend, attacked through BPDA "
         "(identity backward) for its top-T and threshold: 60 images"
     )
     assert "plain autograd (gradient-masked" in masked_line

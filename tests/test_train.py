@@ -181,13 +181,14 @@ def test_eval_counts_match_a_direct_model_call(tiny_imagenet, tmp_path):
         "name": "pgd",
         "iter": 3,
         "epsilon": 64.0,
-        "step_size": 1.0,
+        "step_size": 64 / 3,  # the step PGD took: raised to epsilon / iterations (Sec 6.1)
+        "step_size_requested": 1.0,
         "target": "random",
         "norm": "inf",
         "loss": "ce",
         "restarts": 1,
     }
-    assert attacked["threat_model"] == "PGD-3 random target, L-inf eps=64"
+    assert attacked["threat_model"] == "PGD-3 random target, L-inf eps=64, step 21.3333"
     assert attacked["robust_accuracy"] == pytest.approx(1 - attacked["top1_error"])
     assert attacked["top1_error"] >= result["top1_error"]
 
