@@ -34,6 +34,7 @@ EPSILON = 32.0  # pixel units; digits are high-contrast, so a larger ball than I
 ATTACK_ITER = 3
 TOTAL_BATCH = 64
 EVAL_ATTACK_ITER = 10
+STANDARD_EVAL_ITER = 100  # the strong ensemble's iterations (the table's last attack column)
 
 
 def write_digits_folder(root: Path, image_size: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -99,8 +100,10 @@ COLUMNS = (
     ("clean", 0, "random", "clean"),
     (f"PGD-{EVAL_ATTACK_ITER} rand-target", EVAL_ATTACK_ITER, "random", "pgd"),
     (f"PGD-{EVAL_ATTACK_ITER} untargeted", EVAL_ATTACK_ITER, "none", "pgd"),
-    # AutoAttack-grade: the worst case of APGD-CE, APGD-T and targeted PGD per example.
-    (f"strong-{EVAL_ATTACK_ITER}", EVAL_ATTACK_ITER, "random", "strong"),
+    # The standard evaluation the demo can afford: the worst case of APGD-CE, APGD-T and
+    # targeted PGD per example at 100 iterations (at 10 it overstated robust accuracy by up to
+    # 6.9 points against ART's AutoAttack; at 100 it is within 0.3 points of it).
+    (f"strong-{STANDARD_EVAL_ITER}", STANDARD_EVAL_ITER, "random", "strong"),
 )
 
 

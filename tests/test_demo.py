@@ -16,7 +16,7 @@ def test_demo_trains_attacks_predicts_and_shows_robustness(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PGD-10 rand-target" in run.stdout and "PGD-10 untargeted" in run.stdout
-    assert "strong-10" in run.stdout
+    assert "strong-100" in run.stdout
     number = r"\s+([01]\.\d{3})"
     rows = {
         m.group(1): tuple(float(m.group(i)) for i in (2, 3, 4, 5))
