@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     out.add_argument(
+        "--eval-state",
+        help="--eval: keep finished batches here, so a relaunch resumes "
+        "(default: <--eval-output>.state; 'none': off)",
+    )
+    out.add_argument(
         "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
     )
     out.add_argument(

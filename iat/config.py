@@ -184,6 +184,9 @@ class Config:
     activations_file: str = "activations.npz"  # where: .npz (NumPy) or .mat (MATLAB)
     mlflow: str | None = None  # MLflow tracking URI or local folder; None: no MLflow run
     eval_output: str | None = None  # --eval: also write the metrics as JSON here
+    # --eval: where finished batches are kept until the result is written, so that a killed
+    # evaluation relaunched continues (iat.eval_state); None: <eval_output>.state; "none": off
+    eval_state: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning

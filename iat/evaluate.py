@@ -10,8 +10,9 @@ averages; here counts are summed across ranks).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -34,7 +35,8 @@ from iat.config import (
     predict_defense,
 )
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
-from iat.data.sources import eval_loader, to_model_input, unreadable
+from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
+from iat.eval_state import BatchRecord, EvalState, fingerprint, state_dir, stats_tensors
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
@@ -61,16 +63,21 @@ def evaluate(
     quantize: bool = False,
     export: AdversarialExport | None = None,
     desc: str = "eval",
+    state: EvalState | None = None,
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
 
     With `quantize` the adversarial images are rounded to uint8 (as a file would hold them)
-    before they are scored; `export` writes them as PNGs.
+    before they are scored; `export` writes them as PNGs. With `state`, the batches it holds
+    are not attacked again (their counts are added once, by rank 0) and every finished batch
+    is added to it (``iat.eval_state``).
 
     The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
     view); the images are scored by `model` itself. An unreadable image is an error naming it,
     or, with `skip_unreadable`, left out of the counts and counted in ``EvalResult.skipped``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
+    done = state.done if state is not None else {}
+    mine = [j for j in rank_batches(len(samples), batch, rank, world) if j not in done]
     loader = eval_loader(
         samples,
         batch=batch,
@@ -79,17 +86,24 @@ def evaluate(
         rank=rank,
         world_size=world,
         pin_memory=device.type == "cuda",
+        batches=mine,
     )
     generator = torch.Generator(device=device)
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     skipped = torch.zeros((), dtype=torch.float64, device=device)
     # The attacker's own counts (e.g. minimal epsilons, ensemble members), summed like totals;
     # a rank without batches still joins the sums with zeros.
     stats = attacker.stats_template(device)
-    for j, (images, labels, indices, ok) in enumerate(progress):
+    if done and rank == 0:
+        add_done_batches(done.values(), totals, skipped, stats, state.folder)
+    if state is not None:
+        # Every rank has read the state before any rank adds to it: nothing is counted twice.
+        distributed.all_reduce_sum(torch.zeros(1, device=device))
+    progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
+    for j, (images, labels, indices, ok) in zip(mine, progress, strict=True):
+        batch_skipped = 0
         if not ok.all():
             bad = unreadable(samples, indices, ok)
             if not skip_unreadable:
@@ -97,9 +111,9 @@ def evaluate(
                     f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
                 )
             tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
-            skipped += len(bad)
+            batch_skipped = len(bad)
             images, labels = images[ok], labels[ok]
-        this_seed = batch_seed(seed, rank + j * world)
+        this_seed = batch_seed(seed, j)
         generator.manual_seed(this_seed)
         defenses.reseed(model, this_seed + DEFENSE_SEED_OFFSET)
         images, labels = to_model_input(images, device), labels.to(device)
@@ -108,9 +122,14 @@ def evaluate(
             logits = model(adv).float()
         if export is not None:
             export.write(adv, indices[ok] if not ok.all() else indices)
-        totals += count_batch(logits, labels, targets)
-        for key, value in attacker.batch_stats().items():
+        counts, batch_stats = count_batch(logits, labels, targets), attacker.batch_stats()
+        totals += counts
+        skipped += batch_skipped
+        for key, value in batch_stats.items():
             stats[key] += value
+        if state is not None:
+            state.append(batch_record(j, counts, batch_skipped, batch_stats))
+        progress.set_postfix_str(running_accuracy(totals), refresh=False)
     model.train(was_training)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
@@ -119,6 +138,35 @@ def evaluate(
     images = int(totals[0].item())
     details = attacker.describe_stats(stats, images)
     return EvalResult.from_counts(totals, skipped=int(skipped.item()), details=details)
+
+
+def add_done_batches(
+    records: Iterable[BatchRecord],
+    totals: torch.Tensor,
+    skipped: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    folder: Path,
+) -> None:
+    """Add the counts of the batches a killed evaluation finished (read from its state)."""
+    for record in records:
+        totals += torch.tensor(record.counts, dtype=totals.dtype, device=totals.device)
+        skipped += record.skipped
+        for key, value in stats_tensors(record, stats, folder).items():
+            stats[key] += value
+
+
+def batch_record(
+    batch_index: int, counts: torch.Tensor, skipped: int, stats: dict[str, torch.Tensor]
+) -> BatchRecord:
+    values = {key: value.double().flatten().tolist() for key, value in stats.items()}
+    return BatchRecord(batch_index, counts.tolist(), float(skipped), values)
+
+
+def running_accuracy(totals: torch.Tensor) -> str:
+    """The progress bar's figures so far: accuracy on the attacked images (this rank's, and
+    the batches resumed from a state on rank 0)."""
+    images, wrong = totals[0].item(), totals[1].item()
+    return f"accuracy {1 - wrong / images:.4f} of {images:.0f}" if images else ""
 
 
 def attack_images(
@@ -176,10 +224,12 @@ def evaluate_attack(
     desc: str,
     name: str | None = None,
     export: AdversarialExport | None = None,
+    state: EvalState | None = None,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
-    attacked through BPDA and EOT (nothing when it applies only in training)."""
+    attacked through BPDA and EOT (nothing when it applies only in training); resumed from
+    and recorded in `state` when given."""
     model = defenses.defend(model, predict_defense(cfg))
     eot = defenses.eot_samples(model, cfg.eot_samples)
     attacker = build_attacker(
@@ -198,6 +248,7 @@ def evaluate_attack(
         quantize=cfg.quantize or export is not None,
         export=export,
         desc=desc,
+        state=state,
     )
 
 
@@ -219,8 +270,10 @@ def evaluate_checkpoint(
     if cfg.export_adversarial is not None:
         split_dir = Path(cfg.data) / cfg.split
         export = AdversarialExport(cfg.export_adversarial, samples, split_dir)
-    results = []
+    results, states = [], []
     for point in sweep(cfg):
+        state = open_state(point, len(samples))
+        states.append(state)
         result = evaluate_attack(
             model,
             point,
@@ -231,12 +284,35 @@ def evaluate_checkpoint(
             desc=f"eval {threat_model(point)}",
             name=eval_attack(point),
             export=export,
+            state=state,
         )
         logger.log_result("eval", {**eval_record(point, result), "device": str(device)})
         if distributed.is_main_process():
             print(summary_line(point, result), flush=True)
         results.append(result)
+    logger.flush()
+    for state in states:  # every point's result is written: nothing left to resume
+        if state is not None:
+            state.close()
+            if distributed.is_main_process():
+                state.remove()
     return results
+
+
+def open_state(cfg: Config, num_images: int) -> EvalState | None:
+    """This evaluation's resumable state (``iat.eval_state``), saying what it resumes."""
+    folder = state_dir(cfg)
+    if folder is None:
+        return None
+    state = EvalState(folder, fingerprint(cfg, num_images), distributed.get_rank())
+    if state.done and distributed.is_main_process():
+        batches = math.ceil(num_images / cfg.batch)
+        print(
+            f"resuming the evaluation from {folder}: {len(state.done)} of {batches} batches "
+            "done (delete the folder to start afresh)",
+            flush=True,
+        )
+    return state
 
 
 def sweep(cfg: Config) -> list[Config]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +196,80 @@ def test_free_training_resumes_bit_exactly_on_two_processes(tiny_imagenet, tmp_p
     deltas = states[0]["free_delta"]
     assert torch.equal(deltas, states[1]["free_delta"])
     assert deltas.shape[0] == 2 and not torch.equal(deltas[0], deltas[1])  # one per rank
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _state_lines(folder: Path) -> int:
+    return sum(p.read_text().count("\n") for p in folder.glob("*.jsonl"))
+
+
+def test_killed_evaluation_resumes_to_the_uninterrupted_counts(tmp_path):
+    """SIGKILL a 2-process `strong` evaluation mid-run; relaunched with the same command (and,
+    from a copy of its state, on 1 process) it reports exactly the uninterrupted numbers."""
+    data = write_imagenet(tmp_path / "imagenet", classes=4, val_images=40)  # APGD-T: 4 classes
+    ckpt = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    model = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=4)
+    with torch.no_grad():  # predictions that depend on the image
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    nets.save_weights(model, ckpt)
+    flags = [
+        "--eval", "--load", str(ckpt), "--data", str(data), *TINY, "--image-size", "48",
+        "--batch", "2", "--workers", "0", "--attack", "strong", "--attack-iter", "20",
+        "--apgd-targets", "2", "--attack-epsilon", "4",
+    ]  # fmt: skip
+    whole = tmp_path / "whole.json"
+    launch(torchrun(2), "main.py", [*flags, "--eval-output", str(whole)])
+    assert not Path(f"{whole}.state").exists()  # removed once the result is written
+
+    killed = tmp_path / "killed.json"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [*torchrun(2), "main.py", *flags, "--eval-output", str(killed)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    state = Path(f"{killed}.state")
+    deadline = time.monotonic() + 120
+    while _state_lines(state) < 6 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    ranks = _descendants(proc.pid)  # torchrun starts its ranks in sessions of their own
+    for pid in [proc.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = _state_lines(state)
+    assert 6 <= done < 20 and not killed.exists(), done  # killed mid-run
+    copy = tmp_path / "copy.state"
+    shutil.copytree(state, copy)
+
+    resumed = launch(torchrun(2), "main.py", [*flags, "--eval-output", str(killed)])
+    assert f"resuming the evaluation from {state}: " in resumed.stdout
+    one = tmp_path / "one.json"
+    launch([sys.executable], "main.py", [*flags, "--eval-output", str(one), "--eval-state",
+                                          str(copy)])  # fmt: skip
+    expected = json.loads(whole.read_text())
+    for path in (killed, one):
+        result = json.loads(path.read_text())
+        for key in ("images", "top1_error", "top5_error", "attack_success_rate", "details"):
+            assert result[key] == expected[key], (path.name, key, result[key], expected[key])
+    assert not state.exists() and not copy.exists()

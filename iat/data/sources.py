@@ -10,6 +10,7 @@ batches (``--fake``). Evaluation has one sharding (``rank_batches``), used by ev
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -145,10 +146,15 @@ def train_batches(loader: str, fake: bool, spec: TrainSourceSpec) -> Iterator[Ba
 
 
 # --- evaluation and prediction ---------------------------------------------------------------
-def rank_batches(num_images: int, batch: int, rank: int, world_size: int) -> list[list[int]]:
-    """Global batch j (images [j*batch, (j+1)*batch)) belongs to rank j % world_size."""
-    starts = range(rank * batch, num_images, world_size * batch)
-    return [list(range(s, min(s + batch, num_images))) for s in starts]
+def rank_batches(num_images: int, batch: int, rank: int, world_size: int) -> list[int]:
+    """The global batches of rank `rank`: batch j (images [j*batch, (j+1)*batch)) belongs to
+    rank j % world_size."""
+    return list(range(rank, math.ceil(num_images / batch), world_size))
+
+
+def batch_images(batch_index: int, batch: int, num_images: int) -> list[int]:
+    """The images of global batch `batch_index`."""
+    return list(range(batch_index * batch, min((batch_index + 1) * batch, num_images)))
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -190,11 +196,15 @@ def eval_loader(
     world_size: int,
     pin_memory: bool,
     transform: Callable = eval_transform,
+    batches: Sequence[int] | None = None,
 ) -> DataLoader:
-    """This rank's share of ``samples`` in ``rank_batches`` order (every image exactly once)."""
+    """This rank's share of ``samples`` in ``rank_batches`` order (every image exactly once), or
+    the global `batches` given (a resumed evaluation's remaining ones)."""
+    if batches is None:
+        batches = rank_batches(len(samples), batch, rank, world_size)
     return DataLoader(
         ImageFiles(samples, image_size, transform),
-        batch_sampler=rank_batches(len(samples), batch, rank, world_size),
+        batch_sampler=[batch_images(j, batch, len(samples)) for j in batches],
         num_workers=workers,
         pin_memory=pin_memory,
     )

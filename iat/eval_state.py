@@ -1,0 +1,169 @@
+"""Resumable evaluation: every finished batch's counts, kept on disk until the result is written.
+
+Each rank appends one JSON line per finished global batch (its counts, skipped images and the
+attacker's statistics) to its own file, ``<state dir>/<fingerprint>.rank<R>.jsonl``, flushed and
+fsynced; a line cut short by a kill is ignored. A relaunch with the same settings reads every
+rank's file, whatever the number of processes then: the batches found there are not attacked
+again, and their counts are added once (by rank 0), so a resumed evaluation reports what an
+uninterrupted one would (``evaluate``'s per-batch seeds make each batch's attack the same).
+
+The fingerprint covers every setting that changes a number (the configuration less the fields
+below, the checkpoint's size and modification time, the number of images): another attack, ε or
+checkpoint never reuses the counts. Nothing in a state file is unpickled; its size is checked
+before it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iat.config import Config
+
+# Fields that change no number (where the output goes, how many threads decode), left out of
+# the fingerprint so that a relaunch with other values still resumes.
+NEUTRAL_FIELDS = frozenset(
+    {
+        "workers", "threads", "eval_output", "eval_state", "mlflow", "collective_timeout",
+        "log_every", "watch", "watch_interval", "watch_timeout", "print_top5", "class_names",
+        "explicit_model_fields", "logdir", "keep_checkpoints", "export_adversarial",
+    }
+)  # fmt: skip
+MAX_STATE_BYTES = 256 << 20  # a state line is ~200 bytes a batch: far beyond any split
+COUNTS = 4  # metrics.count_batch: images, top-1 wrong, top-5 wrong, attack successes
+
+
+class EvalStateError(ValueError):
+    """A state file that is not what this module writes (names the file and the line)."""
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    batch: int  # global batch index (sources.rank_batches)
+    counts: list[float]
+    skipped: float
+    stats: dict[str, list[float]]
+
+    def line(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")) + "\n"
+
+
+def fingerprint(cfg: Config, num_images: int) -> str:
+    """A short hash of everything that decides this evaluation's numbers."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+    checkpoint = Path(cfg.load) if cfg.load else None
+    if checkpoint is not None and checkpoint.is_file():
+        stat = checkpoint.stat()
+        fields["checkpoint_stat"] = [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns]
+    fields["num_images"] = num_images
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state_dir(cfg: Config) -> Path | None:
+    """--eval-state, else ``<--eval-output>.state``; None without either, or with "none"."""
+    if cfg.eval_state == "none":
+        return None
+    if cfg.eval_state is not None:
+        return Path(cfg.eval_state)
+    return Path(f"{cfg.eval_output}.state") if cfg.eval_output else None
+
+
+class EvalState:
+    """One evaluation's records: the batches done before (``done``) and this rank's appends."""
+
+    def __init__(self, folder: Path, key: str, rank: int) -> None:
+        self.folder, self.key, self.rank = folder, key, rank
+        self.done: dict[int, BatchRecord] = {}
+        for path in sorted(folder.glob(f"{key}.rank*.jsonl")) if folder.is_dir() else ():
+            for record in self._read(path):
+                self.done.setdefault(record.batch, record)
+        self._file = None
+
+    def _read(self, path: Path) -> list[BatchRecord]:
+        size = path.stat().st_size
+        if size > MAX_STATE_BYTES:
+            raise EvalStateError(f"{path}: {size} bytes, more than a state file holds")
+        lines = path.read_bytes().split(b"\n")
+        records = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(self._parse(json.loads(raw)))
+            except (ValueError, TypeError, KeyError) as e:
+                if number == len(lines):  # the last line, cut short by a kill
+                    continue
+                raise EvalStateError(
+                    f"{path} line {number}: not an evaluation state record ({e}); "
+                    "delete the file to start this evaluation afresh"
+                ) from None
+        return records
+
+    def _parse(self, data: object) -> BatchRecord:
+        if not isinstance(data, dict) or set(data) != {"batch", "counts", "skipped", "stats"}:
+            raise ValueError("unexpected fields")
+        batch, counts, skipped, stats = (data[k] for k in ("batch", "counts", "skipped", "stats"))
+        if not isinstance(batch, int) or batch < 0:
+            raise ValueError(f"batch {batch!r}")
+        _numbers(counts, COUNTS, "counts")
+        _numbers([skipped], 1, "skipped")
+        if not isinstance(stats, dict):
+            raise ValueError("statistics")
+        for name, values in stats.items():
+            _numbers(values, len(values) if isinstance(values, list) else -1, str(name))
+        return BatchRecord(batch, counts, float(skipped), stats)
+
+    def append(self, record: BatchRecord) -> None:
+        """Add one finished batch, durably (a kill after this returns keeps it)."""
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"{self.key}.rank{self.rank}.jsonl"
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._file.write(record.line())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """Delete this evaluation's files (its result is written); the folder if left empty."""
+        self.close()
+        for path in self.folder.glob(f"{self.key}.rank*.jsonl"):
+            path.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+def _numbers(values: object, length: int, name: str) -> None:
+    ok = isinstance(values, list) and len(values) == length
+    if not ok or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name}: expected {length} finite numbers")
+
+
+def stats_tensors(
+    record: BatchRecord, template: dict[str, torch.Tensor], folder: Path
+) -> dict[str, torch.Tensor]:
+    """A record's statistics as tensors shaped like the attacker's ``stats_template``."""
+    shapes_match = set(record.stats) == set(template) and all(
+        len(record.stats[name]) == t.numel() for name, t in template.items()
+    )
+    if not shapes_match:
+        raise EvalStateError(
+            f"{folder}: batch {record.batch}'s statistics do not fit this attack; "
+            "delete the folder to start this evaluation afresh"
+        )
+    return {
+        name: torch.tensor(record.stats[name], dtype=t.dtype, device=t.device).reshape(t.shape)
+        for name, t in template.items()
+    }
