@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
     attack.add_argument("--restarts", type=int, help=_help("restarts", "pgd / apgd-* restarts"))
+    attack.add_argument(
+        "--masking-checks",
+        type=int,
+        help=_help("masking_checks", "strong / autoattack: images the attack-failure checks use"),
+    )
     _choice_arg(attack, "--attack-loss", "pgd / fgm loss: cross-entropy or CW margin")
     attack.add_argument(
         "--eps-step", type=float, help=_help("eps_step", "fgm-minimal epsilon increment")

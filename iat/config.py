@@ -153,6 +153,9 @@ class Config:
     apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
+    # strong / autoattack: run iat.masking's attack-failure checks on the first this many
+    # images (0: off)
+    masking_checks: int = 100
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
@@ -256,6 +259,7 @@ _LOWER_BOUNDS = (
     ("restarts", 1, True),
     ("eps_step", 0, False),
     ("apgd_targets", 1, True),
+    ("masking_checks", 0, True),
 )
 
 

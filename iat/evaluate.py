@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -37,6 +37,7 @@ from iat.config import (
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.eval_state import BatchRecord, EvalState, fingerprint, state_dir, stats_tensors
+from iat.masking import CHECKED_ATTACKS, Check, run_checks
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
@@ -225,16 +226,18 @@ def evaluate_attack(
     name: str | None = None,
     export: AdversarialExport | None = None,
     state: EvalState | None = None,
+    wrap: Callable[[Attacker], Attacker] | None = None,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
     attacked through BPDA and EOT (nothing when it applies only in training); resumed from
-    and recorded in `state` when given."""
+    and recorded in `state` when given; the attacker passed through `wrap` when given."""
     model = defenses.defend(model, predict_defense(cfg))
     eot = defenses.eot_samples(model, cfg.eot_samples)
     attacker = build_attacker(
         cfg, attack_iter=attack_iter, num_classes=num_classes, name=name, eot_samples=eot
     )
+    attacker = wrap(attacker) if wrap is not None else attacker
     return evaluate(
         model,
         attacker,
@@ -286,9 +289,16 @@ def evaluate_checkpoint(
             export=export,
             state=state,
         )
-        logger.log_result("eval", {**eval_record(point, result), "device": str(device)})
+        checks = masking_checks(model, point, samples, device)
+        record = {**eval_record(point, result), "device": str(device)}
+        if checks is not None:
+            record["masking_checks"] = [dataclasses.asdict(c) for c in checks]
+        logger.log_result("eval", record)
         if distributed.is_main_process():
             print(summary_line(point, result), flush=True)
+            for check in checks or ():
+                if check.warn:
+                    print(check.line(), flush=True)
         results.append(result)
     logger.flush()
     for state in states:  # every point's result is written: nothing left to resume
@@ -297,6 +307,30 @@ def evaluate_checkpoint(
             if distributed.is_main_process():
                 state.remove()
     return results
+
+
+def masking_checks(
+    model: torch.nn.Module, cfg: Config, samples: Sequence[Sample], device: torch.device
+) -> list[Check] | None:
+    """``iat.masking``'s checks of a strong / autoattack evaluation (None for other attacks,
+    or with --masking-checks 0)."""
+    if eval_attack(cfg) not in CHECKED_ATTACKS or cfg.masking_checks == 0:
+        return None
+
+    def run(checked: Config, subset: Sequence[Sample], wrap) -> EvalResult:
+        return evaluate_attack(
+            model,
+            checked,
+            subset,
+            attack_iter=checked.attack_iter,
+            num_classes=checked.num_classes,
+            device=device,
+            desc=f"check {threat_model(checked)}",
+            name=eval_attack(checked),
+            wrap=wrap,
+        )
+
+    return run_checks(cfg, samples, run)
 
 
 def open_state(cfg: Config, num_images: int) -> EvalState | None:

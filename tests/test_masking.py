@@ -1,0 +1,127 @@
+"""The attack-failure checks (iat.masking): they warn on a model built to mislead gradient
+attacks, and stay quiet on one that does not."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from digits_model import NUM_CLASSES
+from test_eval_outputs import COMMON
+from torch import nn
+
+import nets
+from iat.builders import build_attacker
+from iat.config import Config, eval_attack
+from iat.evaluate import attack_images
+from iat.masking import MaskingProbe, run_checks
+from iat.metrics import EvalResult, count_batch
+from main import main
+
+
+class ZeroGradient(nn.Module):
+    """`inner` behind a rounding of its input to whole pixel values: the same predictions,
+    and a zero input gradient everywhere (a quantising layer attacked without BPDA)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x))
+
+
+def _in_memory_evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """run_checks' `evaluate` on tensors: "samples" are indices into x."""
+
+    def evaluate(cfg: Config, subset, wrap) -> EvalResult:
+        attacker = build_attacker(
+            cfg, attack_iter=cfg.attack_iter, num_classes=NUM_CLASSES, name=eval_attack(cfg)
+        )
+        attacker = wrap(attacker) if wrap is not None else attacker
+        index = torch.tensor(subset)
+        images, labels = x[index], y[index]
+        adv, targets = attack_images(model, attacker, images, labels, torch.Generator())
+        with torch.no_grad():
+            counts = count_batch(model(adv), labels, targets)
+        stats = attacker.batch_stats()
+        return EvalResult.from_counts(counts, details=attacker.describe_stats(stats, len(index)))
+
+    return evaluate
+
+
+def _checks(model: nn.Module, digits: dict) -> dict:
+    cfg = Config(
+        mode="eval", data="-", load="-", attack="strong", attack_iter=10, attack_epsilon=32.0, apgd_targets=3,
+        num_classes=NUM_CLASSES, masking_checks=60,
+    )  # fmt: skip
+    model.eval()
+    evaluate = _in_memory_evaluate(model, digits["x"], digits["y"])
+    checks = run_checks(cfg, list(range(len(digits["x"]))), evaluate)
+    return {c.name: c for c in checks}
+
+
+def test_a_zero_gradient_layer_is_flagged(digits):
+    checks = _checks(ZeroGradient(digits["model"]), digits)
+    flat, unbounded = checks["flat loss"], checks["unbounded epsilon"]
+    print(f"zero gradient: flat share {flat.value:.3f}, unbounded accuracy {unbounded.value:.3f}")
+    assert flat.warn and flat.value > 0.9, flat
+    assert unbounded.warn and unbounded.value > 0.5, unbounded
+    assert "zero input gradient" in flat.message and "BPDA" in flat.message
+
+
+def test_a_plain_model_passes_the_checks(digits):
+    checks = _checks(digits["model"], digits)
+    flat, unbounded = checks["flat loss"], checks["unbounded epsilon"]
+    print(f"plain: flat share {flat.value:.3f}, unbounded accuracy {unbounded.value:.3f}")
+    assert not flat.warn and flat.value < 0.05, flat
+    assert not unbounded.warn and unbounded.value == 0.0, unbounded
+    assert checks["more iterations"].value <= 0.05  # strong-10 vs strong-20
+
+
+def test_the_probe_counts_and_keeps_the_inner_attack_images(digits):
+    model = digits["model"].eval()
+    x, y = digits["x"][:40], digits["y"][:40]
+    cfg = Config(
+        mode="eval",
+        data="-",
+        load="-",
+        attack="pgd",
+        attack_iter=3,
+        attack_epsilon=16.0,
+        num_classes=10,
+    )
+    inner = build_attacker(dataclasses.replace(cfg, attack_target="none"), attack_iter=3,
+                           num_classes=10, name="pgd")  # fmt: skip
+    probe = MaskingProbe(inner, gradient_free=None)
+    adv, targets = probe.attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    expected, _ = inner.attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adv, expected) and (targets == -1).all()
+    correct, flat, zero, robust, free = probe.batch_stats()["probe"].tolist()
+    with torch.no_grad():
+        assert correct == (model(x).argmax(1) == y).sum().item()
+        assert robust == (model(adv).argmax(1) == y).sum().item()
+    assert zero == 0 and free == 0 and flat <= correct
+
+
+def test_eval_records_the_checks_and_prints_warnings(tiny_imagenet: Path, tmp_path: Path, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w.pt"
+    nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=3), ckpt)
+    out = tmp_path / "r.json"
+    args = ["--eval", "--load", str(ckpt), "--data", str(tiny_imagenet), *COMMON,
+            "--attack", "strong", "--attack-iter", "2", "--apgd-targets", "1",
+            "--masking-checks", "5", "--eval-output", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    names = [c["name"] for c in record["masking_checks"]]
+    assert names == ["flat loss", "gradient-free", "unbounded epsilon", "more iterations"]
+    for check in record["masking_checks"]:
+        assert set(check) == {"name", "value", "threshold", "warn", "message"}
+        assert (f"warning: possible attack failure ({check['name']})" in printed) == check["warn"]
+    assert main([*args, "--masking-checks", "0"]) == 0
+    assert "masking_checks" not in json.loads(out.read_text())
