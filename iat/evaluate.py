@@ -23,10 +23,11 @@ from iat import defenses, distributed
 from iat.atomic_io import atomic_write
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
+    ITERLESS_ATTACKS,
     LOSS_ATTACKS,
     NO_TARGET,
+    QUERY_ATTACKS,
     RESTART_ATTACKS,
-    SINGLE_STEP_ATTACKS,
     Config,
     config_record,
     eval_attack,
@@ -38,6 +39,7 @@ from iat.data.sources import eval_loader, to_model_input, unreadable
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
+from iat.square import P_INIT
 
 DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
@@ -293,6 +295,8 @@ def threat_model(cfg: Config) -> str:
         return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
     if attack == "fgm":
         return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
+    if attack == "square":
+        return f"Square {cfg.queries} queries {goal}, {ball}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
     name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
@@ -329,10 +333,17 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
 
 
 def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, strong's members."""
+    """The attacker's figures in words: fgm-minimal's median, square's queries, strong's
+    members."""
     words = []
     if "median_min_epsilon" in details:
         words.append(f", median minimal eps {details['median_min_epsilon']:g}")
+    if "mean_queries" in details:
+        words.append(
+            f", mean queries {details['mean_queries']:.1f} per attacked example "
+            f"({details['mean_queries_broken']:.1f} per broken one, "
+            f"{details['broken']} of {details['attacked']} broken)"
+        )
     if "members" in details:
         members = [
             f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
@@ -374,7 +385,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
 def _attack_record(cfg: Config, attack: str) -> dict:
     """The settings `attack` uses, as the JSON result names them."""
     record: dict = {"epsilon": cfg.attack_epsilon, "norm": cfg.norm, "target": attack_target(cfg)}
-    if attack not in SINGLE_STEP_ATTACKS:
+    if attack not in ITERLESS_ATTACKS:
         record["iter"] = cfg.attack_iter
     if attack in ("pgd", "strong"):
         record["step_size"] = cfg.attack_step_size
@@ -386,4 +397,7 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["eps_step"] = cfg.eps_step
     if attack in ("apgd-t", "strong"):
         record["apgd_targets"] = cfg.apgd_targets
+    if attack in QUERY_ATTACKS:
+        record["queries"] = cfg.queries
+        record["p_init"] = P_INIT
     return record
