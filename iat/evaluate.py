@@ -304,9 +304,10 @@ def threat_model(cfg: Config) -> str:
 
 
 def _defense_words(cfg: Config) -> str:
-    """The defense and the sparse-coding frontend, and how the attack sees them, after commas;
-    empty without either."""
-    attacked = eval_attack(cfg) != "clean"
+    """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
+    query attack, Square, sees their forward pass as it is), after commas; empty without
+    either."""
+    attacked = eval_attack(cfg) not in ("clean", *QUERY_ATTACKS)
     words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")

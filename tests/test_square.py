@@ -169,6 +169,12 @@ def test_eval_square_end_to_end(tiny_imagenet: Path, checkpoint: Path, tmp_path:
     }  # fmt: skip
     details = record["details"]
     assert 0 <= details["mean_queries"] <= 20 and details["attacked"] <= record["images"] == 7
+    # Behind a defense, Square queries its forward pass: no BPDA in its words.
+    args = [*args[:-2], "--norm", "2", "--attack-epsilon", "300", "--defense", "jpeg:75",
+            "--eval-output", str(result)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(result.read_text())
+    assert record["threat_model"] == "Square 20 queries untargeted, L2 eps=300, defense jpeg:75"
 
 
 def test_queries_is_an_eval_option_of_square_only():
