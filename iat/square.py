@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from adv_model import DEFAULT_QUERIES, Attacker, AttackSettings, attack_mode, no_targets
 from iat.attacks import _per_example, _rand, as_float, clip_pixels, logit_margin, norm_of
 
-# Initial fraction of the pixels a window covers. Sec 4 of the paper tunes it per setting (the
-# authors' code: 0.05 for L-inf, 0.1 for L2 on standard models, "robust models require higher
-# p"); 0.8 is AutoAttack's value (Croce & Hein 2020), the usual one for evaluating defenses.
+# Initial fraction of the pixels a window covers. The paper's experiments tune it per setting
+# (the authors' code: 0.05 for L-inf, 0.1 for L2 on standard models, "robust models require
+# higher p"); 0.8 is AutoAttack's value (Croce & Hein 2020), the usual one against defenses.
 P_INIT = 0.8
 # The paper's schedule (Sec 3 and the authors' code, p_selection): p is halved at these
 # iterations of a 10,000-query run, rescaled to the query budget (iteration * 10,000 / queries).
