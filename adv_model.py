@@ -31,6 +31,8 @@ NO_TARGET = -1
 # input gradients do not underflow; only their sign is used. bf16 has fp32's range: no scaling.
 FP16_LOSS_SCALE = 128.0
 FGSM_RS_STEP = 1.25  # FGSM-RS step in units of epsilon (Wong, Rice, Kolter 2020, Sec 4)
+# The Square Attack's query budget per example (Andriushchenko et al. 2020, and AutoAttack's).
+DEFAULT_QUERIES = 5000
 Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
@@ -340,6 +342,7 @@ class AttackSettings:
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this much until the example breaks
     top_k: int = 9  # APGD-T: target classes, the k most likely wrong ones (capped at classes-1)
     eot_samples: int = 1  # forward passes averaged per iteration (EOT against random models)
+    queries: int = DEFAULT_QUERIES  # square: model queries per example (the initial point included)
 
 
 AttackFactory = Callable[[AttackSettings], Attacker]
@@ -452,6 +455,13 @@ def _strong(settings: AttackSettings) -> Attacker:
     from iat.attacks import strong_from_settings
 
     return strong_from_settings(settings)
+
+
+@register_attack("square", norms=("inf", "2"))
+def _square(settings: AttackSettings) -> Attacker:
+    from iat.square import square_from_settings
+
+    return square_from_settings(settings)
 
 
 def create_attacker(name: str, settings: AttackSettings) -> Attacker:

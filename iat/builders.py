@@ -329,6 +329,7 @@ def attack_settings(
         loss=cfg.attack_loss,
         eps_step=cfg.eps_step,
         top_k=cfg.apgd_targets,
+        queries=cfg.queries,
     )
 
 

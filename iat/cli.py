@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--apgd-targets", type=int, help=_help("apgd_targets", "apgd-t / strong target classes")
     )
     attack.add_argument(
+        "--queries", type=int, help=_help("queries", "square: model queries per example")
+    )
+    attack.add_argument(
         "--eot-samples", type=int, help=_help("eot_samples", "draws per step vs random defenses")
     )
     attack.add_argument(

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from adv_model import ATTACK_LOSSES, ATTACK_NORMS, ATTACKS, NORMS, TARGET_MODES
+from adv_model import (
+    ATTACK_LOSSES,
+    ATTACK_NORMS,
+    ATTACKS,
+    DEFAULT_QUERIES,
+    NORMS,
+    TARGET_MODES,
+)
 from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
@@ -41,9 +48,10 @@ NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train")
 # What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
-SINGLE_STEP_ATTACKS = ("clean", "fgm", "fgm-minimal")  # --attack-iter does not apply
+ITERLESS_ATTACKS = ("clean", "fgm", "fgm-minimal", "square")  # --attack-iter does not apply
 LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
 RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-t", "strong")  # take --restarts
+QUERY_ATTACKS = ("square",)  # take --queries (a query budget instead of iterations)
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -151,6 +159,7 @@ class Config:
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
     apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
+    queries: int = DEFAULT_QUERIES  # square: model queries per example (the first one included)
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
     # strong / autoattack: run iat.masking's attack-failure checks on the first this many
@@ -260,6 +269,7 @@ _LOWER_BOUNDS = (
     ("eps_step", 0, False),
     ("apgd_targets", 1, True),
     ("masking_checks", 0, True),
+    ("queries", 1, True),
 )
 
 
@@ -453,7 +463,13 @@ def eval_attack(cfg: Config) -> str:
     return "clean" if cfg.attack_iter == 0 else "pgd"
 
 
-_EVAL_ONLY_DEFAULTS = (("attack", None), ("norm", "inf"), ("restarts", 1), ("attack_loss", "ce"))
+_EVAL_ONLY_DEFAULTS = (
+    ("attack", None),
+    ("norm", "inf"),
+    ("restarts", 1),
+    ("attack_loss", "ce"),
+    ("queries", DEFAULT_QUERIES),
+)
 
 
 def _attack_options(cfg: Config) -> None:
@@ -467,7 +483,7 @@ def _attack_options(cfg: Config) -> None:
     norms = ATTACK_NORMS[attack]
     _check(cfg.norm in norms, f"--norm {cfg.norm}: --attack {attack} supports {', '.join(norms)}")
     _check(
-        attack in SINGLE_STEP_ATTACKS or cfg.attack_iter >= 1,
+        attack in ITERLESS_ATTACKS or cfg.attack_iter >= 1,
         f"--attack-iter: --attack {attack} needs >= 1 iterations, got {cfg.attack_iter}",
     )
     _check(
@@ -477,6 +493,10 @@ def _attack_options(cfg: Config) -> None:
     _check(
         cfg.restarts == 1 or attack in RESTART_ATTACKS,
         f"--restarts {cfg.restarts}: only --attack {', '.join(RESTART_ATTACKS)} take it",
+    )
+    _check(
+        cfg.queries == DEFAULT_QUERIES or attack in QUERY_ATTACKS,
+        f"--queries {cfg.queries}: only --attack {', '.join(QUERY_ATTACKS)} take it",
     )
 
 

@@ -24,10 +24,11 @@ from iat import defenses, distributed
 from iat.atomic_io import atomic_write
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
+    ITERLESS_ATTACKS,
     LOSS_ATTACKS,
     NO_TARGET,
+    QUERY_ATTACKS,
     RESTART_ATTACKS,
-    SINGLE_STEP_ATTACKS,
     Config,
     config_record,
     eval_attack,
@@ -41,6 +42,7 @@ from iat.masking import CHECKED_ATTACKS, Check, run_checks
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
+from iat.square import P_INIT
 
 DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
@@ -406,6 +408,8 @@ def threat_model(cfg: Config) -> str:
         return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
     if attack == "fgm":
         return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
+    if attack == "square":
+        return f"Square {cfg.queries} queries {goal}, {ball}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
     name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
@@ -419,9 +423,10 @@ def effective_step_size(cfg: Config) -> float:
 
 
 def _defense_words(cfg: Config) -> str:
-    """The defense and the sparse-coding frontend, and how the attack sees them, after commas;
-    empty without either."""
-    attacked = eval_attack(cfg) != "clean"
+    """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
+    query attack, Square, sees their forward pass as it is), after commas; empty without
+    either."""
+    attacked = eval_attack(cfg) not in ("clean", *QUERY_ATTACKS)
     words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
@@ -448,10 +453,17 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
 
 
 def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, strong's members."""
+    """The attacker's figures in words: fgm-minimal's median, square's queries, strong's
+    members."""
     words = []
     if "median_min_epsilon" in details:
         words.append(f", median minimal eps {details['median_min_epsilon']:g}")
+    if "mean_queries" in details:
+        words.append(
+            f", mean queries {details['mean_queries']:.1f} per attacked example "
+            f"({details['mean_queries_broken']:.1f} per broken one, "
+            f"{details['broken']} of {details['attacked']} broken)"
+        )
     if "members" in details:
         members = [
             f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
@@ -493,7 +505,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
 def _attack_record(cfg: Config, attack: str) -> dict:
     """The settings `attack` uses, as the JSON result names them."""
     record: dict = {"epsilon": cfg.attack_epsilon, "norm": cfg.norm, "target": attack_target(cfg)}
-    if attack not in SINGLE_STEP_ATTACKS:
+    if attack not in ITERLESS_ATTACKS:
         record["iter"] = cfg.attack_iter
     if attack in ("pgd", "strong"):
         record["step_size"] = effective_step_size(cfg)
@@ -506,4 +518,7 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["eps_step"] = cfg.eps_step
     if attack in ("apgd-t", "strong"):
         record["apgd_targets"] = cfg.apgd_targets
+    if attack in QUERY_ATTACKS:
+        record["queries"] = cfg.queries
+        record["p_init"] = P_INIT
     return record

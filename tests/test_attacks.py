@@ -325,7 +325,7 @@ def test_adv_model_alone_registers_and_builds_the_whole_zoo():
     assert sorted(run.stdout.split("\n")[:-1]) == [
         "apgd-ce APGDAttacker", "apgd-t APGDAttacker", "clean NoOpAttacker",
         "fgm FGMAttacker", "fgm-minimal FGMAttacker", "fgsmrs PGDAttacker", "free FreeAttacker",
-        "pgd PGDAttacker", "strong EnsembleAttacker",
+        "pgd PGDAttacker", "square SquareAttacker", "strong EnsembleAttacker",
     ]  # fmt: skip
 
 

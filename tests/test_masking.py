@@ -54,8 +54,8 @@ def _in_memory_evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 def _checks(model: nn.Module, digits: dict) -> dict:
     cfg = Config(
-        mode="eval", data="-", load="-", attack="strong", attack_iter=10, attack_epsilon=32.0, apgd_targets=3,
-        num_classes=NUM_CLASSES, masking_checks=60,
+        mode="eval", data="-", load="-", attack="strong", attack_iter=10, attack_epsilon=32.0,
+        apgd_targets=3, num_classes=NUM_CLASSES, masking_checks=60,
     )  # fmt: skip
     model.eval()
     evaluate = _in_memory_evaluate(model, digits["x"], digits["y"])
