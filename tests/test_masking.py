@@ -70,6 +70,9 @@ def test_a_zero_gradient_layer_is_flagged(digits):
     assert flat.warn and flat.value > 0.9, flat
     assert unbounded.warn and unbounded.value > 0.5, unbounded
     assert "zero input gradient" in flat.message and "BPDA" in flat.message
+    free = checks["gradient-free"]  # Square needs no gradient: it breaks what strong could not
+    print(f"zero gradient: Square broke {free.value:.0f} images strong left correct")
+    assert free.warn and free.value >= 10, free
 
 
 def test_a_plain_model_passes_the_checks(digits):
