@@ -450,6 +450,20 @@ def _apgd_t(settings: AttackSettings) -> Attacker:
     return apgd_from_settings(settings, targeted=True)
 
 
+@register_attack("apgd-dlr", norms=("inf", "2"))
+def _apgd_dlr(settings: AttackSettings) -> Attacker:
+    from iat.attacks import apgd_from_settings
+
+    return apgd_from_settings(settings, targeted=False, loss="dlr")
+
+
+@register_attack("autoattack", norms=("inf", "2"))
+def _autoattack(settings: AttackSettings) -> Attacker:
+    from iat.autoattack import autoattack_from_settings
+
+    return autoattack_from_settings(settings)
+
+
 @register_attack("strong")
 def _strong(settings: AttackSettings) -> Attacker:
     from iat.attacks import strong_from_settings

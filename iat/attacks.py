@@ -483,6 +483,18 @@ def ce_gain(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def dlr(logits: Tensor, labels: Tensor) -> Tensor:
+    """Croce & Hein 2020, Sec 4, Eq. (6) (the untargeted DLR loss), to be maximised:
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), z_pi the logits sorted decreasingly."""
+    ranked = logits.sort(dim=1, descending=True).values
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    best_other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return -(own - best_other) / (ranked[:, 0] - ranked[:, 2] + DLR_EPS)
+
+
+UNTARGETED_GAINS = {"ce": ce_gain, "dlr": dlr}  # APGD-CE, APGD-DLR
+
+
 class APGDAttacker(Attacker):
     """APGD (Croce & Hein 2020, Sec 3) under L-inf or L2, untargeted with the cross-entropy
     (APGD-CE) or, with ``targeted``, APGD-T: the targeted DLR loss (Sec 4) toward each of the
@@ -507,10 +519,14 @@ class APGDAttacker(Attacker):
         generator: torch.Generator | None = None,
         norm: str = "inf",
         eot_samples: int = 1,
+        loss: str = "ce",
     ) -> None:
         if num_iter < 1 or restarts < 1 or top_k < 1:
             raise ValueError(f"num_iter, restarts, top_k must be >= 1: {num_iter, restarts, top_k}")
         _check_common(epsilon, norm, ("inf", "2"))
+        if loss not in UNTARGETED_GAINS:
+            raise ValueError(f"APGD's loss is one of {tuple(UNTARGETED_GAINS)}, not {loss!r}")
+        self.loss = loss  # untargeted runs: cross-entropy (APGD-CE) or DLR (APGD-DLR)
         self.norm = norm
         self.num_iter = num_iter
         self.epsilon = float(epsilon)
@@ -570,7 +586,7 @@ class APGDAttacker(Attacker):
     ) -> tuple[Tensor, Tensor, Tensor]:
         clean, labels = clean[todo], labels[todo]
         if targets is None:
-            gain = partial(ce_gain, labels=labels)
+            gain = partial(UNTARGETED_GAINS[self.loss], labels=labels)
         else:
             gain = partial(targeted_dlr, labels=labels, targets=targets[todo])
         adv, best_gain = self._run(model, clean, labels, gain, generator)
@@ -755,7 +771,7 @@ def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
     )
 
 
-def apgd_from_settings(settings: AttackSettings, targeted: bool) -> APGDAttacker:
+def apgd_from_settings(settings: AttackSettings, targeted: bool, loss: str = "ce") -> APGDAttacker:
     return APGDAttacker(
         settings.num_iter,
         settings.epsilon,
@@ -765,6 +781,7 @@ def apgd_from_settings(settings: AttackSettings, targeted: bool) -> APGDAttacker
         generator=settings.generator,
         norm=settings.norm,
         eot_samples=settings.eot_samples,
+        loss=loss,
     )
 
 

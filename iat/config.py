@@ -50,8 +50,9 @@ EVAL_SPLITS = ("val", "train")
 # What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
 ITERLESS_ATTACKS = ("clean", "fgm", "fgm-minimal", "square")  # --attack-iter does not apply
 LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
-RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-t", "strong")  # take --restarts
-QUERY_ATTACKS = ("square",)  # take --queries (a query budget instead of iterations)
+RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "strong")  # take --restarts
+QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
+GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
 
 
 def choices() -> dict[str, tuple[str, ...]]:

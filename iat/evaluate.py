@@ -22,8 +22,10 @@ from tqdm import tqdm
 from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, pgd_step_size
 from iat import defenses, distributed
 from iat.atomic_io import atomic_write
+from iat.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
+    GRADIENT_FREE_ATTACKS,
     ITERLESS_ATTACKS,
     LOSS_ATTACKS,
     NO_TARGET,
@@ -385,7 +387,7 @@ def attack_target(cfg: Config) -> str:
     attack = eval_attack(cfg)
     if attack in ("pgd", "fgm", "fgm-minimal"):
         return cfg.attack_target
-    return f"top-{cfg.apgd_targets}" if attack == "apgd-t" else NO_TARGET
+    return f"top-{cfg.apgd_targets}" if attack in ("apgd-t", "fab-t") else NO_TARGET
 
 
 def threat_model(cfg: Config) -> str:
@@ -406,15 +408,36 @@ def threat_model(cfg: Config) -> str:
             f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{step}{restarts}"
         )
         return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
+    if attack == "autoattack":
+        return f"{autoattack_words(cfg)}, {ball}{_defense_words(cfg)}"
     if attack == "fgm":
         return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
     if attack == "square":
         return f"Square {cfg.queries} queries {goal}, {ball}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
-    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
+    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T"}[attack]
     step = step if attack == "pgd" else ""  # APGD adapts its own step (Croce & Hein 2020)
     return f"{name}-{k} {goal}, {ball}{step}{loss}{restarts}{_defense_words(cfg)}"
+
+
+def autoattack_version(cfg: Config) -> str:
+    """The AutoAttack version --attack autoattack runs (iat.autoattack): "rand" behind a random
+    defense, else "standard"."""
+    spec = predict_defense(cfg)
+    random = any(t.random for t in defenses.build_transforms(spec)) if spec else False
+    return "rand" if random and cfg.eot_samples > 1 else "standard"
+
+
+def autoattack_words(cfg: Config) -> str:
+    k, targets = cfg.attack_iter, cfg.apgd_targets
+    if autoattack_version(cfg) == "rand":
+        eot = max(cfg.eot_samples, RAND_EOT_SAMPLES)
+        return f"AutoAttack rand (APGD-CE-{k}, APGD-DLR-{k}; EOT over {eot} draws)"
+    return (
+        f"AutoAttack standard (APGD-CE-{k}, APGD-T-{k} top-{targets}, FAB-T-{k} top-{targets}, "
+        f"Square {cfg.queries} queries)"
+    )
 
 
 def effective_step_size(cfg: Config) -> float:
@@ -426,7 +449,7 @@ def _defense_words(cfg: Config) -> str:
     """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
     query attack, Square, sees their forward pass as it is), after commas; empty without
     either."""
-    attacked = eval_attack(cfg) not in ("clean", *QUERY_ATTACKS)
+    attacked = eval_attack(cfg) not in ("clean", *GRADIENT_FREE_ATTACKS)
     words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
@@ -516,9 +539,12 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["restarts"] = cfg.restarts
     if attack == "fgm-minimal":
         record["eps_step"] = cfg.eps_step
-    if attack in ("apgd-t", "strong"):
+    if attack in ("apgd-t", "strong", "autoattack"):
         record["apgd_targets"] = cfg.apgd_targets
     if attack in QUERY_ATTACKS:
         record["queries"] = cfg.queries
         record["p_init"] = P_INIT
+    if attack == "autoattack":
+        record["version"] = autoattack_version(cfg)
+        record["members"] = list(RAND_MEMBERS if record["version"] == "rand" else STANDARD_MEMBERS)
     return record

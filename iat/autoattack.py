@@ -1,0 +1,48 @@
+"""AutoAttack (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks"), as its authors define its two versions.
+
+* ``standard`` (Sec 5): APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries),
+  in this order, each on the examples every earlier member left correctly classified; each
+  example keeps its worst case (``EnsembleAttacker``), and each member's share is reported.
+* ``rand``, for randomised defenses (the authors' code, ``version='rand'``): APGD-CE and
+  APGD-DLR, their gradients averaged over 20 draws of the defense (EOT).
+
+``--attack autoattack`` runs ``rand`` when the model is behind a random defense (its attack
+averages draws: ``eot_samples`` > 1), else ``standard``; the summary line and the record name
+the version. ``--attack-iter`` is APGD's and FAB's iterations (the authors: 100), ``--queries``
+Square's, ``--apgd-targets`` the target classes of APGD-T and FAB-T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from adv_model import AttackSettings, create_attacker
+from iat.attacks import EnsembleAttacker, apgd_from_settings
+
+STANDARD_MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
+RAND_MEMBERS = ("apgd-ce", "apgd-dlr")
+RAND_EOT_SAMPLES = 20  # the authors' version='rand': eot_iter = 20
+
+
+def version(settings: AttackSettings) -> str:
+    """``rand`` against a random defense (its draws are averaged), else ``standard``."""
+    return "rand" if settings.eot_samples > 1 else "standard"
+
+
+def members(settings: AttackSettings) -> tuple[str, ...]:
+    return RAND_MEMBERS if version(settings) == "rand" else STANDARD_MEMBERS
+
+
+def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
+    """AutoAttack's `version(settings)` at ``settings``' norm, ε, iterations, targets, queries;
+    one run of each member (the authors' restarts: 1)."""
+    single = dataclasses.replace(settings, restarts=1)
+    if version(settings) == "rand":
+        drawn = dataclasses.replace(single, eot_samples=max(settings.eot_samples, RAND_EOT_SAMPLES))
+        attackers = [
+            apgd_from_settings(drawn, targeted=False, loss="ce"),
+            apgd_from_settings(drawn, targeted=False, loss="dlr"),
+        ]
+        return EnsembleAttacker(list(zip(RAND_MEMBERS, attackers, strict=True)))
+    return EnsembleAttacker([(name, create_attacker(name, single)) for name in STANDARD_MEMBERS])
