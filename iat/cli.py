@@ -150,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
-    attack.add_argument("--restarts", type=int, help=_help("restarts", "pgd / apgd-* restarts"))
+    attack.add_argument(
+        "--restarts", type=int, help=_help("restarts", "pgd / apgd-* / fab-t restarts")
+    )
     _choice_arg(attack, "--attack-loss", "pgd / fgm loss: cross-entropy or CW margin")
     attack.add_argument(
         "--eps-step", type=float, help=_help("eps_step", "fgm-minimal epsilon increment")
     )
     attack.add_argument(
-        "--apgd-targets", type=int, help=_help("apgd_targets", "apgd-t / strong target classes")
+        "--apgd-targets",
+        type=int,
+        help=_help("apgd_targets", "apgd-t / fab-t / strong target classes"),
     )
     attack.add_argument(
         "--eot-samples", type=int, help=_help("eot_samples", "draws per step vs random defenses")

@@ -43,7 +43,7 @@ EVAL_SPLITS = ("val", "train")
 # What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
 SINGLE_STEP_ATTACKS = ("clean", "fgm", "fgm-minimal")  # --attack-iter does not apply
 LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
-RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-t", "strong")  # take --restarts
+RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-t", "fab-t", "strong")  # take --restarts
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -147,10 +147,10 @@ class Config:
     # --- --eval's attack (adv_model.ATTACKS; README "Evaluation" lists them) ----------------
     attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
     norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: ATTACK_NORMS)
-    restarts: int = 1  # runs per example of pgd / apgd-*, each on the examples not yet broken
+    restarts: int = 1  # runs per example of pgd / apgd-* / fab-t, each on those not yet broken
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
-    apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
+    apgd_targets: int = 9  # apgd-t / fab-t / strong: target classes (the k likeliest wrong ones)
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
 

@@ -269,11 +269,11 @@ TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"
 
 def attack_target(cfg: Config) -> str:
     """What --eval's attack aims at: --attack-target for pgd and fgm; "none" (misclassification)
-    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t."""
+    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t and fab-t."""
     attack = eval_attack(cfg)
     if attack in ("pgd", "fgm", "fgm-minimal"):
         return cfg.attack_target
-    return f"top-{cfg.apgd_targets}" if attack == "apgd-t" else NO_TARGET
+    return f"top-{cfg.apgd_targets}" if attack in ("apgd-t", "fab-t") else NO_TARGET
 
 
 def threat_model(cfg: Config) -> str:
@@ -295,7 +295,7 @@ def threat_model(cfg: Config) -> str:
         return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
-    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T"}[attack]
+    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T"}[attack]
     return f"{name}-{k} {goal}, {ball}{loss}{restarts}{_defense_words(cfg)}"
 
 
@@ -329,10 +329,14 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
 
 
 def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, strong's members."""
+    """The attacker's figures in words: fgm-minimal's median, fab-t's finds, strong's members."""
     words = []
     if "median_min_epsilon" in details:
         words.append(f", median minimal eps {details['median_min_epsilon']:g}")
+    if "median_norm" in details:
+        words.append(
+            f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
+        )
     if "members" in details:
         members = [
             f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
@@ -384,6 +388,6 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["restarts"] = cfg.restarts
     if attack == "fgm-minimal":
         record["eps_step"] = cfg.eps_step
-    if attack in ("apgd-t", "strong"):
+    if attack in ("apgd-t", "fab-t", "strong"):
         record["apgd_targets"] = cfg.apgd_targets
     return record
