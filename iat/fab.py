@@ -64,8 +64,8 @@ def project_onto_hyperplane(points: Tensor, w: Tensor, r: Tensor, norm: str) -> 
     size = w.abs()
     scale = torch.ones_like(size) if norm == "inf" else size
     slope = size * scale  # d<w, d>/d lam while the coordinate is free
-    saturation = room / scale.clamp_min(1e-30)  # the lam at which it reaches the box
-    saturation, order = saturation.sort(dim=1)
+    limit = room / scale.clamp_min(1e-30)  # the lam at which the coordinate reaches the box
+    saturation, order = limit.sort(dim=1)
     slope_sorted = slope.gather(1, order)
     gain = (size * room).gather(1, order)  # what a saturated coordinate adds to <w, d>
     saturated_before = gain.cumsum(dim=1) - gain
@@ -75,11 +75,11 @@ def project_onto_hyperplane(points: Tensor, w: Tensor, r: Tensor, norm: str) -> 
     kink = (reach < r[:, None]).sum(dim=1, keepdim=True)
     feasible = kink < points.shape[1]
     kink = kink.clamp(max=points.shape[1] - 1)
-    lam = (r[:, None] - saturated_before.gather(1, kink)) / free_from.gather(1, kink).clamp_min(
-        1e-30
-    )
+    # Within the kink interval, <w, d> = saturated_before + lam * free_from: solve for lam.
+    free = free_from.gather(1, kink).clamp_min(1e-30)
+    lam = (r[:, None] - saturated_before.gather(1, kink)) / free
     lam = torch.where(feasible, lam.clamp_min(0.0), torch.full_like(lam, math.inf))
-    return w.sign() * scale * torch.minimum(lam, room / scale.clamp_min(1e-30))
+    return w.sign() * scale * torch.minimum(lam, limit)
 
 
 def target_margin(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
