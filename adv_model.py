@@ -464,6 +464,13 @@ def _autoattack(settings: AttackSettings) -> Attacker:
     return autoattack_from_settings(settings)
 
 
+@register_attack("fab-t", norms=("inf", "2"))
+def _fab_t(settings: AttackSettings) -> Attacker:
+    from iat.fab import fab_from_settings
+
+    return fab_from_settings(settings)
+
+
 @register_attack("strong")
 def _strong(settings: AttackSettings) -> Attacker:
     from iat.attacks import strong_from_settings

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
-    attack.add_argument("--restarts", type=int, help=_help("restarts", "pgd / apgd-* restarts"))
+    attack.add_argument(
+        "--restarts", type=int, help=_help("restarts", "pgd / apgd-* / fab-t restarts")
+    )
     attack.add_argument(
         "--masking-checks",
         type=int,
@@ -161,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eps-step", type=float, help=_help("eps_step", "fgm-minimal epsilon increment")
     )
     attack.add_argument(
-        "--apgd-targets", type=int, help=_help("apgd_targets", "apgd-t / strong target classes")
+        "--apgd-targets",
+        type=int,
+        help=_help("apgd_targets", "apgd-t / fab-t / strong target classes"),
     )
     attack.add_argument(
         "--queries", type=int, help=_help("queries", "square: model queries per example")

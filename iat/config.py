@@ -50,7 +50,7 @@ EVAL_SPLITS = ("val", "train")
 # What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
 ITERLESS_ATTACKS = ("clean", "fgm", "fgm-minimal", "square")  # --attack-iter does not apply
 LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
-RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "strong")  # take --restarts
+RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "strong")  # take --restarts
 QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
 GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
 
@@ -156,10 +156,10 @@ class Config:
     # --- --eval's attack (adv_model.ATTACKS; README "Evaluation" lists them) ----------------
     attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
     norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: ATTACK_NORMS)
-    restarts: int = 1  # runs per example of pgd / apgd-*, each on the examples not yet broken
+    restarts: int = 1  # runs per example of pgd / apgd-* / fab-t, each on those not yet broken
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
-    apgd_targets: int = 9  # apgd-t / strong: target classes (the k likeliest wrong ones)
+    apgd_targets: int = 9  # apgd-t / fab-t / strong: target classes (the k likeliest wrong ones)
     queries: int = DEFAULT_QUERIES  # square: model queries per example (the first one included)
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)

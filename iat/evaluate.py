@@ -383,7 +383,7 @@ TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"
 
 def attack_target(cfg: Config) -> str:
     """What --eval's attack aims at: --attack-target for pgd and fgm; "none" (misclassification)
-    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t."""
+    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t and fab-t."""
     attack = eval_attack(cfg)
     if attack in ("pgd", "fgm", "fgm-minimal"):
         return cfg.attack_target
@@ -416,7 +416,13 @@ def threat_model(cfg: Config) -> str:
         return f"Square {cfg.queries} queries {goal}, {ball}{_defense_words(cfg)}"
     if attack == "fgm-minimal":
         return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
-    name = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T"}[attack]
+    name = {
+        "pgd": "PGD",
+        "apgd-ce": "APGD-CE",
+        "apgd-dlr": "APGD-DLR",
+        "apgd-t": "APGD-T",
+        "fab-t": "FAB-T",
+    }[attack]
     step = step if attack == "pgd" else ""  # APGD adapts its own step (Croce & Hein 2020)
     return f"{name}-{k} {goal}, {ball}{step}{loss}{restarts}{_defense_words(cfg)}"
 
@@ -476,11 +482,15 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
 
 
 def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, square's queries, strong's
-    members."""
+    """The attacker's figures in words: fgm-minimal's median, square's queries, fab-t's finds,
+    strong's members."""
     words = []
     if "median_min_epsilon" in details:
         words.append(f", median minimal eps {details['median_min_epsilon']:g}")
+    if "median_norm" in details:
+        words.append(
+            f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
+        )
     if "mean_queries" in details:
         words.append(
             f", mean queries {details['mean_queries']:.1f} per attacked example "
@@ -539,7 +549,7 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["restarts"] = cfg.restarts
     if attack == "fgm-minimal":
         record["eps_step"] = cfg.eps_step
-    if attack in ("apgd-t", "strong", "autoattack"):
+    if attack in ("apgd-t", "fab-t", "strong", "autoattack"):
         record["apgd_targets"] = cfg.apgd_targets
     if attack in QUERY_ATTACKS:
         record["queries"] = cfg.queries
