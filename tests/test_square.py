@@ -177,14 +177,14 @@ def test_eval_square_end_to_end(tiny_imagenet: Path, checkpoint: Path, tmp_path:
     assert record["threat_model"] == "Square 20 queries untargeted, L2 eps=300, defense jpeg:75"
 
 
-def test_queries_is_an_eval_option_of_square_only():
+def test_queries_is_an_eval_option_of_square_and_autoattack_only():
     base = {"mode": "eval", "load": "m.npz", "data": "d"}
     cfg = Config(**base, attack="square", queries=100, attack_iter=0, norm="2")
     settings = AttackSettings(cfg.attack_iter, 600.0, 1.0, norm="2", queries=cfg.queries)
     attacker = create_attacker("square", settings)
     assert isinstance(attacker, SquareAttacker) and attacker.queries == 100
     for values, message in [
-        ({"attack": "pgd", "queries": 100}, "--queries 100: only --attack square take it"),
+        ({"attack": "pgd", "queries": 100}, "--queries 100: only --attack square, autoattack take"),
         ({"attack": "square", "queries": 0}, "--queries: must be >= 1, got 0"),
         ({"attack": "square", "norm": "1"}, "--norm 1: --attack square supports inf, 2"),
         ({"mode": "train", "queries": 100}, "--queries: only --eval takes it"),
