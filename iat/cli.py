@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from iat import distributed
+from iat.benchmarks import BENCHMARK_DEFAULTS
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
@@ -207,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
+    _choice_arg(
+        out,
+        "--benchmark",
+        "--eval: a benchmark's images, preprocessing, threat model and result file "
+        "(robustbench: its 5,000 ImageNet images, L-inf 4/255, AutoAttack)",
+    )
     out.add_argument(
         "--eval-state",
         help="--eval: keep finished batches here, so a relaunch resumes "
@@ -307,6 +314,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given) over Config's defaults. The mode always comes from the flags."""
     values = read_config_file(args.config) if args.config else {}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+    benchmark = given.get("benchmark", values.get("benchmark"))
+    if benchmark is not None:  # the benchmark's protocol, under the flags given
+        values.update(BENCHMARK_DEFAULTS.get(benchmark, {}))
     for name in ("num_blocks", "lr_decay_epochs"):
         if name in given:
             given[name] = tuple(given[name])

@@ -53,6 +53,7 @@ LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
 RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "strong")  # take --restarts
 QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
 GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
+BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -71,6 +72,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train_eval": tuple(EVAL_SCHEDULES),
         "defense_apply": tuple(DEFENSE_PHASES),
         "frontend_gradient": ATTACK_GRADIENTS,
+        "benchmark": BENCHMARKS,
     }
 
 
@@ -200,6 +202,9 @@ class Config:
     # --eval: where finished batches are kept until the result is written, so that a killed
     # evaluation relaunched continues (iat.eval_state); None: <eval_output>.state; "none": off
     eval_state: str | None = None
+    # --eval: a benchmark's protocol (iat.benchmarks): its images, preprocessing, threat model
+    # and result file; "robustbench" (RobustBench's ImageNet L-inf evaluation)
+    benchmark: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
@@ -466,6 +471,7 @@ def eval_attack(cfg: Config) -> str:
 
 _EVAL_ONLY_DEFAULTS = (
     ("attack", None),
+    ("benchmark", None),
     ("norm", "inf"),
     ("restarts", 1),
     ("attack_loss", "ce"),

@@ -10,6 +10,7 @@ averages; here counts are summed across ranks).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -20,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, pgd_step_size
-from iat import defenses, distributed
-from iat.atomic_io import atomic_write
+from iat import benchmarks, defenses, distributed
+from iat.atomic_io import atomic_write, atomic_write_text
 from iat.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
@@ -37,6 +38,7 @@ from iat.config import (
     fit_defense,
     predict_defense,
 )
+from iat.data.augment import eval_transform
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.eval_state import BatchRecord, EvalState, fingerprint, state_dir, stats_tensors
@@ -69,6 +71,7 @@ def evaluate(
     export: AdversarialExport | None = None,
     desc: str = "eval",
     state: EvalState | None = None,
+    transform: Callable = eval_transform,
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
 
@@ -92,6 +95,7 @@ def evaluate(
         world_size=world,
         pin_memory=device.type == "cuda",
         batches=mine,
+        transform=transform,
     )
     generator = torch.Generator(device=device)
     was_training = model.training
@@ -256,12 +260,16 @@ def evaluate_attack(
         export=export,
         desc=desc,
         state=state,
+        transform=benchmarks.transform_for(cfg),
     )
 
 
 def eval_samples(cfg: Config) -> list[Sample]:
-    """The samples --eval attacks: the --split of --data, its first --num-examples if given."""
+    """The samples --eval attacks: the --split of --data, its first --num-examples if given;
+    with --benchmark, the benchmark's images of the split, in its order."""
     samples = create_reader(cfg.data, cfg.data_layout).samples(cfg.split)
+    if cfg.benchmark is not None:
+        return benchmarks.benchmark_samples(samples, Path(cfg.data) / cfg.split, cfg.num_examples)
     return samples[: cfg.num_examples] if cfg.num_examples else samples
 
 
@@ -304,6 +312,8 @@ def evaluate_checkpoint(
                 if check.warn:
                     print(check.line(), flush=True)
         results.append(result)
+    if cfg.benchmark is not None and cfg.eval_output and distributed.is_main_process():
+        write_model_info(cfg, results)
     logger.flush()
     for state in states:  # every point's result is written: nothing left to resume
         if state is not None:
@@ -311,6 +321,20 @@ def evaluate_checkpoint(
             if distributed.is_main_process():
                 state.remove()
     return results
+
+
+def write_model_info(cfg: Config, results: list[EvalResult]) -> None:
+    """The benchmark's result file (RobustBench's model_info fields) beside --eval-output."""
+    clean, attacked = results
+    info = benchmarks.model_info(cfg, clean, attacked, autoattack_version(cfg))
+    path = benchmarks.model_info_path(cfg.eval_output)
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+    print(
+        f"RobustBench ImageNet {info['threat_model']} eps {info['eps']}: clean accuracy "
+        f"{info['clean_acc']} %, AutoAttack ({info['autoattack_version']}) accuracy "
+        f"{info['autoattack_acc']} % on {info['n_ex']} images; model_info in {path}",
+        flush=True,
+    )
 
 
 def masking_checks(
@@ -354,7 +378,10 @@ def open_state(cfg: Config, num_images: int) -> EvalState | None:
 
 
 def sweep(cfg: Config) -> list[Config]:
-    """The configurations --sweep-epsilon and --sweep-iters ask for (just `cfg` without them)."""
+    """The configurations --sweep-epsilon and --sweep-iters ask for (just `cfg` without them);
+    a benchmark's clean evaluation first."""
+    if cfg.benchmark is not None:
+        return benchmarks.points(cfg)
     epsilons = cfg.sweep_epsilon or (cfg.attack_epsilon,)
     iterations = cfg.sweep_iters or (cfg.attack_iter,)
     return [

@@ -323,7 +323,8 @@ def test_adv_model_alone_registers_and_builds_the_whole_zoo():
     )
     assert run.returncode == 0, run.stderr
     assert sorted(run.stdout.split("\n")[:-1]) == [
-        "apgd-ce APGDAttacker", "apgd-t APGDAttacker", "clean NoOpAttacker",
+        "apgd-ce APGDAttacker", "apgd-dlr APGDAttacker", "apgd-t APGDAttacker",
+        "autoattack EnsembleAttacker", "clean NoOpAttacker", "fab-t FABAttacker",
         "fgm FGMAttacker", "fgm-minimal FGMAttacker", "fgsmrs PGDAttacker", "free FreeAttacker",
         "pgd PGDAttacker", "square SquareAttacker", "strong EnsembleAttacker",
     ]  # fmt: skip

@@ -145,6 +145,23 @@ def eval_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, size))
 
 
+def robustbench_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """RobustBench's ImageNet preprocessing ("Res256Crop224": torchvision Resize(256),
+    CenterCrop(224)) in OpenCV: the shorter edge to size*256/224 with the longer one truncated
+    as torchvision computes it, bilinear (area averaging when shrinking, as PIL's antialiased
+    bilinear filter approximately does), then the centre crop with torchvision's rounded
+    offsets. Pixel values may differ from PIL's by a few levels; the crop is the same."""
+    _check_image(img)
+    short = int(round(size * 256 / 224))
+    h, w = img.shape[:2]
+    new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    shrink = new_h * new_w < h * w
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    resized = cv2.resize(img, (new_w, new_h), interpolation=interpolation)
+    y0, x0 = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
+
+
 def flip_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
     """The validation crop, flipped horizontally with probability 1/2 (cheap augmentation)."""
     out = eval_transform(img, size)

@@ -1,0 +1,106 @@
+"""--benchmark robustbench: RobustBench's ImageNet images in its order, its preprocessing, its
+threat model and its model_info result file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import nets
+from iat.benchmarks import IDS_FILE, read_ids
+from iat.cli import build_parser, config_from_args
+from iat.data.augment import robustbench_transform
+from iat.evaluate import eval_samples
+from main import main
+
+TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+
+
+def test_the_id_list_is_robustbenchs_5000_images():
+    ids = read_ids()
+    assert len(ids) == len(set(ids)) == 5000
+    assert ids[0] == "n09468604/ILSVRC2012_val_00015253.JPEG"  # its first, in its order
+    assert all(i.startswith("n") and i.endswith(".JPEG") and i.count("/") == 1 for i in ids)
+    assert (IDS_FILE.parent / "ORIGIN.md").is_file()
+
+
+def test_preprocessing_crops_where_torchvision_does():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (256, 300, 3), dtype=np.uint8)  # short edge already 256
+    out = robustbench_transform(img, 224)
+    # torchvision CenterCrop: offsets int(round((256 - 224) / 2)), int(round((300 - 224) / 2))
+    np.testing.assert_array_equal(out, img[16:240, 38:262])
+    big = rng.integers(0, 256, (512, 700, 3), dtype=np.uint8)
+    assert robustbench_transform(big, 224).shape == (224, 224, 3)  # 512x700 -> 256x350 -> crop
+
+
+def _write_benchmark_folder(root: Path, count: int) -> list[str]:
+    """val/ holding the first `count` RobustBench images (random pixels) and one other."""
+    rng = np.random.default_rng(0)
+    ids = read_ids()[:count]
+    for image_id in [*ids, "n09468604/not_in_the_list.JPEG"]:
+        path = root / "val" / image_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(40, 64, size=2)
+        assert cv2.imwrite(str(path), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return ids
+
+
+def test_benchmark_evaluates_its_images_in_its_order_and_writes_model_info(tmp_path: Path, capsys):
+    data = tmp_path / "imagenet"
+    ids = _write_benchmark_folder(data, 6)
+    classes = len({i.split("/")[0] for i in ids})
+    ckpt = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8,
+                                       num_classes=classes), ckpt)  # fmt: skip
+    out = tmp_path / "r.json"
+    args = ["--eval", "--load", str(ckpt), "--data", str(data), *TINY, "--benchmark",
+            "robustbench", "--num-examples", "6", "--image-size", "32", "--batch", "4",
+            "--workers", "0", "--attack-iter", "2", "--queries", "10", "--apgd-targets", "2",
+            "--masking-checks", "0", "--eval-output", str(out)]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert (cfg.attack, cfg.attack_epsilon, cfg.norm) == ("autoattack", 4.0, "inf")  # defaults
+    assert cfg.attack_iter == 2 and cfg.image_size == 32  # flags given win
+    order = [Path(p).relative_to(data / "val").as_posix() for p, _ in eval_samples(cfg)]
+    assert order == ids  # the list's order, the other image left out
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    clean, attacked = json.loads(out.read_text())["records"]
+    assert clean["attack"]["name"] == "clean" and attacked["attack"]["name"] == "autoattack"
+    assert clean["images"] == attacked["images"] == 6
+    info = json.loads(out.with_suffix(".robustbench.json").read_text())
+    assert info["dataset"] == "imagenet" and info["eps"] == "4/255"
+    assert info["threat_model"] == "Linf" and info["n_ex"] == 6
+    assert info["clean_acc"] == f"{100 * (1 - clean['top1_error']):.2f}"
+    assert info["autoattack_acc"] == f"{100 * attacked['robust_accuracy']:.2f}"
+    assert info["autoattack_version"] == "standard"
+    assert f"AutoAttack (standard) accuracy {info['autoattack_acc']} % on 6 images" in printed
+
+
+def test_a_missing_benchmark_image_is_one_line(tmp_path: Path, capsys):
+    data = tmp_path / "imagenet"
+    _write_benchmark_folder(data, 3)
+    ckpt = tmp_path / "model.pt"
+    nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=4), ckpt)
+    capsys.readouterr()
+    code = main(["--eval", "--load", str(ckpt), "--data", str(data), *TINY, "--benchmark",
+                 "robustbench", "--num-examples", "5", "--workers", "0"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    missing = read_ids()[3]
+    assert f"2 of its 5 images are not under {data / 'val'} (first: {missing})" in err[0]
+
+
+@pytest.mark.parametrize(
+    "flag", [["--benchmark", "cifar"], ["--fake", "--benchmark", "robustbench"]]
+)
+def test_benchmark_flag_errors(flag, capsys):
+    assert main(flag) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
