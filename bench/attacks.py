@@ -74,6 +74,10 @@ def attackers(k: int, eps: float) -> dict[str, Attacker]:
         f"apgd-ce-{k} L2": make("apgd-ce", norm="2", scale=L2_SCALE),
         f"apgd-t-{k} (9 targets)": make("apgd-t"),
         f"strong-{k}": make("strong"),
+        f"apgd-dlr-{k}": make("apgd-dlr"),
+        f"fab-t-{k} (9 targets)": make("fab-t"),
+        "square (1000 queries)": make("square", queries=1000),
+        f"autoattack-{k} (5000 queries)": make("autoattack"),
     }
 
 

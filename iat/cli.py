@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     _choice_arg(
         out,
+        "--eval-set",
+        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE) or "
+        "ImageNet-R / -A (wnid: error on their classes), scored clean",
+    )
+    _choice_arg(
+        out,
         "--benchmark",
         "--eval: a benchmark's images, preprocessing, threat model and result file "
         "(robustbench: its 5,000 ImageNet images, L-inf 4/255, AutoAttack)",

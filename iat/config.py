@@ -54,6 +54,7 @@ RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "strong")  #
 QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
 GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
+EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.ood
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -73,6 +74,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "defense_apply": tuple(DEFENSE_PHASES),
         "frontend_gradient": ATTACK_GRADIENTS,
         "benchmark": BENCHMARKS,
+        "eval_set": EVAL_SETS,
     }
 
 
@@ -205,6 +207,9 @@ class Config:
     # --eval: a benchmark's protocol (iat.benchmarks): its images, preprocessing, threat model
     # and result file; "robustbench" (RobustBench's ImageNet L-inf evaluation)
     benchmark: str | None = None
+    # --eval: robustness outside the threat model (iat.ood): --data is an ImageNet-C folder
+    # (corruption/severity/wnid) or ImageNet-R / -A's (wnid), scored clean
+    eval_set: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
@@ -302,7 +307,7 @@ def _bounds(cfg: Config) -> None:
     )
 
 
-_OPTIONAL_CHOICES = ("denoise_op", "attack")  # choice fields where None means "the default"
+_OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set")  # None: the default (none)
 
 
 def _denoise(cfg: Config) -> None:
@@ -472,6 +477,7 @@ def eval_attack(cfg: Config) -> str:
 _EVAL_ONLY_DEFAULTS = (
     ("attack", None),
     ("benchmark", None),
+    ("eval_set", None),
     ("norm", "inf"),
     ("restarts", 1),
     ("attack_loss", "ce"),

@@ -20,8 +20,8 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, pgd_step_size
-from iat import benchmarks, defenses, distributed
+from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, NoOpAttacker, pgd_step_size
+from iat import benchmarks, defenses, distributed, ood
 from iat.atomic_io import atomic_write, atomic_write_text
 from iat.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
 from iat.builders import build_attacker, load_for_inference
@@ -401,7 +401,36 @@ def run_eval(cfg: Config, device: torch.device) -> list[EvalResult]:
             backends.append(MlflowBackend(cfg.mlflow, run_name=f"eval {Path(cfg.load).name}"))
     with RunLogger(backends) as logger:
         logger.log_config(config_record(cfg, {"world_size": distributed.get_world_size()}))
+        if cfg.eval_set is not None:
+            evaluate_set_of(cfg, device, logger)
+            return []
         return evaluate_checkpoint(cfg, eval_samples(cfg), device, logger)
+
+
+def evaluate_set_of(cfg: Config, device: torch.device, logger: RunLogger) -> None:
+    """--eval-set: the --load'ed model (behind --defense) on ImageNet-C, -R or -A, clean."""
+    model, cfg = load_for_inference(cfg, device)
+    defended = defenses.defend(model, predict_defense(cfg))
+
+    def run(scored: torch.nn.Module, samples, transform, desc: str) -> EvalResult:
+        return evaluate(
+            scored,
+            NoOpAttacker(),
+            samples,
+            batch=cfg.batch,
+            image_size=cfg.image_size,
+            workers=cfg.workers,
+            device=device,
+            seed=cfg.seed,
+            skip_unreadable=cfg.skip_unreadable,
+            desc=desc,
+            transform=transform,
+        )
+
+    record, lines = ood.evaluate_set(cfg, defended, run)
+    logger.log_result("eval", {**record, "checkpoint": cfg.load, "device": str(device)})
+    if distributed.is_main_process():
+        print("\n".join(lines), flush=True)
 
 
 NORM_NAMES = {"inf": "L-inf", "2": "L2", "1": "L1"}

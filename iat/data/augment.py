@@ -162,6 +162,13 @@ def robustbench_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
 
 
+def center_crop_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """The central crop only, for images already preprocessed to the evaluation size (ImageNet-C
+    holds 224 x 224 centre crops: Hendrycks & Dietterich, ICLR 2019)."""
+    _check_image(img)
+    return np.ascontiguousarray(center_crop(img, size))
+
+
 def flip_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
     """The validation crop, flipped horizontally with probability 1/2 (cheap augmentation)."""
     out = eval_transform(img, size)

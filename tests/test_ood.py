@@ -1,0 +1,115 @@
+"""--eval-set imagenet-c / imagenet-r: errors, CE and mCE checked against direct model calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import nets
+from iat.ood import ALEXNET_ERRORS, class_index
+from main import main
+
+TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+WNIDS = ["n01440764", "n01443537", "n09468604"]  # ImageNet-1k classes 0, 1 and a later one
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=1000)
+    with torch.no_grad():  # predictions that depend on the image
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    path = tmp_path_factory.mktemp("model") / "w.pt"
+    nets.save_weights(model, path)
+    return path, model.eval()
+
+
+def _write(folder: Path, count: int, rng: np.random.Generator) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        assert cv2.imwrite(str(folder / f"img{i}.png"), pixels)
+
+
+def _logits(model: torch.nn.Module, files: list[Path]) -> torch.Tensor:
+    images = np.stack([cv2.imread(str(f)) for f in files])  # BGR, as the loader reads them
+    with torch.no_grad():
+        return model(torch.from_numpy(images).permute(0, 3, 1, 2).float())
+
+
+def test_imagenet_c_errors_ce_and_mce(model_file, tmp_path: Path, capsys):
+    path, model = model_file
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet-c"
+    for corruption in ("gaussian_noise", "speckle_noise"):  # one of the 15, one extra
+        for severity in ("1", "2"):
+            for wnid in WNIDS[:2]:
+                _write(root / corruption / severity / wnid, 3, rng)
+    out = tmp_path / "c.json"
+    args = ["--eval", "--load", str(path), "--data", str(root), "--eval-set", "imagenet-c",
+            *TINY, "--image-size", "32", "--batch", "4", "--workers", "0",
+            "--eval-output", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    index = class_index()
+    for corruption in ("gaussian_noise", "speckle_noise"):
+        for severity in ("1", "2"):
+            files = sorted((root / corruption / severity).glob("*/*.png"))
+            labels = torch.tensor([index[f.parent.name] for f in files])
+            error = (_logits(model, files).argmax(1) != labels).float().mean().item()
+            got = record["corruptions"][corruption]["errors"][severity]
+            assert got == pytest.approx(error), (corruption, severity)
+    gaussian = record["corruptions"]["gaussian_noise"]
+    mean = sum(gaussian["errors"].values()) / 2
+    assert gaussian["ce"] == pytest.approx(mean / ALEXNET_ERRORS["gaussian_noise"])
+    assert record["corruptions"]["speckle_noise"]["ce"] is None
+    assert record["mce"] == pytest.approx(gaussian["ce"]) and record["mce_corruptions"] == 1
+    assert record["images"] == 24
+    assert "imagenet-c: mCE" in printed and "over 1 of the 15 corruptions" in printed
+
+
+def test_imagenet_r_restricts_the_logits_to_its_classes(model_file, tmp_path: Path, capsys):
+    path, model = model_file
+    root = tmp_path / "imagenet-r"
+    for wnid in WNIDS:
+        _write(root / wnid, 3, np.random.default_rng(len(wnid) + int(wnid[1:])))
+    out = tmp_path / "r.json"
+    args = ["--eval", "--load", str(path), "--data", str(root), "--eval-set", "imagenet-r",
+            *TINY, "--image-size", "32", "--batch", "4", "--workers", "0",
+            "--eval-output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(out.read_text())
+    files = sorted(root.glob("*/*.png"))
+    index = class_index()
+    kept = [index[w] for w in WNIDS]
+    logits = _logits(model, files)[:, kept]  # only its classes compete
+    labels = torch.tensor([WNIDS.index(f.parent.name) for f in files])
+    assert record["top1_error"] == pytest.approx((logits.argmax(1) != labels).float().mean().item())
+    assert record["classes"] == 3 and record["images"] == 9
+    assert "logits restricted to its 3 classes" in capsys.readouterr().out
+
+
+def test_eval_set_refuses_what_it_cannot_score(model_file, tmp_path: Path, capsys):
+    path, _ = model_file
+    root = tmp_path / "imagenet-a"
+    _write(root / "not_a_wnid", 1, np.random.default_rng(0))
+    base = ["--eval", "--data", str(root), "--eval-set", "imagenet-a", *TINY, "--workers", "0"]
+    capsys.readouterr()
+    assert main([*base, "--load", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not_a_wnid is not an ImageNet-1k class" in err[0], err
+    small = tmp_path / "small.pt"
+    nets.save_weights(
+        nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=10), small
+    )
+    assert main([*base, "--load", str(small)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a 1000-class ImageNet model, got 10" in err[0], err
