@@ -10,6 +10,7 @@ keep far more accuracy under attack than the clean one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 import nets
 from iat import distributed
+from iat.atomic_io import atomic_write_text
 from iat.builders import build_model
 from iat.config import Config
 from iat.data.layouts import list_split
@@ -140,6 +142,10 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], floa
     seconds = None
     if done is not None and done.name == checkpoint_path(cfg.logdir, cfg.epochs).name:
         print(f"reusing the trained model {done} (delete {cfg.logdir} to train it again)")
+        saved = saved_results(Path(cfg.logdir) / EVAL_FILE, done)
+        if saved is not None:
+            print(f"reusing its evaluation {Path(cfg.logdir) / EVAL_FILE}")
+            return saved, None
     else:
         began = time.perf_counter()
         if nprocs > 1:
@@ -147,9 +153,40 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], floa
         else:
             run_training(cfg, distributed.detect(), torch.device("cpu"))
         seconds = time.perf_counter() - began
-    weights = nets.read_weights(latest_checkpoint(cfg.logdir))
-    model = build_model(cfg, 10, torch.device("cpu"), weights)
-    return evaluate_columns(cfg, model), seconds
+    checkpoint = latest_checkpoint(cfg.logdir)
+    model = build_model(cfg, 10, torch.device("cpu"), nets.read_weights(checkpoint))
+    results = evaluate_columns(cfg, model)
+    save_results(Path(cfg.logdir) / EVAL_FILE, checkpoint, results)
+    return results, seconds
+
+
+EVAL_FILE = "demo-eval.json"  # the table's row of a trained model, reused by the next --demo
+
+
+def _key(checkpoint: Path) -> dict:
+    """What the saved row belongs to: the columns and this very checkpoint file."""
+    stat = checkpoint.stat()
+    return {
+        "columns": [list(c) for c in COLUMNS],
+        "checkpoint": [checkpoint.name, stat.st_size, stat.st_mtime_ns],
+    }
+
+
+def save_results(path: Path, checkpoint: Path, results: list[EvalResult]) -> None:
+    record = {**_key(checkpoint), "results": [r.as_dict() for r in results]}
+    atomic_write_text(path, json.dumps(record) + "\n")
+
+
+def saved_results(path: Path, checkpoint: Path) -> list[EvalResult] | None:
+    """The saved row when it is this checkpoint's under these columns, else None."""
+    try:
+        record = json.loads(path.read_text())
+        if {k: record[k] for k in ("columns", "checkpoint")} != _key(checkpoint):
+            return None
+        fields = [f.name for f in dataclasses.fields(EvalResult)]
+        return [EvalResult(**{k: r[k] for k in fields}) for r in record["results"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or unreadable: evaluate again
 
 
 def summary_table(rows: list[tuple[str, list[EvalResult], float | None]]) -> str:

@@ -47,5 +47,6 @@ def test_demo_trains_attacks_predicts_and_shows_robustness(tmp_path):
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the trained model") == 3, again.stdout
+    assert again.stdout.count("reusing its evaluation") == 3, again.stdout  # no attack rerun
     assert again.stdout.count("reused") >= 3, again.stdout
     assert "reusing the digit images" in again.stdout
