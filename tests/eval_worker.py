@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from adv_model import DEFAULT_QUERIES
 from iat import distributed
 from iat.builders import load_for_inference
-from iat.config import RESTART_ATTACKS, Config
+from iat.config import QUERY_ATTACKS, RESTART_ATTACKS, Config
 from iat.data.layouts import create_reader
 from iat.evaluate import eval_record, evaluate_attack
 
@@ -25,6 +26,7 @@ def attack_config(checkpoint: str, data: str, attack: str) -> Config:
         image_size=32, batch=2, workers=0, attack=attack, attack_iter=2, attack_epsilon=16.0,
         attack_step_size=4.0, restarts=2 if attack in RESTART_ATTACKS else 1, eps_step=4.0,
         apgd_targets=2, attack_loss="cw" if attack == "pgd" else "ce",
+        queries=20 if attack in QUERY_ATTACKS else DEFAULT_QUERIES,
     )  # fmt: skip
 
 

@@ -99,7 +99,7 @@ def test_eval_counts_every_image_once_whatever_the_number_of_processes(tiny_imag
             assert r[key] == results[0][key], (key, [x[key] for x in results])
 
 
-ZOO = ["fgm", "fgm-minimal", "pgd", "apgd-ce", "apgd-t", "fab-t", "strong"]
+ZOO = ["fgm", "fgm-minimal", "pgd", "apgd-ce", "apgd-t", "fab-t", "strong", "square", "autoattack"]
 
 
 @pytest.mark.parametrize("launcher", [torchrun, mpirun], ids=["torchrun", "mpirun"])
