@@ -44,6 +44,8 @@ def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: P
     assert {n for n in names if not n.endswith(".dist-info")} == TOP_LEVEL
     listing = zipfile.ZipFile(wheel).namelist()
     assert "iat/data/server.py" in listing and "nets/resnet.py" in listing
+    for data in ("robustbench_imagenet_ids.txt", "imagenet_class_to_id_map.json", "ORIGIN.md"):
+        assert f"iat/data/reference/{data}" in listing  # --benchmark and --eval-set read them
 
 
 # Runs first in the child: any import of torch fails there.
