@@ -320,9 +320,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given) over Config's defaults. The mode always comes from the flags."""
     values = read_config_file(args.config) if args.config else {}
     given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
-    benchmark = given.get("benchmark", values.get("benchmark"))
-    if benchmark is not None:  # the benchmark's protocol, under the flags given
-        values.update(BENCHMARK_DEFAULTS.get(benchmark, {}))
+    # A benchmark named on this command line sets its protocol under the flags given; a replayed
+    # run's file already holds the values that run resolved.
+    if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
+        values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
     for name in ("num_blocks", "lr_decay_epochs"):
         if name in given:
             given[name] = tuple(given[name])

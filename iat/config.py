@@ -495,6 +495,10 @@ def _attack_options(cfg: Config) -> None:
     attack = eval_attack(cfg)
     norms = ATTACK_NORMS[attack]
     _check(cfg.norm in norms, f"--norm {cfg.norm}: --attack {attack} supports {', '.join(norms)}")
+    _check(  # the benchmark's own clean evaluation runs as attack "clean"
+        cfg.benchmark is None or attack in ("autoattack", "clean"),
+        f"--benchmark {cfg.benchmark}: its result is AutoAttack's, not --attack {attack}'s",
+    )
     _check(
         attack in ITERLESS_ATTACKS or cfg.attack_iter >= 1,
         f"--attack-iter: --attack {attack} needs >= 1 iterations, got {cfg.attack_iter}",

@@ -34,6 +34,9 @@ NEUTRAL_FIELDS = frozenset(
         "workers", "threads", "eval_output", "eval_state", "mlflow", "collective_timeout",
         "log_every", "watch", "watch_interval", "watch_timeout", "print_top5", "class_names",
         "explicit_model_fields", "logdir", "keep_checkpoints", "export_adversarial",
+        # A finished batch had no unreadable image (or the run stopped): the same counts with
+        # --skip-unreadable. Each sweep point has its own epsilon and iterations.
+        "skip_unreadable", "masking_checks", "sweep_epsilon", "sweep_iters",
     }
 )  # fmt: skip
 MAX_STATE_BYTES = 256 << 20  # a state line is ~200 bytes a batch: far beyond any split
@@ -63,6 +66,7 @@ def fingerprint(cfg: Config, num_images: int) -> str:
         stat = checkpoint.stat()
         fields["checkpoint_stat"] = [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns]
     fields["num_images"] = num_images
+    fields["quantize"] = cfg.quantize or cfg.export_adversarial is not None  # what is scored
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -126,6 +130,7 @@ class EvalState:
         if self._file is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{self.key}.rank{self.rank}.jsonl"
+            _drop_cut_line(path)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self._file.write(record.line())
         self._file.flush()
@@ -143,6 +148,17 @@ class EvalState:
             path.unlink(missing_ok=True)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Truncate `path` after its last complete line: a record cut short by a kill would
+    otherwise run into the next one appended."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _numbers(values: object, length: int, name: str) -> None:

@@ -41,7 +41,14 @@ from iat.config import (
 from iat.data.augment import eval_transform
 from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
-from iat.eval_state import BatchRecord, EvalState, fingerprint, state_dir, stats_tensors
+from iat.eval_state import (
+    BatchRecord,
+    EvalState,
+    EvalStateError,
+    fingerprint,
+    state_dir,
+    stats_tensors,
+)
 from iat.masking import CHECKED_ATTACKS, Check, run_checks
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
@@ -105,6 +112,12 @@ def evaluate(
     # The attacker's own counts (e.g. minimal epsilons, ensemble members), summed like totals;
     # a rank without batches still joins the sums with zeros.
     stats = attacker.stats_template(device)
+    batches = math.ceil(len(samples) / batch)
+    if any(j >= batches for j in done):
+        raise EvalStateError(
+            f"{state.folder}: a batch beyond this evaluation's {batches}; "
+            "delete the folder to start this evaluation afresh"
+        )
     if done and rank == 0:
         add_done_batches(done.values(), totals, skipped, stats, state.folder)
     if state is not None:
@@ -364,8 +377,8 @@ def masking_checks(
 def open_state(cfg: Config, num_images: int) -> EvalState | None:
     """This evaluation's resumable state (``iat.eval_state``), saying what it resumes."""
     folder = state_dir(cfg)
-    if folder is None:
-        return None
+    if folder is None or cfg.export_adversarial is not None:
+        return None  # an export writes every image: it runs whole
     state = EvalState(folder, fingerprint(cfg, num_images), distributed.get_rank())
     if state.done and distributed.is_main_process():
         batches = math.ceil(num_images / cfg.batch)
@@ -512,7 +525,10 @@ def _defense_words(cfg: Config) -> str:
     query attack, Square, sees their forward pass as it is), after commas; empty without
     either."""
     attacked = eval_attack(cfg) not in ("clean", *GRADIENT_FREE_ATTACKS)
-    words = [defenses.describe(predict_defense(cfg), cfg.eot_samples, attacked=attacked)]
+    eot = cfg.eot_samples
+    if eval_attack(cfg) == "autoattack" and autoattack_version(cfg) == "rand":
+        eot = max(eot, RAND_EOT_SAMPLES)  # the rand version's own draws (iat.autoattack)
+    words = [defenses.describe(predict_defense(cfg), eot, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
     if cfg.frontend is not None:

@@ -82,8 +82,8 @@ def corruption_samples(root: Path) -> dict[tuple[str, str], list[Sample]]:
         raise DataError(f"--eval-set imagenet-c: {root} is not a directory")
     index = class_index()
     found: dict[tuple[str, str], list[Sample]] = {}
-    for corruption in sorted(p for p in root.iterdir() if p.is_dir()):
-        for severity in sorted(p for p in corruption.iterdir() if p.is_dir()):
+    for corruption in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != "."):
+        for severity in sorted(p for p in corruption.iterdir() if p.is_dir() and p.name[0] != "."):
             if severity.name not in SEVERITIES:
                 raise DataError(
                     f"--eval-set imagenet-c: {severity} is not a severity folder (1 to 5)"
@@ -146,12 +146,19 @@ def _corruptions(root: Path, model: nn.Module, evaluate: Evaluate) -> tuple[dict
     corruptions, lines = {}, []
     for name, by_severity in errors.items():
         mean = sum(by_severity.values()) / len(by_severity)
-        # Hendrycks & Dietterich 2019, Sec 3: CE_c = sum_s E_{s,c} / sum_s E^AlexNet_{s,c}; with
-        # AlexNet's per-severity average, the ratio of the means over the same severities.
-        ce = mean / ALEXNET_ERRORS[name] if name in ALEXNET_ERRORS else None
+        # Hendrycks & Dietterich 2019, Sec 3: CE_c = sum_s E_{s,c} / sum_s E^AlexNet_{s,c} over
+        # severities 1-5; with AlexNet's 5-severity average, the ratio of the means. With some
+        # severities missing the two sums would not cover the same severities: no CE.
+        complete = set(by_severity) == set(SEVERITIES)
+        ce = mean / ALEXNET_ERRORS[name] if name in ALEXNET_ERRORS and complete else None
         corruptions[name] = {"errors": by_severity, "mean_error": mean, "ce": ce}
         severities = ", ".join(f"{s}: {e:.4f}" for s, e in by_severity.items())
-        ce_words = f", CE {ce:.4f}" if ce is not None else " (not one of the 15: no CE)"
+        if ce is not None:
+            ce_words = f", CE {ce:.4f}"
+        elif name in ALEXNET_ERRORS:
+            ce_words = " (CE needs severities 1-5)"
+        else:
+            ce_words = " (not one of the 15: no CE)"
         lines.append(f"imagenet-c {name}: mean error {mean:.4f} ({severities}){ce_words}")
     ces = [c["ce"] for c in corruptions.values() if c["ce"] is not None]
     mce = sum(ces) / len(ces) if ces else None

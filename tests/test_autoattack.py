@@ -93,4 +93,5 @@ def test_eval_autoattack_states_its_version_members_and_shares(tmp_path: Path, c
     assert main([*args, "--defense", "noise:4", "--eot-samples", "2"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("AutoAttack rand (APGD-CE-3, APGD-DLR-3; EOT over 20 draws), L-inf")
+    assert "EOT over 2 draws" not in line  # the defense words name the rand version's 20
     assert json.loads(out.read_text())["attack"]["version"] == "rand"

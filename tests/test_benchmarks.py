@@ -98,8 +98,35 @@ def test_a_missing_benchmark_image_is_one_line(tmp_path: Path, capsys):
     assert f"2 of its 5 images are not under {data / 'val'} (first: {missing})" in err[0]
 
 
+def test_a_replayed_benchmark_run_keeps_its_own_values(tmp_path: Path):
+    from iat.config import config_record
+
+    args = ["--eval", "--load", "m.pt", "--data", "d", "--benchmark", "robustbench",
+            "--attack-epsilon", "2", "--attack-iter", "20"]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(args))
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(config_record(cfg, {})))
+    replayed = config_from_args(build_parser().parse_args(["--eval", "--config", str(saved)]))
+    assert (replayed.attack_epsilon, replayed.attack_iter) == (2.0, 20)
+
+
 @pytest.mark.parametrize(
-    "flag", [["--benchmark", "cifar"], ["--fake", "--benchmark", "robustbench"]]
+    "flag",
+    [
+        ["--benchmark", "cifar"],
+        ["--fake", "--benchmark", "robustbench"],
+        [
+            "--eval",
+            "--load",
+            "m.pt",
+            "--data",
+            "d",
+            "--benchmark",
+            "robustbench",
+            "--attack",
+            "pgd",
+        ],
+    ],
 )
 def test_benchmark_flag_errors(flag, capsys):
     assert main(flag) == 1

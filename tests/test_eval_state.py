@@ -22,7 +22,9 @@ def _config(**changes) -> Config:
 
 def test_fingerprint_follows_what_changes_numbers_only(tmp_path: Path):
     base = fingerprint(_config(), 40)
-    assert fingerprint(_config(workers=7, threads=1, eval_output="x.json"), 40) == base
+    neutral = _config(workers=7, threads=1, eval_output="x.json", skip_unreadable=True)
+    assert fingerprint(neutral, 40) == base  # a crash's advice (--skip-unreadable) resumes
+    assert fingerprint(_config(quantize=True), 40) != base  # what is scored
     for changed in (_config(attack_epsilon=8.0), _config(attack_iter=3), _config(seed=1)):
         assert fingerprint(changed, 40) != base
     assert fingerprint(_config(), 41) != base
@@ -50,6 +52,12 @@ def test_records_round_trip_and_a_line_cut_by_a_kill_is_ignored(tmp_path: Path):
         f.write('{"batch": 5, "counts": [2.0, 1')  # SIGKILL mid-write
     assert EvalState(tmp_path, "key", rank=0).done == {3: record}
     assert EvalState(tmp_path, "other", rank=0).done == {}
+    # The relaunched rank appends after the cut line, not onto it; a second resume reads all.
+    again = EvalState(tmp_path, "key", rank=1)
+    later = BatchRecord(5, [2.0, 0.0, 0.0, 0.0], 0.0, {"broken": [0.0, 0.0]})
+    again.append(later)
+    again.close()
+    assert EvalState(tmp_path, "key", rank=0).done == {3: record, 5: later}
 
 
 @pytest.mark.parametrize(

@@ -47,10 +47,11 @@ def test_imagenet_c_errors_ce_and_mce(model_file, tmp_path: Path, capsys):
     path, model = model_file
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet-c"
-    for corruption in ("gaussian_noise", "speckle_noise"):  # one of the 15, one extra
-        for severity in ("1", "2"):
+    severities = {"gaussian_noise": "12345", "speckle_noise": "12", "snow": "12"}
+    for corruption, levels in severities.items():  # one of the 15, one extra, one incomplete
+        for severity in levels:
             for wnid in WNIDS[:2]:
-                _write(root / corruption / severity / wnid, 3, rng)
+                _write(root / corruption / severity / wnid, 2, rng)
     out = tmp_path / "c.json"
     args = ["--eval", "--load", str(path), "--data", str(root), "--eval-set", "imagenet-c",
             *TINY, "--image-size", "32", "--batch", "4", "--workers", "0",
@@ -60,19 +61,21 @@ def test_imagenet_c_errors_ce_and_mce(model_file, tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     record = json.loads(out.read_text())
     index = class_index()
-    for corruption in ("gaussian_noise", "speckle_noise"):
-        for severity in ("1", "2"):
+    for corruption, levels in severities.items():
+        for severity in levels:
             files = sorted((root / corruption / severity).glob("*/*.png"))
             labels = torch.tensor([index[f.parent.name] for f in files])
             error = (_logits(model, files).argmax(1) != labels).float().mean().item()
             got = record["corruptions"][corruption]["errors"][severity]
             assert got == pytest.approx(error), (corruption, severity)
     gaussian = record["corruptions"]["gaussian_noise"]
-    mean = sum(gaussian["errors"].values()) / 2
+    mean = sum(gaussian["errors"].values()) / 5
     assert gaussian["ce"] == pytest.approx(mean / ALEXNET_ERRORS["gaussian_noise"])
-    assert record["corruptions"]["speckle_noise"]["ce"] is None
+    assert record["corruptions"]["speckle_noise"]["ce"] is None  # not one of the 15
+    assert record["corruptions"]["snow"]["ce"] is None  # severities 1-2 only: no CE
+    assert "snow: mean error" in printed and "(CE needs severities 1-5)" in printed
     assert record["mce"] == pytest.approx(gaussian["ce"]) and record["mce_corruptions"] == 1
-    assert record["images"] == 24
+    assert record["images"] == 36
     assert "imagenet-c: mCE" in printed and "over 1 of the 15 corruptions" in printed
 
 
