@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 from collections.abc import Callable
 
@@ -45,7 +46,19 @@ class UsageError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Flags spelled out in full (a prefix such as --lr is not taken for --lr-decay-epochs),
+    errors as one line, a mistyped flag with the closest real ones."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):
+        unknown = [w for w in message.split() if w.startswith("--")]
+        if message.startswith("unrecognized arguments") and unknown:
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=3, cutoff=0.5)
+            if close:
+                message += f" (did you mean {' or '.join(close)}?)"
         raise UsageError(message)
 
 

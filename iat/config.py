@@ -53,6 +53,9 @@ LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
 RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "strong")  # take --restarts
 QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
 GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
+# Training attacks without an evaluation form (free training's carried perturbation, FGSM-RS's
+# fixed one step): --attack does not offer them (--adv-method does).
+TRAINING_ONLY_ATTACKS = ("free", "fgsmrs")
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
 EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.ood
 
@@ -63,7 +66,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "arch": tuple(nets.available_architectures()),
         "denoise_op": tuple(nets.available_denoise_ops()),
         "loader": tuple(TRAIN_SOURCES),
-        "attack": tuple(ATTACKS),
+        "attack": tuple(a for a in ATTACKS if a not in TRAINING_ONLY_ATTACKS),
         "norm": NORMS,
         "attack_loss": ATTACK_LOSSES,
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),

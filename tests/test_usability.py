@@ -171,3 +171,27 @@ def test_tensorboard_logging_never_imports_tensorflow(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.25)]
+
+
+def test_a_flag_prefix_is_not_taken_for_another_flag(capsys):
+    """--lr was silently stored as --lr-decay-epochs (argparse's abbreviations): now one line
+    naming the closest real flags."""
+    from main import main
+
+    assert main(["--fake", "--lr", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments: --lr 2" in err[0], err
+    assert "--base-lr" in err[0]
+
+
+def test_every_attack_choice_help_offers_is_an_evaluation_attack(capsys):
+    """--attack free / fgsmrs were offered and ended in a KeyError: training-only attacks are
+    not choices of --attack (--adv-method takes them)."""
+    from iat.config import TRAINING_ONLY_ATTACKS, choices
+    from main import main
+
+    offered = choices()["attack"]
+    assert not set(offered) & set(TRAINING_ONLY_ATTACKS)
+    assert {"pgd", "strong", "autoattack", "square", "fab-t"} <= set(offered)
+    assert main(["--eval", "--data", "d", "--load", "m.pt", "--attack", "free"]) == 1
+    assert "invalid choice: 'free'" in capsys.readouterr().err
