@@ -58,8 +58,9 @@ def test_every_output_file_respects_the_umask(tiny_imagenet, tmp_path, umask, ma
 
 
 def test_threads_workers_and_attack_precision_are_said_and_recorded(
-    tiny_imagenet, tmp_path, capsys
+    tiny_imagenet, tmp_path, capsys, monkeypatch
 ):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     run = tmp_path / "run"
     assert main(short_run(tiny_imagenet, run)) == 0
     share = distributed.usable_cpus()  # one process: all usable CPUs
@@ -72,6 +73,11 @@ def test_threads_workers_and_attack_precision_are_said_and_recorded(
     assert record["run"]["attack_precision"] == "fp32, eager"
     assert main(short_run(tiny_imagenet, tmp_path / "one", "--threads", "1")) == 0
     assert json.loads((tmp_path / "one" / "config.json").read_text())["run"]["threads"] == 1
+    # An explicit OMP_NUM_THREADS wins over the automatic share (it was ignored).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    capsys.readouterr()
+    assert main(short_run(tiny_imagenet, tmp_path / "omp")) == 0
+    assert "1 thread(s) each" in capsys.readouterr().err.splitlines()[0]
 
 
 def test_fast_attack_uses_bf16_only_on_cpus_with_bf16_units(monkeypatch):
