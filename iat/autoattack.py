@@ -25,21 +25,26 @@ RAND_MEMBERS = ("apgd-ce", "apgd-dlr")
 RAND_EOT_SAMPLES = 20  # the authors' version='rand': eot_iter = 20
 
 
-def version(settings: AttackSettings) -> str:
-    """``rand`` against a random defense (its draws are averaged), else ``standard``."""
-    return "rand" if settings.eot_samples > 1 else "standard"
+def version(eot_samples: int) -> str:
+    """``rand`` when the attack averages draws of a random defense, else ``standard``."""
+    return "rand" if eot_samples > 1 else "standard"
 
 
-def members(settings: AttackSettings) -> tuple[str, ...]:
-    return RAND_MEMBERS if version(settings) == "rand" else STANDARD_MEMBERS
+def rand_eot_samples(eot_samples: int) -> int:
+    """The draws the rand version averages: the authors' 20, or more if asked."""
+    return max(eot_samples, RAND_EOT_SAMPLES)
+
+
+def members(version_name: str) -> tuple[str, ...]:
+    return RAND_MEMBERS if version_name == "rand" else STANDARD_MEMBERS
 
 
 def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
-    """AutoAttack's `version(settings)` at ``settings``' norm, ε, iterations, targets, queries;
-    one run of each member (the authors' restarts: 1)."""
+    """AutoAttack's version for ``settings.eot_samples``, at its norm, ε, iterations, targets
+    and queries; one run of each member (the authors' restarts: 1)."""
     single = dataclasses.replace(settings, restarts=1)
-    if version(settings) == "rand":
-        drawn = dataclasses.replace(single, eot_samples=max(settings.eot_samples, RAND_EOT_SAMPLES))
+    if version(settings.eot_samples) == "rand":
+        drawn = dataclasses.replace(single, eot_samples=rand_eot_samples(settings.eot_samples))
         attackers = [
             apgd_from_settings(drawn, targeted=False, loss="ce"),
             apgd_from_settings(drawn, targeted=False, loss="dlr"),

@@ -21,9 +21,8 @@ import torch
 from tqdm import tqdm
 
 from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, NoOpAttacker, pgd_step_size
-from iat import benchmarks, defenses, distributed, ood
+from iat import autoattack, benchmarks, defenses, distributed, ood
 from iat.atomic_io import atomic_write, atomic_write_text
-from iat.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     GRADIENT_FREE_ATTACKS,
@@ -151,7 +150,8 @@ def evaluate(
             stats[key] += value
         if state is not None:
             state.append(batch_record(j, counts, batch_skipped, batch_stats))
-        progress.set_postfix_str(running_accuracy(totals), refresh=False)
+        if not progress.disable:  # a host sync: only where the bar is shown
+            progress.set_postfix_str(running_accuracy(totals), refresh=False)
     model.train(was_training)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
@@ -499,15 +499,15 @@ def threat_model(cfg: Config) -> str:
 def autoattack_version(cfg: Config) -> str:
     """The AutoAttack version --attack autoattack runs (iat.autoattack): "rand" behind a random
     defense, else "standard"."""
-    spec = predict_defense(cfg)
-    random = any(t.random for t in defenses.build_transforms(spec)) if spec else False
-    return "rand" if random and cfg.eot_samples > 1 else "standard"
+    random = any(t.random for t in defenses.build_transforms(predict_defense(cfg)))
+    # The draws defenses.eot_samples gives the attack built for this defense.
+    return autoattack.version(cfg.eot_samples if random else 1)
 
 
 def autoattack_words(cfg: Config) -> str:
     k, targets = cfg.attack_iter, cfg.apgd_targets
     if autoattack_version(cfg) == "rand":
-        eot = max(cfg.eot_samples, RAND_EOT_SAMPLES)
+        eot = autoattack.rand_eot_samples(cfg.eot_samples)
         return f"AutoAttack rand (APGD-CE-{k}, APGD-DLR-{k}; EOT over {eot} draws)"
     return (
         f"AutoAttack standard (APGD-CE-{k}, APGD-T-{k} top-{targets}, FAB-T-{k} top-{targets}, "
@@ -527,7 +527,7 @@ def _defense_words(cfg: Config) -> str:
     attacked = eval_attack(cfg) not in ("clean", *GRADIENT_FREE_ATTACKS)
     eot = cfg.eot_samples
     if eval_attack(cfg) == "autoattack" and autoattack_version(cfg) == "rand":
-        eot = max(eot, RAND_EOT_SAMPLES)  # the rand version's own draws (iat.autoattack)
+        eot = autoattack.rand_eot_samples(eot)  # the rand version's own draws
     words = [defenses.describe(predict_defense(cfg), eot, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
@@ -628,5 +628,5 @@ def _attack_record(cfg: Config, attack: str) -> dict:
         record["p_init"] = P_INIT
     if attack == "autoattack":
         record["version"] = autoattack_version(cfg)
-        record["members"] = list(RAND_MEMBERS if record["version"] == "rand" else STANDARD_MEMBERS)
+        record["members"] = list(autoattack.members(record["version"]))
     return record
