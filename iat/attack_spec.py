@@ -4,13 +4,17 @@
 least-likely class), ``pgdrnd_EPS_STEP_NITER`` (toward a random wrong class) and ``fgsmrs_EPS``
 (FGSM with a random start, Wong et al. 2020), integers in pixel units. Without ``--adv-method``
 the original's ``--attack-iter/--attack-epsilon/--attack-step-size/--attack-target`` describe
-the attack (random target by default). Each spec names an ``adv_model.ATTACKS`` entry.
+the attack (random target by default). Each spec names an ``iat.attacks.ATTACKS`` entry and
+its ``AttackSettings`` (the attack's one settings type; ``iat.builders`` adds the run's).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from iat.attacks import AttackSettings
+from iat.attacks.registry import default_attack
 
 VALID_FORMS = "clean, pgd_EPS_STEP_NITER, pgdll_EPS_STEP_NITER, pgdrnd_EPS_STEP_NITER, fgsmrs_EPS"
 # ALP's attack names: the prefix says the target (ALP README, "adv_method" flag).
@@ -21,27 +25,27 @@ _FGSM_RS = re.compile(r"^fgsmrs_(\d+)$")
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One training attack, as ``adv_model.create_attacker`` builds it."""
+    """One training attack: its registry name and settings (``iat.attacks.create_attacker``)."""
 
     name: str  # the ATTACKS registry name: "clean", "pgd" or "fgsmrs"
-    num_iter: int  # iterations (0 for clean, 1 for fgsmrs)
-    epsilon: float  # L-inf radius, pixel units
-    step_size: float  # pixel units (fgsmrs: set by the attack itself, 1.25 epsilon)
-    target: str | None  # "random", "least_likely" or None (untargeted)
+    # Iterations (0 for clean, 1 for fgsmrs), L-inf epsilon and step in pixel units (fgsmrs: its
+    # step is the attack's own, 1.25 epsilon), target ("random", "least_likely" or None).
+    settings: AttackSettings
 
 
 def parse_attack_spec(text: str) -> AttackSpec:
     """The spec ``text`` names; ValueError (one line listing the valid forms) otherwise."""
     if text == "clean":
-        return AttackSpec("clean", 0, 0.0, 0.0, None)
+        return AttackSpec("clean", AttackSettings(0, 0.0, 0.0, target=None))
     pgd = _PGD.match(text)
     if pgd:
         kind, eps, step, niter = pgd.groups()
         if int(niter) >= 1 and int(step) >= 1:
-            return AttackSpec("pgd", int(niter), float(eps), float(step), PGD_TARGETS[kind])
+            settings = AttackSettings(int(niter), float(eps), float(step), target=PGD_TARGETS[kind])
+            return AttackSpec("pgd", settings)
     fgsm = _FGSM_RS.match(text)
     if fgsm:
-        return AttackSpec("fgsmrs", 1, float(fgsm.group(1)), 0.0, None)
+        return AttackSpec("fgsmrs", AttackSettings(1, float(fgsm.group(1)), 0.0, target=None))
     raise ValueError(
         f"--adv-method: {text!r} is not an attack spec; valid forms: {VALID_FORMS} "
         "(integers in pixel units, STEP and NITER >= 1)"
@@ -52,6 +56,5 @@ def flags_attack_spec(
     attack_iter: int, epsilon: float, step_size: float, target: str | None
 ) -> AttackSpec:
     """The original's flags as a spec: PGD-`attack_iter` (0: clean)."""
-    if attack_iter == 0:
-        return AttackSpec("clean", 0, epsilon, step_size, target)
-    return AttackSpec("pgd", attack_iter, epsilon, step_size, target)
+    settings = AttackSettings(attack_iter, epsilon, step_size, target=target)
+    return AttackSpec(default_attack(attack_iter), settings)

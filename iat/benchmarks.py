@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adv_model import DEFAULT_QUERIES
+from iat.attacks import DEFAULT_QUERIES
 from iat.config import Config
 from iat.data.augment import eval_transform, robustbench_transform
 from iat.data.layouts import DataError, Sample

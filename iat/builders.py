@@ -1,6 +1,6 @@
 """The only place a configuration becomes objects: model, attacker, optimizer, schedule, DDP.
 
-Every choice is looked up in a registry (``nets.ARCHITECTURES``, ``adv_model.ATTACKS``); weights
+Every choice is looked up in a registry (``nets.ARCHITECTURES``, ``iat.attacks.ATTACKS``); weights
 are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) and loaded here.
 """
 
@@ -14,7 +14,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import nets
-from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
+from iat.attacks import Attacker, AttackSettings, create_attacker
+from iat.attacks.core import has_native_low_precision
+from iat.attacks.registry import default_attack
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
 from iat.defenses import DEFENSE_PHASES, parse_defense
 from iat.run_state import averaged_weights
@@ -310,32 +312,49 @@ def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision
 
 
 def attack_settings(
-    cfg: Config, *, attack_iter: int, num_classes: int, precision: AttackPrecision | None = None
+    cfg: Config,
+    *,
+    attack_iter: int,
+    num_classes: int,
+    precision: AttackPrecision | None = None,
+    generator: torch.Generator | None = None,
+    eot_samples: int = 1,
 ) -> AttackSettings:
-    """Training attacks (given their `precision`) start from the clean image with
-    --prob-start-from-clean; evaluation attacks always start from a random point, in fp32."""
+    """The one place an attack's settings are built. With a `precision`, the training attack:
+    --adv-method's spec (or the --attack-* flags) starting from the clean image with
+    --prob-start-from-clean, computed with `precision`. Without one, an evaluation attack of
+    `attack_iter` iterations with every --eval option, from a random start, in fp32.
+    `generator` is the default random source (None: torch's); `eot_samples` draws of a random
+    defense are averaged per gradient."""
     training = precision is not None
-    return AttackSettings(
+    evaluation = AttackSettings(
         num_iter=attack_iter,
         epsilon=cfg.attack_epsilon,
         step_size=cfg.attack_step_size,
         target=None if cfg.attack_target == NO_TARGET else cfg.attack_target,
-        prob_start_from_clean=cfg.prob_start_from_clean if training else 0.0,
         num_classes=num_classes,
-        autocast=training and precision.autocast,
-        compiled=training and precision.compiled,
+        generator=generator,
         norm=cfg.norm,
         restarts=cfg.restarts,
         loss=cfg.attack_loss,
         eps_step=cfg.eps_step,
         top_k=cfg.apgd_targets,
+        eot_samples=eot_samples,
         queries=cfg.queries,
     )
-
-
-def attack_name(attack_iter: int) -> str:
-    """The registry name of the configured attack: the original's PGD, or none for 0 steps."""
-    return "clean" if attack_iter == 0 else "pgd"
+    if not training:
+        return evaluation
+    spec = training_attack_spec(cfg).settings
+    return dataclasses.replace(
+        evaluation,
+        num_iter=spec.num_iter,
+        epsilon=spec.epsilon,
+        step_size=spec.step_size,
+        target=spec.target,
+        prob_start_from_clean=cfg.prob_start_from_clean,
+        autocast=precision.autocast,
+        compiled=precision.compiled,
+    )
 
 
 def build_attacker(
@@ -343,20 +362,20 @@ def build_attacker(
     *,
     attack_iter: int,
     num_classes: int,
-    precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
     name: str | None = None,
     eot_samples: int = 1,
 ) -> Attacker:
-    """The training attacker (with its `precision`) or, without one, the evaluation attacker,
-    from ``adv_model.ATTACKS``: `name` (--eval's --attack), else ``attack_name(attack_iter)``;
-    `generator` is its default random source (None: torch's); `eot_samples` draws are averaged
-    per iteration (EOT against a random defense)."""
+    """An evaluation attacker from ``iat.attacks.ATTACKS``: `name` (--eval's --attack), else the
+    original's PGD-`attack_iter` (clean for 0), with ``attack_settings``."""
     settings = attack_settings(
-        cfg, attack_iter=attack_iter, num_classes=num_classes, precision=precision
+        cfg,
+        attack_iter=attack_iter,
+        num_classes=num_classes,
+        generator=generator,
+        eot_samples=eot_samples,
     )
-    settings = dataclasses.replace(settings, generator=generator, eot_samples=eot_samples)
-    return create_attacker(name or attack_name(attack_iter), settings)
+    return create_attacker(name or default_attack(attack_iter), settings)
 
 
 def build_training_attacker(
@@ -365,19 +384,11 @@ def build_training_attacker(
     """The training attack: --adv-method's spec (or the --attack-* flags), computed with
     `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
     perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
-    spec = training_attack_spec(cfg)
-    settings = AttackSettings(
-        num_iter=spec.num_iter,
-        epsilon=spec.epsilon,
-        step_size=spec.step_size,
-        target=spec.target,
-        prob_start_from_clean=cfg.prob_start_from_clean,
-        num_classes=num_classes,
-        generator=generator,
-        autocast=precision.autocast,
-        compiled=precision.compiled,
+    settings = attack_settings(
+        cfg, attack_iter=0, num_classes=num_classes, precision=precision, generator=generator
     )
-    return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
+    name = "free" if cfg.free_replays > 1 else training_attack_spec(cfg).name
+    return create_attacker(name, settings)
 
 
 # --- optimizer and schedule ------------------------------------------------------------------

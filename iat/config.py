@@ -16,15 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from adv_model import (
-    ATTACK_LOSSES,
-    ATTACK_NORMS,
-    ATTACKS,
-    DEFAULT_QUERIES,
-    NORMS,
-    TARGET_MODES,
-)
 from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
+from iat.attacks import ATTACK_LOSSES, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
+from iat.attacks.registry import default_attack, evaluation_attacks, takes
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
@@ -47,15 +41,6 @@ MODEL_FIELDS = (
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train")
-# What each --attack takes besides --attack-epsilon (adv_model.ATTACK_NORMS has its norms).
-ITERLESS_ATTACKS = ("clean", "fgm", "fgm-minimal", "square")  # --attack-iter does not apply
-LOSS_ATTACKS = ("pgd", "fgm", "fgm-minimal")  # take --attack-loss
-RESTART_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "strong")  # take --restarts
-QUERY_ATTACKS = ("square", "autoattack")  # take --queries (Square's query budget)
-GRADIENT_FREE_ATTACKS = ("square",)  # use no gradient: BPDA does not apply to them
-# Training attacks without an evaluation form (free training's carried perturbation, FGSM-RS's
-# fixed one step): --attack does not offer them (--adv-method does).
-TRAINING_ONLY_ATTACKS = ("free", "fgsmrs")
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
 EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.ood
 
@@ -66,7 +51,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "arch": tuple(nets.available_architectures()),
         "denoise_op": tuple(nets.available_denoise_ops()),
         "loader": tuple(TRAIN_SOURCES),
-        "attack": tuple(a for a in ATTACKS if a not in TRAINING_ONLY_ATTACKS),
+        "attack": evaluation_attacks(),
         "norm": NORMS,
         "attack_loss": ATTACK_LOSSES,
         "attack_target": tuple(t or NO_TARGET for t in TARGET_MODES),
@@ -160,9 +145,9 @@ class Config:
     accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
     free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
 
-    # --- --eval's attack (adv_model.ATTACKS; README "Evaluation" lists them) ----------------
+    # --- --eval's attack (iat.attacks.ATTACKS; README "Evaluation" lists them) ------------
     attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
-    norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: ATTACK_NORMS)
+    norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: its registry entry)
     restarts: int = 1  # runs per example of pgd / apgd-* / fab-t, each on those not yet broken
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
@@ -461,7 +446,9 @@ def _adversarial_training(cfg: Config) -> None:
         "--finetune-checkpoint: starts a run from weights; --load cannot be given with it",
     )
     if cfg.free_replays > 1:
-        _check(spec.name != "clean", "--free-replays: needs an attack epsilon (not clean)")
+        _check(
+            attack_info(spec.name).perturbs, "--free-replays: needs an attack epsilon (not clean)"
+        )
         _check(
             adv_fraction(cfg) == 1 and cfg.accumulate == 1,
             "--free-replays: cannot be combined with --adv-fraction < 1, --lp-weight or "
@@ -472,9 +459,7 @@ def _adversarial_training(cfg: Config) -> None:
 def eval_attack(cfg: Config) -> str:
     """The registry name of --eval's attack: --attack, else the original's PGD (clean for 0
     iterations)."""
-    if cfg.attack is not None:
-        return cfg.attack
-    return "clean" if cfg.attack_iter == 0 else "pgd"
+    return cfg.attack if cfg.attack is not None else default_attack(cfg.attack_iter)
 
 
 _EVAL_ONLY_DEFAULTS = (
@@ -496,28 +481,30 @@ def _attack_options(cfg: Config) -> None:
             _check(getattr(cfg, name) == default, f"{_flag(name)}: only --eval takes it")
         return
     attack = eval_attack(cfg)
-    norms = ATTACK_NORMS[attack]
-    _check(cfg.norm in norms, f"--norm {cfg.norm}: --attack {attack} supports {', '.join(norms)}")
+    info = attack_info(attack)
+    _check(
+        cfg.norm in info.norms,
+        f"--norm {cfg.norm}: --attack {attack} supports {', '.join(info.norms)}",
+    )
     _check(  # the benchmark's own clean evaluation runs as attack "clean"
         cfg.benchmark is None or attack in ("autoattack", "clean"),
         f"--benchmark {cfg.benchmark}: its result is AutoAttack's, not --attack {attack}'s",
     )
     _check(
-        attack in ITERLESS_ATTACKS or cfg.attack_iter >= 1,
+        not info.iterations or cfg.attack_iter >= 1,
         f"--attack-iter: --attack {attack} needs >= 1 iterations, got {cfg.attack_iter}",
     )
-    _check(
-        cfg.attack_loss == "ce" or attack in LOSS_ATTACKS,
-        f"--attack-loss {cfg.attack_loss}: only --attack {', '.join(LOSS_ATTACKS)} take it",
+    taken = (
+        ("loss", "attack_loss", "ce"),
+        ("restarts", "restarts", 1),
+        ("queries", "queries", DEFAULT_QUERIES),
     )
-    _check(
-        cfg.restarts == 1 or attack in RESTART_ATTACKS,
-        f"--restarts {cfg.restarts}: only --attack {', '.join(RESTART_ATTACKS)} take it",
-    )
-    _check(
-        cfg.queries == DEFAULT_QUERIES or attack in QUERY_ATTACKS,
-        f"--queries {cfg.queries}: only --attack {', '.join(QUERY_ATTACKS)} take it",
-    )
+    for trait, field, default in taken:
+        value = getattr(cfg, field)
+        _check(
+            value == default or getattr(info, trait),
+            f"{_flag(field)} {value}: only --attack {', '.join(takes(trait))} take it",
+        )
 
 
 def default_logdir(cfg: Config, world_size: int) -> str:

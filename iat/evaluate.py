@@ -20,17 +20,20 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, NoOpAttacker, pgd_step_size
-from iat import autoattack, benchmarks, defenses, distributed, ood
+from iat import benchmarks, defenses, distributed, ood
 from iat.atomic_io import atomic_write, atomic_write_text
-from iat.builders import build_attacker, load_for_inference
+from iat.attacks import (
+    PIXEL_MAX,
+    PIXEL_MIN,
+    Attacker,
+    AttackSettings,
+    NoOpAttacker,
+    attack_info,
+    autoattack,
+    registry,
+)
+from iat.builders import attack_settings, build_attacker, load_for_inference
 from iat.config import (
-    GRADIENT_FREE_ATTACKS,
-    ITERLESS_ATTACKS,
-    LOSS_ATTACKS,
-    NO_TARGET,
-    QUERY_ATTACKS,
-    RESTART_ATTACKS,
     Config,
     config_record,
     eval_attack,
@@ -48,11 +51,10 @@ from iat.eval_state import (
     state_dir,
     stats_tensors,
 )
-from iat.masking import CHECKED_ATTACKS, Check, run_checks
+from iat.masking import Check, run_checks
 from iat.metrics import EvalResult, count_batch
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
-from iat.square import P_INIT
 
 DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
@@ -339,7 +341,7 @@ def evaluate_checkpoint(
 def write_model_info(cfg: Config, results: list[EvalResult]) -> None:
     """The benchmark's result file (RobustBench's model_info fields) beside --eval-output."""
     clean, attacked = results
-    info = benchmarks.model_info(cfg, clean, attacked, autoattack_version(cfg))
+    info = benchmarks.model_info(cfg, clean, attacked, autoattack.version(random_draws(cfg)))
     path = benchmarks.model_info_path(cfg.eval_output)
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
     print(
@@ -355,7 +357,7 @@ def masking_checks(
 ) -> list[Check] | None:
     """``iat.masking``'s checks of a strong / autoattack evaluation (None for other attacks,
     or with --masking-checks 0)."""
-    if eval_attack(cfg) not in CHECKED_ATTACKS or cfg.masking_checks == 0:
+    if not attack_info(eval_attack(cfg)).checked or cfg.masking_checks == 0:
         return None
 
     def run(checked: Config, subset: Sequence[Sample], wrap) -> EvalResult:
@@ -446,89 +448,35 @@ def evaluate_set_of(cfg: Config, device: torch.device, logger: RunLogger) -> Non
         print("\n".join(lines), flush=True)
 
 
-NORM_NAMES = {"inf": "L-inf", "2": "L2", "1": "L1"}
-TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"}
+def random_draws(cfg: Config) -> int:
+    """The draws of --defense an evaluation attack averages per gradient: --eot-samples behind a
+    random defense, else 1 (as ``defenses.eot_samples`` gives the attack built for it)."""
+    random = any(t.random for t in defenses.build_transforms(predict_defense(cfg)))
+    return cfg.eot_samples if random else 1
 
 
-def attack_target(cfg: Config) -> str:
-    """What --eval's attack aims at: --attack-target for pgd and fgm; "none" (misclassification)
-    for apgd-ce and strong; "top-K" (the K likeliest wrong classes in turn) for apgd-t and fab-t."""
-    attack = eval_attack(cfg)
-    if attack in ("pgd", "fgm", "fgm-minimal"):
-        return cfg.attack_target
-    return f"top-{cfg.apgd_targets}" if attack in ("apgd-t", "fab-t") else NO_TARGET
+def eval_settings(cfg: Config) -> AttackSettings:
+    """--eval's attack settings, as ``evaluate_attack`` builds its attacker from them."""
+    return attack_settings(
+        cfg, attack_iter=cfg.attack_iter, num_classes=cfg.num_classes, eot_samples=random_draws(cfg)
+    )
 
 
 def threat_model(cfg: Config) -> str:
-    """--eval's attack in words: attack, iterations, target, norm, epsilon (and its options)."""
+    """--eval's attack in words: attack, iterations, target, norm, epsilon, every option that
+    changes the number (the registry's words), then the defense and the frontend."""
     attack = eval_attack(cfg)
-    if attack == "clean":
-        return f"clean{_defense_words(cfg)}"
-    k, target = cfg.attack_iter, attack_target(cfg)
-    goal = TARGET_WORDS.get(
-        target, f"{target} targets" if target.startswith("top") else "untargeted"
-    )
-    ball = f"{NORM_NAMES[cfg.norm]} eps={cfg.attack_epsilon:g}"
-    restarts = f", {cfg.restarts} restarts" if cfg.restarts > 1 else ""
-    loss = ", CW loss" if cfg.attack_loss == "cw" else ""
-    step = f", step {effective_step_size(cfg):g}"
-    if attack == "strong":
-        members = (
-            f"APGD-CE-{k}, APGD-T-{k} top-{cfg.apgd_targets}, PGD-{k} random target{step}{restarts}"
-        )
-        return f"strong (worst case of {members}), {ball}{_defense_words(cfg)}"
-    if attack == "autoattack":
-        return f"{autoattack_words(cfg)}, {ball}{_defense_words(cfg)}"
-    if attack == "fgm":
-        return f"FGM {goal}, {ball}{loss}{_defense_words(cfg)}"
-    if attack == "square":
-        return f"Square {cfg.queries} queries {goal}, {ball}{_defense_words(cfg)}"
-    if attack == "fgm-minimal":
-        return f"FGM-minimal {goal}, {ball} in steps of {cfg.eps_step:g}{loss}{_defense_words(cfg)}"
-    name = {
-        "pgd": "PGD",
-        "apgd-ce": "APGD-CE",
-        "apgd-dlr": "APGD-DLR",
-        "apgd-t": "APGD-T",
-        "fab-t": "FAB-T",
-    }[attack]
-    step = step if attack == "pgd" else ""  # APGD adapts its own step (Croce & Hein 2020)
-    return f"{name}-{k} {goal}, {ball}{step}{loss}{restarts}{_defense_words(cfg)}"
+    return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack)
 
 
-def autoattack_version(cfg: Config) -> str:
-    """The AutoAttack version --attack autoattack runs (iat.autoattack): "rand" behind a random
-    defense, else "standard"."""
-    random = any(t.random for t in defenses.build_transforms(predict_defense(cfg)))
-    # The draws defenses.eot_samples gives the attack built for this defense.
-    return autoattack.version(cfg.eot_samples if random else 1)
-
-
-def autoattack_words(cfg: Config) -> str:
-    k, targets = cfg.attack_iter, cfg.apgd_targets
-    if autoattack_version(cfg) == "rand":
-        eot = autoattack.rand_eot_samples(cfg.eot_samples)
-        return f"AutoAttack rand (APGD-CE-{k}, APGD-DLR-{k}; EOT over {eot} draws)"
-    return (
-        f"AutoAttack standard (APGD-CE-{k}, APGD-T-{k} top-{targets}, FAB-T-{k} top-{targets}, "
-        f"Square {cfg.queries} queries)"
-    )
-
-
-def effective_step_size(cfg: Config) -> float:
-    """The step --eval's PGD takes (adv_model.pgd_step_size), not only the one asked for."""
-    return pgd_step_size(cfg.attack_epsilon, cfg.attack_iter, cfg.attack_step_size)
-
-
-def _defense_words(cfg: Config) -> str:
+def _defense_words(cfg: Config, attack: str) -> str:
     """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
     query attack, Square, sees their forward pass as it is), after commas; empty without
     either."""
-    attacked = eval_attack(cfg) not in ("clean", *GRADIENT_FREE_ATTACKS)
-    eot = cfg.eot_samples
-    if eval_attack(cfg) == "autoattack" and autoattack_version(cfg) == "rand":
-        eot = autoattack.rand_eot_samples(eot)  # the rand version's own draws
-    words = [defenses.describe(predict_defense(cfg), eot, attacked=attacked)]
+    info = attack_info(attack)
+    attacked = info.perturbs and info.gradient
+    draws = registry.draws(attack, eval_settings(cfg)) if attacked else cfg.eot_samples
+    words = [defenses.describe(predict_defense(cfg), draws, attacked=attacked)]
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
     if cfg.frontend is not None:
@@ -544,7 +492,7 @@ def summary_line(cfg: Config, r: EvalResult) -> str:
         f"{threat_model(cfg)}: {r.images} images{skipped}, top-1 error {r.top1_error:.4f}, "
         f"top-5 error {r.top5_error:.4f}"
     )
-    if eval_attack(cfg) == "clean":
+    if not attack_info(eval_attack(cfg)).perturbs:
         return line
     line += (
         f", attack success rate {r.attack_success_rate:.4f}, "
@@ -585,11 +533,11 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
     record = r.as_dict()
     attack = eval_attack(cfg)
     settings: dict = {"name": attack}
-    if attack == "clean":
+    if attack_info(attack).perturbs:
+        settings.update(registry.record(attack, eval_settings(cfg)))
+    else:
         for key in ("attack_success_rate", "robust_accuracy", "details"):
             del record[key]
-    else:
-        settings.update(_attack_record(cfg, attack))
     return {
         **record,
         "threat_model": threat_model(cfg),
@@ -605,28 +553,3 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "frontend_gradient": cfg.frontend_gradient if cfg.frontend is not None else None,
         "world_size": distributed.get_world_size(),
     }
-
-
-def _attack_record(cfg: Config, attack: str) -> dict:
-    """The settings `attack` uses, as the JSON result names them."""
-    record: dict = {"epsilon": cfg.attack_epsilon, "norm": cfg.norm, "target": attack_target(cfg)}
-    if attack not in ITERLESS_ATTACKS:
-        record["iter"] = cfg.attack_iter
-    if attack in ("pgd", "strong"):
-        record["step_size"] = effective_step_size(cfg)
-        record["step_size_requested"] = cfg.attack_step_size
-    if attack in LOSS_ATTACKS:
-        record["loss"] = cfg.attack_loss
-    if attack in RESTART_ATTACKS:
-        record["restarts"] = cfg.restarts
-    if attack == "fgm-minimal":
-        record["eps_step"] = cfg.eps_step
-    if attack in ("apgd-t", "fab-t", "strong", "autoattack"):
-        record["apgd_targets"] = cfg.apgd_targets
-    if attack in QUERY_ATTACKS:
-        record["queries"] = cfg.queries
-        record["p_init"] = P_INIT
-    if attack == "autoattack":
-        record["version"] = autoattack_version(cfg)
-        record["members"] = list(autoattack.members(record["version"]))
-    return record

@@ -29,18 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adv_model import ATTACKS, PIXEL_MAX, Attacker, AttackSettings, create_attacker, no_targets
-from iat.attacks import as_float, attacking
+from iat.attacks import (
+    PIXEL_MAX,
+    Attacker,
+    AttackSettings,
+    attack_info,
+    create_attacker,
+    no_targets,
+)
+from iat.attacks.ops import as_float, attacking
 from iat.config import Config, eval_attack
 from iat.data.layouts import Sample
 from iat.metrics import EvalResult
 
-CHECKED_ATTACKS = ("strong", "autoattack")  # evaluations that run the checks
 FLAT_SHARE = 0.1  # warn when more than this share of images shows a flat loss
 UNBOUNDED_ACCURACY = 0.05  # warn when unbounded PGD leaves more than this accuracy
 MORE_ITERATIONS_DROP = 0.02  # warn when twice the iterations lower robust accuracy by more
 UNBOUNDED_ITER = 20  # untargeted PGD iterations for the unbounded check
-GRADIENT_FREE = "square"  # the registry's score-based attack
+GRADIENT_FREE = "square"  # the score-based attack the check runs
 GRADIENT_FREE_QUERIES = 1000  # its budget in the check (Square's own default: 5,000)
 
 
@@ -121,9 +127,9 @@ def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> li
     `evaluate(cfg, samples, wrap)` evaluates `cfg`'s attack on `samples`, its attacker first
     passed through `wrap` when given, and returns the counts with the attacker's statistics."""
     subset = list(samples[: cfg.masking_checks])
-    # AutoAttack's own members include Square: a second Square run would only measure its
-    # randomness.
-    free = None if eval_attack(cfg) == "autoattack" else _gradient_free(cfg)
+    # An attack with a score-based member (AutoAttack's Square) has run one: a second run would
+    # only measure its randomness.
+    free = None if attack_info(eval_attack(cfg)).queries else _gradient_free(cfg)
     probed = evaluate(cfg, subset, lambda inner: MaskingProbe(inner, free))
     correct, flat, zero_grad, robust, broken_free = (
         float(v) for v in probed.details["probe_counts"]
@@ -172,10 +178,8 @@ def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> li
     return checks
 
 
-def _gradient_free(cfg: Config) -> Attacker | None:
-    """Square (when registered) at the check's budget, on the evaluation's threat model."""
-    if GRADIENT_FREE not in ATTACKS:
-        return None
+def _gradient_free(cfg: Config) -> Attacker:
+    """Square at the check's budget, on the evaluation's threat model."""
     from iat.builders import build_attacker
 
     checked = dataclasses.replace(cfg, attack=GRADIENT_FREE, queries=GRADIENT_FREE_QUERIES)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from adv_model import attack_success
+from iat.attacks import attack_success
 
 COUNTS = ("images", "top1_wrong", "top5_wrong", "attack_success")
 

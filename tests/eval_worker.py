@@ -13,8 +13,9 @@ import torch
 
 from adv_model import DEFAULT_QUERIES
 from iat import distributed
+from iat.attacks import ATTACKS
 from iat.builders import load_for_inference
-from iat.config import QUERY_ATTACKS, RESTART_ATTACKS, Config
+from iat.config import Config
 from iat.data.layouts import create_reader
 from iat.evaluate import eval_record, evaluate_attack
 
@@ -24,9 +25,9 @@ def attack_config(checkpoint: str, data: str, attack: str) -> Config:
     return Config(
         mode="eval", load=checkpoint, data=data, arch="ResNet", num_blocks=(1, 1, 1, 1), width=8,
         image_size=32, batch=2, workers=0, attack=attack, attack_iter=2, attack_epsilon=16.0,
-        attack_step_size=4.0, restarts=2 if attack in RESTART_ATTACKS else 1, eps_step=4.0,
+        attack_step_size=4.0, restarts=2 if ATTACKS[attack].restarts else 1, eps_step=4.0,
         apgd_targets=2, attack_loss="cw" if attack == "pgd" else "ce",
-        queries=20 if attack in QUERY_ATTACKS else DEFAULT_QUERIES,
+        queries=20 if ATTACKS[attack].queries else DEFAULT_QUERIES,
     )  # fmt: skip
 
 

@@ -42,9 +42,15 @@ RUN = ["--steps-per-epoch", "2", "--train-eval", "none", "--threads", "1"]
 
 # --- 1. attack specs -----------------------------------------------------------------------------
 def test_attack_specs_parse_to_the_registered_attacks():
-    assert parse_attack_spec("pgdll_16_2_10") == AttackSpec("pgd", 10, 16.0, 2.0, "least_likely")
-    assert parse_attack_spec("pgdrnd_8_1_3") == AttackSpec("pgd", 3, 8.0, 1.0, "random")
-    assert parse_attack_spec("pgd_4_1_5") == AttackSpec("pgd", 5, 4.0, 1.0, None)
+    assert parse_attack_spec("pgdll_16_2_10") == AttackSpec(
+        "pgd", AttackSettings(10, 16.0, 2.0, target="least_likely")
+    )
+    assert parse_attack_spec("pgdrnd_8_1_3") == AttackSpec(
+        "pgd", AttackSettings(3, 8.0, 1.0, target="random")
+    )
+    assert parse_attack_spec("pgd_4_1_5") == AttackSpec(
+        "pgd", AttackSettings(5, 4.0, 1.0, target=None)
+    )
     assert parse_attack_spec("fgsmrs_8").name == "fgsmrs"
     assert parse_attack_spec("clean").name == "clean"
     for bad in ("pgd_16_2", "pgd_16_0_10", "pgdxx_1_1_1", "fgsmrs_1.5", "PGD_16_2_10", ""):

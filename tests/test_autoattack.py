@@ -12,10 +12,11 @@ from test_eval_outputs import COMMON
 
 import nets
 from adv_model import AttackSettings, create_attacker
-from iat.attacks import APGDAttacker, EnsembleAttacker, dlr
-from iat.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
-from iat.fab import FABAttacker
-from iat.square import SquareAttacker
+from iat.attacks.apgd import APGDAttacker, dlr
+from iat.attacks.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
+from iat.attacks.ensemble import EnsembleAttacker
+from iat.attacks.fab import FABAttacker
+from iat.attacks.square import SquareAttacker
 from main import main
 
 

@@ -13,8 +13,9 @@ from digits_model import NUM_CLASSES, assert_unchanged, snapshot
 from test_eval_outputs import COMMON, checkpoint  # noqa: F401 (a fixture)
 
 from adv_model import AttackSettings, create_attacker
-from iat.attacks import APGDAttacker, norm_of
-from iat.fab import FABAttacker, project_onto_hyperplane
+from iat.attacks.apgd import APGDAttacker
+from iat.attacks.fab import FABAttacker, project_onto_hyperplane
+from iat.attacks.ops import norm_of
 from main import main
 
 

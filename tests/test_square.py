@@ -15,8 +15,8 @@ from digits_model import NUM_CLASSES, eval_logits
 from test_eval_outputs import COMMON, checkpoint  # noqa: F401 (the fixture)
 
 from adv_model import AttackSettings, PGDAttacker, create_attacker
+from iat.attacks.square import P_INIT, SquareAttacker, square_fraction, window_side
 from iat.config import Config
-from iat.square import P_INIT, SquareAttacker, square_fraction, window_side
 from main import main
 
 TOLERANCE = {"inf": 1e-4, "2": 1e-3}  # float32 rounding of a [0, 255] image

@@ -16,8 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from adv_model import DEFAULT_QUERIES, Attacker, AttackSettings, attack_mode, no_targets
-from iat.attacks import _per_example, _rand, as_float, clip_pixels, logit_margin, norm_of
+from iat.attacks.core import DEFAULT_QUERIES, Attacker, AttackSettings, attack_mode, no_targets
+from iat.attacks.ops import as_float, clip_pixels, logit_margin, norm_of, per_example, uniform01
+from iat.attacks.registry import register
 
 # Initial fraction of the pixels a window covers. The paper's experiments tune it per setting
 # (the authors' code: 0.05 for L-inf, 0.1 for L2 on standard models, "robust models require
@@ -88,13 +89,13 @@ def bump_pair(side: int, like: Tensor) -> Tensor:
 
 def _signs(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Independent +-1 draws, each with probability 1/2."""
-    return torch.where(_rand(shape, like, generator) < 0.5, -1.0, 1.0).to(like.dtype)
+    return torch.where(uniform01(shape, like, generator) < 0.5, -1.0, 1.0).to(like.dtype)
 
 
 def _offsets(count: int, room: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """``count`` offsets uniform in {0, ..., room}: every position of a window in the image
     (Alg. 2 / 3 of the paper; the authors' code leaves out the last one)."""
-    return (_rand((count,), like, generator) * (room + 1)).long().clamp(max=room)
+    return (uniform01((count,), like, generator) * (room + 1)).long().clamp(max=room)
 
 
 class SquareAttacker(Attacker):
@@ -195,7 +196,7 @@ class SquareAttacker(Attacker):
             # Alg. 1: keep the candidate if the loss decreased; a misclassified candidate is
             # kept even at a tied margin (AutoAttack's implementation does the same).
             accept = (new_margin < margin[todo]) | wrong
-            best[todo] = torch.where(_per_example(accept, candidate), candidate, best[todo])
+            best[todo] = torch.where(per_example(accept, candidate), candidate, best[todo])
             margin[todo] = torch.where(accept, new_margin, margin[todo])
             broken[todo] = wrong
             queries[todo] += 1
@@ -225,7 +226,7 @@ class SquareAttacker(Attacker):
         for _ in range(MAX_REDRAWS):
             signs = _signs((n, c, 1, 1), clean, generator)
             drawn = torch.where(mask, clip_pixels(clean + self.epsilon * signs), best)
-            candidate = torch.where(_per_example(unchanged, drawn), drawn, candidate)
+            candidate = torch.where(per_example(unchanged, drawn), drawn, candidate)
             unchanged = (candidate - best).flatten(1).abs().amax(dim=1) < 1e-7
             if not unchanged.any():
                 break
@@ -243,7 +244,7 @@ class SquareAttacker(Attacker):
         top0, left0 = (h - h // side * side) // 2, (w - w // side * side) // 2
         for top in range(top0, h - side + 1, side):
             for left in range(left0, w - side + 1, side):
-                coin = (_rand((n,), clean, generator) < 0.5).long()
+                coin = (uniform01((n,), clean, generator) < 0.5).long()
                 bumps = pair[coin][:, None] * _signs((n, c, 1, 1), clean, generator)
                 delta[:, :, top : top + side, left : left + side] += bumps
         return self._l2_point(clean, delta)
@@ -252,7 +253,7 @@ class SquareAttacker(Attacker):
         """``clean`` + ``delta`` scaled to L2 norm epsilon, clipped to [0, 255] (the clip only
         shortens the perturbation)."""
         scale = self.epsilon / norm_of(delta, "2").clamp_min(NORM_FLOOR)
-        return clip_pixels(clean + delta * _per_example(scale, delta))
+        return clip_pixels(clean + delta * per_example(scale, delta))
 
     def _l2_proposal(
         self, clean: Tensor, best: Tensor, p: float, generator: torch.Generator | None
@@ -284,12 +285,12 @@ class SquareAttacker(Attacker):
         old_norm = old.square().sum(dim=(2, 3), keepdim=True).sqrt()
         union_norm = (delta * (first | second)).square().sum(dim=(2, 3), keepdim=True).sqrt()
         free = (self.epsilon**2 - norm_of(delta, "2").square()).clamp_min(0.0)
-        coin = (_rand((n,), clean, generator) < 0.5).long()
+        coin = (uniform01((n,), clean, generator) < 0.5).long()
         bumps = bump_pair(side, clean)[coin][:, None] * _signs((n, c, 1, 1), clean, generator)
         new = bumps + old / (old_norm + NORM_FLOOR)
         # Per channel: the budget left shared equally by the c channels, plus the channel's
         # mass in the two windows (the authors' code), so that the total norm stays epsilon.
-        target = (_per_example(free, new) / c + union_norm.square()).sqrt()
+        target = (per_example(free, new) / c + union_norm.square()).sqrt()
         new = new / (new.square().sum(dim=(2, 3), keepdim=True).sqrt() + NORM_FLOOR) * target
         delta = delta.masked_fill(second, 0.0)
         delta[index] = new
@@ -313,6 +314,15 @@ class SquareAttacker(Attacker):
         }
 
 
+@register(
+    "square",
+    "Square",
+    norms=("inf", "2"),
+    iterations=False,
+    queries=True,
+    gradient=False,
+    extra_record=lambda settings: {"p_init": P_INIT},
+)
 def square_from_settings(settings: AttackSettings) -> SquareAttacker:
     return SquareAttacker(
         settings.epsilon,

@@ -11,8 +11,7 @@ turn. As AutoAttack counts it, an example is broken when FAB's point is misclass
 the epsilon-ball; epsilon otherwise only sets the radius of the random restarts.
 
 Images are float NCHW BGR in pixel units [0, 255], as everywhere; epsilon is in pixel units of
-the norm ("inf" or "2"). ``fab_from_settings`` is registered as ``fab-t`` in
-``adv_model.ATTACKS``, which imports this module lazily.
+the norm ("inf" or "2"). ``fab_from_settings`` is registered as ``fab-t``.
 """
 
 from __future__ import annotations
@@ -23,19 +22,20 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, AttackSettings, no_targets
-from iat.attacks import (
-    _check_common,
-    _per_example,
-    _rand,
-    _randn,
+from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, Attacker, AttackSettings, no_targets
+from iat.attacks.ops import (
     as_float,
     attacking,
+    check_threat_model,
     clip_pixels,
     gain_and_grad,
     histogram_median,
     norm_of,
+    normal,
+    per_example,
+    uniform01,
 )
+from iat.attacks.registry import register
 
 # FAB Sec 2.2 (and AutoAttack's defaults): alpha_max bounds the bias towards the clean image,
 # eta extrapolates past the linearised boundary, beta is the backward step after a success.
@@ -116,7 +116,7 @@ class FABAttacker(Attacker):
     ) -> None:
         if num_iter < 1 or restarts < 1 or top_k < 1:
             raise ValueError(f"num_iter, restarts, top_k must be >= 1: {num_iter, restarts, top_k}")
-        _check_common(epsilon, norm, ("inf", "2"))
+        check_threat_model(epsilon, norm, ("inf", "2"))
         self.num_iter = num_iter
         self.epsilon = float(epsilon)
         self.norm = norm
@@ -156,7 +156,7 @@ class FABAttacker(Attacker):
                     )
                     # AutoAttack: a point counts only within the epsilon-ball.
                     within = distance <= self.epsilon
-                    adv[todo] = torch.where(_per_example(within, point), point, adv[todo])
+                    adv[todo] = torch.where(per_example(within, point), point, adv[todo])
                     found[todo] = torch.where(within, distance, found[todo])
                     broken[todo] = within
         self._norm_counts = self._histogram(found[attacked & broken])
@@ -196,7 +196,7 @@ class FABAttacker(Attacker):
                 length, length_origin = lengths.view(2, -1)
                 # FAB Sec 2.2, biased gradient step: alpha = min(|d| / (|d| + |d_orig|),
                 # alpha_max), both projections extrapolated by eta, then clipped to the box.
-                alpha = _per_example(
+                alpha = per_example(
                     (length / (length + length_origin)).clamp(0.0, FAB_ALPHA_MAX), x
                 )
                 x = clip_pixels(
@@ -205,11 +205,11 @@ class FABAttacker(Attacker):
                 wrong = model(x).argmax(dim=1) != labels
                 distance = norm_of(x - clean, self.norm)
                 better = wrong & (distance < best_norm)
-                best = torch.where(_per_example(better, x), x, best)
+                best = torch.where(per_example(better, x), x, best)
                 best_norm = torch.where(better, distance, best_norm)
                 # FAB Sec 2.2, backward step: from a misclassified point, back towards the
                 # clean image by the factor beta.
-                x = torch.where(_per_example(wrong, x), clean + FAB_BETA * (x - clean), x)
+                x = torch.where(per_example(wrong, x), clean + FAB_BETA * (x - clean), x)
         with torch.no_grad():
             best = self._final_search(model, clean, labels, best, best_norm < math.inf)
         distance = norm_of(best - clean, self.norm)
@@ -219,10 +219,10 @@ class FABAttacker(Attacker):
         """AutoAttack's FAB restart: a random point at distance epsilon / 2 from the clean image
         (L-inf: uniform draws scaled to the norm; L2: a Gaussian direction), in [0, 255]."""
         if self.norm == "inf":
-            draw = 2 * _rand(clean.shape, clean, generator) - 1
+            draw = 2 * uniform01(clean.shape, clean, generator) - 1
         else:
-            draw = _randn(clean.shape, clean, generator)
-        radius = _per_example(norm_of(draw, self.norm).clamp_min(1e-30), clean)
+            draw = normal(clean.shape, clean, generator)
+        radius = per_example(norm_of(draw, self.norm).clamp_min(1e-30), clean)
         return clip_pixels(clean + (self.epsilon / 2) * draw / radius)
 
     @staticmethod
@@ -242,16 +242,16 @@ class FABAttacker(Attacker):
             own_out = target_margin(outside_logits, labels, other)
             share = own_in / (own_in + own_out + 1e-12)
             share = torch.where((share >= 0) & (share <= 1), share, torch.full_like(share, 0.5))
-            share = _per_example(share, clean)
+            share = per_example(share, clean)
             middle = (1 - share) * inside + share * outside
             middle_logits = model(middle)
             correct = middle_logits.argmax(dim=1) == labels
-            keep = _per_example(correct, clean)
+            keep = per_example(correct, clean)
             inside = torch.where(keep, middle, inside)
             inside_logits = torch.where(correct[:, None], middle_logits, inside_logits)
             outside = torch.where(keep, outside, middle)
             outside_logits = torch.where(correct[:, None], outside_logits, middle_logits)
-        return torch.where(_per_example(found, clean), outside, adv)
+        return torch.where(per_example(found, clean), outside, adv)
 
     def _histogram(self, norms: Tensor) -> Tensor:
         width = max(self.epsilon, 1e-12) / NORM_BINS
@@ -274,6 +274,7 @@ class FABAttacker(Attacker):
         }
 
 
+@register("fab-t", "FAB-T", norms=("inf", "2"), restarts=True, top_k=True, targets="top-k")
 def fab_from_settings(settings: AttackSettings) -> FABAttacker:
     return FABAttacker(
         settings.num_iter,

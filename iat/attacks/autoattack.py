@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from adv_model import AttackSettings, create_attacker
-from iat.attacks import EnsembleAttacker, apgd_from_settings
+from iat.attacks.apgd import apgd_ce, apgd_from_settings, apgd_t
+from iat.attacks.core import AttackSettings
+from iat.attacks.ensemble import EnsembleAttacker
+from iat.attacks.fab import fab_from_settings
+from iat.attacks.registry import AttackInfo, ball_words, register
+from iat.attacks.square import square_from_settings
 
-STANDARD_MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
+STANDARD = {  # registry name -> factory, in the authors' order
+    "apgd-ce": apgd_ce,
+    "apgd-t": apgd_t,
+    "fab-t": fab_from_settings,
+    "square": square_from_settings,
+}
+STANDARD_MEMBERS = tuple(STANDARD)
 RAND_MEMBERS = ("apgd-ce", "apgd-dlr")
 RAND_EOT_SAMPLES = 20  # the authors' version='rand': eot_iter = 20
 
@@ -39,6 +49,42 @@ def members(version_name: str) -> tuple[str, ...]:
     return RAND_MEMBERS if version_name == "rand" else STANDARD_MEMBERS
 
 
+def draws(settings: AttackSettings) -> int:
+    """The draws of a random defense the version for ``settings`` averages per gradient."""
+    rand = version(settings.eot_samples) == "rand"
+    return rand_eot_samples(settings.eot_samples) if rand else settings.eot_samples
+
+
+def words(info: AttackInfo, settings: AttackSettings) -> str:
+    """ "AutoAttack standard (APGD-CE-100, APGD-T-100 top-9, FAB-T-100 top-9, Square 5000
+    queries), L-inf eps=4"; the rand version with its EOT draws."""
+    k, targets = settings.num_iter, settings.top_k
+    if version(settings.eot_samples) == "rand":
+        parts = f"rand (APGD-CE-{k}, APGD-DLR-{k}; EOT over {draws(settings)} draws)"
+    else:
+        parts = (
+            f"standard (APGD-CE-{k}, APGD-T-{k} top-{targets}, FAB-T-{k} top-{targets}, "
+            f"Square {settings.queries} queries)"
+        )
+    return f"{info.title} {parts}, {ball_words(settings)}"
+
+
+def record(settings: AttackSettings) -> dict:
+    name = version(settings.eot_samples)
+    return {"version": name, "members": list(members(name))}
+
+
+@register(
+    "autoattack",
+    "AutoAttack",
+    norms=("inf", "2"),
+    queries=True,
+    top_k=True,
+    checked=True,
+    words=words,
+    extra_record=record,
+    draws=draws,
+)
 def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
     """AutoAttack's version for ``settings.eot_samples``, at its norm, ε, iterations, targets
     and queries; one run of each member (the authors' restarts: 1)."""
@@ -50,4 +96,4 @@ def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
             apgd_from_settings(drawn, targeted=False, loss="dlr"),
         ]
         return EnsembleAttacker(list(zip(RAND_MEMBERS, attackers, strict=True)))
-    return EnsembleAttacker([(name, create_attacker(name, single)) for name in STANDARD_MEMBERS])
+    return EnsembleAttacker([(name, factory(single)) for name, factory in STANDARD.items()])
