@@ -425,3 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # python -m iat.cli, as python -m iat
+    sys.argv[0] = "python -m iat"
+    sys.exit(main())

@@ -16,7 +16,10 @@ from main import main
 
 # What a wheel must hold at the top level: the package and the original's two module names.
 TOP_LEVEL = {"iat", "nets", "adv_model.py"}
-SOURCES = ("pyproject.toml", "README.md", "adv_model.py", "main.py", "iat", "nets", "third_party")
+SOURCES = (
+    "pyproject.toml", "README.md", "LICENSE", "adv_model.py", "main.py", "iat", "nets",
+    "third_party",
+)  # fmt: skip
 
 
 def _copy_sources(dest: Path) -> Path:
@@ -46,6 +49,27 @@ def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: P
     assert "iat/data/server.py" in listing and "nets/resnet.py" in listing
     for data in ("robustbench_imagenet_ids.txt", "imagenet_class_to_id_map.json", "ORIGIN.md"):
         assert f"iat/data/reference/{data}" in listing  # --benchmark and --eval-set read them
+    # The public commands, and the license beside the metadata.
+    (entry_points,) = [n for n in listing if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "iat = iat.cli:main" in scripts and "iat-serve-data = iat.data.server:main" in scripts
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in listing)
+
+
+def test_python_dash_m_iat_is_main_py() -> None:
+    """`python -m iat` and `python -m iat.cli` take main.py's flags (the `iat` command's)."""
+    for module in ("iat", "iat.cli"):
+        run = subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith("usage: python -m iat") and "--attack-epsilon" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "iat", "--atack", "pgd"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--attack" in bad.stderr
 
 
 # Runs first in the child: any import of torch fails there.
