@@ -289,11 +289,11 @@ def eval_samples(cfg: Config) -> list[Sample]:
 
 
 def evaluate_checkpoint(
-    cfg: Config, samples: list[Sample], device: torch.device, logger: RunLogger
+    cfg: Config, samples: list[Sample], device: torch.device, logger: RunLogger, label: str = ""
 ) -> list[EvalResult]:
     """The --load'ed model (read once) on `samples` under the configured attack, or under each
     point of the --sweep-epsilon x --sweep-iters grid; every result is logged (as ``eval``) and
-    its summary line printed."""
+    its summary line printed (after `label`: the checkpoint's name when watching)."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     check_labels(samples, cfg.num_classes, cfg.split)
     export = None
@@ -322,7 +322,7 @@ def evaluate_checkpoint(
             record["masking_checks"] = [dataclasses.asdict(c) for c in checks]
         logger.log_result("eval", record)
         if distributed.is_main_process():
-            print(summary_line(point, result), flush=True)
+            print(label + summary_line(point, result), flush=True)
             for check in checks or ():
                 if check.warn:
                     print(check.line(), flush=True)

@@ -340,20 +340,36 @@ def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_pat
     finally:
         watcher.kill()
     assert watcher.returncode == 0, err[-3000:]
-    assert out.count("clean: 5 images") == 2, out
+    for epoch in (1, 2):  # each summary line names its checkpoint
+        assert f"checkpoint-epoch{epoch:04d}.pt: clean: 5 images" in out, out
     assert "evaluated 2 checkpoint(s)" in err
+    (first_key,) = {p.name.split(".")[1] for p in (run / "eval").glob("*.json")}
+    assert first_key.startswith("clean-")
     for epoch in (1, 2):
-        record = json.loads((run / "eval" / f"checkpoint-epoch{epoch:04d}.json").read_text())
+        path = run / "eval" / f"checkpoint-epoch{epoch:04d}.{first_key}.json"
+        record = json.loads(path.read_text())
         assert record["images"] == 5 and record["checkpoint"].endswith(f"epoch{epoch:04d}.pt")
         assert record["split"] == "val"
     assert not list((run / "eval").glob(".*"))  # no temporary file left
-    # A second watcher finds nothing new and stops at once (the run's last epoch is done).
+    watch = [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run), "--data",
+             str(tiny_imagenet), "--image-size", "32", "--workers", "0", "--num-examples", "5",
+             "--threads", "1"]  # fmt: skip
+    # A second watcher of the same threat model finds nothing new and stops at once (the run's
+    # last epoch is done).
     again = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run),
-         "--data", str(tiny_imagenet), "--image-size", "32", "--workers", "0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*watch, "--attack-iter", "0"], capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0 and "evaluated 0 checkpoint(s)" in again.stderr
+    # Another attack is another threat model: every checkpoint again, beside the first results.
+    other = subprocess.run(
+        [*watch, "--attack", "fgm", "--attack-epsilon", "8"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0 and "evaluated 2 checkpoint(s)" in other.stderr, other.stderr
+    assert "checkpoint-epoch0002.pt: FGM random target, L-inf eps=8" in other.stdout
+    keys = sorted({p.name.split(".")[1] for p in (run / "eval").glob("*.json")})
+    assert len(keys) == 2 and keys[1].startswith("fgm-") and first_key in keys
+    assert len(list((run / "eval").glob("*.json"))) == 4
 
 
 def test_eval_on_the_first_examples_of_the_train_split(tiny_imagenet, tmp_path):
