@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import nets
 from iat import distributed
 from iat.benchmarks import BENCHMARK_DEFAULTS
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
@@ -81,6 +82,15 @@ def _help(name: str, text: str) -> str:
     return f"{text} (default: {default})"
 
 
+def _depth_help() -> str:
+    """Each architecture's depths (the registry's), not the union of all."""
+    per_arch = "".join(
+        f"\n  {arch}: {', '.join(map(str, nets.depths_of(arch)))}"
+        for arch in nets.available_architectures()
+    )
+    return _help("depth", "depth") + per_arch
+
+
 def _choice_arg(group, flag: str, text: str) -> None:
     name = flag.lstrip("-").replace("-", "_")
     group.add_argument(flag, choices=choices()[name], help=_help(name, text))
@@ -120,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     _choice_arg(model, "--arch", "architecture")
-    model.add_argument("-d", "--depth", type=int, choices=depths(), help=_help("depth", "depth"))
+    model.add_argument(
+        "-d", "--depth", type=int, choices=depths(), metavar="DEPTH", help=_depth_help()
+    )
     model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
     model.add_argument("--width", type=int, help=_help("width", "base channel count"))
     _choice_arg(model, "--denoise-op", "denoising blocks' operation; None: the arch's original")
@@ -265,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--sweep-iters", type=_numbers(int), help="--eval: e.g. 10,50,100")
     out.add_argument("--num-examples", type=int, help="--eval: only the first N images")
+    out.add_argument(
+        "--class-subset",
+        action="store_true",
+        default=None,
+        help="--eval: the data's N classes are the model's first N (else a count that differs "
+        "from the model's outputs is an error)",
+    )
     out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")
     out.add_argument(
         "--watch-interval", type=float, help=_help("watch_interval", "--watch: seconds")

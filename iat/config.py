@@ -201,6 +201,9 @@ class Config:
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
     skip_unreadable: bool = False  # --eval-directory: skip unreadable files with a warning
+    # --eval: the data's N classes are the model's first N (in sorted order); without it a class
+    # count that differs from the model's outputs is an error (labels would name other classes)
+    class_subset: bool = False
     print_top5: bool = False  # --eval-directory: print the top-5 classes of every image
     class_names: str | None = None  # file with one class name per line (LOC_synset_mapping.txt)
     collective_timeout: float = 300.0  # seconds a rank waits for the others in a collective

@@ -2,15 +2,16 @@
 
 The original's schedule is written for its 110-epoch recipe: clean and PGD-10 after every
 epoch, PGD-50 every 20 epochs and in the last 2, PGD-100 every 10 epochs and in the last 5. A
-run of another length gets the same schedule scaled to it: a period of P epochs becomes
-round(P * E / 110) epochs (none if that rounds to 0), the last K epochs become the last
-ceil(K * E / 110). So a 2-epoch run evaluates PGD-50 and PGD-100 once, after its last epoch,
-and a 110-epoch run exactly as the original.
+run of E epochs gets the same schedule stretched to it: its epoch e stands for the recipe's
+epochs in ((e - 1) * 110 / E, e * 110 / E], and an evaluation runs after it when the recipe runs
+it after any of those. So a 110-epoch run evaluates exactly as the original, and the shorter a
+run, the larger the share of its epochs that evaluate (a 22-epoch run: PGD-50 after epochs 4,
+8, 12, 16, 20, 22; a run of 5 epochs or fewer: after each). Rounding a scaled period instead
+gave a 3-epoch run PGD-50 after every epoch and a 2-epoch run once.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 RECIPE_EPOCHS = 110  # Feature Denoising Sec 5 (ImageNet in 1 Hour's schedule, stretched)
@@ -29,9 +30,12 @@ class EvalSpec:
         """Whether this evaluation runs after `epoch` (1-based) of a run of `epochs` epochs."""
         if self.period is None:
             return True
-        period = round(self.period * epochs / RECIPE_EPOCHS)
-        final = math.ceil(self.last * epochs / RECIPE_EPOCHS)
-        return (period > 0 and epoch % period == 0) or epoch > epochs - final
+        # The recipe's epochs r with (epoch - 1) * R / E < r <= epoch * R / E, in integers.
+        first = (epoch - 1) * RECIPE_EPOCHS // epochs + 1
+        last = epoch * RECIPE_EPOCHS // epochs
+        return any(
+            r % self.period == 0 or r > RECIPE_EPOCHS - self.last for r in range(first, last + 1)
+        )
 
 
 _CLEAN = EvalSpec("eval-clean", 0)

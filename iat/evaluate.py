@@ -41,7 +41,13 @@ from iat.config import (
     predict_defense,
 )
 from iat.data.augment import eval_transform
-from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
+from iat.data.layouts import (
+    CorruptImageError,
+    Sample,
+    check_class_count,
+    check_labels,
+    create_reader,
+)
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.eval_state import (
     BatchRecord,
@@ -53,6 +59,7 @@ from iat.eval_state import (
 )
 from iat.masking import Check, run_checks
 from iat.metrics import EvalResult, count_batch
+from iat.progress import progress_bar
 from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.sparse_frontend import describe_attack
 
@@ -124,8 +131,8 @@ def evaluate(
     if state is not None:
         # Every rank has read the state before any rank adds to it: nothing is counted twice.
         distributed.all_reduce_sum(torch.zeros(1, device=device))
-    progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
-    for j, (images, labels, indices, ok) in zip(mine, progress, strict=True):
+    bar = progress_bar(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
+    for j, (images, labels, indices, ok) in zip(mine, bar, strict=True):
         batch_skipped = 0
         if not ok.all():
             bad = unreadable(samples, indices, ok)
@@ -152,8 +159,8 @@ def evaluate(
             stats[key] += value
         if state is not None:
             state.append(batch_record(j, counts, batch_skipped, batch_stats))
-        if not progress.disable:  # a host sync: only where the bar is shown
-            progress.set_postfix_str(running_accuracy(totals), refresh=False)
+        if not bar.disable:  # a host sync: only where the bar is shown
+            bar.set_postfix_str(running_accuracy(totals), refresh=False)
     model.train(was_training)
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
@@ -295,6 +302,9 @@ def evaluate_checkpoint(
     point of the --sweep-epsilon x --sweep-iters grid; every result is logged (as ``eval``) and
     its summary line printed (after `label`: the checkpoint's name when watching)."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
+    classes = create_reader(cfg.data, cfg.data_layout).named_classes(cfg.split)
+    where = str(Path(cfg.data) / cfg.split)
+    check_class_count(classes, cfg.num_classes, where, cfg.class_subset)
     check_labels(samples, cfg.num_classes, cfg.split)
     export = None
     if cfg.export_adversarial is not None:
@@ -464,9 +474,11 @@ def eval_settings(cfg: Config) -> AttackSettings:
 
 def threat_model(cfg: Config) -> str:
     """--eval's attack in words: attack, iterations, target, norm, epsilon, every option that
-    changes the number (the registry's words), then the defense and the frontend."""
+    changes the number (the registry's words), then the defense, the frontend and which
+    weights (the averaged ones with --eval-ema)."""
     attack = eval_attack(cfg)
-    return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack)
+    ema = ", EMA weights (--eval-ema)" if cfg.eval_ema else ""
+    return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack) + ema
 
 
 def _defense_words(cfg: Config, attack: str) -> str:

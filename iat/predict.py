@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from iat.atomic_io import atomic_write_text
 from iat.builders import load_for_inference
@@ -21,6 +20,7 @@ from iat.config import Config, predict_defense
 from iat.data.layouts import CorruptImageError, DataError
 from iat.data.sources import eval_loader, list_directory, resize_square, to_model_input
 from iat.defenses import defend
+from iat.progress import progress_bar
 
 
 def predict_files(
@@ -45,7 +45,7 @@ def predict_files(
     )
     model.eval()
     classes, probs, bad = [], [], []
-    for images, _, indices, ok in tqdm(loader, desc="predict", unit="batch"):
+    for images, _, indices, ok in progress_bar(loader, desc="predict", unit="batch"):
         with torch.no_grad():
             p = model(to_model_input(images, device)).float().softmax(dim=1).cpu()
         top = p.topk(min(5, p.shape[1]), dim=1)

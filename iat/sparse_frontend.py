@@ -51,12 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import nets
 from iat.atomic_io import atomic_write
 from iat.data.layouts import DataError
 from iat.defenses import bpda_identity
+from iat.progress import progress_bar
 
 PIXEL_MAX = 255.0
 ATTACK_GRADIENTS = ("bpda", "autograd")  # --frontend-gradient: BPDA, or the masked autograd
@@ -205,7 +205,7 @@ def learn_dictionary(
         n_components=atoms, alpha=alpha, batch_size=batch, random_state=seed
     )
     steps = [(e, s) for e in range(epochs) for s in range(0, len(data), batch)]
-    for _, start in tqdm(steps, desc="dictionary", leave=False):
+    for _, start in progress_bar(steps, desc="dictionary", leave=False):
         learner.partial_fit(data[start : start + batch])
     learned = torch.from_numpy(learner.components_).float()
     learned = learned / learned.norm(dim=1, keepdim=True).clamp_min(_MIN_PATCH_NORM)
@@ -485,7 +485,7 @@ def train_decoder(
     mean = math.nan
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0
-        progress = tqdm(batches, desc=f"decoder epoch {epoch}/{epochs}", leave=False)
+        progress = progress_bar(batches, desc=f"decoder epoch {epoch}/{epochs}", leave=False)
         for images in progress:
             images = images.to(device)
             loss = reconstruction_loss(frontend, images)
@@ -493,7 +493,7 @@ def train_decoder(
             loss.backward()
             optimizer.step()
             total, count = total + loss.item() * len(images), count + len(images)
-            progress.set_postfix(mse=f"{loss.item():.4f}")
+            progress.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
         mean = total / max(count, 1)
         print(f"decoder epoch {epoch}: reconstruction MSE {mean:.5f}", file=sys.stderr)
     frontend.eval()
@@ -533,7 +533,7 @@ class _ImageBatches:
 def _learn(args: argparse.Namespace) -> None:
     batches = _ImageBatches(args.data, args.image_size, 64, args.max_images, args.seed)
     atoms = learn_dictionary(
-        tqdm(batches, desc="sampling patches", leave=False),
+        progress_bar(batches, desc="sampling patches", leave=False),
         patches_per_image=math.ceil(MAX_PATCHES / len(batches.files)),
         max_patches=MAX_PATCHES,
         atoms=args.dict_atoms,

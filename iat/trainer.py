@@ -42,6 +42,7 @@ from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
+from iat.progress import progress_bar
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
@@ -178,7 +179,7 @@ def _log_step(
     scalars["train/images_per_sec"] = per_process * distributed.get_world_size()
     scalars["train/lr"] = lr
     logger.log(step, scalars, epoch=epoch, phase="train")
-    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.4g}")
+    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.4g}", refresh=False)
     meter.reset()
 
 
@@ -192,7 +193,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     meter = Meter(run.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
     start = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         range(run.steps),
         desc=f"epoch {epoch}/{cfg.epochs}",
         disable=not distributed.is_main_process(),
@@ -535,6 +536,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     run.batches = itertools.chain([next(run.batches)], run.batches)
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
     facts["attack_precision"] = run.precision.description
+    facts["finetune_checkpoint"] = cfg.finetune_checkpoint
     if main_proc:
         Path(logdir).mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(logdir)
@@ -577,8 +579,11 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
 
 def start_line(facts: dict, start: Start) -> str:
     """The run's first line: where it starts, where it runs, and how the attack computes."""
+    where = start.describe()
+    if start.kind == "fresh" and facts.get("finetune_checkpoint"):
+        where = f"fine-tuning from the weights of {facts['finetune_checkpoint']}"
     return (
-        f"{facts['logdir']}: {start.describe()}; {facts['world_size']} process(es) "
+        f"{facts['logdir']}: {where}; {facts['world_size']} process(es) "
         f"({facts['launcher']}) on {facts['device']}, {facts['threads']} thread(s) each "
         f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}"
     )

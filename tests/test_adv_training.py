@@ -252,8 +252,11 @@ def test_eval_ema_evaluates_the_averaged_weights(tiny_imagenet, tmp_path, capsys
     common = ["--eval", "--load", str(logdir / "checkpoint-epoch0001.pt"), "--data",
               str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers", "0",
               "--attack-iter", "0", "--eval-output", str(out)]  # fmt: skip
+    capsys.readouterr()
     assert main([*common, "--eval-ema"]) == 0
     averaged = json.loads(out.read_text())
+    assert "clean, EMA weights (--eval-ema): 7 images" in capsys.readouterr().out
+    assert averaged["threat_model"] == "clean, EMA weights (--eval-ema)"
     # Independently: the averages saved as a plain state dict, evaluated as any weights.
     plain = tmp_path / "plain.pt"
     torch.save(state["ema"], plain)
@@ -266,7 +269,7 @@ def test_eval_ema_evaluates_the_averaged_weights(tiny_imagenet, tmp_path, capsys
 
 
 # --- 4. fine-tuning -------------------------------------------------------------------------
-def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, tmp_path):
+def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, tmp_path, capsys):
     source = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=7)
     with torch.no_grad():
         for p in source.parameters():
@@ -276,6 +279,8 @@ def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, 
     flags = ["--finetune-checkpoint", str(tmp_path / "source.npz"), "--finetune-exclude-scopes",
              "linear", "--finetune-trainable-scopes", "group3,linear"]  # fmt: skip
     assert main([*train_args(tiny_imagenet, logdir), *RUN, "--epochs", "1", *flags]) == 0
+    first = capsys.readouterr().err.splitlines()[0]  # it once said "starting from scratch"
+    assert first.startswith(f"{logdir}: fine-tuning from the weights of {tmp_path / 'source.npz'};")
     trained = torch.load(logdir / "checkpoint-epoch0001.pt", weights_only=True)["model"]
     before = dict(source.named_parameters())
     torch.manual_seed(0)  # the run's --seed: what a fresh run initialises

@@ -87,9 +87,18 @@ def test_original_eval_schedule():
 
 
 def test_eval_schedule_scales_to_short_runs():
-    # A 2-epoch run evaluates PGD-50 and PGD-100 once, after its last epoch.
-    assert _evals(1, 2) == ["eval-clean", "eval-10step"]
-    assert _evals(2, 2) == ["eval-clean", "eval-10step", "eval-50step", "eval-100step"]
+    # Each epoch of a short run stands for several of the recipe's: 2 and 3 epochs evaluate
+    # alike, after each epoch (rounding the period gave 3 epochs every epoch and 2 epochs once).
+    for epochs in (2, 3, 5):
+        for epoch in range(1, epochs + 1):
+            assert _evals(epoch, epochs) == [
+                "eval-clean", "eval-10step", "eval-50step", "eval-100step"
+            ]  # fmt: skip
+    # A longer run never evaluates fewer times, and never more than the recipe's 7 / 15.
+    for name, recipe in (("eval-50step", 7), ("eval-100step", 15)):
+        counts = [sum(name in _evals(e, n) for e in range(1, n + 1)) for n in range(1, 111)]
+        assert all(a <= b for a, b in zip(counts, counts[1:], strict=False))
+        assert counts[-1] == recipe == max(counts)
     # 22 epochs: PGD-50 every 4 epochs (20 * 22 / 110) and in the last 1; PGD-100 every 2.
     assert [e for e in range(1, 23) if "eval-50step" in _evals(e, 22)] == [4, 8, 12, 16, 20, 22]
     assert [e for e in range(1, 23) if "eval-100step" in _evals(e, 22)] == list(range(2, 23, 2))
@@ -250,9 +259,12 @@ def test_eval_takes_the_class_count_from_the_checkpoint(tiny_imagenet, tmp_path,
         ckpt = tmp_path / f"c{classes}.npz"
         model = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=classes)
         nets.save_npz(model, ckpt)
-        code = main([*common, "--load", str(ckpt)])
+        # The data's 3 classes: the 10-class model's first ones only when said so.
+        code = main([*common, "--load", str(ckpt), "--class-subset"])
         assert code == (0 if classes == 10 else 1)
-    assert "val labels go up to 2 but the model has 2 classes" in error_line(capsys)
+    assert "val has 3 classes (n00000, n00001, n00002) but the model has 2 outputs" in (
+        error_line(capsys)
+    )
 
 
 def test_load_of_a_wrong_architecture(tiny_imagenet, tmp_path, capsys):

@@ -202,3 +202,71 @@ def test_every_attack_choice_help_offers_is_an_evaluation_attack(capsys):
     assert {"pgd", "strong", "autoattack", "square", "fab-t"} <= set(offered)
     assert main(["--eval", "--data", "d", "--load", "m.pt", "--attack", "free"]) == 1
     assert "invalid choice: 'free'" in capsys.readouterr().err
+
+
+def test_a_class_count_that_differs_from_the_model_is_refused(tiny_imagenet, tmp_path, capsys):
+    """A 5-class checkpoint on a 3-class folder evaluated without a word (labels then name other
+    classes); now one line naming both counts, unless --class-subset says the 3 are its first."""
+    from conftest import write_imagenet
+
+    run = tmp_path / "run"
+    five = write_imagenet(tmp_path / "five", classes=5)
+    assert main(short_run(five, run)) == 0
+    capsys.readouterr()
+    ckpt = str(run / "checkpoint-epoch0001.pt")
+    flags = ["--eval", "--load", ckpt, "--data", str(tiny_imagenet), "--image-size", "32",
+             "--workers", "0", "--attack-iter", "0"]  # fmt: skip
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --data: {tiny_imagenet / 'val'} has 3 classes (n00000, n00001, n00002) but the "
+        "model has 5 outputs; if they are its first classes, in this order, give --class-subset"
+    ]
+    assert main([*flags, "--class-subset"]) == 0
+    assert "clean: 7 images" in capsys.readouterr().out
+    # More classes than outputs cannot be a subset: refused either way.
+    assert main(short_run(tiny_imagenet, tmp_path / "three")) == 0
+    three = ["--eval", "--load", str(tmp_path / "three" / "checkpoint-epoch0001.pt"), "--data",
+             str(five), "--image-size", "32", "--workers", "0", "--attack-iter", "0"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*three, "--class-subset"]) == 1
+    assert "has 5 classes (n00000, n00001, n00002, ...) but the model has 3 outputs" in (
+        capsys.readouterr().err
+    )
+
+
+def test_depth_help_lists_each_architectures_own_depths(capsys):
+    """-d listed the union of every depth; each architecture takes only some."""
+    import nets
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "  ResNetBasic: 18, 34\n" in out
+    for arch in nets.available_architectures():
+        assert f"  {arch}: {', '.join(map(str, nets.depths_of(arch)))}" in out
+
+
+def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_path):
+    """tqdm redrew into redirected logs (a 49 KB demo log): redirected, a bar updates at most
+    every 30 s; on a terminal it redraws as usual."""
+    from conftest import REPO
+
+    log = tmp_path / "train.log"
+    args = short_run(tiny_imagenet, tmp_path / "run", "--steps-per-epoch", "6", "--threads", "1")
+    with log.open("w") as stderr:
+        subprocess.run([sys.executable, str(REPO / "main.py"), *args], stderr=stderr, timeout=300)
+    # The bar's first and last states (each step redrew it: 7 and more).
+    assert log.read_text().count("epoch 1/1:") == 2, log.read_text()
+    from iat.progress import REDIRECTED_INTERVAL_S, progress_bar
+
+    with open(tmp_path / "log.txt", "w") as log:
+        bar = progress_bar(range(3), file=log, desc="eval")
+        assert bar.mininterval == REDIRECTED_INTERVAL_S == 30.0
+        assert list(bar) == [0, 1, 2]
+    # Three items in well under 30 s: the first and the final state only.
+    assert (tmp_path / "log.txt").read_text().count("eval:") == 2
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        assert progress_bar(range(3), file=terminal).mininterval == 0.1
+    os.close(leader)

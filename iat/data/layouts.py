@@ -134,6 +134,14 @@ class ImageNetReader:
     def samples(self, split: str) -> list[Sample]:
         return self.split(split)[0]
 
+    def named_classes(self, split: str) -> list[str] | None:
+        """The class names `split`'s labels index (``train/``'s class folders, else the split's
+        own), without listing any image; None for a flat split whose label file gives only
+        numbers (or a missing split)."""
+        if not (self.root / split).is_dir():
+            return None
+        return _train_classes(self.root) or [d.name for d in _class_dirs(self.root / split)] or None
+
     def classes(self) -> list[str]:
         """The class names: those of ``train/`` when it exists, else those of ``val/``."""
         if not self.root.is_dir():
@@ -172,6 +180,9 @@ class TinyImageNetReader:
             if not self._classes:
                 raise DataError(f"{path} lists no classes")
         return self._classes
+
+    def named_classes(self, split: str) -> list[str]:
+        return self.classes()
 
     def samples(self, split: str) -> list[Sample]:
         if split not in self._splits:
@@ -275,3 +286,22 @@ def check_labels(samples: list[Sample], num_classes: int, split: str) -> None:
         raise DataError(
             f"--data: {split} labels go up to {top} but the model has {num_classes} classes"
         )
+
+
+def check_class_count(
+    classes: list[str] | None, num_classes: int, where: str, subset: bool
+) -> None:
+    """The data's classes must be the model's outputs: a label is the index of its class folder
+    in sorted order, so with another count every label but by chance names another class. With
+    `subset`, fewer classes are accepted (the model's first ones, in that order)."""
+    if classes is None or len(classes) == num_classes:
+        return
+    if subset and len(classes) < num_classes:
+        return
+    hint = "; if they are its first classes, in this order, give --class-subset" * (
+        len(classes) < num_classes
+    )
+    raise DataError(
+        f"--data: {where} has {len(classes)} classes ({', '.join(classes[:3])}"
+        f"{', ...' * (len(classes) > 3)}) but the model has {num_classes} outputs{hint}"
+    )
