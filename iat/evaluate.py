@@ -529,19 +529,24 @@ def _detail_words(details: dict) -> list[str]:
     return words
 
 
+def attack_record(cfg: Config) -> dict:
+    """The record's ``attack``: the attack's name and every setting it takes (the name alone
+    for the clean evaluation)."""
+    attack = eval_attack(cfg)
+    if not attack_info(attack).perturbs:
+        return {"name": attack}
+    return {"name": attack, **registry.record(attack, eval_settings(cfg))}
+
+
 def eval_record(cfg: Config, r: EvalResult) -> dict:
     record = r.as_dict()
-    attack = eval_attack(cfg)
-    settings: dict = {"name": attack}
-    if attack_info(attack).perturbs:
-        settings.update(registry.record(attack, eval_settings(cfg)))
-    else:
+    if not attack_info(eval_attack(cfg)).perturbs:
         for key in ("attack_success_rate", "robust_accuracy", "details"):
             del record[key]
     return {
         **record,
         "threat_model": threat_model(cfg),
-        "attack": settings,
+        "attack": attack_record(cfg),
         "checkpoint": cfg.load,
         "split": cfg.split,
         "arch": cfg.arch,
