@@ -41,7 +41,13 @@ from iat.config import (
     predict_defense,
 )
 from iat.data.augment import eval_transform
-from iat.data.layouts import CorruptImageError, Sample, check_labels, create_reader
+from iat.data.layouts import (
+    EXPORT_LABELS,
+    CorruptImageError,
+    Sample,
+    check_labels,
+    create_reader,
+)
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.eval_state import (
     BatchRecord,
@@ -219,7 +225,8 @@ def quantize_images(adv: torch.Tensor) -> torch.Tensor:
 
 class AdversarialExport:
     """Writes evaluated adversarial images as lossless PNGs (uint8, BGR) under `root`, at the
-    same relative paths as the samples under `split_dir` (class folders kept), ``.png``."""
+    same relative paths as the samples under `split_dir` (class folders kept), ``.png``, and
+    their labels in ``labels.txt``."""
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], split_dir: str | Path) -> None:
         self.root, self.samples, self.split_dir = Path(root), samples, Path(split_dir)
@@ -227,6 +234,17 @@ class AdversarialExport:
     def path(self, index: int) -> Path:
         relative = Path(self.samples[index][0]).relative_to(self.split_dir)
         return (self.root / relative).with_suffix(".png")
+
+    def write_labels(self) -> None:
+        """``labels.txt``: each exported image's path relative to the root and its label, so
+        that ``--eval --data ROOT --split .`` scores the folder (a transfer attack's accuracy)."""
+        exported = [(self.path(i), label) for i, (_, label) in enumerate(self.samples)]
+        lines = [
+            f"{path.relative_to(self.root).as_posix()} {label}\n"
+            for path, label in exported
+            if path.is_file()  # not an image --skip-unreadable left out
+        ]
+        atomic_write_text(self.root / EXPORT_LABELS, "".join(lines))
 
     def write(self, adv: torch.Tensor, indices: torch.Tensor) -> None:
         pixels = adv.round().clamp(PIXEL_MIN, PIXEL_MAX).to(torch.uint8).permute(0, 2, 3, 1)
@@ -329,6 +347,8 @@ def evaluate_checkpoint(
         results.append(result)
     if cfg.benchmark is not None and cfg.eval_output and distributed.is_main_process():
         write_model_info(cfg, results)
+    if export is not None and distributed.is_main_process():
+        export.write_labels()
     logger.flush()
     for state in states:  # every point's result is written: nothing left to resume
         if state is not None:
