@@ -43,7 +43,12 @@ from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import attack_record, evaluate_attack, threat_model
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
-from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
+from iat.run_logging import (
+    RunLogger,
+    check_mlflow,
+    forget_records_after,
+    run_directory_logger,
+)
 from iat.run_state import (
     Progress,
     Start,
@@ -534,6 +539,8 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             check_labels(samples, num_classes, split)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
+    if cfg.mlflow is not None:
+        check_mlflow(cfg.mlflow)  # a tracker that cannot log stops the run before it has files
     start = plan_start(logdir, cfg.load, cfg.starting_epoch)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)
