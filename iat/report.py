@@ -88,6 +88,8 @@ def in_training_records(lines: list[dict], run: Path) -> list[dict]:
             "threat_model": line["threat_model"],
             "checkpoint": checkpoints.get(epoch, str(run / f"epoch{epoch}")),
             "epoch": epoch,
+            "split": "val",
+            "defense": line.get("defense"),
         }
         if f"{phase}/attack_success_rate" in line:
             record["attack_success_rate"] = line[f"{phase}/attack_success_rate"]
@@ -133,26 +135,51 @@ def series_words(attack: dict, along: str) -> str:
 
 def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:
     """Accuracy (1 - top-1 error) against the attack's `along` ("iter" or "epsilon"): one
-    series per model and threat model (attack, target, norm, the other setting, defense), each
-    starting from the model's clean accuracy at 0; a model evaluated only clean is one point."""
+    series per model, split, defense and threat model (every other setting of the record's
+    ``attack``), each starting from the model's clean accuracy at 0; a model evaluated only
+    clean is one point."""
     series: dict[tuple, dict[float, float]] = defaultdict(dict)
+    words: dict[tuple, str] = {}
     clean: dict[tuple, float] = {}
     for r in evaluations:
         attack, accuracy = _attack(r), 1.0 - r["top1_error"]
-        model = (model_name(r), r.get("defense"))
+        model = (model_name(r), r.get("defense"), r.get("split"))
         if attack.get("name") == "clean":
             clean[model] = accuracy
         elif along in attack:
-            series[(*model, series_words(attack, along))][float(attack[along])] = accuracy
+            key = (*model, _settings(attack, along))
+            series[key][float(attack[along])] = accuracy
+            words[key] = series_words(attack, along)
     for model, accuracy in clean.items():
-        mine = [key for key in series if key[:2] == model] or [(*model, "clean")]
+        mine = [key for key in series if key[:3] == model]
+        if not mine:
+            mine = [(*model, ())]
+            words[mine[0]] = "clean"
         for key in mine:
             series[key][0.0] = accuracy
-    return {_label(*key): sorted(points.items()) for key, points in series.items()}
+    return {label: sorted(series[key].items()) for key, label in _labels(words).items()}
 
 
-def _label(model: str, defense: str | None, words: str) -> str:
-    return f"{model}: {words}" + (f", defense {defense}" if defense else "")
+def _settings(attack: dict, along: str) -> tuple[tuple[str, str], ...]:
+    """The attack's settings but the swept one (and the step that follows from it)."""
+    kept = {k: v for k, v in attack.items() if k not in (along, "step_size")}
+    return tuple(sorted((k, json.dumps(v)) for k, v in kept.items()))
+
+
+def _labels(words: dict[tuple, str]) -> dict[tuple, str]:
+    """Each series' label: model, attack words, defense, split other than val, and where
+    series would share a label, the settings that tell them apart."""
+    base = {}
+    for key, text in words.items():
+        model, defense, split, _ = key
+        base[key] = f"{model}: {text}" + (f", defense {defense}" if defense else "")
+        base[key] += f", {split} split" if split not in (None, "val") else ""
+    labels = {}
+    for key, label in base.items():
+        group = [dict(k[3]) for k in base if base[k] == label]
+        differ = [(n, v) for n, v in key[3] if len({g.get(n) for g in group}) > 1]
+        labels[key] = label + "".join(f", {n} {json.loads(v)}" for n, v in differ)
+    return labels
 
 
 def minimal_epsilons(evaluations: list[dict]) -> dict[str, tuple[float, float]]:
@@ -163,7 +190,7 @@ def minimal_epsilons(evaluations: list[dict]) -> dict[str, tuple[float, float]]:
     for r in evaluations:
         details = r.get("details") or {}
         if "median_min_epsilon" in details:
-            label = _label(model_name(r), None, r.get("threat_model", "?"))
+            label = f"{model_name(r)}: {r.get('threat_model', '?')}"
             tried = float(_attack(r).get("epsilon", math.inf))
             found[label] = (float(details["median_min_epsilon"]), tried)
     return found

@@ -34,6 +34,7 @@ from iat.config import (
     default_logdir,
     ema_enabled,
     fit_defense,
+    predict_defense,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
@@ -292,6 +293,7 @@ def log_eval(
         images=r.images,
         attack=attack_record(point),
         threat_model=threat_model(point),
+        defense=predict_defense(point),
     )
     if distributed.is_main_process():
         tqdm.write(f"{line} ({r.images} images)")

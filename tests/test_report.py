@@ -91,6 +91,26 @@ def test_one_series_per_threat_model(study: dict[str, Path]) -> None:
     assert figure.axes[0].get_legend() is not None
 
 
+def test_series_differing_in_another_setting_stay_apart() -> None:
+    """Records that differ in a setting besides the swept one (loss, defense) are never merged
+    into one line (one would overwrite the other's points); their labels say what differs."""
+
+    def record(eps: float, loss: str, error: float, defense: str | None = None) -> dict:
+        attack = {"name": "pgd", "epsilon": eps, "norm": "inf", "target": "none", "iter": 10,
+                  "step_size": eps / 4, "loss": loss}  # fmt: skip
+        return {"top1_error": error, "images": 8, "attack": attack, "checkpoint": "r/m.pt",
+                "split": "val", "defense": defense}  # fmt: skip
+
+    records = [record(4, "ce", 0.5), record(8, "ce", 0.75), record(4, "cw", 0.25),
+               record(8, "cw", 0.5), record(8, "ce", 0.625, "jpeg:75")]  # fmt: skip
+    curves = robust_accuracy_curves(records, "epsilon")
+    assert curves == {
+        "r/m.pt: pgd-10, untargeted, L-inf, loss ce": [(4.0, 0.5), (8.0, 0.25)],
+        "r/m.pt: pgd-10, untargeted, L-inf, loss cw": [(4.0, 0.75), (8.0, 0.5)],
+        "r/m.pt: pgd-10, untargeted, L-inf, defense jpeg:75": [(8.0, 0.375)],
+    }
+
+
 def test_minimal_epsilon_plot_reads_the_records(study: dict[str, Path], tmp_path: Path) -> None:
     record = json.loads((study["evals"] / "minimal.json").read_text())
     median = record["details"]["median_min_epsilon"]
