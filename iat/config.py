@@ -20,7 +20,7 @@ from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.attacks import ATTACK_LOSSES, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
 from iat.attacks.registry import default_attack, evaluation_attacks, takes
 from iat.data.augment import TRAIN_AUGMENTATIONS
-from iat.data.layouts import AUTO_LAYOUT, READERS
+from iat.data.layouts import AUTO_LAYOUT, FOLDER_ITSELF, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
@@ -40,7 +40,7 @@ MODEL_FIELDS = (
 )
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
-EVAL_SPLITS = ("val", "train")
+EVAL_SPLITS = ("val", "train", FOLDER_ITSELF)  # "." the --data folder itself (an export)
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
 EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.ood
 
@@ -176,7 +176,7 @@ class Config:
     logdir: str | None = None  # None: train_log/PGD-{arch}{depth}-Batch{b}-{N}GPUs-iter...
     keep_checkpoints: int = 10  # most recent per-epoch checkpoints kept
     log_every: int = 20  # training steps between logged scalars
-    split: str = "val"  # --eval: the split to attack ("val" or "train")
+    split: str = "val"  # --eval: the split to attack ("val", "train", "." the folder itself)
     num_examples: int | None = None  # --eval: only the first N images of the split
     quantize: bool = False  # --eval: round adversarial images to uint8 before scoring them
     export_adversarial: str | None = None  # --eval: write them as PNGs here (implies quantize)

@@ -42,6 +42,7 @@ from iat.config import (
 )
 from iat.data.augment import eval_transform
 from iat.data.layouts import (
+    EXPORT_LABELS,
     CorruptImageError,
     Sample,
     check_class_count,
@@ -226,7 +227,8 @@ def quantize_images(adv: torch.Tensor) -> torch.Tensor:
 
 class AdversarialExport:
     """Writes evaluated adversarial images as lossless PNGs (uint8, BGR) under `root`, at the
-    same relative paths as the samples under `split_dir` (class folders kept), ``.png``."""
+    same relative paths as the samples under `split_dir` (class folders kept), ``.png``, and
+    their labels in ``labels.txt``."""
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], split_dir: str | Path) -> None:
         self.root, self.samples, self.split_dir = Path(root), samples, Path(split_dir)
@@ -234,6 +236,17 @@ class AdversarialExport:
     def path(self, index: int) -> Path:
         relative = Path(self.samples[index][0]).relative_to(self.split_dir)
         return (self.root / relative).with_suffix(".png")
+
+    def write_labels(self) -> None:
+        """``labels.txt``: each exported image's path relative to the root and its label, so
+        that ``--eval --data ROOT --split .`` scores the folder (a transfer attack's accuracy)."""
+        exported = [(self.path(i), label) for i, (_, label) in enumerate(self.samples)]
+        lines = [
+            f"{path.relative_to(self.root).as_posix()} {label}\n"
+            for path, label in exported
+            if path.is_file()  # not an image --skip-unreadable left out
+        ]
+        atomic_write_text(self.root / EXPORT_LABELS, "".join(lines))
 
     def write(self, adv: torch.Tensor, indices: torch.Tensor) -> None:
         pixels = adv.round().clamp(PIXEL_MIN, PIXEL_MAX).to(torch.uint8).permute(0, 2, 3, 1)
@@ -339,6 +352,8 @@ def evaluate_checkpoint(
         results.append(result)
     if cfg.benchmark is not None and cfg.eval_output and distributed.is_main_process():
         write_model_info(cfg, results)
+    if export is not None and distributed.is_main_process():
+        export.write_labels()
     logger.flush()
     for state in states:  # every point's result is written: nothing left to resume
         if state is not None:
@@ -541,19 +556,24 @@ def _detail_words(details: dict) -> list[str]:
     return words
 
 
+def attack_record(cfg: Config) -> dict:
+    """The record's ``attack``: the attack's name and every setting it takes (the name alone
+    for the clean evaluation)."""
+    attack = eval_attack(cfg)
+    if not attack_info(attack).perturbs:
+        return {"name": attack}
+    return {"name": attack, **registry.record(attack, eval_settings(cfg))}
+
+
 def eval_record(cfg: Config, r: EvalResult) -> dict:
     record = r.as_dict()
-    attack = eval_attack(cfg)
-    settings: dict = {"name": attack}
-    if attack_info(attack).perturbs:
-        settings.update(registry.record(attack, eval_settings(cfg)))
-    else:
+    if not attack_info(eval_attack(cfg)).perturbs:
         for key in ("attack_success_rate", "robust_accuracy", "details"):
             del record[key]
     return {
         **record,
         "threat_model": threat_model(cfg),
-        "attack": settings,
+        "attack": attack_record(cfg),
         "checkpoint": cfg.load,
         "split": cfg.split,
         "arch": cfg.arch,

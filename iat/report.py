@@ -1,22 +1,26 @@
 """``main.py --report DIR [DIR ...] --out FOLDER``: plots and a model-zoo table from runs.
 
 Reads what runs and evaluations leave behind: a run directory's ``metrics.jsonl`` (training
-curves) and every evaluation record (JSON files written by ``--eval-output``, ``--watch`` in
-``RUN/eval/``, or a list of records from a sweep). Writes PNG plots (matplotlib, headless) —
-training curves; accuracy against attack iterations and against epsilon, one curve per model;
-the minimal-epsilon histogram when an evaluation recorded one — and ``report.md``, a table in
-the original's model-zoo format, every column naming its threat model. Each plot function also
-returns the data it drew, so what is plotted can be checked.
+curves, and its newest in-training evaluations as records) and every evaluation record (JSON
+files written by ``--eval-output``, ``--watch`` in ``RUN/eval/``, or a list of records from a
+sweep). Writes PNG plots (matplotlib, headless) — training curves; accuracy against attack
+iterations and against epsilon, one labelled line per model and threat model (attack, target,
+norm, the other setting, defense); the median minimal epsilon of each minimal-perturbation
+evaluation — and ``report.md``, a table in the original's model-zoo format, every column naming
+its threat model. The data behind each plot comes from a function of its own and each
+``draw_*`` returns its matplotlib figure, so what is plotted can be checked.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 from iat.atomic_io import atomic_write, atomic_write_text
+from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
     ("train/loss", "training loss"),
@@ -24,6 +28,7 @@ TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
     ("train/attack_success_rate", "attack success rate (training)"),
     ("train/lr", "learning rate"),
 )
+MARKERS, LINES = "os^Dv<>p", ("-", "--", "-.", ":")  # accuracy curves' styles, cycled
 Curves = dict[str, list[tuple[float, float]]]  # label -> (x, y) points
 
 
@@ -43,7 +48,8 @@ def _records_in(value: object) -> list[dict]:
 
 
 def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
-    """``(training records of metrics.jsonl, evaluation records)`` under `paths`."""
+    """``(training records of metrics.jsonl, evaluation records)`` under `paths`; a run's
+    newest in-training evaluations count as evaluation records too."""
     training: list[dict] = []
     evaluations: list[dict] = []
     for root in map(Path, paths):
@@ -55,9 +61,40 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
             if path.name != "config.json":
                 evaluations += _records_in(_read_json(path))
         for path in metrics:
-            lines = path.read_text().splitlines()
-            training += [{**json.loads(line), "run": path.parent.name} for line in lines if line]
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+            training += [{**line, "run": path.parent.name} for line in lines]
+            evaluations += in_training_records(lines, path.parent)
     return training, evaluations
+
+
+def in_training_records(lines: list[dict], run: Path) -> list[dict]:
+    """The newest in-training evaluation of each kind (eval-clean, eval-10step, ...) in a run's
+    ``metrics.jsonl`` lines, as evaluation records of the checkpoint saved after its epoch
+    (``RUN/epochN`` if none was logged)."""
+    checkpoints = {r.get("epoch"): r["path"] for r in lines if r.get("phase") == "checkpoint"}
+    newest = {}
+    for line in lines:
+        phase = str(line.get("phase", ""))
+        if phase.startswith("eval-") and "attack" in line and f"{phase}/top1_error" in line:
+            newest[phase] = line
+    records = []
+    for phase, line in newest.items():
+        epoch = line.get("epoch")
+        record = {
+            "top1_error": line[f"{phase}/top1_error"],
+            "top5_error": line[f"{phase}/top5_error"],
+            "images": line["images"],
+            "attack": line["attack"],
+            "threat_model": line["threat_model"],
+            "checkpoint": checkpoints.get(epoch, str(run / f"epoch{epoch}")),
+            "epoch": epoch,
+            "split": "val",
+            "defense": line.get("defense"),
+        }
+        if f"{phase}/attack_success_rate" in line:
+            record["attack_success_rate"] = line[f"{phase}/attack_success_rate"]
+        records.append(record)
+    return records
 
 
 def training_curves(training: list[dict]) -> dict[str, Curves]:
@@ -83,22 +120,80 @@ def _attack(record: dict) -> dict:
     return record.get("attack") or {}
 
 
+def series_words(attack: dict, along: str) -> str:
+    """A threat model without the swept setting `along`: "pgd-10, random target, L-inf" (along
+    epsilon), "pgd, untargeted, L-inf eps=8" (along iterations)."""
+    name = attack.get("name", "?")
+    if along == "epsilon" and "iter" in attack:
+        name += f"-{attack['iter']}"
+    target = TARGET_WORDS.get(attack.get("target"), "untargeted")
+    ball = NORM_NAMES.get(attack.get("norm"), f"L{attack.get('norm')}")
+    if along == "iter":
+        ball += f" eps={attack.get('epsilon'):g}"
+    return f"{name}, {target}, {ball}"
+
+
 def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:
-    """Per model: accuracy (1 - top-1 error) against the attack's `along` ("iter" or
-    "epsilon"); clean evaluations are the point at 0."""
-    curves: Curves = defaultdict(list)
+    """Accuracy (1 - top-1 error) against the attack's `along` ("iter" or "epsilon"): one
+    series per model, split, defense and threat model (every other setting of the record's
+    ``attack``), each starting from the model's clean accuracy at 0; a model evaluated only
+    clean is one point."""
+    series: dict[tuple, dict[float, float]] = defaultdict(dict)
+    words: dict[tuple, str] = {}
+    clean: dict[tuple, float] = {}
     for r in evaluations:
-        attack = _attack(r)
-        x = 0.0 if attack.get("name") == "clean" else attack.get(along)
-        if x is not None:
-            curves[model_name(r)].append((float(x), 1.0 - r["top1_error"]))
-    return {label: sorted(set(points)) for label, points in curves.items()}
+        attack, accuracy = _attack(r), 1.0 - r["top1_error"]
+        model = (model_name(r), r.get("defense"), r.get("split"))
+        if attack.get("name") == "clean":
+            clean[model] = accuracy
+        elif along in attack:
+            key = (*model, _settings(attack, along))
+            series[key][float(attack[along])] = accuracy
+            words[key] = series_words(attack, along)
+    for model, accuracy in clean.items():
+        mine = [key for key in series if key[:3] == model]
+        if not mine:
+            mine = [(*model, ())]
+            words[mine[0]] = "clean"
+        for key in mine:
+            series[key][0.0] = accuracy
+    return {label: sorted(series[key].items()) for key, label in _labels(words).items()}
 
 
-def minimal_epsilons(evaluations: list[dict]) -> dict[str, list[float]]:
-    """Per model, the per-example minimal epsilons a minimal-perturbation attack recorded."""
-    found = {model_name(r): r["minimal_epsilons"] for r in evaluations if r.get("minimal_epsilons")}
-    return {label: [float(e) for e in values] for label, values in found.items()}
+def _settings(attack: dict, along: str) -> tuple[tuple[str, str], ...]:
+    """The attack's settings but the swept one (and the step that follows from it)."""
+    kept = {k: v for k, v in attack.items() if k not in (along, "step_size")}
+    return tuple(sorted((k, json.dumps(v)) for k, v in kept.items()))
+
+
+def _labels(words: dict[tuple, str]) -> dict[tuple, str]:
+    """Each series' label: model, attack words, defense, split other than val, and where
+    series would share a label, the settings that tell them apart."""
+    base = {}
+    for key, text in words.items():
+        model, defense, split, _ = key
+        base[key] = f"{model}: {text}" + (f", defense {defense}" if defense else "")
+        base[key] += f", {split} split" if split not in (None, "val") else ""
+    labels = {}
+    for key, label in base.items():
+        group = [dict(k[3]) for k in base if base[k] == label]
+        differ = [(n, v) for n, v in key[3] if len({g.get(n) for g in group}) > 1]
+        labels[key] = label + "".join(f", {n} {json.loads(v)}" for n, v in differ)
+    return labels
+
+
+def minimal_epsilons(evaluations: list[dict]) -> dict[str, tuple[float, float]]:
+    """Per model and threat model, ``(median minimal epsilon, largest epsilon tried)`` of each
+    minimal-perturbation evaluation (``details.median_min_epsilon``; inf: most examples were
+    not broken within the largest epsilon)."""
+    found = {}
+    for r in evaluations:
+        details = r.get("details") or {}
+        if "median_min_epsilon" in details:
+            label = f"{model_name(r)}: {r.get('threat_model', '?')}"
+            tried = float(_attack(r).get("epsilon", math.inf))
+            found[label] = (float(details["median_min_epsilon"]), tried)
+    return found
 
 
 def _save(figure, path: Path) -> Path:
@@ -107,48 +202,63 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def _figure(rows: int, cols: int):
+def _figure(rows: int, cols: int, size: tuple[float, float] = (6, 4)):
+    """A matplotlib figure (no pyplot state: nothing to close) and its axes grid."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise ValueError(
             "--report: matplotlib is not installed (pip install -e '.[report]')"
         ) from None
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    figure = Figure(figsize=(size[0] * cols, size[1] * rows))
+    return figure, figure.subplots(rows, cols, squeeze=False)
 
 
-def plot_training(panels: dict[str, Curves], out: Path) -> Path:
+def draw_training(panels: dict[str, Curves]):
+    """Training curves; every series with markers, so that a one-point series shows."""
     figure, axes = _figure(2, 2)
     for ax, (name, title) in zip(axes.flat, TRAIN_PANELS, strict=True):
         for label, points in sorted(panels[name].items()):
-            ax.plot(*zip(*points, strict=True), label=label)
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=5, label=label)
         ax.set(title=title, xlabel="step")
         if panels[name]:
             ax.legend(fontsize="small")
-    return _save(figure, out / "training.png")
+    return figure
 
 
-def plot_curves(curves: Curves, out: Path, name: str, xlabel: str) -> Path:
-    figure, axes = _figure(1, 1)
-    for label, points in sorted(curves.items()):
-        axes[0, 0].plot(*zip(*points, strict=True), marker="o", label=label)
-    axes[0, 0].set(xlabel=xlabel, ylabel="accuracy (1 - top-1 error)", ylim=(0, 1))
+def draw_curves(curves: Curves, xlabel: str):
+    """Accuracy against `xlabel`, one labelled line per series of ``robust_accuracy_curves``."""
+    figure, axes = _figure(1, 1, (9, 5))
+    ax = axes[0, 0]
+    for i, (label, points) in enumerate(sorted(curves.items())):
+        # Hollow markers of different shapes and line styles: coinciding series stay visible.
+        style = {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINES[i % len(LINES)]}
+        ax.plot(*zip(*points, strict=True), **style, fillstyle="none", label=label)
+    ax.set(xlabel=xlabel, ylabel="accuracy (1 - top-1 error)", ylim=(-0.03, 1.05))
+    ax.set_title(f"accuracy against {xlabel}: one line per model and threat model")
     if curves:
-        axes[0, 0].legend(fontsize="small")
-    return _save(figure, out / name)
+        ax.legend(fontsize="small")
+    return figure
 
 
-def plot_histogram(values: dict[str, list[float]], out: Path) -> Path:
-    figure, axes = _figure(1, 1)
-    for label, eps in sorted(values.items()):
-        axes[0, 0].hist(eps, bins=20, alpha=0.6, label=label)
-    axes[0, 0].set(xlabel="minimal epsilon (pixels)", ylabel="examples")
-    axes[0, 0].legend(fontsize="small")
-    return _save(figure, out / "minimal_epsilon.png")
+def draw_minimal(values: dict[str, tuple[float, float]]):
+    """One bar per minimal-perturbation evaluation, its label above it: its median minimal
+    epsilon (a bar to the largest epsilon tried, marked "> eps", where the median example was
+    not broken)."""
+    figure, axes = _figure(1, 1, (9, 1.2 + 0.8 * len(values)))
+    ax = axes[0, 0]
+    widths = []
+    for row, label in enumerate(sorted(values, reverse=True)):  # the first label on top
+        median, tried = values[label]
+        widths.append(median if math.isfinite(median) else tried)
+        ax.barh(row, widths[-1], height=0.4)
+        ax.text(0, row + 0.25, label, va="bottom", fontsize="small")
+        value = f"{median:g}" if math.isfinite(median) else f"> {tried:g}"
+        ax.annotate(value, (widths[-1], row), xytext=(3, 0), textcoords="offset points")
+    ax.set_yticks([])
+    ax.set(xlim=(0, 1.15 * max(widths)), ylim=(-0.5, len(values) - 0.1))
+    ax.set(xlabel="median minimal epsilon (pixels)", title="minimal-perturbation evaluations")
+    return figure
 
 
 def _cell(record: dict | None, with_success: bool = True) -> str:
@@ -206,13 +316,15 @@ def write_report(paths: Iterable[str | Path], out: str | Path) -> list[Path]:
         raise ValueError("--report: no metrics.jsonl and no evaluation records found")
     written = []
     if training:
-        written.append(plot_training(training_curves(training), out))
+        written.append(_save(draw_training(training_curves(training)), out / "training.png"))
     if evaluations:
-        iters = robust_accuracy_curves(evaluations, "iter")
-        written.append(plot_curves(iters, out, "accuracy_vs_iterations.png", "attack iterations"))
-        eps = robust_accuracy_curves(evaluations, "epsilon")
-        written.append(plot_curves(eps, out, "accuracy_vs_epsilon.png", "epsilon (pixels)"))
+        for along, name, xlabel in (
+            ("iter", "accuracy_vs_iterations.png", "attack iterations"),
+            ("epsilon", "accuracy_vs_epsilon.png", "epsilon (pixels)"),
+        ):
+            figure = draw_curves(robust_accuracy_curves(evaluations, along), xlabel)
+            written.append(_save(figure, out / name))
         if minimal := minimal_epsilons(evaluations):
-            written.append(plot_histogram(minimal, out))
+            written.append(_save(draw_minimal(minimal), out / "minimal_epsilon.png"))
         written.append(atomic_write_text(out / "report.md", zoo_table(evaluations)))
     return written

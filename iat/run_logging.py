@@ -14,6 +14,9 @@ import os
 import sys
 import time
 import types
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from iat.atomic_io import atomic_write_text
 
 CONFIG_FILE = "config.json"
 MLFLOW_EXPERIMENT = "imagenet-adversarial-training"
+MLFLOW_CHECK_SECONDS = 5.0  # how long a tracking server may take to answer before a run starts
 _MLFLOW_FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 METRICS_FILE = "metrics.jsonl"
 _NO_TENSORFLOW = "tensorboard.compat.notf"
@@ -153,17 +157,19 @@ class MlflowBackend(Backend):
     server. Needs the optional extra: ``pip install -e '.[mlflow]'``."""
 
     def __init__(self, uri: str, run_name: str, experiment: str = MLFLOW_EXPERIMENT) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ValueError(
-                "--mlflow: MLflow is not installed (pip install -e '.[mlflow]')"
-            ) from None
-        self.uri = mlflow_uri(uri)
+        self.uri = check_mlflow(uri)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
         self._client = MlflowClient(self.uri)
-        found = self._client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
-        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        try:
+            found = self._client.get_experiment_by_name(experiment)
+            experiment_id = (
+                found.experiment_id if found else self._client.create_experiment(experiment)
+            )
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        except MlflowException as e:
+            raise ValueError(f"--mlflow: {self.uri}: {str(e).splitlines()[0]}") from None
 
     def config(self, record: dict) -> None:
         from mlflow.entities import Param, RunTag
@@ -187,6 +193,30 @@ class MlflowBackend(Backend):
 
     def close(self) -> None:
         self._client.set_terminated(self.run_id)
+
+
+def check_mlflow(uri: str, seconds: float = MLFLOW_CHECK_SECONDS) -> str:
+    """The tracking URI of --mlflow `uri`, once it is known that a run can be logged there: MLflow
+    is installed and, for an http(s) URI, a server answers within `seconds` (MLflow's own client
+    retries for minutes). Called before anything is created; a ValueError otherwise."""
+    try:
+        import mlflow.tracking  # noqa: F401
+    except ImportError:
+        raise ValueError("--mlflow: MLflow is not installed (pip install -e '.[mlflow]')") from None
+    uri = mlflow_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        query = urllib.parse.urlencode({"experiment_name": MLFLOW_EXPERIMENT})
+        probe = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}"
+        try:
+            urllib.request.urlopen(probe, timeout=seconds).close()
+        except urllib.error.HTTPError:
+            pass  # a server answered (404: no such experiment yet)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"--mlflow: no MLflow tracking server answers at {uri} within {seconds:g} s "
+                f"({getattr(e, 'reason', e)})"
+            ) from None
+    return uri
 
 
 def mlflow_uri(uri: str) -> str:

@@ -12,6 +12,7 @@ weights, and fine-tuning from another checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import sys
 import time
@@ -33,17 +34,23 @@ from iat.config import (
     default_logdir,
     ema_enabled,
     fit_defense,
+    predict_defense,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.ema import WeightAverage
 from iat.eval_schedule import EVAL_SCHEDULES
-from iat.evaluate import evaluate_attack
+from iat.evaluate import attack_record, evaluate_attack, threat_model
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
 from iat.progress import progress_bar
-from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
+from iat.run_logging import (
+    RunLogger,
+    check_mlflow,
+    forget_records_after,
+    run_directory_logger,
+)
 from iat.run_state import (
     Progress,
     Start,
@@ -263,18 +270,32 @@ def run_evals(
                 device=run.device,
                 desc=spec.name,
             )
-            log_eval(logger, spec.name, results[spec.name], progress)
+            point = dataclasses.replace(run.cfg, attack_iter=spec.attack_iter)
+            log_eval(logger, spec.name, results[spec.name], progress, point)
     return results
 
 
-def log_eval(logger: RunLogger, name: str, r: EvalResult, progress: Progress) -> None:
+def log_eval(
+    logger: RunLogger, name: str, r: EvalResult, progress: Progress, point: Config
+) -> None:
+    """The evaluation's numbers, with its threat model (`point`: the configuration it ran
+    under) as ``--eval``'s records name it, so that ``--report`` can read a run alone."""
     scalars = {f"{name}/top1_error": r.top1_error, f"{name}/top5_error": r.top5_error}
     line = f"epoch {progress.epoch} {name}: top1 error {r.top1_error:.4f}, "
     line += f"top5 error {r.top5_error:.4f}"
     if name != "eval-clean":
         scalars[f"{name}/attack_success_rate"] = r.attack_success_rate
         line += f", attack success {r.attack_success_rate:.4f}"
-    logger.log(progress.step, scalars, epoch=progress.epoch, phase=name, images=r.images)
+    logger.log(
+        progress.step,
+        scalars,
+        epoch=progress.epoch,
+        phase=name,
+        images=r.images,
+        attack=attack_record(point),
+        threat_model=threat_model(point),
+        defense=predict_defense(point),
+    )
     if distributed.is_main_process():
         tqdm.write(f"{line} ({r.images} images)")
 
@@ -521,6 +542,8 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             check_labels(samples, num_classes, split)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
+    if cfg.mlflow is not None:
+        check_mlflow(cfg.mlflow)  # a tracker that cannot log stops the run before it has files
     start = plan_start(logdir, cfg.load, cfg.starting_epoch)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)

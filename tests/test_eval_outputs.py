@@ -61,6 +61,42 @@ def test_exported_adversarial_images_reproduce_the_reported_numbers(
     assert wrong / 7 == pytest.approx(record["top1_error"], abs=1e-12)
 
 
+def test_an_exported_folder_is_evaluated_with_its_labels(
+    tiny_imagenet: Path, checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """Black-box transfer's accuracy: --eval --data EXPORT --split . scores the exported images
+    with the labels the export wrote (here by the attacked model itself: the reported error)."""
+    exported, attacked, scored = tmp_path / "adversarial", tmp_path / "a.json", tmp_path / "s.json"
+    assert main(["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON,
+                 "--attack-iter", "3", "--attack-epsilon", "8", "--attack-target", "none",
+                 "--num-examples", "5", "--export-adversarial", str(exported),
+                 "--eval-output", str(attacked)]) == 0  # fmt: skip
+    labels = (exported / "labels.txt").read_text().splitlines()
+    samples = list_split(tiny_imagenet, "val")[0][:5]
+    expected = [
+        f"{Path(p).relative_to(tiny_imagenet / 'val').with_suffix('.png').as_posix()} {label}"
+        for p, label in samples
+    ]
+    assert labels == expected
+    evaluate = ["--eval", "--load", str(checkpoint), "--data", str(exported), *COMMON,
+                "--attack-iter", "0", "--eval-output", str(scored)]  # fmt: skip
+    assert main(evaluate) == 1  # no val/ in an export: the error says what to give
+    assert f"{exported} is an --export-adversarial folder: --split ." in capsys.readouterr().err
+    assert main([*evaluate, "--split", "."]) == 0
+    record, transfer = json.loads(attacked.read_text()), json.loads(scored.read_text())
+    assert transfer["images"] == record["images"] == 5
+    assert transfer["top1_error"] == pytest.approx(record["top1_error"], abs=1e-12)
+    assert transfer["split"] == "."
+    assert "top-1 error" in capsys.readouterr().out
+
+
+def test_split_dot_of_plain_class_folders(tiny_imagenet: Path) -> None:
+    """Without an export's labels.txt, --split . reads the folder's own class folders."""
+    val = tiny_imagenet / "val"
+    samples, classes = list_split(val, ".")
+    assert (samples, classes) == list_split(tiny_imagenet, "val")
+
+
 def test_sweeps_give_one_record_per_point(tiny_imagenet: Path, checkpoint: Path, tmp_path: Path):
     result = tmp_path / "sweep.json"
     assert main(["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *COMMON,
@@ -74,9 +110,10 @@ def test_sweeps_give_one_record_per_point(tiny_imagenet: Path, checkpoint: Path,
     assert at_zero[0] == at_zero[1]  # no budget, no attack: the clean error
     strongest = max(r["top1_error"] for r in records)
     assert strongest >= at_zero[0]
-    curves = robust_accuracy_curves(records, "epsilon")
-    (points_by_eps,) = curves.values()
-    assert sorted({x for x, _ in points_by_eps}) == [0.0, 4.0, 16.0]
+    curves = robust_accuracy_curves(records, "epsilon")  # one series per iteration count
+    assert sorted(curves) == [f"{checkpoint.parent.name}/model.npz: pgd-{k}, untargeted, L-inf"
+                              for k in (1, 3)]  # fmt: skip
+    assert all([x for x, _ in points] == [0.0, 4.0, 16.0] for points in curves.values())
 
 
 def test_bad_sweep_is_one_line(tiny_imagenet: Path, checkpoint: Path, capsys) -> None:

@@ -309,7 +309,7 @@ def test_a_data_server_that_never_answers_is_one_clear_error(tiny_imagenet, tmp_
     args += ["--loader", "server", "--data-server", address, "--data-timeout", "1.5"]
     assert main(args) == 1
     line = error_line(capsys)
-    assert address in line and "serve-data.py" in line
+    assert address in line and "serve-data.py" in line and "--loader local" in line
 
 
 def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, monkeypatch):

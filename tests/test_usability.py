@@ -5,16 +5,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import nets
 from iat import distributed
 from iat.builders import attack_precision
+from iat.run_logging import MLFLOW_CHECK_SECONDS
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -149,6 +153,58 @@ def test_mlflow_run_holds_parameters_metrics_and_the_checkpoint(tiny_imagenet, t
     assert [v for _, v in history] == pytest.approx([v for _, v in expected])
     assert evaluation.data.metrics["eval/images"] == 7
     assert 0 <= evaluation.data.metrics["eval/attack_success_rate"] <= 1
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    nets.save_npz(nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3), path)
+    return path
+
+
+def _fails_with_one_line_and_no_files(tiny_imagenet, tmp_path, capsys, mlflow: str) -> str:
+    """Training and --eval with `--mlflow MLFLOW` both fail with one line; nothing is left."""
+    run, result = tmp_path / "run", tmp_path / "eval.json"
+    checkpoint = _tiny_checkpoint(tmp_path / "model.npz")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(short_run(tiny_imagenet, run, "--mlflow", mlflow)) == 1
+    train_err = capsys.readouterr().err
+    assert main(["--eval", "--load", str(checkpoint), "--data", str(tiny_imagenet), *TINY,
+                 "--image-size", "32", "--workers", "0", "--eval-output", str(result),
+                 "--mlflow", mlflow]) == 1  # fmt: skip
+    eval_err = capsys.readouterr().err
+    for err in (train_err, eval_err):
+        assert "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+    assert train_err == eval_err
+    assert sorted(tmp_path.rglob("*")) == before  # no run directory, event file, metrics, state
+    return train_err
+
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_an_unreachable_mlflow_server_is_one_line_in_seconds(
+    tiny_imagenet, tmp_path, capsys, server
+):
+    """A loopback port that refuses connections, or accepts them and never answers: said within
+    MLFLOW_CHECK_SECONDS (MLflow's client would retry for minutes), before any file exists."""
+    with socket.socket() as port:
+        port.bind(("127.0.0.1", 0))
+        if server == "silent":
+            port.listen()
+        uri = f"http://127.0.0.1:{port.getsockname()[1]}/"
+        start = time.monotonic()
+        line = _fails_with_one_line_and_no_files(tiny_imagenet, tmp_path, capsys, uri)
+        elapsed = time.monotonic() - start
+    assert f"--mlflow: no MLflow tracking server answers at {uri} within 5 s" in line
+    assert elapsed < 2 * MLFLOW_CHECK_SECONDS + 20, elapsed  # two runs, each bounded
+
+
+def test_mlflow_not_installed_is_one_line_and_leaves_nothing(
+    tiny_imagenet, tmp_path, capsys, monkeypatch
+):
+    for module in ("mlflow", "mlflow.tracking"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    store = tmp_path / "mlruns"
+    line = _fails_with_one_line_and_no_files(tiny_imagenet, tmp_path, capsys, str(store))
+    assert "--mlflow: MLflow is not installed (pip install -e '.[mlflow]')" in line
 
 
 @pytest.mark.skipif(

@@ -9,7 +9,10 @@ so they can go straight to ``torch.from_numpy``; they are copied only when misal
 Given the trainer's configuration (batch, image size, number of classes), the client also refuses
 labels out of range (malformed: skipped), frames larger than such a batch (ZMQ drops the
 connection before allocating them) and batches of another shape (``BatchShapeMismatch``: the
-server was started for another configuration, which ends the run with one clear error).
+server was started for another configuration, which ends the run with one clear error naming
+both shapes; when every frame is refused, one message read through a probe socket with a looser
+bound names the server's). With no server reached after a few seconds, a warning says so at
+once (and that ``--loader local`` needs none) while the client waits out its timeout.
 
 Shutdown never blocks: the receiver thread owns and closes the socket, ``close`` waits for it a
 bounded time, and the context is terminated only once the socket is closed. Clients still open
@@ -32,12 +35,18 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from iat.data.protocol import MAX_HEADER_BYTES, decode_batch
+from iat.data.protocol import MAX_HEADER_BYTES, ProtocolError, decode_batch
 
 _LOG = logging.getLogger(__name__)
 _POLL_MS = 100  # how often the receiver thread checks whether it should stop
 _JOIN_S = 2.0  # how long close() waits for the receiver thread to close its socket
 _RETRY_WAIT_S = 0.3  # after a dropped connection, how long ZMQ's own retry is waited for
+_NOTICE_S = 3.0  # with no server reached by then, the consumer is told at once (not at timeout)
+# Connections dropped this often on refused frames, with no batch between: the server sends
+# larger batches. One message, read through a socket bounded by _PROBE_FRAME_BYTES, names them.
+_REFUSALS_BEFORE_PROBE = 3
+_PROBE_FRAME_BYTES = 1 << 28
+_PROBE_MS = 2000
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -85,13 +94,16 @@ class ZMQBatchClient:
         self.rejected = 0
         self._last_rejection = ""
         self._refused = 0  # connections dropped by ZMQ on a refused frame, then made anew
+        self._refused_before = 0  # ... when the last batch arrived
+        self._connected = False  # a server was reached (ZMQ's connected event)
+        self._noticed = False  # the consumer was told that no server is reachable
         self._queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._context = zmq.Context()
         self._socket = self._connect(hwm)
         # Connection drops, watched to reconnect: ZMQ does not after a refused frame.
         self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
         )
         self._lost_at: float | None = None  # when a connection dropped that ZMQ did not retry
         self._thread = threading.Thread(target=self._receive_loop, name="zmq-batch-client")
@@ -134,8 +146,11 @@ class ZMQBatchClient:
                 if self._socket in ready:
                     batch = self._decode(self._socket.recv_multipart(copy=False))
                     if batch is not None:
+                        self._refused_before = self._refused
                         self._put(batch)
                 self._revive_connection()
+                if self._refused - self._refused_before >= _REFUSALS_BEFORE_PROBE:
+                    raise self._larger_batches()
         except Exception as err:  # surfaced to the consumer by __next__
             self._put(err)
         finally:
@@ -147,6 +162,7 @@ class ZMQBatchClient:
         but not after a protocol error (e.g. a frame over ``_max_frame_bytes``)."""
         lost = event["event"] == zmq.EVENT_DISCONNECTED
         self._lost_at = time.monotonic() if lost else None
+        self._connected = self._connected or event["event"] == zmq.EVENT_CONNECTED
 
     def _revive_connection(self) -> None:
         """Connect anew if a dropped connection has not been retried by ZMQ.
@@ -176,13 +192,34 @@ class ZMQBatchClient:
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         batch, height, width, _ = shape
         size = self.image_size
-        if (batch, height, width) == (self.batch or batch, size or height, size or width):
-            return
-        raise BatchShapeMismatch(
-            f"the data server at {self.address} sends batches of {batch} images of"
-            f" {height}x{width}, but this run is configured for --batch {self.batch}"
-            f" --image-size {size}: start the server with the same --batch and --image-size"
+        if (batch, height, width) != (self.batch or batch, size or height, size or width):
+            raise self._mismatch(f"batches of {batch} images of {height}x{width}")
+
+    def _mismatch(self, sent: str) -> BatchShapeMismatch:
+        return BatchShapeMismatch(
+            f"the data server at {self.address} sends {sent}, but this run is configured for"
+            f" --batch {self.batch} --image-size {self.image_size}: start the server with the"
+            " same --batch and --image-size"
         )
+
+    def _larger_batches(self) -> BatchShapeMismatch:
+        """The error for a server whose every frame is refused: its batch shape, read from one
+        message through a probe socket that accepts frames up to ``_PROBE_FRAME_BYTES``."""
+        probe = self._context.socket(zmq.PULL)
+        probe.setsockopt(zmq.LINGER, 0)
+        probe.setsockopt(zmq.RCVHWM, 1)
+        probe.setsockopt(zmq.MAXMSGSIZE, _PROBE_FRAME_BYTES)
+        try:
+            probe.connect(self.address)
+            if probe.poll(_PROBE_MS):
+                images, _, _, _ = decode_batch(probe.recv_multipart(copy=False))
+                batch, height, width, _ = images.shape
+                return self._mismatch(f"batches of {batch} images of {height}x{width}")
+        except (zmq.ZMQError, ProtocolError) as err:
+            _LOG.debug("probing %s for its batch shape failed: %s", self.address, err)
+        finally:
+            probe.close(linger=0)
+        return self._mismatch(f"frames over {self._max_frame_bytes()} bytes (larger batches)")
 
     def _put(self, item: Batch | BaseException) -> None:
         while not self._stop.is_set():
@@ -192,18 +229,20 @@ class ZMQBatchClient:
             except queue.Full:
                 continue
 
-    def _timeout_error(self) -> DataServerTimeout:
+    def _without_server(self) -> str:
+        """How to start the missing server, and how to train without one."""
         image_size = f" --image-size {self.image_size}" if self.image_size else ""
+        return (
+            f"start it with: python third_party/serve-data.py --data DIR"
+            f" --batch {self.batch or 'B'}{image_size}, or give --loader local to read --data"
+            " directly"
+        )
+
+    def _timeout_error(self) -> DataServerTimeout:
         message = (
             f"data server at {self.address} is not answering (no batch for {self.timeout_s:g} s);"
-            f" start it with: python third_party/serve-data.py --data DIR"
-            f" --batch {self.batch or 'B'}{image_size}"
+            f" {self._without_server()}"
         )
-        if self._max_frame_bytes() > 0:
-            message += (
-                f"; a server with a larger batch or image size is refused (frames over"
-                f" {self._max_frame_bytes()} bytes)"
-            )
         if self._refused:
             message += f" (the connection was dropped {self._refused} times on a refused frame)"
         if self.rejected:
@@ -219,7 +258,7 @@ class ZMQBatchClient:
         if self._stop.is_set():
             raise RuntimeError(f"ZMQBatchClient for {self.address} is closed")
         try:
-            item = self._queue.get(timeout=self.timeout_s)
+            item = self._get()
         except queue.Empty:
             raise self._timeout_error() from None
         if isinstance(item, BatchShapeMismatch):
@@ -227,6 +266,25 @@ class ZMQBatchClient:
         if isinstance(item, BaseException):
             raise RuntimeError(f"receiving from {self.address} failed: {item}") from item
         return item
+
+    def _get(self) -> Batch | BaseException:
+        """The next item within ``timeout_s`` (else ``queue.Empty``); if no server has been
+        reached after ``_NOTICE_S``, a warning says so at once, and how to do without one."""
+        waited = 0.0
+        if not self._connected and not self._noticed:
+            waited = min(_NOTICE_S, self.timeout_s)
+            with contextlib.suppress(queue.Empty):
+                return self._queue.get(timeout=waited)
+            if not self._connected:
+                self._noticed = True
+                _LOG.warning(
+                    "no data server is reachable at %s; waiting up to %g s for one"
+                    " (--data-timeout); %s",
+                    self.address,
+                    self.timeout_s,
+                    self._without_server(),
+                )
+        return self._queue.get(timeout=self.timeout_s - waited)
 
     def close(self) -> None:
         """Stop the receiver thread and release the socket; never blocks; safe to call twice.

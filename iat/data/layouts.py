@@ -8,7 +8,9 @@ listed once per reader and cached. Torch-free: the data server imports it. Reade
 ``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
 * ``root/<split>/<wnid>/<image>`` -- one folder per class (always used for ``train``);
-* ``root/val/<image>`` plus ``root/val.txt`` with ``<filename> <label index>`` lines.
+* ``root/val/<image>`` plus ``root/val.txt`` with ``<filename> <label index>`` lines;
+* split ``.``, the folder itself: an ``--export-adversarial`` folder (its ``labels.txt`` lists
+  ``<relative path> <label index>``), or one folder per class.
 
 For any split other than ``train`` the class list is taken from ``root/train`` when it exists,
 so that the labels of every split agree.
@@ -23,6 +25,8 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
+FOLDER_ITSELF = "."  # the split that is the data folder itself
+EXPORT_LABELS = "labels.txt"  # an exported folder's `<relative path> <label index>` lines
 
 Sample = tuple[str, int]
 
@@ -73,7 +77,7 @@ def _parse_label_file(label_file: Path, split_dir: Path) -> list[Sample]:
     for lineno, line in enumerate(label_file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        parts = line.split()
+        parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].isdigit():
             raise DataError(f"{label_file}:{lineno}: expected '<filename> <label>', got {line!r}")
         path = split_dir / parts[0]
@@ -85,8 +89,13 @@ def _parse_label_file(label_file: Path, split_dir: Path) -> list[Sample]:
     return sorted(samples)
 
 
+def _label_file(root: Path, split: str) -> Path:
+    """A flat split's labels: ``root/<split>.txt``, an exported folder's ``labels.txt``."""
+    return root / (EXPORT_LABELS if split == FOLDER_ITSELF else f"{split}.txt")
+
+
 def _list_flat(root: Path, split: str, split_dir: Path) -> tuple[list[Sample], list[str]]:
-    label_file = root / f"{split}.txt"
+    label_file = _label_file(root, split)
     if not label_file.is_file():
         raise DataError(f"{split_dir} has no class folders and there is no label file {label_file}")
     samples = _parse_label_file(label_file, split_dir)
@@ -105,7 +114,11 @@ def _list_imagenet_split(root: Path, split: str) -> tuple[list[Sample], list[str
         raise DataError(f"data folder {root} does not exist or is not a folder")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DataError(f"split folder {split_dir} does not exist")
+        exported = (root / EXPORT_LABELS).is_file()
+        hint = f" ({root} is an --export-adversarial folder: --split .)" if exported else ""
+        raise DataError(f"split folder {split_dir} does not exist{hint}")
+    if split == FOLDER_ITSELF and _label_file(root, split).is_file():
+        return _list_flat(root, split, split_dir)  # an export: whatever its class folders hold
     if split == "train" or _class_dirs(split_dir):
         classes = _train_classes(root) if split != "train" else None
         classes = classes or [d.name for d in _class_dirs(split_dir)]
@@ -137,10 +150,12 @@ class ImageNetReader:
     def named_classes(self, split: str) -> list[str] | None:
         """The class names `split`'s labels index (``train/``'s class folders, else the split's
         own), without listing any image; None for a flat split whose label file gives only
-        numbers (or a missing split)."""
-        if not (self.root / split).is_dir():
+        numbers (an export's labels.txt, or a missing split)."""
+        split_dir = self.root / split
+        exported = split == FOLDER_ITSELF and _label_file(self.root, split).is_file()
+        if exported or not split_dir.is_dir():
             return None
-        return _train_classes(self.root) or [d.name for d in _class_dirs(self.root / split)] or None
+        return _train_classes(self.root) or [d.name for d in _class_dirs(split_dir)] or None
 
     def classes(self) -> list[str]:
         """The class names: those of ``train/`` when it exists, else those of ``val/``."""

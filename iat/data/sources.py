@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from iat.data.augment import TRAIN_AUGMENTATIONS, eval_transform
 from iat.data.client import ZMQBatchClient
-from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
+from iat.data.layouts import (
+    EXPORT_LABELS,
+    CorruptImageError,
+    DataError,
+    Sample,
+    read_image_bgr,
+)
 from iat.data.protocol import default_address
 from iat.data.sampling import TrainStream, fake_batch
 
@@ -217,14 +223,16 @@ def unreadable(samples: Sequence[Sample], indices: torch.Tensor, ok: torch.Tenso
 
 def list_directory(directory: str | Path) -> list[Path]:
     """Every regular, non-hidden file under `directory` (subfolders too, e.g. the class folders
-    of exported adversarial images), sorted by relative path."""
+    of exported adversarial images; an export's label file aside), sorted by relative path."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"--eval-directory: {directory} is not a directory")
     files = sorted(
         p
         for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        and p != directory / EXPORT_LABELS
     )
     if not files:
         raise DataError(f"--eval-directory: {directory} contains no files")
