@@ -326,3 +326,30 @@ def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_pat
     with os.fdopen(follower, "w") as terminal:
         assert progress_bar(range(3), file=terminal).mininterval == 0.1
     os.close(leader)
+
+
+@pytest.mark.parametrize(("given", "spin"), [(None, "0"), ("ACTIVE", None)])
+def test_openmp_waits_passively_unless_the_user_chose(given, spin):
+    """On a busy machine OpenMP's default spinning made a PGD iteration 50x slower (issue 24,
+    bench/shared_machine.py): importing iat sets OMP_WAIT_POLICY=PASSIVE before torch loads
+    OpenMP, so OpenMP itself reports a spin count of 0; a user's own choice is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"  # OpenMP prints the settings it runs with
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    run = subprocess.run(
+        [sys.executable, "-c", "import iat, torch; print(torch.ones(4).sum().item())"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    reported = {
+        line.split("=")[0].strip(): line.split("=")[1].strip().strip("'")
+        for line in run.stderr.splitlines()
+        if line.strip().startswith(("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
+    }
+    if "GOMP_SPINCOUNT" not in reported:
+        pytest.skip("torch runs another OpenMP than GNU's here")
+    if spin is not None:
+        assert reported["GOMP_SPINCOUNT"] == spin, run.stderr
+    else:
+        assert reported["OMP_WAIT_POLICY"] == "ACTIVE" and reported["GOMP_SPINCOUNT"] != "0"
