@@ -54,6 +54,7 @@ from torch import nn
 
 import nets
 from iat.atomic_io import atomic_write
+from iat.cli_help import DefaultsHelpFormatter
 from iat.data.layouts import DataError
 from iat.defenses import bpda_identity
 from iat.progress import progress_bar
@@ -573,19 +574,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m iat.sparse_frontend", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    learn = commands.add_parser("learn", help="learn the patch dictionary")
+    defaults = DefaultsHelpFormatter  # each command's help shows its defaults
+    learn = commands.add_parser(
+        "learn", help="learn the patch dictionary", formatter_class=defaults
+    )
     learn.add_argument("--dict-atoms", type=int, default=64, help="learned atoms (+1 DC atom)")
     learn.add_argument("--patch-size", type=int, default=4, help="patch side, pixels")
     learn.add_argument("--stride", type=int, default=2, help="stride of the encoder's patches")
     learn.add_argument("--alpha", type=float, default=1.0, help="L1 penalty of the learning")
-    train = commands.add_parser("train", help="train the decoder of a frontend")
+    train = commands.add_parser(
+        "train", help="train the decoder of a frontend", formatter_class=defaults
+    )
     train.add_argument("--dictionary", required=True, help="a dictionary file from `learn`")
     train.add_argument("--top-t", type=int, default=DEFAULT_TOP_T, help="kept coefficients")
     train.add_argument(
         "--threshold", type=float, default=DEFAULT_THRESHOLD, help="beta x epsilon, pixels"
     )
     train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="decoder channels")
-    train.add_argument("--batch", type=int, default=64)
+    train.add_argument("--batch", type=int, default=64, help="images per step")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     # learn draws its patches from 2,000 images by default (the authors used Imagenette's 9,469).
     for sub, epochs, max_images in ((learn, 2, 2000), (train, 5, None)):
@@ -596,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-images", type=int, default=max_images, help="a seeded random N training images"
         )
         sub.add_argument("--epochs", type=int, default=epochs, help="passes over the data")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=int, default=0, help="seeds sampling and initialisation")
     return parser
 
 

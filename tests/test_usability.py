@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 import nets
 from iat import distributed
@@ -306,8 +307,6 @@ def test_depth_help_lists_each_architectures_own_depths(capsys):
 def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_path):
     """tqdm redrew into redirected logs (a 49 KB demo log): redirected, a bar updates at most
     every 30 s; on a terminal it redraws as usual."""
-    from conftest import REPO
-
     log = tmp_path / "train.log"
     args = short_run(tiny_imagenet, tmp_path / "run", "--steps-per-epoch", "6", "--threads", "1")
     with log.open("w") as stderr:
@@ -353,3 +352,21 @@ def test_openmp_waits_passively_unless_the_user_chose(given, spin):
         assert reported["GOMP_SPINCOUNT"] == spin, run.stderr
     else:
         assert reported["OMP_WAIT_POLICY"] == "ACTIVE" and reported["GOMP_SPINCOUNT"] != "0"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "iat.sparse_frontend", "train"], ["-m", "iat.sparse_frontend", "learn"],
+     ["third_party/serve-data.py"]],
+)  # fmt: skip
+def test_every_option_of_the_sub_commands_has_help_and_shows_its_default(command):
+    run = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    options = run.stdout.split("options:")[1]
+    assert "(default: 0)" in options  # --seed's
+    # Every option line has a help text after it (no bare "--batch BATCH" line).
+    entries = [e for e in options.split("\n  -") if e.strip()]
+    assert all(len(e.split(None, 2)) > 2 or "\n" in e.strip() for e in entries), options

@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 import zmq
 
+from iat.cli_help import DefaultsHelpFormatter
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
@@ -289,7 +290,10 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     p.add_argument("--data", help="ImageNet folder containing train/<wnid>/*.JPEG")
     p.add_argument("--batch", type=_positive(int), required=True, help="images per batch")
     p.add_argument("--image-size", type=_positive(int), default=224, help="output side")
@@ -306,12 +310,14 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         help="layout of --data (auto: tiny-imagenet if wnids.txt, else imagenet)",
     )
     default_workers = max(1, (os.cpu_count() or 1) - 1)
-    p.add_argument("--workers", type=_positive(int), default=default_workers)
+    p.add_argument(
+        "--workers", type=_positive(int), default=default_workers, help="decoding processes"
+    )
     p.add_argument("--bind", help="ZMQ address (default ipc://@imagenet-train-b<batch>)")
     p.add_argument("--hwm", type=_positive(int), default=150, help="send queue, in batches")
     p.add_argument("--fake", action="store_true", help="serve a constant random batch")
     p.add_argument("--benchmark", action="store_true", help="do not send; print throughput")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds shuffling and augmentation")
     p.add_argument("--log-every", type=_positive(float), default=60.0, help="seconds")
     p.add_argument("--max-batches", type=_positive(int), help="exit after sending N batches")
     a = p.parse_args(argv)
