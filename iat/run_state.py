@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import nets
 from iat.atomic_io import atomic_write
 from nets import CheckpointError
+from nets.checkpoint import require_finite
 
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
@@ -32,6 +34,10 @@ RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator'
 # epochs included); only with --free-replays > 1.
 FREE_DELTA_FIELD = "free_delta"
 EMA_FIELD = "ema"  # the averaged weights (iat.ema), keyed as "model"; only with an average
+# Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
+# forged field, refused naming it rather than overflowing later.
+MAX_COUNT = 2**63 - 1
+SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed, never deleted
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -169,12 +175,14 @@ def _field_error(source: str, field: str, expected: str, value: object) -> Check
 
 
 def _kind(value: object) -> str:
+    if isinstance(value, int) and abs(value) > MAX_COUNT:
+        return f"an integer of {len(str(abs(value)))} digits"
     return repr(value) if isinstance(value, int) else type(value).__name__
 
 
 def _count(source: str, field: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _field_error(source, field, "a non-negative integer", value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        raise _field_error(source, field, "a non-negative integer below 2**63", value)
     return value
 
 
@@ -190,6 +198,7 @@ def _optimizer_state(source: str, value: object) -> dict:
     )
     if not valid:
         raise _field_error(source, "optimizer", "an optimizer state_dict", value)
+    require_finite(source, value["state"], "optimizer.state")
     return dict(value)
 
 
@@ -219,6 +228,7 @@ def _ema_state(source: str, value: object) -> dict | None:
     )
     if not valid:
         raise _field_error(source, EMA_FIELD, "a mapping of names to tensors", value)
+    require_finite(source, value, EMA_FIELD)
     return dict(value)
 
 
@@ -252,23 +262,76 @@ def averaged_weights(weights: nets.Weights) -> nets.Weights:
     return nets.Weights(weights.source, "pt", state, contents)
 
 
-def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Start:
-    """Resume the run directory's latest checkpoint (a relaunch), else start from --load.
+def plan_start(
+    logdir: str | Path, load: str | None, starting_epoch: int, main_process: bool = True
+) -> Start:
+    """Resume the run directory's latest checkpoint that verifies (a relaunch), else start from
+    --load.
 
     A --load'ed training checkpoint continues its schedule; plain weights start the schedule at
-    `starting_epoch`."""
-    latest = latest_checkpoint(logdir)
-    source = str(latest) if latest is not None else load
+    `starting_epoch`. Newer checkpoints that fail their checks (truncated, zeroed, non-finite)
+    are renamed aside by the main process (never deleted), each said in one line."""
     fresh = Progress(starting_epoch - 1, 0)
-    if source is None:
+    found = _newest_verified(logdir, main_process)
+    if found is not None:
+        weights, state = found
+        return Start(
+            "resume",
+            weights,
+            state.optimizer,
+            state.progress,
+            state.rng,
+            state.ema,
+            state.free_delta,
+        )
+    if load is None:
         return Start("fresh", None, None, fresh)
-    weights = nets.read_weights(source)
+    weights = nets.read_weights(load)
     state = _training_state(weights)
     if state is None:
-        if latest is not None:
-            raise CheckpointError(f"{source}: a run checkpoint without {TRAINING_FIELDS}")
         return Start("weights", weights, None, fresh)
-    kind = "resume" if latest is not None else "continue"
     return Start(
-        kind, weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+        "continue", weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+    )
+
+
+def _newest_verified(
+    logdir: str | Path, main_process: bool
+) -> tuple[nets.Weights, _TrainingState] | None:
+    """The newest checkpoint of `logdir` whose every field checks, with its training state.
+
+    When none does, the newest one's error is raised (nothing renamed: a person decides); else
+    the newer ones that failed are set aside (``SET_ASIDE_SUFFIX``) by the main process."""
+    failed: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(logdir)):
+        try:
+            weights = nets.read_weights(path)
+            state = _training_state(weights)
+            if state is None:
+                raise CheckpointError(f"{path}: a run checkpoint without {TRAINING_FIELDS}")
+            require_finite(str(path), weights.tensors, "model")
+        except CheckpointError as error:
+            failed.append((path, error))
+            continue
+        for bad, error in failed:
+            _set_aside(bad, error, path, main_process)
+        return weights, state
+    if failed:
+        raise failed[0][1]
+    return None
+
+
+def _set_aside(bad: Path, error: CheckpointError, fallback: Path, main_process: bool) -> None:
+    """Rename `bad` out of the checkpoints' names (kept for a person to inspect)."""
+    if not main_process:
+        return
+    aside = bad.with_name(bad.name + SET_ASIDE_SUFFIX)
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = bad.with_name(f"{bad.name}{SET_ASIDE_SUFFIX}.{number}")
+    bad.rename(aside)
+    print(
+        f"warning: {error}; renamed it to {aside.name} and resuming from {fallback.name}",
+        file=sys.stderr,
     )

@@ -520,7 +520,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             check_labels(samples, num_classes, split)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
-    start = plan_start(logdir, cfg.load, cfg.starting_epoch)
+    start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)
     if start.progress.epoch >= cfg.epochs:
