@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from adv_model import PIXEL_MAX, PIXEL_MIN, Attacker, NoOpAttacker, pgd_step_size
 from iat import autoattack, benchmarks, defenses, distributed, ood
-from iat.atomic_io import atomic_write, atomic_write_text
+from iat.atomic_io import atomic_write, atomic_write_text, check_writable_file
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     GRADIENT_FREE_ATTACKS,
@@ -409,6 +409,7 @@ def run_eval(cfg: Config, device: torch.device) -> list[EvalResult]:
     backends: list[Backend] = []
     if distributed.is_main_process():
         if cfg.eval_output:
+            check_writable_file("--eval-output", cfg.eval_output)  # before the work, not after
             backends.append(ResultFileBackend(cfg.eval_output))
         if cfg.mlflow:
             backends.append(MlflowBackend(cfg.mlflow, run_name=f"eval {Path(cfg.load).name}"))

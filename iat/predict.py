@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from iat.atomic_io import atomic_write_text
+from iat.atomic_io import atomic_write_text, check_writable_file
 from iat.builders import load_for_inference
 from iat.config import Config, predict_defense
 from iat.data.layouts import CorruptImageError, DataError
@@ -79,6 +79,7 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
 
 
 def run_predict(cfg: Config, device: torch.device) -> Path:
+    check_writable_file("--prediction-file", cfg.prediction_file)
     files = list_directory(cfg.eval_directory)
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     model = defend(model, predict_defense(cfg))

@@ -17,7 +17,7 @@ import types
 from collections.abc import Sequence
 from pathlib import Path
 
-from iat.atomic_io import atomic_write_text
+from iat.atomic_io import NoSpaceError, atomic_write_text
 
 CONFIG_FILE = "config.json"
 MLFLOW_EXPERIMENT = "imagenet-adversarial-training"
@@ -139,7 +139,15 @@ class ResultFileBackend(Backend):
     def result(self, name: str, record: dict) -> None:
         self.records.append(record)
         content = record if len(self.records) == 1 else {"records": self.records}
-        atomic_write_text(self.path, json.dumps(content, indent=2) + "\n")
+        text = json.dumps(content, indent=2) + "\n"
+        try:
+            atomic_write_text(self.path, text)
+        except OSError as error:  # checked writable at start; the result is never lost
+            print(text, end="", flush=True)
+            reason = str(error) if isinstance(error, NoSpaceError) else error.strerror
+            raise ValueError(
+                f"--eval-output: cannot write {self.path} ({reason}); the result is printed above"
+            ) from None
 
 
 class MlflowBackend(Backend):

@@ -13,9 +13,12 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +51,67 @@ def check_run_directory(logdir: str | Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--logdir: cannot create {path}: {existing} is not a writable folder")
+    try:  # root passes os.access everywhere (/proc, a read-only mount): try for real
+        tempfile.TemporaryDirectory(prefix=".probe-", dir=existing).cleanup()
+    except OSError as error:
+        reason = f"{error.strerror} in {existing}"
+        raise ValueError(f"--logdir: cannot create {path}: {reason}") from None
+
+
+LOCK_FILE = ".lock"  # in the run directory: holds the training process's pid while it runs
+
+
+class RunDirectoryBusy(ValueError):
+    """Another training process holds the run directory."""
+
+
+class RunDirectoryLock:
+    """An exclusive advisory lock (``flock``) on ``LOCK_FILE`` in a run directory, held by the
+    training process that writes it. The kernel releases it when the process ends, however it
+    ends (a SIGKILL leaves no stale lock); the file keeps the holder's pid and host for the
+    message a second trainer gets. Only the main process locks (its ranks share the folder)."""
+
+    def __init__(self, logdir: str | Path, enabled: bool = True) -> None:
+        self.logdir = Path(logdir)
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def acquire(self, create: bool) -> None:
+        """Lock the run directory (creating it if `create`); a no-op when it does not exist yet
+        and `create` is false, or when already held. RunDirectoryBusy names the holder."""
+        if not self.enabled or self._fd is not None:
+            return
+        if create:
+            try:
+                self.logdir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--logdir: cannot create {self.logdir} ({error})") from None
+        elif not self.logdir.is_dir():
+            return
+        fd = os.open(self.logdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"--logdir: {self.logdir} is in use by another training process ({holder}); "
+                "wait for it to end, or give another --logdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> RunDirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def checkpoint_path(logdir: str | Path, epoch: int) -> Path:

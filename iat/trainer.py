@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -45,6 +44,7 @@ from iat.metrics import EvalResult, Meter
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
+    RunDirectoryLock,
     Start,
     check_run_directory,
     plan_start,
@@ -502,7 +502,15 @@ def setup(
 
 
 def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) -> TrainOutcome:
-    """Train as configured, resuming the run directory's latest checkpoint if there is one."""
+    """Train as configured, resuming the run directory's latest checkpoint if there is one;
+    the run directory is locked against a second trainer while this one runs."""
+    with RunDirectoryLock(resolve_logdir(cfg), distributed.is_main_process()) as lock:
+        return _train_in(cfg, env, device, lock)
+
+
+def _train_in(
+    cfg: Config, env: distributed.DistEnv, device: torch.device, lock: RunDirectoryLock
+) -> TrainOutcome:
     main_proc = distributed.is_main_process()
     reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data, cfg.data_layout)
     classes = reader.classes() if reader else None
@@ -520,6 +528,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
             check_labels(samples, num_classes, split)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
+    lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
     start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)
@@ -536,7 +545,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
     facts["attack_precision"] = run.precision.description
     if main_proc:
-        Path(logdir).mkdir(parents=True, exist_ok=True)
+        lock.acquire(create=True)
         remove_partial_checkpoints(logdir)
         forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)
