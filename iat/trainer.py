@@ -34,6 +34,7 @@ from iat.config import (
     fit_defense,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
+from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.ema import WeightAverage
@@ -526,6 +527,8 @@ def _train_in(
     for split, samples in (("train", train), ("val", val)):
         if samples:
             check_labels(samples, num_classes, split)
+    if val and cfg.train_eval != "none":
+        check_eval_headers(val, "val", cfg.skip_unreadable)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
     lock.acquire(create=False)  # an existing run directory: before its checkpoints are read

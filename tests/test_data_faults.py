@@ -237,7 +237,7 @@ def test_larger_server_times_out_with_a_hint(address: str, start_server) -> None
         next(client)
     message = str(err.value)
     assert "--batch 2 --image-size 16" in message and "frames over 4096 bytes" in message
-    assert "the connection was dropped" in message and client.rejected == 0
+    assert "the connection was dropped" in message and client.rejected >= 1
 
 
 # ----------------------------------------------------------------------------- server lifecycle
