@@ -124,6 +124,7 @@ def evaluate(
         distributed.all_reduce_sum(torch.zeros(1, device=device))
     progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     for j, (images, labels, indices, ok) in zip(mine, progress, strict=True):
+        distributed.mark_progress(j, "batch")  # a peer silent for the timeout stops this here
         batch_skipped = 0
         if not ok.all():
             bad = unreadable(samples, indices, ok)

@@ -122,6 +122,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tiny_imagenet, small_di
     assert " MB needed, " in line and line.endswith("MB free); nothing was replaced")
     assert (logdir / "checkpoint-epoch0001.pt").read_bytes() == first
     assert not list(logdir.glob("*.tmp")) and not (logdir / "checkpoint-epoch0002.pt").exists()
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1  # none added by the failed one
 
 
 def test_full_disk_in_the_atomic_writer_says_what_was_needed(tmp_path, monkeypatch):
