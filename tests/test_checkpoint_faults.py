@@ -20,6 +20,9 @@ from iat.run_state import SET_ASIDE_SUFFIX, list_checkpoints, plan_start
 from main import main
 
 MIB = 1 << 20
+# The command line's spelling of TINY (test_run_state_faults), for --eval of plain weights.
+TINY_FLAGS = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
+TINY_FLAGS += ["--num-classes", "10"]
 
 
 def tiny_model() -> torch.nn.Module:
@@ -86,16 +89,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, form, value)
         model = tiny_model()
         model.load_state_dict(state)
         path = tmp_path / "w.npz"
-        nets.save_npz(model, path)
-        named = "group1.block0.conv2.weight"  # the torch name of group1/block0/conv2/W
+        nets.save_npz(model, path)  # as group1/block0/conv2/W, named by its torch key
     else:
         path = tmp_path / "w.pt"
         torch.save(state if form == "state_dict" else {"model": state, "epoch": 1}, path)
-        named = "group1.block0.conv2.weight"
     with pytest.raises(nets.CheckpointError) as caught:
         nets.load_weights(tiny_model(), path)
     assert str(caught.value) == (
-        f"{path}: 1 tensor(s) hold NaN or Inf: {named}; non-finite weights are never loaded"
+        f"{path}: 1 tensor(s) hold NaN or Inf: group1.block0.conv2.weight; non-finite weights "
+        "are never loaded"
     )
 
 
@@ -106,8 +108,14 @@ def test_non_finite_weights_through_eval_are_one_line(tiny_imagenet, tmp_path, c
     assert "hold NaN or Inf: group1.block0.conv2.weight" in error_line(capsys)
 
 
-TINY_FLAGS = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
-TINY_FLAGS += ["--num-classes", "10"]
+def test_training_from_non_finite_weights_stops_at_start(tiny_imagenet, tmp_path, capsys):
+    path = tmp_path / "inf.pt"
+    torch.save(poisoned_state(float("inf")), path)
+    logdir = tmp_path / "run"
+    args = [*train_args(tiny_imagenet, logdir), "--load", str(path), "--num-classes", "10"]
+    assert main(args) == 1
+    assert "hold NaN or Inf: group1.block0.conv2.weight" in error_line(capsys)
+    assert not logdir.exists()  # refused before the run directory, not after an epoch
 
 
 def test_integer_weights_are_refused_not_cast(tmp_path):
