@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import nets
 from iat import distributed
+from iat.atomic_io import NoSpaceError, is_no_space
 from iat.benchmarks import BENCHMARK_DEFAULTS
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
@@ -39,6 +40,7 @@ USER_ERRORS = (
     DataServerTimeout,
     FloatingPointError,
     ValueError,
+    NoSpaceError,
     distributed.PeerLostError,
 )
 
@@ -442,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         run(config_from_args(args))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        if not is_no_space(e):
+            raise
+        # A full disk outside the atomic writer (metrics.jsonl, TensorBoard's event file).
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: no space left on device{where}", file=sys.stderr)
         return 1
     return 0
 

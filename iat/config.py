@@ -272,6 +272,7 @@ _LOWER_BOUNDS = (
     ("apgd_targets", 1, True),
     ("masking_checks", 0, True),
     ("queries", 1, True),
+    ("seed", 0, True),  # numpy's SeedSequence takes non-negative integers only
 )
 
 
@@ -283,6 +284,7 @@ def _bounds(cfg: Config) -> None:
         ok = value >= low if inclusive else value > low
         _check(ok, f"{_flag(name)}: must be {'>=' if inclusive else '>'} {low}, got {value}")
     _check(cfg.label_smoothing < 1, "--label-smoothing: must be < 1")
+    _check(cfg.seed < 2**64, f"--seed: must be < 2**64 (torch's seeds), got {cfg.seed}")
     for name in ("sweep_epsilon", "sweep_iters"):
         values = getattr(cfg, name) or ()
         _check(all(v >= 0 for v in values), f"{_flag(name)}: must be >= 0, got {list(values)}")
@@ -364,6 +366,14 @@ def validate(cfg: Config) -> None:
     _attack_options(cfg)
     needs_data = cfg.mode in ("train", "eval", "export_activations") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
+    _check(
+        not cfg.fake or cfg.data is None,
+        "--fake: constant batches replace --data (nothing of it would be read); give one of them",
+    )
+    _check(
+        not cfg.fake or cfg.mode == "train",
+        f"--fake: constant batches are for training; --{cfg.mode.replace('_', '-')} needs --data",
+    )
     if cfg.mode == "eval_directory":
         _check(cfg.eval_directory is not None, "--eval-directory: a folder is required")
         _check(cfg.load is not None, "--load: weights are required with --eval-directory")

@@ -14,7 +14,10 @@ from __future__ import annotations
 import gc
 import os
 import re
+import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -266,13 +269,22 @@ class PeerLostError(RuntimeError):
     """A collective failed because another rank died or stopped answering; names the rank."""
 
 
+# Each rank's watcher thread beats this often (a fraction of --collective-timeout, at most 5 s),
+# so that a peer silent for the whole timeout is known lost even where no collective runs
+# (an evaluation's own share of batches).
+HEARTBEATS_PER_TIMEOUT = 5
+MAX_HEARTBEAT_S = 5.0
+
+
 @dataclass
 class _JobState:
     """This process's rendezvous store (rank 0 hosts it), kept for failure reports."""
 
     store: dist.TCPStore | None = None
     timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
-    progress: int = 0  # the training step this rank reached
+    progress: str = "step 0"  # how far this rank came: "step N" (training) or "batch N" (eval)
+    lost: PeerLostError | None = None  # set by the watcher thread, raised by mark_progress
+    stop: threading.Event | None = None  # ends the watcher thread
 
 
 _job = _JobState()  # the process group is per process; so is what we know about it
@@ -304,20 +316,112 @@ def init(
         timeout=timeout,
         device_id=device_id,
     )
-    _job.store, _job.timeout_s, _job.progress = store, timeout_s, 0
+    _job.store, _job.timeout_s, _job.lost = store, timeout_s, None
+    mark_progress(0)
+    _watch_peers(env, timeout_s)
+    _report_lost_peers_on_sigterm()
 
 
-def mark_progress(step: int) -> None:
-    """Record that this rank reached training step `step` (read when a peer is lost)."""
-    _job.progress = step
+def mark_progress(step: int, unit: str = "step") -> None:
+    """Record that this rank reached training step (or evaluation batch) `step`, read when a
+    peer is lost; raises PeerLostError when the watcher found a peer silent for the timeout."""
+    _job.progress = f"{unit} {step}"
+    if _job.lost is not None:
+        raise _job.lost
     if _job.store is not None:
-        _job.store.set(f"iat/progress/{get_rank()}", str(step))
+        _job.store.set(f"iat/progress/{get_rank()}", _job.progress)
 
 
-def lost_peer_error(error: BaseException) -> PeerLostError | None:
-    """After a failed collective: the ranks that did not report the failure too within a few
-    seconds (dead or hung), as one error naming them; None when every rank reported (then the
-    failure is not a lost peer) or when not distributed."""
+def _watch_peers(env: DistEnv, timeout_s: float) -> None:
+    """A daemon thread, with its own store connection, that beats for this rank and watches the
+    others' beats: a peer whose beat has not changed for `timeout_s` (dead, or stopped) is
+    recorded in ``_job.lost`` for ``mark_progress`` to raise."""
+    client = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    stop = _job.stop = threading.Event()
+    interval = min(MAX_HEARTBEAT_S, timeout_s / HEARTBEATS_PER_TIMEOUT)
+    others = [r for r in range(env.world_size) if r != env.rank]
+
+    def watch() -> None:
+        beats, seen = 0, {r: (None, time.monotonic()) for r in others}
+        while not stop.wait(interval):
+            beats += 1
+            try:
+                client.set(f"iat/alive/{env.rank}", str(beats))
+                for r in others:
+                    _check_beat(client, r, seen, timeout_s)
+            except RuntimeError:  # the store (rank 0's process) did not answer in time
+                if not stop.is_set():
+                    _job.lost = PeerLostError(
+                        f"rank 0 (which hosts the rendezvous) stopped answering for "
+                        f"{timeout_s:g} s (--collective-timeout); this is rank {env.rank}, at "
+                        f"{_job.progress}"
+                    )
+                return
+            if _job.lost is not None:
+                return
+
+    threading.Thread(target=watch, name="iat-peer-watch", daemon=True).start()
+
+
+def _check_beat(client: dist.TCPStore, rank: int, seen: dict, timeout_s: float) -> None:
+    """Note `rank`'s beat; a beat unchanged for `timeout_s` (and the rank not left) is lost."""
+    key = f"iat/alive/{rank}"
+    beat = client.get(key) if client.check([key]) else None
+    last, since = seen[rank]
+    now = time.monotonic()
+    if beat != last:
+        seen[rank] = (beat, now)
+        return
+    if now - since < timeout_s or client.check([f"iat/left/{rank}"]):
+        return
+    _job.lost = PeerLostError(
+        f"rank {rank} ({_last_at(_progress_of(client, rank))}) stopped answering (dead or hung): "
+        f"no sign of it for {timeout_s:g} s (--collective-timeout); this is rank {get_rank()}, "
+        f"at {_job.progress}"
+    )
+
+
+def _last_at(progress: str) -> str:
+    return "no progress reported" if progress == "none" else f"last at {progress}"
+
+
+def _report_lost_peers_on_sigterm() -> None:
+    """A launcher that saw a rank die stops the others with SIGTERM (torchrun at once, before
+    any collective times out): each then names the lost ranks in one line before it exits.
+
+    Python runs signal handlers in the main thread only between bytecodes, never while it
+    waits in a collective; the signal's wakeup byte is read by a thread instead."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    except ValueError:  # not the main thread (a tool that joins from a worker thread)
+        os.close(read_fd)
+        os.close(write_fd)
+        return
+
+    def wait_for_sigterm() -> None:
+        while (byte := os.read(read_fd, 1)) and byte[0] != signal.SIGTERM:
+            pass
+        lost = lost_peer_error(RuntimeError("SIGTERM"), cause="stopped by the launcher then")
+        if lost is not None:
+            print(f"error: {lost}", file=sys.stderr, flush=True)
+        os._exit(1 if lost is not None else 128 + signal.SIGTERM)
+
+    threading.Thread(target=wait_for_sigterm, name="iat-sigterm", daemon=True).start()
+
+
+def lost_peer_error(error: BaseException, cause: str = "") -> PeerLostError | None:
+    """After a failed collective (or a launcher's SIGTERM, `cause`): the ranks that did not
+    report the failure too within a few seconds (dead or hung), as one error naming them; None
+    when every rank reported (then the failure is not a lost peer) or when not distributed."""
     store, rank = _job.store, get_rank()
     if store is None or not isinstance(error, RuntimeError):
         return None
@@ -325,17 +429,21 @@ def lost_peer_error(error: BaseException) -> PeerLostError | None:
         store.set_timeout(timedelta(seconds=PEER_REPORT_WAIT_S))
         store.set(f"iat/failed/{rank}", "1")
         lost = _unreported_peers(store, rank, get_world_size())
+        if cause:  # a rank that left through cleanup() ended on its own error, printed by it
+            lost = [r for r in lost if not store.check([f"iat/left/{r}"])]
         progress = {r: _progress_of(store, r) for r in lost}
     except RuntimeError:  # the store lives in rank 0's process
         return PeerLostError(
             f"rank 0 (which hosts the rendezvous at {_job.timeout_s:g} s timeout) is gone; "
-            f"this is rank {rank}, at step {_job.progress}"
+            f"this is rank {rank}, at {_job.progress}"
         )
     if not lost:
         return None
-    names = ", ".join(f"rank {r} (last at step {progress[r]})" for r in lost)
+    names = ", ".join(f"rank {r} ({_last_at(progress[r])})" for r in lost)
+    if cause:
+        return PeerLostError(f"{names} is gone: rank {rank} (at {_job.progress}) was {cause}")
     return PeerLostError(
-        f"{names} stopped answering (dead or hung): a collective of rank {rank} (at step "
+        f"{names} stopped answering (dead or hung): a collective of rank {rank} (at "
         f"{_job.progress}) failed after at most {_job.timeout_s:g} s (--collective-timeout)"
     )
 
@@ -460,6 +568,9 @@ def cleanup() -> None:
     so it waits (briefly) until every rank has left before the store goes with it: a rank still
     talking to a store that is gone aborts in torch's C++ code."""
     rank, world_size, store = get_rank(), get_world_size(), _job.store
+    if _job.stop is not None:
+        _job.stop.set()
+        _job.stop = None
     # Objects that hold the group (a DDP wrapper in a reference cycle) are freed now, while the
     # interpreter is whole: freed at its finalisation, their Gloo threads abort the process
     # ("terminate called without an active exception").

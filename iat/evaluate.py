@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from iat import benchmarks, defenses, distributed, ood
-from iat.atomic_io import atomic_write, atomic_write_text
+from iat.atomic_io import atomic_write, atomic_write_text, check_writable_file
 from iat.attacks import (
     PIXEL_MAX,
     PIXEL_MIN,
@@ -134,6 +134,7 @@ def evaluate(
         distributed.all_reduce_sum(torch.zeros(1, device=device))
     bar = progress_bar(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     for j, (images, labels, indices, ok) in zip(mine, bar, strict=True):
+        distributed.mark_progress(j, "batch")  # a peer silent for the timeout stops this here
         batch_skipped = 0
         if not ok.all():
             bad = unreadable(samples, indices, ok)
@@ -436,6 +437,7 @@ def run_eval(cfg: Config, device: torch.device) -> list[EvalResult]:
     backends: list[Backend] = []
     if distributed.is_main_process():
         if cfg.eval_output:
+            check_writable_file("--eval-output", cfg.eval_output)  # before the work, not after
             backends.append(ResultFileBackend(cfg.eval_output))
         if cfg.mlflow:
             backends.append(MlflowBackend(cfg.mlflow, run_name=f"eval {Path(cfg.load).name}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from iat.atomic_io import atomic_write_text
+from iat.atomic_io import atomic_write_text, check_writable_file
 from iat.builders import load_for_inference
 from iat.config import Config, predict_defense
 from iat.data.layouts import CorruptImageError, DataError
@@ -78,8 +78,23 @@ def format_top5(name: str, classes: list[int], probs: list[float], names: list[s
     )
 
 
+def check_file_names(files: list[Path], root: str | Path) -> None:
+    """Every name must fit on one line of the prediction file: a line break (or any other
+    control character) in a file name would forge a line of it. One error naming them."""
+    names = [f.relative_to(root).as_posix() for f in files]
+    unsafe = [name for name in names if any(ord(c) < 32 or ord(c) == 127 for c in name)]
+    if unsafe:
+        shown = ", ".join(repr(name) for name in unsafe[:3])
+        raise DataError(
+            f"--eval-directory: {len(unsafe)} file name(s) hold a line break or another control "
+            f"character, which would forge lines of the prediction file: {shown}; rename them"
+        )
+
+
 def run_predict(cfg: Config, device: torch.device) -> Path:
+    check_writable_file("--prediction-file", cfg.prediction_file)
     files = list_directory(cfg.eval_directory)
+    check_file_names(files, cfg.eval_directory)
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
     model = defend(model, predict_defense(cfg))
     names = load_class_names(cfg.class_names, cfg.num_classes) if cfg.class_names else None

@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from iat.atomic_io import atomic_write_text
+from iat.atomic_io import NoSpaceError, atomic_write_text, is_no_space
 
 CONFIG_FILE = "config.json"
 MLFLOW_EXPERIMENT = "imagenet-adversarial-training"
@@ -28,6 +28,7 @@ MLFLOW_CHECK_SECONDS = 5.0  # how long a tracking server may take to answer befo
 _MLFLOW_FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
 METRICS_FILE = "metrics.jsonl"
 _NO_TENSORFLOW = "tensorboard.compat.notf"
+_EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's event file names
 
 
 class Backend:
@@ -49,6 +50,11 @@ class Backend:
     def close(self) -> None:
         """Flush and release."""
 
+    def abandon(self) -> None:
+        """After ``close``: the disk filled up before this launch saved a checkpoint, so what
+        it logged here is logged again by the relaunch; drop files that only this launch made
+        (each failing relaunch would add one more)."""
+
 
 def _tensorboard_without_tensorflow() -> None:
     """TensorBoard's event writer needs no TensorFlow but imports it when it is installed (the
@@ -66,6 +72,9 @@ class TensorBoardBackend(Backend):
         _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
+        self._logdir = Path(logdir)
+        self._earlier = set(self._logdir.glob(_EVENT_FILES))
+        self._checkpointed = False
         self._writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
 
     def scalars(self, step: int, scalars: dict[str, float], context: dict) -> None:
@@ -76,8 +85,16 @@ class TensorBoardBackend(Backend):
         # The writer buffers events (with TensorFlow installed, until its own periodic flush).
         self._writer.flush()
 
+    def result(self, name: str, record: dict) -> None:
+        self._checkpointed |= name == "checkpoint"
+
     def close(self) -> None:
         self._writer.close()
+
+    def abandon(self) -> None:
+        if not self._checkpointed:
+            for path in set(self._logdir.glob(_EVENT_FILES)) - self._earlier:
+                path.unlink(missing_ok=True)
 
 
 class JsonLinesBackend(Backend):
@@ -143,7 +160,15 @@ class ResultFileBackend(Backend):
     def result(self, name: str, record: dict) -> None:
         self.records.append(record)
         content = record if len(self.records) == 1 else {"records": self.records}
-        atomic_write_text(self.path, json.dumps(content, indent=2) + "\n")
+        text = json.dumps(content, indent=2) + "\n"
+        try:
+            atomic_write_text(self.path, text)
+        except OSError as error:  # checked writable at start; the result is never lost
+            print(text, end="", flush=True)
+            reason = str(error) if isinstance(error, NoSpaceError) else error.strerror
+            raise ValueError(
+                f"--eval-output: cannot write {self.path} ({reason}); the result is printed above"
+            ) from None
 
 
 class MlflowBackend(Backend):
@@ -261,8 +286,12 @@ class RunLogger:
     def __enter__(self) -> RunLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        backends = self.backends
         self.close()
+        if is_no_space(exc):
+            for backend in backends:
+                backend.abandon()
 
 
 def run_directory_logger(

@@ -13,8 +13,12 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 import nets
 from iat.atomic_io import atomic_write
 from nets import CheckpointError
+from nets.checkpoint import require_finite
 
 _NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
@@ -32,6 +37,10 @@ RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator'
 # epochs included); only with --free-replays > 1.
 FREE_DELTA_FIELD = "free_delta"
 EMA_FIELD = "ema"  # the averaged weights (iat.ema), keyed as "model"; only with an average
+# Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
+# forged field, refused naming it rather than overflowing later.
+MAX_COUNT = 2**63 - 1
+SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed, never deleted
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -42,6 +51,67 @@ def check_run_directory(logdir: str | Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--logdir: cannot create {path}: {existing} is not a writable folder")
+    try:  # root passes os.access everywhere (/proc, a read-only mount): try for real
+        tempfile.TemporaryDirectory(prefix=".probe-", dir=existing).cleanup()
+    except OSError as error:
+        reason = f"{error.strerror} in {existing}"
+        raise ValueError(f"--logdir: cannot create {path}: {reason}") from None
+
+
+LOCK_FILE = ".lock"  # in the run directory: holds the training process's pid while it runs
+
+
+class RunDirectoryBusy(ValueError):
+    """Another training process holds the run directory."""
+
+
+class RunDirectoryLock:
+    """An exclusive advisory lock (``flock``) on ``LOCK_FILE`` in a run directory, held by the
+    training process that writes it. The kernel releases it when the process ends, however it
+    ends (a SIGKILL leaves no stale lock); the file keeps the holder's pid and host for the
+    message a second trainer gets. Only the main process locks (its ranks share the folder)."""
+
+    def __init__(self, logdir: str | Path, enabled: bool = True) -> None:
+        self.logdir = Path(logdir)
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def acquire(self, create: bool) -> None:
+        """Lock the run directory (creating it if `create`); a no-op when it does not exist yet
+        and `create` is false, or when already held. RunDirectoryBusy names the holder."""
+        if not self.enabled or self._fd is not None:
+            return
+        if create:
+            try:
+                self.logdir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"--logdir: cannot create {self.logdir} ({error})") from None
+        elif not self.logdir.is_dir():
+            return
+        fd = os.open(self.logdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"--logdir: {self.logdir} is in use by another training process ({holder}); "
+                "wait for it to end, or give another --logdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> RunDirectoryLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def checkpoint_path(logdir: str | Path, epoch: int) -> Path:
@@ -169,12 +239,14 @@ def _field_error(source: str, field: str, expected: str, value: object) -> Check
 
 
 def _kind(value: object) -> str:
+    if isinstance(value, int) and abs(value) > MAX_COUNT:
+        return f"an integer of {len(str(abs(value)))} digits"
     return repr(value) if isinstance(value, int) else type(value).__name__
 
 
 def _count(source: str, field: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _field_error(source, field, "a non-negative integer", value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+        raise _field_error(source, field, "a non-negative integer below 2**63", value)
     return value
 
 
@@ -190,6 +262,7 @@ def _optimizer_state(source: str, value: object) -> dict:
     )
     if not valid:
         raise _field_error(source, "optimizer", "an optimizer state_dict", value)
+    require_finite(source, value["state"], "optimizer.state")
     return dict(value)
 
 
@@ -219,6 +292,7 @@ def _ema_state(source: str, value: object) -> dict | None:
     )
     if not valid:
         raise _field_error(source, EMA_FIELD, "a mapping of names to tensors", value)
+    require_finite(source, value, EMA_FIELD)
     return dict(value)
 
 
@@ -252,23 +326,76 @@ def averaged_weights(weights: nets.Weights) -> nets.Weights:
     return nets.Weights(weights.source, "pt", state, contents)
 
 
-def plan_start(logdir: str | Path, load: str | None, starting_epoch: int) -> Start:
-    """Resume the run directory's latest checkpoint (a relaunch), else start from --load.
+def plan_start(
+    logdir: str | Path, load: str | None, starting_epoch: int, main_process: bool = True
+) -> Start:
+    """Resume the run directory's latest checkpoint that verifies (a relaunch), else start from
+    --load.
 
     A --load'ed training checkpoint continues its schedule; plain weights start the schedule at
-    `starting_epoch`."""
-    latest = latest_checkpoint(logdir)
-    source = str(latest) if latest is not None else load
+    `starting_epoch`. Newer checkpoints that fail their checks (truncated, zeroed, non-finite)
+    are renamed aside by the main process (never deleted), each said in one line."""
     fresh = Progress(starting_epoch - 1, 0)
-    if source is None:
+    found = _newest_verified(logdir, main_process)
+    if found is not None:
+        weights, state = found
+        return Start(
+            "resume",
+            weights,
+            state.optimizer,
+            state.progress,
+            state.rng,
+            state.ema,
+            state.free_delta,
+        )
+    if load is None:
         return Start("fresh", None, None, fresh)
-    weights = nets.read_weights(source)
+    weights = nets.read_weights(load)
     state = _training_state(weights)
     if state is None:
-        if latest is not None:
-            raise CheckpointError(f"{source}: a run checkpoint without {TRAINING_FIELDS}")
         return Start("weights", weights, None, fresh)
-    kind = "resume" if latest is not None else "continue"
     return Start(
-        kind, weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+        "continue", weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+    )
+
+
+def _newest_verified(
+    logdir: str | Path, main_process: bool
+) -> tuple[nets.Weights, _TrainingState] | None:
+    """The newest checkpoint of `logdir` whose every field checks, with its training state.
+
+    When none does, the newest one's error is raised (nothing renamed: a person decides); else
+    the newer ones that failed are set aside (``SET_ASIDE_SUFFIX``) by the main process."""
+    failed: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(logdir)):
+        try:
+            weights = nets.read_weights(path)
+            state = _training_state(weights)
+            if state is None:
+                raise CheckpointError(f"{path}: a run checkpoint without {TRAINING_FIELDS}")
+            require_finite(str(path), weights.tensors, "model")
+        except CheckpointError as error:
+            failed.append((path, error))
+            continue
+        for bad, error in failed:
+            _set_aside(bad, error, path, main_process)
+        return weights, state
+    if failed:
+        raise failed[0][1]
+    return None
+
+
+def _set_aside(bad: Path, error: CheckpointError, fallback: Path, main_process: bool) -> None:
+    """Rename `bad` out of the checkpoints' names (kept for a person to inspect)."""
+    if not main_process:
+        return
+    aside = bad.with_name(bad.name + SET_ASIDE_SUFFIX)
+    number = 1
+    while aside.exists():
+        number += 1
+        aside = bad.with_name(f"{bad.name}{SET_ASIDE_SUFFIX}.{number}")
+    bad.rename(aside)
+    print(
+        f"warning: {error}; renamed it to {aside.name} and resuming from {fallback.name}",
+        file=sys.stderr,
     )

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -37,6 +36,7 @@ from iat.config import (
     predict_defense,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
+from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.ema import WeightAverage
@@ -53,6 +53,7 @@ from iat.run_logging import (
 )
 from iat.run_state import (
     Progress,
+    RunDirectoryLock,
     Start,
     check_run_directory,
     plan_start,
@@ -524,7 +525,15 @@ def setup(
 
 
 def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) -> TrainOutcome:
-    """Train as configured, resuming the run directory's latest checkpoint if there is one."""
+    """Train as configured, resuming the run directory's latest checkpoint if there is one;
+    the run directory is locked against a second trainer while this one runs."""
+    with RunDirectoryLock(resolve_logdir(cfg), distributed.is_main_process()) as lock:
+        return _train_in(cfg, env, device, lock)
+
+
+def _train_in(
+    cfg: Config, env: distributed.DistEnv, device: torch.device, lock: RunDirectoryLock
+) -> TrainOutcome:
     main_proc = distributed.is_main_process()
     reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data, cfg.data_layout)
     classes = reader.classes() if reader else None
@@ -540,11 +549,14 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     for split, samples in (("train", train), ("val", val)):
         if samples:
             check_labels(samples, num_classes, split)
+    if val and cfg.train_eval != "none":
+        check_eval_headers(val, "val", cfg.skip_unreadable)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
     if cfg.mlflow is not None:
         check_mlflow(cfg.mlflow)  # a tracker that cannot log stops the run before it has files
-    start = plan_start(logdir, cfg.load, cfg.starting_epoch)
+    lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
+    start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
     run = setup(cfg, start, train, num_classes, device)
     if start.progress.epoch >= cfg.epochs:
@@ -561,7 +573,7 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     facts["attack_precision"] = run.precision.description
     facts["finetune_checkpoint"] = cfg.finetune_checkpoint
     if main_proc:
-        Path(logdir).mkdir(parents=True, exist_ok=True)
+        lock.acquire(create=True)
         remove_partial_checkpoints(logdir)
         forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)

@@ -9,6 +9,10 @@ allocates nothing: ``read_weights`` reads only the zip directory and each member
 (names, shapes, dtypes, sizes checked against the zip entry), and array data is read by
 ``load_weights`` only after the names and shapes match the model, so a zip bomb under an extra
 name or a header declaring 10^12 elements is refused without being decompressed or allocated.
+A ``.pt`` file's zip directory is checked before ``torch.load`` inflates anything (``torch.save``
+stores its members uncompressed: together they declare at most the file's size), and top-level
+keys a file of this project never has are refused. Weights are loaded only when every floating
+tensor is finite and of a floating dtype (nothing is cast or carried on silently).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -50,6 +55,9 @@ _NPZ_ERRORS = (
 )
 _NPY_SUFFIX = ".npy"
 _NPY_MAGIC = b"\x93NUMPY"
+# numpy's own limit on .npy header lengths (np.lib.format._MAX_HEADER_SIZE): a plain array's
+# header is under 200 bytes.
+_NPY_MAX_HEADER = 10000
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
@@ -58,9 +66,20 @@ _NPY_HEADER_READERS = {
 # iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
 # "denoise_op", "denoise_window"} (the last two absent from older checkpoints).
 ARCHITECTURE_KEY = "architecture"
+# The top-level keys of a .pt file of this project that holds more than a state_dict: the weights
+# and their architecture record (iat.convert_alp), and a training checkpoint's optimizer state,
+# progress, random state, averaged weights and free training's perturbation
+# (iat.run_state.save_checkpoint). Any other key is refused: an extra key is where a zip bomb or
+# a forged payload hides (issue 22).
+PT_FIELDS = frozenset(
+    {"model", ARCHITECTURE_KEY, "optimizer", "epoch", "step", "rng", "ema", "free_delta"}
+)
 # A classifier behind a sparse-coding frontend (iat.sparse_frontend.FrontendClassifier) keeps its
 # state_dict entries under this prefix, beside the frontend's under "frontend.".
 CLASSIFIER_PREFIX = "classifier."
+# torch.save's legacy (non-zip) format opens with a pickled magic number (torch.serialization.
+# MAGIC_NUMBER, pickle protocol 2); any other non-zip file is not a torch checkpoint.
+_PT_LEGACY_START = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
 _IGNORED_BUFFER = "num_batches_tracked"
@@ -179,7 +198,36 @@ def load_weights(model: nn.Module, weights: str | os.PathLike[str] | Weights) ->
         state = _npz_state(model, weights.source, arrays)
     else:
         state = _pt_state(model, weights.source, weights.tensors, trained_as)
+    require_finite(weights.source, state)
     model.load_state_dict(state, strict=True)
+
+
+def require_finite(source: str, tensors: Mapping[str, object], field: str = "") -> None:
+    """CheckpointError naming the floating tensors of `tensors` (any nesting of mappings and
+    lists, as optimizer state) that hold NaN or Inf: such weights, averages or optimizer state
+    are never loaded (``--eval`` would print a meaningless number, training would carry them)."""
+    named = dict(_floating_tensors(tensors, field))
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist()  # one sync
+    bad = [name for name, ok in zip(named, finite, strict=True) if not ok]
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {_listing(bad)}; non-finite "
+            "weights are never loaded"
+        )
+
+
+def _floating_tensors(value: object, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.numel():
+            yield name, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _floating_tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _floating_tensors(item, f"{name}[{index}]")
 
 
 def describe_architecture(record: Mapping[str, object] | None) -> str:
@@ -309,7 +357,15 @@ def _parse_npy_header(file: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(file)
     if version not in _NPY_HEADER_READERS:
         raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
-    return _NPY_HEADER_READERS[version](file)
+    try:
+        return _NPY_HEADER_READERS[version](file, max_header_size=_NPY_MAX_HEADER)
+    except ValueError as error:
+        if "max_header_size" not in str(error):
+            raise
+        # numpy's message advises allow_pickle=True, which is never given here.
+        raise ValueError(
+            f"its header is longer than the {_NPY_MAX_HEADER} bytes an array's needs"
+        ) from None
 
 
 def _read_member_header(
@@ -374,24 +430,69 @@ def _variable_names(source: Path | str, arrays: Iterable[tuple[str, _Array]]) ->
 
 def _read_pt(path: Path) -> Mapping[str, object]:
     _require_file(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: unreadable .pt checkpoint (an empty file)")
+    _check_pt_archive(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (two lines) about pickles it did not write; the error says it all.
+            warnings.simplefilter("ignore")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused by torch.load(weights_only=True): {_refused_object(str(error))}; "
             "only tensors and plain containers are loaded, nothing was run"
         ) from error
     except (RuntimeError, OSError, ValueError, EOFError) as error:
-        raise CheckpointError(f"{path}: unreadable .pt checkpoint ({error})") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: unreadable .pt checkpoint ({reason})") from error
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: holds {type(content).__name__}, not a state_dict")
     return content
 
 
+def _check_pt_archive(path: Path) -> None:
+    """A zip-format ``.pt``'s directory, before torch.load inflates anything. ``torch.save``
+    stores its members uncompressed, so together they declare at most the file's own size: a
+    member declaring more is compressed (a zip bomb inflates 1.7 MB into 2 GB) and is refused.
+    Torch's legacy (non-zip) format holds nothing compressed."""
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as file:
+            if file.read(len(_PT_LEGACY_START)) != _PT_LEGACY_START:
+                raise CheckpointError(
+                    f"{path}: not a torch.save file (neither its zip format nor its legacy one: "
+                    "a raw pickle?); nothing was loaded"
+                )
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except _NPZ_ERRORS as error:
+        raise CheckpointError(f"{path}: unreadable .pt checkpoint ({error})") from error
+    declared = sum(m.file_size for m in members)
+    if declared > size:
+        largest = max(members, key=lambda m: m.file_size)
+        raise CheckpointError(
+            f"{path}: its members declare {declared} bytes in a file of {size} (member "
+            f"{largest.filename}: {largest.file_size} bytes stored in {largest.compress_size}); "
+            "torch.save never compresses, so nothing was inflated"
+        )
+
+
 def _state_dict_of(path: Path, contents: Mapping[str, object]) -> Mapping[str, object]:
-    """A training checkpoint's ``"model"`` entry, or the file's mapping itself."""
+    """A training checkpoint's ``"model"`` entry (its other keys those of ``PT_FIELDS``), or
+    the file's mapping itself."""
     model = contents.get("model")
-    return model if isinstance(model, Mapping) else contents
+    if not isinstance(model, Mapping):
+        return contents
+    unknown = sorted(str(key) for key in contents if key not in PT_FIELDS)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} unknown field(s): {_listing(unknown)}; a checkpoint of this "
+            f"project holds only {', '.join(sorted(PT_FIELDS))}"
+        )
+    return model
 
 
 def _refused_object(message: str) -> str:
@@ -447,7 +548,7 @@ def _pt_state(
     state = model.state_dict()
     missing = [k for k in state if k not in content and not _is_ignored(k)]
     unexpected = [str(k) for k in content if k not in state]
-    misshaped = []
+    misshaped, cast = [], []
     for key, value in content.items():
         if key not in state:
             continue
@@ -455,8 +556,15 @@ def _pt_state(
         if not isinstance(value, torch.Tensor) or value.shape != expected:
             misshaped.append(f"{key} (file {_describe(value)}, model {_shape(expected)})")
             continue
+        if state[key].is_floating_point() and not value.is_floating_point():
+            cast.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
         state[key] = value
     _check_match(path, missing, unexpected, misshaped, trained_as)
+    if cast:
+        raise CheckpointError(
+            f"{path}: {len(cast)} weight(s) not floating point: {_listing(cast)}; weights are "
+            "never cast"
+        )
     return state
 
 

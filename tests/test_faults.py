@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,38 @@ def _rank_env(rank: int, port: int) -> dict[str, str]:
     return {**env, **{k: str(v) for k, v in ranks.items()}, "MASTER_PORT": str(port)}
 
 
+def start_two_ranks(flags: list[str]) -> list[subprocess.Popen]:
+    """`main.py flags` as ranks 0 and 1 of one job (stderr piped, as text)."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "main.py"), *flags],
+            env=_rank_env(rank, port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+
+
+def signal_rank_1(
+    ranks: list[subprocess.Popen], signum: int, ready: Callable[[], None]
+) -> tuple[str, float]:
+    """Once `ready()` returns, send `signum` to rank 1: rank 0's stderr and the seconds it took
+    to exit. Both ranks are killed afterwards, whatever happened."""
+    try:
+        ready()
+        ranks[1].send_signal(signum)
+        started = time.monotonic()
+        _, err = ranks[0].communicate(timeout=90)
+        return err, time.monotonic() - started
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def _wait_for(path: Path, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not (path.exists() and path.stat().st_size > 0):
@@ -56,27 +89,9 @@ def test_a_hung_or_dead_rank_is_named_in_one_line(tmp_path: Path, signum: int) -
         "--threads", "1", "--log-every", "5", "--collective-timeout", "5",
         "--logdir", str(logdir),
     ]  # fmt: skip
-    port = _free_port()
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"), *flags],
-            env=_rank_env(rank, port),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in range(2)
-    ]
-    try:
-        _wait_for(logdir / "metrics.jsonl", 120)  # training steps are being taken
-        ranks[1].send_signal(signum)
-        started = time.monotonic()
-        _, err = ranks[0].communicate(timeout=60)
-        elapsed = time.monotonic() - started
-    finally:
-        for proc in ranks:
-            proc.kill()
-            proc.wait(timeout=30)
+    ranks = start_two_ranks(flags)
+    # Once training steps are being taken.
+    err, elapsed = signal_rank_1(ranks, signum, lambda: _wait_for(logdir / "metrics.jsonl", 120))
     assert ranks[0].returncode == 1, err[-3000:]
     line = _last_line(err)
     assert line.startswith("error: rank 1 (last at step ") and "stopped answering" in line, err

@@ -8,11 +8,12 @@ so they can go straight to ``torch.from_numpy``; they are copied only when misal
 
 Given the trainer's configuration (batch, image size, number of classes), the client also refuses
 labels out of range (malformed: skipped), frames larger than such a batch (ZMQ drops the
-connection before allocating them) and batches of another shape (``BatchShapeMismatch``: the
-server was started for another configuration, which ends the run with one clear error naming
-both shapes; when every frame is refused, one message read through a probe socket with a looser
-bound names the server's). With no server reached after a few seconds, a warning says so at
-once (and that ``--loader local`` needs none) while the client waits out its timeout.
+connection before allocating them; counted and logged as rejected too) and batches of another
+shape (``BatchShapeMismatch``: the server was started for another configuration, which ends the
+run with one clear error naming both shapes; when every frame is refused, one message read
+through a probe socket with a looser bound names the server's). With no server reached after a
+few seconds, a warning says so at once (and that ``--loader local`` needs none) while the client
+waits out its timeout.
 
 Shutdown never blocks: the receiver thread owns and closes the socket, ``close`` waits for it a
 bounded time, and the context is terminated only once the socket is closed. Clients still open
@@ -172,7 +173,13 @@ class ZMQBatchClient:
             return
         self._lost_at = None
         self._refused += 1
-        _LOG.debug("connection to %s dropped on a refused frame; reconnecting", self.address)
+        # Counted and named like any other malformed message (ZMQ itself says nothing).
+        self.rejected += 1
+        self._last_rejection = (
+            f"a frame over {self._max_frame_bytes()} bytes, refused by ZMQ before it was "
+            "allocated (the connection was made anew)"
+        )
+        _LOG.error("rejected a message from %s: %s", self.address, self._last_rejection)
         with contextlib.suppress(zmq.ZMQError):  # the endpoint may be gone already
             self._socket.disconnect(self.address)
         self._socket.connect(self.address)

@@ -8,17 +8,47 @@ One policy for both batch sources, the data server and the local loader (torch-f
   depend on which worker or process builds it;
 * ``--fake`` data is one constant random batch, drawn from ``seed`` alone;
 * an image that cannot be decoded is replaced by a random other image (drawn from the batch's
-  RNG), remembered and reported once; ``MAX_CORRUPT_RETRIES`` in a row is an error.
+  RNG), remembered and reported once; ``MAX_CORRUPT_RETRIES`` in a row is an error;
+* the evaluation split of a training run is checked at start (``check_eval_headers``): an
+  empty file or one no decoder recognises is an error then, not after a whole epoch.
 """
 
 from __future__ import annotations
 
+import sys
+
+import cv2
 import numpy as np
 
 from iat.data.augment import TrainTransform
 from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
 
 MAX_CORRUPT_RETRIES = 100  # consecutive undecodable replacements before giving up
+
+
+def undecodable_headers(samples: list[Sample]) -> list[str]:
+    """The files among `samples` that are empty or whose header no OpenCV decoder recognises
+    (``cv2.haveImageReader`` reads a file's signature only: about 30 us per file, 1.5 s for
+    ImageNet's 50,000 validation images)."""
+    return [path for path, _ in samples if not cv2.haveImageReader(path)]
+
+
+def check_eval_headers(samples: list[Sample], split: str, skip_unreadable: bool) -> None:
+    """Before training: the in-training evaluation would stop on an undecodable image of
+    `split` after a whole epoch. An error naming them; a warning with --skip-unreadable."""
+    bad = undecodable_headers(samples)
+    if not bad:
+        return
+    shown = ", ".join(bad[:3]) + (f", ... and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if skip_unreadable:
+        print(
+            f"warning: {split}/: {len(bad)} undecodable image(s) skipped: {shown}", file=sys.stderr
+        )
+        return
+    raise CorruptImageError(
+        f"--data: {len(bad)} image(s) of {split}/ cannot be decoded (empty, or not an image): "
+        f"{shown}; found before training (--skip-unreadable skips them)"
+    )
 
 
 class EpochSchedule:
