@@ -14,19 +14,20 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import nets
-from iat.atomic_io import atomic_write
+from iat.atomic_io import atomic_write, atomic_write_text
 from nets import CheckpointError
 from nets.checkpoint import require_finite
 
@@ -125,6 +126,41 @@ def list_checkpoints(logdir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in logdir.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+LAST_LINK = "checkpoint-last.pt"  # a symbolic link to the newest checkpoint (timm's last.pth.tar)
+BEST_LINK = "checkpoint-best.pt"  # the checkpoint of the best robust accuracy (a hard link)
+BEST_RECORD = "checkpoint-best.json"  # which epoch that is, under which evaluation, how good
+
+
+def link_last(path: Path) -> Path:
+    """Point ``LAST_LINK`` beside `path` at it (replaced atomically: never missing or half)."""
+    return _replace_link(path.parent / LAST_LINK, lambda tmp: os.symlink(path.name, tmp))
+
+
+def link_best(path: Path, evaluation: str, accuracy: float) -> bool:
+    """Make ``BEST_LINK`` `path` when `accuracy` (robust accuracy under the in-training
+    `evaluation`) beats the best recorded so far, and record it; True when it did. A hard link,
+    so that pruning the epoch's own name keeps the file."""
+    record_path = path.parent / BEST_RECORD
+    try:
+        best = json.loads(record_path.read_text())
+        if best["evaluation"] == evaluation and best["robust_accuracy"] >= accuracy:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record yet, or one this code did not write: start one
+    _replace_link(path.parent / BEST_LINK, lambda tmp: os.link(path, tmp))
+    record = {"checkpoint": path.name, "evaluation": evaluation, "robust_accuracy": accuracy}
+    atomic_write_text(record_path, json.dumps(record) + "\n")
+    return True
+
+
+def _replace_link(target: Path, make: Callable[[Path], None]) -> Path:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    make(tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def remove_partial_checkpoints(logdir: str | Path) -> list[Path]:

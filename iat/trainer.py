@@ -56,6 +56,8 @@ from iat.run_state import (
     RunDirectoryLock,
     Start,
     check_run_directory,
+    link_best,
+    link_last,
     plan_start,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -64,6 +66,9 @@ from iat.sparse_frontend import FrontendClassifier, frontend_spec
 from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
+# The in-training evaluation checkpoint-best.pt is chosen by: PGD-10 runs after every epoch
+# (--train-eval original and light), so every epoch is compared on the same attack.
+BEST_EVALUATION = "eval-10step"
 
 
 @dataclass
@@ -606,8 +611,12 @@ def _train_in(
                     free_delta=free_deltas,
                 )
                 logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
+                link_last(path)
             if val:
                 results = run_evals(run, val, num_classes, progress, logger)
+                if main_proc and BEST_EVALUATION in results:
+                    accuracy = results[BEST_EVALUATION].robust_accuracy
+                    link_best(path, BEST_EVALUATION, accuracy)
             distributed.barrier()
     return TrainOutcome(model=run.model, logdir=logdir, results=results)
 

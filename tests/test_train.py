@@ -394,3 +394,31 @@ def test_eval_on_the_first_examples_of_the_train_split(tiny_imagenet, tmp_path):
     assert main(args) == 0
     record = json.loads(out.read_text())
     assert record["images"] == 5 and record["split"] == "train"
+
+
+def test_last_and_best_checkpoints_are_named_as_timm_users_expect(tiny_imagenet, tmp_path):
+    """checkpoint-last.pt follows the newest checkpoint; checkpoint-best.pt is the epoch of the
+    best PGD-10 robust accuracy and survives the pruning of its epoch's own file."""
+    run = tmp_path / "run"
+    args = train_args(tiny_imagenet, run, "--epochs", "3", "--keep-checkpoints", "1")
+    assert main(args) == 0
+    last = run / "checkpoint-last.pt"
+    assert last.is_symlink() and os.readlink(last) == "checkpoint-epoch0003.pt"
+    assert [p.name for p in run.glob("checkpoint-epoch*.pt")] == ["checkpoint-epoch0003.pt"]
+    # Independently: the best epoch from the logged evaluations (the first of equals).
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval-10step/top1_error" in r]
+    errors = [r["eval-10step/top1_error"] for r in evals]
+    best_epoch = evals[errors.index(min(errors))]["epoch"]
+    record = json.loads((run / "checkpoint-best.json").read_text())
+    assert record == {
+        "checkpoint": f"checkpoint-epoch{best_epoch:04d}.pt",
+        "evaluation": "eval-10step",
+        "robust_accuracy": pytest.approx(1 - min(errors)),
+    }
+    best = torch.load(run / "checkpoint-best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch
+    out = tmp_path / "best.json"
+    flags = ["--eval", "--load", str(run / "checkpoint-best.pt"), "--data", str(tiny_imagenet),
+             *FAST, "--attack-iter", "0", "--eval-output", str(out)]  # fmt: skip
+    assert main(flags) == 0
+    assert json.loads(out.read_text())["images"] == 7
