@@ -82,7 +82,7 @@ def test_eval_with_a_stopped_rank_names_its_batch_within_the_timeout(tmp_path):
         "--eval", "--load", str(ckpt), "--data", str(data), *TINY_FLAGS, "--image-size", "32",
         "--batch", "1", "--workers", "0", "--threads", "1", "--attack-iter", "30",
         "--collective-timeout", "5", "--eval-output", str(tmp_path / "e.json"),
-        "--eval-state", str(state),
+        "--eval-state", str(state), "--class-subset",
     ]  # fmt: skip
     ranks = start_two_ranks(flags)
 
