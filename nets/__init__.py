@@ -1,5 +1,6 @@
 """Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints,
-ResNet-v2 (ALP) and basic-block ResNets for small images."""
+ResNet-v2 (ALP) and basic-block ResNets for small images; ConvNeXt, ViT and Swin in timm's layout
+and ResNets in torchvision's, under those libraries' model names (nets.reference_models)."""
 
 from nets.checkpoint import (
     ARCHITECTURE_KEY,
@@ -31,6 +32,7 @@ from nets.denoise import (
 from nets.resnet import (
     ARCHITECTURES,
     DEFAULT_DENOISE_OPS,
+    MODEL_OPTIONS,
     NUM_BLOCKS,
     Bottleneck,
     Denoise,
@@ -39,7 +41,10 @@ from nets.resnet import (
     available_architectures,
     build_model,
     depths_of,
+    model_options,
     num_blocks_of,
+    num_groups_of,
+    options_of,
     register,
     resolve_denoise,
 )
@@ -65,7 +70,11 @@ __all__ = [
     "ResNetBasic",
     "ResNetV2",
     "depths_of",
+    "model_options",
+    "MODEL_OPTIONS",
     "num_blocks_of",
+    "num_groups_of",
+    "options_of",
     "Bottleneck",
     "CheckpointError",
     "checkpoint_num_classes",

@@ -61,6 +61,9 @@ ARCHITECTURE_KEY = "architecture"
 # A classifier behind a sparse-coding frontend (iat.sparse_frontend.FrontendClassifier) keeps its
 # state_dict entries under this prefix, beside the frontend's under "frontend.".
 CLASSIFIER_PREFIX = "classifier."
+# The final layer's bias in the zoo's state dicts: the original's layout, timm's ConvNeXt and
+# Swin, timm's ViT, torchvision's ResNets.
+CLASSIFIER_BIASES = ("linear.bias", "head.fc.bias", "head.bias", "fc.bias")
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
 _IGNORED_BUFFER = "num_batches_tracked"
@@ -130,10 +133,16 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        """Outputs of the final layer (``linear/b`` or ``linear.bias``, also behind a frontend):
-        the classes."""
-        name = "linear/b" if self.kind == "npz" else "linear.bias"
-        bias = self.tensors.get(name, self.tensors.get(CLASSIFIER_PREFIX + name))
+        """Outputs of the final layer (``linear/b``, or a ``CLASSIFIER_BIASES`` tensor, also
+        behind a frontend): the classes."""
+        names = ("linear/b",) if self.kind == "npz" else CLASSIFIER_BIASES
+        found = (
+            self.tensors.get(prefix + name)
+            for name in names
+            for prefix in ("", CLASSIFIER_PREFIX)
+            if prefix + name in self.tensors
+        )
+        bias = next(found, None)
         if bias is None or len(getattr(bias, "shape", ())) != 1:
             raise CheckpointError(
                 f"{self.source}: no final layer (linear/b) to count the classes from"

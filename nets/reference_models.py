@@ -1,0 +1,76 @@
+"""Registers the architectures written in other libraries' layouts under those libraries' own
+model names (timm: ``convnext_tiny``, ``vit_small_patch16_224``, ``swin_tiny_patch4_window7_224``;
+torchvision: ``resnet50``, ``wide_resnet50_2``), so that ``--arch`` and
+``python -m iat.convert_checkpoint --arch`` name a model the same way.
+
+Each takes the registry's arguments: ``-d`` is its total block count (``--num-blocks`` sets the
+blocks per stage, one count for ViT), ``--width`` scales every layer by width / 64 (64: the
+published model; the attention heads keep their number), ``--drop-path`` and
+``--grad-checkpointing`` (not the torchvision ResNets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from nets.blocks import scaled_width
+from nets.convnext import CONVNEXT_SIZES, ConvNeXt
+from nets.resnet import register
+from nets.swin import SWIN_SIZES, SwinTransformer
+from nets.torchvision_resnet import TORCHVISION_RESNETS, TorchvisionResNet
+from nets.vit import VIT_SIZES, VisionTransformer
+
+TRANSFORMER_OPTIONS = ("drop_path", "grad_checkpointing")
+# (name, blocks per stage, width, classes, options) -> model
+Family = Callable[..., nn.Module]
+
+
+def _convnext(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> ConvNeXt:
+    dim = scaled_width(CONVNEXT_SIZES[name][1], width, name)
+    return ConvNeXt(blocks, [dim * 2**i for i in range(len(blocks))], classes, **options)
+
+
+def _vit(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
+    _, dim, heads = VIT_SIZES[name]
+    return VisionTransformer(blocks[0], scaled_width(dim, width, name), heads, classes, **options)
+
+
+def _swin(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
+    _, dim, heads = SWIN_SIZES[name]
+    return SwinTransformer(blocks, scaled_width(dim, width, name), heads, classes, **options)
+
+
+def _torchvision(name: str, blocks: Sequence[int], width: int, classes: int) -> nn.Module:
+    return TorchvisionResNet(blocks, classes, width, TORCHVISION_RESNETS[name][1])
+
+
+def _builder(family: Family, name: str) -> Callable[..., nn.Module]:
+    """The registry's builder ``(num_blocks, num_classes, width, denoise, **options)``."""
+
+    def build(
+        num_blocks: Sequence[int],
+        num_classes: int = 1000,
+        width: int = 64,
+        denoise: None = None,
+        **options: object,
+    ) -> nn.Module:
+        return family(name, num_blocks, width, num_classes, **options)
+
+    return build
+
+
+def _register(family: Family, name: str, depth: int, blocks: tuple[int, ...], options=()) -> None:
+    register(name, depths={depth: blocks}, options=options)(_builder(family, name))
+
+
+for _name, (_blocks, _) in CONVNEXT_SIZES.items():
+    _register(_convnext, _name, sum(_blocks), _blocks, TRANSFORMER_OPTIONS)
+for _name, (_depth, _, _) in VIT_SIZES.items():
+    _register(_vit, _name, _depth, (_depth,), TRANSFORMER_OPTIONS)
+for _name, (_blocks, _, _) in SWIN_SIZES.items():
+    _register(_swin, _name, sum(_blocks), _blocks, TRANSFORMER_OPTIONS)
+for _name, (_blocks, _) in TORCHVISION_RESNETS.items():
+    _depth = int(_name.removeprefix("wide_").removeprefix("resnet").split("_")[0])
+    _register(_torchvision, _name, _depth, _blocks)
