@@ -514,6 +514,9 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
         print(
             "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
         )
+    if cfg.finetune_checkpoint is not None:  # its recorded architecture, where flags set none
+        weights = nets.read_weights(cfg.finetune_checkpoint)
+        cfg = builders.with_recorded_architecture(cfg, weights)
     num_classes = builders.resolve_num_classes(cfg, classes)
     for split, samples in (("train", train), ("val", val)):
         if samples:

@@ -7,7 +7,9 @@ from nets.checkpoint import (
     CheckpointError,
     Weights,
     checkpoint_num_classes,
+    classifier_name,
     describe_architecture,
+    load_model,
     load_npz_dict,
     load_weights,
     model_to_npz_dict,
@@ -29,6 +31,7 @@ from nets.denoise import (
     median_filter,
     softmax_nonlocal,
 )
+from nets.reference_models import LAYOUTS, SOURCES, Layout
 from nets.resnet import (
     ARCHITECTURES,
     DEFAULT_DENOISE_OPS,
@@ -53,6 +56,9 @@ from nets.resnet_variants import BasicBlock, PreActBottleneck, ResNetBasic, ResN
 __all__ = [
     "ARCHITECTURE_KEY",
     "ARCHITECTURES",
+    "LAYOUTS",
+    "Layout",
+    "SOURCES",
     "available_denoise_ops",
     "bilateral_filter",
     "check_denoise_op",
@@ -78,6 +84,7 @@ __all__ = [
     "Bottleneck",
     "CheckpointError",
     "checkpoint_num_classes",
+    "classifier_name",
     "DenoisedBottleneck",
     "DenoisingBlock",
     "describe_architecture",
@@ -85,6 +92,7 @@ __all__ = [
     "available_architectures",
     "build_model",
     "dot_product_nonlocal",
+    "load_model",
     "load_npz_dict",
     "load_weights",
     "model_to_npz_dict",

@@ -9,10 +9,13 @@ allocates nothing: ``read_weights`` reads only the zip directory and each member
 (names, shapes, dtypes, sizes checked against the zip entry), and array data is read by
 ``load_weights`` only after the names and shapes match the model, so a zip bomb under an extra
 name or a header declaring 10^12 elements is refused without being decompressed or allocated.
+``.safetensors`` files (Hugging Face's format: a JSON header and raw tensors, nothing to unpickle)
+hold a state dict, and the architecture record as JSON in their metadata.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -26,15 +29,18 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 from iat.atomic_io import atomic_write
-from nets.denoise import DENOISE_OPS
-from nets.resnet import DEFAULT_DENOISE_OPS
+from nets.denoise import DEFAULT_WINDOW, DENOISE_OPS
+from nets.resnet import DEFAULT_DENOISE_OPS, build_model
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
+SAFETENSORS_SUFFIX = ".safetensors"
 # tensorpack's dump-model-params stores tensor names ("conv0/W:0"); the manifests use variable
 # names ("conv0/W"). Both are accepted on load.
 TENSOR_NAME_SUFFIX = ":0"
@@ -98,10 +104,66 @@ def save_npz(model: nn.Module, path: str | os.PathLike[str]) -> None:
     atomic_write(Path(path), lambda file: np.savez(file, **arrays))
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Writes ``model.state_dict()`` in this project's ``.pt`` format, atomically."""
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    architecture: Mapping[str, object] | None = None,
+) -> None:
+    """Writes ``model.state_dict()`` atomically: a ``.pt`` file holds the state dict, or with
+    `architecture` (a record as ``iat.builders.model_record`` makes it) ``{"model": state dict,
+    ARCHITECTURE_KEY: record}``, which ``load_model`` and ``--load`` build the model from; a
+    ``.safetensors`` file the tensors, and the record as JSON in its metadata."""
+    path = Path(path)
     state = model.state_dict()
-    atomic_write(Path(path), lambda file: torch.save(state, file))
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        data = _safetensors_bytes(state, architecture)
+        atomic_write(path, lambda file: file.write(data))
+        return
+    contents = state if architecture is None else {"model": state, ARCHITECTURE_KEY: architecture}
+    atomic_write(path, lambda file: torch.save(contents, file))
+
+
+def _safetensors_bytes(
+    state: Mapping[str, torch.Tensor], architecture: Mapping[str, object] | None
+) -> bytes:
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    metadata = None if architecture is None else {ARCHITECTURE_KEY: json.dumps(architecture)}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def load_model(path: str | os.PathLike[str]) -> nn.Module:
+    """The model a self-describing checkpoint (a ``.pt`` or ``.safetensors`` file with an
+    architecture record: a training checkpoint, ``python -m iat.convert_checkpoint``'s output)
+    describes, its weights loaded, in eval mode; it takes BGR pixels in [0, 255]. An
+    input-transform defense the record names is not applied (``main.py --eval`` applies it)."""
+    weights = read_weights(path)
+    record = weights.architecture
+    if record is None:
+        raise CheckpointError(
+            f"{weights.source}: records no architecture; build the model with "
+            "nets.build_model and load it with nets.load_weights"
+        )
+    if record.get("frontend") is not None:
+        raise CheckpointError(
+            f"{weights.source}: carries a sparse-coding frontend; load it with main.py --eval"
+        )
+    try:
+        model = build_model(
+            str(record.get("arch")),
+            depth=record.get("depth") if record.get("num_blocks") is None else None,
+            num_blocks=record.get("num_blocks"),
+            num_classes=record.get("num_classes"),
+            width=record.get("width"),
+            denoise_op=record.get("denoise_op"),
+            denoise_window=record.get("denoise_window", DEFAULT_WINDOW),
+        )
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{weights.source}: field {ARCHITECTURE_KEY!r} is not a valid architecture record "
+            f"({error})"
+        ) from None
+    load_weights(model, weights)
+    return model.eval()
 
 
 @dataclass(frozen=True)
@@ -169,7 +231,10 @@ def read_weights(path: str | os.PathLike[str]) -> Weights:
     if suffix in PT_SUFFIXES:
         contents = _read_pt(path)
         return Weights(str(path), "pt", _state_dict_of(path, contents), contents)
-    expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES))
+    if suffix == SAFETENSORS_SUFFIX:
+        tensors, metadata = read_safetensors(path)
+        return Weights(str(path), "pt", tensors, _safetensors_contents(path, metadata))
+    expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES, SAFETENSORS_SUFFIX))
     raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; use {expected}")
 
 
@@ -215,6 +280,16 @@ def _describe_denoise(record: Mapping[str, object]) -> str:
     window = record.get("denoise_window")
     local = op in DENOISE_OPS and DENOISE_OPS[op].local
     return f", denoising {op}" + (f" {window}x{window}" if local else "")
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The module name of `model`'s final layer (``linear``, ``head.fc``, ``head``, ``fc``: the
+    owner of a ``CLASSIFIER_BIASES`` tensor)."""
+    state = model.state_dict()
+    name = next((bias for bias in CLASSIFIER_BIASES if bias in state), None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} has no final layer among {CLASSIFIER_BIASES}")
+    return name.removesuffix(".bias")
 
 
 def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
@@ -379,6 +454,32 @@ def _variable_names(source: Path | str, arrays: Iterable[tuple[str, _Array]]) ->
     if duplicates:
         raise CheckpointError(f"{source}: variables stored twice: {_listing(duplicates)}")
     return dict(named)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ``.safetensors`` file's tensors and its metadata (string to string); CheckpointError
+    naming the file when it cannot be read."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        return safetensors.torch.load_file(str(path)), metadata
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable .safetensors file ({error})") from error
+
+
+def _safetensors_contents(path: Path, metadata: Mapping[str, str]) -> dict[str, object] | None:
+    """The architecture record a ``.safetensors`` file's metadata holds, as ``Weights.contents``."""
+    text = metadata.get(ARCHITECTURE_KEY)
+    if text is None:
+        return None
+    try:
+        return {ARCHITECTURE_KEY: json.loads(text)}
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: its metadata {ARCHITECTURE_KEY!r} is not JSON ({error})"
+        ) from None
 
 
 def _read_pt(path: Path) -> Mapping[str, object]:

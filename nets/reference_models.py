@@ -11,7 +11,9 @@ published model; the attention heads keep their number), ``--drop-path`` and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -23,6 +25,51 @@ from nets.torchvision_resnet import TORCHVISION_RESNETS, TorchvisionResNet
 from nets.vit import VIT_SIZES, VisionTransformer
 
 TRANSFORMER_OPTIONS = ("drop_path", "grad_checkpointing")
+SOURCES = ("timm", "torchvision")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a registered name's state dicts are laid out, for reading a checkpoint's size."""
+
+    source: str  # the library whose model name it is (SOURCES)
+    stem: str  # the first layer's weight: its output channels give the width
+    channels: int  # those channels in the published model (width 64)
+    block: re.Pattern  # a block's tensor names: its stage (absent: one stack) and its index
+
+    def size_of(self, keys: Sequence[str], shapes: dict) -> tuple[tuple[int, ...], int] | None:
+        """(blocks per stage, width) of a state dict with `keys` (`shapes`: key -> shape), or
+        None when its stem or blocks are not found."""
+        counts: dict[int, int] = {}
+        for key in keys:
+            found = self.block.match(key)
+            if found:
+                stage = int(found.groupdict().get("stage") or 0)
+                counts[stage] = max(counts.get(stage, 0), int(found["block"]) + 1)
+        stem = shapes.get(self.stem)
+        if not counts or stem is None or (stem[0] * 64) % self.channels:
+            return None
+        return tuple(counts[stage] for stage in sorted(counts)), stem[0] * 64 // self.channels
+
+
+_CONVNEXT_BLOCK = re.compile(r"stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.")
+_VIT_BLOCK = re.compile(r"blocks\.(?P<block>\d+)\.")
+_SWIN_BLOCK = re.compile(r"layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.")
+_TORCHVISION_BLOCK = re.compile(r"layer(?P<stage>\d+)\.(?P<block>\d+)\.")
+_PATCH_EMBED = "patch_embed.proj.weight"
+# Every registered name of another library's layout.
+LAYOUTS: dict[str, Layout] = {
+    **{
+        n: Layout("timm", "stem.0.weight", c, _CONVNEXT_BLOCK)
+        for n, (_, c) in CONVNEXT_SIZES.items()
+    },
+    **{n: Layout("timm", _PATCH_EMBED, c, _VIT_BLOCK) for n, (_, c, _) in VIT_SIZES.items()},
+    **{n: Layout("timm", _PATCH_EMBED, c, _SWIN_BLOCK) for n, (_, c, _) in SWIN_SIZES.items()},
+    **{
+        n: Layout("torchvision", "conv1.weight", 64, _TORCHVISION_BLOCK)
+        for n in TORCHVISION_RESNETS
+    },
+}
 # (name, blocks per stage, width, classes, options) -> model
 Family = Callable[..., nn.Module]
 
