@@ -84,6 +84,8 @@ class ConvNeXt(nn.Module):
         num_classes: outputs of ``head.fc``.
         drop_path: the last block's stochastic-depth rate (linear from 0).
         grad_checkpointing: recompute each block's activations in the backward pass.
+        stem: replaces the patchify stem (``nets.convstem.ConvStem``); it must bring the image
+            to ``dims[0]`` channels at a quarter of its side.
     """
 
     def __init__(
@@ -93,10 +95,11 @@ class ConvNeXt(nn.Module):
         num_classes: int = 1000,
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,
+        stem: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.preprocess = ImageNormalize()
-        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], PATCH, PATCH), LayerNorm2d(dims[0]))
+        self.stem = stem or nn.Sequential(nn.Conv2d(3, dims[0], PATCH, PATCH), LayerNorm2d(dims[0]))
         rates = drop_path_rates(drop_path, depths)
         in_dims = (dims[0], *dims[:-1])
         self.stages = nn.Sequential(

@@ -19,6 +19,7 @@ from torch import nn
 
 from nets.blocks import scaled_width
 from nets.convnext import CONVNEXT_SIZES, ConvNeXt
+from nets.convstem import CONVSTEM_SIZES, ConvStem
 from nets.resnet import register
 from nets.swin import SWIN_SIZES, SwinTransformer
 from nets.torchvision_resnet import TORCHVISION_RESNETS, TorchvisionResNet
@@ -70,6 +71,18 @@ LAYOUTS: dict[str, Layout] = {
         for n in TORCHVISION_RESNETS
     },
 }
+
+
+def _convstem_layout(name: str) -> Layout:
+    """The base model's layout, the width read from the ConvStem's last convolution."""
+    base, convs, projection = CONVSTEM_SIZES[name]
+    last = 3 * len(convs) if projection else 3 * (len(convs) - 1)  # conv, LayerNorm, GELU
+    prefix = "patch_embed.proj" if base in VIT_SIZES else "stem"
+    stem, channels = f"{prefix}.stem.{last}.weight", projection or convs[-1][0]
+    return Layout(LAYOUTS[base].source, stem, channels, LAYOUTS[base].block)
+
+
+LAYOUTS.update({name: _convstem_layout(name) for name in CONVSTEM_SIZES})
 # (name, blocks per stage, width, classes, options) -> model
 Family = Callable[..., nn.Module]
 
@@ -87,6 +100,15 @@ def _vit(name: str, blocks: Sequence[int], width: int, classes: int, **options) 
 def _swin(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
     _, dim, heads = SWIN_SIZES[name]
     return SwinTransformer(blocks, scaled_width(dim, width, name), heads, classes, **options)
+
+
+def _convstem(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
+    """The timm model CONVSTEM_SIZES names, its stem replaced by a ConvStem (Singh et al.)."""
+    base, convs, projection = CONVSTEM_SIZES[name]
+    scaled = [(scaled_width(out, width, name), stride) for out, stride in convs]
+    stem = ConvStem(scaled, projection and scaled_width(projection, width, name))
+    family = _vit if base in VIT_SIZES else _convnext
+    return family(base, blocks, width, classes, stem=stem, **options)
 
 
 def _torchvision(name: str, blocks: Sequence[int], width: int, classes: int) -> nn.Module:
@@ -118,6 +140,9 @@ for _name, (_depth, _, _) in VIT_SIZES.items():
     _register(_vit, _name, _depth, (_depth,), TRANSFORMER_OPTIONS)
 for _name, (_blocks, _, _) in SWIN_SIZES.items():
     _register(_swin, _name, sum(_blocks), _blocks, TRANSFORMER_OPTIONS)
+for _name, (_base, _, _) in CONVSTEM_SIZES.items():
+    _blocks = CONVNEXT_SIZES[_base][0] if _base in CONVNEXT_SIZES else (VIT_SIZES[_base][0],)
+    _register(_convstem, _name, sum(_blocks), _blocks, TRANSFORMER_OPTIONS)
 for _name, (_blocks, _) in TORCHVISION_RESNETS.items():
     _depth = int(_name.removeprefix("wide_").removeprefix("resnet").split("_")[0])
     _register(_torchvision, _name, _depth, _blocks)

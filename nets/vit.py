@@ -68,14 +68,15 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping 16x16 patches, each linearly projected (Sec 3.1): [B, N, dim]."""
+    """Non-overlapping 16x16 patches, each linearly projected (Sec 3.1), or another ``proj`` of
+    stride 16 (``nets.convstem.ConvStem``): the [B, dim, H / 16, W / 16] map of tokens."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, proj: nn.Module | None = None) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, PATCH, PATCH)
+        self.proj = proj or nn.Conv2d(3, dim, PATCH, PATCH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -104,6 +105,7 @@ class VisionTransformer(nn.Module):
         num_classes: outputs of ``head``.
         drop_path: the last block's stochastic-depth rate (linear from 0).
         grad_checkpointing: recompute each block's activations in the backward pass.
+        stem: replaces the patch projection (``nets.convstem.ConvStem``, stride 16, to ``dim``).
     """
 
     def __init__(
@@ -114,12 +116,13 @@ class VisionTransformer(nn.Module):
         num_classes: int = 1000,
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,
+        stem: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"ViT: width {dim} is not divisible by its {heads} heads")
         self.preprocess = ImageNormalize()
-        self.patch_embed = PatchEmbed(dim)
+        self.patch_embed = PatchEmbed(dim, stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, (TRAIN_SIZE // PATCH) ** 2 + 1, dim))
         (rates,) = drop_path_rates(drop_path, [depth])
@@ -132,9 +135,9 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(x)
-        grid = (x.shape[2] // PATCH, x.shape[3] // PATCH)
-        tokens = self.patch_embed(x)
+        features = self.patch_embed(self.preprocess(x))
+        grid = (features.shape[2], features.shape[3])
+        tokens = features.flatten(2).transpose(1, 2)
         # Sec 3.1, Eq. 1: a learnable class token before the patches, position embeddings added.
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = tokens + resize_pos_embed(self.pos_embed, grid)

@@ -49,6 +49,35 @@ CASES: dict[str, dict] = {
         "width": 8,
         "image_size": 224,
     },
+    # ConvStem (Singh et al. 2023): the authors' stem classes (nmndeep/revisiting-at) in timm's
+    # ConvNeXt and ViT ("stem": the class and its arguments).
+    "convnext_convstem": {
+        "source": "timm",
+        "reference": {"depths": (1, 1, 2, 1), "dims": (12, 24, 48, 96), "num_classes": 10},
+        "stem": ("ConvBlock1", (6,)),
+        "arch": "convnext_t_cvst",
+        "num_blocks": (1, 1, 2, 1),
+        "width": 8,
+        "image_size": 64,
+    },
+    "convnext_b_convstem": {
+        "source": "timm",
+        "reference": {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), "num_classes": 10},
+        "stem": ("ConvBlock3", (8,)),
+        "arch": "convnext_b_cvst",
+        "num_blocks": (1, 1, 1, 1),
+        "width": 8,
+        "image_size": 64,
+    },
+    "vit_convstem": {
+        "source": "timm",
+        "reference": {"embed_dim": 48, "depth": 2, "num_heads": 6, "num_classes": 10},
+        "stem": ("ConvBlock", (6, 8)),
+        "arch": "vit_s_cvst",
+        "num_blocks": (2,),
+        "width": 8,
+        "image_size": 224,
+    },
     "resnet": {
         "source": "torchvision",
         "reference": {"layers": (1, 1, 1, 1), "num_classes": 10},

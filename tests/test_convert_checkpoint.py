@@ -43,6 +43,9 @@ def _logits(model: torch.nn.Module, name: str) -> torch.Tensor:
 # How each case's file is wrapped: every wrapper on some layout.
 WRAPPERS = {
     "convnext": ("plain", ".pth"),
+    "convnext_convstem": ("base_model", ".pth"),
+    "convnext_b_convstem": ("plain", ".safetensors"),
+    "vit_convstem": ("robustbench", ".pt"),  # the authors' vit_s_cvst is normalize_model'ed
     "vit": ("module", ".pt"),
     "vit_at_112": ("plain", ".safetensors"),
     "swin": ("state_dict", ".pth"),
@@ -54,8 +57,8 @@ WRAPPERS = {
 def _wrapped(state: dict, wrapper: str) -> dict:
     if wrapper == "module":
         return {f"module.{k}": v for k, v in state.items()}
-    if wrapper == "model":
-        return {f"model.{k}": v for k, v in state.items()}
+    if wrapper in ("model", "base_model"):
+        return {f"{wrapper}.{k}": v for k, v in state.items()}
     if wrapper == "state_dict":
         return {"state_dict": state, "epoch": torch.tensor(300)}
     if wrapper == "robustbench":  # normalize_model(model, mean, std), DataParallel'ed
@@ -123,7 +126,9 @@ def test_a_name_of_the_other_library_or_unknown_is_refused(tmp_path: Path, capsy
     out = tmp_path / "converted.pt"
     argv = [str(src), str(out), "--source", "timm", "--arch", "resnet50"]
     assert convert_main(argv) == 1
-    assert "not a timm model this project has; timm names: convnext_base" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--arch resnet50: not a timm model this project has; timm names: " in error
+    assert "convnext_tiny" in error and "vit_s_cvst" in error
     assert not out.exists()
 
 

@@ -31,11 +31,13 @@ def _random(*shape: int, seed: int = 0) -> torch.Tensor:
 def test_registry_lists_the_architectures():
     assert nets.available_architectures() == [
         "ResNeXtDenoiseAll", "ResNet", "ResNetBasic", "ResNetDenoise", "ResNetV2",
-        "convnext_base", "convnext_large", "convnext_small", "convnext_tiny",
+        "convnext_b_cvst", "convnext_base", "convnext_l_cvst", "convnext_large",
+        "convnext_s_cvst", "convnext_small", "convnext_t_cvst", "convnext_tiny",
         "resnet101", "resnet152", "resnet50",
         "swin_base_patch4_window7_224", "swin_large_patch4_window7_224",
         "swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224",
-        "vit_base_patch16_224", "vit_large_patch16_224", "vit_small_patch16_224",
+        "vit_b_cvst", "vit_base_patch16_224", "vit_large_patch16_224", "vit_s_cvst",
+        "vit_small_patch16_224",
         "wide_resnet50_2",
     ]  # fmt: skip
     assert set(nets.ARCHITECTURES) == set(nets.available_architectures())

@@ -39,6 +39,11 @@ def reference_state(name: str) -> dict[str, torch.Tensor]:
         ("swin_tiny_patch4_window7_224", 28_288_354),  # timm swin_tiny_patch4_window7_224
         ("resnet50", 25_557_032),  # torchvision resnet50
         ("wide_resnet50_2", 68_883_240),  # torchvision wide_resnet50_2
+        # The authors' get_new_model (nmndeep/revisiting-at, rb_architecture_util.py):
+        ("convnext_t_cvst", 28_627_432),
+        ("convnext_b_cvst", 88_753_416),
+        ("vit_s_cvst", 22_777_576),
+        ("vit_b_cvst", 87_147_112),
     ],
 )
 def test_parameter_count(arch: str, count: int) -> None:

@@ -1,10 +1,12 @@
 """Writes fixtures.json: the reference logits of the cases in tests/reference_weights.py.
 
 Run once in a separate environment holding timm and torchvision (never by the tests; see
-ORIGIN.md): PYTHONPATH=. /tmp/refvenv/bin/python tests/data/reference_models/make_fixtures.py
+ORIGIN.md), REVISITING_AT naming the authors' rb_architecture_util.py (ConvStem):
+PYTHONPATH=. /tmp/refvenv/bin/python tests/data/reference_models/make_fixtures.py
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +21,29 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from tests.reference_weights import CASES, reference_input, seeded_pixels, seeded_state
 
 
+def convstem_classes() -> dict:
+    """The authors' stem classes: their module's text before load_model (which does not parse)."""
+    source = Path(os.environ["REVISITING_AT"]).read_text()
+    namespace: dict = {}
+    exec(
+        compile(source[: source.index("def load_model(")], "rb_architecture_util", "exec"),
+        namespace,
+    )
+    return namespace
+
+
 def reference_model(case: dict) -> torch.nn.Module:
     kwargs = dict(case["reference"])
+    if "stem" in case:
+        name, args = case["stem"]
+        stem = convstem_classes()[name](*args)
+        if case["arch"].startswith("vit"):
+            model = VisionTransformer(img_size=224, patch_size=16, **kwargs)
+            model.patch_embed.proj = stem
+        else:
+            model = ConvNeXt(**kwargs)
+            model.stem = stem
+        return model
     if case["arch"].startswith("convnext"):
         return ConvNeXt(**kwargs)
     if case["arch"].startswith("vit"):
