@@ -106,8 +106,12 @@ class Config:
     batch: int = 32  # images per process and step (the original's --batch: per GPU)
 
     # --- model ---------------------------------------------------------------------------------
-    arch: str = "ResNet"  # ResNet, ResNetDenoise or ResNeXtDenoiseAll (nets registry)
-    depth: int | None = 50  # 50 / 101 / 152 (ResNetBasic: 18 / 34); num_blocks overrides it
+    # nets registry: ResNet, ResNetDenoise, ResNeXtDenoiseAll, ...; timm's and torchvision's
+    # names (convnext_tiny, vit_small_patch16_224, resnet50, ...) for their layouts.
+    arch: str = "ResNet"
+    # 50 / 101 / 152 (ResNetBasic: 18 / 34; a timm / torchvision name: its only depth, implied by
+    # the command line); num_blocks overrides it.
+    depth: int | None = 50
     num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1); ViT: (12,)
     # Base channel count (64 = the original); smaller for tiny models. The timm / torchvision
     # architectures scale every layer by width / 64 (64: the published model).

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 from conftest import write_imagenet
@@ -169,3 +170,25 @@ def test_eval_and_finetune_take_a_converted_file_without_architecture_flags(tmp_
         - start["stages.0.blocks.0.conv_dw.weight"]
     )
     assert 0 < moved.abs().max() < 0.5
+
+
+def test_safetensors_carry_the_architecture_record_in_their_metadata(tmp_path: Path) -> None:
+    model = nets.build_model("vit_small_patch16_224", num_blocks=(1,), width=8, num_classes=5)
+    record = {"arch": "vit_small_patch16_224", "depth": None, "num_blocks": [1], "width": 8,
+              "num_classes": 5}  # fmt: skip
+    path = tmp_path / "vit.safetensors"
+    nets.save_weights(model, path, architecture=record)
+    metadata = safetensors.safe_open(str(path), framework="pt").metadata()
+    assert json.loads(metadata["architecture"]) == record
+    assert nets.read_weights(path).architecture == record
+    loaded = nets.load_model(path)
+    pixels = seeded_pixels(32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels), model.eval()(pixels), atol=0, rtol=0)
+
+
+def test_load_model_needs_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    nets.save_weights(nets.build_model("resnet50", num_blocks=(1, 1, 1, 1), width=8), path)
+    with pytest.raises(nets.CheckpointError, match="records no architecture"):
+        nets.load_model(path)
