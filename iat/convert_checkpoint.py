@@ -8,7 +8,8 @@ also this project's ``--arch`` for it. SRC is a ``.pt`` / ``.pth`` file (read wi
 ``torch.load(weights_only=True)``; a state dict, or one under ``"state_dict"`` or ``"model"``)
 or a ``.safetensors`` file. Wrapper prefixes (``module.``, ``model.``, ``base_model.``) are
 stripped, and RobustBench's normalisation wrapper (``normalize.mean`` / ``normalize.std`` before
-the model's ``model.*``) gives the input statistics. Every tensor is mapped by name; the blocks
+the model's ``model.*``; the MadryLab robustness library's ``normalizer.new_mean``, its
+``attacker.*`` copy dropped) gives the input statistics. Every tensor is mapped by name; the blocks
 per stage, the width and the classes come from its shapes. The model was fed RGB images in
 [0, 1] normalised with ``--mean`` / ``--std`` (ImageNet's by default); the converted model holds
 them (``preprocess.mean`` / ``preprocess.std``) and takes BGR pixels in [0, 255], as every
@@ -33,8 +34,15 @@ from nets.checkpoint import CLASSIFIER_BIASES, PT_SUFFIXES, SAFETENSORS_SUFFIX
 
 WRAPPER_PREFIXES = ("module.", "model.", "base_model.")
 CONTAINERS = ("state_dict", "model")  # where training scripts keep the state dict
-# RobustBench's normalize_model: nn.Sequential(normalize=ImageNormalizer(mean, std), model=...).
-ROBUSTBENCH_MEAN, ROBUSTBENCH_STD = "normalize.mean", "normalize.std"
+# Normalisation wrappers' buffers (mean, std), RGB on [0, 1]: RobustBench's normalize_model
+# (nn.Sequential(normalize=ImageNormalizer(mean, std), model=...)) and the MadryLab robustness
+# library's AttackerModel (normalizer=InputNormalize, model=..., attacker=a second reference to
+# the model, whose tensors are dropped).
+NORMALISERS = (
+    ("normalize.mean", "normalize.std"),
+    ("normalizer.new_mean", "normalizer.new_std"),
+)
+DUPLICATE_PREFIXES = ("attacker.",)
 # Derived buffers some checkpoints keep (the original Swin's), rebuilt here: skipped by name.
 DERIVED_LEAVES = ("relative_position_index", "attn_mask")
 # The input statistics the converted model holds (ImageNormalize's buffers).
@@ -99,13 +107,15 @@ def read_state_dict(path: str | Path) -> dict[str, object]:
 
 
 def strip_wrappers(state: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-    """(the model's tensors with wrapper prefixes stripped, RobustBench's normalisation buffers
-    ``{"mean": ..., "std": ...}`` if a wrapper holds them)."""
+    """(the model's tensors with wrapper prefixes stripped, a normalisation wrapper's buffers
+    ``{"mean": ..., "std": ...}`` if one holds them)."""
     state = dict(state)
     normaliser = {}
     while True:
-        if ROBUSTBENCH_MEAN in state and ROBUSTBENCH_STD in state:
-            normaliser = {"mean": state.pop(ROBUSTBENCH_MEAN), "std": state.pop(ROBUSTBENCH_STD)}
+        for mean, std in NORMALISERS:
+            if mean in state and std in state:
+                normaliser = {"mean": state.pop(mean), "std": state.pop(std)}
+        state = {k: v for k, v in state.items() if not k.startswith(DUPLICATE_PREFIXES)}
         shared = [p for p in WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)]
         if not shared:
             return state, normaliser

@@ -48,10 +48,10 @@ WRAPPERS = {
     "convnext_b_convstem": ("plain", ".safetensors"),
     "vit_convstem": ("robustbench", ".pt"),  # the authors' vit_s_cvst is normalize_model'ed
     "vit": ("module", ".pt"),
-    "vit_at_112": ("plain", ".safetensors"),
+    "vit_at_112": ("model", ".safetensors"),
     "swin": ("state_dict", ".pth"),
     "resnet": ("robustbench", ".pt"),
-    "wide_resnet": ("model", ".safetensors"),
+    "wide_resnet": ("madrylab", ".pt"),
 }
 
 
@@ -62,6 +62,14 @@ def _wrapped(state: dict, wrapper: str) -> dict:
         return {f"{wrapper}.{k}": v for k, v in state.items()}
     if wrapper == "state_dict":
         return {"state_dict": state, "epoch": torch.tensor(300)}
+    if wrapper == "madrylab":  # robustness' AttackerModel, DataParallel'ed
+        model = _wrapped(state, "model")
+        normaliser = {
+            "normalizer.new_mean": torch.tensor(IMAGENET_MEAN).view(3, 1, 1),
+            "normalizer.new_std": torch.tensor(IMAGENET_STD).view(3, 1, 1),
+        }
+        attacker = {f"attacker.{k}": v for k, v in {**model, **normaliser}.items()}
+        return {f"module.{k}": v for k, v in {**model, **normaliser, **attacker}.items()}
     if wrapper == "robustbench":  # normalize_model(model, mean, std), DataParallel'ed
         normaliser = {
             "normalize.mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
