@@ -30,7 +30,12 @@ from torch import nn
 import nets
 from iat.builders import model_record
 from nets.blocks import IMAGENET_MEAN, IMAGENET_STD
-from nets.checkpoint import CLASSIFIER_BIASES, PT_SUFFIXES, SAFETENSORS_SUFFIX
+from nets.checkpoint import (
+    CLASSIFIER_BIASES,
+    PT_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    model_from_record,
+)
 
 WRAPPER_PREFIXES = ("module.", "model.", "base_model.")
 CONTAINERS = ("state_dict", "model")  # where training scripts keep the state dict
@@ -181,16 +186,6 @@ def plan_architecture(source: str, arch: str, state: Mapping[str, object]) -> di
     )
 
 
-def _build(record: Mapping[str, object]) -> nn.Module:
-    return nets.build_model(
-        record["arch"],
-        depth=record["depth"] if record["num_blocks"] is None else None,
-        num_blocks=record["num_blocks"],
-        num_classes=record["num_classes"],
-        width=record["width"],
-    )
-
-
 def matched_state(
     source: str, model: nn.Module, state: Mapping[str, object], described: str
 ) -> dict[str, torch.Tensor]:
@@ -248,7 +243,7 @@ def convert(args: argparse.Namespace) -> str:
     state, normaliser = strip_wrappers(read_state_dict(args.src))
     mean, std = input_statistics(args.src, normaliser, args.mean, args.std)
     record = plan_architecture(args.src, args.arch, state)
-    model = _build(record)
+    model = model_from_record(record)
     described = f"{args.source}'s {nets.describe_architecture(record)}"
     model.load_state_dict(matched_state(args.src, model, state, described))
     with torch.no_grad():  # the input convention, folded in: the model takes BGR pixels

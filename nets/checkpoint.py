@@ -148,15 +148,7 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
             f"{weights.source}: carries a sparse-coding frontend; load it with main.py --eval"
         )
     try:
-        model = build_model(
-            str(record.get("arch")),
-            depth=record.get("depth") if record.get("num_blocks") is None else None,
-            num_blocks=record.get("num_blocks"),
-            num_classes=record.get("num_classes"),
-            width=record.get("width"),
-            denoise_op=record.get("denoise_op"),
-            denoise_window=record.get("denoise_window", DEFAULT_WINDOW),
-        )
+        model = model_from_record(record)
     except (ValueError, TypeError) as error:
         raise CheckpointError(
             f"{weights.source}: field {ARCHITECTURE_KEY!r} is not a valid architecture record "
@@ -164,6 +156,20 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
         ) from None
     load_weights(model, weights)
     return model.eval()
+
+
+def model_from_record(record: Mapping[str, object]) -> nn.Module:
+    """The classifier an architecture record describes, freshly initialised (``num_blocks``
+    given wins over ``depth``); ValueError or TypeError for an invalid record."""
+    return build_model(
+        str(record.get("arch")),
+        depth=record.get("depth") if record.get("num_blocks") is None else None,
+        num_blocks=record.get("num_blocks"),
+        num_classes=record.get("num_classes"),
+        width=record.get("width"),
+        denoise_op=record.get("denoise_op"),
+        denoise_window=record.get("denoise_window", DEFAULT_WINDOW),
+    )
 
 
 @dataclass(frozen=True)
