@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_imagenet
 
 from main import main
@@ -47,3 +48,26 @@ def test_adversarial_training_then_strong_evaluation(arch: str, tmp_path: Path) 
     record = json.loads(out.read_text())
     assert record["images"] == 7
     assert 0.0 <= record["top1_error"] <= 1.0
+
+
+def test_a_run_with_stochastic_depth_resumes_bit_for_bit(tmp_path: Path) -> None:
+    data = write_imagenet(tmp_path / "data", classes=4)
+
+    def train(run: Path, epochs: int) -> None:
+        args = [
+            "--data", str(data), "--logdir", str(run), "--arch", "vit_small_patch16_224",
+            "--num-blocks", "2", "--width", "4", "--drop-path", "0.5", *COMMON,
+            "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "4",
+            "--steps-per-epoch", "2", "--epochs", str(epochs), "--train-eval", "none",
+        ]  # fmt: skip
+        assert main(args) == 0
+
+    train(tmp_path / "straight", 2)
+    train(tmp_path / "resumed", 1)
+    train(tmp_path / "resumed", 2)
+    straight, resumed = (
+        torch.load(tmp_path / run / "checkpoint-epoch0002.pt", weights_only=True)["model"]
+        for run in ("straight", "resumed")
+    )
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
