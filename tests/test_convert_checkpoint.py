@@ -13,12 +13,12 @@ import safetensors
 import safetensors.torch
 import torch
 from conftest import write_imagenet
+from reference_weights import CASES, IMAGENET_MEAN, IMAGENET_STD, seeded_pixels
+from test_reference_models import ATOL, FIXTURES, RTOL, reference_state
 
 import nets
 from iat.convert_checkpoint import main as convert_main
 from main import main
-from tests.reference_weights import CASES, IMAGENET_MEAN, IMAGENET_STD, seeded_pixels
-from tests.test_reference_models import ATOL, FIXTURES, RTOL, reference_state
 
 
 def _write(state: dict, path: Path) -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_weights import CASES, seeded_pixels, seeded_state
 
 import nets
-from tests.reference_weights import CASES, seeded_pixels, seeded_state
 
 FIXTURES = json.loads(
     (Path(__file__).parent / "data" / "reference_models" / "fixtures.json").read_text()
