@@ -154,24 +154,11 @@ def test_eval_and_finetune_take_a_converted_file_without_architecture_flags(tmp_
     data = write_imagenet(tmp_path / "data", classes=4)
     common = ["--data", str(data), "--image-size", "32", "--batch", "4", "--workers", "0"]
     result = tmp_path / "eval.json"
-    evaluate = [
-        "--eval",
-        "--load",
-        str(converted),
-        *common,
-        "--attack",
-        "strong",
-        "--attack-iter",
-        "1",
-        "--attack-epsilon",
-        "4",
-        "--masking-checks",
-        "0",
-        "--threads",
-        "1",
-        "--eval-output",
-        str(result),
-    ]  # fmt: skip  (the README's second command, small)
+    evaluate = [  # the README's second command, small
+        "--eval", "--load", str(converted), *common, "--attack", "strong", "--attack-iter", "1",
+        "--attack-epsilon", "4", "--masking-checks", "0", "--threads", "1",
+        "--eval-output", str(result),
+    ]  # fmt: skip
     assert main(evaluate) == 0
     assert json.loads(result.read_text())["images"] == 7
     run = tmp_path / "run"
