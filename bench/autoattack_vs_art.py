@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from iat.attacks import AttackSettings, create_attacker  # noqa: E402
 from iat.builders import load_for_inference  # noqa: E402
-from iat.config import Config  # noqa: E402
+from iat.cli import build_parser, config_from_args  # noqa: E402
 from iat.data.layouts import create_reader  # noqa: E402
 
 ITERATIONS = 100  # AutoAttack's APGD / FAB iterations (Croce & Hein 2020)
@@ -40,7 +40,8 @@ def load_demo(demo_log: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tens
     run = demo_log / "attack-iter3"  # iat.demo.MODELS: the PGD-3 trained model
     checkpoint = sorted(run.glob("checkpoint-epoch*.pt"))[-1]
     data = demo_log / "digits"
-    cfg = Config(mode="eval", load=str(checkpoint), data=str(data), image_size=32, workers=0)
+    flags = ["--eval", "--load", str(checkpoint), "--data", str(data), "--image-size", "32"]
+    cfg = config_from_args(build_parser().parse_args(flags))  # the architecture: the file's
     model, _ = load_for_inference(cfg, torch.device("cpu"))
     model.eval()
     samples = create_reader(data).samples("val")

@@ -2,6 +2,8 @@
 
     python bench/train_step.py --arch ResNet ResNetDenoise -d 50 --image-size 64 --batch 16 \\
         --attack-iter 10 --threads 2 [--variants eager-fp32 compiled-amp] [--memory]
+    python bench/train_step.py --arch resnet50 convnext_tiny vit_small_patch16_224 \\
+        swin_tiny_patch4_window7_224 --image-size 224 --variants eager-fp32 --memory
 
 Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one process:
   T_clean  trainer.train_step with a NoOpAttacker (forward + backward + optimizer step);
@@ -11,7 +13,11 @@ Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one p
 Attack variants: eager or torch.compile'd iteration, fp32 or mixed precision (autocast: bf16 on
 CPU, fp16 with loss scale 128 on CUDA). "compiled-amp" is --use-fp16xla. The training step itself
 (forward, backward, optimizer) is fp32 and eager in every variant, as in iat/trainer.py.
-``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32).
+``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32), and of
+PGD-K with ``--grad-checkpointing`` for the architectures that take it. Each architecture's
+forward MACs per image (FlopCounterMode's FLOPs / 2) and their ratio to the first ``--arch``
+are printed beside the step times. ``-d`` defaults to 50, or to an architecture's only depth
+(``convnext_tiny``: 18).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Row:
     pgd_s: float
     first_call_s: float  # the first PGD step, compilation included
     flop_ratio: float  # FLOPs of one attack iteration / FLOPs of one clean step
+    macs: float  # multiply-accumulates of one image's forward pass
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,11 +91,22 @@ def median_seconds(
     return statistics.median(times)
 
 
+def depth_of(args: argparse.Namespace, arch: str) -> int:
+    """-d if given, else the architecture's only depth, else 50."""
+    depths = nets.depths_of(arch)
+    return args.depth or (depths[0] if len(depths) == 1 else 50)
+
+
 def build(args: argparse.Namespace, arch: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    depth = None if args.num_blocks else args.depth
+    depth = None if args.num_blocks else depth_of(args, arch)
     model = nets.build_model(
-        arch, depth=depth, num_blocks=args.num_blocks, num_classes=NUM_CLASSES, width=args.width
+        arch,
+        depth=depth,
+        num_blocks=args.num_blocks,
+        num_classes=NUM_CLASSES,
+        width=args.width,
+        grad_checkpointing=args.grad_checkpointing,
     )
     if args.channels_last_model:
         model = model.to(memory_format=torch.channels_last)
@@ -157,10 +175,20 @@ def iteration_flop_ratio(model, optimizer, x, y) -> float:
     return counted_flops(iteration) / clean
 
 
+def forward_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates of one image's forward pass (eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        macs = counted_flops(lambda: model(x)) / 2 / x.shape[0]
+    model.train()
+    return macs
+
+
 def measure(args: argparse.Namespace, arch: str) -> list[Row]:
     model, optimizer = build(args, arch)
     x, y = batch(args)
     flop_ratio = iteration_flop_ratio(model, optimizer, x, y)
+    macs = forward_macs(model, x)
     clean = median_seconds(
         step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
     )
@@ -176,7 +204,7 @@ def measure(args: argparse.Namespace, arch: str) -> list[Row]:
             iteration_fn(model, attack, x, y), args.warmup, args.repeats, args.device
         )
         pgd = median_seconds(pgd_step, args.warmup, args.repeats, args.device)
-        rows.append(Row(arch, variant, clean, iteration, pgd, first, flop_ratio))
+        rows.append(Row(arch, variant, clean, iteration, pgd, first, flop_ratio, macs))
         print(f"  measured {arch} {variant}", file=sys.stderr, flush=True)
     return rows
 
@@ -211,20 +239,27 @@ def print_speedups(rows: list[Row], base_variant: str = "eager-fp32") -> None:
         print(f"| {r.arch} | {r.variant} | {r.iter_s / b.iter_s:.3f} | {r.pgd_s / b.pgd_s:.3f} |")
 
 
-def print_relative(rows: list[Row], base_arch: str = "ResNet") -> None:
-    """Each architecture's steps relative to ResNet's, per attack variant."""
+def print_relative(rows: list[Row], base_arch: str) -> None:
+    """Each architecture's MACs, attack iteration and steps relative to `base_arch`'s, per
+    attack variant."""
     base = {r.variant: r for r in rows if r.arch == base_arch}
-    others = [r for r in rows if r.arch != base_arch and r.variant in base]
-    if not others:
-        return
-    print(f"\n| arch | attack | clean step / {base_arch} | PGD step / {base_arch} |")
-    print("|---|---|---:|---:|")
+    others = [r for r in rows if r.variant in base]
+    print(
+        f"\n| arch | attack | GMACs / image | MACs / {base_arch} | attack iteration / {base_arch} "
+        f"| clean step / {base_arch} | PGD step / {base_arch} |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in others:
         b = base[r.variant]
-        print(f"| {r.arch} | {r.variant} | {r.clean_s / b.clean_s:.3f} | {r.pgd_s / b.pgd_s:.3f} |")
+        print(
+            f"| {r.arch} | {r.variant} | {r.macs / 1e9:.3f} | {r.macs / b.macs:.3f} | "
+            f"{r.iter_s / b.iter_s:.3f} | {r.clean_s / b.clean_s:.3f} | {r.pgd_s / b.pgd_s:.3f} |"
+        )
 
 
-def peak_rss_mib(args: argparse.Namespace, arch: str, num_iter: int) -> float:
+def peak_rss_mib(
+    args: argparse.Namespace, arch: str, num_iter: int, checkpointed: bool = False
+) -> float:
     """Peak RSS of a fresh process running two PGD-``num_iter`` training steps (eager fp32)."""
     command = [
         sys.executable,
@@ -233,15 +268,17 @@ def peak_rss_mib(args: argparse.Namespace, arch: str, num_iter: int) -> float:
         str(num_iter),
         "--arch",
         arch,
-        *forwarded_flags(args),
+        *forwarded_flags(args, arch),
+        *(["--grad-checkpointing"] if checkpointed else []),
     ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def forwarded_flags(args: argparse.Namespace) -> list[str]:
+def forwarded_flags(args: argparse.Namespace, arch: str) -> list[str]:
     flags = ["--image-size", str(args.image_size), "--batch", str(args.batch)]
-    flags += ["--threads", str(args.threads), "--width", str(args.width), "-d", str(args.depth)]
+    flags += ["--threads", str(args.threads), "--width", str(args.width)]
+    flags += ["-d", str(depth_of(args, arch))]
     if args.num_blocks:
         flags += ["--num-blocks", *map(str, args.num_blocks)]
     if args.channels_last_input:
@@ -271,11 +308,18 @@ def peak_rss_of_this_process_mib() -> float:
 
 def print_memory(args: argparse.Namespace) -> None:
     k = args.attack_iter
-    print(f"\n| arch | peak RSS MiB, clean | PGD-1 | PGD-{k} | PGD-{k} / PGD-1 |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        f"\n| arch | peak RSS MiB, clean | PGD-1 | PGD-{k} | PGD-{k} / PGD-1 "
+        f"| PGD-{k} --grad-checkpointing |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for arch in args.arch:
         clean, one, many = (peak_rss_mib(args, arch, n) for n in (0, 1, k))
-        print(f"| {arch} | {clean:.0f} | {one:.0f} | {many:.0f} | {many / one:.3f} |")
+        takes = "grad_checkpointing" in nets.options_of(arch) and not args.grad_checkpointing
+        checkpointed = f"{peak_rss_mib(args, arch, k, True):.0f}" if takes else "-"
+        print(
+            f"| {arch} | {clean:.0f} | {one:.0f} | {many:.0f} | {many / one:.3f} | {checkpointed} |"
+        )
 
 
 def machine() -> str:
@@ -289,8 +333,9 @@ def machine() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["ResNet"], choices=nets.available_architectures())
-    p.add_argument("-d", "--depth", type=int, default=50)
-    p.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
+    p.add_argument("-d", "--depth", type=int, help="default: 50, or the arch's only depth")
+    p.add_argument("--num-blocks", type=int, nargs="+", help="blocks per group, overrides -d")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
@@ -319,7 +364,7 @@ def main() -> None:
     print(f"PGD-{args.attack_iter}, median of {args.repeats} after {args.warmup} warm-up\n")
     rows = [row for arch in args.arch for row in measure(args, arch)]
     print_table(rows, args.attack_iter, args.batch)
-    print_relative(rows)
+    print_relative(rows, args.arch[0])
     print_speedups(rows)
     if args.memory:
         print_memory(args)

@@ -82,6 +82,8 @@ def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:
         width=cfg.width,
         denoise_op=cfg.denoise_op,
         denoise_window=cfg.denoise_window,
+        drop_path=cfg.drop_path,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
 
 
@@ -217,8 +219,12 @@ def _denoise_disagreements(
 def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, object]:
     """MODEL_FIELDS of an architecture record, as Config values; CheckpointError if invalid."""
     blocks, depth = record.get("num_blocks"), record.get("depth")
+    known = record.get("arch") in nets.ARCHITECTURES
     valid_size = (
-        isinstance(blocks, list) and len(blocks) == 4 and all(_positive(n) for n in blocks)
+        known
+        and isinstance(blocks, list)
+        and len(blocks) == nets.num_groups_of(record["arch"])
+        and all(_positive(n) for n in blocks)
     ) or (
         blocks is None
         and record.get("arch") in nets.ARCHITECTURES

@@ -86,11 +86,13 @@ def _help(name: str, text: str) -> str:
 
 def _depth_help() -> str:
     """Each architecture's depths (the registry's), not the union of all."""
+    archs = nets.available_architectures()
     per_arch = "".join(
         f"\n  {arch}: {', '.join(map(str, nets.depths_of(arch)))}"
-        for arch in nets.available_architectures()
+        for arch in archs
+        if len(nets.depths_of(arch)) > 1
     )
-    return _help("depth", "depth") + per_arch
+    return _help("depth", "depth") + per_arch + "\n  others: the one their name implies"
 
 
 def _choice_arg(group, flag: str, text: str) -> None:
@@ -135,8 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "-d", "--depth", type=int, choices=depths(), metavar="DEPTH", help=_depth_help()
     )
-    model.add_argument("--num-blocks", type=int, nargs=4, help="blocks per group, overrides -d")
+    model.add_argument(
+        "--num-blocks", type=int, nargs="+", help="blocks per group (ViT: one count), overrides -d"
+    )
     model.add_argument("--width", type=int, help=_help("width", "base channel count"))
+    model.add_argument(
+        "--drop-path",
+        type=float,
+        help=_help("drop_path", "stochastic depth: the last block's drop rate (ConvNeXt/ViT/Swin)"),
+    )
+    model.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute block activations in the backward pass (ConvNeXt/ViT/Swin)",
+    )
     _choice_arg(model, "--denoise-op", "denoising blocks' operation; None: the arch's original")
     model.add_argument(
         "--denoise-window",
@@ -365,9 +380,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # The model fields the user chose: the flags given, and those the replayed run chose.
     explicit = set(given) | set(values.get("explicit_model_fields", ()))
     values.update(given)
+    _default_depth(values)
     values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
     values["mode"] = next((m for m in _MODE_FLAGS if getattr(args, m)), "train")
     return Config(**values)
+
+
+def _default_depth(values: dict) -> None:
+    """An architecture with a single depth (the timm / torchvision names: convnext_tiny is 18
+    blocks) needs no -d."""
+    arch = values.get("arch")
+    if arch in nets.ARCHITECTURES and "depth" not in values and "num_blocks" not in values:
+        depths = nets.depths_of(arch)
+        if len(depths) == 1:
+            values["depth"] = depths[0]
 
 
 MAX_DEFAULT_WORKERS = 8  # decoding processes per training process, by default

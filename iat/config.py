@@ -91,10 +91,22 @@ class Config:
     batch: int = 32  # images per process and step (the original's --batch: per GPU)
 
     # --- model ---------------------------------------------------------------------------------
-    arch: str = "ResNet"  # ResNet, ResNetDenoise or ResNeXtDenoiseAll (nets registry)
-    depth: int | None = 50  # 50 / 101 / 152 (ResNetBasic: 18 / 34); num_blocks overrides it
-    num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1)
-    width: int = 64  # base channel count (64 = the original); smaller for tiny models
+    # nets registry: ResNet, ResNetDenoise, ResNeXtDenoiseAll, ...; timm's and torchvision's
+    # names (convnext_tiny, vit_small_patch16_224, resnet50, ...) for their layouts.
+    arch: str = "ResNet"
+    # 50 / 101 / 152 (ResNetBasic: 18 / 34; a timm / torchvision name: its only depth, implied by
+    # the command line); num_blocks overrides it.
+    depth: int | None = 50
+    num_blocks: tuple[int, ...] | None = None  # blocks per group, e.g. (1, 1, 1, 1); ViT: (12,)
+    # Base channel count (64 = the original); smaller for tiny models. The timm / torchvision
+    # architectures scale every layer by width / 64 (64: the published model).
+    width: int = 64
+    # Stochastic depth (Huang et al. 2016): the last block's drop rate, rising linearly from 0
+    # (ConvNeXt, ViT and Swin only: nets.options_of); off at 0.
+    drop_path: float = 0.0
+    # Recompute each block's activations in the backward pass instead of storing them (less
+    # memory, one more forward; ConvNeXt, ViT and Swin only).
+    grad_checkpointing: bool = False
     # Denoising operation of the denoising blocks (nets.DENOISE_OPS; Feature Denoising Sec 4.1);
     # None: the architecture's original one (ResNetDenoise embedded_gaussian, ResNeXtDenoiseAll
     # dot_product). Only for architectures with denoising blocks.
@@ -317,6 +329,17 @@ def _denoise(cfg: Config) -> None:
         raise ValueError(f"{flag}: {e}") from None
 
 
+def _model_options(cfg: Config) -> None:
+    """--drop-path and --grad-checkpointing suit the architecture (checked when the model is
+    built where --eval takes the architecture from a checkpoint)."""
+    known = cfg.mode == "train" or "arch" in cfg.explicit_model_fields
+    for name in nets.MODEL_OPTIONS:
+        try:
+            nets.model_options(cfg.arch if known else None, **{name: getattr(cfg, name)})
+        except ValueError as e:
+            raise ValueError(f"{_flag(name)}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError with one line naming the first bad field."""
     _choice("mode", cfg.mode, MODES)
@@ -326,10 +349,12 @@ def validate(cfg: Config) -> None:
     if cfg.num_blocks is None:
         _choice("depth", cfg.depth, nets.depths_of(cfg.arch))
     else:
+        groups = nets.num_groups_of(cfg.arch)
         _check(
-            len(cfg.num_blocks) == 4 and all(n >= 1 for n in cfg.num_blocks),
-            f"--num-blocks: expected 4 positive counts, got {list(cfg.num_blocks)}",
+            len(cfg.num_blocks) == groups and all(n >= 1 for n in cfg.num_blocks),
+            f"--num-blocks: {cfg.arch} takes {groups} positive counts, got {list(cfg.num_blocks)}",
         )
+    _model_options(cfg)
     _check(
         set(cfg.explicit_model_fields) <= set(MODEL_FIELDS),
         f"explicit_model_fields: {list(cfg.explicit_model_fields)} not all in {MODEL_FIELDS}",

@@ -32,6 +32,7 @@ from torch import nn
 import nets
 from iat.atomic_io import atomic_write
 from iat.builders import model_record
+from iat.convert_checkpoint import ConversionError, run_converter
 from nets.checkpoint import NPZ_SUFFIX, PT_SUFFIXES
 from nets.resnet_variants import V2_GROUP_STRIDES
 
@@ -71,10 +72,6 @@ _BN_LEAVES = {
     "running_mean": "moving_mean",
     "running_var": "moving_variance",
 }
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be read or converted (reported as one line, exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -434,13 +431,7 @@ def _flags(record: Mapping[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        print(convert(args))
-    except (ConversionError, nets.CheckpointError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

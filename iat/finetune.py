@@ -64,9 +64,12 @@ def _donor(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     checkpoint fills it, and torch's random stream is not drawn from)."""
     donor = copy.deepcopy(model)
     head = donor.classifier if isinstance(donor, FrontendClassifier) else donor
-    linear = head.linear
+    name = nets.classifier_name(head)
+    linear = head.get_submodule(name)
     if linear.out_features != num_classes:
-        head.linear = torch.nn.utils.skip_init(torch.nn.Linear, linear.in_features, num_classes)
+        parent, _, leaf = name.rpartition(".")
+        replacement = torch.nn.utils.skip_init(torch.nn.Linear, linear.in_features, num_classes)
+        setattr(head.get_submodule(parent), leaf, replacement)
     return donor
 
 

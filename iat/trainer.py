@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -196,12 +197,20 @@ def _log_step(
     meter.reset()
 
 
+def seed_model_randomness(seed: int, epoch: int, rank: int) -> None:
+    """Seeds torch's default generators, which the model's own randomness (stochastic depth,
+    --drop-path) draws from, per epoch and process: a resumed run draws exactly what an
+    uninterrupted one would, and the processes draw independently."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
 def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     """Run the steps of epoch `epoch` (1-based) from global `step`; returns the step after.
 
     Raises FloatingPointError if any step's loss was not finite (checked once, at the end: the
     flag is accumulated on the device, without a host sync per step)."""
     cfg = run.cfg
+    seed_model_randomness(cfg.seed, epoch, distributed.get_rank())
     run.ddp_model.train()
     meter = Meter(run.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
@@ -550,6 +559,9 @@ def _train_in(
         print(
             "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
         )
+    if cfg.finetune_checkpoint is not None:  # its recorded architecture, where flags set none
+        weights = nets.read_weights(cfg.finetune_checkpoint)
+        cfg = builders.with_recorded_architecture(cfg, weights)
     num_classes = builders.resolve_num_classes(cfg, classes)
     for split, samples in (("train", train), ("val", val)):
         if samples:

@@ -1,12 +1,15 @@
 """Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints,
-ResNet-v2 (ALP) and basic-block ResNets for small images."""
+ResNet-v2 (ALP) and basic-block ResNets for small images; ConvNeXt, ViT and Swin in timm's layout
+and ResNets in torchvision's, under those libraries' model names (nets.reference_models)."""
 
 from nets.checkpoint import (
     ARCHITECTURE_KEY,
     CheckpointError,
     Weights,
     checkpoint_num_classes,
+    classifier_name,
     describe_architecture,
+    load_model,
     load_npz_dict,
     load_weights,
     model_to_npz_dict,
@@ -28,9 +31,11 @@ from nets.denoise import (
     median_filter,
     softmax_nonlocal,
 )
+from nets.reference_models import LAYOUTS, SOURCES, Layout
 from nets.resnet import (
     ARCHITECTURES,
     DEFAULT_DENOISE_OPS,
+    MODEL_OPTIONS,
     NUM_BLOCKS,
     Bottleneck,
     Denoise,
@@ -39,7 +44,10 @@ from nets.resnet import (
     available_architectures,
     build_model,
     depths_of,
+    model_options,
     num_blocks_of,
+    num_groups_of,
+    options_of,
     register,
     resolve_denoise,
 )
@@ -48,6 +56,9 @@ from nets.resnet_variants import BasicBlock, PreActBottleneck, ResNetBasic, ResN
 __all__ = [
     "ARCHITECTURE_KEY",
     "ARCHITECTURES",
+    "LAYOUTS",
+    "Layout",
+    "SOURCES",
     "available_denoise_ops",
     "bilateral_filter",
     "check_denoise_op",
@@ -65,10 +76,15 @@ __all__ = [
     "ResNetBasic",
     "ResNetV2",
     "depths_of",
+    "model_options",
+    "MODEL_OPTIONS",
     "num_blocks_of",
+    "num_groups_of",
+    "options_of",
     "Bottleneck",
     "CheckpointError",
     "checkpoint_num_classes",
+    "classifier_name",
     "DenoisedBottleneck",
     "DenoisingBlock",
     "describe_architecture",
@@ -76,6 +92,7 @@ __all__ = [
     "available_architectures",
     "build_model",
     "dot_product_nonlocal",
+    "load_model",
     "load_npz_dict",
     "load_weights",
     "model_to_npz_dict",

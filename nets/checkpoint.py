@@ -13,10 +13,14 @@ A ``.pt`` file's zip directory is checked before ``torch.load`` inflates anythin
 stores its members uncompressed: together they declare at most the file's size), and top-level
 keys a file of this project never has are refused. Weights are loaded only when every floating
 tensor is finite and of a floating dtype (nothing is cast or carried on silently).
+
+``.safetensors`` files (Hugging Face's format: a JSON header and raw tensors, nothing to unpickle)
+hold a state dict, and the architecture record as JSON in their metadata.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -31,15 +35,18 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
 
 from iat.atomic_io import atomic_write
-from nets.denoise import DENOISE_OPS
-from nets.resnet import DEFAULT_DENOISE_OPS
+from nets.denoise import DEFAULT_WINDOW, DENOISE_OPS
+from nets.resnet import DEFAULT_DENOISE_OPS, build_model
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
+SAFETENSORS_SUFFIX = ".safetensors"
 # tensorpack's dump-model-params stores tensor names ("conv0/W:0"); the manifests use variable
 # names ("conv0/W"). Both are accepted on load.
 TENSOR_NAME_SUFFIX = ":0"
@@ -80,6 +87,9 @@ CLASSIFIER_PREFIX = "classifier."
 # torch.save's legacy (non-zip) format opens with a pickled magic number (torch.serialization.
 # MAGIC_NUMBER, pickle protocol 2); any other non-zip file is not a torch checkpoint.
 _PT_LEGACY_START = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# The final layer's bias in the zoo's state dicts: the original's layout, timm's ConvNeXt and
+# Swin, timm's ViT, torchvision's ResNets.
+CLASSIFIER_BIASES = ("linear.bias", "head.fc.bias", "head.bias", "fc.bias")
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _Array = TypeVar("_Array")  # what a name maps to: an array, or the NpyMember declaring one
 _IGNORED_BUFFER = "num_batches_tracked"
@@ -114,10 +124,72 @@ def save_npz(model: nn.Module, path: str | os.PathLike[str]) -> None:
     atomic_write(Path(path), lambda file: np.savez(file, **arrays))
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Writes ``model.state_dict()`` in this project's ``.pt`` format, atomically."""
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    architecture: Mapping[str, object] | None = None,
+) -> None:
+    """Writes ``model.state_dict()`` atomically: a ``.pt`` file holds the state dict, or with
+    `architecture` (a record as ``iat.builders.model_record`` makes it) ``{"model": state dict,
+    ARCHITECTURE_KEY: record}``, which ``load_model`` and ``--load`` build the model from; a
+    ``.safetensors`` file the tensors, and the record as JSON in its metadata."""
+    path = Path(path)
     state = model.state_dict()
-    atomic_write(Path(path), lambda file: torch.save(state, file))
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        data = _safetensors_bytes(state, architecture)
+        atomic_write(path, lambda file: file.write(data))
+        return
+    contents = state if architecture is None else {"model": state, ARCHITECTURE_KEY: architecture}
+    atomic_write(path, lambda file: torch.save(contents, file))
+
+
+def _safetensors_bytes(
+    state: Mapping[str, torch.Tensor], architecture: Mapping[str, object] | None
+) -> bytes:
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    metadata = None if architecture is None else {ARCHITECTURE_KEY: json.dumps(architecture)}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def load_model(path: str | os.PathLike[str]) -> nn.Module:
+    """The model a self-describing checkpoint (a ``.pt`` or ``.safetensors`` file with an
+    architecture record: a training checkpoint, ``python -m iat.convert_checkpoint``'s output)
+    describes, its weights loaded, in eval mode; it takes BGR pixels in [0, 255]. An
+    input-transform defense the record names is not applied (``main.py --eval`` applies it)."""
+    weights = read_weights(path)
+    record = weights.architecture
+    if record is None:
+        raise CheckpointError(
+            f"{weights.source}: records no architecture; build the model with "
+            "nets.build_model and load it with nets.load_weights"
+        )
+    if record.get("frontend") is not None:
+        raise CheckpointError(
+            f"{weights.source}: carries a sparse-coding frontend; load it with main.py --eval"
+        )
+    try:
+        model = model_from_record(record)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{weights.source}: field {ARCHITECTURE_KEY!r} is not a valid architecture record "
+            f"({error})"
+        ) from None
+    load_weights(model, weights)
+    return model.eval()
+
+
+def model_from_record(record: Mapping[str, object]) -> nn.Module:
+    """The classifier an architecture record describes, freshly initialised (``num_blocks``
+    given wins over ``depth``); ValueError or TypeError for an invalid record."""
+    return build_model(
+        str(record.get("arch")),
+        depth=record.get("depth") if record.get("num_blocks") is None else None,
+        num_blocks=record.get("num_blocks"),
+        num_classes=record.get("num_classes"),
+        width=record.get("width"),
+        denoise_op=record.get("denoise_op"),
+        denoise_window=record.get("denoise_window", DEFAULT_WINDOW),
+    )
 
 
 @dataclass(frozen=True)
@@ -149,10 +221,16 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        """Outputs of the final layer (``linear/b`` or ``linear.bias``, also behind a frontend):
-        the classes."""
-        name = "linear/b" if self.kind == "npz" else "linear.bias"
-        bias = self.tensors.get(name, self.tensors.get(CLASSIFIER_PREFIX + name))
+        """Outputs of the final layer (``linear/b``, or a ``CLASSIFIER_BIASES`` tensor, also
+        behind a frontend): the classes."""
+        names = ("linear/b",) if self.kind == "npz" else CLASSIFIER_BIASES
+        found = (
+            self.tensors.get(prefix + name)
+            for name in names
+            for prefix in ("", CLASSIFIER_PREFIX)
+            if prefix + name in self.tensors
+        )
+        bias = next(found, None)
         if bias is None or len(getattr(bias, "shape", ())) != 1:
             raise CheckpointError(
                 f"{self.source}: no final layer (linear/b) to count the classes from"
@@ -179,7 +257,10 @@ def read_weights(path: str | os.PathLike[str]) -> Weights:
     if suffix in PT_SUFFIXES:
         contents = _read_pt(path)
         return Weights(str(path), "pt", _state_dict_of(path, contents), contents)
-    expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES))
+    if suffix == SAFETENSORS_SUFFIX:
+        tensors, metadata = read_safetensors(path)
+        return Weights(str(path), "pt", tensors, _safetensors_contents(path, metadata))
+    expected = ", ".join((NPZ_SUFFIX, *PT_SUFFIXES, SAFETENSORS_SUFFIX))
     raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r}; use {expected}")
 
 
@@ -254,6 +335,16 @@ def _describe_denoise(record: Mapping[str, object]) -> str:
     window = record.get("denoise_window")
     local = op in DENOISE_OPS and DENOISE_OPS[op].local
     return f", denoising {op}" + (f" {window}x{window}" if local else "")
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The module name of `model`'s final layer (``linear``, ``head.fc``, ``head``, ``fc``: the
+    owner of a ``CLASSIFIER_BIASES`` tensor)."""
+    state = model.state_dict()
+    name = next((bias for bias in CLASSIFIER_BIASES if bias in state), None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} has no final layer among {CLASSIFIER_BIASES}")
+    return name.removesuffix(".bias")
 
 
 def checkpoint_num_classes(path: str | os.PathLike[str]) -> int:
@@ -426,6 +517,32 @@ def _variable_names(source: Path | str, arrays: Iterable[tuple[str, _Array]]) ->
     if duplicates:
         raise CheckpointError(f"{source}: variables stored twice: {_listing(duplicates)}")
     return dict(named)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ``.safetensors`` file's tensors and its metadata (string to string); CheckpointError
+    naming the file when it cannot be read."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        return safetensors.torch.load_file(str(path)), metadata
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable .safetensors file ({error})") from error
+
+
+def _safetensors_contents(path: Path, metadata: Mapping[str, str]) -> dict[str, object] | None:
+    """The architecture record a ``.safetensors`` file's metadata holds, as ``Weights.contents``."""
+    text = metadata.get(ARCHITECTURE_KEY)
+    if text is None:
+        return None
+    try:
+        return {ARCHITECTURE_KEY: json.loads(text)}
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: its metadata {ARCHITECTURE_KEY!r} is not JSON ({error})"
+        ) from None
 
 
 def _read_pt(path: Path) -> Mapping[str, object]:

@@ -143,16 +143,21 @@ class MaxPool2dSame(nn.Module):
         return F.max_pool2d(x, self.kernel, self.stride)
 
 
+def check_pixels(x: torch.Tensor) -> None:
+    """ValueError unless ``x`` is a float NCHW batch of 3-channel (BGR) images."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(
+            f"model input must be NCHW images with 3 (BGR) channels, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"model input must be a float tensor in [0, 255], got {x.dtype}")
+
+
 class Preprocess(nn.Module):
     """Maps float NCHW BGR images in pixel units [0, 255] onto [-1, 1] like the original."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(
-                f"model input must be NCHW images with 3 (BGR) channels, got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise ValueError(f"model input must be a float tensor in [0, 255], got {x.dtype}")
+        check_pixels(x)
         # Original adv_model.py image_preprocess: image * (2 / 255) - 1.
         return x * IMAGE_SCALE - 1.0
 

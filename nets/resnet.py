@@ -26,6 +26,7 @@ NUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
 }
 GROUP_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_EXPANSION = 4
+MODEL_OPTIONS = ("drop_path", "grad_checkpointing")  # keyword options a builder may take
 # ResNeXt 32x8d (Feature Denoising, Sec 6.2): 32 groups of 8 channels at width 64, i.e. the
 # bottleneck is 32 * 8 / 64 = 4 times wider than ResNet's (original: res2_bottleneck * group / 64).
 RESNEXT_GROUPS = 32
@@ -47,9 +48,12 @@ class Denoise:
     window: int = DEFAULT_WINDOW
 
 
-ModelBuilder = Callable[[Sequence[int], int, int, Denoise | None], nn.Module]
+ModelBuilder = Callable[..., nn.Module]  # (num_blocks, num_classes, width, denoise, **options)
 ARCHITECTURES: dict[str, ModelBuilder] = {}
-DEPTHS: dict[str, dict[int, tuple[int, int, int, int]]] = {}  # arch -> depth -> num_blocks
+DEPTHS: dict[str, dict[int, tuple[int, ...]]] = {}  # arch -> depth -> num_blocks
+# The keyword options each builder takes besides the four (e.g. "drop_path",
+# "grad_checkpointing"); build_model refuses an option the architecture lacks.
+OPTIONS: dict[str, tuple[str, ...]] = {}
 # Each architecture's original denoising operation (None: it has no denoising blocks); old
 # checkpoints were trained with it, so it stays the default.
 DEFAULT_DENOISE_OPS: dict[str, str | None] = {}
@@ -140,21 +144,38 @@ class ResNet(nn.Sequential):
 def register(
     name: str,
     denoise_op: str | None = None,
-    depths: Mapping[int, tuple[int, int, int, int]] = NUM_BLOCKS,
+    depths: Mapping[int, tuple[int, ...]] = NUM_BLOCKS,
+    options: Sequence[str] = (),
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding a model builder ``(num_blocks, num_classes, width, denoise) -> model``;
     `denoise_op` is its original denoising operation (None: no denoising blocks, and the builder
-    always receives ``denoise=None``); `depths` maps each ``-d`` to its blocks per group."""
+    always receives ``denoise=None``); `depths` maps each ``-d`` to its blocks per group (every
+    entry with the same number of groups); `options` the keyword options it also takes
+    (``MODEL_OPTIONS``)."""
 
     def add(builder: ModelBuilder) -> ModelBuilder:
         if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
+        unknown = set(options) - set(MODEL_OPTIONS)
+        if unknown:
+            raise ValueError(f"architecture {name!r}: unknown options {sorted(unknown)}")
         ARCHITECTURES[name] = builder
         DEFAULT_DENOISE_OPS[name] = denoise_op
         DEPTHS[name] = dict(depths)
+        OPTIONS[name] = tuple(options)
         return builder
 
     return add
+
+
+def num_groups_of(arch: str) -> int:
+    """How many counts ``--num-blocks`` takes for `arch` (its groups or stages)."""
+    return len(next(iter(DEPTHS[arch].values())))
+
+
+def options_of(arch: str) -> tuple[str, ...]:
+    """The ``MODEL_OPTIONS`` `arch` takes."""
+    return OPTIONS[arch]
 
 
 def depths_of(arch: str) -> tuple[int, ...]:
@@ -226,12 +247,16 @@ def build_model(
     width: int = 64,
     denoise_op: str | None = None,
     denoise_window: int = DEFAULT_WINDOW,
+    drop_path: float = 0.0,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """Builds a registered architecture; give exactly one of ``depth`` and ``num_blocks``.
 
     ``denoise_op`` (a ``nets.DENOISE_OPS`` name) replaces the denoising operation of an
     architecture with denoising blocks (None: its original one, ``DEFAULT_DENOISE_OPS``);
-    ``denoise_window`` is the window of the local ops (bilateral, mean, median)."""
+    ``denoise_window`` is the window of the local ops (bilateral, mean, median);
+    ``drop_path`` (the last block's stochastic-depth rate) and ``grad_checkpointing`` only for
+    architectures that take them (``options_of``)."""
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}"
@@ -240,7 +265,27 @@ def build_model(
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
     denoise = resolve_denoise(arch, denoise_op, denoise_window)
-    return ARCHITECTURES[arch](blocks, num_classes, width, denoise)
+    options = model_options(arch, drop_path, grad_checkpointing)
+    return ARCHITECTURES[arch](blocks, num_classes, width, denoise, **options)
+
+
+def model_options(
+    arch: str | None, drop_path: float = 0.0, grad_checkpointing: bool = False
+) -> dict[str, object]:
+    """The options set (not at their defaults), as `arch`'s builder takes them; ValueError for
+    an option `arch` lacks (None: not known yet, not checked) or a rate outside [0, 1)."""
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"the drop rate must be in [0, 1), got {drop_path}")
+    given = {"drop_path": drop_path, "grad_checkpointing": grad_checkpointing}
+    given = {name: value for name, value in given.items() if value}
+    lacking = [name for name in given if arch is not None and name not in OPTIONS[arch]]
+    if lacking:
+        takers = [name for name, options in sorted(OPTIONS.items()) if lacking[0] in options]
+        raise ValueError(
+            f"{arch} has no {lacking[0].replace('_', ' ')} option; "
+            f"architectures with it: {', '.join(takers)}"
+        )
+    return given
 
 
 def resolve_denoise(arch: str, denoise_op: str | None, denoise_window: int) -> Denoise | None:
@@ -272,9 +317,10 @@ def _resolve_num_blocks(
         return num_blocks_of(arch, depth)
     blocks = tuple(num_blocks)
     valid = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in blocks)
-    if len(blocks) != len(GROUP_STRIDES) or not valid:
+    groups = num_groups_of(arch)
+    if len(blocks) != groups or not valid:
         raise ValueError(
-            f"num_blocks must be {len(GROUP_STRIDES)} positive integers, got {list(num_blocks)}"
+            f"num_blocks of {arch} must be {groups} positive integers, got {list(num_blocks)}"
         )
     return blocks
 
@@ -339,3 +385,7 @@ def resnet_basic(
 ) -> ResNetBasic:
     """Basic-block ResNet (18 / 34) with a stem for small images (64x64 and below)."""
     return ResNetBasic(num_blocks, num_classes, width)
+
+
+# The architectures in timm's and torchvision's layouts, under those libraries' names.
+import nets.reference_models  # noqa: E402, F401

@@ -30,7 +30,15 @@ def _random(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def test_registry_lists_the_architectures():
     assert nets.available_architectures() == [
-        "ResNeXtDenoiseAll", "ResNet", "ResNetBasic", "ResNetDenoise", "ResNetV2"
+        "ResNeXtDenoiseAll", "ResNet", "ResNetBasic", "ResNetDenoise", "ResNetV2",
+        "convnext_b_cvst", "convnext_base", "convnext_l_cvst", "convnext_large",
+        "convnext_s_cvst", "convnext_small", "convnext_t_cvst", "convnext_tiny",
+        "resnet101", "resnet152", "resnet50",
+        "swin_base_patch4_window7_224", "swin_large_patch4_window7_224",
+        "swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224",
+        "vit_b_cvst", "vit_base_patch16_224", "vit_large_patch16_224", "vit_s_cvst",
+        "vit_small_patch16_224",
+        "wide_resnet50_2",
     ]  # fmt: skip
     assert set(nets.ARCHITECTURES) == set(nets.available_architectures())
 
@@ -256,7 +264,8 @@ def test_initialisation_follows_the_original():
 @pytest.mark.parametrize("arch", nets.available_architectures())
 def test_forward_backward(arch, size):
     torch.manual_seed(0)
-    model = nets.build_model(arch, **TINY)
+    blocks = (1,) * nets.num_groups_of(arch)  # ViT: one stack of blocks
+    model = nets.build_model(arch, **{**TINY, "num_blocks": blocks})
     _randomise_bn(model)  # zero gammas would otherwise hide the gradients of inner layers
     images = torch.rand(2, 3, size, size) * 255
     logits = model(images)
