@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -27,6 +29,18 @@ def write_imagenet(
             ext = "JPEG" if split == "train" else "png"
             assert cv2.imwrite(str(folder / f"img{i:03d}.{ext}"), img)
     return root
+
+
+def copy_sources(dest: Path, names: Iterable[str]) -> Path:
+    """A copy of the repository's files and folders `names` in `dest` (no __pycache__)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 @pytest.fixture(scope="module")
