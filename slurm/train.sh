@@ -65,9 +65,11 @@ export_rendezvous
 mkdir -p logs
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, rank 0 at ${MASTER_ADDR:-<from node list>}:$MASTER_PORT"
 
-# --overlap: the servers share the nodes with the training step instead of holding them.
+# --overlap: the servers share the nodes with the training step instead of holding them. Each
+# node's server serves its share of every epoch (--hosts, --host-index: its node's number).
 srun --overlap --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
   --cpus-per-task="$DATA_CPUS" --output="logs/data-%j.%N.log" \
+  bash -c 'exec "$@" --hosts "$SLURM_NNODES" --host-index "$SLURM_NODEID"' serve-data \
   python third_party/serve-data.py --data "$DATA" --batch "$BATCH" &
 DATA_PID=$!
 trap stop_data_servers EXIT

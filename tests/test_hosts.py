@@ -22,11 +22,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, check_ranks_trained_alike, write_imagenet
 
 import nets
+from iat.data.augment import TRAIN_AUGMENTATIONS
+from iat.data.client import ZMQBatchClient
+from iat.data.layouts import create_reader
+from iat.data.sampling import TrainStream
 
 pytestmark = pytest.mark.hosts
 
@@ -147,14 +152,52 @@ def _served(log: Path) -> int:
     return int(counts[-1]) if counts else 0
 
 
+def test_host_data_servers_serve_their_shares_of_one_stream(tmp_path: Path) -> None:
+    """--hosts 2: host i's server sends global batches i, i + 2, i + 4, ... of the one training
+    stream, so each epoch's images are split between the machines (no namespaces needed)."""
+    data = write_imagenet(tmp_path / "imagenet")  # 12 training images: 6 batches of 2 an epoch
+    addresses = [f"ipc://@iat-test-{os.getpid()}-host{i}" for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "third_party/serve-data.py", "--data", str(data), "--batch", "2",
+             "--image-size", "32", "--workers", "1", "--hosts", "2", "--host-index", str(i),
+             "--bind", address],
+            cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+        )
+        for i, address in enumerate(addresses)
+    ]  # fmt: skip
+    try:
+        received = []
+        for address in addresses:
+            with ZMQBatchClient(address, timeout_s=60, batch=2, image_size=32, num_classes=3) as c:
+                received.append([next(c) for _ in range(3)])
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
+    samples = create_reader(data).samples("train")
+    stream = TrainStream(samples, 2, 32, TRAIN_AUGMENTATIONS["fbresnet"], seed=0)
+    images_of = []
+    for host, batches in enumerate(received):
+        for k, (images, labels) in enumerate(batches):
+            expected_images, expected_labels, _ = stream.batch(host + 2 * k)
+            assert np.array_equal(images, expected_images), (host, k)
+            assert np.array_equal(labels, expected_labels), (host, k)
+        indices = [stream.schedule.indices(host + 2 * k) for k in range(3)]
+        images_of.append(set(np.concatenate(indices).tolist()))
+    assert not images_of[0] & images_of[1] and len(images_of[0] | images_of[1]) == 12
+
+
 def test_two_hosts_train_together_each_from_its_own_data_server(pair, tmp_path: Path) -> None:
-    """One rank per host, each pulling from its host's server at the same default address;
-    after the steps both ranks hold the same weights, and they moved."""
+    """One rank per host, each pulling from its host's server at the same default address (its
+    share of the stream); after the steps both ranks hold the same weights, and they moved."""
     data = write_imagenet(tmp_path / "imagenet")
     servers = [
         host.start(
             [sys.executable, "third_party/serve-data.py", "--data", str(data), "--batch", "2",
-             "--image-size", "32", "--workers", "1", "--log-every", "0.5"],
+             "--image-size", "32", "--workers", "1", "--log-every", "0.5", "--hosts", "2",
+             "--host-index", str(i)],
             tmp_path / f"server{i}.log",
         )
         for i, host in enumerate(pair)
@@ -169,7 +212,7 @@ def test_two_hosts_train_together_each_from_its_own_data_server(pair, tmp_path: 
         assert server.poll() is None, "a data server stopped"
     for i in range(2):  # the rank of host i is its server's only possible client
         log = tmp_path / f"server{i}.log"
-        assert "serving on ipc://@imagenet-train-b2" in log.read_text()
+        assert f"serving on ipc://@imagenet-train-b2 (host {i} of 2)" in log.read_text()
         assert _served(log) >= 3, _tail(log)
 
     check_ranks_trained_alike(tmp_path)  # the same weights on both hosts, moved
