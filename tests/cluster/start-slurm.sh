@@ -24,6 +24,10 @@ for tool in munged slurmctld slurmd sinfo scontrol; do
 done
 [[ "$(id -u)" == 0 ]] || { echo "error: run as root: slurmd starts jobs as their user" >&2; exit 1; }
 
+# slurm/*.sh hand the node name to the ranks as MASTER_ADDR (scontrol show hostnames).
+getent hosts "$NODE" >/dev/null \
+  || echo "warning: the node name $NODE does not resolve; jobs' ranks meet at it (/etc/hosts)" >&2
+
 node_state() { timeout 10 sinfo -h -n "$NODE" -o %t 2>/dev/null | head -1; }
 
 if [[ -f "$SLURM_CONF" ]] && [[ "$(node_state)" =~ ^(idle|mix|alloc)$ ]]; then
