@@ -17,8 +17,15 @@ from conftest import REPO, write_imagenet
 import nets
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.client import ZMQBatchClient
-from iat.data.layouts import CorruptImageError, create_reader, detect_layout, read_image_bgr
+from iat.data.layouts import (
+    CorruptImageError,
+    DataError,
+    create_reader,
+    detect_layout,
+    read_image_bgr,
+)
 from iat.data.sampling import TrainStream
+from iat.data.shards import host_schedule, make_shards
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -74,21 +81,26 @@ def test_a_truncated_shard_is_a_corrupt_image(sharded, tmp_path: Path) -> None:
         read_image_bgr(path)
 
 
-def test_the_data_server_serves_shards(sharded) -> None:
-    """Batches from shards are the stream over the shard reader's samples, byte for byte."""
-    _, out = sharded
+def _pull(data: Path, flags: list[str], count: int = 3) -> list:
+    """`count` batches of 2 from a data server of `data` (32x32, one worker)."""
     address = f"ipc://@iat-test-shards-{os.getpid()}"
     server = subprocess.Popen(
-        [sys.executable, "third_party/serve-data.py", "--data", str(out), "--batch", "2",
-         "--image-size", "32", "--workers", "1", "--bind", address],
+        [sys.executable, "third_party/serve-data.py", "--data", str(data), "--batch", "2",
+         "--image-size", "32", "--workers", "1", "--bind", address, *flags],
         cwd=REPO, env=ENV, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         with ZMQBatchClient(address, timeout_s=60, batch=2, image_size=32, num_classes=3) as c:
-            received = [next(c) for _ in range(3)]
+            return [next(c) for _ in range(count)]
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_data_server_serves_shards(sharded) -> None:
+    """Batches from shards are the stream over the shard reader's samples, byte for byte."""
+    _, out = sharded
+    received = _pull(out, [])
     samples = create_reader(out).samples("train")
     stream = TrainStream(samples, 2, 32, TRAIN_AUGMENTATIONS["fbresnet"], seed=0)
     for k, (images, labels) in enumerate(received):
@@ -118,3 +130,36 @@ def test_training_and_evaluation_read_shards(sharded, tmp_path: Path) -> None:
         results.append(json.loads(result.read_text()))
     for key in ("images", "top1_error", "top5_error", "attack_success_rate"):
         assert results[0][key] == results[1][key], key
+
+
+def test_hosts_read_disjoint_shards_reshuffled_every_epoch(tmp_path: Path) -> None:
+    """--hosts 2 on shards: every epoch each machine reads its own shards (dealt out anew), each
+    of their images once."""
+    out = tmp_path / "shards"
+    make_shards(str(write_imagenet(tmp_path / "imagenet")), str(out), 2, "auto", seed=0)
+    samples = create_reader(out).samples("train")  # 12 images in 6 shards
+    schedules = [host_schedule(samples, 2, 0, 2, host) for host in range(2)]
+    dealt = [[frozenset(s.shards_of(e)) for e in range(4)] for s in schedules]
+    for epoch in range(4):
+        assert not dealt[0][epoch] & dealt[1][epoch]
+        assert dealt[0][epoch] | dealt[1][epoch] == set(range(6))
+    assert len(set(dealt[0])) > 1, "the same shards every epoch"
+    for host, schedule in enumerate(schedules):
+        first_epoch = np.concatenate([schedule.indices(host + 2 * k) for k in range(3)])
+        expected = [i for s in dealt[host][0] for i in schedule.members[s]]
+        assert sorted(first_epoch.tolist()) == sorted(expected)  # its shards' images, once each
+    assert host_schedule(samples, 2, 0, 1, 0) is None  # one machine: the one stream
+    with pytest.raises(DataError, match="6 training shards cannot be shared by 7 hosts"):
+        host_schedule(samples, 2, 0, 7, 0)
+
+
+def test_the_data_server_of_a_host_serves_its_shards(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    make_shards(str(write_imagenet(tmp_path / "imagenet")), str(out), 2, "auto", seed=0)
+    received = _pull(out, ["--hosts", "2", "--host-index", "1"])
+    samples = create_reader(out).samples("train")
+    schedule = host_schedule(samples, 2, 0, 2, 1)
+    stream = TrainStream(samples, 2, 32, TRAIN_AUGMENTATIONS["fbresnet"], 0, schedule)
+    for k, (images, labels) in enumerate(received):
+        expected_images, expected_labels, _ = stream.batch(1 + 2 * k)
+        assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)

@@ -289,6 +289,12 @@ def shard_member_path(tar: str | Path, name: str, offset: int, size: int) -> str
     return f"{tar}:{name}@{offset}+{size}"
 
 
+def shard_of(path: str) -> str | None:
+    """The shard file of a shard member's path; None for an image file."""
+    member = _SHARD_MEMBER.fullmatch(path)
+    return None if member is None else member["tar"]
+
+
 def _read_bytes(path: str) -> np.ndarray:
     member = _SHARD_MEMBER.fullmatch(path)
     if member is None:

@@ -37,6 +37,7 @@ from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 from iat.data.sampling import TrainStream, fake_batch
+from iat.data.shards import host_schedule
 
 WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
 MAIN_POLL_MS = 200
@@ -89,7 +90,8 @@ def worker_main(worker_id: int, samples: list[Sample], cfg: ServerConfig, addres
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     transform = TRAIN_AUGMENTATIONS[cfg.augment]
-    stream = TrainStream(samples, cfg.batch, cfg.image_size, transform, cfg.seed)
+    schedule = host_schedule(samples, cfg.batch, cfg.seed, cfg.hosts, cfg.host_index)
+    stream = TrainStream(samples, cfg.batch, cfg.image_size, transform, cfg.seed, schedule)
     try:
         # Machines take turns along one stream: each epoch's batches are split between them,
         # so ranks on different machines never train on the same images of an epoch.

@@ -16,6 +16,7 @@ they sample image folders.
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import sys
 import tarfile
@@ -33,6 +34,7 @@ from iat.data.layouts import (
     create_reader,
     detect_layout,
     shard_member_path,
+    shard_of,
 )
 
 
@@ -134,6 +136,66 @@ def _list_shard(shard: Path) -> list[Sample]:
     if images.keys() != labels.keys():
         raise DataError(f"shard {shard}: images and .cls labels do not pair up")
     return [(images[key], labels[key]) for key in sorted(images)]
+
+
+class HostShardSchedule:
+    """Machine `host`'s batches when the training set is sharded (``EpochSchedule``'s interface).
+
+    Every epoch the shards are dealt out anew: shuffled by ``(seed, epoch)``, machine h takes
+    every `hosts`-th from the h-th, so the machines read disjoint shards; the images of its
+    shards are then shuffled by ``(seed, epoch, h)``. Global batch ``h + k * hosts`` (the data
+    server's numbering, see ``--host-index``) is its k-th batch."""
+
+    def __init__(self, shards: list[str], batch: int, seed: int, hosts: int, host: int) -> None:
+        names = sorted(set(shards))
+        if len(names) < hosts:
+            raise DataError(f"{len(names)} training shards cannot be shared by {hosts} hosts")
+        index = {name: i for i, name in enumerate(names)}
+        self.members = [[] for _ in names]  # sample indices of each shard
+        for i, name in enumerate(shards):
+            self.members[index[name]].append(i)
+        self.batch, self.seed, self.hosts, self.host = batch, seed, hosts, host
+        self._starts = [0]  # where each epoch begins in this host's stream (epochs' lengths vary)
+        self._orders: dict[int, np.ndarray] = {}  # the latest epochs' sample orders
+
+    def shards_of(self, epoch: int) -> list[int]:
+        """The shards this host reads in `epoch`."""
+        order = np.random.default_rng([self.seed, 3, epoch]).permutation(len(self.members))
+        return sorted(order[self.host :: self.hosts].tolist())
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            mine = np.concatenate([self.members[s] for s in self.shards_of(epoch)])
+            rng = np.random.default_rng([self.seed, 4, epoch, self.host])
+            self._orders[epoch] = mine[rng.permutation(len(mine))]
+        return self._orders[epoch]
+
+    def _sample(self, position: int) -> int:
+        while self._starts[-1] <= position:
+            epoch = len(self._starts) - 1
+            self._starts.append(
+                self._starts[-1] + sum(len(self.members[s]) for s in self.shards_of(epoch))
+            )
+        epoch = bisect.bisect_right(self._starts, position) - 1
+        return int(self._order(epoch)[position - self._starts[epoch]])
+
+    def indices(self, batch_index: int) -> np.ndarray:
+        k, rest = divmod(batch_index - self.host, self.hosts)
+        if rest or k < 0:
+            raise ValueError(f"batch {batch_index} is not host {self.host}'s of {self.hosts}")
+        return np.array([self._sample(p) for p in range(k * self.batch, (k + 1) * self.batch)])
+
+
+def host_schedule(
+    samples: list[Sample], batch: int, seed: int, hosts: int, host: int
+) -> HostShardSchedule | None:
+    """Shard-wise schedule for machine `host` of `hosts` when `samples` are in shards; None
+    (the data server's batch-wise split of one stream) otherwise or on one machine."""
+    shards = [shard_of(path) for path, _ in samples]
+    if hosts == 1 or None in shards:
+        return None
+    return HostShardSchedule(shards, batch, seed, hosts, host)
 
 
 def main(argv: list[str] | None = None) -> int:
