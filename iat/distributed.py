@@ -47,6 +47,9 @@ class DistEnv:
     master_addr: str  # host of rank 0, where the TCP rendezvous store listens
     master_port: int  # port of that store
     launcher: str  # "torchrun" | "openmpi" | "mpich" | "slurm" | "spawn" | "single"
+    # torchrun's agent already serves the store at master_addr:master_port (c10d rendezvous,
+    # TORCHELASTIC_USE_AGENT_STORE): rank 0 joins it instead of trying to listen there too.
+    agent_store: bool = False
 
 
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -80,7 +83,10 @@ def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
     _check_ranks(rank, world_size, local_rank, local_world_size, ("RANK", "LOCAL_RANK"))
     addr = env.get("MASTER_ADDR") or DEFAULT_MASTER_ADDR
     port = _port(env, DEFAULT_MASTER_PORT)
-    return DistEnv(rank, world_size, local_rank, local_world_size, addr, port, "torchrun")
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return DistEnv(
+        rank, world_size, local_rank, local_world_size, addr, port, "torchrun", agent_store
+    )
 
 
 def _from_mpi(env: Mapping[str, str], launcher: str, prefix: str) -> DistEnv:
@@ -306,7 +312,11 @@ def init(
         device_id = device
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(
-        env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout=timeout
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        env.rank == 0 and not env.agent_store,
+        timeout=timeout,
     )
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",

@@ -40,10 +40,13 @@ cd_repo_root() {
 }
 
 # Rendezvous for distributed.py: the first node hosts rank 0; the port follows the job id.
+# Without a working scontrol, distributed.py expands the node list itself.
 export_rendezvous() {
-  if [[ -z "${MASTER_ADDR:-}" ]] && command -v scontrol >/dev/null; then
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
-    export MASTER_ADDR
+  local first
+  if [[ -z "${MASTER_ADDR:-}" ]] && command -v scontrol >/dev/null \
+    && first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sed -n 1p)" \
+    && [[ -n "$first" ]]; then
+    export MASTER_ADDR="$first"
   fi
   export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 }

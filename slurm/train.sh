@@ -44,10 +44,13 @@ cd_repo_root() {
 }
 
 # Rendezvous for distributed.py: the first node hosts rank 0; the port follows the job id.
+# Without a working scontrol, distributed.py expands the node list itself.
 export_rendezvous() {
-  if [[ -z "${MASTER_ADDR:-}" ]] && command -v scontrol >/dev/null; then
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
-    export MASTER_ADDR
+  local first
+  if [[ -z "${MASTER_ADDR:-}" ]] && command -v scontrol >/dev/null \
+    && first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | sed -n 1p)" \
+    && [[ -n "$first" ]]; then
+    export MASTER_ADDR="$first"
   fi
   export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 }
@@ -62,9 +65,11 @@ export_rendezvous
 mkdir -p logs
 echo "job $SLURM_JOB_ID: $SLURM_NNODES nodes, rank 0 at ${MASTER_ADDR:-<from node list>}:$MASTER_PORT"
 
-# --overlap: the servers share the nodes with the training step instead of holding them.
+# --overlap: the servers share the nodes with the training step instead of holding them. Each
+# node's server serves its share of every epoch (--hosts, --host-index: its node's number).
 srun --overlap --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
   --cpus-per-task="$DATA_CPUS" --output="logs/data-%j.%N.log" \
+  bash -c 'exec "$@" --hosts "$SLURM_NNODES" --host-index "$SLURM_NODEID"' serve-data \
   python third_party/serve-data.py --data "$DATA" --batch "$BATCH" &
 DATA_PID=$!
 trap stop_data_servers EXIT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -27,6 +29,35 @@ def write_imagenet(
             ext = "JPEG" if split == "train" else "png"
             assert cv2.imwrite(str(folder / f"img{i:03d}.{ext}"), img)
     return root
+
+
+def copy_sources(dest: Path, names: Iterable[str]) -> Path:
+    """A copy of the repository's files and folders `names` in `dest` (no __pycache__)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def check_ranks_trained_alike(out_dir: Path) -> None:
+    """tests/train_worker.py's rank0.pt and rank1.pt (the tiny ResNet of 3 classes) hold the same
+    tensors, and training moved some weight away from the initial model."""
+    import torch
+
+    import nets
+
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3)
+    moved = 0
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), f"{name} differs between ranks"
+        if name.endswith("weight") and value.shape == initial.state_dict()[name].shape:
+            moved += not torch.equal(value, initial.state_dict()[name])
+    assert moved > 0, "training changed no weight"
 
 
 @pytest.fixture(scope="module")

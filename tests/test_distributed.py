@@ -46,6 +46,11 @@ def test_torchrun() -> None:
     assert env == distributed.DistEnv(3, 8, 1, 4, "host0", 1234, "torchrun")
 
 
+def test_torchrun_agent_store_is_joined_not_hosted() -> None:
+    env = distributed.detect({**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert env.agent_store and not distributed.detect(TORCHRUN).agent_store
+
+
 def test_openmpi_on_one_host_meets_on_localhost() -> None:
     env = distributed.detect(OPENMPI)
     assert env == distributed.DistEnv(5, 8, 1, 8, "127.0.0.1", 29500, "openmpi")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, copy_sources
 
 from iat.cli import build_parser, config_from_args
 from main import main
@@ -22,20 +21,9 @@ SOURCES = (
 )  # fmt: skip
 
 
-def _copy_sources(dest: Path) -> Path:
-    dest.mkdir()
-    for name in SOURCES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
 def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: Path) -> None:
     # Built from a copy, so that the build leaves nothing in the working tree.
-    source = _copy_sources(tmp_path / "src")
+    source = copy_sources(tmp_path / "src", SOURCES)
     out = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

@@ -106,6 +106,9 @@ def test_train_starts_one_data_server_per_node_then_trains(fake_repo: Path, tmp_
     assert {"--ntasks=2", "--ntasks-per-node=1", "--nodes=2"} <= set(options)
     serve = "python third_party/serve-data.py --data /data/imagenet --batch 17"
     assert command == serve.split()
+    # each node's server serves its share of the stream
+    hosts = 'exec "$@" --hosts "$SLURM_NNODES" --host-index "$SLURM_NODEID"'
+    assert options[-4:] == ["bash", "-c", hosts, "serve-data"]
     assert (tmp_path / "log" / "data.stopped").exists(), "data servers were not stopped"
 
     job = records["job"]

@@ -3,7 +3,8 @@
 A *reader* knows one layout family; ``create_reader(root, layout)`` picks it (``READERS`` is
 the registry: a new layout is one class and one entry; ``auto`` detects it). Each split is
 listed once per reader and cached. Torch-free: the data server imports it. Readers: ``imagenet``
-(below; also any class-per-folder tree) and ``tiny-imagenet`` (``TinyImageNetReader``).
+(below; also any class-per-folder tree), ``tiny-imagenet`` (``TinyImageNetReader``) and
+``shards`` (plain tar files: ``iat.data.shards``).
 
 ``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
@@ -18,6 +19,7 @@ so that the labels of every split agree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -249,9 +251,19 @@ TINY_IMAGENET_WNIDS = "wnids.txt"
 TINY_IMAGENET_VAL_LABELS = "val_annotations.txt"
 Reader = ImageNetReader | TinyImageNetReader
 # --data-layout choices ("auto" detects): name -> reader of a data folder.
+SHARD_CLASSES = "classes.txt"  # the shard layout's class list (iat.data.shards)
+
+
+def _shard_reader(root: str | Path) -> Reader:
+    from iat.data.shards import ShardReader  # imports this module
+
+    return ShardReader(root)
+
+
 READERS: dict[str, Callable[[str | Path], Reader]] = {
     "imagenet": ImageNetReader,
     "tiny-imagenet": TinyImageNetReader,
+    "shards": _shard_reader,
 }
 AUTO_LAYOUT = "auto"
 
@@ -263,6 +275,8 @@ def detect_layout(root: str | Path) -> str:
     root = Path(root)
     if (root / TINY_IMAGENET_WNIDS).is_file():
         return "tiny-imagenet"
+    if (root / SHARD_CLASSES).is_file() and any(root.glob("*-000000.tar")):
+        return "shards"
     return "imagenet"
 
 
@@ -282,10 +296,37 @@ def list_split(
     return create_reader(root, layout).split(split)
 
 
+# An image inside a shard (iat.data.shards): "<shard>.tar:<member>@<offset>+<size>".
+_SHARD_MEMBER = re.compile(r"(?P<tar>.+\.tar):(?P<name>[^:@/]+)@(?P<offset>\d+)\+(?P<size>\d+)")
+
+
+def shard_member_path(tar: str | Path, name: str, offset: int, size: int) -> str:
+    return f"{tar}:{name}@{offset}+{size}"
+
+
+def shard_of(path: str) -> str | None:
+    """The shard file of a shard member's path; None for an image file."""
+    member = _SHARD_MEMBER.fullmatch(path)
+    return None if member is None else member["tar"]
+
+
+def _read_bytes(path: str) -> np.ndarray:
+    member = _SHARD_MEMBER.fullmatch(path)
+    if member is None:
+        return np.fromfile(path, dtype=np.uint8)
+    with open(member["tar"], "rb") as f:
+        f.seek(int(member["offset"]))
+        data = f.read(int(member["size"]))
+    if len(data) != int(member["size"]):
+        raise OSError("truncated shard")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 def read_image_bgr(path: str) -> np.ndarray:
-    """Decode an image file into an HxWx3 uint8 BGR array (gray expanded, alpha dropped)."""
+    """Decode an image file, or an image of a shard, into an HxWx3 uint8 BGR array (gray
+    expanded, alpha dropped)."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        data = _read_bytes(path)
     except OSError as err:
         raise CorruptImageError(f"cannot read image {path}: {err}") from err
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None

@@ -133,8 +133,9 @@ class TrainStream:
         image_size: int,
         transform: TrainTransform,
         seed: int,
+        schedule: EpochSchedule | None = None,  # which samples make up batch b; default: above
     ) -> None:
-        self.schedule = EpochSchedule(len(samples), batch, seed)
+        self.schedule = schedule or EpochSchedule(len(samples), batch, seed)
         self.builder = BatchBuilder(samples, image_size, transform)
         self.seed = seed
 

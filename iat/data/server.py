@@ -38,6 +38,7 @@ from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 from iat.data.sampling import TrainStream, fake_batch
+from iat.data.shards import host_schedule
 
 WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
 MAIN_POLL_MS = 200
@@ -66,6 +67,8 @@ class ServerConfig:
     seed: int  # shuffling and augmentation seed
     log_every: float  # seconds between status lines on stderr
     max_batches: int | None  # exit after this many batches (None: serve forever)
+    hosts: int = 1  # data servers of the job, one per machine: each serves its share of the stream
+    host_index: int = 0  # this server's place among them: global batches host_index + k * hosts
 
 
 def _worker_send(sock: zmq.Socket, frames: list, parent_pid: int) -> bool:
@@ -88,9 +91,13 @@ def worker_main(worker_id: int, samples: list[Sample], cfg: ServerConfig, addres
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     transform = TRAIN_AUGMENTATIONS[cfg.augment]
-    stream = TrainStream(samples, cfg.batch, cfg.image_size, transform, cfg.seed)
+    schedule = host_schedule(samples, cfg.batch, cfg.seed, cfg.hosts, cfg.host_index)
+    stream = TrainStream(samples, cfg.batch, cfg.image_size, transform, cfg.seed, schedule)
     try:
-        for batch_index in range(worker_id, sys.maxsize, cfg.workers):
+        # Machines take turns along one stream: each epoch's batches are split between them,
+        # so ranks on different machines never train on the same images of an epoch.
+        for local_index in range(worker_id, sys.maxsize, cfg.workers):
+            batch_index = cfg.host_index + local_index * cfg.hosts
             images, labels, new_corrupt = stream.batch(batch_index)
             meta = json.dumps({"corrupt": new_corrupt}).encode()
             frames = [meta, *encode_batch(images, labels, batch_index, f"worker{worker_id}")]
@@ -267,7 +274,8 @@ def serve(cfg: ServerConfig, samples: list[Sample]) -> None:
             pull.bind(internal)
         push = _open_public(context, cfg)
         fake = fake_batch(cfg.batch, cfg.image_size, FAKE_CLASSES, cfg.seed) if cfg.fake else None
-        print(f"serve-data: serving on {cfg.bind}", file=sys.stderr, flush=True)
+        share = f" (host {cfg.host_index} of {cfg.hosts})" * (cfg.hosts > 1)
+        print(f"serve-data: serving on {cfg.bind}{share}", file=sys.stderr, flush=True)
         run_loop(cfg, pull, push, fake, workers)
         if push is not None:
             push.close(linger=LINGER_MS)  # deliver the batches still queued (max_batches)
@@ -320,9 +328,15 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     p.add_argument("--seed", type=int, default=0, help="seeds shuffling and augmentation")
     p.add_argument("--log-every", type=_positive(float), default=60.0, help="seconds")
     p.add_argument("--max-batches", type=_positive(int), help="exit after sending N batches")
+    p.add_argument(
+        "--hosts", type=_positive(int), default=1, help="data servers of the job, one per machine"
+    )
+    p.add_argument("--host-index", type=int, default=0, help="this machine's, 0 .. --hosts - 1")
     a = p.parse_args(argv)
     if not a.fake and not a.data:
         p.error("--data is required unless --fake is given")
+    if not 0 <= a.host_index < a.hosts:
+        p.error(f"--host-index {a.host_index} is not in 0 .. {a.hosts - 1} (--hosts {a.hosts})")
     return ServerConfig(
         data=a.data,
         batch=a.batch,
@@ -337,6 +351,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         seed=a.seed,
         log_every=a.log_every,
         max_batches=a.max_batches,
+        hosts=a.hosts,
+        host_index=a.host_index,
     )
 
 
