@@ -17,6 +17,7 @@ import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
 from iat.defenses import DEFENSE_PHASES, parse_defense
+from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, lr_factor, param_groups
 from iat.run_state import averaged_weights
 from iat.sparse_frontend import (
     FrontendClassifier,
@@ -388,28 +389,35 @@ def peak_lr(base_lr: float, total_batch: int) -> float:
 
 
 def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
-    """LR at `progress` epochs completed (fractional)."""
+    """LR at `progress` epochs completed (fractional: set before every update)."""
     peak = peak_lr(cfg.base_lr, total_batch)
-    if progress < cfg.warmup_epochs and peak > cfg.base_lr:
-        # "ImageNet in 1 Hour" Sec 2.2: gradual warm-up, linear from 0.1 over 5 epochs.
-        return cfg.base_lr + (peak - cfg.base_lr) * progress / cfg.warmup_epochs
-    decays = sum(progress >= e for e in cfg.lr_decay_epochs)
-    return peak * 0.1**decays
+    return peak * lr_factor(cfg.lr_schedule, progress, lr_schedule(cfg, peak))
+
+
+def lr_schedule(cfg: Config, peak: float) -> Schedule:
+    """The schedule's settings; without --warmup-factor the original's warm-up: from base_lr,
+    only when the scaled peak is higher ("ImageNet in 1 Hour" Sec 2.2: linear from 0.1 over 5
+    epochs)."""
+    warmup = cfg.warmup_factor
+    if warmup is None:
+        warmup = min(cfg.base_lr / peak, 1.0)
+    return Schedule(
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_factor=warmup,
+        decay_epochs=cfg.lr_decay_epochs,
+        min_factor=cfg.min_lr_factor,
+        knots=cfg.lr_knots or (),
+    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters (frozen ones, requires_grad False, are left out: no
-    weight decay or momentum moves them)."""
-    # Weight decay 1e-4 on conv and fc weights only, not on BatchNorm parameters or biases
-    # (the original regularises '.*/W'). Nesterov momentum 0.9 ("ImageNet in 1 Hour" Sec 5.1).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+    """--optimizer over the trainable parameters (frozen ones, requires_grad False, are left
+    out: no weight decay or momentum moves them), weight decay on weight matrices and kernels
+    only (``iat.optim.decays``)."""
+    settings = OptimizerSettings(lr=cfg.base_lr, momentum=cfg.momentum, betas=cfg.adam_betas)
+    groups = param_groups(model.named_parameters(), cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](groups, settings)
 
 
 # --- data parallelism ------------------------------------------------------------------------

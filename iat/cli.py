@@ -200,10 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
     opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
+    _choice_arg(opt, "--optimizer", "SGD with Nesterov momentum, or AdamW")
+    opt.add_argument(
+        "--adam-betas", type=float, nargs=2, help=_help("adam_betas", "AdamW's beta1 beta2")
+    )
+    _choice_arg(opt, "--lr-schedule", "step decay, cosine, or piecewise-linear (cyclic)")
     opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
     opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument(
+        "--warmup-factor",
+        type=float,
+        help="warm-up start, a fraction of the peak LR (default: from --base-lr, if lower)",
+    )
     opt.add_argument("--lr-decay-epochs", type=int, nargs="*", help="default: 35 70 95")
+    opt.add_argument(
+        "--min-lr-factor", type=float, help=_help("min_lr_factor", "cosine's final LR / peak")
+    )
+    opt.add_argument(
+        "--lr-knots",
+        type=float,
+        nargs="+",
+        metavar="EPOCH FACTOR",
+        help="cyclic: epoch/factor-of-peak pairs (default: 0 0, 0.4E 1, E 0; Wong et al.)",
+    )
     opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument(
+        "--clip-grad", type=float, help=_help("clip_grad", "max global L2 norm of the gradient")
+    )
     opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
     opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
     _choice_arg(opt, "--train-eval", "in-training evaluations")
@@ -338,7 +361,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # run's file already holds the values that run resolved.
     if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
         values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
-    for name in ("num_blocks", "lr_decay_epochs"):
+    for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots"):
         if name in given:
             given[name] = tuple(given[name])
     # The model fields the user chose: the flags given, and those the replayed run chose.

@@ -30,6 +30,7 @@ from iat.data.layouts import AUTO_LAYOUT, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
+from iat.optim import LR_SCHEDULES, OPTIMIZERS
 from iat.sparse_frontend import ATTACK_GRADIENTS
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
@@ -78,6 +79,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "frontend_gradient": ATTACK_GRADIENTS,
         "benchmark": BENCHMARKS,
         "eval_set": EVAL_SETS,
+        "optimizer": tuple(OPTIMIZERS),
+        "lr_schedule": tuple(LR_SCHEDULES),
     }
 
 
@@ -177,11 +180,25 @@ class Config:
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
     steps_per_epoch: int | None = None  # None: training images // total batch
+    optimizer: str = "sgd"  # "sgd" (Nesterov, the original) or "adamw" (iat.optim.OPTIMIZERS)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays (torch's defaults)
+    # "step" (the original: x0.1 after each --lr-decay-epochs), "cosine" (to --min-lr-factor x
+    # the peak at the last epoch) or "cyclic" (piecewise linear through --lr-knots)
+    lr_schedule: str = "step"
     base_lr: float = 0.1  # learning rate per 256 images (scaled linearly with the total batch)
-    warmup_epochs: float = 5.0  # linear warm-up from base_lr when the scaled LR is higher
+    warmup_epochs: float = 5.0  # linear warm-up, per iteration (step and cosine schedules)
+    # Where the warm-up starts, a fraction of the peak LR; None: at base_lr, and only when the
+    # scaled LR is higher ("ImageNet in 1 Hour" Sec 2.2)
+    warmup_factor: float | None = None
     lr_decay_epochs: tuple[int, ...] = (35, 70, 95)  # LR divided by 10 after each of these epochs
-    momentum: float = 0.9  # Nesterov momentum
-    weight_decay: float = 1e-4  # on conv and fc weights only
+    min_lr_factor: float = 0.0  # cosine: the LR at the end of the run, a fraction of the peak
+    # cyclic: (epoch, fraction of the peak) pairs, flattened, interpolated linearly; None: Wong et
+    # al.'s triangle 0 -> 1 at 2/5 of the epochs -> 0
+    lr_knots: tuple[float, ...] | None = None
+    momentum: float = 0.9  # Nesterov momentum (SGD)
+    # Not on norms, biases, layer scales, position embeddings or tokens (iat.optim.decays)
+    weight_decay: float = 1e-4
+    clip_grad: float | None = None  # clip the gradient's global L2 norm to this; None: off
     label_smoothing: float = 0.1  # on the adversarial cross-entropy
     starting_epoch: int = 1  # first epoch to run (1-based, as the original); resume sets it
     train_eval: str = "original"  # in-training evaluation: "original", "light" (clean+10) or "none"
@@ -284,6 +301,8 @@ _LOWER_BOUNDS = (
     ("apgd_targets", 1, True),
     ("masking_checks", 0, True),
     ("queries", 1, True),
+    ("min_lr_factor", 0, True),
+    ("clip_grad", 0, False),
 )
 
 
@@ -299,6 +318,7 @@ def _bounds(cfg: Config) -> None:
         values = getattr(cfg, name) or ()
         _check(all(v >= 0 for v in values), f"{_flag(name)}: must be >= 0, got {list(values)}")
     _check(cfg.momentum < 1, "--momentum: must be < 1")
+    _optimisation(cfg)
     _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
     _check(
         all(e >= 0 for e in cfg.lr_decay_epochs),
@@ -308,6 +328,29 @@ def _bounds(cfg: Config) -> None:
         1 <= cfg.starting_epoch <= cfg.epochs + 1,
         f"--starting-epoch: must be in [1, {cfg.epochs + 1}], got {cfg.starting_epoch}",
     )
+
+
+def _optimisation(cfg: Config) -> None:
+    """The optimizer's and the LR schedule's values that bounds alone do not check."""
+    _check(
+        all(0 <= b < 1 for b in cfg.adam_betas) and len(cfg.adam_betas) == 2,
+        f"--adam-betas: two values in [0, 1), got {list(cfg.adam_betas)}",
+    )
+    _check(cfg.min_lr_factor <= 1, "--min-lr-factor: must be <= 1")
+    if cfg.warmup_factor is not None:
+        _check(0 <= cfg.warmup_factor <= 1, "--warmup-factor: must be in [0, 1]")
+    knots = cfg.lr_knots
+    if knots is not None:
+        epochs = knots[0::2]
+        _check(
+            len(knots) >= 4 and len(knots) % 2 == 0,
+            f"--lr-knots: epoch/factor pairs, at least two, got {list(knots)}",
+        )
+        _check(
+            all(a < b for a, b in zip(epochs, epochs[1:], strict=False)) and min(knots) >= 0,
+            f"--lr-knots: epochs must increase and values be >= 0, got {list(knots)}",
+        )
+        _check(cfg.lr_schedule == "cyclic", "--lr-knots: only --lr-schedule cyclic takes them")
 
 
 _OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set")  # None: the default (none)
@@ -548,6 +591,8 @@ _TUPLE_FIELDS = (
     "sweep_iters",
     "num_blocks",
     "lr_decay_epochs",
+    "adam_betas",
+    "lr_knots",
     "explicit_model_fields",
     "finetune_exclude_scopes",
     "finetune_trainable_scopes",

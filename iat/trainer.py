@@ -42,6 +42,7 @@ from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
+from iat.optim import clip_gradients
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
@@ -87,6 +88,7 @@ class LossSettings:
     label_smoothing: float
     adv_fraction: float = 1.0  # attacked fraction of each batch
     lp_weight: float = 0.0  # adversarial logit pairing weight
+    clip_grad: float | None = None  # the gradient's global L2 norm is clipped to this
 
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images (model input) and labels, on the device
@@ -114,7 +116,8 @@ def train_step(
 ) -> StepResult:
     """One update from one or more micro-batches (a virtual batch): for each, attack (BN in
     inference mode, on the bare model) and accumulate the gradient of its loss / count; then
-    one optimizer step. Under DDP only the last micro-batch's backward all-reduces."""
+    one optimizer step (after clipping the gradient's norm, with --clip-grad). Under DDP only
+    the last micro-batch's backward all-reduces."""
     optimizer.zero_grad(set_to_none=True)
     count = len(micro_batches)
     parts = []
@@ -133,6 +136,7 @@ def train_step(
             # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
             (value / count).backward()
         parts.append((value.detach(), logits, labels[: logits.shape[0]], targets))
+    clip_gradients(model.parameters(), loss.clip_grad)
     optimizer.step()
     values, logits, labels, targets = zip(*parts, strict=True)
     return StepResult(
@@ -496,7 +500,7 @@ def setup(
         steps=steps,
         total_batch=total_batch,
         device=device,
-        loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight),
+        loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
         ema=build_ema(cfg, model, start),
     )
 
