@@ -17,8 +17,10 @@ import nets
 from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
 from iat.defenses import DEFENSE_PHASES, parse_defense
+from iat.mixing import MixSettings
 from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, lr_factor, param_groups
 from iat.run_state import averaged_weights
+from iat.soft_objective import SoftTargetPGD, soft_target_attacker
 from iat.sparse_frontend import (
     FrontendClassifier,
     FrontendSpec,
@@ -379,6 +381,24 @@ def build_training_attacker(
         compiled=precision.compiled,
     )
     return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
+
+
+def build_soft_training_attacker(cfg: Config, generator: torch.Generator) -> SoftTargetPGD:
+    """The training attack on Mixup / CutMix's soft targets (``iat.soft_objective``)."""
+    return soft_target_attacker(training_attack_spec(cfg), cfg.prob_start_from_clean, generator)
+
+
+def mix_settings(cfg: Config, num_classes: int) -> MixSettings:
+    """timm's Mixup arguments from the configuration; label smoothing is folded into the soft
+    targets."""
+    return MixSettings(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mix_prob,
+        switch_prob=cfg.mix_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
 
 
 # --- optimizer and schedule ------------------------------------------------------------------

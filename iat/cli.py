@@ -342,6 +342,13 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--finetune-trainable-scopes", type=_scope_list, help="a,b: trained; the rest frozen"
     )
+    mix = p.add_argument_group("batch mixing (on the device; soft targets)")
+    mix.add_argument("--mixup-alpha", type=float, help=_help("mixup_alpha", "Mixup, 0: off"))
+    mix.add_argument("--cutmix-alpha", type=float, help=_help("cutmix_alpha", "CutMix, 0: off"))
+    mix.add_argument("--mix-prob", type=float, help=_help("mix_prob", "chance a batch is mixed"))
+    mix.add_argument(
+        "--mix-switch-prob", type=float, help=_help("mix_switch_prob", "CutMix vs Mixup chance")
+    )
     group.add_argument("--accumulate", type=int, help=_help("accumulate", "micro-batches/update"))
     group.add_argument(
         "--free-replays", type=int, help=_help("free_replays", "free adversarial training")

@@ -163,6 +163,12 @@ class Config:
     accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
     free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
 
+    # --- batch mixing (iat.mixing: on the device, timm's Mixup in "batch" mode) --------------
+    mixup_alpha: float = 0.0  # Mixup's Beta(a, a) (Zhang et al. 2018; ARES: 0.8); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(a, a) (Yun et al. 2019; ARES: 1.0); 0: off
+    mix_prob: float = 1.0  # chance that a batch is mixed (timm's mixup_prob)
+    mix_switch_prob: float = 0.5  # both on: chance of CutMix rather than Mixup (timm's default)
+
     # --- --eval's attack (adv_model.ATTACKS; README "Evaluation" lists them) ----------------
     attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
     norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (per attack: ATTACK_NORMS)
@@ -302,6 +308,8 @@ _LOWER_BOUNDS = (
     ("masking_checks", 0, True),
     ("queries", 1, True),
     ("min_lr_factor", 0, True),
+    ("mixup_alpha", 0, True),
+    ("cutmix_alpha", 0, True),
     ("clip_grad", 0, False),
 )
 
@@ -390,6 +398,7 @@ def validate(cfg: Config) -> None:
     _finite(cfg)
     _bounds(cfg)
     _adversarial_training(cfg)
+    _mixing(cfg)
     _denoise(cfg)
     _check(
         not cfg.frontend_trainable or cfg.frontend is not None,
@@ -510,6 +519,25 @@ def _adversarial_training(cfg: Config) -> None:
             "--free-replays: cannot be combined with --adv-fraction < 1, --lp-weight or "
             "--accumulate",
         )
+
+
+def mixing_enabled(cfg: Config) -> bool:
+    return cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+
+
+def _mixing(cfg: Config) -> None:
+    """Mixup / CutMix: probabilities, and a training attack that has a soft-target form."""
+    for name in ("mix_prob", "mix_switch_prob"):
+        _check(0 <= getattr(cfg, name) <= 1, f"{_flag(name)}: must be in [0, 1]")
+    if not mixing_enabled(cfg):
+        return
+    spec = training_attack_spec(cfg)
+    _check(
+        spec.name in ("clean", "pgd", "fgsmrs") and spec.target is None,
+        "--mixup-alpha/--cutmix-alpha: the attack maximises the soft target's loss, so it must "
+        "be untargeted (--adv-method pgd_EPS_STEP_NITER or fgsmrs_EPS, or --attack-target none)",
+    )
+    _check(cfg.free_replays == 1, "--mixup-alpha/--cutmix-alpha: not with --free-replays")
 
 
 def eval_attack(cfg: Config) -> str:

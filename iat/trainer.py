@@ -33,6 +33,7 @@ from iat.config import (
     default_logdir,
     ema_enabled,
     fit_defense,
+    mixing_enabled,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
@@ -42,6 +43,7 @@ from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import evaluate_attack
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
+from iat.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.optim import clip_gradients
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
@@ -52,6 +54,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from iat.soft_objective import SoftTargetPGD, soft_training_objective
 from iat.sparse_frontend import FrontendClassifier, frontend_spec
 from nets import CheckpointError
 
@@ -68,7 +71,7 @@ class Training:
     # (--defense-apply fit/both) and its frontend as white-box attacks see them (BPDA).
     attack_model: torch.nn.Module
     ddp_model: torch.nn.Module  # what the loss is computed through: attack_model, DDP-wrapped
-    attacker: Attacker
+    attacker: Attacker | SoftTargetPGD  # the latter on Mixup / CutMix's soft targets
     generator: torch.Generator  # the training attack's randomness, saved in every checkpoint
     optimizer: torch.optim.Optimizer
     batches: Iterator
@@ -78,6 +81,7 @@ class Training:
     device: torch.device
     loss: LossSettings
     ema: WeightAverage | None = None  # the moving average of the weights, when kept
+    mixing: MixSettings | None = None  # Mixup / CutMix, when on
     held: list[MicroBatch] | None = None  # free training: the batch being replayed
 
 
@@ -123,25 +127,56 @@ def train_step(
     parts = []
     for k, (images, labels) in enumerate(micro_batches):
         with _sync_gradients(model, k == count - 1):
-            value, logits, targets = training_objective(
-                model,
-                attack_model,
-                attacker,
-                images,
-                labels,
-                loss.label_smoothing,
-                loss.adv_fraction,
-                loss.lp_weight,
-            )
+            value, logits, targets = _objective(model, attack_model, attacker, images, labels, loss)
             # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
             (value / count).backward()
-        parts.append((value.detach(), logits, labels[: logits.shape[0]], targets))
+        hard = labels.argmax(dim=1) if labels.ndim == 2 else labels  # a mix: its larger part
+        parts.append((value.detach(), logits, hard[: logits.shape[0]], targets))
     clip_gradients(model.parameters(), loss.clip_grad)
     optimizer.step()
     values, logits, labels, targets = zip(*parts, strict=True)
     return StepResult(
         torch.stack(values).mean(), torch.cat(logits), torch.cat(labels), torch.cat(targets)
     )
+
+
+def _objective(
+    model: torch.nn.Module,
+    attack_model: torch.nn.Module,
+    attacker: Attacker | SoftTargetPGD,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of a batch with hard labels [N], or of a mixed batch with soft
+    targets [N, classes] (``iat.soft_objective``: smoothing already in the targets)."""
+    if labels.ndim == 2:
+        return soft_training_objective(
+            model, attack_model, attacker, images, labels, loss.adv_fraction, loss.lp_weight
+        )
+    return training_objective(
+        model,
+        attack_model,
+        attacker,
+        images,
+        labels,
+        loss.label_smoothing,
+        loss.adv_fraction,
+        loss.lp_weight,
+    )
+
+
+def mixed_batches(run: Training, step: int, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+    """Mixup / CutMix of each micro-batch of update `step` (images, soft targets), on the
+    device; the draws depend on (seed, rank, step, micro-batch) alone (``iat.mixing``)."""
+    if run.mixing is None:
+        return micro_batches
+    mixed = []
+    for k, (images, labels) in enumerate(micro_batches):
+        rng = mixing_rng(run.cfg.seed, distributed.get_rank(), step, k)
+        draw = draw_mix(run.mixing, images.shape[2], images.shape[3], rng)
+        mixed.append(mix_batch(images, labels, run.mixing, draw))
+    return mixed
 
 
 def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -203,7 +238,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         dynamic_ncols=True,
     )
     for i in bar:
-        micro_batches = step_batches(run, step)
+        micro_batches = mixed_batches(run, step, step_batches(run, step))
         distributed.mark_progress(step + 1)
         lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
@@ -483,9 +518,12 @@ def setup(
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
     )
-    attacker = builders.build_training_attacker(
-        cfg, num_classes=num_classes, precision=precision, generator=generator
-    )
+    if mixing_enabled(cfg):
+        attacker = builders.build_soft_training_attacker(cfg, generator)
+    else:
+        attacker = builders.build_training_attacker(
+            cfg, num_classes=num_classes, precision=precision, generator=generator
+        )
     restore_free_delta(attacker, start, device)
     return Training(
         cfg=cfg,
@@ -502,6 +540,7 @@ def setup(
         device=device,
         loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
         ema=build_ema(cfg, model, start),
+        mixing=builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
     )
 
 

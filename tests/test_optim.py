@@ -4,17 +4,15 @@ and a run with AdamW + cosine + clipping resumed bit for bit."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resumes_bit_for_bit
 from torch import nn
 
 from iat.builders import build_optimizer, learning_rate
 from iat.config import Config
 from main import main
-
-TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
 
 
 def test_cosine_with_warmup_equals_its_closed_form():
@@ -93,29 +91,15 @@ def test_bad_schedule_flags_are_one_line(capsys):
         assert capsys.readouterr().err.startswith(f"error: {said}")
 
 
-def _run(data: Path, logdir: Path, epochs: int) -> dict:
-    flags = [
-        "--data", str(data), "--logdir", str(logdir), *TINY, "--image-size", "32", "--batch", "4",
-        "--workers", "0", "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "8",
-        "--steps-per-epoch", "2", "--train-eval", "none", "--threads", "1",
+def test_adamw_cosine_with_clipping_resumes_bit_for_bit(tiny_imagenet, tmp_path):
+    whole = assert_resumes_bit_for_bit(
+        tiny_imagenet, tmp_path, "--attack-iter", "1", "--attack-epsilon", "8",
         "--optimizer", "adamw", "--lr-schedule", "cosine", "--base-lr", "1e-3",
         "--warmup-epochs", "1", "--warmup-factor", "0.01", "--weight-decay", "0.05",
-        "--clip-grad", "0.5", "--epochs", str(epochs),
-    ]  # fmt: skip
-    assert main(flags) == 0
-    return torch.load(logdir / f"checkpoint-epoch{epochs:04d}.pt", weights_only=True)
-
-
-def test_adamw_cosine_with_clipping_resumes_bit_for_bit(tiny_imagenet, tmp_path):
-    whole = _run(tiny_imagenet, tmp_path / "whole", 2)
-    _run(tiny_imagenet, tmp_path / "halves", 1)
-    resumed = _run(tiny_imagenet, tmp_path / "halves", 2)
-    for key, value in whole["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
+        "--clip-grad", "0.5",
+    )  # fmt: skip
     moments = whole["optimizer"]["state"]
     assert moments and all("exp_avg_sq" in s for s in moments.values())
-    for index, state in moments.items():
-        assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][index]["exp_avg"])
 
 
 def test_clip_grad_bounds_the_global_norm_and_none_leaves_it():
