@@ -14,8 +14,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import nets
-from adv_model import Attacker, AttackSettings, create_attacker, has_native_low_precision
-from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
+from adv_model import (
+    Attacker,
+    AttackSettings,
+    create_attacker,
+    has_native_low_precision,
+    pgd_step_size,
+)
+from iat.attack_spec import AttackSpec
+from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training_attack_spec
 from iat.defenses import DEFENSE_PHASES, parse_defense
 from iat.mixing import MixSettings
 from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, lr_factor, param_groups
@@ -363,12 +370,17 @@ def build_attacker(
 
 
 def build_training_attacker(
-    cfg: Config, *, num_classes: int, precision: AttackPrecision, generator: torch.Generator
+    cfg: Config,
+    *,
+    num_classes: int,
+    precision: AttackPrecision,
+    generator: torch.Generator,
+    spec: AttackSpec | None = None,
 ) -> Attacker:
-    """The training attack: --adv-method's spec (or the --attack-* flags), computed with
-    `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
+    """The training attack: `spec`, else --adv-method's spec (or the --attack-* flags), computed
+    with `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
     perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
-    spec = training_attack_spec(cfg)
+    spec = spec or training_attack_spec(cfg)
     settings = AttackSettings(
         num_iter=spec.num_iter,
         epsilon=spec.epsilon,
@@ -383,9 +395,42 @@ def build_training_attacker(
     return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
 
 
-def build_soft_training_attacker(cfg: Config, generator: torch.Generator) -> SoftTargetPGD:
-    """The training attack on Mixup / CutMix's soft targets (``iat.soft_objective``)."""
-    return soft_target_attacker(training_attack_spec(cfg), cfg.prob_start_from_clean, generator)
+def warmup_factor(warmup_epochs: int, epoch: int) -> float:
+    """min(1, (epoch - 1) / W) in epoch `epoch` (1-based): ARES 2.0's adversarial_training.py
+    step ramp, ``min(epoch, 5) / 5`` of its 0-based epoch; 1 without a warm-up."""
+    return 1.0 if warmup_epochs == 0 else min(1.0, (epoch - 1) / warmup_epochs)
+
+
+def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
+    """The training attack of epoch `epoch`: epsilon and step scaled by their warm-ups. A PGD
+    step is resolved first (``adv_model.pgd_step_size`` at full strength), then scaled; the
+    hard-label PGD raises a step below epsilon / iterations again (the original's rule), the
+    soft-target attack takes it as it is (ARES)."""
+    spec = training_attack_spec(cfg)
+    epsilon = spec.epsilon * warmup_factor(cfg.eps_warmup_epochs, epoch)
+    if spec.name != "pgd":
+        return dataclasses.replace(spec, epsilon=epsilon)
+    full = pgd_step_size(spec.epsilon, spec.num_iter, spec.step_size)
+    step = full * warmup_factor(cfg.step_warmup_epochs, epoch)
+    return dataclasses.replace(spec, epsilon=epsilon, step_size=step)
+
+
+def build_epoch_attacker(
+    cfg: Config,
+    epoch: int,
+    *,
+    num_classes: int,
+    precision: AttackPrecision,
+    generator: torch.Generator,
+) -> Attacker | SoftTargetPGD:
+    """The training attack of epoch `epoch` (``epoch_attack_spec``): on Mixup / CutMix's soft
+    targets ``iat.soft_objective``'s, else ``build_training_attacker``'s."""
+    spec = epoch_attack_spec(cfg, epoch)
+    if mixing_enabled(cfg):
+        return soft_target_attacker(spec, cfg.prob_start_from_clean, generator)
+    return build_training_attacker(
+        cfg, num_classes=num_classes, precision=precision, generator=generator, spec=spec
+    )
 
 
 def mix_settings(cfg: Config, num_classes: int) -> MixSettings:

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help=_help("image_size", "crop size"))
     _choice_arg(data, "--train-augment", "training augmentation")
+    data.add_argument(
+        "--size-schedule",
+        type=int,
+        nargs="+",
+        metavar="EPOCH SIDE",
+        help="progressive resizing: from EPOCH on, crops resized to SIDE (e.g. 1 128 7 224)",
+    )
     data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
 
     model = p.add_argument_group("model")
@@ -162,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     _choice_arg(attack, "--attack-target", "the attack's goal")
     attack.add_argument(
         "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+    )
+    attack.add_argument(
+        "--eps-warmup-epochs", type=int, help=_help("eps_warmup_epochs", "training epsilon ramp")
+    )
+    attack.add_argument(
+        "--step-warmup-epochs", type=int, help=_help("step_warmup_epochs", "training step ramp")
     )
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
@@ -368,7 +381,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # run's file already holds the values that run resolved.
     if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
         values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
-    for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots"):
+    for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots", "size_schedule"):
         if name in given:
             given[name] = tuple(given[name])
     # The model fields the user chose: the flags given, and those the replayed run chose.

@@ -106,6 +106,10 @@ class Config:
     workers: int | None = None  # decoding processes per process; None: its CPU share, <= 8
     image_size: int = 224  # side of the square crops fed to the network
     train_augment: str = "fbresnet"  # "fbresnet" (the original), "flip" (eval crop + flip), "none"
+    # Progressive resizing (Wong et al. 2020, fast_adversarial ImageNet phases 128/224/288):
+    # (first epoch, side) pairs, flattened; the --image-size crops are resized to the side on
+    # the device (bilinear, antialiased) from that epoch on. None: --image-size throughout.
+    size_schedule: tuple[int, ...] | None = None
     batch: int = 32  # images per process and step (the original's --batch: per GPU)
 
     # --- model ---------------------------------------------------------------------------------
@@ -148,6 +152,12 @@ class Config:
     # The training attack as a spec (iat.attack_spec: clean, pgd_EPS_STEP_NITER, pgdll_...,
     # pgdrnd_..., fgsmrs_EPS); None: the --attack-* flags above (random-target PGD).
     adv_method: str | None = None
+
+    # Linear warm-up of the training attack over the first epochs: in epoch e (1-based) epsilon,
+    # or the step, is min(1, (e - 1) / W) of its value (ARES 2.0's adversarial_training.py
+    # ramps the step over 5 epochs); 0: off
+    eps_warmup_epochs: int = 0
+    step_warmup_epochs: int = 0
 
     # --- adversarial-training variants (ALP; "Fast is better than free"; free training) -------
     # Fraction of the images trained on that are adversarial (adv_model.mixed_batch); None: 0.5
@@ -309,6 +319,8 @@ _LOWER_BOUNDS = (
     ("queries", 1, True),
     ("min_lr_factor", 0, True),
     ("mixup_alpha", 0, True),
+    ("eps_warmup_epochs", 0, True),
+    ("step_warmup_epochs", 0, True),
     ("cutmix_alpha", 0, True),
     ("clip_grad", 0, False),
 )
@@ -399,6 +411,7 @@ def validate(cfg: Config) -> None:
     _bounds(cfg)
     _adversarial_training(cfg)
     _mixing(cfg)
+    _schedules(cfg)
     _denoise(cfg)
     _check(
         not cfg.frontend_trainable or cfg.frontend is not None,
@@ -540,6 +553,33 @@ def _mixing(cfg: Config) -> None:
     _check(cfg.free_replays == 1, "--mixup-alpha/--cutmix-alpha: not with --free-replays")
 
 
+def _schedules(cfg: Config) -> None:
+    """--size-schedule's pairs, and the attack warm-ups' attacks."""
+    sizes = cfg.size_schedule
+    if sizes is not None:
+        firsts = sizes[0::2]
+        _check(
+            len(sizes) >= 2
+            and len(sizes) % 2 == 0
+            and firsts[0] == 1
+            and all(a < b for a, b in zip(firsts, firsts[1:], strict=False))
+            and all(16 <= side <= cfg.image_size for side in sizes[1::2]),
+            "--size-schedule: (first epoch, side) pairs from epoch 1, epochs increasing, sides "
+            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}",
+        )
+    if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:
+        spec = training_attack_spec(cfg)
+        _check(
+            cfg.free_replays == 1 and spec.name in ("pgd", "fgsmrs"),
+            "--eps-warmup-epochs/--step-warmup-epochs: need a PGD or FGSM-RS training attack "
+            "(not clean or --free-replays)",
+        )
+        _check(
+            spec.name == "pgd" or not cfg.step_warmup_epochs,
+            "--step-warmup-epochs: FGSM-RS's step is 1.25 epsilon (use --eps-warmup-epochs)",
+        )
+
+
 def eval_attack(cfg: Config) -> str:
     """The registry name of --eval's attack: --attack, else the original's PGD (clean for 0
     iterations)."""
@@ -621,6 +661,7 @@ _TUPLE_FIELDS = (
     "lr_decay_epochs",
     "adam_betas",
     "lr_knots",
+    "size_schedule",
     "explicit_model_fields",
     "finetune_exclude_scopes",
     "finetune_trainable_scopes",

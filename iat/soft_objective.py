@@ -21,7 +21,6 @@ from adv_model import (
     logit_pairing_loss,
     mixed_batch,
     no_targets,
-    pgd_step_size,
 )
 from iat.attack_spec import AttackSpec
 
@@ -72,8 +71,8 @@ class SoftTargetPGD:
 def soft_target_attacker(
     spec: AttackSpec, prob_start_from_clean: float, generator: torch.Generator
 ) -> SoftTargetPGD:
-    """The training attack `spec` on soft targets: clean, untargeted PGD (its step raised to
-    epsilon / iterations as ``adv_model.pgd_step_size``) or FGSM-RS (one step of 1.25 epsilon
+    """The training attack `spec` on soft targets: clean, untargeted PGD with the spec's step
+    as it is (``builders.epoch_attack_spec`` resolves it), or FGSM-RS (one step of 1.25 epsilon
     from a random start, Wong et al. 2020 Sec 4)."""
     if spec.name == "clean":
         return SoftTargetPGD(0, 0.0, 0.0, 1.0, generator)
@@ -81,8 +80,9 @@ def soft_target_attacker(
         return SoftTargetPGD(1, spec.epsilon, FGSM_RS_STEP * spec.epsilon, 0.0, generator)
     if spec.name != "pgd" or spec.target is not None:
         raise ValueError(f"no soft-target form of the training attack {spec}")
-    step = pgd_step_size(spec.epsilon, spec.num_iter, spec.step_size)
-    return SoftTargetPGD(spec.num_iter, spec.epsilon, step, prob_start_from_clean, generator)
+    return SoftTargetPGD(
+        spec.num_iter, spec.epsilon, spec.step_size, prob_start_from_clean, generator
+    )
 
 
 def soft_training_objective(

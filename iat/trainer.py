@@ -12,10 +12,11 @@ weights, and fine-tuning from another checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from iat.config import (
     mixing_enabled,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
-from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
+from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.ema import WeightAverage
 from iat.eval_schedule import EVAL_SCHEDULES
@@ -82,6 +83,8 @@ class Training:
     loss: LossSettings
     ema: WeightAverage | None = None  # the moving average of the weights, when kept
     mixing: MixSettings | None = None  # Mixup / CutMix, when on
+    # The training attack of an epoch (its epsilon and step warm-ups: builders.epoch_attack_spec)
+    attacker_of_epoch: Callable[[int], Attacker | SoftTargetPGD] | None = None
     held: list[MicroBatch] | None = None  # free training: the batch being replayed
 
 
@@ -166,6 +169,24 @@ def _objective(
     )
 
 
+def scheduled_size(size_schedule: tuple[int, ...] | None, epoch: int) -> int | None:
+    """The side --size-schedule gives epoch `epoch` (1-based); None: no schedule."""
+    if size_schedule is None:
+        return None
+    firsts, sides = size_schedule[0::2], size_schedule[1::2]
+    return sides[max(k for k, first in enumerate(firsts) if first <= epoch)]
+
+
+def sized_batches(run: Training, step: int, epoch: int) -> list[MicroBatch]:
+    """The micro-batches of update `step`, resized to the side of the epoch (progressive
+    resizing: Wong et al. 2020, fast_adversarial ImageNet's 128 / 224 / 288 phases)."""
+    batches = step_batches(run, step)
+    side = scheduled_size(run.cfg.size_schedule, epoch)
+    if side is None or side == batches[0][0].shape[-1]:
+        return batches
+    return [(resize_batch(images, side), labels) for images, labels in batches]
+
+
 def mixed_batches(run: Training, step: int, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
     """Mixup / CutMix of each micro-batch of update `step` (images, soft targets), on the
     device; the draws depend on (seed, rank, step, micro-batch) alone (``iat.mixing``)."""
@@ -227,6 +248,9 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     Raises FloatingPointError if any step's loss was not finite (checked once, at the end: the
     flag is accumulated on the device, without a host sync per step)."""
     cfg = run.cfg
+    warmup = max(cfg.eps_warmup_epochs, cfg.step_warmup_epochs)
+    if warmup and epoch - 1 <= warmup:
+        run.attacker = run.attacker_of_epoch(epoch)  # a warm-up epoch, or the first after it
     run.ddp_model.train()
     meter = Meter(run.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
@@ -238,7 +262,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         dynamic_ncols=True,
     )
     for i in bar:
-        micro_batches = mixed_batches(run, step, step_batches(run, step))
+        micro_batches = mixed_batches(run, step, sized_batches(run, step, epoch))
         distributed.mark_progress(step + 1)
         lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
@@ -518,12 +542,14 @@ def setup(
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
     )
-    if mixing_enabled(cfg):
-        attacker = builders.build_soft_training_attacker(cfg, generator)
-    else:
-        attacker = builders.build_training_attacker(
-            cfg, num_classes=num_classes, precision=precision, generator=generator
-        )
+    attacker_of_epoch = functools.partial(
+        builders.build_epoch_attacker,
+        cfg,
+        num_classes=num_classes,
+        precision=precision,
+        generator=generator,
+    )
+    attacker = attacker_of_epoch(start.progress.epoch + 1)
     restore_free_delta(attacker, start, device)
     return Training(
         cfg=cfg,
@@ -541,6 +567,7 @@ def setup(
         loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
         ema=build_ema(cfg, model, start),
         mixing=builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
+        attacker_of_epoch=attacker_of_epoch,
     )
 
 
