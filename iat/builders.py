@@ -23,9 +23,11 @@ from adv_model import (
 )
 from iat.attack_spec import AttackSpec
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training_attack_spec
+from iat.data.layouts import DataError, Sample
 from iat.defenses import DEFENSE_PHASES, parse_defense
 from iat.mixing import MixSettings
 from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, lr_factor, param_groups
+from iat.overfit_guard import OverfitGuard, held_out_batch
 from iat.run_state import averaged_weights
 from iat.soft_objective import SoftTargetPGD, soft_target_attacker
 from iat.sparse_frontend import (
@@ -444,6 +446,20 @@ def mix_settings(cfg: Config, num_classes: int) -> MixSettings:
         label_smoothing=cfg.label_smoothing,
         num_classes=num_classes,
     )
+
+
+def build_overfit_guard(
+    cfg: Config, val: Sequence[Sample] | None, device: torch.device
+) -> OverfitGuard | None:
+    """--overfit-guard's check on the first --batch images of val/ at the training attack's
+    epsilon; None when off. DataError without a val/ split."""
+    if not cfg.overfit_guard:
+        return None
+    if not val:
+        raise DataError("--overfit-guard: needs a val/ split (its first images are held out)")
+    images, labels = held_out_batch(val, cfg.batch, cfg.image_size, device)
+    epsilon = training_attack_spec(cfg).epsilon
+    return OverfitGuard(images, labels, epsilon, cfg.overfit_guard, cfg.seed)
 
 
 # --- optimizer and schedule ------------------------------------------------------------------

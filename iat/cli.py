@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--step-warmup-epochs", type=int, help=_help("step_warmup_epochs", "training step ramp")
     )
+    attack.add_argument(
+        "--overfit-guard",
+        type=float,
+        help=_help("overfit_guard", "stop + roll back on a PGD accuracy drop > this; Wong: 0.2"),
+    )
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
     attack.add_argument(

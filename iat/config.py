@@ -158,6 +158,10 @@ class Config:
     # ramps the step over 5 epochs); 0: off
     eps_warmup_epochs: int = 0
     step_warmup_epochs: int = 0
+    # Catastrophic-overfitting guard (Wong et al. 2020 Sec 5.2; iat.overfit_guard): stop and
+    # roll back to the previous epoch's weights when PGD accuracy on a held-out batch falls by
+    # more than this since the last epoch while FGSM accuracy rises (Wong's code: 0.2); 0: off
+    overfit_guard: float = 0.0
 
     # --- adversarial-training variants (ALP; "Fast is better than free"; free training) -------
     # Fraction of the images trained on that are adversarial (adv_model.mixed_batch); None: 0.5
@@ -321,6 +325,7 @@ _LOWER_BOUNDS = (
     ("mixup_alpha", 0, True),
     ("eps_warmup_epochs", 0, True),
     ("step_warmup_epochs", 0, True),
+    ("overfit_guard", 0, True),
     ("cutmix_alpha", 0, True),
     ("clip_grad", 0, False),
 )
@@ -567,6 +572,11 @@ def _schedules(cfg: Config) -> None:
             "--size-schedule: (first epoch, side) pairs from epoch 1, epochs increasing, sides "
             f"in [16, --image-size {cfg.image_size}], got {list(sizes)}",
         )
+    _check(cfg.overfit_guard < 1, "--overfit-guard: an accuracy drop, must be < 1")
+    _check(
+        not cfg.overfit_guard or training_attack_spec(cfg).epsilon > 0,
+        "--overfit-guard: checks robustness at the training attack's epsilon, which is 0",
+    )
     if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:
         spec = training_attack_spec(cfg)
         _check(

@@ -46,6 +46,7 @@ from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
 from iat.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.optim import clip_gradients
+from iat.overfit_guard import OverfitGuard
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
@@ -617,11 +618,16 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     ) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
+        guard = builders.build_overfit_guard(cfg, val, device)
+        if guard is not None:
+            guard.remember(run.model)
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
             step = train_epoch(run, epoch, step, logger)
             sync_buffers(run.model, run.ema)
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
+            if guard is not None and overfitted(guard, run.model, progress, logger):
+                break
             free_deltas = gathered_free_delta(run.attacker)
             if main_proc:
                 logger.flush()  # the steps up to the checkpoint survive a kill right after it
@@ -643,6 +649,27 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
                 results = run_evals(run, val, num_classes, progress, logger)
             distributed.barrier()
     return TrainOutcome(model=run.model, logdir=logdir, results=results)
+
+
+def overfitted(
+    guard: OverfitGuard, model: torch.nn.Module, progress: Progress, logger: RunLogger
+) -> bool:
+    """The guard's check after an epoch (every process alike: same weights, same draws),
+    logged; on a collapse the weights roll back to the previous epoch's, this epoch is not
+    saved, and training stops (Wong et al. 2020 Sec 5.2)."""
+    collapsed, figures = guard.collapsed(model)
+    scalars = {"guard/pgd_accuracy": figures.pgd, "guard/fgsm_accuracy": figures.fgsm}
+    logger.log(progress.step, scalars, epoch=progress.epoch, phase="guard")
+    if collapsed:
+        guard.roll_back(model)
+        logger.log_result("overfit_guard", {"epoch": progress.epoch, **scalars})
+        if distributed.is_main_process():
+            tqdm.write(
+                f"epoch {progress.epoch}: catastrophic overfitting (held-out PGD accuracy "
+                f"{figures.pgd:.3f}, FGSM {figures.fgsm:.3f}): stopped, weights of epoch "
+                f"{progress.epoch - 1} kept"
+            )
+    return collapsed
 
 
 def start_line(facts: dict, start: Start) -> str:

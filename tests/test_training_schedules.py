@@ -3,6 +3,8 @@ progressive resizing (Wong et al.'s phases), in closed form and in a run resumed
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import assert_resumes_bit_for_bit
@@ -16,6 +18,7 @@ from iat.builders import (
 )
 from iat.config import Config
 from iat.data.sources import resize_batch
+from iat.overfit_guard import GuardFigures, OverfitGuard
 from iat.soft_objective import SoftTargetPGD
 from iat.trainer import scheduled_size
 from main import main
@@ -75,3 +78,49 @@ def test_warmed_up_progressively_resized_run_resumes_bit_for_bit(tiny_imagenet, 
         tiny_imagenet, tmp_path, "--adv-method", "fgsmrs_8", "--eps-warmup-epochs", "2",
         "--size-schedule", "1", "16", "2", "32",
     )  # fmt: skip
+
+
+class ScriptedGuard(OverfitGuard):
+    """The guard with its held-out figures given, epoch after epoch."""
+
+    def __init__(self, figures: list[GuardFigures]) -> None:
+        super().__init__(torch.zeros(1, 3, 8, 8), torch.zeros(1), 8.0, 0.2, 0)
+        self.script = iter(figures)
+
+    def figures(self, model):
+        return next(self.script)
+
+
+def test_the_guard_rolls_back_when_pgd_collapses_while_fgsm_rises():
+    model = torch.nn.Linear(2, 2)
+    guard = ScriptedGuard(
+        [GuardFigures(0.3, 0.4), GuardFigures(0.35, 0.5), GuardFigures(0.1, 0.45),
+         GuardFigures(0.02, 0.9)]
+    )  # fmt: skip
+    guard.remember(model)
+    assert not guard.collapsed(model)[0]  # up
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not guard.collapsed(model)[0]  # PGD down 0.25 but FGSM down too: kept
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    collapsed, figures = guard.collapsed(model)  # PGD 0.1 -> 0.02 is no collapse (0.08)...
+    assert not collapsed and figures.pgd == 0.02
+    guard.last = GuardFigures(0.5, 0.5)  # ... from 0.5 it is, with FGSM up
+    guard.script = iter([GuardFigures(0.1, 0.8)])
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert guard.collapsed(model)[0]
+    guard.roll_back(model)
+    assert torch.equal(model.weight, before["weight"] + 2)  # the last kept weights
+
+
+def test_a_guarded_fgsm_run_logs_its_checks_and_resumes_bit_for_bit(tiny_imagenet, tmp_path):
+    assert_resumes_bit_for_bit(
+        tiny_imagenet, tmp_path, "--adv-method", "fgsmrs_8", "--overfit-guard", "0.2"
+    )
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
+    checks = [r for r in records if r["phase"] == "guard"]
+    assert [r["epoch"] for r in checks] == [1, 2]
+    assert all(0 <= r["guard/pgd_accuracy"] <= 1 for r in checks)
