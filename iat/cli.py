@@ -19,6 +19,7 @@ from iat.benchmarks import BENCHMARK_DEFAULTS
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
+from iat.recipes import DEFAULT_RECIPE, RECIPES
 from nets import CheckpointError
 
 DESCRIPTION = """Adversarial training and white-box evaluation of ImageNet classifiers.
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="report", help="--report: output folder (default: report)")
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
+    _choice_arg(p, "--recipe", "a published recipe's settings (README: Recipes); flags override")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
@@ -386,6 +388,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # run's file already holds the values that run resolved.
     if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
         values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
+    # A recipe named on this command line sets its values under the flags given (over a
+    # replayed run's); a replayed run's file already holds the values its recipe resolved to.
+    if given.get("recipe") is not None and values.get("recipe") != given["recipe"]:
+        for name in RECIPES[values.get("recipe", DEFAULT_RECIPE)].settings:
+            values.pop(name, None)  # the replayed run's recipe's values: back to the defaults
+        values.update(RECIPES[given["recipe"]].settings)
     for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots", "size_schedule"):
         if name in given:
             given[name] = tuple(given[name])

@@ -31,6 +31,7 @@ from iat.data.sources import TRAIN_SOURCES
 from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.optim import LR_SCHEDULES, OPTIMIZERS
+from iat.recipes import DEFAULT_RECIPE, RECIPES
 from iat.sparse_frontend import ATTACK_GRADIENTS
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
@@ -81,6 +82,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "eval_set": EVAL_SETS,
         "optimizer": tuple(OPTIMIZERS),
         "lr_schedule": tuple(LR_SCHEDULES),
+        "recipe": tuple(RECIPES),
     }
 
 
@@ -95,6 +97,9 @@ def depths() -> tuple[int, ...]:
 class Config:
     # --- what to run -------------------------------------------------------------------------
     mode: str = "train"  # "train", "eval" or "eval_directory" (chosen by main.py's flags)
+    # The training recipe whose values were applied under the flags (iat.recipes.RECIPES):
+    # "iat" (the original, these defaults), "alp", "fast-at", "revisiting-at", "ares", ...
+    recipe: str = DEFAULT_RECIPE
 
     # --- data ----------------------------------------------------------------------------------
     data: str | None = None  # ImageNet-layout folder: train/<wnid>/*, val/<wnid>/* (or val.txt)

@@ -12,6 +12,7 @@ weights, and fine-tuning from another checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import sys
@@ -47,6 +48,7 @@ from iat.metrics import EvalResult, Meter
 from iat.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.optim import clip_gradients
 from iat.overfit_guard import OverfitGuard
+from iat.recipes import RECIPES
 from iat.run_logging import RunLogger, forget_records_after, run_directory_logger
 from iat.run_state import (
     Progress,
@@ -606,11 +608,13 @@ def run_training(cfg: Config, env: distributed.DistEnv, device: torch.device) ->
     run.batches = itertools.chain([next(run.batches)], run.batches)
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
     facts["attack_precision"] = run.precision.description
+    facts["recipe"], facts["recipe_source"] = cfg.recipe, RECIPES[cfg.recipe].source
     if main_proc:
         Path(logdir).mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(logdir)
         forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)
+        print(settings_line(cfg), file=sys.stderr)
     results: dict[str, EvalResult] = {}
     purge = start.progress.step + 1
     with run_directory_logger(
@@ -677,5 +681,12 @@ def start_line(facts: dict, start: Start) -> str:
     return (
         f"{facts['logdir']}: {start.describe()}; {facts['world_size']} process(es) "
         f"({facts['launcher']}) on {facts['device']}, {facts['threads']} thread(s) each "
-        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}"
+        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}; recipe "
+        f"{facts['recipe']} ({facts['recipe_source']})"
     )
+
+
+def settings_line(cfg: Config) -> str:
+    """Every resolved setting, in the configuration's order (config.json holds them too)."""
+    values = dataclasses.asdict(cfg)
+    return "settings: " + ", ".join(f"{name}={value}" for name, value in values.items())

@@ -196,12 +196,13 @@ def pad_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int = 64) -> 
     return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
 
 
-def inception_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def inception_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
     """The Inception crop (``random_sized_crop``) and a horizontal flip with probability 1/2:
-    timm's ``transforms_imagenet_train`` before its auto-augmentation."""
+    timm's ``transforms_imagenet_train`` before its auto-augmentation, and fast_adversarial's
+    ImageNet training transform."""
     _check_image(img)
     out = random_sized_crop(img, rng, size)
-    return out[:, ::-1] if rng.uniform() < 0.5 else out
+    return np.ascontiguousarray(out[:, ::-1] if rng.uniform() < 0.5 else out)
 
 
 # timm's rand-m9-mstd0.5-inc1 (ARES 2.0's and revisiting-at's `aa`), and their random erasing
@@ -232,6 +233,7 @@ TRAIN_AUGMENTATIONS: dict[str, TrainTransform] = {
     "flip": flip_augment,
     "none": no_augment,
     "pad-crop-flip": pad_crop_flip,
+    "inception": inception_crop_flip,
     "randaugment": randaugment_augment,
     "randaugment-erasing": randaugment_erasing_augment,
 }
