@@ -26,7 +26,7 @@ from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training
 from iat.data.layouts import DataError, Sample
 from iat.defenses import DEFENSE_PHASES, parse_defense
 from iat.mixing import MixSettings
-from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, lr_factor, param_groups
+from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
 from iat.overfit_guard import OverfitGuard, held_out_batch
 from iat.run_state import averaged_weights
 from iat.soft_objective import SoftTargetPGD, soft_target_attacker
@@ -470,26 +470,19 @@ def peak_lr(base_lr: float, total_batch: int) -> float:
 
 
 def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
-    """LR at `progress` epochs completed (fractional: set before every update)."""
+    """LR at `progress` epochs completed (fractional: set before every update). The warm-up
+    starts at --warmup-factor x the peak or, by default, the original's: at base_lr, only when
+    the scaled peak is higher ("ImageNet in 1 Hour" Sec 2.2: linear from 0.1 over 5 epochs)."""
     peak = peak_lr(cfg.base_lr, total_batch)
-    return peak * lr_factor(cfg.lr_schedule, progress, lr_schedule(cfg, peak))
-
-
-def lr_schedule(cfg: Config, peak: float) -> Schedule:
-    """The schedule's settings; without --warmup-factor the original's warm-up: from base_lr,
-    only when the scaled peak is higher ("ImageNet in 1 Hour" Sec 2.2: linear from 0.1 over 5
-    epochs)."""
-    warmup = cfg.warmup_factor
-    if warmup is None:
-        warmup = min(cfg.base_lr / peak, 1.0)
-    return Schedule(
+    start = cfg.base_lr if cfg.warmup_factor is None else cfg.warmup_factor * peak
+    schedule = Schedule(
         epochs=cfg.epochs,
         warmup_epochs=cfg.warmup_epochs,
-        warmup_factor=warmup,
         decay_epochs=cfg.lr_decay_epochs,
         min_factor=cfg.min_lr_factor,
         knots=cfg.lr_knots or (),
     )
+    return scheduled_lr(cfg.lr_schedule, progress, peak, start, schedule)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:

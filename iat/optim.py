@@ -80,7 +80,6 @@ class Schedule:
 
     epochs: int  # the run's length
     warmup_epochs: float  # linear warm-up length (step, cosine)
-    warmup_factor: float  # where the warm-up starts, a fraction of the peak
     decay_epochs: tuple[int, ...]  # step: x0.1 after each of these
     min_factor: float  # cosine: the floor, a fraction of the peak
     knots: tuple[float, ...]  # cyclic: epoch, factor, epoch, factor, ... (interpolated)
@@ -119,13 +118,13 @@ LR_SCHEDULES: dict[str, Callable[[float, Schedule], float]] = {
 WARMS_UP = ("step", "cosine")  # cyclic's knots include their own warm-up
 
 
-def lr_factor(name: str, t: float, s: Schedule) -> float:
-    """The schedule `name` at `t` epochs completed, with the linear warm-up from
-    ``warmup_factor`` x peak over ``warmup_epochs`` (per iteration: `t` is fractional) where the
-    schedule has one."""
-    if name in WARMS_UP and t < s.warmup_epochs and s.warmup_factor < 1:
-        return s.warmup_factor + (1 - s.warmup_factor) * t / s.warmup_epochs
-    return LR_SCHEDULES[name](t, s)
+def scheduled_lr(name: str, t: float, peak: float, warmup_start: float, s: Schedule) -> float:
+    """The LR of schedule `name` at `t` epochs completed: `peak` x its factor, after the linear
+    warm-up from `warmup_start` over ``warmup_epochs`` (per iteration: `t` is fractional) where
+    the schedule has one and starts below the peak."""
+    if name in WARMS_UP and t < s.warmup_epochs and warmup_start < peak:
+        return warmup_start + (peak - warmup_start) * t / s.warmup_epochs
+    return peak * LR_SCHEDULES[name](t, s)
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> None:
