@@ -124,7 +124,7 @@ def test_random_erasing_fills_one_rectangle_with_normal_pixels():
     assert np.allclose(np.mean(values, axis=0), ra.MEAN_BGR, atol=4)
 
 
-@pytest.mark.parametrize("name", ["randaugment", "randaugment-erasing"])
+@pytest.mark.parametrize("name", ["inception", "randaugment", "randaugment-erasing"])
 def test_recipe_augmentations_are_seeded_crops_of_the_size(name):
     img = _image(60, 80)
     transform = TRAIN_AUGMENTATIONS[name]
