@@ -98,3 +98,15 @@ def test_a_mixed_run_resumes_bit_for_bit(tiny_imagenet, tmp_path):
 def test_mixing_needs_an_untargeted_attack(capsys):
     assert main(["--fake", "--mixup-alpha", "0.8"]) == 1  # the original's random target
     assert capsys.readouterr().err.startswith("error: --mixup-alpha/--cutmix-alpha")
+
+
+def test_logit_pairing_and_mixed_batches_compose_with_soft_targets():
+    images, labels = _batch()
+    model = _net()
+    noise = NoOpAttacker()
+    expected, logits, _ = training_objective(model, model, noise, images, labels, 0.1, 0.5, 0.5)
+    clean = SoftTargetPGD(0, 0, 0, 1.0, torch.Generator())
+    targets = soft_targets(labels, SETTINGS, 1.0)
+    loss, adv_logits, _ = soft_training_objective(model, model, clean, images, targets, 0.5, 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.equal(adv_logits, logits)
