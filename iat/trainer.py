@@ -6,7 +6,10 @@ those only, with label smoothing 0.1 (``adv_model.training_objective``). The sch
 "ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``). The variants (README,
 "Adversarial-training options"): mixed batches and logit pairing (in the objective), virtual
 batches of several micro-batches, free training's replayed batches, a moving average of the
-weights, and fine-tuning from another checkpoint.
+weights, and fine-tuning from another checkpoint. The newer recipes' parts (README, "Recipes,
+optimizers, schedules, augmentation and mixing"): progressive resizing and Mixup / CutMix of
+each batch on the device (its soft targets trained and attacked, ``iat.soft_objective``), the
+attack's epsilon and step warm-ups (rebuilt per epoch), and the catastrophic-overfitting guard.
 """
 
 from __future__ import annotations
