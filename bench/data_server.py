@@ -1,10 +1,11 @@
 """Throughput of ``third_party/serve-data.py`` as seen by a consumer process (prints one table).
 
     python bench/data_server.py [--batches 200] [--images 200] [--batch 32]
+        [--augment fbresnet randaugment-erasing]
 
-Rows: the ``--fake`` server over ipc (transport only), then real JPEG decoding + fbresnet
-augmentation of a generated folder of 500x375 JPEGs with 1 and 2 worker processes, against a
-single-process loop doing the same decode + augment work in this process.
+Rows: the ``--fake`` server over ipc (transport only), then, per training augmentation, real
+JPEG decoding + augmentation of a generated folder of 500x375 JPEGs with 1 and 2 worker
+processes, against a single-process loop doing the same decode + augment work in this process.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # make ``iat`` importable when run as a script
 
-from iat.data.augment import fbresnet_augment  # noqa: E402
+from iat.data.augment import TRAIN_AUGMENTATIONS  # noqa: E402
 from iat.data.client import ZMQBatchClient  # noqa: E402
 from iat.data.layouts import list_split, read_image_bgr  # noqa: E402
 
@@ -72,14 +73,15 @@ def measure_server(args: list[str], address: str, batches: int) -> tuple[float, 
         server.wait(timeout=30)
 
 
-def measure_single_process(folder: Path, n_images: int) -> tuple[float, float]:
+def measure_single_process(folder: Path, n_images: int, augment: str) -> tuple[float, float]:
     """Decode + augment ``n_images`` in this process, as one worker would; (images/s, MB/s)."""
+    transform = TRAIN_AUGMENTATIONS[augment]
     samples, _ = list_split(folder, "train")
     cv2.setNumThreads(1)  # as in a server worker
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for i in range(n_images):
-        out = fbresnet_augment(read_image_bgr(samples[i % len(samples)][0]), rng, IMAGE_SIZE)
+        out = transform(read_image_bgr(samples[i % len(samples)][0]), rng, IMAGE_SIZE)
     elapsed = time.perf_counter() - start
     return n_images / elapsed, n_images * out.nbytes / elapsed / 1e6
 
@@ -90,30 +92,36 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200, help="JPEGs in the generated folder")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server worker counts")
+    p.add_argument(
+        "--augment",
+        nargs="+",
+        default=["fbresnet", "randaugment-erasing"],
+        choices=sorted(TRAIN_AUGMENTATIONS),
+        help="training augmentations to compare",
+    )
     a = p.parse_args()
     common = ["--batch", str(a.batch), "--image-size", str(IMAGE_SIZE)]
     rows = []
     rate = measure_server([*common, "--fake"], f"ipc://@bench-{uuid.uuid4().hex}", a.batches)
     rows.append(("--fake over ipc", "-", *rate))
+    loops = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_jpeg_folder(Path(tmp), a.images)
-        single = measure_single_process(folder, a.images)
-        rows.append(("decode+augment, single-process loop", "1", *single))
         real_batches = max(2, 2 * a.images // a.batch)
-        for workers in a.workers:
-            args = [*common, "--data", str(folder), "--workers", str(workers)]
-            address = f"ipc://@bench-{uuid.uuid4().hex}"
-            rows.append(
-                (
-                    "decode+augment, server",
-                    str(workers),
-                    *measure_server(args, address, real_batches),
-                )
-            )
+        for augment in a.augment:
+            loops[augment] = measure_single_process(folder, a.images, augment)
+            rows.append((f"{augment}, single-process loop", "1", *loops[augment]))
+            for workers in a.workers:
+                args = [*common, "--data", str(folder), "--workers", str(workers)]
+                args += ["--train-augment", augment]
+                address = f"ipc://@bench-{uuid.uuid4().hex}"
+                rate = measure_server(args, address, real_batches)
+                rows.append((f"{augment}, server", str(workers), *rate))
     print(f"\nbatch {a.batch}, {IMAGE_SIZE}x{IMAGE_SIZE}x3 uint8, {os.cpu_count()} CPU cores")
     print(f"{'mode':40s} {'workers':>7s} {'images/s':>10s} {'MB/s':>9s} {'vs loop':>8s}")
     for mode, workers, images_s, mb_s in rows:
-        speedup = f"{images_s / single[0]:.2f}x" if mode.startswith("decode") else ""
+        loop = loops.get(mode.split(",")[0])
+        speedup = f"{images_s / loop[0]:.2f}x" if loop else ""
         print(f"{mode:40s} {workers:>7s} {images_s:10.1f} {mb_s:9.1f} {speedup:>8s}")
 
 

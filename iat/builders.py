@@ -14,12 +14,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import nets
+from iat.attack_spec import AttackSpec
 from iat.attacks import Attacker, AttackSettings, create_attacker
-from iat.attacks.core import has_native_low_precision
+from iat.attacks.core import has_native_low_precision, pgd_step_size
 from iat.attacks.registry import default_attack
-from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
+from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training_attack_spec
+from iat.data.layouts import DataError, Sample
 from iat.defenses import DEFENSE_PHASES, parse_defense
+from iat.mixing import MixSettings
+from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
+from iat.overfit_guard import OverfitGuard, held_out_batch
 from iat.run_state import averaged_weights
+from iat.soft_objective import SoftTargetPGD, soft_target_attacker
 from iat.sparse_frontend import (
     FrontendClassifier,
     FrontendSpec,
@@ -325,9 +331,10 @@ def attack_settings(
     precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
     eot_samples: int = 1,
+    spec: AttackSpec | None = None,
 ) -> AttackSettings:
     """The one place an attack's settings are built. With a `precision`, the training attack:
-    --adv-method's spec (or the --attack-* flags) starting from the clean image with
+    `spec`, else --adv-method's spec (or the --attack-* flags), starting from the clean image with
     --prob-start-from-clean, computed with `precision`. Without one, an evaluation attack of
     `attack_iter` iterations with every --eval option, from a random start, in fp32.
     `generator` is the default random source (None: torch's); `eot_samples` draws of a random
@@ -350,7 +357,7 @@ def attack_settings(
     )
     if not training:
         return evaluation
-    spec = training_attack_spec(cfg).settings
+    spec = (spec or training_attack_spec(cfg)).settings
     return dataclasses.replace(
         evaluation,
         num_iter=spec.num_iter,
@@ -385,16 +392,93 @@ def build_attacker(
 
 
 def build_training_attacker(
-    cfg: Config, *, num_classes: int, precision: AttackPrecision, generator: torch.Generator
+    cfg: Config,
+    *,
+    num_classes: int,
+    precision: AttackPrecision,
+    generator: torch.Generator,
+    spec: AttackSpec | None = None,
 ) -> Attacker:
-    """The training attack: --adv-method's spec (or the --attack-* flags), computed with
-    `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
+    """The training attack: `spec`, else --adv-method's spec (or the --attack-* flags), computed
+    with `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
     perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
+    spec = spec or training_attack_spec(cfg)
     settings = attack_settings(
-        cfg, attack_iter=0, num_classes=num_classes, precision=precision, generator=generator
+        cfg,
+        attack_iter=0,
+        num_classes=num_classes,
+        precision=precision,
+        generator=generator,
+        spec=spec,
     )
-    name = "free" if cfg.free_replays > 1 else training_attack_spec(cfg).name
-    return create_attacker(name, settings)
+    return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
+
+
+def warmup_factor(warmup_epochs: int, epoch: int) -> float:
+    """min(1, (epoch - 1) / W) in epoch `epoch` (1-based): ARES 2.0's adversarial_training.py
+    step ramp, ``min(epoch, 5) / 5`` of its 0-based epoch; 1 without a warm-up."""
+    return 1.0 if warmup_epochs == 0 else min(1.0, (epoch - 1) / warmup_epochs)
+
+
+def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
+    """The training attack of epoch `epoch`: epsilon and step scaled by their warm-ups. A PGD
+    step is resolved first (``adv_model.pgd_step_size`` at full strength), then scaled; the
+    hard-label PGD raises a step below epsilon / iterations again (the original's rule), the
+    soft-target attack takes it as it is (ARES)."""
+    spec = training_attack_spec(cfg)
+    full = spec.settings
+    epsilon = full.epsilon * warmup_factor(cfg.eps_warmup_epochs, epoch)
+    if spec.name != "pgd":
+        return dataclasses.replace(spec, settings=dataclasses.replace(full, epsilon=epsilon))
+    step = pgd_step_size(full.epsilon, full.num_iter, full.step_size)
+    step *= warmup_factor(cfg.step_warmup_epochs, epoch)
+    scaled = dataclasses.replace(full, epsilon=epsilon, step_size=step)
+    return dataclasses.replace(spec, settings=scaled)
+
+
+def build_epoch_attacker(
+    cfg: Config,
+    epoch: int,
+    *,
+    num_classes: int,
+    precision: AttackPrecision,
+    generator: torch.Generator,
+) -> Attacker | SoftTargetPGD:
+    """The training attack of epoch `epoch` (``epoch_attack_spec``): on Mixup / CutMix's soft
+    targets ``iat.soft_objective``'s, else ``build_training_attacker``'s."""
+    spec = epoch_attack_spec(cfg, epoch)
+    if mixing_enabled(cfg):
+        return soft_target_attacker(spec, cfg.prob_start_from_clean, generator)
+    return build_training_attacker(
+        cfg, num_classes=num_classes, precision=precision, generator=generator, spec=spec
+    )
+
+
+def mix_settings(cfg: Config, num_classes: int) -> MixSettings:
+    """timm's Mixup arguments from the configuration; label smoothing is folded into the soft
+    targets."""
+    return MixSettings(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mix_prob,
+        switch_prob=cfg.mix_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_overfit_guard(
+    cfg: Config, val: Sequence[Sample] | None, device: torch.device
+) -> OverfitGuard | None:
+    """--overfit-guard's check on the first --batch images of val/ at the training attack's
+    epsilon; None when off. DataError without a val/ split."""
+    if not cfg.overfit_guard:
+        return None
+    if not val:
+        raise DataError("--overfit-guard: needs a val/ split (its first images are held out)")
+    images, labels = held_out_batch(val, cfg.batch, cfg.image_size, device)
+    epsilon = training_attack_spec(cfg).settings.epsilon
+    return OverfitGuard(images, labels, epsilon, cfg.overfit_guard, cfg.seed)
 
 
 # --- optimizer and schedule ------------------------------------------------------------------
@@ -405,28 +489,28 @@ def peak_lr(base_lr: float, total_batch: int) -> float:
 
 
 def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
-    """LR at `progress` epochs completed (fractional)."""
+    """LR at `progress` epochs completed (fractional: set before every update). The warm-up
+    starts at --warmup-factor x the peak or, by default, the original's: at base_lr, only when
+    the scaled peak is higher ("ImageNet in 1 Hour" Sec 2.2: linear from 0.1 over 5 epochs)."""
     peak = peak_lr(cfg.base_lr, total_batch)
-    if progress < cfg.warmup_epochs and peak > cfg.base_lr:
-        # "ImageNet in 1 Hour" Sec 2.2: gradual warm-up, linear from 0.1 over 5 epochs.
-        return cfg.base_lr + (peak - cfg.base_lr) * progress / cfg.warmup_epochs
-    decays = sum(progress >= e for e in cfg.lr_decay_epochs)
-    return peak * 0.1**decays
+    start = cfg.base_lr if cfg.warmup_factor is None else cfg.warmup_factor * peak
+    schedule = Schedule(
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        decay_epochs=cfg.lr_decay_epochs,
+        min_factor=cfg.min_lr_factor,
+        knots=cfg.lr_knots or (),
+    )
+    return scheduled_lr(cfg.lr_schedule, progress, peak, start, schedule)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """SGD over the trainable parameters (frozen ones, requires_grad False, are left out: no
-    weight decay or momentum moves them)."""
-    # Weight decay 1e-4 on conv and fc weights only, not on BatchNorm parameters or biases
-    # (the original regularises '.*/W'). Nesterov momentum 0.9 ("ImageNet in 1 Hour" Sec 5.1).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+    """--optimizer over the trainable parameters (frozen ones, requires_grad False, are left
+    out: no weight decay or momentum moves them), weight decay on weight matrices and kernels
+    only (``iat.optim.decays``)."""
+    settings = OptimizerSettings(lr=cfg.base_lr, momentum=cfg.momentum, betas=cfg.adam_betas)
+    groups = param_groups(model.named_parameters(), cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](groups, settings)
 
 
 # --- data parallelism ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from iat.benchmarks import BENCHMARK_DEFAULTS
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
+from iat.recipes import DEFAULT_RECIPE, RECIPES
 from nets import CheckpointError
 
 DESCRIPTION = """Adversarial training and white-box evaluation of ImageNet classifiers.
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="report", help="--report: output folder (default: report)")
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
+    _choice_arg(p, "--recipe", "a published recipe's settings (README: Recipes); flags override")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
@@ -130,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--image-size", type=int, help=_help("image_size", "crop size"))
     _choice_arg(data, "--train-augment", "training augmentation")
+    data.add_argument(
+        "--size-schedule",
+        type=int,
+        nargs="+",
+        metavar="EPOCH SIDE",
+        help="progressive resizing: from EPOCH on, crops resized to SIDE (e.g. 1 128 7 224)",
+    )
     data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
 
     model = p.add_argument_group("model")
@@ -192,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument(
         "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
     )
+    attack.add_argument(
+        "--eps-warmup-epochs", type=int, help=_help("eps_warmup_epochs", "training epsilon ramp")
+    )
+    attack.add_argument(
+        "--step-warmup-epochs", type=int, help=_help("step_warmup_epochs", "training step ramp")
+    )
+    attack.add_argument(
+        "--overfit-guard",
+        type=float,
+        help=_help("overfit_guard", "stop + roll back on a PGD accuracy drop > this; Wong: 0.2"),
+    )
     _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
     attack.add_argument(
@@ -229,10 +249,33 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
     opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
+    _choice_arg(opt, "--optimizer", "SGD with Nesterov momentum, or AdamW")
+    opt.add_argument(
+        "--adam-betas", type=float, nargs=2, help=_help("adam_betas", "AdamW's beta1 beta2")
+    )
+    _choice_arg(opt, "--lr-schedule", "step decay, cosine, or piecewise-linear (cyclic)")
     opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
     opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument(
+        "--warmup-factor",
+        type=float,
+        help="warm-up start, a fraction of the peak LR (default: from --base-lr, if lower)",
+    )
     opt.add_argument("--lr-decay-epochs", type=int, nargs="*", help="default: 35 70 95")
+    opt.add_argument(
+        "--min-lr-factor", type=float, help=_help("min_lr_factor", "cosine's final LR / peak")
+    )
+    opt.add_argument(
+        "--lr-knots",
+        type=float,
+        nargs="+",
+        metavar="EPOCH FACTOR",
+        help="cyclic: epoch/factor-of-peak pairs (default: 0 0, 0.4E 1, E 0; Wong et al.)",
+    )
     opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument(
+        "--clip-grad", type=float, help=_help("clip_grad", "max global L2 norm of the gradient")
+    )
     opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
     opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
     _choice_arg(opt, "--train-eval", "in-training evaluations")
@@ -355,6 +398,13 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--finetune-trainable-scopes", type=_scope_list, help="a,b: trained; the rest frozen"
     )
+    mix = p.add_argument_group("batch mixing (on the device; soft targets)")
+    mix.add_argument("--mixup-alpha", type=float, help=_help("mixup_alpha", "Mixup, 0: off"))
+    mix.add_argument("--cutmix-alpha", type=float, help=_help("cutmix_alpha", "CutMix, 0: off"))
+    mix.add_argument("--mix-prob", type=float, help=_help("mix_prob", "chance a batch is mixed"))
+    mix.add_argument(
+        "--mix-switch-prob", type=float, help=_help("mix_switch_prob", "CutMix vs Mixup chance")
+    )
     group.add_argument("--accumulate", type=int, help=_help("accumulate", "micro-batches/update"))
     group.add_argument(
         "--free-replays", type=int, help=_help("free_replays", "free adversarial training")
@@ -374,7 +424,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # run's file already holds the values that run resolved.
     if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
         values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
-    for name in ("num_blocks", "lr_decay_epochs"):
+    # A recipe named on this command line sets its values under the flags given (over a
+    # replayed run's); a replayed run's file already holds the values its recipe resolved to.
+    if given.get("recipe") is not None and values.get("recipe") != given["recipe"]:
+        for name in RECIPES[values.get("recipe", DEFAULT_RECIPE)].settings:
+            values.pop(name, None)  # the replayed run's recipe's values: back to the defaults
+        values.update(RECIPES[given["recipe"]].settings)
+    for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots", "size_schedule"):
         if name in given:
             given[name] = tuple(given[name])
     # The model fields the user chose: the flags given, and those the replayed run chose.

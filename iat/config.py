@@ -24,6 +24,8 @@ from iat.data.layouts import AUTO_LAYOUT, FOLDER_ITSELF, READERS
 from iat.data.sources import TRAIN_SOURCES
 from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.eval_schedule import EVAL_SCHEDULES
+from iat.optim import LR_SCHEDULES, OPTIMIZERS
+from iat.recipes import DEFAULT_RECIPE, RECIPES
 from iat.sparse_frontend import ATTACK_GRADIENTS
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
@@ -63,6 +65,9 @@ def choices() -> dict[str, tuple[str, ...]]:
         "frontend_gradient": ATTACK_GRADIENTS,
         "benchmark": BENCHMARKS,
         "eval_set": EVAL_SETS,
+        "optimizer": tuple(OPTIMIZERS),
+        "lr_schedule": tuple(LR_SCHEDULES),
+        "recipe": tuple(RECIPES),
     }
 
 
@@ -77,6 +82,9 @@ def depths() -> tuple[int, ...]:
 class Config:
     # --- what to run -------------------------------------------------------------------------
     mode: str = "train"  # "train", "eval" or "eval_directory" (chosen by main.py's flags)
+    # The training recipe whose values were applied under the flags (iat.recipes.RECIPES):
+    # "iat" (the original, these defaults), "alp", "fast-at", "revisiting-at", "ares", ...
+    recipe: str = DEFAULT_RECIPE
 
     # --- data ----------------------------------------------------------------------------------
     data: str | None = None  # ImageNet-layout folder: train/<wnid>/*, val/<wnid>/* (or val.txt)
@@ -88,6 +96,10 @@ class Config:
     workers: int | None = None  # decoding processes per process; None: its CPU share, <= 8
     image_size: int = 224  # side of the square crops fed to the network
     train_augment: str = "fbresnet"  # "fbresnet" (the original), "flip" (eval crop + flip), "none"
+    # Progressive resizing (Wong et al. 2020, fast_adversarial ImageNet phases 128/224/288):
+    # (first epoch, side) pairs, flattened; the --image-size crops are resized to the side on
+    # the device (bilinear, antialiased) from that epoch on. None: --image-size throughout.
+    size_schedule: tuple[int, ...] | None = None
     batch: int = 32  # images per process and step (the original's --batch: per GPU)
 
     # --- model ---------------------------------------------------------------------------------
@@ -143,6 +155,16 @@ class Config:
     # pgdrnd_..., fgsmrs_EPS); None: the --attack-* flags above (random-target PGD).
     adv_method: str | None = None
 
+    # Linear warm-up of the training attack over the first epochs: in epoch e (1-based) epsilon,
+    # or the step, is min(1, (e - 1) / W) of its value (ARES 2.0's adversarial_training.py
+    # ramps the step over 5 epochs); 0: off
+    eps_warmup_epochs: int = 0
+    step_warmup_epochs: int = 0
+    # Catastrophic-overfitting guard (Wong et al. 2020 Sec 5.2; iat.overfit_guard): stop and
+    # roll back to the previous epoch's weights when PGD accuracy on a held-out batch falls by
+    # more than this since the last epoch while FGSM accuracy rises (Wong's code: 0.2); 0: off
+    overfit_guard: float = 0.0
+
     # --- adversarial-training variants (ALP; "Fast is better than free"; free training) -------
     # Fraction of the images trained on that are adversarial (adv_model.mixed_batch); None: 0.5
     # with --lp-weight > 0 (ALP Sec 3: each image clean and attacked), else 1 (Feature Denoising
@@ -156,6 +178,12 @@ class Config:
     finetune_trainable_scopes: tuple[str, ...] | None = None  # None: all; else others frozen
     accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
     free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
+
+    # --- batch mixing (iat.mixing: on the device, timm's Mixup in "batch" mode) --------------
+    mixup_alpha: float = 0.0  # Mixup's Beta(a, a) (Zhang et al. 2018; ARES: 0.8); 0: off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(a, a) (Yun et al. 2019; ARES: 1.0); 0: off
+    mix_prob: float = 1.0  # chance that a batch is mixed (timm's mixup_prob)
+    mix_switch_prob: float = 0.5  # both on: chance of CutMix rather than Mixup (timm's default)
 
     # --- --eval's attack (iat.attacks.ATTACKS; README "Evaluation" lists them) ------------
     attack: str | None = None  # registry name; None: "pgd", or "clean" when attack_iter is 0
@@ -174,11 +202,25 @@ class Config:
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
     steps_per_epoch: int | None = None  # None: training images // total batch
+    optimizer: str = "sgd"  # "sgd" (Nesterov, the original) or "adamw" (iat.optim.OPTIMIZERS)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays (torch's defaults)
+    # "step" (the original: x0.1 after each --lr-decay-epochs), "cosine" (to --min-lr-factor x
+    # the peak at the last epoch) or "cyclic" (piecewise linear through --lr-knots)
+    lr_schedule: str = "step"
     base_lr: float = 0.1  # learning rate per 256 images (scaled linearly with the total batch)
-    warmup_epochs: float = 5.0  # linear warm-up from base_lr when the scaled LR is higher
+    warmup_epochs: float = 5.0  # linear warm-up, per iteration (step and cosine schedules)
+    # Where the warm-up starts, a fraction of the peak LR; None: at base_lr, and only when the
+    # scaled LR is higher ("ImageNet in 1 Hour" Sec 2.2)
+    warmup_factor: float | None = None
     lr_decay_epochs: tuple[int, ...] = (35, 70, 95)  # LR divided by 10 after each of these epochs
-    momentum: float = 0.9  # Nesterov momentum
-    weight_decay: float = 1e-4  # on conv and fc weights only
+    min_lr_factor: float = 0.0  # cosine: the LR at the end of the run, a fraction of the peak
+    # cyclic: (epoch, fraction of the peak) pairs, flattened, interpolated linearly; None: Wong et
+    # al.'s triangle 0 -> 1 at 2/5 of the epochs -> 0
+    lr_knots: tuple[float, ...] | None = None
+    momentum: float = 0.9  # Nesterov momentum (SGD)
+    # Not on norms, biases, layer scales, position embeddings or tokens (iat.optim.decays)
+    weight_decay: float = 1e-4
+    clip_grad: float | None = None  # clip the gradient's global L2 norm to this; None: off
     label_smoothing: float = 0.1  # on the adversarial cross-entropy
     starting_epoch: int = 1  # first epoch to run (1-based, as the original); resume sets it
     train_eval: str = "original"  # in-training evaluation: "original", "light" (clean+10) or "none"
@@ -285,6 +327,13 @@ _LOWER_BOUNDS = (
     ("masking_checks", 0, True),
     ("queries", 1, True),
     ("seed", 0, True),  # numpy's SeedSequence takes non-negative integers only
+    ("min_lr_factor", 0, True),
+    ("mixup_alpha", 0, True),
+    ("eps_warmup_epochs", 0, True),
+    ("step_warmup_epochs", 0, True),
+    ("overfit_guard", 0, True),
+    ("cutmix_alpha", 0, True),
+    ("clip_grad", 0, False),
 )
 
 
@@ -301,6 +350,7 @@ def _bounds(cfg: Config) -> None:
         values = getattr(cfg, name) or ()
         _check(all(v >= 0 for v in values), f"{_flag(name)}: must be >= 0, got {list(values)}")
     _check(cfg.momentum < 1, "--momentum: must be < 1")
+    _optimisation(cfg)
     _check(0.0 <= cfg.prob_start_from_clean <= 1.0, "--prob-start-from-clean: must be in [0, 1]")
     _check(
         all(e >= 0 for e in cfg.lr_decay_epochs),
@@ -310,6 +360,29 @@ def _bounds(cfg: Config) -> None:
         1 <= cfg.starting_epoch <= cfg.epochs + 1,
         f"--starting-epoch: must be in [1, {cfg.epochs + 1}], got {cfg.starting_epoch}",
     )
+
+
+def _optimisation(cfg: Config) -> None:
+    """The optimizer's and the LR schedule's values that bounds alone do not check."""
+    _check(
+        all(0 <= b < 1 for b in cfg.adam_betas) and len(cfg.adam_betas) == 2,
+        f"--adam-betas: two values in [0, 1), got {list(cfg.adam_betas)}",
+    )
+    _check(cfg.min_lr_factor <= 1, "--min-lr-factor: must be <= 1")
+    if cfg.warmup_factor is not None:
+        _check(0 <= cfg.warmup_factor <= 1, "--warmup-factor: must be in [0, 1]")
+    knots = cfg.lr_knots
+    if knots is not None:
+        epochs = knots[0::2]
+        _check(
+            len(knots) >= 4 and len(knots) % 2 == 0,
+            f"--lr-knots: epoch/factor pairs, at least two, got {list(knots)}",
+        )
+        _check(
+            all(a < b for a, b in zip(epochs, epochs[1:], strict=False)) and min(knots) >= 0,
+            f"--lr-knots: epochs must increase and values be >= 0, got {list(knots)}",
+        )
+        _check(cfg.lr_schedule == "cyclic", "--lr-knots: only --lr-schedule cyclic takes them")
 
 
 _OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set")  # None: the default (none)
@@ -362,6 +435,8 @@ def validate(cfg: Config) -> None:
     _finite(cfg)
     _bounds(cfg)
     _adversarial_training(cfg)
+    _mixing(cfg)
+    _schedules(cfg)
     _denoise(cfg)
     _check(
         not cfg.frontend_trainable or cfg.frontend is not None,
@@ -494,6 +569,57 @@ def _adversarial_training(cfg: Config) -> None:
         )
 
 
+def mixing_enabled(cfg: Config) -> bool:
+    return cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+
+
+def _mixing(cfg: Config) -> None:
+    """Mixup / CutMix: probabilities, and a training attack that has a soft-target form."""
+    for name in ("mix_prob", "mix_switch_prob"):
+        _check(0 <= getattr(cfg, name) <= 1, f"{_flag(name)}: must be in [0, 1]")
+    if not mixing_enabled(cfg):
+        return
+    spec = training_attack_spec(cfg)
+    _check(
+        spec.name in ("clean", "pgd", "fgsmrs") and spec.settings.target is None,
+        "--mixup-alpha/--cutmix-alpha: the attack maximises the soft target's loss, so it must "
+        "be untargeted (--adv-method pgd_EPS_STEP_NITER or fgsmrs_EPS, or --attack-target none)",
+    )
+    _check(cfg.free_replays == 1, "--mixup-alpha/--cutmix-alpha: not with --free-replays")
+
+
+def _schedules(cfg: Config) -> None:
+    """--size-schedule's pairs, and the attack warm-ups' attacks."""
+    sizes = cfg.size_schedule
+    if sizes is not None:
+        firsts = sizes[0::2]
+        _check(
+            len(sizes) >= 2
+            and len(sizes) % 2 == 0
+            and firsts[0] == 1
+            and all(a < b for a, b in zip(firsts, firsts[1:], strict=False))
+            and all(16 <= side <= cfg.image_size for side in sizes[1::2]),
+            "--size-schedule: (first epoch, side) pairs from epoch 1, epochs increasing, sides "
+            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}",
+        )
+    _check(cfg.overfit_guard < 1, "--overfit-guard: an accuracy drop, must be < 1")
+    _check(
+        not cfg.overfit_guard or training_attack_spec(cfg).epsilon > 0,
+        "--overfit-guard: checks robustness at the training attack's epsilon, which is 0",
+    )
+    if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:
+        spec = training_attack_spec(cfg)
+        _check(
+            cfg.free_replays == 1 and spec.name in ("pgd", "fgsmrs"),
+            "--eps-warmup-epochs/--step-warmup-epochs: need a PGD or FGSM-RS training attack "
+            "(not clean or --free-replays)",
+        )
+        _check(
+            spec.name == "pgd" or not cfg.step_warmup_epochs,
+            "--step-warmup-epochs: FGSM-RS's step is 1.25 epsilon (use --eps-warmup-epochs)",
+        )
+
+
 def eval_attack(cfg: Config) -> str:
     """The registry name of --eval's attack: --attack, else the original's PGD (clean for 0
     iterations)."""
@@ -573,6 +699,9 @@ _TUPLE_FIELDS = (
     "sweep_iters",
     "num_blocks",
     "lr_decay_epochs",
+    "adam_betas",
+    "lr_knots",
+    "size_schedule",
     "explicit_model_fields",
     "finetune_exclude_scopes",
     "finetune_trainable_scopes",

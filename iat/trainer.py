@@ -6,17 +6,21 @@ those only, with label smoothing 0.1 (``adv_model.training_objective``). The sch
 "ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``). The variants (README,
 "Adversarial-training options"): mixed batches and logit pairing (in the objective), virtual
 batches of several micro-batches, free training's replayed batches, a moving average of the
-weights, and fine-tuning from another checkpoint.
+weights, and fine-tuning from another checkpoint. The newer recipes' parts (README, "Recipes,
+optimizers, schedules, augmentation and mixing"): progressive resizing and Mixup / CutMix of
+each batch on the device (its soft targets trained and attacked, ``iat.soft_objective``), the
+attack's epsilon and step warm-ups (rebuilt per epoch), and the catastrophic-overfitting guard.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,18 +38,23 @@ from iat.config import (
     default_logdir,
     ema_enabled,
     fit_defense,
+    mixing_enabled,
     predict_defense,
 )
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sampling import check_eval_headers
-from iat.data.sources import TrainSourceSpec, to_model_input, train_batches
+from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
 from iat.distributed import usable_cpus
 from iat.ema import WeightAverage
 from iat.eval_schedule import EVAL_SCHEDULES
 from iat.evaluate import attack_record, evaluate_attack, threat_model
 from iat.finetune import freeze_outside, load_finetune_weights
 from iat.metrics import EvalResult, Meter
+from iat.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
+from iat.optim import clip_gradients
+from iat.overfit_guard import OverfitGuard
 from iat.progress import progress_bar
+from iat.recipes import RECIPES
 from iat.run_logging import (
     RunLogger,
     check_mlflow,
@@ -63,6 +72,7 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from iat.soft_objective import SoftTargetPGD, soft_training_objective
 from iat.sparse_frontend import FrontendClassifier, frontend_spec
 from nets import CheckpointError
 
@@ -82,7 +92,7 @@ class Training:
     # (--defense-apply fit/both) and its frontend as white-box attacks see them (BPDA).
     attack_model: torch.nn.Module
     ddp_model: torch.nn.Module  # what the loss is computed through: attack_model, DDP-wrapped
-    attacker: Attacker
+    attacker: Attacker | SoftTargetPGD  # the latter on Mixup / CutMix's soft targets
     generator: torch.Generator  # the training attack's randomness, saved in every checkpoint
     optimizer: torch.optim.Optimizer
     batches: Iterator
@@ -92,6 +102,9 @@ class Training:
     device: torch.device
     loss: LossSettings
     ema: WeightAverage | None = None  # the moving average of the weights, when kept
+    mixing: MixSettings | None = None  # Mixup / CutMix, when on
+    # The training attack of an epoch (its epsilon and step warm-ups: builders.epoch_attack_spec)
+    attacker_of_epoch: Callable[[int], Attacker | SoftTargetPGD] | None = None
     held: list[MicroBatch] | None = None  # free training: the batch being replayed
 
 
@@ -102,6 +115,7 @@ class LossSettings:
     label_smoothing: float
     adv_fraction: float = 1.0  # attacked fraction of each batch
     lp_weight: float = 0.0  # adversarial logit pairing weight
+    clip_grad: float | None = None  # the gradient's global L2 norm is clipped to this
 
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images (model input) and labels, on the device
@@ -129,30 +143,81 @@ def train_step(
 ) -> StepResult:
     """One update from one or more micro-batches (a virtual batch): for each, attack (BN in
     inference mode, on the bare model) and accumulate the gradient of its loss / count; then
-    one optimizer step. Under DDP only the last micro-batch's backward all-reduces."""
+    one optimizer step (after clipping the gradient's norm, with --clip-grad). Under DDP only
+    the last micro-batch's backward all-reduces."""
     optimizer.zero_grad(set_to_none=True)
     count = len(micro_batches)
     parts = []
     for k, (images, labels) in enumerate(micro_batches):
         with _sync_gradients(model, k == count - 1):
-            value, logits, targets = training_objective(
-                model,
-                attack_model,
-                attacker,
-                images,
-                labels,
-                loss.label_smoothing,
-                loss.adv_fraction,
-                loss.lp_weight,
-            )
+            value, logits, targets = _objective(model, attack_model, attacker, images, labels, loss)
             # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
             (value / count).backward()
-        parts.append((value.detach(), logits, labels[: logits.shape[0]], targets))
+        hard = labels.argmax(dim=1) if labels.ndim == 2 else labels  # a mix: its larger part
+        parts.append((value.detach(), logits, hard[: logits.shape[0]], targets))
+    clip_gradients(model.parameters(), loss.clip_grad)
     optimizer.step()
     values, logits, labels, targets = zip(*parts, strict=True)
     return StepResult(
         torch.stack(values).mean(), torch.cat(logits), torch.cat(labels), torch.cat(targets)
     )
+
+
+def _objective(
+    model: torch.nn.Module,
+    attack_model: torch.nn.Module,
+    attacker: Attacker | SoftTargetPGD,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss: LossSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of a batch with hard labels [N], or of a mixed batch with soft
+    targets [N, classes] (``iat.soft_objective``: smoothing already in the targets)."""
+    if labels.ndim == 2:
+        return soft_training_objective(
+            model, attack_model, attacker, images, labels, loss.adv_fraction, loss.lp_weight
+        )
+    return training_objective(
+        model,
+        attack_model,
+        attacker,
+        images,
+        labels,
+        loss.label_smoothing,
+        loss.adv_fraction,
+        loss.lp_weight,
+    )
+
+
+def scheduled_size(size_schedule: tuple[int, ...] | None, epoch: int) -> int | None:
+    """The side --size-schedule gives epoch `epoch` (1-based); None: no schedule."""
+    if size_schedule is None:
+        return None
+    firsts, sides = size_schedule[0::2], size_schedule[1::2]
+    return sides[max(k for k, first in enumerate(firsts) if first <= epoch)]
+
+
+def sized_batches(run: Training, step: int, epoch: int) -> list[MicroBatch]:
+    """The micro-batches of update `step`, resized to the side of the epoch (progressive
+    resizing: Wong et al. 2020, fast_adversarial ImageNet's 128 / 224 / 288 phases)."""
+    batches = step_batches(run, step)
+    side = scheduled_size(run.cfg.size_schedule, epoch)
+    if side is None or side == batches[0][0].shape[-1]:
+        return batches
+    return [(resize_batch(images, side), labels) for images, labels in batches]
+
+
+def mixed_batches(run: Training, step: int, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+    """Mixup / CutMix of each micro-batch of update `step` (images, soft targets), on the
+    device; the draws depend on (seed, rank, step, micro-batch) alone (``iat.mixing``)."""
+    if run.mixing is None:
+        return micro_batches
+    mixed = []
+    for k, (images, labels) in enumerate(micro_batches):
+        rng = mixing_rng(run.cfg.seed, distributed.get_rank(), step, k)
+        draw = draw_mix(run.mixing, images.shape[2], images.shape[3], rng)
+        mixed.append(mix_batch(images, labels, run.mixing, draw))
+    return mixed
 
 
 def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -211,6 +276,9 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     flag is accumulated on the device, without a host sync per step)."""
     cfg = run.cfg
     seed_model_randomness(cfg.seed, epoch, distributed.get_rank())
+    warmup = max(cfg.eps_warmup_epochs, cfg.step_warmup_epochs)
+    if warmup and epoch - 1 <= warmup:
+        run.attacker = run.attacker_of_epoch(epoch)  # a warm-up epoch, or the first after it
     run.ddp_model.train()
     meter = Meter(run.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
@@ -222,7 +290,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         dynamic_ncols=True,
     )
     for i in bar:
-        micro_batches = step_batches(run, step)
+        micro_batches = mixed_batches(run, step, sized_batches(run, step, epoch))
         distributed.mark_progress(step + 1)
         lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
@@ -516,9 +584,14 @@ def setup(
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
     )
-    attacker = builders.build_training_attacker(
-        cfg, num_classes=num_classes, precision=precision, generator=generator
+    attacker_of_epoch = functools.partial(
+        builders.build_epoch_attacker,
+        cfg,
+        num_classes=num_classes,
+        precision=precision,
+        generator=generator,
     )
+    attacker = attacker_of_epoch(start.progress.epoch + 1)
     restore_free_delta(attacker, start, device)
     return Training(
         cfg=cfg,
@@ -533,8 +606,10 @@ def setup(
         steps=steps,
         total_batch=total_batch,
         device=device,
-        loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight),
+        loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
         ema=build_ema(cfg, model, start),
+        mixing=builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
+        attacker_of_epoch=attacker_of_epoch,
     )
 
 
@@ -589,11 +664,13 @@ def _train_in(
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
     facts["attack_precision"] = run.precision.description
     facts["finetune_checkpoint"] = cfg.finetune_checkpoint
+    facts["recipe"], facts["recipe_source"] = cfg.recipe, RECIPES[cfg.recipe].source
     if main_proc:
         lock.acquire(create=True)
         remove_partial_checkpoints(logdir)
         forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)
+        print(settings_line(cfg), file=sys.stderr)
     results: dict[str, EvalResult] = {}
     purge = start.progress.step + 1
     with run_directory_logger(
@@ -601,11 +678,16 @@ def _train_in(
     ) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
+        guard = builders.build_overfit_guard(cfg, val, device)
+        if guard is not None:
+            guard.remember(run.model)
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
             step = train_epoch(run, epoch, step, logger)
             sync_buffers(run.model, run.ema)
             require_finite_weights(run.model, epoch)
             progress = Progress(epoch, step)
+            if guard is not None and overfitted(guard, run.model, progress, logger):
+                break
             free_deltas = gathered_free_delta(run.attacker)
             if main_proc:
                 logger.flush()  # the steps up to the checkpoint survive a kill right after it
@@ -633,6 +715,27 @@ def _train_in(
     return TrainOutcome(model=run.model, logdir=logdir, results=results)
 
 
+def overfitted(
+    guard: OverfitGuard, model: torch.nn.Module, progress: Progress, logger: RunLogger
+) -> bool:
+    """The guard's check after an epoch (every process alike: same weights, same draws),
+    logged; on a collapse the weights roll back to the previous epoch's, this epoch is not
+    saved, and training stops (Wong et al. 2020 Sec 5.2)."""
+    collapsed, figures = guard.collapsed(model)
+    scalars = {"guard/pgd_accuracy": figures.pgd, "guard/fgsm_accuracy": figures.fgsm}
+    logger.log(progress.step, scalars, epoch=progress.epoch, phase="guard")
+    if collapsed:
+        guard.roll_back(model)
+        logger.log_result("overfit_guard", {"epoch": progress.epoch, **scalars})
+        if distributed.is_main_process():
+            tqdm.write(
+                f"epoch {progress.epoch}: catastrophic overfitting (held-out PGD accuracy "
+                f"{figures.pgd:.3f}, FGSM {figures.fgsm:.3f}): stopped, weights of epoch "
+                f"{progress.epoch - 1} kept"
+            )
+    return collapsed
+
+
 def start_line(facts: dict, start: Start) -> str:
     """The run's first line: where it starts, where it runs, and how the attack computes."""
     where = start.describe()
@@ -641,5 +744,12 @@ def start_line(facts: dict, start: Start) -> str:
     return (
         f"{facts['logdir']}: {where}; {facts['world_size']} process(es) "
         f"({facts['launcher']}) on {facts['device']}, {facts['threads']} thread(s) each "
-        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}"
+        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}; recipe "
+        f"{facts['recipe']} ({facts['recipe_source']})"
     )
+
+
+def settings_line(cfg: Config) -> str:
+    """Every resolved setting, in the configuration's order (config.json holds them too)."""
+    values = dataclasses.asdict(cfg)
+    return "settings: " + ", ".join(f"{name}={value}" for name, value in values.items())

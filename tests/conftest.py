@@ -71,3 +71,35 @@ def digits() -> dict:
 @pytest.fixture()
 def tiny_imagenet(tmp_path: Path) -> Path:
     return write_imagenet(tmp_path / "imagenet")
+
+
+def train_tiny(data: Path, logdir: Path, epochs: int, *flags: str) -> dict:
+    """A 2-steps-per-epoch run of a tiny ResNet on 32x32 crops, one thread, no evaluation;
+    returns its last checkpoint."""
+    import torch
+
+    from main import main
+
+    tiny = [
+        "--data", str(data), "--logdir", str(logdir), "--arch", "ResNet", "--num-blocks", "1",
+        "1", "1", "1", "--width", "8", "--image-size", "32", "--batch", "4", "--workers", "0",
+        "--loader", "local", "--steps-per-epoch", "2", "--train-eval", "none", "--threads", "1",
+    ]  # fmt: skip
+    assert main([*tiny, *flags, "--epochs", str(epochs)]) == 0
+    return torch.load(logdir / f"checkpoint-epoch{epochs:04d}.pt", weights_only=True)
+
+
+def assert_resumes_bit_for_bit(data: Path, tmp_path: Path, *flags: str) -> dict:
+    """Two epochs in one go, and one epoch then a relaunch to two: the same weights and
+    optimizer state. Returns the uninterrupted run's checkpoint."""
+    import torch
+
+    whole = train_tiny(data, tmp_path / "whole", 2, *flags)
+    train_tiny(data, tmp_path / "halves", 1, *flags)
+    resumed = train_tiny(data, tmp_path / "halves", 2, *flags)
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for index, state in whole["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][index][name]), name
+    return whole

@@ -70,7 +70,15 @@ class _NoTorch:
 sys.meta_path.insert(0, _NoTorch())
 """
 
-DATA_SERVER_MODULES = ("layouts", "augment", "sampling", "protocol", "client", "server")
+DATA_SERVER_MODULES = (
+    "layouts",
+    "augment",
+    "randaugment",
+    "sampling",
+    "protocol",
+    "client",
+    "server",
+)
 
 
 def _run_without_torch(code: str) -> subprocess.CompletedProcess:

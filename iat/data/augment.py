@@ -14,6 +14,8 @@ from functools import partial
 import cv2
 import numpy as np
 
+from iat.data.randaugment import RandAugment, random_erasing
+
 # fb.resnet.torch (datasets/imagenet.lua) PCA lighting statistics, in RGB order.
 _PCA_EIGVAL_RGB = np.array([0.2175, 0.0188, 0.0045], dtype=np.float64) * 255.0
 _PCA_EIGVEC_RGB = np.array(
@@ -194,6 +196,35 @@ def pad_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int = 64) -> 
     return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
 
 
+def inception_crop_flip(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """The Inception crop (``random_sized_crop``) and a horizontal flip with probability 1/2:
+    timm's ``transforms_imagenet_train`` before its auto-augmentation, and fast_adversarial's
+    ImageNet training transform."""
+    _check_image(img)
+    out = random_sized_crop(img, rng, size)
+    return np.ascontiguousarray(out[:, ::-1] if rng.uniform() < 0.5 else out)
+
+
+# timm's rand-m9-mstd0.5-inc1 (ARES 2.0's and revisiting-at's `aa`), and their random erasing
+# probability (`reprob: 0.25`).
+RAND_M9_MSTD05 = RandAugment(num_ops=2, magnitude=9.0, magnitude_std=0.5)
+RECIPE_ERASING_PROB = 0.25
+
+
+def randaugment_augment(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """Inception crop, flip, RandAugment rand-m9-mstd0.5-inc1 (timm's order)."""
+    return np.ascontiguousarray(RAND_M9_MSTD05(inception_crop_flip(img, rng, size), rng))
+
+
+def randaugment_erasing_augment(
+    img: np.ndarray, rng: np.random.Generator, size: int = 224
+) -> np.ndarray:
+    """``randaugment_augment`` then random erasing with probability 0.25 (timm's order: erasing
+    last, on the normalised tensor)."""
+    out = randaugment_augment(img, rng, size)
+    return np.ascontiguousarray(random_erasing(out, rng, RECIPE_ERASING_PROB))
+
+
 SMALL_IMAGE_PAD_FRACTION = 8  # 4 pixels of padding for 32x32 images, as Madry et al.
 TrainTransform = Callable[[np.ndarray, np.random.Generator, int], np.ndarray]
 # --train-augment choices: name -> transform(image, rng, size).
@@ -202,4 +233,7 @@ TRAIN_AUGMENTATIONS: dict[str, TrainTransform] = {
     "flip": flip_augment,
     "none": no_augment,
     "pad-crop-flip": pad_crop_flip,
+    "inception": inception_crop_flip,
+    "randaugment": randaugment_augment,
+    "randaugment-erasing": randaugment_erasing_augment,
 }

@@ -47,6 +47,15 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if device.type == "cuda" else x.contiguous()
 
 
+def resize_batch(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Model-input images (float NCHW, pixel units) resized to side x side on their device:
+    bilinear, antialiased when shrinking (as a crop decoded at that size would be)."""
+    resized = torch.nn.functional.interpolate(
+        images, size=(side, side), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.clamp(0, 255)
+
+
 # --- training sources ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainSourceSpec:

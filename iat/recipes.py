@@ -1,0 +1,144 @@
+"""Training recipes (``--recipe NAME``): each a dict of configuration values with its source.
+
+A recipe sets its values over ``Config``'s defaults; flags given on the command line override
+it (``iat.cli``). The architecture and data are never part of a recipe: they are the user's.
+Pixel units throughout (epsilon 4 = 4/255); ``base_lr`` is per 256 images (the sources' LR
+converted from their batch). README "Recipes" lists each with the numbers its paper reports and
+where this re-creation differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: str  # where the values come from: repository and file, paper section
+    settings: dict[str, object] = field(default_factory=dict)
+
+
+# Wong, Rice & Kolter 2020's ImageNet phases (fast_adversarial ImageNet/configs/
+# configs_fast_4px_phase{1,2,3}.yml, run_fast_4px.sh): LR 0 -> 0.4 at epoch 1 -> 0.04 at 6 ->
+# 0.004 at 12 -> 0.0004 at 15 (lr_epochs / lr_values, interpolated per iteration; 0.4 at their
+# phase-1 batch of 512: 0.2 per 256), crops of 128, 224 then 288 (phase data 160 / 352 / full).
+_FAST_AT = {
+    "epochs": 15,
+    "lr_schedule": "cyclic",
+    "lr_knots": (0.0, 0.0, 1.0, 1.0, 6.0, 0.1, 12.0, 0.01, 15.0, 0.001),
+    "base_lr": 0.2,
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.0,  # main_fast.py: nn.CrossEntropyLoss()
+    "train_augment": "inception",  # RandomResizedCrop + RandomHorizontalFlip
+    "image_size": 288,
+    "size_schedule": (1, 128, 7, 224, 13, 288),
+    "overfit_guard": 0.2,  # CIFAR10/train_fgsm.py --early-stop (Sec 5.2)
+}
+
+# Singh, Croce & Hein 2023 (nmndeep/revisiting-at: run_train.sh, main.py, parserr.py
+# Arguments_augment). run_train.sh: --lr.lr 1e-3 with 80 images per GPU, not scaled with the
+# batch; on 8 GPUs (640 images): 4e-4 per 256. APGD-2 (--adv.attack apgd --adv.n_iter 2) is not a
+# training attack here yet: PGD-2 with steps of epsilon from a random start stands in.
+_REVISITING_AT = {
+    "optimizer": "adamw",
+    "adam_betas": (0.9, 0.95),  # main.py create_optimizer
+    "weight_decay": 0.05,
+    "lr_schedule": "cosine",
+    "base_lr": 4e-4,
+    "warmup_epochs": 20.0,  # run_train.sh --lr.lr_peak_epoch 20
+    "warmup_factor": 1e-4,  # main.py get_cosine_lr: from 1e-4 x lr
+    "min_lr_factor": 0.005,  # lr_min 5e-6 of 1e-3
+    "epochs": 300,  # ViT-S / ConvNeXt-T (README table); -b: 250, -l: 100
+    "label_smoothing": 0.1,
+    "moving_average_decay": 0.9999,  # ModelEmaV2(decay=0.9999)
+    "train_augment": "randaugment-erasing",  # aa rand-m9-mstd0.5-inc1, reprob 0.25
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "mix_switch_prob": 0.5,
+    "adv_method": "pgd_4_4_2",
+    "prob_start_from_clean": 0.0,
+}
+
+# Liu et al. 2023, ARES 2.0 (thu-ml/ares robust_training/train_configs/
+# vit_base_patch16_224.yaml, as the Swin and ConvNeXt ones; adversarial_training.py): lrb 5e-4
+# per 512 images, warm-up from warmup_lr 1e-6 (0.002 of 5e-4), min_lr 1e-5 (0.02), PGD-3 at
+# 4/255 with step 8/255/3 ramped over 5 epochs. Its random_start=False branch
+# (ares/utils/adv.py random_uniform) still starts from uniform noise in the ball.
+_ARES = {
+    "optimizer": "adamw",
+    "weight_decay": 0.05,
+    "lr_schedule": "cosine",
+    "base_lr": 2.5e-4,
+    "warmup_epochs": 5.0,
+    "warmup_factor": 0.002,
+    "min_lr_factor": 0.02,
+    "epochs": 300,
+    "label_smoothing": 0.1,
+    "moving_average_decay": 0.9998,
+    "train_augment": "randaugment-erasing",  # aa rand-m9-mstd0.5-inc1, reprob 0.25
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "mix_switch_prob": 0.5,
+    "attack_iter": 3,
+    "attack_epsilon": 4.0,
+    "attack_step_size": 8 / 3,
+    "attack_target": "none",
+    "prob_start_from_clean": 0.0,
+    "step_warmup_epochs": 5,
+}
+
+RECIPES: dict[str, Recipe] = {
+    # The original: Feature Denoising (Xie et al. 2019) Sec 5-6 and its README's command.
+    "iat": Recipe("facebookresearch/ImageNet-Adversarial-Training README; Feature Denoising Sec 5"),
+    # Kannan, Kurakin & Goodfellow 2018 (tensorflow/models research/adversarial_logit_pairing
+    # README: "train_adv_method=pgdll_16_2_10,train_lp_weight=0.5" at 64x64, EMA 0.9999;
+    # model_lib.py default_hparams: batch 32, label smoothing 0.1, weight decay 1e-4). Its
+    # RMSProp and exponential LR decay are not here: SGD and the step schedule stay.
+    "alp": Recipe(
+        "tensorflow/models research/adversarial_logit_pairing README.md, model_lib.py",
+        {
+            "adv_method": "pgdll_16_2_10",
+            "lp_weight": 0.5,
+            "moving_average_decay": 0.9999,
+            "image_size": 64,
+            "batch": 32,
+        },
+    ),
+    "fast-at": Recipe(
+        "locuslab/fast_adversarial ImageNet/configs/configs_fast_4px_phase{1,2,3}.yml",
+        {**_FAST_AT, "adv_method": "fgsmrs_4"},  # clip_eps 4, fgsm_step 5 = 1.25 eps
+    ),
+    "fast-at-2": Recipe(
+        "locuslab/fast_adversarial ImageNet/configs/configs_fast_2px_phase{1,2,3}.yml",
+        {**_FAST_AT, "adv_method": "fgsmrs_2"},  # clip_eps 2, fgsm_step 2.5
+    ),
+    "revisiting-at": Recipe("nmndeep/revisiting-at run_train.sh, main.py", _REVISITING_AT),
+    "revisiting-at-b": Recipe(
+        "nmndeep/revisiting-at README (ViT-B / ConvNeXt-B: 250 epochs)",
+        {**_REVISITING_AT, "epochs": 250},
+    ),
+    "revisiting-at-l": Recipe(
+        "nmndeep/revisiting-at README (ConvNeXt-L: 100 epochs)",
+        {**_REVISITING_AT, "epochs": 100},
+    ),
+    "ares": Recipe("thu-ml/ares robust_training/train_configs/vit_base_patch16_224.yaml", _ARES),
+    # ARES's ResNet configuration (train_configs/resnet50.yaml): SGD, lrb 0.2 per 512, step
+    # decay x0.1 every 30 epochs, 95 epochs, warm-up 5 epochs from 1e-4 (0.001 of 0.1), no
+    # RandAugment or erasing (color_jitter 0.1 is not applied here), CutMix always (switch 1.0).
+    "ares-resnet": Recipe(
+        "thu-ml/ares robust_training/train_configs/resnet50.yaml",
+        {
+            **_ARES,
+            "optimizer": "sgd",
+            "weight_decay": 1e-4,
+            "lr_schedule": "step",
+            "base_lr": 0.1,
+            "warmup_factor": 0.001,
+            "lr_decay_epochs": (30, 60, 90),
+            "epochs": 95,
+            "train_augment": "inception",
+            "mix_switch_prob": 1.0,
+        },
+    ),
+}
+DEFAULT_RECIPE = "iat"
