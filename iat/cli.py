@@ -373,8 +373,8 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adv-method",
-        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS "
-        "(default: the --attack-* flags)",
+        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS, "
+        "apgd_EPS_NITER (default: the --attack-* flags)",
     )
     group.add_argument(
         "--adv-fraction",

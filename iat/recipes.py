@@ -37,8 +37,9 @@ _FAST_AT = {
 
 # Singh, Croce & Hein 2023 (nmndeep/revisiting-at: run_train.sh, main.py, parserr.py
 # Arguments_augment). run_train.sh: --lr.lr 1e-3 with 80 images per GPU, not scaled with the
-# batch; on 8 GPUs (640 images): 4e-4 per 256. APGD-2 (--adv.attack apgd --adv.n_iter 2) is not a
-# training attack here yet: PGD-2 with steps of epsilon from a random start stands in.
+# batch; on 8 GPUs (640 images): 4e-4 per 256. Their APGD-2 (--adv.attack apgd --adv.n_iter 2)
+# is --adv-method apgd_4_2 here, on hard labels only: under Mixup / CutMix the soft-target attack
+# is PGD, so PGD-2 with steps of epsilon from a random start stands in.
 _REVISITING_AT = {
     "optimizer": "adamw",
     "adam_betas": (0.9, 0.95),  # main.py create_optimizer

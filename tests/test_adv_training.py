@@ -52,8 +52,19 @@ def test_attack_specs_parse_to_the_registered_attacks():
         "pgd", AttackSettings(5, 4.0, 1.0, target=None)
     )
     assert parse_attack_spec("fgsmrs_8").name == "fgsmrs"
+    assert parse_attack_spec("apgd_4_2") == AttackSpec(
+        "apgd-ce", AttackSettings(2, 4.0, 0.0, target=None)
+    )
     assert parse_attack_spec("clean").name == "clean"
-    for bad in ("pgd_16_2", "pgd_16_0_10", "pgdxx_1_1_1", "fgsmrs_1.5", "PGD_16_2_10", ""):
+    for bad in (
+        "pgd_16_2",
+        "pgd_16_0_10",
+        "pgdxx_1_1_1",
+        "fgsmrs_1.5",
+        "PGD_16_2_10",
+        "",
+        "apgd_4_0",
+    ):
         with pytest.raises(ValueError, match="valid forms: clean, pgd_EPS_STEP_NITER"):
             parse_attack_spec(bad)
 
@@ -433,3 +444,18 @@ def test_fgsm_rs_and_free_training_resist_pgd_better_than_clean_training():
     print(f"PGD-10 error: clean {clean:.3f}, FGSM-RS {fgsm:.3f}, free (m=4) {free:.3f}")
     assert clean > 0.6
     assert fgsm < clean - 0.2 and free < clean - 0.2
+
+
+def test_apgd_trains_as_a_training_attack(tiny_imagenet, tmp_path):
+    """--adv-method apgd_EPS_NITER: APGD-CE (Singh, Croce & Hein 2023 train with APGD-2) builds
+    from the registry, trains and is recorded."""
+    from iat.attacks.apgd import APGDAttacker
+
+    attacker = _training_attacker(adv_method="apgd_8_2")
+    assert isinstance(attacker, APGDAttacker)
+    assert (attacker.num_iter, attacker.epsilon, attacker.targeted) == (2, 8.0, False)
+    logdir = tmp_path / "run"
+    assert main([*train_args(tiny_imagenet, logdir), *RUN, "--epochs", "1",
+                 "--adv-method", "apgd_8_2"]) == 0  # fmt: skip
+    stored = json.loads((logdir / "config.json").read_text())["config"]
+    assert stored["adv_method"] == "apgd_8_2"
