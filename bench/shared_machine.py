@@ -50,11 +50,11 @@ def busy_loop() -> None:
         pass
 
 
-def measure(threads: int, policy: str | None, iterations: int) -> float:
-    """Milliseconds per iteration in a fresh process; `policy` None: OpenMP's default."""
+def measure(threads: int, setting: dict[str, str], iterations: int) -> float:
+    """Milliseconds per iteration in a fresh process with the OpenMP `setting` (environment
+    variables; empty: OpenMP's defaults)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    env.update(setting)
     code = PROBE.format(repo=str(REPO), threads=threads, iterations=iterations)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
@@ -72,9 +72,10 @@ def main() -> None:
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
     settings = [
-        ("1 thread", 1, None),
-        (f"{cpus} threads, OpenMP default (spin)", cpus, None),
-        (f"{cpus} threads, OMP_WAIT_POLICY=PASSIVE", cpus, "PASSIVE"),
+        ("1 thread", 1, {}),
+        (f"{cpus} threads, OpenMP default (spin)", cpus, {}),
+        (f"{cpus} threads, GOMP_SPINCOUNT=10000", cpus, {"GOMP_SPINCOUNT": "10000"}),
+        (f"{cpus} threads, OMP_WAIT_POLICY=PASSIVE", cpus, {"OMP_WAIT_POLICY": "PASSIVE"}),
     ]
     results: dict[str, dict[str, float]] = {name: {} for name, _, _ in settings}
     for load in ("quiet", f"{args.busy} busy processes"):
@@ -85,8 +86,8 @@ def main() -> None:
                 w.start()
             time.sleep(1.0)
         try:
-            for name, threads, policy in settings:
-                runs = [measure(threads, policy, args.iterations) for _ in range(args.repeats)]
+            for name, threads, setting in settings:
+                runs = [measure(threads, setting, args.iterations) for _ in range(args.repeats)]
                 results[name][load] = statistics.median(runs)
                 print(f"{load:>18}  {name:<40} {results[name][load]:9.1f} ms", flush=True)
         finally:

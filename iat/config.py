@@ -604,7 +604,7 @@ def _schedules(cfg: Config) -> None:
         )
     _check(cfg.overfit_guard < 1, "--overfit-guard: an accuracy drop, must be < 1")
     _check(
-        not cfg.overfit_guard or training_attack_spec(cfg).epsilon > 0,
+        not cfg.overfit_guard or training_attack_spec(cfg).settings.epsilon > 0,
         "--overfit-guard: checks robustness at the training attack's epsilon, which is 0",
     )
     if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:

@@ -38,7 +38,7 @@ def test_the_step_ramps_and_epsilon_stays_under_a_step_warmup():
         assert spec.settings.epsilon == 4.0
         assert spec.settings.step_size == pytest.approx(8 / 3 * factor)
     fgsm = Config(data="x", adv_method="fgsmrs_8", eps_warmup_epochs=4)
-    assert [epoch_attack_spec(fgsm, e).epsilon for e in (1, 2, 5)] == [0.0, 2.0, 8.0]
+    assert [epoch_attack_spec(fgsm, e).settings.epsilon for e in (1, 2, 5)] == [0.0, 2.0, 8.0]
 
 
 def test_the_soft_attack_takes_the_ramped_step_and_the_hard_pgd_its_floor():
