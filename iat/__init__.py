@@ -7,11 +7,26 @@ nothing heavy: the data-server side (``iat.data.layouts``, ``augment``, ``sampli
 
 import os
 
-# OpenMP's threads wait for each other at the end of every parallel region. GNU OpenMP's default
-# spins ~300,000 times first; on a machine busy with other processes a thread whose partner is
-# descheduled spins away its time slice, and each operator waits for the scheduler: a PGD
-# iteration of the demo's ResNet took 2,100-4,150 ms instead of 41 ms under a load of 11 on 2
-# cores (bench/shared_machine.py, bench/RESULTS.md). Waiting passively keeps the slowdown
-# proportional to the load. Set before torch is imported (OpenMP reads it once, at load), and
-# only where the user has not chosen.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def openmp_wait_policy(load: float, cpus: int) -> str | None:
+    """The OpenMP wait policy for a machine with `load` runnable processes (the 1-minute load
+    average) on `cpus` usable CPUs: "PASSIVE" when it is already busy, else None (OpenMP's
+    default). bench/shared_machine.py, a PGD iteration of the demo's ResNet on 2 CPUs: spinning
+    12.0 ms quiet, 140 ms beside 4 busy processes (x11.6; a load of 11 gave 2,100-5,600 ms);
+    passive 23.8 ms quiet (its threads sleep between the many small operators), 58 ms busy
+    (x2.4, what one thread gets). So passive only where the machine is busy."""
+    return "PASSIVE" if load >= cpus else None
+
+
+def _choose_openmp_wait_policy() -> None:
+    """Applied once, on import, before torch loads OpenMP (which reads it once); a user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    policy = openmp_wait_policy(os.getloadavg()[0], cpus or 1)
+    if policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
+_choose_openmp_wait_policy()
