@@ -34,6 +34,7 @@ def study(tmp_path_factory) -> dict[str, Path]:
     records of its checkpoint: clean, a 4 x 2 sweep, untargeted PGD-4, FGM-minimal."""
     root = tmp_path_factory.mktemp("study")
     data, run, evals = write_imagenet(root / "imagenet", val_images=4), root / "run", root / "evals"
+    evals.mkdir()  # --eval-output's folder must exist (checked before the evaluation)
     assert main(["--data", str(data), "--logdir", str(run), *COMMON, "--loader", "local",
                  "--attack-iter", "1", "--steps-per-epoch", "2", "--epochs", "1",
                  "--train-eval", "light", "--log-every", "1"]) == 0  # fmt: skip

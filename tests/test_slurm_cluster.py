@@ -164,7 +164,7 @@ def test_slurm_train_cancelled_then_resubmitted_resumes(jobs: Jobs, tmp_path: Pa
     jobs.cancel(first)
     assert jobs.wait(first, timeout=60) == "CANCELLED", jobs.log(first)
     assert not (logdir / "checkpoint-epoch0003.pt").exists(), "the job ended before scancel"
-    done = sorted(p.name for p in logdir.glob("checkpoint-*.pt"))
+    done = sorted(p.name for p in logdir.glob("checkpoint-epoch*.pt"))
 
     second = jobs.submit("train.sh", flags, **variables)
     assert jobs.wait(second, timeout=240) == "COMPLETED", jobs.log(second)

@@ -109,7 +109,7 @@ def test_train_writes_checkpoints_config_metrics_and_resumes(tiny_imagenet, tmp_
     logdir = tmp_path / "run"
     args = train_args(tiny_imagenet, logdir, "--keep-checkpoints", "2")
     assert main([*args, "--epochs", "3"]) == 0
-    assert sorted(p.name for p in logdir.glob("checkpoint-*")) == [
+    assert sorted(p.name for p in logdir.glob("checkpoint-epoch*")) == [
         "checkpoint-epoch0002.pt",
         "checkpoint-epoch0003.pt",
     ]
@@ -155,7 +155,7 @@ def test_load_of_a_training_checkpoint_continues_its_schedule(tiny_imagenet, tmp
     assert [(r["phase"], r["epoch"]) for r in records if r["phase"] != "train"] == [
         ("checkpoint", 2)
     ]
-    assert [p.name for p in second.glob("checkpoint-*")] == ["checkpoint-epoch0002.pt"]
+    assert [p.name for p in second.glob("checkpoint-epoch*")] == ["checkpoint-epoch0002.pt"]
 
 
 def test_eval_counts_match_a_direct_model_call(tiny_imagenet, tmp_path):
