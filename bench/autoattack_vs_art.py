@@ -93,10 +93,12 @@ def main() -> None:
     parser.add_argument("--demo-log", type=Path, default=Path("demo_log"))
     parser.add_argument("--epsilon", type=float, nargs="+", default=[16.0, 32.0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, help="the first N held-out digits (default: all)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, x, y = load_demo(args.demo_log)
+    x, y = x[: args.images], y[: args.images]
     rows = []
     for eps in args.epsilon:
         row = {"epsilon": eps, "images": len(y), "clean": accuracy(model, x, y)}
