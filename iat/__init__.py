@@ -27,6 +27,7 @@ def _choose_openmp_wait_policy() -> None:
     OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
+    # As distributed.usable_cpus, which cannot be imported here: it imports torch.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     policy = openmp_wait_policy(os.getloadavg()[0], cpus or 1)
     if policy is not None:

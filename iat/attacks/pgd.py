@@ -326,6 +326,18 @@ class NormPGDAttacker(PGDAttacker):
         return margin if self.target is None else -margin
 
 
+def _shared_options(settings: AttackSettings) -> dict:
+    """The keyword arguments both PGD classes take from the settings."""
+    return {
+        "target": settings.target,
+        "num_classes": settings.num_classes,
+        "generator": settings.generator,
+        "autocast": settings.autocast,
+        "compiled": settings.compiled,
+        "eot_samples": settings.eot_samples,
+    }
+
+
 def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
     return NormPGDAttacker(
         settings.num_iter,
@@ -334,12 +346,7 @@ def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
         norm=settings.norm,
         loss=settings.loss,
         restarts=settings.restarts,
-        target=settings.target,
-        num_classes=settings.num_classes,
-        generator=settings.generator,
-        autocast=settings.autocast,
-        compiled=settings.compiled,
-        eot_samples=settings.eot_samples,
+        **_shared_options(settings),
     )
 
 
@@ -354,10 +361,5 @@ def original_or_norm_pgd(settings: AttackSettings) -> Attacker:
         settings.epsilon,
         settings.step_size,
         prob_start_from_clean=settings.prob_start_from_clean,
-        target=settings.target,
-        num_classes=settings.num_classes,
-        generator=settings.generator,
-        autocast=settings.autocast,
-        compiled=settings.compiled,
-        eot_samples=settings.eot_samples,
+        **_shared_options(settings),
     )
