@@ -8,6 +8,8 @@ minimises, is kept here beside them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +59,7 @@ __all__ = [
     "NoOpAttacker",
     "Objective",
     "PGDAttacker",
+    "TrainingTerms",
     "attack_info",
     "attack_mode",
     "attack_success",
@@ -72,6 +75,7 @@ __all__ = [
     "random_wrong_labels",
     "register",
     "training_objective",
+    "training_terms",
 ]
 
 
@@ -103,6 +107,16 @@ def logit_pairing_loss(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
     return F.mse_loss(adv_logits[:pairs], clean_logits[:pairs])
 
 
+class TrainingTerms(NamedTuple):
+    """One batch's training loss and its parts (what the trainer logs)."""
+
+    loss: Tensor  # what is minimised: cross_entropy + lp_weight * pairing
+    adv_logits: Tensor  # the adversarial images' logits, detached (what the metrics count)
+    targets: Tensor  # the attack's targets of those images
+    cross_entropy: Tensor  # detached
+    pairing: Tensor | None  # ALP's L(f(x), f(x~)), unweighted and detached; None: no pairing
+
+
 def training_objective(
     model: nn.Module,
     attack_model: nn.Module,
@@ -113,7 +127,25 @@ def training_objective(
     adv_fraction: float = 1.0,
     lp_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The adversarial training loss of one batch: ``(loss, adv_logits, target_labels)``.
+    """The adversarial training loss of one batch: ``(loss, adv_logits, target_labels)``, the
+    first three of ``training_terms``."""
+    terms = training_terms(
+        model, attack_model, attacker, images, labels, label_smoothing, adv_fraction, lp_weight
+    )
+    return terms.loss, terms.adv_logits, terms.targets
+
+
+def training_terms(
+    model: nn.Module,
+    attack_model: nn.Module,
+    attacker: Attacker,
+    images: Tensor,
+    labels: Tensor,
+    label_smoothing: float,
+    adv_fraction: float = 1.0,
+    lp_weight: float = 0.0,
+) -> TrainingTerms:
+    """The adversarial training loss of one batch, with its parts.
 
     The attack runs on ``attack_model`` (the bare network, BatchNorm in inference mode) and the
     loss is computed through ``model`` (e.g. its DDP wrapper) in one forward pass.
@@ -125,13 +157,29 @@ def training_objective(
     attacked, clean = mixed_batch(images.shape[0], adv_fraction, paired=pairing)
     adv, targets = attacker.attack(attack_model, images[attacked], labels[attacked])
     logits = model(torch.cat([adv, images[clean].to(adv.dtype)]))
-    adv_logits, clean_logits = logits[: adv.shape[0]], logits[adv.shape[0] :]
     # Feature Denoising Sec 5: label smoothing 0.1; ALP Sec 3: the cross-entropy of the mixed
     # minibatch, clean and adversarial images alike.
-    loss = F.cross_entropy(
+    cross_entropy = F.cross_entropy(
         logits, torch.cat([labels[attacked], labels[clean]]), label_smoothing=label_smoothing
     )
-    if pairing:
-        # ALP Sec 3: J(M, theta) + lambda * L(f(x), f(x~)) over the pairs.
-        loss = loss + lp_weight * logit_pairing_loss(clean_logits, adv_logits)
-    return loss, adv_logits.detach(), targets
+    return paired_terms(cross_entropy, logits, adv.shape[0], targets, lp_weight)
+
+
+def paired_terms(
+    cross_entropy: Tensor, logits: Tensor, attacked: int, targets: Tensor, lp_weight: float
+) -> TrainingTerms:
+    """``TrainingTerms`` of a batch whose first `attacked` logits are the adversarial images':
+    with ``lp_weight`` > 0, ALP Sec 3's J(M, theta) + lambda * L(f(x), f(x~)) over the pairs."""
+    adv_logits, clean_logits = logits[:attacked], logits[attacked:]
+    if lp_weight <= 0:
+        return TrainingTerms(
+            cross_entropy, adv_logits.detach(), targets, cross_entropy.detach(), None
+        )
+    pairing = logit_pairing_loss(clean_logits, adv_logits)
+    return TrainingTerms(
+        cross_entropy + lp_weight * pairing,
+        adv_logits.detach(),
+        targets,
+        cross_entropy.detach(),
+        pairing.detach(),
+    )

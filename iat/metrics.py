@@ -68,19 +68,30 @@ class Meter:
     def reset(self) -> None:
         self.counts = torch.zeros(len(COUNTS), dtype=torch.float64, device=self.device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.parts_sum: torch.Tensor | None = None  # cross-entropy, logit pairing (with ALP)
         self.start = time.perf_counter()
 
-    def add(self, loss, logits, labels, targets) -> None:
-        self.counts += count_batch(logits, labels, targets)
-        self.loss_sum += loss.detach().double() * labels.shape[0]
+    def add(self, step) -> None:
+        """Count one update (a ``trainer.StepResult``): its loss weighted by its images."""
+        images = step.labels.shape[0]
+        self.counts += count_batch(step.logits, step.labels, step.targets)
+        self.loss_sum += step.loss.detach().double() * images
+        if step.pairing is not None:
+            parts = torch.stack([step.cross_entropy, step.pairing]).double() * images
+            self.parts_sum = parts if self.parts_sum is None else self.parts_sum + parts
 
     def read(self) -> dict[str, float]:
         r = EvalResult.from_counts(self.counts)
         seconds = time.perf_counter() - self.start
-        return {
-            "train/loss": self.loss_sum.item() / max(r.images, 1),
+        images = max(r.images, 1)
+        scalars = {
+            "train/loss": self.loss_sum.item() / images,
             "train/top1_error": r.top1_error,
             "train/top5_error": r.top5_error,
             "train/attack_success_rate": r.attack_success_rate,
             "train/images_per_sec_per_process": r.images / max(seconds, 1e-9),
         }
+        if self.parts_sum is not None:  # ALP Sec 3: the loss's two terms, the pairing unweighted
+            cross_entropy, pairing = (self.parts_sum / images).tolist()
+            scalars |= {"train/cross_entropy": cross_entropy, "train/logit_pairing": pairing}
+        return scalars

@@ -23,10 +23,14 @@ from iat.atomic_io import atomic_write, atomic_write_text
 from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
-    ("train/loss", "training loss"),
+    ("train/loss", "training loss (with --lp-weight: and its two terms)"),
     ("train/top1_error", "top-1 error: training batches (attacked), evaluations"),
     ("train/attack_success_rate", "attack success rate (training)"),
     ("train/lr", "learning rate"),
+)
+LOSS_TERMS = (
+    ("train/cross_entropy", "cross-entropy"),
+    ("train/logit_pairing", "logit pairing (unweighted)"),
 )
 MARKERS, LINES = "os^Dv<>p", ("-", "--", "-.", ":")  # accuracy curves' styles, cycled
 Curves = dict[str, list[tuple[float, float]]]  # label -> (x, y) points
@@ -104,6 +108,9 @@ def training_curves(training: list[dict]) -> dict[str, Curves]:
         for name, _ in TRAIN_PANELS:
             if name in r:
                 panels[name][r["run"]].append((r["step"], r[name]))
+        for name, words in LOSS_TERMS:  # ALP Sec 3's terms, beside the loss they sum to
+            if name in r:
+                panels["train/loss"][f"{r['run']} {words}"].append((r["step"], r[name]))
         phase = str(r.get("phase", ""))
         if phase.startswith("eval-") and f"{phase}/top1_error" in r:
             label = f"{r['run']} {phase}"
@@ -210,7 +217,7 @@ def _figure(rows: int, cols: int, size: tuple[float, float] = (6, 4)):
         raise ValueError(
             "--report: matplotlib is not installed (pip install -e '.[report]')"
         ) from None
-    figure = Figure(figsize=(size[0] * cols, size[1] * rows))
+    figure = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 

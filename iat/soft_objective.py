@@ -17,10 +17,11 @@ from adv_model import (
     FGSM_RS_STEP,
     PIXEL_MAX,
     PIXEL_MIN,
+    TrainingTerms,
     attack_mode,
-    logit_pairing_loss,
     mixed_batch,
     no_targets,
+    paired_terms,
 )
 from iat.attack_spec import AttackSpec
 
@@ -95,16 +96,14 @@ def soft_training_objective(
     targets: Tensor,
     adv_fraction: float = 1.0,
     lp_weight: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``adv_model.training_objective`` on soft `targets` [N, classes] (label smoothing already
-    folded into them): ``(loss, adv_logits, attack targets)``; mixed batches and logit pairing
-    (ALP Sec 3) compose as there."""
+) -> TrainingTerms:
+    """``adv_model.training_terms`` on soft `targets` [N, classes] (label smoothing already
+    folded into them); mixed batches and logit pairing (ALP Sec 3) compose as there."""
     pairing = lp_weight > 0
     attacked, clean = mixed_batch(images.shape[0], adv_fraction, paired=pairing)
     adv = attacker.attack(attack_model, images[attacked], targets[attacked])
     logits = model(torch.cat([adv, images[clean].to(adv.dtype)]))
-    adv_logits, clean_logits = logits[: adv.shape[0]], logits[adv.shape[0] :]
-    loss = F.cross_entropy(logits, torch.cat([targets[attacked], targets[clean]]))
-    if pairing:
-        loss = loss + lp_weight * logit_pairing_loss(clean_logits, adv_logits)
-    return loss, adv_logits.detach(), no_targets(targets[attacked, 0])
+    cross_entropy = F.cross_entropy(logits, torch.cat([targets[attacked], targets[clean]]))
+    return paired_terms(
+        cross_entropy, logits, adv.shape[0], no_targets(targets[attacked, 0]), lp_weight
+    )

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import nets
-from adv_model import Attacker, FreeAttacker, training_objective
+from adv_model import Attacker, FreeAttacker, TrainingTerms, training_terms
 from iat import builders, defenses, distributed
 from iat.config import (
     Config,
@@ -124,12 +124,15 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images (model input) and label
 @dataclass(frozen=True)
 class StepResult:
     """One update: the mean loss and, for the metrics, the adversarial images' logits with their
-    labels and attack targets (every micro-batch's, concatenated)."""
+    labels and attack targets (every micro-batch's, concatenated); with logit pairing, the mean
+    cross-entropy and the mean unweighted pairing loss (ALP Sec 3) too."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
     targets: torch.Tensor
+    cross_entropy: torch.Tensor | None = None
+    pairing: torch.Tensor | None = None
 
 
 # --- one step, one epoch ---------------------------------------------------------------------
@@ -150,16 +153,31 @@ def train_step(
     parts = []
     for k, (images, labels) in enumerate(micro_batches):
         with _sync_gradients(model, k == count - 1):
-            value, logits, targets = _objective(model, attack_model, attacker, images, labels, loss)
+            terms = _objective(model, attack_model, attacker, images, labels, loss)
             # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
-            (value / count).backward()
+            (terms.loss / count).backward()
         hard = labels.argmax(dim=1) if labels.ndim == 2 else labels  # a mix: its larger part
-        parts.append((value.detach(), logits, hard[: logits.shape[0]], targets))
+        parts.append((terms._replace(loss=terms.loss.detach()), hard[: len(terms.adv_logits)]))
     clip_gradients(model.parameters(), loss.clip_grad)
     optimizer.step()
-    values, logits, labels, targets = zip(*parts, strict=True)
-    return StepResult(
-        torch.stack(values).mean(), torch.cat(logits), torch.cat(labels), torch.cat(targets)
+    return _step_result(parts)
+
+
+def _step_result(parts: list[tuple[TrainingTerms, torch.Tensor]]) -> StepResult:
+    """One update's ``StepResult`` from its micro-batches' terms and hard labels."""
+    terms = [t for t, _ in parts]
+    result = StepResult(
+        torch.stack([t.loss for t in terms]).mean(),
+        torch.cat([t.adv_logits for t in terms]),
+        torch.cat([hard for _, hard in parts]),
+        torch.cat([t.targets for t in terms]),
+    )
+    if terms[0].pairing is None:
+        return result
+    return dataclasses.replace(
+        result,
+        cross_entropy=torch.stack([t.cross_entropy for t in terms]).mean(),
+        pairing=torch.stack([t.pairing for t in terms]).mean(),
     )
 
 
@@ -170,14 +188,14 @@ def _objective(
     images: torch.Tensor,
     labels: torch.Tensor,
     loss: LossSettings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> TrainingTerms:
     """The training loss of a batch with hard labels [N], or of a mixed batch with soft
     targets [N, classes] (``iat.soft_objective``: smoothing already in the targets)."""
     if labels.ndim == 2:
         return soft_training_objective(
             model, attack_model, attacker, images, labels, loss.adv_fraction, loss.lp_weight
         )
-    return training_objective(
+    return training_terms(
         model,
         attack_model,
         attacker,
@@ -258,7 +276,10 @@ def _log_step(
     scalars["train/images_per_sec"] = per_process * distributed.get_world_size()
     scalars["train/lr"] = lr
     logger.log(step, scalars, epoch=epoch, phase="train")
-    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lr:.4g}", refresh=False)
+    pairing = (
+        {"lp": f"{scalars['train/logit_pairing']:.3f}"} if "train/logit_pairing" in scalars else {}
+    )
+    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", **pairing, lr=f"{lr:.4g}", refresh=False)
     meter.reset()
 
 
@@ -304,7 +325,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         if run.ema is not None:
             run.ema.update(run.model, step)
         non_finite |= ~torch.isfinite(result.loss)
-        meter.add(result.loss, result.logits, result.labels, result.targets)
+        meter.add(result)
         if step % cfg.log_every == 0 or i == run.steps - 1:
             _log_step(run, logger, meter, step, epoch, lr, bar)
     if distributed.all_reduce_sum(non_finite.to(torch.int64)).item():

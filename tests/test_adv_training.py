@@ -27,6 +27,7 @@ from adv_model import (
     mixed_batch,
     no_targets,
     training_objective,
+    training_terms,
 )
 from iat import distributed
 from iat.attack_spec import AttackSpec, parse_attack_spec
@@ -183,7 +184,7 @@ def test_logit_pairing_loss_equals_an_independent_computation(fraction, n_adv, n
     model = Recorder()
     images, labels = torch.rand(8, 3, 2, 2) * 255, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     weight, smoothing = 0.7, 0.1
-    loss, adv_logits, targets = training_objective(
+    terms = training_terms(
         model, model, ShiftAttacker(), images, labels, smoothing, fraction, weight
     )
     (batch,) = model.seen
@@ -198,11 +199,15 @@ def test_logit_pairing_loss_equals_an_independent_computation(fraction, n_adv, n
     squared = [
         (a - c) ** 2 for a, c in zip(adv[:pairs].flatten(), clean[:pairs].flatten(), strict=True)
     ]
-    expected = smoothed_cross_entropy(
+    cross_entropy = smoothed_cross_entropy(
         torch.cat([adv, clean]), torch.cat([labels[:n_adv], labels[:n_clean]]), smoothing
-    ) + weight * float(sum(squared)) / len(squared)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert adv_logits.shape[0] == n_adv and targets.shape[0] == n_adv
+    )
+    pairing = float(sum(squared)) / len(squared)
+    assert terms.loss.item() == pytest.approx(cross_entropy + weight * pairing, rel=1e-5)
+    # The parts the trainer logs (train/cross_entropy, train/logit_pairing): the pairing unweighted
+    assert terms.cross_entropy.item() == pytest.approx(cross_entropy, rel=1e-5)
+    assert terms.pairing.item() == pytest.approx(pairing, rel=1e-5)
+    assert terms.adv_logits.shape[0] == n_adv and terms.targets.shape[0] == n_adv
 
 
 def test_mixed_minibatch_pgd_uses_every_image_once_without_pairing():
@@ -459,3 +464,32 @@ def test_apgd_trains_as_a_training_attack(tiny_imagenet, tmp_path):
                  "--adv-method", "apgd_8_2"]) == 0  # fmt: skip
     stored = json.loads((logdir / "config.json").read_text())["config"]
     assert stored["adv_method"] == "apgd_8_2"
+
+
+def test_logit_pairing_runs_log_their_two_terms(tiny_imagenet, tmp_path):
+    """With --lp-weight, metrics.jsonl and TensorBoard carry train/cross_entropy and the
+    unweighted train/logit_pairing beside train/loss (ALP Sec 3's two terms); a run without
+    pairing logs neither."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    weight = 0.5
+    paired, plain = tmp_path / "alp", tmp_path / "plain"
+    alp = ["--lp-weight", str(weight), "--adv-fraction", "0.5"]
+    assert main([*train_args(tiny_imagenet, paired), *RUN, "--epochs", "1", *alp]) == 0
+    assert main([*train_args(tiny_imagenet, plain), *RUN, "--epochs", "1"]) == 0
+    records = [json.loads(line) for line in (paired / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("phase") == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert r["train/logit_pairing"] > 0
+        total = r["train/cross_entropy"] + weight * r["train/logit_pairing"]
+        assert r["train/loss"] == pytest.approx(total, rel=1e-6)
+    events = EventAccumulator(str(paired))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/logit_pairing")]
+    assert logged == pytest.approx([r["train/logit_pairing"] for r in train], rel=1e-6)
+    keys = {
+        k for line in (plain / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)
+    }
+    assert "train/loss" in keys
+    assert not keys & {"train/logit_pairing", "train/cross_entropy"}

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from conftest import assert_resumes_bit_for_bit
 from torch import nn
 
-from adv_model import NoOpAttacker, PGDAttacker, pgd_step_size, training_objective
+from adv_model import (
+    NoOpAttacker,
+    PGDAttacker,
+    pgd_step_size,
+    training_objective,
+    training_terms,
+)
 from iat.mixing import MixDraw, MixSettings, draw_mix, mix_batch, soft_targets
 from iat.soft_objective import SoftTargetPGD, soft_training_objective
 from main import main
@@ -86,7 +92,7 @@ def test_label_smoothing_composes_with_the_soft_targets():
     expected, _, _ = training_objective(model, model, NoOpAttacker(), images, labels, 0.1)
     targets = soft_targets(labels, SETTINGS, 1.0)
     clean = SoftTargetPGD(0, 0, 0, 1.0, torch.Generator())
-    loss, _, _ = soft_training_objective(model, model, clean, images, targets)
+    loss = soft_training_objective(model, model, clean, images, targets).loss
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -104,9 +110,10 @@ def test_logit_pairing_and_mixed_batches_compose_with_soft_targets():
     images, labels = _batch()
     model = _net()
     noise = NoOpAttacker()
-    expected, logits, _ = training_objective(model, model, noise, images, labels, 0.1, 0.5, 0.5)
+    expected = training_terms(model, model, noise, images, labels, 0.1, 0.5, 0.5)
     clean = SoftTargetPGD(0, 0, 0, 1.0, torch.Generator())
     targets = soft_targets(labels, SETTINGS, 1.0)
-    loss, adv_logits, _ = soft_training_objective(model, model, clean, images, targets, 0.5, 0.5)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert torch.equal(adv_logits, logits)
+    terms = soft_training_objective(model, model, clean, images, targets, 0.5, 0.5)
+    assert terms.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
+    assert torch.equal(terms.adv_logits, expected.adv_logits)
+    assert terms.pairing.item() == pytest.approx(expected.pairing.item(), rel=1e-6)

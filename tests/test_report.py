@@ -198,3 +198,25 @@ def test_report_of_a_run_and_its_evaluations(study: dict[str, Path], tmp_path: P
 def test_report_of_nothing_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["--report", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     assert "no metrics.jsonl and no evaluation records" in capsys.readouterr().err
+
+
+def test_a_paired_runs_loss_panel_shows_its_two_terms(tmp_path: Path) -> None:
+    """--lp-weight runs log train/cross_entropy and train/logit_pairing: the loss panel draws
+    them beside the loss, labelled; a run without them keeps its one line."""
+    training = [
+        {"run": "alp", "step": s, "train/loss": 1.0 + s, "train/cross_entropy": 0.9 + s,
+         "train/logit_pairing": 0.2 * s}
+        for s in (1, 2)
+    ] + [{"run": "plain", "step": 1, "train/loss": 2.0}]  # fmt: skip
+    panels = training_curves(training)["train/loss"]
+    assert panels == {
+        "alp": [(1, 2.0), (2, 3.0)],
+        "alp cross-entropy": [(1, 1.9), (2, 2.9)],
+        "alp logit pairing (unweighted)": [(1, 0.2), (2, 0.4)],
+        "plain": [(1, 2.0)],
+    }
+    figure = draw_training(training_curves(training))
+    figure.savefig(tmp_path / "training.png")
+    loss_axes = figure.axes[0]
+    assert [line.get_label() for line in loss_axes.lines] == sorted(panels)
+    assert "two terms" in loss_axes.get_title()

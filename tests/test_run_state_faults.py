@@ -218,16 +218,16 @@ def test_non_finite_loss_mid_epoch_stops_before_saving(
     tiny_imagenet, tmp_path, capsys, monkeypatch
 ):
     calls = []
-    real = iat.trainer.training_objective
+    real = iat.trainer.training_terms
 
     def nan_on_second_step(*args, **kwargs):
-        loss, logits, targets = real(*args, **kwargs)
+        terms = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 2:  # a non-finite loss whose gradient is finite: the weights stay fine
-            loss = loss + torch.tensor(float("nan"))
-        return loss, logits, targets
+            return terms._replace(loss=terms.loss + torch.tensor(float("nan")))
+        return terms
 
-    monkeypatch.setattr(iat.trainer, "training_objective", nan_on_second_step)
+    monkeypatch.setattr(iat.trainer, "training_terms", nan_on_second_step)
     logdir = tmp_path / "run"
     assert main([*train_args(tiny_imagenet, logdir), *PGD_RUN, "--epochs", "2"]) == 1
     assert error_line(capsys) == "error: training diverged: a non-finite loss in epoch 1"
