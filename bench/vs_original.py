@@ -41,8 +41,9 @@ The sides alternate (original, ours per variant; ``--rounds`` times) so that the
 hits both. The table gives each side's median over all its timed steps, the range of its
 per-round medians, and the ratio of the median to the original's. Machine: CPU model, its
 vector/matrix flags, the load average before and after (a busy machine skews the sides
-unequally: OpenMP's spinning threads in torch suffer more than TensorFlow's thread pool), torch
-and TensorFlow versions, threads, OpenMP's wait policy for our side.
+unequally: in a smoke run beside another benchmark, ours slowed 3.7x and the original 1.1x,
+OpenMP's spinning threads suffering more than TensorFlow's thread pool), torch and TensorFlow
+versions, threads, OpenMP's wait policy for our side.
 """
 
 from __future__ import annotations
