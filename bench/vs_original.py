@@ -1,0 +1,301 @@
+"""This project's PGD-K training step beside the original release's (TensorFlow 1 + tensorpack),
+measured in one run on one machine: ResNet-50, 64x64, batch 16, PGD-10, 2 threads by default.
+
+    python bench/vs_original.py --original /path/orig --original-python /path/venv/bin/python \\
+        [--rounds 3] [--warmup 2] [--repeats 5] [--threads 2] [--variants eager-fp32 eager-amp]
+    python bench/vs_original.py     # without --original: this project's side only, and says so
+
+Getting the original (its own license; used read-only from its checkout, nothing of it is copied
+into this repository) and an environment for it, as checked here with TensorFlow 2.21 (the
+``tensorflow-cpu`` wheel, this project's ``convert`` extra) in the system Python:
+
+    git clone https://github.com/facebookresearch/ImageNet-Adversarial-Training /path/orig
+    python -m venv --system-site-packages /path/venv        # sees the system's TensorFlow
+    /path/venv/bin/pip install tensorpack==0.11
+    /path/venv/bin/pip install --no-deps tf-keras==2.21.0   # must match TensorFlow's version
+
+``--no-deps``: tf-keras requires the ``tensorflow`` distribution, which pip does not see in
+``tensorflow-cpu`` and would download whole; without a system TensorFlow, install
+``tensorflow-cpu==2.21.0`` into the venv first. tf-keras is needed because tensorpack builds its
+layers from ``tf.compat.v1.layers``, which Keras 3 lacks; bench/original_step.py sets
+``TF_USE_LEGACY_KERAS=1`` for it.
+
+What is timed, per side, as one training step (attack + forward/backward + SGD update) of the
+same batch, after ``--warmup`` steps, ``--repeats`` times, each side in a fresh process:
+  original   bench/original_step.py, run by ``--original-python``: the original's own
+             nets.ResNetModel (-d 50), adv_model.PGDAttacker (epsilon 16, step 1 (raised to
+             epsilon/10 = 1.6 by its constructor), prob_start_from_clean 0.2, as its main.py
+             trains), its loss (label smoothing 0.1, weight decay 1e-4) and its optimizer
+             (momentum 0.9, Nesterov) in a tensorpack SimpleTrainer graph; one ``Session.run``
+             of the train op, the BatchNorm updates and the moving summaries; input: its
+             ``input``/``label`` placeholders fed a fixed batch of random uint8 BGR pixels and
+             random labels; NCHW as the original (its pool0 max-pool in NHWC: TensorFlow's CPU
+             MaxPoolGrad has no NCHW); intra- and inter-op threads = --threads; fp32. Its
+             first step checks that the attack moved the image by epsilon at most (and at all)
+             and that the loss is finite. Shims for TensorFlow 2.21: see original_step.py.
+  ours       ``trainer.train_step`` with this project's PGDAttacker as bench/train_step.py runs
+             it (its build, batch, attacker_for, step_fn, imported): eager-fp32, and eager-amp
+             (the attack under bf16 autocast on a CPU: --use-fp16xla's precision, eager),
+             ``torch.set_num_threads(--threads)``.
+The sides alternate (original, ours per variant; ``--rounds`` times) so that the machine's drift
+hits both. The table gives each side's median over all its timed steps, the range of its
+per-round medians, and the ratio of the median to the original's. Machine: CPU model, its
+vector/matrix flags, the load average before and after (a busy machine skews the sides
+unequally: in a smoke run beside another benchmark, ours slowed 3.7x and the original 1.1x,
+OpenMP's spinning threads suffering more than TensorFlow's thread pool), torch and TensorFlow
+versions, threads, OpenMP's wait policy for our side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
+
+import torch  # noqa: E402
+import train_step  # noqa: E402  (bench/train_step.py: this side is timed with its helpers)
+
+ORIGINAL = "original"
+ORIGINAL_VARIANT = "fp32"
+OURS = "ours"
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+GET_ORIGINAL = (
+    "git clone https://github.com/facebookresearch/ImageNet-Adversarial-Training /path/orig; "
+    "python -m venv --system-site-packages /path/venv; "
+    "/path/venv/bin/pip install tensorpack==0.11 && "
+    "/path/venv/bin/pip install --no-deps tf-keras==2.21.0; then --original /path/orig "
+    "--original-python /path/venv/bin/python"
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fresh process's timed steps (seconds) and what it reported beside them."""
+
+    side: str
+    variant: str
+    times: list[float]
+    info: dict
+
+
+def step_flags(args: argparse.Namespace) -> list[str]:
+    """What both sides' steps are made of: image size, batch, attack iterations, threads."""
+    return [
+        *("--image-size", str(args.image_size), "--batch", str(args.batch)),
+        *("--attack-iter", str(args.attack_iter), "--threads", str(args.threads)),
+    ]
+
+
+def timing_flags(args: argparse.Namespace) -> list[str]:
+    return ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+
+
+def run_probe(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Runs a probe in a fresh process; its last stdout line is its JSON result."""
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def original_run(args: argparse.Namespace) -> Run:
+    command = [args.original_python, str(BENCH / "original_step.py")]
+    command += ["--original", str(args.original), *step_flags(args), *timing_flags(args)]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+    info = run_probe(command, env)
+    return Run(ORIGINAL, ORIGINAL_VARIANT, info.pop("times"), info)
+
+
+def ours_run(args: argparse.Namespace, variant: str) -> Run:
+    command = [sys.executable, __file__, "--ours-probe", variant]
+    command += [*step_flags(args), *timing_flags(args)]
+    info = run_probe(command)
+    # OpenMP reads its wait policy when torch loads, from the environment the probe inherits
+    # (this process's, where importing iat may have set it: iat/__init__.py).
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
+    return Run(OURS, variant, info.pop("times"), info)
+
+
+def ours_probe(args: argparse.Namespace) -> None:
+    """This project's step, timed as bench/train_step.py's T_pgd (with each time kept)."""
+    torch.set_num_threads(args.threads)
+    ts_args = train_step.parse_args(["--arch", "ResNet", "-d", "50", *step_flags(args)])
+    model, optimizer = train_step.build(ts_args, "ResNet")
+    x, y = train_step.batch(ts_args)
+    attack = train_step.attacker_for(args.attack_iter, args.ours_probe)
+    step = train_step.step_fn(model, optimizer, attack, x, y)
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    info = {
+        "times": times,
+        "first_step": first,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(json.dumps(info))
+
+
+def check_original(args: argparse.Namespace) -> str:
+    """Fails early, with what to do, unless the checkout and its Python look usable; returns
+    the versions of TensorFlow and tensorpack there."""
+    missing = [
+        n
+        for n in ("nets.py", "adv_model.py", "resnet_model.py")
+        if not (args.original / n).is_file()
+    ]
+    if missing:
+        raise SystemExit(f"--original {args.original}: no {', '.join(missing)}; {GET_ORIGINAL}")
+    code = (
+        "import tensorflow as tf, tensorpack, tf_keras; "
+        "print(tf.__version__, tensorpack.__version__)"
+    )
+    out = subprocess.run(
+        [args.original_python, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"},
+    )
+    if out.returncode != 0:
+        raise SystemExit(
+            f"--original-python {args.original_python} cannot import tensorflow, tensorpack "
+            f"and tf_keras:\n{out.stderr[-1500:]}\n{GET_ORIGINAL}"
+        )
+    tf_version, tensorpack_version = out.stdout.split()[-2:]
+    return f"TensorFlow {tf_version}, tensorpack {tensorpack_version}"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and which of CPU_FLAGS it has (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    present = " ".join(f for f in CPU_FLAGS if f in flags) or f"none of {', '.join(CPU_FLAGS)}"
+    return f"{name}; {os.cpu_count()} CPUs; flags: {present}"
+
+
+def measure(args: argparse.Namespace) -> list[Run]:
+    """``--rounds`` rounds of: the original (when given), then each of our variants."""
+    plan = [(ORIGINAL, ORIGINAL_VARIANT)] if args.original else []
+    plan += [(OURS, variant) for variant in args.variants]
+    runs = []
+    for r in range(1, args.rounds + 1):
+        for side, variant in plan:
+            run = original_run(args) if side == ORIGINAL else ours_run(args, variant)
+            runs.append(run)
+            median = statistics.median(run.times)
+            print(
+                f"  round {r}: {side} {variant} median {median:.3f} s "
+                f"(first step {run.info['first_step']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs
+
+
+def print_table(runs: list[Run]) -> None:
+    keys = list(dict.fromkeys((r.side, r.variant) for r in runs))
+    all_times = {k: [t for r in runs if (r.side, r.variant) == k for t in r.times] for k in keys}
+    round_medians = {
+        k: [statistics.median(r.times) for r in runs if (r.side, r.variant) == k] for k in keys
+    }
+    base = all_times.get((ORIGINAL, ORIGINAL_VARIANT))
+    base_median = statistics.median(base) if base else None
+    print("| side | variant | median step s | range of round medians s | ratio to original fp32 |")
+    print("|---|---|---:|---:|---:|")
+    for side, variant in keys:
+        median = statistics.median(all_times[(side, variant)])
+        low, high = min(round_medians[(side, variant)]), max(round_medians[(side, variant)])
+        ratio = f"{median / base_median:.3f}" if base_median else "-"
+        print(f"| {side} | {variant} | {median:.3f} | {low:.3f}-{high:.3f} | {ratio} |")
+
+
+def print_header(
+    args: argparse.Namespace, runs: list[Run], original_versions: str | None, loads: str
+) -> None:
+    ours = next(r for r in runs if r.side == OURS)
+    print(f"{cpu_description()}; 1-minute load average {loads}")
+    print(
+        f"ours: torch {ours.info['torch']}, {ours.info['threads']} threads, "
+        f"OMP_WAIT_POLICY {ours.info['omp_wait_policy']}"
+    )
+    if original_versions:
+        orig = next(r for r in runs if r.side == ORIGINAL)
+        print(
+            f"original: {original_versions}, oneDNN, intra/inter-op threads "
+            f"{orig.info['threads']}, {orig.info['data_format']} (pool0 in NHWC); first-step "
+            f"check (each of its processes): max |adv - clean| {orig.info['max_perturbation']:.4f}"
+            f" (epsilon {train_step.EPSILON * 2 / 255:.4f}), loss {orig.info['loss']:.3f}"
+        )
+    else:
+        print(
+            f"original: not given (--original), this project's side only. To add it: {GET_ORIGINAL}"
+        )
+    print(
+        f"ResNet-50, batch {args.batch}, {args.image_size}x{args.image_size}, "
+        f"PGD-{args.attack_iter} training step; {args.rounds} rounds x {args.repeats} steps "
+        f"after {args.warmup} warm-up, sides alternating in fresh processes\n"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--original", type=Path, help="checkout of the original release")
+    p.add_argument(
+        "--original-python", default=sys.executable, help="a Python with tensorflow + tensorpack"
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager-fp32", "eager-amp"],
+        choices=list(train_step.VARIANTS),
+        help="this project's attack variants",
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--attack-iter", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ours-probe", choices=list(train_step.VARIANTS), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.ours_probe:
+        ours_probe(args)
+        return
+    original_versions = check_original(args) if args.original else None
+    load_before = os.getloadavg()[0]
+    runs = measure(args)
+    loads = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    print_header(args, runs, original_versions, loads)
+    print_table(runs)
+
+
+if __name__ == "__main__":
+    main()
