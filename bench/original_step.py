@@ -14,8 +14,9 @@ the train op (the PGD attack's ``tf.while_loop``, forward, backward, SGD update)
 BatchNorm moving-average updates (tensorpack's RunUpdateOps callback) and the moving-summary ops
 (its MovingAverageSummary callback). Input: the original's own ``input``/``label`` placeholders
 (uint8 BGR images, int32 labels), fed a fixed batch of uniform random pixels in [0, 255] and
-random labels; no data pipeline. Data format: the original's NCHW (resnet_backbone fixes it),
-which TensorFlow's oneDNN build runs on the CPU, except the max-pool's gradient (shim 4).
+random labels; no data pipeline. Data format (``--layout``): the original's NCHW
+(resnet_backbone fixes it), which TensorFlow's oneDNN build runs on the CPU except the max-pool's
+gradient (shim 4); or NHWC, TensorFlow's own CPU layout (shim 5).
 Threads: intra- and inter-op both --threads; fp32 (the original's fp16 attack needs XLA on GPUs).
 
 Prints one JSON line: the step times in seconds (each ``--repeats`` run after ``--warmup``), the
@@ -35,10 +36,16 @@ to the checkout):
   3. ``TF_USE_LEGACY_KERAS=1`` (set here when unset, before TensorFlow is imported) with the
      ``tf-keras`` package installed: tensorpack 0.11 builds Conv2D, FullyConnected, MaxPooling
      from ``tf.compat.v1.layers``, which Keras 3 no longer provides.
-  4. resnet_model's ``MaxPooling`` (pool0, the model's only max-pool) is wrapped to pool in
-     NHWC between two transposes: the original is NCHW throughout, and TensorFlow's CPU kernel
-     for its gradient (MaxPoolGrad, in every attack iteration) takes only NHWC ("Default
-     MaxPoolingGradOp only supports NHWC on device type CPU"); oneDNN runs the rest in NCHW.
+  4. ``--layout nchw`` (the original's): resnet_model's ``MaxPooling`` (pool0, the model's only
+     max-pool) is wrapped to pool in NHWC between two transposes: the original is NCHW
+     throughout, and TensorFlow's CPU kernel for its gradient (MaxPoolGrad, in every attack
+     iteration) takes only NHWC ("Default MaxPoolingGradOp only supports NHWC on device type
+     CPU"); oneDNN runs the rest in NCHW.
+  5. ``--layout nhwc`` (TensorFlow's native CPU layout, to give the original its best case):
+     resnet_model's ``argscope`` turns its ``data_format='NCHW'`` into ``'NHWC'`` (every conv,
+     pool, BatchNorm of the backbone), and adv_model's NHWC-to-NCHW ``tf.transpose`` of the
+     input image is the identity (adv_model alone gets a copy of the alias with that one
+     permutation passed through). The arithmetic is the same; only the memory layout differs.
 No shim touches the model's arithmetic, the attack, the loss or the optimizer. The EMA variables
 of tensorpack's moving summaries are local variables, initialised here as tensorpack's session
 creator does.
@@ -91,8 +98,37 @@ def nhwc_max_pooling(max_pooling, tf: types.ModuleType):
     return MaxPooling
 
 
-def import_original(checkout: Path, tf: types.ModuleType) -> tuple[types.ModuleType, ...]:
-    """The original's ``nets`` and ``adv_model``, imported from `checkout` with shim 1 and 2."""
+def nhwc_argscope(argscope):
+    """Shim 5: tensorpack's argscope with the backbone's data_format='NCHW' turned NHWC."""
+
+    def nhwc(layers, **kwargs):
+        if kwargs.get("data_format") == "NCHW":
+            kwargs["data_format"] = "NHWC"
+        return argscope(layers, **kwargs)
+
+    return nhwc
+
+
+def input_transpose_passed(alias: types.ModuleType) -> types.ModuleType:
+    """Shim 5: a copy of the alias whose ``transpose`` leaves the NHWC-to-NCHW permutation of
+    the input image undone (any other permutation is transposed as before)."""
+    copy = types.ModuleType("tensorflow")
+    copy.__dict__.update(alias.__dict__)
+
+    def transpose(x, perm=None, *args, **kwargs):
+        if list(perm or ()) == [0, 3, 1, 2]:
+            return x
+        return alias.transpose(x, perm, *args, **kwargs)
+
+    copy.transpose = transpose
+    return copy
+
+
+def import_original(
+    checkout: Path, tf: types.ModuleType, layout: str
+) -> tuple[types.ModuleType, ...]:
+    """The original's ``nets`` and ``adv_model``, imported from `checkout` with shims 1, 2 and
+    those of `layout` (4 or 5)."""
     sys.path.insert(0, str(checkout))
     real = sys.modules["tensorflow"]
     sys.modules["tensorflow"] = v1_alias(tf)
@@ -103,7 +139,11 @@ def import_original(checkout: Path, tf: types.ModuleType) -> tuple[types.ModuleT
         import nets
     finally:
         sys.modules["tensorflow"] = real
-    resnet_model.MaxPooling = nhwc_max_pooling(resnet_model.MaxPooling, tf)
+    if layout == "nchw":
+        resnet_model.MaxPooling = nhwc_max_pooling(resnet_model.MaxPooling, tf)
+    else:
+        resnet_model.argscope = nhwc_argscope(resnet_model.argscope)
+        adv_model.tf = input_transpose_passed(adv_model.tf)
     for module in (nets, adv_model, resnet_model):
         if Path(module.__file__).resolve().parent != checkout.resolve():
             raise RuntimeError(f"{module.__name__} came from {module.__file__}, not {checkout}")
@@ -149,12 +189,14 @@ def batch(args: argparse.Namespace):
     return images, labels
 
 
-def check_attack(images, adv, cost: float, epsilon: float) -> float:
+def check_attack(images, adv, cost: float, epsilon: float, layout: str) -> float:
     """The largest perturbation of the first step; raises unless the attack moved the image
     within epsilon (model input scale) and the loss is finite."""
     import numpy as np
 
-    clean = (images.astype(np.float32) * (2.0 / 255) - 1.0).transpose(0, 3, 1, 2)
+    clean = images.astype(np.float32) * (2.0 / 255) - 1.0
+    if layout == "nchw":
+        clean = clean.transpose(0, 3, 1, 2)
     largest = float(np.abs(adv - clean).max())
     if not (0 < largest <= epsilon + 1e-5) or not np.isfinite(cost):
         raise RuntimeError(f"attack check failed: max |adv - clean| {largest}, loss {cost}")
@@ -168,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--attack-iter", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw", help="shims 4 / 5")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
@@ -180,7 +223,7 @@ def main() -> None:
     import tensorflow as tf
 
     tf.compat.v1.disable_v2_behavior()
-    nets, adv_model = import_original(args.original, tf)
+    nets, adv_model = import_original(args.original, tf, args.layout)
     step, t, bn_updates = build_step(args, tf, nets, adv_model)
     images, labels = batch(args)
     feed = {t["input"]: images, t["label"]: labels}
@@ -193,7 +236,8 @@ def main() -> None:
         start = time.perf_counter()
         _, adv, cost = sess.run([step, t["adv_training_sample"], t["cost"]], feed)
         first = time.perf_counter() - start
-        largest = check_attack(images, adv, float(cost), EPSILON * adv_model.IMAGE_SCALE)
+        epsilon = EPSILON * adv_model.IMAGE_SCALE
+        largest = check_attack(images, adv, float(cost), epsilon, args.layout)
         for _ in range(args.warmup):
             sess.run(step, feed)
         times = []
@@ -206,7 +250,7 @@ def main() -> None:
         "median": statistics.median(times),
         "first_step": first,
         "tf": tf.__version__,
-        "data_format": "NCHW",
+        "data_format": args.layout.upper(),
         "threads": args.threads,
         "max_perturbation": largest,
         "loss": float(cost),

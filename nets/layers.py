@@ -83,14 +83,17 @@ class Conv2dSame(nn.Conv2d):
         return _pad_hw(x, self.kernel_size[0], self.stride[0], self.dilation[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.weight, self.bias)
+
+    def _conv(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         top, bottom, left, right = self._padding(x)
         if top == bottom and left == right:
             padding = (top, left)
-            return F.conv2d(
-                x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
-            )
+            return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
         x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ConvBN(Conv2dSame):
@@ -121,10 +124,49 @@ class ConvBN(Conv2dSame):
             # (Feature Denoising, Sec 4.2 does the same for the denoising block's BN).
             nn.init.zeros_(self.bn.weight)
         self.relu = relu
+        # The convolution with its inference-mode BatchNorm folded in, (weight, bias): plain
+        # attributes, not buffers (DDP would broadcast them, checkpoints would store them).
+        self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fold_storage: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(super().forward(x))
+        if self.folded is not None and not self.training and not self.bn.training:
+            x = self._conv(x, *self.folded)
+        else:
+            x = self.bn(super().forward(x))
         return F.relu(x, inplace=True) if self.relu else x
+
+    def fold_batchnorm(self) -> None:
+        """Use one convolution with this BatchNorm's inference-mode affine map folded into its
+        weights and bias: w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps).
+        Exact up to float rounding, and only while both are in eval mode with unchanged weights
+        (the attacks' ``attack_mode`` folds on entry and unfolds on exit). The folded tensors
+        are updated in place from the second fold on, so a compiled attack sees the same
+        tensors every training step."""
+        bn = self.bn
+        with torch.inference_mode(False), torch.no_grad():
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
+            bias = bn.bias - bn.running_mean * scale
+            stored = self._fold_storage
+            if stored is None or not _same_kind(stored, (weight, bias)):
+                self._fold_storage = (weight, bias)
+            else:
+                stored[0].copy_(weight)
+                stored[1].copy_(bias)
+        self.folded = self._fold_storage
+
+    def unfold_batchnorm(self) -> None:
+        """Back to the convolution followed by its BatchNorm."""
+        self.folded = None
+
+
+def _same_kind(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
+    """Whether each of `new` can be copied into its counterpart of `old` unchanged in kind."""
+    return all(
+        (a.shape, a.dtype, a.device, a.stride()) == (b.shape, b.dtype, b.device, b.stride())
+        for a, b in zip(old, new, strict=True)
+    )
 
 
 class MaxPool2dSame(nn.Module):

@@ -86,7 +86,9 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     """Puts ``model`` in inference mode with frozen parameters; restores both on exit.
 
     Per-module ``training`` flags and per-parameter ``requires_grad`` flags are saved and put
-    back afterwards, also when the body raises.
+    back afterwards, also when the body raises. Modules that can fold their BatchNorm into
+    their convolution (``fold_batchnorm``, e.g. ``nets.layers.ConvBN``) do so for the body:
+    the same function up to float rounding, without the BatchNorm's passes.
     """
     training = [(module, module.training) for module in model.modules()]
     requires_grad = [(param, param.requires_grad) for param in model.parameters()]
@@ -95,13 +97,25 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
     for param, _ in requires_grad:
         param.requires_grad_(False)
+    folded = _fold_batchnorms(model)
     try:
         yield
     finally:
+        for module in folded:
+            module.unfold_batchnorm()
         for module, flag in training:
             module.training = flag
         for param, flag in requires_grad:
             param.requires_grad_(flag)
+
+
+def _fold_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """Fold every foldable BatchNorm of `model` not folded already (an ``attack_mode`` inside
+    another keeps the outer one's); returns the modules folded here."""
+    foldable = [m for m in model.modules() if hasattr(m, "fold_batchnorm") and m.folded is None]
+    for module in foldable:
+        module.fold_batchnorm()
+    return foldable
 
 
 def random_wrong_labels(
