@@ -124,21 +124,31 @@ class ConvBN(Conv2dSame):
             # (Feature Denoising, Sec 4.2 does the same for the denoising block's BN).
             nn.init.zeros_(self.bn.weight)
         self.relu = relu
-        # The convolution with its inference-mode BatchNorm folded in, (weight, bias): plain
-        # attributes, not buffers (DDP would broadcast them, checkpoints would store them).
+        # The convolution with its inference-mode BatchNorm folded in, (weight, bias) in fp32
+        # and, for an attack under autocast, in its low precision: plain attributes, not
+        # buffers (DDP would broadcast them, checkpoints would store them).
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fold_storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.folded_low: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fold_storage: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is not None and not self.training and not self.bn.training:
-            x = self._conv(x, *self.folded)
+            x = self._conv(x, *self._folded_for(x))
         else:
             x = self.bn(super().forward(x))
         return F.relu(x, inplace=True) if self.relu else x
 
-    def fold_batchnorm(self) -> None:
+    def _folded_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low-precision folded weights under autocast to their dtype (cast once per
+        attack, not by autocast at every call), else the fp32 ones."""
+        low, device = self.folded_low, x.device.type
+        autocast = low is not None and torch.is_autocast_enabled(device)
+        return low if autocast and torch.get_autocast_dtype(device) == low[0].dtype else self.folded
+
+    def fold_batchnorm(self, low_precision: torch.dtype | None = None) -> None:
         """Use one convolution with this BatchNorm's inference-mode affine map folded into its
-        weights and bias: w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps).
+        weights and bias: w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps);
+        with `low_precision`, also a copy in that dtype for forward passes under autocast.
         Exact up to float rounding, and only while both are in eval mode with unchanged weights
         (the attacks' ``attack_mode`` folds on entry and unfolds on exit). The folded tensors
         are updated in place from the second fold on, so a compiled attack sees the same
@@ -148,17 +158,28 @@ class ConvBN(Conv2dSame):
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
             bias = bn.bias - bn.running_mean * scale
-            stored = self._fold_storage
-            if stored is None or not _same_kind(stored, (weight, bias)):
-                self._fold_storage = (weight, bias)
-            else:
-                stored[0].copy_(weight)
-                stored[1].copy_(bias)
-        self.folded = self._fold_storage
+            self.folded = self._stored(self.weight.dtype, weight, bias)
+            self.folded_low = None
+            if low_precision is not None and low_precision != self.weight.dtype:
+                low = (weight.to(low_precision), bias.to(low_precision))
+                self.folded_low = self._stored(low_precision, *low)
+
+    def _stored(
+        self, dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) copied into the tensors kept for `dtype` when they are of the same
+        kind, else kept as they are."""
+        stored = self._fold_storage.get(dtype)
+        if stored is None or not _same_kind(stored, (weight, bias)):
+            self._fold_storage[dtype] = (weight, bias)
+        else:
+            stored[0].copy_(weight)
+            stored[1].copy_(bias)
+        return self._fold_storage[dtype]
 
     def unfold_batchnorm(self) -> None:
         """Back to the convolution followed by its BatchNorm."""
-        self.folded = None
+        self.folded = self.folded_low = None
 
 
 def _same_kind(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:

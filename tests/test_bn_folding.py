@@ -96,7 +96,7 @@ def test_the_attack_is_unchanged_within_rounding_and_training_sees_the_batchnorm
 
     folded = run()
     with monkeypatch.context() as m:
-        m.setattr(ConvBN, "fold_batchnorm", lambda self: None)
+        m.setattr(ConvBN, "fold_batchnorm", lambda self, low_precision=None: None)
         plain = run()
     differ = (folded != plain).float().mean().item()
     assert differ < 0.001, f"{differ:.2%} of the pixels differ"  # sign flips of ~0 gradients
@@ -142,3 +142,26 @@ def test_folding_under_inference_mode_then_attacking_with_gradients():
     attacker = PGDAttacker(2, 8.0, 4.0, target=None, generator=torch.Generator().manual_seed(0))
     adv, _ = attacker.attack(model, images, labels)
     assert (adv - images).abs().max() <= 8 + 1e-4
+
+
+def test_an_autocast_attack_casts_the_folded_weights_once():
+    """attack_mode(model, bf16) keeps bf16 copies of the folded weights: forward passes under
+    autocast use them (the values autocast's own cast would give: the logits are identical),
+    fp32 passes the fp32 ones."""
+    model = _small_resnet()
+    x = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad(), attack_mode(model, torch.bfloat16):
+        layer = _conv_bns(model)[0]
+        assert layer.folded_low[0].dtype == torch.bfloat16
+        assert layer.folded[0].dtype == torch.float32
+        fp32 = model(x)
+        assert fp32.dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer._folded_for(x) is layer.folded_low
+            cast_once = model(x)
+            for m in _conv_bns(model):
+                m.folded_low = None  # autocast casts the fp32 folded weights itself
+            cast_each_call = model(x)
+    assert torch.equal(cast_once, cast_each_call)
+    torch.testing.assert_close(cast_once.float(), fp32, rtol=0.05, atol=0.5)
+    assert all(m.folded_low is None and m.folded is None for m in _conv_bns(model))

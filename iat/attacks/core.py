@@ -82,13 +82,14 @@ def no_targets(labels: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
+def attack_mode(model: nn.Module, low_precision: torch.dtype | None = None) -> Iterator[None]:
     """Puts ``model`` in inference mode with frozen parameters; restores both on exit.
 
     Per-module ``training`` flags and per-parameter ``requires_grad`` flags are saved and put
     back afterwards, also when the body raises. Modules that can fold their BatchNorm into
     their convolution (``fold_batchnorm``, e.g. ``nets.layers.ConvBN``) do so for the body:
-    the same function up to float rounding, without the BatchNorm's passes.
+    the same function up to float rounding, without the BatchNorm's passes; with
+    `low_precision` (the body's autocast dtype) they also cast the folded weights to it once.
     """
     training = [(module, module.training) for module in model.modules()]
     requires_grad = [(param, param.requires_grad) for param in model.parameters()]
@@ -97,7 +98,7 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
     for param, _ in requires_grad:
         param.requires_grad_(False)
-    folded = _fold_batchnorms(model)
+    folded = _fold_batchnorms(model, low_precision)
     try:
         yield
     finally:
@@ -109,12 +110,12 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _fold_batchnorms(model: nn.Module) -> list[nn.Module]:
+def _fold_batchnorms(model: nn.Module, low_precision: torch.dtype | None) -> list[nn.Module]:
     """Fold every foldable BatchNorm of `model` not folded already (an ``attack_mode`` inside
     another keeps the outer one's); returns the modules folded here."""
     foldable = [m for m in model.modules() if hasattr(m, "fold_batchnorm") and m.folded is None]
     for module in foldable:
-        module.fold_batchnorm()
+        module.fold_batchnorm(low_precision)
     return foldable
 
 

@@ -22,6 +22,7 @@ from iat.attacks.core import (
     Objective,
     attack_mode,
     attack_success,
+    autocast_dtype,
     build_objective,
     choose_targets,
     draw_device,
@@ -105,7 +106,8 @@ class PGDAttacker(Attacker):
         generator = self.generator if generator is None else generator
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
-        with torch.inference_mode(False), torch.enable_grad(), attack_mode(model):
+        low = autocast_dtype(images.device) if self.autocast else None
+        with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, low):
             clean = images.detach()
             if not clean.is_floating_point():
                 clean = clean.float()
