@@ -133,12 +133,37 @@ def ours_run(args: argparse.Namespace, variant: str) -> Run:
     return Run(OURS, variant, info.pop("times"), info)
 
 
+def gemm_rate(dtype: torch.dtype, side: int = 2048, repeats: int = 10) -> float:
+    """This machine's matrix-multiply rate in GFLOP/s (median of `repeats` square products of
+    `side`, on torch's threads): the ceiling of a step made of convolutions."""
+    a, b = torch.randn(side, side).to(dtype), torch.randn(side, side).to(dtype)
+    times = []
+    for k in range(repeats + 2):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if k >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * side**3 / statistics.median(times) / 1e9
+
+
+def step_gflop(model, optimizer, x, y, num_iter: int) -> tuple[float, float]:
+    """GFLOPs of one PGD-K training step (FlopCounterMode): (the clean step's, the K attack
+    iterations', each forward + input gradient; bench/train_step.py's counts)."""
+    clean = train_step.counted_flops(
+        train_step.step_fn(model, optimizer, train_step.NoOpAttacker(), x, y)
+    )
+    ratio = train_step.iteration_flop_ratio(model, optimizer, x, y)
+    return clean / 1e9, clean * num_iter * ratio / 1e9
+
+
 def ours_probe(args: argparse.Namespace) -> None:
-    """This project's step, timed as bench/train_step.py's T_pgd (with each time kept)."""
+    """This project's step, timed as bench/train_step.py's T_pgd (with each time kept), and the
+    step's FLOPs with this machine's fp32 and bf16 matrix-multiply rates."""
     torch.set_num_threads(args.threads)
     ts_args = train_step.parse_args(["--arch", "ResNet", "-d", "50", *step_flags(args)])
     model, optimizer = train_step.build(ts_args, "ResNet")
     x, y = train_step.batch(ts_args)
+    gflop_clean, gflop_attack = step_gflop(model, optimizer, x, y, args.attack_iter)
     attack = train_step.attacker_for(args.attack_iter, args.ours_probe)
     step = train_step.step_fn(model, optimizer, attack, x, y)
     start = time.perf_counter()
@@ -156,6 +181,10 @@ def ours_probe(args: argparse.Namespace) -> None:
         "first_step": first,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "gflop_clean": gflop_clean,
+        "gflop_attack": gflop_attack,
+        "gemm_fp32": gemm_rate(torch.float32),
+        "gemm_bf16": gemm_rate(torch.bfloat16),
     }
     print(json.dumps(info))
 
@@ -222,7 +251,40 @@ def measure(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def print_table(runs: list[Run]) -> None:
+def print_roofline(runs: list[Run], base_median: float | None) -> None:
+    """What the machine allows: the step's FLOPs at the fp32 (bf16) matrix-multiply rate, the
+    time that would take and the speed-up over the original it would give."""
+    ours = [r for r in runs if r.side == OURS]
+    clean, attack = ours[0].info["gflop_clean"], ours[0].info["gflop_attack"]
+    gflop = clean + attack
+    rates = {k: statistics.median(r.info[k] for r in ours) for k in ("gemm_fp32", "gemm_bf16")}
+    times = {
+        v: statistics.median(t for r in ours if r.variant == v for t in r.times)
+        for v in dict.fromkeys(r.variant for r in ours)
+    }
+    print(
+        f"\nOne step: {gflop:.0f} GFLOP (FlopCounterMode). Matrix-multiply rate here: fp32 "
+        f"{rates['gemm_fp32']:.0f}, bf16 {rates['gemm_bf16']:.0f} GFLOP/s (2048x2048, median)."
+    )
+    for variant, seconds in times.items():
+        print(
+            f"- ours {variant}: {gflop / seconds:.0f} GFLOP/s, "
+            f"{gflop / seconds / rates['gemm_fp32']:.0%} of the fp32 rate"
+        )
+    floors = {
+        "every FLOP at the fp32 rate": gflop / rates["gemm_fp32"],
+        "the attack's at the bf16 rate, the rest at fp32 (the fast attack's floor)": (
+            attack / rates["gemm_bf16"] + clean / rates["gemm_fp32"]
+        ),
+    }
+    for words, floor in floors.items():
+        line = f"- {words}: {floor:.3f} s per step"
+        if base_median:
+            line += f", {base_median / floor:.2f}x the original's fastest"
+        print(line)
+
+
+def print_table(runs: list[Run]) -> float | None:
     keys = list(dict.fromkeys((r.side, r.variant) for r in runs))
     all_times = {k: [t for r in runs if (r.side, r.variant) == k for t in r.times] for k in keys}
     round_medians = {
@@ -241,6 +303,7 @@ def print_table(runs: list[Run]) -> None:
         low, high = min(round_medians[(side, variant)]), max(round_medians[(side, variant)])
         ratio = f"{base_median / median:.2f}x" if base_median else "-"
         print(f"| {side} | {variant} | {median:.3f} | {low:.3f}-{high:.3f} | {ratio} |")
+    return base_median
 
 
 def print_header(
@@ -314,7 +377,7 @@ def main() -> None:
     runs = measure(args)
     loads = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print_header(args, runs, original_versions, loads)
-    print_table(runs)
+    print_roofline(runs, print_table(runs))
 
 
 if __name__ == "__main__":
