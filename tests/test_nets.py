@@ -286,3 +286,28 @@ def test_eval_mode_is_deterministic_and_batch_independent():
         together = model(images)
         alone = model(images[1:2])
     torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [8, 9, 33])
+def test_max_pool_in_channels_last_gives_the_nchw_kernels_values_and_gradients(size, dtype):
+    """MaxPool2dSame pools an NCHW CPU tensor in channels-last (PyTorch's NCHW kernel is slow
+    there): values and input gradients equal the NCHW kernel's, also where a window holds the
+    maximum twice (ReLU's zeros, integer pixels) and the first one must get the gradient."""
+    g = torch.Generator().manual_seed(size)
+    for x in (
+        torch.relu(torch.randn(2, 5, size, size, generator=g)),
+        torch.randint(0, 3, (2, 5, size, size), generator=g).float(),
+    ):
+        x = x.to(dtype).requires_grad_(True)
+        upstream = torch.randn(2, 5, math.ceil(size / 2), math.ceil(size / 2), generator=g)
+        actual = MaxPool2dSame(3, 2)(x)
+        assert type(actual.grad_fn).__name__ == "ChannelsLastMaxPoolBackward"
+        (grad,) = torch.autograd.grad(actual, x, upstream.to(dtype))
+        pad = _tf_same_total(size, 3, 2)
+        padding = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
+        padded = F.pad(x, padding, value=float("-inf"))
+        expected = torch.nn.functional.max_pool2d(padded, 3, 2)  # the NCHW kernel
+        (expected_grad,) = torch.autograd.grad(expected, x, upstream.to(dtype))
+        assert actual.is_contiguous() and grad.is_contiguous()
+        assert torch.equal(actual, expected) and torch.equal(grad, expected_grad)
