@@ -125,11 +125,10 @@ class ConvBN(Conv2dSame):
             nn.init.zeros_(self.bn.weight)
         self.relu = relu
         # The convolution with its inference-mode BatchNorm folded in, (weight, bias) in fp32
-        # and, for an attack under autocast, in its low precision: plain attributes, not
-        # buffers (DDP would broadcast them, checkpoints would store them).
+        # and, for an attack under autocast, in its low precision; set only while folded. Plain
+        # attributes, not buffers (DDP would broadcast them, checkpoints would store them).
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
         self.folded_low: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fold_storage: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded is not None and not self.training and not self.bn.training:
@@ -150,44 +149,21 @@ class ConvBN(Conv2dSame):
         weights and bias: w * gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps);
         with `low_precision`, also a copy in that dtype for forward passes under autocast.
         Exact up to float rounding, and only while both are in eval mode with unchanged weights
-        (the attacks' ``attack_mode`` folds on entry and unfolds on exit). The folded tensors
-        are updated in place from the second fold on, so a compiled attack sees the same
-        tensors every training step."""
+        (the attacks' ``attack_mode`` folds on entry and unfolds on exit). A compiled attack
+        reads the folded tensors as inputs: new ones each attack cause no recompilation."""
         bn = self.bn
         with torch.inference_mode(False), torch.no_grad():
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
             bias = bn.bias - bn.running_mean * scale
-            self.folded = self._stored(self.weight.dtype, weight, bias)
-            self.folded_low = None
-            if low_precision is not None and low_precision != self.weight.dtype:
-                low = (weight.to(low_precision), bias.to(low_precision))
-                self.folded_low = self._stored(low_precision, *low)
-
-    def _stored(
-        self, dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, bias) copied into the tensors kept for `dtype` when they are of the same
-        kind, else kept as they are."""
-        stored = self._fold_storage.get(dtype)
-        if stored is None or not _same_kind(stored, (weight, bias)):
-            self._fold_storage[dtype] = (weight, bias)
-        else:
-            stored[0].copy_(weight)
-            stored[1].copy_(bias)
-        return self._fold_storage[dtype]
+        self.folded = (weight, bias)
+        self.folded_low = None
+        if low_precision is not None and low_precision != self.weight.dtype:
+            self.folded_low = (weight.to(low_precision), bias.to(low_precision))
 
     def unfold_batchnorm(self) -> None:
-        """Back to the convolution followed by its BatchNorm."""
+        """Back to the convolution followed by its BatchNorm (the folded tensors are freed)."""
         self.folded = self.folded_low = None
-
-
-def _same_kind(old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> bool:
-    """Whether each of `new` can be copied into its counterpart of `old` unchanged in kind."""
-    return all(
-        (a.shape, a.dtype, a.device, a.stride()) == (b.shape, b.dtype, b.device, b.stride())
-        for a, b in zip(old, new, strict=True)
-    )
 
 
 class MaxPool2dSame(nn.Module):

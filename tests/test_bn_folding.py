@@ -113,12 +113,12 @@ def test_the_attack_is_unchanged_within_rounding_and_training_sees_the_batchnorm
 
 
 def test_each_attack_folds_the_current_weights():
-    """The folded tensors are refreshed in place on each entry: after the weights and the
-    statistics change (a training step), the attack sees the new ones."""
+    """Each entry folds anew: after the weights and the statistics change (a training step),
+    the attack sees the new ones."""
     model = _small_resnet()
     x = torch.rand(2, 3, 32, 32) * 255
     with attack_mode(model):
-        first = _conv_bns(model)[0].folded[0]
+        pass
     _randomise_batchnorms(model, 7)
     with torch.no_grad():
         for p in model.parameters():
@@ -127,14 +127,13 @@ def test_each_attack_folds_the_current_weights():
     with torch.no_grad():
         expected = model(x)
     with torch.no_grad(), attack_mode(model):
-        assert _conv_bns(model)[0].folded[0] is first  # the same tensor, updated
         folded = model(x)
     torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-3)
 
 
 def test_folding_under_inference_mode_then_attacking_with_gradients():
-    """A first fold inside torch.inference_mode makes ordinary tensors: a later attack that
-    needs gradients updates them in place without error."""
+    """A fold inside torch.inference_mode makes ordinary tensors: an attack that needs
+    gradients runs after it without error."""
     model = _small_resnet()
     images, labels = torch.rand(2, 3, 32, 32) * 255, torch.tensor([1, 2])
     with torch.inference_mode(), attack_mode(model):

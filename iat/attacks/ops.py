@@ -20,10 +20,11 @@ Attempt = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 @contextlib.contextmanager
-def attacking(model: nn.Module) -> Iterator[None]:
+def attacking(model: nn.Module, low_precision: torch.dtype | None = None) -> Iterator[None]:
     """Input gradients on (also under the caller's no_grad / inference_mode), the model in
-    ``attack_mode`` (BatchNorm frozen, no parameter gradients)."""
-    with torch.inference_mode(False), torch.enable_grad(), attack_mode(model):
+    ``attack_mode`` (BatchNorm frozen and folded, no parameter gradients; `low_precision`: the
+    autocast dtype the attack runs in)."""
+    with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, low_precision):
         yield
 
 

@@ -20,7 +20,6 @@ from iat.attacks.core import (
     Attacker,
     AttackSettings,
     Objective,
-    attack_mode,
     attack_success,
     autocast_dtype,
     build_objective,
@@ -106,8 +105,7 @@ class PGDAttacker(Attacker):
         generator = self.generator if generator is None else generator
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
-        low = autocast_dtype(images.device) if self.autocast else None
-        with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, low):
+        with attacking(model, autocast_dtype(images.device) if self.autocast else None):
             clean = images.detach()
             if not clean.is_floating_point():
                 clean = clean.float()
