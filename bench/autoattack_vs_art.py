@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from iat.app.cli import build_parser, config_from_args  # noqa: E402
 from iat.attacks import AttackSettings, create_attacker  # noqa: E402
 from iat.builders import load_for_inference  # noqa: E402
-from iat.cli import build_parser, config_from_args  # noqa: E402
 from iat.data.layouts import create_reader  # noqa: E402
 
 ITERATIONS = 100  # AutoAttack's APGD / FAB iterations (Croce & Hein 2020)
@@ -37,7 +37,7 @@ QUERIES = 5000
 
 def load_demo(demo_log: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The demo's adversarially trained model (eval mode) and its held-out digits."""
-    run = demo_log / "attack-iter3"  # iat.demo.MODELS: the PGD-3 trained model
+    run = demo_log / "attack-iter3"  # iat.app.demo.MODELS: the PGD-3 trained model
     checkpoint = sorted(run.glob("checkpoint-epoch*.pt"))[-1]
     data = demo_log / "digits"
     flags = ["--eval", "--load", str(checkpoint), "--data", str(data), "--image-size", "32"]

@@ -38,9 +38,10 @@ if __name__ == "__main__":
 
 import nets  # noqa: E402
 from adv_model import FreeAttacker  # noqa: E402
-from iat import builders, trainer  # noqa: E402
+from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.data.sources import to_model_input  # noqa: E402
+from iat.train import trainer  # noqa: E402
 
 NUM_CLASSES = 1000
 EPSILON = 16  # Feature Denoising Sec 6

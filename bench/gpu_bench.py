@@ -15,9 +15,10 @@ Per architecture, at the largest batch up to --max-batch that fits (halved on ou
            each iteration's graph);
 for the attack in eager fp32 and as --use-fp16xla makes it on CUDA (fp16 autocast, loss x128,
 torch.compile with CUDA graphs). The training step itself is eager fp32 in both, as in
-iat/trainer.py. "fp32" is what a training run sets on CUDA (iat.distributed.select_device):
-cuDNN convolutions and matrix products may use TF32; --no-tf32 turns both off. Times are
-medians of --repeats after --warmup runs (bench/train_step.py's helpers).
+iat/train/trainer.py. "fp32" is what a training run sets on CUDA
+(iat.runtime.distributed.select_device): cuDNN convolutions and matrix products may use TF32;
+--no-tf32 turns both off. Times are medians of --repeats after --warmup runs
+(bench/train_step.py's helpers).
 
 Then: the Denoise / plain step ratios, the fast / fp32 ratios, and the GPU-hours the original's
 recipe (Feature Denoising Sec 6: 110 epochs of 1.28 M images, PGD-30 for the paper's models)
@@ -50,8 +51,9 @@ from train_step import (  # noqa: E402  (bench/, the script's folder)
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker  # noqa: E402
-from iat import builders, distributed  # noqa: E402
+from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
+from iat.runtime import distributed  # noqa: E402
 
 NUM_CLASSES = 1000
 VARIANTS = ("eager-fp32", "compiled-amp")  # compiled-amp: --use-fp16xla on CUDA

@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # make ``iat`` importable when run as a script
 
-from iat.cli import main  # noqa: E402
-from iat.demo import EPSILON as DEMO_EPSILON  # noqa: E402
-from iat.demo import write_digits_folder  # noqa: E402
-from iat.recipes import RECIPES  # noqa: E402
+from iat.app.cli import main  # noqa: E402
+from iat.app.demo import EPSILON as DEMO_EPSILON  # noqa: E402
+from iat.app.demo import write_digits_folder  # noqa: E402
+from iat.recipes.presets import RECIPES  # noqa: E402
 
 NETWORK = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "16"]
 DATA = ["--loader", "local", "--workers", "0", "--image-size", "32", "--batch", "64"]
@@ -36,7 +36,7 @@ DATA = ["--loader", "local", "--workers", "0", "--image-size", "32", "--batch", 
 def recipe_flags(name: str, epochs: int, lr_scale: float, eps: float) -> list[str]:
     """The recipe at the digits' budget: epsilon `eps`, its iterations, warm-ups scaled; its
     base LR times `lr_scale` (the original's untouched)."""
-    if name == "iat":  # the demo's scaling of the original (iat.demo.demo_config)
+    if name == "iat":  # the demo's scaling of the original (iat.app.demo.demo_config)
         return ["--attack-iter", "3", "--attack-epsilon", f"{eps:g}", "--attack-step-size",
                 f"{eps / 4:g}", "--base-lr", "0.2", "--warmup-epochs", "0",
                 "--lr-decay-epochs", str(epochs * 2 // 3), "--train-augment", "none"]  # fmt: skip

@@ -3,7 +3,7 @@
     python bench/scaling.py [--processes 2 3] [--repeats 10] [--bandwidth-gbs 25 --latency-us 10]
 
 1. Measures Gloo's all-reduce of fp32 gradients (4 KB to 16 MB) among P processes of this
-   machine (``iat.distributed.spawn``, the demo's launcher) and fits the ring model
+   machine (``iat.runtime.distributed.spawn``, the demo's launcher) and fits the ring model
        T(S, P) = 2 (P - 1) alpha + 2 (P - 1) / P * S / B
    (P - 1 reduce-scatter and P - 1 all-gather steps of S / P bytes each; alpha: latency per step,
    B: bandwidth), printing measured against fitted times.
@@ -31,7 +31,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
 
 import nets  # noqa: E402
-from iat import distributed  # noqa: E402
+from iat.runtime import distributed  # noqa: E402
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000, 4_000_000)  # fp32 elements: 4 KB .. 16 MB
 # One H200, batch 64 at 224x224, step times in ms (bench/RESULTS.md, section 7, GPU table).

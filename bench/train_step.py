@@ -12,7 +12,7 @@ Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one p
   T_pgd    trainer.train_step with the PGD-K attacker (the real training code path).
 Attack variants: eager or torch.compile'd iteration, fp32 or mixed precision (autocast: bf16 on
 CPU, fp16 with loss scale 128 on CUDA). "compiled-amp" is --use-fp16xla. The training step itself
-(forward, backward, optimizer) is fp32 and eager in every variant, as in iat/trainer.py.
+(forward, backward, optimizer) is fp32 and eager in every variant, as in iat/train/trainer.py.
 ``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32), and of
 PGD-K with ``--grad-checkpointing`` for the architectures that take it. Each architecture's
 forward MACs per image (FlopCounterMode's FLOPs / 2) and their ratio to the first ``--arch``
@@ -41,9 +41,10 @@ if __name__ == "__main__":
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker, PGDAttacker, attack_mode  # noqa: E402
-from iat import builders, trainer  # noqa: E402
+from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.data.sources import to_model_input  # noqa: E402
+from iat.train import trainer  # noqa: E402
 
 # Feature Denoising, Sec 6: epsilon 16; training starts 20% of batches from the clean image.
 EPSILON = 16.0

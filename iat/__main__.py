@@ -2,7 +2,7 @@
 
 import sys
 
-from iat.cli import main
+from iat.app.cli import main
 
 sys.argv[0] = "python -m iat"  # what usage lines and errors name the program
 sys.exit(main())

@@ -14,25 +14,25 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import nets
-from iat.attack_spec import AttackSpec
 from iat.attacks import Attacker, AttackSettings, create_attacker
 from iat.attacks.core import has_native_low_precision, pgd_step_size
 from iat.attacks.registry import default_attack
+from iat.attacks.spec import AttackSpec
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training_attack_spec
 from iat.data.layouts import DataError, Sample
-from iat.defenses import DEFENSE_PHASES, parse_defense
-from iat.mixing import MixSettings
-from iat.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
-from iat.overfit_guard import OverfitGuard, held_out_batch
-from iat.run_state import averaged_weights
-from iat.soft_objective import SoftTargetPGD, soft_target_attacker
-from iat.sparse_frontend import (
+from iat.defenses.sparse_frontend import (
     FrontendClassifier,
     FrontendSpec,
     empty_frontend,
     frontend_shapes,
     load_frontend,
 )
+from iat.defenses.transforms import DEFENSE_PHASES, parse_defense
+from iat.recipes.mixing import MixSettings
+from iat.recipes.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
+from iat.runs.state import averaged_weights
+from iat.train.overfit_guard import OverfitGuard, held_out_batch
+from iat.train.soft_objective import SoftTargetPGD, soft_target_attacker
 
 IMAGENET_CLASSES = 1000
 
@@ -107,7 +107,8 @@ def architecture_record(
     values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
     denoising blocks use (None: no denoising blocks). Records written before denoising ops were
     selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
-    ``defense`` is the input-transform defense and ``defense_apply`` when it applies (iat.defenses;
+    ``defense`` is the input-transform defense and ``defense_apply``
+    when it applies (iat.defenses.transforms;
     records without it mean "predict": the model is evaluated behind it); ``frontend`` the
     sparse-coding frontend's spec (its tensors are in the state_dict under ``frontend.``), None
     without one."""
@@ -445,7 +446,7 @@ def build_epoch_attacker(
     generator: torch.Generator,
 ) -> Attacker | SoftTargetPGD:
     """The training attack of epoch `epoch` (``epoch_attack_spec``): on Mixup / CutMix's soft
-    targets ``iat.soft_objective``'s, else ``build_training_attacker``'s."""
+    targets ``iat.train.soft_objective``'s, else ``build_training_attacker``'s."""
     spec = epoch_attack_spec(cfg, epoch)
     if mixing_enabled(cfg):
         return soft_target_attacker(spec, cfg.prob_start_from_clean, generator)
@@ -507,7 +508,7 @@ def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """--optimizer over the trainable parameters (frozen ones, requires_grad False, are left
     out: no weight decay or momentum moves them), weight decay on weight matrices and kernels
-    only (``iat.optim.decays``)."""
+    only (``iat.recipes.optim.decays``)."""
     settings = OptimizerSettings(lr=cfg.base_lr, momentum=cfg.momentum, betas=cfg.adam_betas)
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     return OPTIMIZERS[cfg.optimizer](groups, settings)

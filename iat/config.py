@@ -1,6 +1,6 @@
 """The run configuration: one frozen object, validated once, written into the run directory.
 
-``iat.cli`` builds it from the command line (or replays a run's ``config.json`` with flags over
+``iat.app.cli`` builds it from the command line (or replays a run's ``config.json`` with flags over
 it); every other module receives the fields it needs as explicit arguments. Defaults reproduce
 the original ImageNet-Adversarial-Training recipe. Flag choices come from the registries that
 hold them (architectures, batch sources, augmentations, in-training evaluations).
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from iat.attack_spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.attacks import ATTACK_LOSSES, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
 from iat.attacks.registry import default_attack, evaluation_attacks, takes
+from iat.attacks.spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, FOLDER_ITSELF, READERS
 from iat.data.sources import TRAIN_SOURCES
-from iat.defenses import DEFENSE_PHASES, applied_defense, parse_defense
-from iat.eval_schedule import EVAL_SCHEDULES
-from iat.optim import LR_SCHEDULES, OPTIMIZERS
-from iat.recipes import DEFAULT_RECIPE, RECIPES
-from iat.sparse_frontend import ATTACK_GRADIENTS
+from iat.defenses.sparse_frontend import ATTACK_GRADIENTS
+from iat.defenses.transforms import DEFENSE_PHASES, applied_defense, parse_defense
+from iat.recipes.eval_schedule import EVAL_SCHEDULES
+from iat.recipes.optim import LR_SCHEDULES, OPTIMIZERS
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
 # What a training checkpoint records (builders.architecture_record).
@@ -43,8 +43,8 @@ MODEL_FIELDS = (
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train", FOLDER_ITSELF)  # "." the --data folder itself (an export)
-BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.benchmarks implements
-EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.ood
+BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.eval.benchmarks implements
+EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.eval.ood
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -82,7 +82,7 @@ def depths() -> tuple[int, ...]:
 class Config:
     # --- what to run -------------------------------------------------------------------------
     mode: str = "train"  # "train", "eval" or "eval_directory" (chosen by main.py's flags)
-    # The training recipe whose values were applied under the flags (iat.recipes.RECIPES):
+    # The training recipe whose values were applied under the flags (iat.recipes.presets.RECIPES):
     # "iat" (the original, these defaults), "alp", "fast-at", "revisiting-at", "ares", ...
     recipe: str = DEFAULT_RECIPE
 
@@ -128,13 +128,15 @@ class Config:
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
-    # Input-transform defense before the model, attacked through BPDA/EOT (iat.defenses), e.g.
+    # Input-transform defense before the model, attacked through BPDA/EOT
+    # (iat.defenses.transforms), e.g.
     # "jpeg:75,median:3,noise:8"; None or "none": no defense. Checkpoints record it.
     defense: str | None = None
     # When it applies (Dioptra's apply_fit / apply_predict): "predict" (evaluation, in-training
     # evaluation included, and prediction), "fit" (training only) or "both".
     defense_apply: str = "predict"
-    # Sparse-coding frontend before the classifier (iat.sparse_frontend; Bakiskan et al. 2021):
+    # Sparse-coding frontend before the classifier (iat.defenses.sparse_frontend;
+    # Bakiskan et al. 2021):
     # a file from `python -m iat.sparse_frontend train`. Checkpoints carry its tensors and spec;
     # --eval of such a checkpoint uses the checkpoint's (and sets this to the checkpoint).
     frontend: str | None = None
@@ -151,7 +153,7 @@ class Config:
     attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
     prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
     use_fp16xla: bool = False  # attack under autocast and compiled (the original's fp16 + XLA)
-    # The training attack as a spec (iat.attack_spec: clean, pgd_EPS_STEP_NITER, pgdll_...,
+    # The training attack as a spec (iat.attacks.spec: clean, pgd_EPS_STEP_NITER, pgdll_...,
     # pgdrnd_..., fgsmrs_EPS); None: the --attack-* flags above (random-target PGD).
     adv_method: str | None = None
 
@@ -160,7 +162,7 @@ class Config:
     # ramps the step over 5 epochs); 0: off
     eps_warmup_epochs: int = 0
     step_warmup_epochs: int = 0
-    # Catastrophic-overfitting guard (Wong et al. 2020 Sec 5.2; iat.overfit_guard): stop and
+    # Catastrophic-overfitting guard (Wong et al. 2020 Sec 5.2; iat.train.overfit_guard): stop and
     # roll back to the previous epoch's weights when PGD accuracy on a held-out batch falls by
     # more than this since the last epoch while FGSM accuracy rises (Wong's code: 0.2); 0: off
     overfit_guard: float = 0.0
@@ -179,7 +181,7 @@ class Config:
     accumulate: int = 1  # micro-batches (of --batch each) per update: a virtual batch
     free_replays: int = 1  # free adversarial training: each batch replayed M times (Shafahi)
 
-    # --- batch mixing (iat.mixing: on the device, timm's Mixup in "batch" mode) --------------
+    # --- batch mixing (iat.recipes.mixing: on the device, timm's Mixup in "batch" mode) -----
     mixup_alpha: float = 0.0  # Mixup's Beta(a, a) (Zhang et al. 2018; ARES: 0.8); 0: off
     cutmix_alpha: float = 0.0  # CutMix's Beta(a, a) (Yun et al. 2019; ARES: 1.0); 0: off
     mix_prob: float = 1.0  # chance that a batch is mixed (timm's mixup_prob)
@@ -195,14 +197,16 @@ class Config:
     queries: int = DEFAULT_QUERIES  # square: model queries per example (the first one included)
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
-    # strong / autoattack: run iat.masking's attack-failure checks on the first this many
+    # strong / autoattack: run iat.eval.masking's attack-failure checks on the first this many
     # images (0: off)
     masking_checks: int = 100
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs
     steps_per_epoch: int | None = None  # None: training images // total batch
-    optimizer: str = "sgd"  # "sgd" (Nesterov, the original) or "adamw" (iat.optim.OPTIMIZERS)
+    optimizer: str = (
+        "sgd"  # "sgd" (Nesterov, the original) or "adamw" (iat.recipes.optim.OPTIMIZERS)
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's moment decays (torch's defaults)
     # "step" (the original: x0.1 after each --lr-decay-epochs), "cosine" (to --min-lr-factor x
     # the peak at the last epoch) or "cyclic" (piecewise linear through --lr-knots)
@@ -218,7 +222,7 @@ class Config:
     # al.'s triangle 0 -> 1 at 2/5 of the epochs -> 0
     lr_knots: tuple[float, ...] | None = None
     momentum: float = 0.9  # Nesterov momentum (SGD)
-    # Not on norms, biases, layer scales, position embeddings or tokens (iat.optim.decays)
+    # Not on norms, biases, layer scales, position embeddings or tokens (iat.recipes.optim.decays)
     weight_decay: float = 1e-4
     clip_grad: float | None = None  # clip the gradient's global L2 norm to this; None: off
     label_smoothing: float = 0.1  # on the adversarial cross-entropy
@@ -244,12 +248,12 @@ class Config:
     mlflow: str | None = None  # MLflow tracking URI or local folder; None: no MLflow run
     eval_output: str | None = None  # --eval: also write the metrics as JSON here
     # --eval: where finished batches are kept until the result is written, so that a killed
-    # evaluation relaunched continues (iat.eval_state); None: <eval_output>.state; "none": off
+    # evaluation relaunched continues (iat.eval.state); None: <eval_output>.state; "none": off
     eval_state: str | None = None
-    # --eval: a benchmark's protocol (iat.benchmarks): its images, preprocessing, threat model
+    # --eval: a benchmark's protocol (iat.eval.benchmarks): its images, preprocessing, threat model
     # and result file; "robustbench" (RobustBench's ImageNet L-inf evaluation)
     benchmark: str | None = None
-    # --eval: robustness outside the threat model (iat.ood): --data is an ImageNet-C folder
+    # --eval: robustness outside the threat model (iat.eval.ood): --data is an ImageNet-C folder
     # (corruption/severity/wnid) or ImageNet-R / -A's (wnid), scored clean
     eval_set: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify

@@ -40,7 +40,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from iat.atomic_io import atomic_write
+from iat.runtime.atomic_io import atomic_write
 from nets.denoise import DEFAULT_WINDOW, DENOISE_OPS
 from nets.resnet import DEFAULT_DENOISE_OPS, build_model
 
@@ -70,19 +70,19 @@ _NPY_HEADER_READERS = {
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 # The key under which a training checkpoint records its architecture (plain values), written by
-# iat.run_state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
+# iat.runs.state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
 # "denoise_op", "denoise_window"} (the last two absent from older checkpoints).
 ARCHITECTURE_KEY = "architecture"
 # The top-level keys of a .pt file of this project that holds more than a state_dict: the weights
-# and their architecture record (iat.convert_alp), and a training checkpoint's optimizer state,
+# and their architecture record (iat.convert.alp), and a training checkpoint's optimizer state,
 # progress, random state, averaged weights and free training's perturbation
-# (iat.run_state.save_checkpoint). Any other key is refused: an extra key is where a zip bomb or
+# (iat.runs.state.save_checkpoint). Any other key is refused: an extra key is where a zip bomb or
 # a forged payload hides (issue 22).
 PT_FIELDS = frozenset(
     {"model", ARCHITECTURE_KEY, "optimizer", "epoch", "step", "rng", "ema", "free_delta"}
 )
-# A classifier behind a sparse-coding frontend (iat.sparse_frontend.FrontendClassifier) keeps its
-# state_dict entries under this prefix, beside the frontend's under "frontend.".
+# A classifier behind a sparse-coding frontend (iat.defenses.sparse_frontend.FrontendClassifier)
+# keeps its state_dict entries under this prefix, beside the frontend's under "frontend.".
 CLASSIFIER_PREFIX = "classifier."
 # torch.save's legacy (non-zip) format opens with a pickled magic number (torch.serialization.
 # MAGIC_NUMBER, pickle protocol 2); any other non-zip file is not a torch checkpoint.

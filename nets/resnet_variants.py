@@ -4,7 +4,7 @@ logit pairing code (``resnet_v2_50``) and of the NIPS-2018 defense baselines (Re
 (the model normalises), module names that are variable scopes.
 
 ``ResNetV2`` is TF-slim's ``nets/resnet_v2.py`` exactly (its padding, strides, biases and
-shortcuts), so that ALP's checkpoints convert without changing the logits (``iat.convert_alp``).
+shortcuts), so that ALP's checkpoints convert without changing the logits (``iat.convert.alp``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from iat import distributed
+from iat.runtime import distributed
 
 
 def _report(env: distributed.DistEnv) -> dict:

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from adv_model import DEFAULT_QUERIES
-from iat import distributed
 from iat.attacks import ATTACKS
 from iat.builders import load_for_inference
 from iat.config import Config
 from iat.data.layouts import create_reader
-from iat.evaluate import eval_record, evaluate_attack
+from iat.eval.evaluate import eval_record, evaluate_attack
+from iat.runtime import distributed
 
 
 def attack_config(checkpoint: str, data: str, attack: str) -> Config:

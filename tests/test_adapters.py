@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adv_model import AttackSettings, create_attacker
-from iat.adapters import (
+from iat.convert.adapters import (
     BGRPixelInput,
     UnitRGBInput,
     bgr_pixels_to_unit_rgb,

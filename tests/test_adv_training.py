@@ -29,12 +29,12 @@ from adv_model import (
     training_objective,
     training_terms,
 )
-from iat import distributed
-from iat.attack_spec import AttackSpec, parse_attack_spec
+from iat.attacks.spec import AttackSpec, parse_attack_spec
 from iat.builders import AttackPrecision, build_optimizer, build_training_attacker
 from iat.config import Config
-from iat.ema import WeightAverage, ema_decay
-from iat.trainer import LossSettings, train_step
+from iat.recipes.ema import WeightAverage, ema_decay
+from iat.runtime import distributed
+from iat.train.trainer import LossSettings, train_step
 from main import main
 
 FP32 = AttackPrecision(False, False, "fp32")
@@ -312,8 +312,8 @@ def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, 
 
 
 def test_excluded_scopes_are_freshly_initialised(tmp_path):
-    from iat.run_state import Progress, Start
-    from iat.trainer import build_network
+    from iat.runs.state import Progress, Start
+    from iat.train.trainer import build_network
 
     source = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3)
     torch.save(source.state_dict(), tmp_path / "source.pt")

@@ -137,9 +137,9 @@ def test_a_new_attack_is_one_module_and_its_registration(tmp_path):
         import corner_noise
         import torch
         from iat.builders import build_attacker
-        from iat.cli import build_parser, config_from_args
-        from iat.evaluate import eval_record, threat_model
-        from iat.metrics import EvalResult
+        from iat.app.cli import build_parser, config_from_args
+        from iat.eval.evaluate import eval_record, threat_model
+        from iat.eval.metrics import EvalResult
         from main import main
         flags = ["--eval", "--load", "w.pt", "--data", "d", "--attack", "corner-noise"]
         cfg = config_from_args(build_parser().parse_args([*flags, "--attack-epsilon", "8"]))

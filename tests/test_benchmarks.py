@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import nets
-from iat.benchmarks import IDS_FILE, read_ids
-from iat.cli import build_parser, config_from_args
+from iat.app.cli import build_parser, config_from_args
 from iat.data.augment import robustbench_transform
-from iat.evaluate import eval_samples
+from iat.eval.benchmarks import IDS_FILE, read_ids
+from iat.eval.evaluate import eval_samples
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]

@@ -16,7 +16,7 @@ from test_train import error_line, train_args
 import nets
 from iat.builders import build_optimizer
 from iat.config import Config
-from iat.run_state import SET_ASIDE_SUFFIX, list_checkpoints, plan_start
+from iat.runs.state import SET_ASIDE_SUFFIX, list_checkpoints, plan_start
 from main import main
 
 MIB = 1 << 20

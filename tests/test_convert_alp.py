@@ -19,7 +19,7 @@ import torch
 from conftest import REPO
 
 import nets
-from iat.convert_alp import variable_table
+from iat.convert.alp import variable_table
 from main import main
 
 # Found, not imported: TensorFlow stays out of this process.
@@ -48,7 +48,7 @@ def alp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "iat.convert_alp", *args],
+        [sys.executable, "-m", "iat.convert.alp", *args],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -212,7 +212,7 @@ class _NoTensorFlow:
         if name == "tensorflow" or name.startswith("tensorflow."):
             raise ImportError("No module named 'tensorflow'")
 sys.meta_path.insert(0, _NoTensorFlow())
-from iat.convert_alp import main
+from iat.convert.alp import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -17,7 +17,7 @@ from reference_weights import CASES, IMAGENET_MEAN, IMAGENET_STD, seeded_pixels
 from test_reference_models import ATOL, FIXTURES, RTOL, reference_state
 
 import nets
-from iat.convert_checkpoint import main as convert_main
+from iat.convert.checkpoint import main as convert_main
 from main import main
 
 

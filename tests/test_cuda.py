@@ -28,9 +28,10 @@ from digits_model import assert_unchanged, digits_tensors, snapshot, train_digit
 
 import nets
 from adv_model import PGDAttacker, attack_success
-from iat import builders, trainer
+from iat import builders
 from iat.config import Config
 from iat.data.sources import TrainSourceSpec, server_batches, to_model_input
+from iat.train import trainer
 
 pytestmark = [
     pytest.mark.cuda,

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import nets
 from adv_model import PGDAttacker
-from iat import defenses
-from iat.evaluate import attack_images
+from iat.defenses import transforms as defenses
+from iat.eval.evaluate import attack_images
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -245,7 +245,7 @@ def test_defense_is_recorded_and_evaluation_attacks_through_bpda(tiny_imagenet, 
 
 def test_a_training_step_through_a_defense_is_the_step_on_the_transformed_images():
     from adv_model import NoOpAttacker
-    from iat.trainer import LossSettings, train_step
+    from iat.train.trainer import LossSettings, train_step
 
     x, y = _images(4, 9, seed=7), torch.tensor([0, 1, 2, 3])
     net = _small_net()

@@ -16,7 +16,7 @@ import nets
 from adv_model import PGDAttacker
 from iat import builders
 from iat.config import Config
-from iat.trainer import LossSettings, train_step
+from iat.train.trainer import LossSettings, train_step
 from main import main
 
 TINY = ["--num-blocks", "1", "1", "1", "1", "--width", "8"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iat import distributed
+from iat.runtime import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"

@@ -15,7 +15,14 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 import nets
 from iat.data.augment import eval_transform
 from iat.data.layouts import list_split
-from iat.embedding import LESCI, PCA, captured, knn_vote, load_activations, nearest_neighbours
+from iat.defenses.embedding import (
+    LESCI,
+    PCA,
+    captured,
+    knn_vote,
+    load_activations,
+    nearest_neighbours,
+)
 from main import main
 
 

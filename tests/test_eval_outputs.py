@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import nets
+from iat.app.report import robust_accuracy_curves
 from iat.data.augment import eval_transform
 from iat.data.layouts import list_split, read_image_bgr
-from iat.report import robust_accuracy_curves
 from main import main
 
 ARCH = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]

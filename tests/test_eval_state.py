@@ -1,4 +1,4 @@
-"""Resumable evaluation's state (iat.eval_state): what is reused, and what is refused."""
+"""Resumable evaluation's state (iat.eval.state): what is reused, and what is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_eval_outputs import COMMON
 
 import nets
 from iat.config import Config
-from iat.eval_state import BatchRecord, EvalState, EvalStateError, fingerprint, state_dir
+from iat.eval.state import BatchRecord, EvalState, EvalStateError, fingerprint, state_dir
 from main import main
 
 

@@ -221,7 +221,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_exact(tiny_imagenet, tmp_
 def test_atomic_writes_fsync_the_file_and_then_its_folder(tmp_path, monkeypatch):
     import stat
 
-    from iat.atomic_io import atomic_write_text
+    from iat.runtime.atomic_io import atomic_write_text
 
     synced: list[tuple[bool, str]] = []
     real_fsync = os.fsync

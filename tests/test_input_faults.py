@@ -17,7 +17,7 @@ import torch
 from test_checkpoint_faults import TINY_FLAGS, tiny_model
 from test_train import error_line, train_args
 
-import iat.trainer
+import iat.train.trainer
 from iat.data.client import ZMQBatchClient
 from main import main
 
@@ -35,7 +35,7 @@ def test_undecodable_val_image_is_an_error_before_training(
     def never(*args, **kwargs):
         raise AssertionError("an epoch was trained before the check")
 
-    monkeypatch.setattr(iat.trainer, "train_epoch", never)
+    monkeypatch.setattr(iat.train.trainer, "train_epoch", never)
     logdir = tmp_path / "run"
     assert main([*train_args(tiny_imagenet, logdir), "--epochs", "1"]) == 1
     assert error_line(capsys) == (

@@ -1,4 +1,4 @@
-"""The attack-failure checks (iat.masking): they warn on a model built to mislead gradient
+"""The attack-failure checks (iat.eval.masking): they warn on a model built to mislead gradient
 attacks, and stay quiet on one that does not."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch import nn
 import nets
 from iat.builders import build_attacker
 from iat.config import Config, eval_attack
-from iat.evaluate import attack_images
-from iat.masking import MaskingProbe, run_checks
-from iat.metrics import EvalResult, count_batch
+from iat.eval.evaluate import attack_images
+from iat.eval.masking import MaskingProbe, run_checks
+from iat.eval.metrics import EvalResult, count_batch
 from main import main
 
 

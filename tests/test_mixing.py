@@ -1,5 +1,5 @@
-"""Mixup / CutMix on the device (iat.mixing) and the soft-target training attack and loss
-(iat.soft_objective): target mass, the mixed pixels, timm's draws, the attack against the
+"""Mixup / CutMix on the device (iat.recipes.mixing) and the soft-target training attack and loss
+(iat.train.soft_objective): target mass, the mixed pixels, timm's draws, the attack against the
 hard-label PGD, label smoothing composing, and a mixed run resumed bit for bit."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from adv_model import (
     training_objective,
     training_terms,
 )
-from iat.mixing import MixDraw, MixSettings, draw_mix, mix_batch, soft_targets
-from iat.soft_objective import SoftTargetPGD, soft_training_objective
+from iat.recipes.mixing import MixDraw, MixSettings, draw_mix, mix_batch, soft_targets
+from iat.train.soft_objective import SoftTargetPGD, soft_training_objective
 from main import main
 
 SETTINGS = MixSettings(0.8, 1.0, 1.0, 0.5, 0.1, num_classes=5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nets
-from iat.ood import ALEXNET_ERRORS, class_index
+from iat.eval.ood import ALEXNET_ERRORS, class_index
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]

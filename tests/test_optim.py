@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules (iat.optim): closed forms, the weight-decay rule, clipping,
+"""Optimizers and LR schedules (iat.recipes.optim): closed forms, the weight-decay rule, clipping,
 and a run with AdamW + cosine + clipping resumed bit for bit."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_adamw_cosine_with_clipping_resumes_bit_for_bit(tiny_imagenet, tmp_path)
 
 
 def test_clip_grad_bounds_the_global_norm_and_none_leaves_it():
-    from iat.optim import clip_gradients
+    from iat.recipes.optim import clip_gradients
 
     params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
     params[0].grad, params[1].grad = torch.full((3,), 3.0), torch.full((4,), 4.0)

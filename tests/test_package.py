@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import REPO, copy_sources
 
-from iat.cli import build_parser, config_from_args
+from iat.app.cli import build_parser, config_from_args
 from main import main
 
 # What a wheel must hold at the top level: the package and the original's two module names.
@@ -40,13 +40,15 @@ def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: P
     # The public commands, and the license beside the metadata.
     (entry_points,) = [n for n in listing if n.endswith(".dist-info/entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "iat = iat.cli:main" in scripts and "iat-serve-data = iat.data.server:main" in scripts
+    assert (
+        "iat = iat.app.cli:main" in scripts and "iat-serve-data = iat.data.server:main" in scripts
+    )
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in listing)
 
 
 def test_python_dash_m_iat_is_main_py() -> None:
     """`python -m iat` and `python -m iat.cli` take main.py's flags (the `iat` command's)."""
-    for module in ("iat", "iat.cli"):
+    for module in ("iat", "iat.app.cli"):
         run = subprocess.run(
             [sys.executable, "-m", module, "--help"],
             cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -1,4 +1,4 @@
-"""--recipe presets (iat.recipes): data that builds a valid configuration, flags over the
+"""--recipe presets (iat.recipes.presets): data that builds a valid configuration, flags over the
 preset, replays, and a short run of every preset resumed bit for bit (1 process in-process; 2
 processes killed with SIGKILL and relaunched)."""
 
@@ -18,9 +18,9 @@ import torch
 from conftest import REPO, assert_resumes_bit_for_bit
 from test_multiprocess import _descendants, free_port, launch, torchrun
 
-from iat.cli import build_parser, config_from_args
+from iat.app.cli import build_parser, config_from_args
 from iat.config import Config
-from iat.recipes import DEFAULT_RECIPE, RECIPES
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 
 
 def _config(*argv: str) -> Config:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import write_imagenet
 
-from iat.report import (
+from iat.app.report import (
     collect,
     draw_curves,
     draw_minimal,

@@ -18,9 +18,9 @@ from conftest import REPO
 from test_run_state_faults import PGD_RUN, eval_args
 from test_train import error_line, train_args
 
-import iat.run_logging
-from iat.atomic_io import NoSpaceError, atomic_write
-from iat.run_state import LOCK_FILE, RunDirectoryLock
+import iat.runs.logger
+from iat.runs.state import LOCK_FILE, RunDirectoryLock
+from iat.runtime.atomic_io import NoSpaceError, atomic_write
 from main import main
 
 MIB = 1 << 20
@@ -71,7 +71,7 @@ def test_lock_is_exclusive_between_processes_and_released_on_exit(tmp_path):
     holder = RunDirectoryLock(tmp_path / "run")
     holder.acquire(create=True)
     code = (
-        "import sys; from iat.run_state import RunDirectoryLock\n"
+        "import sys; from iat.runs.state import RunDirectoryLock\n"
         "try:\n    RunDirectoryLock(sys.argv[1]).acquire(create=False)\n"
         "except ValueError as e:\n    print(e); sys.exit(3)\n"
     )
@@ -162,7 +162,7 @@ def test_eval_output_is_checked_before_the_evaluation(
     if kind == "read-only-mount":
         out = Path("/proc/e.json")
     evaluated = []
-    monkeypatch.setattr("iat.evaluate.evaluate_checkpoint", lambda *a: evaluated.append(1))
+    monkeypatch.setattr("iat.eval.evaluate.evaluate_checkpoint", lambda *a: evaluated.append(1))
     assert main([*eval_args(tiny_imagenet, ckpt, out), *TINY_FLAGS]) == 1
     assert error_line(capsys).startswith("error: --eval-output: ") and not evaluated
 
@@ -178,7 +178,7 @@ def test_eval_output_failing_after_the_evaluation_prints_the_result(
     def failing(path, text):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(iat.run_logging, "atomic_write_text", failing)
+    monkeypatch.setattr(iat.runs.logger, "atomic_write_text", failing)
     out = tmp_path / "e.json"
     # The 10-class model's first 3 classes are the data's (--class-subset).
     assert main([*eval_args(tiny_imagenet, ckpt, out), *TINY_FLAGS, "--class-subset"]) == 1

@@ -19,12 +19,12 @@ from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import error_line, read_jsonl, train_args
 
-import iat.trainer
+import iat.train.trainer
 import nets
 from iat.builders import build_optimizer
 from iat.config import Config
-from iat.run_logging import forget_records_after
-from iat.run_state import plan_start
+from iat.runs.logger import forget_records_after
+from iat.runs.state import plan_start
 from main import main
 
 TINY = {"num_blocks": [1, 1, 1, 1], "num_classes": 10, "width": 8}
@@ -218,7 +218,7 @@ def test_non_finite_loss_mid_epoch_stops_before_saving(
     tiny_imagenet, tmp_path, capsys, monkeypatch
 ):
     calls = []
-    real = iat.trainer.training_terms
+    real = iat.train.trainer.training_terms
 
     def nan_on_second_step(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -227,7 +227,7 @@ def test_non_finite_loss_mid_epoch_stops_before_saving(
             return terms._replace(loss=terms.loss + torch.tensor(float("nan")))
         return terms
 
-    monkeypatch.setattr(iat.trainer, "training_terms", nan_on_second_step)
+    monkeypatch.setattr(iat.train.trainer, "training_terms", nan_on_second_step)
     logdir = tmp_path / "run"
     assert main([*train_args(tiny_imagenet, logdir), *PGD_RUN, "--epochs", "2"]) == 1
     assert error_line(capsys) == "error: training diverged: a non-finite loss in epoch 1"
@@ -235,7 +235,7 @@ def test_non_finite_loss_mid_epoch_stops_before_saving(
 
 
 def test_non_finite_weights_are_never_saved(tiny_imagenet, tmp_path, capsys, monkeypatch):
-    real = iat.trainer.train_step
+    real = iat.train.trainer.train_step
     calls = []
 
     def poison_after_the_last_step(model, *args):
@@ -246,7 +246,7 @@ def test_non_finite_weights_are_never_saved(tiny_imagenet, tmp_path, capsys, mon
                 model.linear.bias[1] = float("inf")
         return result
 
-    monkeypatch.setattr(iat.trainer, "train_step", poison_after_the_last_step)
+    monkeypatch.setattr(iat.train.trainer, "train_step", poison_after_the_last_step)
     logdir = tmp_path / "run"
     assert main([*train_args(tiny_imagenet, logdir), *PGD_RUN, "--epochs", "2"]) == 1
     line = error_line(capsys)

@@ -17,10 +17,10 @@ from digits_model import DigitsNet, digits_tensors
 
 import nets
 from adv_model import PGDAttacker
-from iat import sparse_frontend as sf
 from iat.builders import architecture_record, load_for_inference
 from iat.config import Config
-from iat.evaluate import attack_images
+from iat.defenses.transforms import sparse_frontend as sf
+from iat.eval.evaluate import attack_images
 from main import main
 
 PATCH, STRIDE = 4, 2
@@ -411,7 +411,7 @@ def test_resuming_with_another_frontend_trainable_names_the_flag(tiny_imagenet, 
 
 
 def test_activations_behind_a_frontend_go_by_the_classifiers_layer_names():
-    from iat.embedding import captured
+    from iat.defenses.embedding import captured
 
     atoms = _unit_atoms(9, PATCH, seed=5)
     frontend = sf.SparseFrontend(atoms, _spec(atoms, 3, 1.0)).eval()

@@ -22,7 +22,7 @@ import nets
 from iat.builders import build_optimizer, learning_rate
 from iat.config import Config
 from iat.data.augment import eval_transform
-from iat.eval_schedule import EVAL_SCHEDULES
+from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]

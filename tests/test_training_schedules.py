@@ -18,9 +18,9 @@ from iat.builders import (
 )
 from iat.config import Config
 from iat.data.sources import resize_batch
-from iat.overfit_guard import GuardFigures, OverfitGuard
-from iat.soft_objective import SoftTargetPGD
-from iat.trainer import scheduled_size
+from iat.train.overfit_guard import GuardFigures, OverfitGuard
+from iat.train.soft_objective import SoftTargetPGD
+from iat.train.trainer import scheduled_size
 from main import main
 
 ARES_ATTACK = dict(attack_iter=3, attack_epsilon=4.0, attack_step_size=8 / 3, attack_target="none")

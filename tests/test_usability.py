@@ -17,9 +17,9 @@ import torch
 from conftest import REPO
 
 import nets
-from iat import distributed
 from iat.builders import attack_precision
-from iat.run_logging import MLFLOW_CHECK_SECONDS
+from iat.runs.logger import MLFLOW_CHECK_SECONDS
+from iat.runtime import distributed
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -126,7 +126,7 @@ def test_an_empty_data_folder_is_named(tmp_path, capsys):
 def test_mlflow_run_holds_parameters_metrics_and_the_checkpoint(tiny_imagenet, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from iat.run_logging import MLFLOW_EXPERIMENT, mlflow_uri
+    from iat.runs.logger import MLFLOW_EXPERIMENT, mlflow_uri
 
     store = tmp_path / "mlruns"
     run = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_tensorboard_logging_never_imports_tensorflow(tmp_path):
     still read back."""
     code = (
         "import sys\n"
-        "from iat.run_logging import TensorBoardBackend\n"
+        "from iat.runs.logger import TensorBoardBackend\n"
         f"b = TensorBoardBackend({str(tmp_path)!r})\n"
         "b.scalars(3, {'train/loss': 0.25}, {})\n"
         "b.close()\n"
@@ -315,7 +315,7 @@ def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_pat
         subprocess.run([sys.executable, str(REPO / "main.py"), *args], stderr=stderr, timeout=300)
     # The bar's first and last states (each step redrew it: 7 and more).
     assert log.read_text().count("epoch 1/1:") == 2, log.read_text()
-    from iat.progress import REDIRECTED_INTERVAL_S, progress_bar
+    from iat.runtime.progress import REDIRECTED_INTERVAL_S, progress_bar
 
     with open(tmp_path / "log.txt", "w") as log:
         bar = progress_bar(range(3), file=log, desc="eval")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from iat import distributed
-from iat.cli import resolve_resources
-from iat.trainer import run_training
+from iat.app.cli import resolve_resources
+from iat.runtime import distributed
+from iat.train.trainer import run_training
 from main import build_parser, config_from_args
 
 

@@ -4,8 +4,8 @@ Each attack module registers its factory with ``register`` and the traits the re
 project asks about: the norms it supports, the settings it takes (iterations, step, loss,
 restarts, queries, target classes), what it aims at, whether it reads gradients, how a summary
 line names it and which fields its record adds. ``iat.config`` (validation, ``--attack``
-choices), ``iat.evaluate`` (summary line, JSON record) and ``iat.masking`` ask here and never
-spell an attack's name; ``create_attacker`` builds one from ``AttackSettings``.
+choices), ``iat.eval.evaluate`` (summary line, JSON record) and ``iat.eval.masking`` ask
+here; ``create_attacker`` builds one from ``AttackSettings``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class AttackInfo:
     gradient: bool = True  # reads input gradients (BPDA / EOT apply to a defense)
     perturbs: bool = True  # False for the clean evaluation alone
     evaluation: bool = True  # offered by --attack (False: a training-only attack)
-    checked: bool = False  # --eval runs iat.masking's attack-failure checks with it
+    checked: bool = False  # --eval runs iat.eval.masking's attack-failure checks with it
     # The summary line's words for the attack and its ball (``describe`` below by default).
     words: Callable[[AttackInfo, AttackSettings], str] | None = None
     extra_record: Callable[[AttackSettings], dict] | None = None  # fields only it records

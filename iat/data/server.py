@@ -33,12 +33,12 @@ import cv2
 import numpy as np
 import zmq
 
-from iat.cli_help import DefaultsHelpFormatter
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 from iat.data.sampling import TrainStream, fake_batch
 from iat.data.shards import host_schedule
+from iat.runtime.cli_help import DefaultsHelpFormatter
 
 WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
 MAIN_POLL_MS = 200

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from iat import distributed
 from iat.config import Config, eval_attack
-from iat.evaluate import eval_samples, evaluate_checkpoint, sweep, threat_model
-from iat.run_logging import CONFIG_FILE, ResultFileBackend, RunLogger
-from iat.run_state import list_checkpoints
+from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep, threat_model
+from iat.runs.logger import CONFIG_FILE, ResultFileBackend, RunLogger
+from iat.runs.state import list_checkpoints
+from iat.runtime import distributed
 
 RESULTS_FOLDER = "eval"
 NOTHING = -1  # broadcast when no checkpoint is waiting

@@ -8,7 +8,7 @@ those only, with label smoothing 0.1 (``adv_model.training_objective``). The sch
 batches of several micro-batches, free training's replayed batches, a moving average of the
 weights, and fine-tuning from another checkpoint. The newer recipes' parts (README, "Recipes,
 optimizers, schedules, augmentation and mixing"): progressive resizing and Mixup / CutMix of
-each batch on the device (its soft targets trained and attacked, ``iat.soft_objective``), the
+each batch on the device (its soft targets trained and attacked, ``iat.train.soft_objective``), the
 attack's epsilon and step warm-ups (rebuilt per epoch), and the catastrophic-overfitting guard.
 """
 
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import nets
 from adv_model import Attacker, FreeAttacker, TrainingTerms, training_terms
-from iat import builders, defenses, distributed
+from iat import builders
 from iat.config import (
     Config,
     adv_fraction,
@@ -44,24 +44,22 @@ from iat.config import (
 from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
-from iat.distributed import usable_cpus
-from iat.ema import WeightAverage
-from iat.eval_schedule import EVAL_SCHEDULES
-from iat.evaluate import attack_record, evaluate_attack, threat_model
-from iat.finetune import freeze_outside, load_finetune_weights
-from iat.metrics import EvalResult, Meter
-from iat.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
-from iat.optim import clip_gradients
-from iat.overfit_guard import OverfitGuard
-from iat.progress import progress_bar
-from iat.recipes import RECIPES
-from iat.run_logging import (
+from iat.defenses import transforms as defenses
+from iat.defenses.sparse_frontend import FrontendClassifier, frontend_spec
+from iat.eval.evaluate import attack_record, evaluate_attack, threat_model
+from iat.eval.metrics import EvalResult, Meter
+from iat.recipes.ema import WeightAverage
+from iat.recipes.eval_schedule import EVAL_SCHEDULES
+from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
+from iat.recipes.optim import clip_gradients
+from iat.recipes.presets import RECIPES
+from iat.runs.logger import (
     RunLogger,
     check_mlflow,
     forget_records_after,
     run_directory_logger,
 )
-from iat.run_state import (
+from iat.runs.state import (
     Progress,
     RunDirectoryLock,
     Start,
@@ -72,8 +70,12 @@ from iat.run_state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from iat.soft_objective import SoftTargetPGD, soft_training_objective
-from iat.sparse_frontend import FrontendClassifier, frontend_spec
+from iat.runtime import distributed
+from iat.runtime.distributed import usable_cpus
+from iat.runtime.progress import progress_bar
+from iat.train.finetune import freeze_outside, load_finetune_weights
+from iat.train.overfit_guard import OverfitGuard
+from iat.train.soft_objective import SoftTargetPGD, soft_training_objective
 from nets import CheckpointError
 
 IMAGENET_TRAIN_IMAGES = 1281167  # the original's steps per epoch for --fake runs
@@ -190,7 +192,7 @@ def _objective(
     loss: LossSettings,
 ) -> TrainingTerms:
     """The training loss of a batch with hard labels [N], or of a mixed batch with soft
-    targets [N, classes] (``iat.soft_objective``: smoothing already in the targets)."""
+    targets [N, classes] (``iat.train.soft_objective``: smoothing already in the targets)."""
     if labels.ndim == 2:
         return soft_training_objective(
             model, attack_model, attacker, images, labels, loss.adv_fraction, loss.lp_weight
@@ -227,7 +229,7 @@ def sized_batches(run: Training, step: int, epoch: int) -> list[MicroBatch]:
 
 def mixed_batches(run: Training, step: int, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
     """Mixup / CutMix of each micro-batch of update `step` (images, soft targets), on the
-    device; the draws depend on (seed, rank, step, micro-batch) alone (``iat.mixing``)."""
+    device; the draws depend on (seed, rank, step, micro-batch) alone (``iat.recipes.mixing``)."""
     if run.mixing is None:
         return micro_batches
     mixed = []

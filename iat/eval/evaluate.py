@@ -20,8 +20,6 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from iat import benchmarks, defenses, distributed, ood
-from iat.atomic_io import atomic_write, atomic_write_text, check_writable_file
 from iat.attacks import (
     PIXEL_MAX,
     PIXEL_MIN,
@@ -50,7 +48,12 @@ from iat.data.layouts import (
     create_reader,
 )
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
-from iat.eval_state import (
+from iat.defenses import transforms as defenses
+from iat.defenses.sparse_frontend import describe_attack
+from iat.eval import benchmarks, ood
+from iat.eval.masking import Check, run_checks
+from iat.eval.metrics import EvalResult, count_batch
+from iat.eval.state import (
     BatchRecord,
     EvalState,
     EvalStateError,
@@ -58,11 +61,10 @@ from iat.eval_state import (
     state_dir,
     stats_tensors,
 )
-from iat.masking import Check, run_checks
-from iat.metrics import EvalResult, count_batch
-from iat.progress import progress_bar
-from iat.run_logging import Backend, MlflowBackend, ResultFileBackend, RunLogger
-from iat.sparse_frontend import describe_attack
+from iat.runs.logger import Backend, MlflowBackend, ResultFileBackend, RunLogger
+from iat.runtime import distributed
+from iat.runtime.atomic_io import atomic_write, atomic_write_text, check_writable_file
+from iat.runtime.progress import progress_bar
 
 DEFENSE_SEED_OFFSET = 500_000  # a random defense's draws: a stream apart from the attack's
 
@@ -94,7 +96,7 @@ def evaluate(
     With `quantize` the adversarial images are rounded to uint8 (as a file would hold them)
     before they are scored; `export` writes them as PNGs. With `state`, the batches it holds
     are not attacked again (their counts are added once, by rank 0) and every finished batch
-    is added to it (``iat.eval_state``).
+    is added to it (``iat.eval.state``).
 
     The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
     view); the images are scored by `model` itself. An unreadable image is an error naming it,
@@ -381,7 +383,7 @@ def write_model_info(cfg: Config, results: list[EvalResult]) -> None:
 def masking_checks(
     model: torch.nn.Module, cfg: Config, samples: Sequence[Sample], device: torch.device
 ) -> list[Check] | None:
-    """``iat.masking``'s checks of a strong / autoattack evaluation (None for other attacks,
+    """``iat.eval.masking``'s checks of a strong / autoattack evaluation (None for other attacks,
     or with --masking-checks 0)."""
     if not attack_info(eval_attack(cfg)).checked or cfg.masking_checks == 0:
         return None
@@ -403,7 +405,7 @@ def masking_checks(
 
 
 def open_state(cfg: Config, num_images: int) -> EvalState | None:
-    """This evaluation's resumable state (``iat.eval_state``), saying what it resumes."""
+    """This evaluation's resumable state (``iat.eval.state``), saying what it resumes."""
     folder = state_dir(cfg)
     if folder is None or cfg.export_adversarial is not None:
         return None  # an export writes every image: it runs whole

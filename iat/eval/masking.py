@@ -40,7 +40,7 @@ from iat.attacks import (
 from iat.attacks.ops import as_float, attacking
 from iat.config import Config, eval_attack
 from iat.data.layouts import Sample
-from iat.metrics import EvalResult
+from iat.eval.metrics import EvalResult
 
 FLAT_SHARE = 0.1  # warn when more than this share of images shows a flat loss
 UNBOUNDED_ACCURACY = 0.05  # warn when unbounded PGD leaves more than this accuracy

@@ -24,7 +24,7 @@ from iat.attacks import DEFAULT_QUERIES
 from iat.config import Config
 from iat.data.augment import eval_transform, robustbench_transform
 from iat.data.layouts import DataError, Sample
-from iat.metrics import EvalResult
+from iat.eval.metrics import EvalResult
 
 IDS_FILE = Path(__file__).parent / "data" / "reference" / "robustbench_imagenet_ids.txt"
 BENCHMARK_DEFAULTS = {  # flags --benchmark robustbench sets unless given

@@ -1,5 +1,5 @@
-"""Adversarial training on soft targets (Mixup / CutMix, ``iat.mixing``): the training attack
-maximises the loss of the soft target, and the model is trained on it.
+"""Adversarial training on soft targets (Mixup / CutMix, ``iat.recipes.mixing``): the training
+attack maximises the loss of the soft target, and the model is trained on it.
 
 ARES 2.0 (``ares/utils/adv.py`` ``adv_generator`` with ``attack_criterion: mixup``, as its
 ``robust_training/train_configs/*.yaml`` set) attacks the mixed images with the soft-target
@@ -23,7 +23,7 @@ from adv_model import (
     no_targets,
     paired_terms,
 )
-from iat.attack_spec import AttackSpec
+from iat.attacks.spec import AttackSpec
 
 
 class SoftTargetPGD:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import nets
-from iat.atomic_io import atomic_write, atomic_write_text
+from iat.runtime.atomic_io import atomic_write, atomic_write_text
 from nets import CheckpointError
 from nets.checkpoint import require_finite
 
@@ -37,7 +37,7 @@ RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator'
 # Free training's perturbation (Shafahi et al. Alg. 1: carried over from minibatch to minibatch,
 # epochs included); only with --free-replays > 1.
 FREE_DELTA_FIELD = "free_delta"
-EMA_FIELD = "ema"  # the averaged weights (iat.ema), keyed as "model"; only with an average
+EMA_FIELD = "ema"  # the averaged weights (iat.recipes.ema), keyed as "model"; only with an average
 # Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
 # forged field, refused naming it rather than overflowing later.
 MAX_COUNT = 2**63 - 1

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from iat.atomic_io import atomic_write_text, check_writable_file
 from iat.builders import load_for_inference
 from iat.config import Config, predict_defense
 from iat.data.layouts import CorruptImageError, DataError
 from iat.data.sources import eval_loader, list_directory, resize_square, to_model_input
-from iat.defenses import defend
-from iat.progress import progress_bar
+from iat.defenses.transforms import defend
+from iat.runtime.atomic_io import atomic_write_text, check_writable_file
+from iat.runtime.progress import progress_bar
 
 
 def predict_files(

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from iat.atomic_io import atomic_write
 from iat.data.layouts import DataError
-from iat.sparse_frontend import FrontendClassifier
+from iat.defenses.sparse_frontend import FrontendClassifier
+from iat.runtime.atomic_io import atomic_write
 
 ACTIVATIONS_KEY, LABELS_KEY = "activations", "labels"
 OVERRIDE_MARGIN = 1.0  # where the vote overrides the network, its class leads by this logit
@@ -165,10 +165,10 @@ def export_activations(
 
 def run_export(cfg, device: torch.device) -> Path:
     """--export-activations LAYER: the --load'ed model's activations over --split of --data."""
-    from iat import distributed
     from iat.builders import load_for_inference
     from iat.data.sources import eval_loader
-    from iat.evaluate import eval_samples
+    from iat.eval.evaluate import eval_samples
+    from iat.runtime import distributed
 
     samples = eval_samples(cfg)
     model, cfg = load_for_inference(cfg, device)

@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from iat.atomic_io import NoSpaceError, atomic_write_text, is_no_space
+from iat.runtime.atomic_io import NoSpaceError, atomic_write_text, is_no_space
 
 CONFIG_FILE = "config.json"
 MLFLOW_EXPERIMENT = "imagenet-adversarial-training"

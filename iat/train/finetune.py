@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 import nets
-from iat.sparse_frontend import FrontendClassifier
+from iat.defenses.sparse_frontend import FrontendClassifier
 from nets import CheckpointError
 from nets.checkpoint import CLASSIFIER_PREFIX
 

@@ -19,8 +19,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from iat.atomic_io import atomic_write, atomic_write_text
 from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
+from iat.runtime.atomic_io import atomic_write, atomic_write_text
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
     ("train/loss", "training loss (with --lp-weight: and its two terms)"),

@@ -27,7 +27,7 @@ from torch import nn
 from iat.config import Config
 from iat.data.augment import center_crop_transform, eval_transform
 from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample
-from iat.metrics import EvalResult
+from iat.eval.metrics import EvalResult
 
 CLASS_MAP = Path(__file__).parent / "data" / "reference" / "imagenet_class_to_id_map.json"
 # AlexNet's top-1 error per corruption, averaged over the 5 severities (Hendrycks & Dietterich

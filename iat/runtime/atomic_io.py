@@ -5,7 +5,7 @@ would get (0666 less the umask: colleagues on a shared cluster can read results)
 the target, and the folder is fsync'ed so that the rename survives a power loss. Readers (and a
 relaunched run) see the old file or the new one, never half of one; a write interrupted by an
 exception leaves nothing behind. (A SIGKILL can leave a `.NAME.*.tmp` file, which nothing reads;
-`iat.run_state.remove_partial_checkpoints` clears those of a run.) A full disk is one
+`iat.runs.state.remove_partial_checkpoints` clears those of a run.) A full disk is one
 ``NoSpaceError`` line saying how much the file needed (torch reports it as two chained
 tracebacks ending in "unexpected pos").
 """

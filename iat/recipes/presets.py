@@ -1,7 +1,7 @@
 """Training recipes (``--recipe NAME``): each a dict of configuration values with its source.
 
 A recipe sets its values over ``Config``'s defaults; flags given on the command line override
-it (``iat.cli``). The architecture and data are never part of a recipe: they are the user's.
+it (``iat.app.cli``). The architecture and data are never part of a recipe: they are the user's.
 Pixel units throughout (epsilon 4 = 4/255); ``base_lr`` is per 256 images (the sources' LR
 converted from their batch). README "Recipes" lists each with the numbers its paper reports and
 where this re-creation differs.

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 import nets
-from iat import distributed
-from iat.atomic_io import atomic_write_text
+from iat.app.predict import run_predict
 from iat.builders import build_model
 from iat.config import Config
 from iat.data.layouts import list_split
-from iat.evaluate import evaluate_attack
-from iat.metrics import EvalResult
-from iat.predict import run_predict
-from iat.run_state import checkpoint_path, latest_checkpoint
-from iat.trainer import run_training
+from iat.eval.evaluate import evaluate_attack
+from iat.eval.metrics import EvalResult
+from iat.runs.state import checkpoint_path, latest_checkpoint
+from iat.runtime import distributed
+from iat.runtime.atomic_io import atomic_write_text
+from iat.train.trainer import run_training
 
 IMAGE_SIZE = 32
 VAL_EVERY = 5  # every 5th image of the set goes to val/
@@ -216,7 +216,7 @@ def run_demo(logdir: str) -> int:
     cpus = distributed.usable_cpus()
     torch.set_num_threads(cpus)  # this process evaluates while the training processes are gone
     nprocs = 2 if cpus >= 2 else 1
-    print(f"training on {nprocs} process(es) of {cpus} usable CPUs, Gloo, through iat.distributed")
+    print(f"training on {nprocs} process(es) of {cpus} usable CPUs, Gloo")
     rows = []
     for name, folder, k, method in MODELS:
         cfg = dataclasses.replace(demo_config(data, root / folder, k, nprocs), adv_method=method)
