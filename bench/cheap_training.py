@@ -5,7 +5,7 @@
 
 An "epoch" here is ``--steps`` loaded batches (the same for every mode, so the ratios are those
 of a real epoch of any length): each mode's training attacker comes from
-``builders.build_training_attacker`` and each update is ``trainer.train_step``, as a run does.
+``train_builders.build_training_attacker`` and each update is ``trainer.train_step``, as a run does.
 
   clean     --adv-method clean
   PGD-10    the original's recipe at 10 iterations: random target, eps 16, step 16/10,
@@ -41,6 +41,7 @@ from adv_model import FreeAttacker  # noqa: E402
 from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.data.sources import to_model_input  # noqa: E402
+from iat.train import builders as train_builders  # noqa: E402
 from iat.train import trainer  # noqa: E402
 
 NUM_CLASSES = 1000
@@ -86,8 +87,8 @@ def epoch_fn(args: argparse.Namespace, mode: Mode, data):
     torch.manual_seed(0)
     model = nets.build_model(args.arch, depth=args.depth, num_classes=NUM_CLASSES)
     cfg = Config(fake=True, **mode.flags)
-    optimizer = builders.build_optimizer(model, cfg)
-    attacker = builders.build_training_attacker(
+    optimizer = train_builders.build_optimizer(model, cfg)
+    attacker = train_builders.build_training_attacker(
         cfg,
         num_classes=NUM_CLASSES,
         precision=builders.attack_precision(False, torch.device("cpu")),

@@ -37,8 +37,8 @@ from train_step import (  # noqa: E402  (bench/, the script's folder)
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker, PGDAttacker  # noqa: E402
-from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
+from iat.train import builders as train_builders  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -81,7 +81,7 @@ def build(args: argparse.Namespace, arch: str, op: str | None) -> torch.nn.Modul
 
 
 def candidate(args: argparse.Namespace, name: str, model: torch.nn.Module) -> Candidate:
-    optimizer = builders.build_optimizer(model, Config(fake=True))
+    optimizer = train_builders.build_optimizer(model, Config(fake=True))
     x, y = batch(args)
     step = step_fn(model, optimizer, NoOpAttacker(), x, y)
     attack = PGDAttacker(1, 16.0, 1.0, num_classes=NUM_CLASSES)

@@ -51,9 +51,9 @@ from train_step import (  # noqa: E402  (bench/, the script's folder)
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker  # noqa: E402
-from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.runtime import distributed  # noqa: E402
+from iat.train import builders as train_builders  # noqa: E402
 
 NUM_CLASSES = 1000
 VARIANTS = ("eager-fp32", "compiled-amp")  # compiled-amp: --use-fp16xla on CUDA
@@ -86,7 +86,7 @@ def build(word: str, device: torch.device) -> tuple[torch.nn.Module, torch.optim
     arch, depth = parse_arch(word)
     model = nets.build_model(arch, depth=depth, num_classes=NUM_CLASSES)
     model = model.to(device, memory_format=torch.channels_last)  # as builders does on CUDA
-    return model, builders.build_optimizer(model, Config(fake=True))
+    return model, train_builders.build_optimizer(model, Config(fake=True))
 
 
 def batch(size: int, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,9 +41,9 @@ if __name__ == "__main__":
 
 import nets  # noqa: E402
 from adv_model import NoOpAttacker, PGDAttacker, attack_mode  # noqa: E402
-from iat import builders  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.data.sources import to_model_input  # noqa: E402
+from iat.train import builders as train_builders  # noqa: E402
 from iat.train import trainer  # noqa: E402
 
 # Feature Denoising, Sec 6: epsilon 16; training starts 20% of batches from the clean image.
@@ -112,7 +112,7 @@ def build(args: argparse.Namespace, arch: str) -> tuple[torch.nn.Module, torch.o
     if args.channels_last_model:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(args.device)
-    return model, builders.build_optimizer(model, Config(fake=True))
+    return model, train_builders.build_optimizer(model, Config(fake=True))
 
 
 def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The only place a configuration becomes objects: model, attacker, optimizer, schedule, DDP.
+"""The only place a configuration becomes objects: model (weights read once), attack settings and
+attacker; the training half (optimizer, schedule, training attack, DDP) is ``iat.train.builders``.
 
 Every choice is looked up in a registry (``nets.ARCHITECTURES``, ``iat.attacks.ATTACKS``); weights
 are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) and loaded here.
@@ -11,15 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import nets
 from iat.attacks import Attacker, AttackSettings, create_attacker
-from iat.attacks.core import has_native_low_precision, pgd_step_size
+from iat.attacks.core import has_native_low_precision
 from iat.attacks.registry import default_attack
 from iat.attacks.spec import AttackSpec
-from iat.config import MODEL_FIELDS, NO_TARGET, Config, mixing_enabled, training_attack_spec
-from iat.data.layouts import DataError, Sample
+from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
 from iat.defenses.sparse_frontend import (
     FrontendClassifier,
     FrontendSpec,
@@ -28,11 +27,7 @@ from iat.defenses.sparse_frontend import (
     load_frontend,
 )
 from iat.defenses.transforms import DEFENSE_PHASES, parse_defense
-from iat.recipes.mixing import MixSettings
-from iat.recipes.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
 from iat.runs.state import averaged_weights
-from iat.train.overfit_guard import OverfitGuard, held_out_batch
-from iat.train.soft_objective import SoftTargetPGD, soft_target_attacker
 
 IMAGENET_CLASSES = 1000
 
@@ -390,141 +385,3 @@ def build_attacker(
         eot_samples=eot_samples,
     )
     return create_attacker(name or default_attack(attack_iter), settings)
-
-
-def build_training_attacker(
-    cfg: Config,
-    *,
-    num_classes: int,
-    precision: AttackPrecision,
-    generator: torch.Generator,
-    spec: AttackSpec | None = None,
-) -> Attacker:
-    """The training attack: `spec`, else --adv-method's spec (or the --attack-* flags), computed
-    with `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
-    perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
-    spec = spec or training_attack_spec(cfg)
-    settings = attack_settings(
-        cfg,
-        attack_iter=0,
-        num_classes=num_classes,
-        precision=precision,
-        generator=generator,
-        spec=spec,
-    )
-    return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
-
-
-def warmup_factor(warmup_epochs: int, epoch: int) -> float:
-    """min(1, (epoch - 1) / W) in epoch `epoch` (1-based): ARES 2.0's adversarial_training.py
-    step ramp, ``min(epoch, 5) / 5`` of its 0-based epoch; 1 without a warm-up."""
-    return 1.0 if warmup_epochs == 0 else min(1.0, (epoch - 1) / warmup_epochs)
-
-
-def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
-    """The training attack of epoch `epoch`: epsilon and step scaled by their warm-ups. A PGD
-    step is resolved first (``adv_model.pgd_step_size`` at full strength), then scaled; the
-    hard-label PGD raises a step below epsilon / iterations again (the original's rule), the
-    soft-target attack takes it as it is (ARES)."""
-    spec = training_attack_spec(cfg)
-    full = spec.settings
-    epsilon = full.epsilon * warmup_factor(cfg.eps_warmup_epochs, epoch)
-    if spec.name != "pgd":
-        return dataclasses.replace(spec, settings=dataclasses.replace(full, epsilon=epsilon))
-    step = pgd_step_size(full.epsilon, full.num_iter, full.step_size)
-    step *= warmup_factor(cfg.step_warmup_epochs, epoch)
-    scaled = dataclasses.replace(full, epsilon=epsilon, step_size=step)
-    return dataclasses.replace(spec, settings=scaled)
-
-
-def build_epoch_attacker(
-    cfg: Config,
-    epoch: int,
-    *,
-    num_classes: int,
-    precision: AttackPrecision,
-    generator: torch.Generator,
-) -> Attacker | SoftTargetPGD:
-    """The training attack of epoch `epoch` (``epoch_attack_spec``): on Mixup / CutMix's soft
-    targets ``iat.train.soft_objective``'s, else ``build_training_attacker``'s."""
-    spec = epoch_attack_spec(cfg, epoch)
-    if mixing_enabled(cfg):
-        return soft_target_attacker(spec, cfg.prob_start_from_clean, generator)
-    return build_training_attacker(
-        cfg, num_classes=num_classes, precision=precision, generator=generator, spec=spec
-    )
-
-
-def mix_settings(cfg: Config, num_classes: int) -> MixSettings:
-    """timm's Mixup arguments from the configuration; label smoothing is folded into the soft
-    targets."""
-    return MixSettings(
-        mixup_alpha=cfg.mixup_alpha,
-        cutmix_alpha=cfg.cutmix_alpha,
-        prob=cfg.mix_prob,
-        switch_prob=cfg.mix_switch_prob,
-        label_smoothing=cfg.label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def build_overfit_guard(
-    cfg: Config, val: Sequence[Sample] | None, device: torch.device
-) -> OverfitGuard | None:
-    """--overfit-guard's check on the first --batch images of val/ at the training attack's
-    epsilon; None when off. DataError without a val/ split."""
-    if not cfg.overfit_guard:
-        return None
-    if not val:
-        raise DataError("--overfit-guard: needs a val/ split (its first images are held out)")
-    images, labels = held_out_batch(val, cfg.batch, cfg.image_size, device)
-    epsilon = training_attack_spec(cfg).settings.epsilon
-    return OverfitGuard(images, labels, epsilon, cfg.overfit_guard, cfg.seed)
-
-
-# --- optimizer and schedule ------------------------------------------------------------------
-def peak_lr(base_lr: float, total_batch: int) -> float:
-    # "ImageNet in 1 Hour" Sec 2.1: linear scaling, lr = 0.1 * total_batch / 256 (in floating
-    # point: the original's integer division trained batches below 256 at LR 0).
-    return base_lr * total_batch / 256
-
-
-def learning_rate(progress: float, cfg: Config, total_batch: int) -> float:
-    """LR at `progress` epochs completed (fractional: set before every update). The warm-up
-    starts at --warmup-factor x the peak or, by default, the original's: at base_lr, only when
-    the scaled peak is higher ("ImageNet in 1 Hour" Sec 2.2: linear from 0.1 over 5 epochs)."""
-    peak = peak_lr(cfg.base_lr, total_batch)
-    start = cfg.base_lr if cfg.warmup_factor is None else cfg.warmup_factor * peak
-    schedule = Schedule(
-        epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs,
-        decay_epochs=cfg.lr_decay_epochs,
-        min_factor=cfg.min_lr_factor,
-        knots=cfg.lr_knots or (),
-    )
-    return scheduled_lr(cfg.lr_schedule, progress, peak, start, schedule)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """--optimizer over the trainable parameters (frozen ones, requires_grad False, are left
-    out: no weight decay or momentum moves them), weight decay on weight matrices and kernels
-    only (``iat.recipes.optim.decays``)."""
-    settings = OptimizerSettings(lr=cfg.base_lr, momentum=cfg.momentum, betas=cfg.adam_betas)
-    groups = param_groups(model.named_parameters(), cfg.weight_decay)
-    return OPTIMIZERS[cfg.optimizer](groups, settings)
-
-
-# --- data parallelism ------------------------------------------------------------------------
-def wrap_model(
-    model: torch.nn.Module, cfg: Config, device: torch.device, world_size: int
-) -> torch.nn.Module:
-    """DistributedDataParallel averages gradients over all processes (the original's
-    HorovodTrainer(average=True)); BatchNorm statistics stay per process unless --sync-bn."""
-    if world_size == 1:
-        return model
-    if cfg.sync_bn:
-        if device.type != "cuda":
-            raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA devices")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)

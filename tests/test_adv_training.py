@@ -30,10 +30,11 @@ from adv_model import (
     training_terms,
 )
 from iat.attacks.spec import AttackSpec, parse_attack_spec
-from iat.builders import AttackPrecision, build_optimizer, build_training_attacker
+from iat.builders import AttackPrecision
 from iat.config import Config
 from iat.recipes.ema import WeightAverage, ema_decay
 from iat.runtime import distributed
+from iat.train.builders import build_optimizer, build_training_attacker
 from iat.train.trainer import LossSettings, train_step
 from main import main
 

@@ -14,9 +14,9 @@ from test_run_state_faults import PGD_RUN, TINY, eval_args, write_run_checkpoint
 from test_train import error_line, train_args
 
 import nets
-from iat.builders import build_optimizer
 from iat.config import Config
 from iat.runs.state import SET_ASIDE_SUFFIX, list_checkpoints, plan_start
+from iat.train.builders import build_optimizer
 from main import main
 
 MIB = 1 << 20

@@ -28,9 +28,9 @@ from digits_model import assert_unchanged, digits_tensors, snapshot, train_digit
 
 import nets
 from adv_model import PGDAttacker, attack_success
-from iat import builders
 from iat.config import Config
 from iat.data.sources import TrainSourceSpec, server_batches, to_model_input
+from iat.train import builders as train_builders
 from iat.train import trainer
 
 pytestmark = [
@@ -161,9 +161,9 @@ def test_one_process_nccl_group_trains_through_ddp(tmp_path):
         assert total.tolist() == [2.0, 2.0, 2.0]
         model = tiny_model("ResNet").to(CUDA, memory_format=torch.channels_last)
         cfg = Config(fake=True, sync_bn=True)
-        ddp = builders.wrap_model(model, cfg, CUDA, world_size=2)  # the multi-process wrapping
+        ddp = train_builders.wrap_model(model, cfg, CUDA, world_size=2)  # multi-process
         assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
-        optimizer = builders.build_optimizer(model, cfg)
+        optimizer = train_builders.build_optimizer(model, cfg)
         images = torch.randint(0, 256, (8, 32, 32, 3), generator=torch.Generator().manual_seed(4))
         x = to_model_input(images.to(torch.uint8).pin_memory(), CUDA)
         y = torch.arange(8, device=CUDA) % 10

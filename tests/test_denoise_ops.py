@@ -16,6 +16,7 @@ import nets
 from adv_model import PGDAttacker
 from iat import builders
 from iat.config import Config
+from iat.train import builders as train_builders
 from iat.train.trainer import LossSettings, train_step
 from main import main
 
@@ -262,7 +263,7 @@ def test_every_new_op_trains_one_step(arch, op):
     for block in (m for m in model.modules() if isinstance(m, nets.DenoisingBlock)):
         torch.nn.init.normal_(block.conv.bn.weight)  # let gradients reach the op's inputs
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = builders.build_optimizer(model, cfg)
+    optimizer = train_builders.build_optimizer(model, cfg)
     attacker = PGDAttacker(1, 8.0, 4.0, num_classes=5)
     images, labels = torch.rand(4, 3, 16, 16) * 255, torch.arange(4) % 5
     result = train_step(model, model, attacker, optimizer, [(images, labels)], LossSettings(0.1))

@@ -10,8 +10,8 @@ import torch
 from conftest import assert_resumes_bit_for_bit
 from torch import nn
 
-from iat.builders import build_optimizer, learning_rate
 from iat.config import Config
+from iat.train.builders import build_optimizer, learning_rate
 from main import main
 
 

@@ -21,10 +21,10 @@ from test_train import error_line, read_jsonl, train_args
 
 import iat.train.trainer
 import nets
-from iat.builders import build_optimizer
 from iat.config import Config
 from iat.runs.logger import forget_records_after
 from iat.runs.state import plan_start
+from iat.train.builders import build_optimizer
 from main import main
 
 TINY = {"num_blocks": [1, 1, 1, 1], "num_classes": 10, "width": 8}

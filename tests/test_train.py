@@ -19,10 +19,10 @@ from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import nets
-from iat.builders import build_optimizer, learning_rate
 from iat.config import Config
 from iat.data.augment import eval_transform
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
+from iat.train.builders import build_optimizer, learning_rate
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]

@@ -10,14 +10,10 @@ import torch
 from conftest import assert_resumes_bit_for_bit
 
 from adv_model import PGDAttacker
-from iat.builders import (
-    AttackPrecision,
-    build_epoch_attacker,
-    epoch_attack_spec,
-    warmup_factor,
-)
+from iat.builders import AttackPrecision
 from iat.config import Config
 from iat.data.sources import resize_batch
+from iat.train.builders import build_epoch_attacker, epoch_attack_spec, warmup_factor
 from iat.train.overfit_guard import GuardFigures, OverfitGuard
 from iat.train.soft_objective import SoftTargetPGD
 from iat.train.trainer import scheduled_size

@@ -489,7 +489,7 @@ def run(cfg: Config) -> None:
 
 def _dispatch(cfg: Config, env: distributed.DistEnv, device) -> None:
     if cfg.mode == "export_activations":
-        from iat.defenses.embedding import run_export
+        from iat.app.export import run_export
 
         run_export(cfg, device)
     elif cfg.mode == "eval_directory":

@@ -2,13 +2,12 @@
 compressed by PCA, and LESCI — classification by the nearest neighbours of the compressed
 activation in a stored embedding space, falling back to the network where they disagree.
 
-``--export-activations LAYER`` writes the activations of a named module (a ``nets`` module
-path, e.g. ``group3`` or ``gap``) over a split, with their labels, as ``.npz`` or MATLAB
-``.mat`` (SciPy), as the original project did. ``PCA`` and ``nearest_neighbours`` are plain
-torch; ``LESCI`` wraps a model and is attackable: its backward pass is the network's own
-(BPDA through the k-NN step, Athalye, Carlini & Wagner 2018, Sec 4.1), so white-box attacks are
-not fooled by the non-differentiable vote.
-"""
+``--export-activations LAYER`` (``iat.app.export``) writes the activations of a named module (a
+``nets`` module path, e.g. ``group3`` or ``gap``) over a split, with their labels, as ``.npz`` or
+MATLAB ``.mat`` (SciPy), as the original project did. ``PCA`` and ``nearest_neighbours`` are plain
+torch; ``LESCI`` wraps a model and is attackable: its backward pass is the network's own (BPDA
+through the k-NN step, Athalye, Carlini & Wagner 2018, Sec 4.1), so white-box attacks are not fooled
+by the non-differentiable vote."""
 
 from __future__ import annotations
 
@@ -144,46 +143,3 @@ class LESCI(nn.Module):
         gap = plain.max(dim=1).values - plain.gather(1, decided[:, None]).squeeze(1)
         raise_by = torch.where(gap > 0, gap + OVERRIDE_MARGIN, torch.zeros_like(gap))
         return logits + raise_by[:, None] * nn.functional.one_hot(decided, logits.shape[1])
-
-
-def export_activations(
-    model: nn.Module, layer: str, batches, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """The flattened activations of `layer` and the labels over ``(images, labels, ...)``
-    batches (uint8 NHWC, as ``sources.eval_loader`` gives them)."""
-    from iat.data.sources import to_model_input
-
-    model.eval()
-    collected, labels = [], []
-    with torch.no_grad(), captured(model, layer) as outputs:
-        for images, batch_labels, *_ in batches:
-            model(to_model_input(images, device))
-            collected.append(outputs.pop().cpu())
-            labels.append(batch_labels)
-    return torch.cat(collected).numpy(), torch.cat(labels).numpy()
-
-
-def run_export(cfg, device: torch.device) -> Path:
-    """--export-activations LAYER: the --load'ed model's activations over --split of --data."""
-    from iat.builders import load_for_inference
-    from iat.data.sources import eval_loader
-    from iat.eval.evaluate import eval_samples
-    from iat.runtime import distributed
-
-    samples = eval_samples(cfg)
-    model, cfg = load_for_inference(cfg, device)
-    loader = eval_loader(
-        samples,
-        batch=cfg.batch,
-        image_size=cfg.image_size,
-        workers=cfg.workers,
-        rank=0,
-        world_size=1,
-        pin_memory=device.type == "cuda",
-    )
-    activations, labels = export_activations(model, cfg.export_activations, loader, device)
-    path = Path(cfg.activations_file)
-    if distributed.is_main_process():
-        save_activations(path, activations, labels)
-        print(f"wrote {activations.shape[0]} x {activations.shape[1]} activations to {path}")
-    return path

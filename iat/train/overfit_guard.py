@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adv_model import FGSM_RS_STEP, PGDAttacker
+from iat.attacks.pgd import PGDAttacker
+from iat.attacks.training import FGSM_RS_STEP
 from iat.data.augment import eval_transform
 from iat.data.layouts import Sample, read_image_bgr
 from iat.data.sources import to_model_input

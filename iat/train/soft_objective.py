@@ -13,17 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adv_model import (
-    FGSM_RS_STEP,
-    PIXEL_MAX,
-    PIXEL_MIN,
-    TrainingTerms,
-    attack_mode,
-    mixed_batch,
-    no_targets,
-    paired_terms,
-)
+from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, attack_mode, no_targets
 from iat.attacks.spec import AttackSpec
+from iat.attacks.training import FGSM_RS_STEP
+from iat.train.objective import TrainingTerms, mixed_batch, paired_terms
 
 
 class SoftTargetPGD:
@@ -73,7 +66,7 @@ def soft_target_attacker(
     spec: AttackSpec, prob_start_from_clean: float, generator: torch.Generator
 ) -> SoftTargetPGD:
     """The training attack `spec` on soft targets: clean, untargeted PGD with the spec's step
-    as it is (``builders.epoch_attack_spec`` resolves it), or FGSM-RS (one step of 1.25 epsilon
+    as it is (``epoch_attack_spec`` resolves it), or FGSM-RS (one step of 1.25 epsilon
     from a random start, Wong et al. 2020 Sec 4)."""
     if spec.name == "clean":
         return SoftTargetPGD(0, 0.0, 0.0, 1.0, generator)
@@ -97,7 +90,7 @@ def soft_training_objective(
     adv_fraction: float = 1.0,
     lp_weight: float = 0.0,
 ) -> TrainingTerms:
-    """``adv_model.training_terms`` on soft `targets` [N, classes] (label smoothing already
+    """``objective.training_terms`` on soft `targets` [N, classes] (label smoothing already
     folded into them); mixed batches and logit pairing (ALP Sec 3) compose as there."""
     pairing = lp_weight > 0
     attacked, clean = mixed_batch(images.shape[0], adv_fraction, paired=pairing)

@@ -2,8 +2,8 @@
 
 Feature Denoising Sec 5: every training image is replaced by its PGD adversarial example
 (random target, 20% of batches start from the clean image), and the network is trained on
-those only, with label smoothing 0.1 (``adv_model.training_objective``). The schedule is
-"ImageNet in 1 Hour" (Goyal et al.; ``builders.learning_rate``). The variants (README,
+those only, with label smoothing 0.1 (``objective.training_objective``). The schedule is
+"ImageNet in 1 Hour" (Goyal et al.; ``iat.train.builders.learning_rate``). The variants (README,
 "Adversarial-training options"): mixed batches and logit pairing (in the objective), virtual
 batches of several micro-batches, free training's replayed batches, a moving average of the
 weights, and fine-tuning from another checkpoint. The newer recipes' parts (README, "Recipes,
@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import nets
-from adv_model import Attacker, FreeAttacker, TrainingTerms, training_terms
 from iat import builders
+from iat.attacks import Attacker
+from iat.attacks.training import FreeAttacker
 from iat.config import (
     Config,
     adv_fraction,
@@ -73,7 +74,9 @@ from iat.runs.state import (
 from iat.runtime import distributed
 from iat.runtime.distributed import usable_cpus
 from iat.runtime.progress import progress_bar
+from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
+from iat.train.objective import TrainingTerms, training_terms
 from iat.train.overfit_guard import OverfitGuard
 from iat.train.soft_objective import SoftTargetPGD, soft_training_objective
 from nets import CheckpointError
@@ -105,14 +108,14 @@ class Training:
     loss: LossSettings
     ema: WeightAverage | None = None  # the moving average of the weights, when kept
     mixing: MixSettings | None = None  # Mixup / CutMix, when on
-    # The training attack of an epoch (its epsilon and step warm-ups: builders.epoch_attack_spec)
+    # The training attack of an epoch (epsilon and step warm-ups: train_builders.epoch_attack_spec)
     attacker_of_epoch: Callable[[int], Attacker | SoftTargetPGD] | None = None
     held: list[MicroBatch] | None = None  # free training: the batch being replayed
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The arguments of ``adv_model.training_objective`` beyond the batch."""
+    """The arguments of ``objective.training_objective`` beyond the batch."""
 
     label_smoothing: float
     adv_fraction: float = 1.0  # attacked fraction of each batch
@@ -315,7 +318,7 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     for i in bar:
         micro_batches = mixed_batches(run, step, sized_batches(run, step, epoch))
         distributed.mark_progress(step + 1)
-        lr = builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
+        lr = train_builders.learning_rate(epoch - 1 + i / run.steps, cfg, run.total_batch)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(
@@ -580,7 +583,7 @@ def setup(
     torch.manual_seed(cfg.seed)
     precision = builders.attack_precision(cfg.use_fp16xla, device)
     model = build_network(cfg, start, num_classes, device)
-    optimizer = builders.build_optimizer(model, cfg)
+    optimizer = train_builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
         restore_optimizer(optimizer, start)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -608,7 +611,7 @@ def setup(
         pin_memory=device.type == "cuda",
     )
     attacker_of_epoch = functools.partial(
-        builders.build_epoch_attacker,
+        train_builders.build_epoch_attacker,
         cfg,
         num_classes=num_classes,
         precision=precision,
@@ -619,7 +622,7 @@ def setup(
     return Training(
         cfg=cfg,
         model=model,
-        ddp_model=builders.wrap_model(trained, cfg, device, world),
+        ddp_model=train_builders.wrap_model(trained, cfg, device, world),
         attack_model=trained,
         attacker=attacker,
         generator=generator,
@@ -631,7 +634,7 @@ def setup(
         device=device,
         loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
         ema=build_ema(cfg, model, start),
-        mixing=builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
+        mixing=train_builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
         attacker_of_epoch=attacker_of_epoch,
     )
 
@@ -701,7 +704,7 @@ def _train_in(
     ) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
-        guard = builders.build_overfit_guard(cfg, val, device)
+        guard = train_builders.build_overfit_guard(cfg, val, device)
         if guard is not None:
             guard.remember(run.model)
         for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
