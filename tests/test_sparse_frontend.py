@@ -19,7 +19,7 @@ import nets
 from adv_model import PGDAttacker
 from iat.builders import architecture_record, load_for_inference
 from iat.config import Config
-from iat.defenses.transforms import sparse_frontend as sf
+from iat.defenses import sparse_frontend as sf
 from iat.eval.evaluate import attack_images
 from main import main
 
