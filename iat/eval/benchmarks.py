@@ -26,7 +26,7 @@ from iat.data.augment import eval_transform, robustbench_transform
 from iat.data.layouts import DataError, Sample
 from iat.eval.metrics import EvalResult
 
-IDS_FILE = Path(__file__).parent / "data" / "reference" / "robustbench_imagenet_ids.txt"
+IDS_FILE = Path(__file__).parent.parent / "data" / "reference" / "robustbench_imagenet_ids.txt"
 BENCHMARK_DEFAULTS = {  # flags --benchmark robustbench sets unless given
     "robustbench": {
         "attack": "autoattack",

@@ -29,7 +29,7 @@ from iat.data.augment import center_crop_transform, eval_transform
 from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample
 from iat.eval.metrics import EvalResult
 
-CLASS_MAP = Path(__file__).parent / "data" / "reference" / "imagenet_class_to_id_map.json"
+CLASS_MAP = Path(__file__).parent.parent / "data" / "reference" / "imagenet_class_to_id_map.json"
 # AlexNet's top-1 error per corruption, averaged over the 5 severities (Hendrycks & Dietterich
 # 2019; the values their evaluation code normalises by).
 ALEXNET_ERRORS = {
