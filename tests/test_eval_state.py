@@ -11,6 +11,7 @@ import torch
 from test_eval_outputs import COMMON
 
 import nets
+from iat.app.watch import evaluation_key
 from iat.config import Config
 from iat.eval.state import BatchRecord, EvalState, EvalStateError, fingerprint, state_dir
 from main import main
@@ -129,3 +130,18 @@ def _keys_of_a_killed_run(args: list[str], tmp_path: Path) -> set[str]:
     finally:
         EvalState.append = original
     return keys
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"seed": 1}, {"attack_epsilon": 8.0}, {"batch": 7}, {"quantize": True}, {"eot_samples": 3}],
+)
+def test_a_setting_that_changes_a_result_changes_the_fingerprint_and_the_watch_key(changes):
+    """One list of what changes the numbers (result_settings): a resumed evaluation and
+    --eval --watch both start afresh when it changes, and neither when only a neutral one does."""
+    base, changed = _config(), _config(**changes)
+    assert fingerprint(changed, 40) != fingerprint(base, 40)
+    assert evaluation_key(changed) != evaluation_key(base)
+    neutral = _config(**changes, workers=7, watch_interval=1.0, eval_output="x.json")
+    assert fingerprint(neutral, 40) == fingerprint(changed, 40)
+    assert evaluation_key(neutral) == evaluation_key(changed)

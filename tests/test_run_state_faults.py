@@ -22,8 +22,8 @@ from test_train import error_line, read_jsonl, train_args
 import iat.train.trainer
 import nets
 from iat.config import Config
-from iat.runs.logger import forget_records_after
 from iat.runs.state import plan_start
+from iat.runs.trackers.json_lines import forget_records_after
 from iat.train.builders import build_optimizer
 from main import main
 

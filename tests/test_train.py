@@ -364,8 +364,8 @@ def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_pat
         assert record["split"] == "val"
     assert not list((run / "eval").glob(".*"))  # no temporary file left
     watch = [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run), "--data",
-             str(tiny_imagenet), "--image-size", "32", "--workers", "0", "--num-examples", "5",
-             "--threads", "1"]  # fmt: skip
+             str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers", "0",
+             "--num-examples", "5", "--threads", "1"]  # fmt: skip
     # A second watcher of the same threat model finds nothing new and stops at once (the run's
     # last epoch is done).
     again = subprocess.run(

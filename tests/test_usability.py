@@ -18,7 +18,7 @@ from conftest import REPO
 
 import nets
 from iat.builders import attack_precision
-from iat.runs.logger import MLFLOW_CHECK_SECONDS
+from iat.runs.trackers.mlflow_runs import MLFLOW_CHECK_SECONDS
 from iat.runtime import distributed
 from main import main
 
@@ -126,7 +126,7 @@ def test_an_empty_data_folder_is_named(tmp_path, capsys):
 def test_mlflow_run_holds_parameters_metrics_and_the_checkpoint(tiny_imagenet, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from iat.runs.logger import MLFLOW_EXPERIMENT, mlflow_uri
+    from iat.runs.trackers.mlflow_runs import MLFLOW_EXPERIMENT, mlflow_uri
 
     store = tmp_path / "mlruns"
     run = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_tensorboard_logging_never_imports_tensorflow(tmp_path):
     still read back."""
     code = (
         "import sys\n"
-        "from iat.runs.logger import TensorBoardBackend\n"
+        "from iat.runs.trackers.tensorboard_events import TensorBoardBackend\n"
         f"b = TensorBoardBackend({str(tmp_path)!r})\n"
         "b.scalars(3, {'train/loss': 0.25}, {})\n"
         "b.close()\n"

@@ -25,7 +25,8 @@ from iat.config import Config
 from iat.data.layouts import list_split
 from iat.eval.evaluate import evaluate_attack
 from iat.eval.metrics import EvalResult
-from iat.runs.state import checkpoint_path, latest_checkpoint
+from iat.runs.files import checkpoint_path
+from iat.runs.state import latest_checkpoint
 from iat.runtime import distributed
 from iat.runtime.atomic_io import atomic_write_text
 from iat.train.trainer import run_training

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
+from iat.runs.files import CONFIG_FILE, METRICS_FILE
 from iat.runtime.atomic_io import atomic_write, atomic_write_text
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
@@ -60,9 +61,9 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
         if not root.exists():
             raise ValueError(f"--report: {root} does not exist")
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
-        metrics = [] if root.is_file() else sorted(root.rglob("metrics.jsonl"))
+        metrics = [] if root.is_file() else sorted(root.rglob(METRICS_FILE))
         for path in files:
-            if path.name != "config.json":
+            if path.name != CONFIG_FILE:
                 evaluations += _records_in(_read_json(path))
         for path in metrics:
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -4,11 +4,12 @@ finished) training run is evaluated once, as ALP's ``eval_once=False``.
 Rank 0 polls the run directory and tells every rank which checkpoint comes next, so that the
 processes of a distributed evaluation agree. Each result is written atomically to
 ``LOGDIR/eval/checkpoint-epochNNNN.<attack>-<key>.json`` (never a half-written file), keyed by
-the checkpoint and the evaluation's threat model (``evaluation_key``): a checkpoint with a result
-of the same threat model is skipped, so a restarted watcher continues where it stopped, and a
-watcher with another attack evaluates every checkpoint again beside the first's results. The
-watcher stops once the run's last epoch (from its ``config.json``) is evaluated, or after
-``--watch-timeout`` seconds without a new checkpoint.
+the checkpoint and the settings that change the numbers (``evaluation_key``): a checkpoint with
+a result under the same key is skipped, so a restarted watcher continues where it stopped, and a
+watcher with another attack evaluates every checkpoint again beside the first's results. Each
+result also goes to the registered trackers (``--mlflow``: an MLflow run per checkpoint), as
+``--eval``'s does. The watcher stops once the run's last epoch (from its ``config.json``) is
+evaluated, or after ``--watch-timeout`` seconds without a new checkpoint.
 """
 
 from __future__ import annotations
@@ -22,28 +23,31 @@ from pathlib import Path
 
 import torch
 
-from iat.config import Config, eval_attack
-from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep, threat_model
-from iat.runs.logger import CONFIG_FILE, ResultFileBackend, RunLogger
-from iat.runs.state import list_checkpoints
+from iat.config import Config, config_record, eval_attack
+from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep
+from iat.eval.state import result_settings
+from iat.runs.files import (
+    CONFIG_FILE,
+    RESULTS_FOLDER,
+    checkpoint_epoch,
+    checkpoint_path,
+    list_checkpoints,
+    watch_result_path,
+)
+from iat.runs.trackers import check_trackers, evaluation_logger
 from iat.runtime import distributed
 
-RESULTS_FOLDER = "eval"
 NOTHING = -1  # broadcast when no checkpoint is waiting
 
 
 def evaluation_key(cfg: Config) -> str:
     """What the watcher's results are keyed by besides the checkpoint: the attack's name and a
-    hash of everything that changes the numbers (each sweep point's threat model, the split,
-    the images), e.g. ``pgd-0c1d2e3f4a``."""
-    what = [threat_model(point) for point in sweep(cfg)]
-    what += [cfg.split, str(cfg.num_examples), str(cfg.benchmark), str(cfg.image_size)]
-    digest = hashlib.sha256("\n".join(what).encode()).hexdigest()[:10]
+    hash of the settings that change the numbers (``result_settings`` of each sweep point, the
+    checkpoint aside: it names the file), e.g. ``pgd-0c1d2e3f4a``."""
+    points = [{**result_settings(point), "load": None} for point in sweep(cfg)]
+    text = json.dumps(points, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{eval_attack(cfg)}-{digest}"
-
-
-def result_path(logdir: Path, checkpoint: Path, key: str) -> Path:
-    return logdir / RESULTS_FOLDER / f"{checkpoint.stem}.{key}.json"
 
 
 def run_epochs(logdir: Path) -> int | None:
@@ -57,12 +61,15 @@ def run_epochs(logdir: Path) -> int | None:
 def next_checkpoint(logdir: Path, key: str) -> Path | None:
     """The oldest checkpoint without a result under ``key`` (complete files only: they are
     renamed in)."""
-    pending = [p for p in list_checkpoints(logdir) if not result_path(logdir, p, key).exists()]
+    pending = [
+        p for p in list_checkpoints(logdir) if not watch_result_path(logdir, p, key).exists()
+    ]
     return pending[0] if pending else None
 
 
 def _epoch(checkpoint: Path | None) -> int:
-    return NOTHING if checkpoint is None else int(checkpoint.stem.rsplit("epoch", 1)[1])
+    epoch = None if checkpoint is None else checkpoint_epoch(checkpoint)
+    return NOTHING if epoch is None else epoch
 
 
 def _agree(epoch: int, device: torch.device) -> int:
@@ -76,6 +83,8 @@ def watch(cfg: Config, device: torch.device) -> int:
     logdir = Path(cfg.watch)
     if not logdir.is_dir():
         raise ValueError(f"--watch: {logdir} is not a run directory")
+    settings = dataclasses.asdict(cfg)
+    check_trackers(settings)  # a tracker that cannot log stops the watcher before it evaluates
     samples = eval_samples(cfg)
     key = evaluation_key(cfg)
     main_proc = distributed.is_main_process()
@@ -84,17 +93,19 @@ def watch(cfg: Config, device: torch.device) -> int:
         epoch = _agree(_epoch(next_checkpoint(logdir, key)) if main_proc else NOTHING, device)
         if epoch == NOTHING:
             last = run_epochs(logdir)
-            done = last is not None and result_path(logdir, _path(logdir, last), key).exists()
+            done = last is not None and _evaluated(logdir, last, key)
             idle = time.monotonic() - idle_since > cfg.watch_timeout
             if _agree(int(done or idle) if main_proc else 0, device):
                 break
             time.sleep(cfg.watch_interval)
             continue
-        checkpoint = _path(logdir, epoch)
-        backends = [ResultFileBackend(result_path(logdir, checkpoint, key))] if main_proc else []
-        with RunLogger(backends) as logger:
+        checkpoint = checkpoint_path(logdir, epoch)
+        result = watch_result_path(logdir, checkpoint, key)
+        one = dataclasses.replace(cfg, load=str(checkpoint))
+        with evaluation_logger(f"eval {checkpoint.name}", settings, result, main_proc) as logger:
+            logger.log_config(config_record(one, {"world_size": distributed.get_world_size()}))
             evaluate_checkpoint(
-                dataclasses.replace(cfg, load=str(checkpoint)),
+                one,
                 samples,
                 device,
                 logger,
@@ -110,5 +121,5 @@ def watch(cfg: Config, device: torch.device) -> int:
     return evaluated
 
 
-def _path(logdir: Path, epoch: int) -> Path:
-    return logdir / f"checkpoint-epoch{epoch:04d}.pt"
+def _evaluated(logdir: Path, epoch: int, key: str) -> bool:
+    return watch_result_path(logdir, checkpoint_path(logdir, epoch), key).exists()

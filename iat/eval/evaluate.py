@@ -61,7 +61,8 @@ from iat.eval.state import (
     state_dir,
     stats_tensors,
 )
-from iat.runs.logger import Backend, MlflowBackend, ResultFileBackend, RunLogger
+from iat.runs.logger import RunLogger
+from iat.runs.trackers import evaluation_logger
 from iat.runtime import distributed
 from iat.runtime.atomic_io import atomic_write, atomic_write_text, check_writable_file
 from iat.runtime.progress import progress_bar
@@ -436,14 +437,12 @@ def sweep(cfg: Config) -> list[Config]:
 
 def run_eval(cfg: Config, device: torch.device) -> list[EvalResult]:
     """--eval: the --load'ed model on the validation split under the configured attack(s)."""
-    backends: list[Backend] = []
-    if distributed.is_main_process():
-        if cfg.eval_output:
-            check_writable_file("--eval-output", cfg.eval_output)  # before the work, not after
-            backends.append(ResultFileBackend(cfg.eval_output))
-        if cfg.mlflow:
-            backends.append(MlflowBackend(cfg.mlflow, run_name=f"eval {Path(cfg.load).name}"))
-    with RunLogger(backends) as logger:
+    main_proc = distributed.is_main_process()
+    if main_proc and cfg.eval_output:
+        check_writable_file("--eval-output", cfg.eval_output)  # before the work, not after
+    name = f"eval {Path(cfg.load).name}"
+    settings = dataclasses.asdict(cfg)
+    with evaluation_logger(name, settings, cfg.eval_output or None, main_proc) as logger:
         logger.log_config(config_record(cfg, {"world_size": distributed.get_world_size()}))
         if cfg.eval_set is not None:
             evaluate_set_of(cfg, device, logger)

@@ -7,8 +7,9 @@ rank's file, whatever the number of processes then: the batches found there are 
 again, and their counts are added once (by rank 0), so a resumed evaluation reports what an
 uninterrupted one would (``evaluate``'s per-batch seeds make each batch's attack the same).
 
-The fingerprint covers every setting that changes a number (the configuration less the fields
-below, the checkpoint's size and modification time, the number of images): another attack, ε or
+The fingerprint covers every setting that changes a number (``result_settings``: the
+configuration less the fields below; ``--eval --watch`` keys its results by them too), the
+checkpoint's size and modification time and the number of images: another attack, ε or
 checkpoint never reuses the counts. Nothing in a state file is unpickled; its size is checked
 before it is read.
 """
@@ -58,15 +59,22 @@ class BatchRecord:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":")) + "\n"
 
 
+def result_settings(cfg: Config) -> dict[str, object]:
+    """The settings that change an evaluation's numbers: the configuration's fields less
+    ``NEUTRAL_FIELDS``, and whether the scored images are quantized."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+    fields["quantize"] = cfg.quantize or cfg.export_adversarial is not None  # what is scored
+    return fields
+
+
 def fingerprint(cfg: Config, num_images: int) -> str:
     """A short hash of everything that decides this evaluation's numbers."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+    fields = result_settings(cfg)
     checkpoint = Path(cfg.load) if cfg.load else None
     if checkpoint is not None and checkpoint.is_file():
         stat = checkpoint.stat()
         fields["checkpoint_stat"] = [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns]
     fields["num_images"] = num_images
-    fields["quantize"] = cfg.quantize or cfg.export_adversarial is not None  # what is scored
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

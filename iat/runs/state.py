@@ -1,14 +1,14 @@
 """Run state: checkpoint files, and where a run starts (fresh, resumed, or from weights).
 
-Files are ``checkpoint-epoch{E:04d}.pt`` in the run directory: plain tensors and numbers saved
-with torch.save through the project's one atomic writer and read back with
-``weights_only=True`` (nothing is unpickled). The model weights inside can also be read by
-``nets.load_weights`` (key ``"model"``). Every checkpoint file is read once: ``plan_start``
-returns its weights, which the model builder loads, and its optimizer state, progress and random
-state, each checked (a wrong type is one CheckpointError naming the file and the field). Beside
-them a checkpoint records the architecture it was trained as (``nets.ARCHITECTURE_KEY``), and the
-state of the training attack's random generator (``"rng"``), so that a resumed run draws what the
-uninterrupted run would have drawn.
+Checkpoints (``iat.runs.files`` names them) are plain tensors and numbers saved with torch.save
+through the project's one atomic writer and read back with ``weights_only=True`` (nothing is
+unpickled). The model weights inside can also be read by ``nets.load_weights`` (key
+``"model"``). Every checkpoint file is read once: ``plan_start`` returns its weights, which the
+model builder loads, and its optimizer state, progress and random state, each checked (a wrong
+type is one CheckpointError naming the file and the field). Beside them a checkpoint records the
+architecture it was trained as (``nets.ARCHITECTURE_KEY``), and the state of the training
+attack's random generator (``"rng"``), so that a resumed run draws what the uninterrupted run
+would have drawn.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -27,11 +26,20 @@ from pathlib import Path
 import torch
 
 import nets
+from iat.runs.files import (
+    BEST_LINK,
+    BEST_RECORD,
+    LAST_LINK,
+    LOCK_FILE,
+    PARTIAL_CHECKPOINTS,
+    SET_ASIDE_SUFFIX,
+    checkpoint_path,
+    list_checkpoints,
+)
 from iat.runtime.atomic_io import atomic_write, atomic_write_text
 from nets import CheckpointError
 from nets.checkpoint import require_finite
 
-_NAME = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
 TRAINING_FIELDS = ("optimizer", "epoch", "step")
 RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator's uint8 state}
 # Free training's perturbation (Shafahi et al. Alg. 1: carried over from minibatch to minibatch,
@@ -41,7 +49,6 @@ EMA_FIELD = "ema"  # the averaged weights (iat.recipes.ema), keyed as "model"; o
 # Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
 # forged field, refused naming it rather than overflowing later.
 MAX_COUNT = 2**63 - 1
-SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed, never deleted
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -57,9 +64,6 @@ def check_run_directory(logdir: str | Path) -> None:
     except OSError as error:
         reason = f"{error.strerror} in {existing}"
         raise ValueError(f"--logdir: cannot create {path}: {reason}") from None
-
-
-LOCK_FILE = ".lock"  # in the run directory: holds the training process's pid while it runs
 
 
 class RunDirectoryBusy(ValueError):
@@ -115,24 +119,6 @@ class RunDirectoryLock:
         self.release()
 
 
-def checkpoint_path(logdir: str | Path, epoch: int) -> Path:
-    return Path(logdir) / f"checkpoint-epoch{epoch:04d}.pt"
-
-
-def list_checkpoints(logdir: str | Path) -> list[Path]:
-    """Complete checkpoints in `logdir`, oldest first (temporary files are never matched)."""
-    logdir = Path(logdir)
-    if not logdir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in logdir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-LAST_LINK = "checkpoint-last.pt"  # a symbolic link to the newest checkpoint (timm's last.pth.tar)
-BEST_LINK = "checkpoint-best.pt"  # the checkpoint of the best robust accuracy (a hard link)
-BEST_RECORD = "checkpoint-best.json"  # which epoch that is, under which evaluation, how good
-
-
 def link_last(path: Path) -> Path:
     """Point ``LAST_LINK`` beside `path` at it (replaced atomically: never missing or half)."""
     return _replace_link(path.parent / LAST_LINK, lambda tmp: os.symlink(path.name, tmp))
@@ -165,7 +151,7 @@ def _replace_link(target: Path, make: Callable[[Path], None]) -> Path:
 
 def remove_partial_checkpoints(logdir: str | Path) -> list[Path]:
     """Delete temporaries left by a process killed while writing (never read as checkpoints)."""
-    removed = sorted(Path(logdir).glob(".checkpoint-epoch*.pt.*.tmp"))
+    removed = sorted(Path(logdir).glob(PARTIAL_CHECKPOINTS))
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

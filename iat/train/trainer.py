@@ -54,12 +54,7 @@ from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.recipes.optim import clip_gradients
 from iat.recipes.presets import RECIPES
-from iat.runs.logger import (
-    RunLogger,
-    check_mlflow,
-    forget_records_after,
-    run_directory_logger,
-)
+from iat.runs.logger import RunLogger
 from iat.runs.state import (
     Progress,
     RunDirectoryLock,
@@ -71,6 +66,7 @@ from iat.runs.state import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from iat.runs.trackers import check_trackers, run_directory_logger
 from iat.runtime import distributed
 from iat.runtime.distributed import usable_cpus
 from iat.runtime.progress import progress_bar
@@ -671,8 +667,8 @@ def _train_in(
         check_eval_headers(val, "val", cfg.skip_unreadable)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
-    if cfg.mlflow is not None:
-        check_mlflow(cfg.mlflow)  # a tracker that cannot log stops the run before it has files
+    settings = dataclasses.asdict(cfg)
+    check_trackers(settings)  # a tracker that cannot log stops the run before it has files
     lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
     start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
@@ -694,14 +690,11 @@ def _train_in(
     if main_proc:
         lock.acquire(create=True)
         remove_partial_checkpoints(logdir)
-        forget_records_after(logdir, start.progress.step)  # a killed run's unsaved steps
         print(start_line(facts, start), file=sys.stderr)
         print(settings_line(cfg), file=sys.stderr)
     results: dict[str, EvalResult] = {}
-    purge = start.progress.step + 1
-    with run_directory_logger(
-        logdir, enabled=main_proc, purge_step=purge, mlflow=cfg.mlflow
-    ) as logger:
+    purge = start.progress.step + 1  # a killed run's steps after its checkpoint, logged again
+    with run_directory_logger(logdir, settings, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
         step = start.progress.step
         guard = train_builders.build_overfit_guard(cfg, val, device)

@@ -1,0 +1,52 @@
+"""The run directory's files: every name in it is spelled here, and only here.
+
+A run directory (``--logdir``) holds the resolved configuration, the logged records, TensorBoard's
+event files, the checkpoints and their links, the training process's lock, and the results of
+``--eval --watch``. The trainer, the trackers, the watcher and the report ask this module for
+each name; none of them spells one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG_FILE = "config.json"  # the resolved configuration and the run's facts
+METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step and per evaluation
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's event file names (a glob)
+LOCK_FILE = ".lock"  # holds the training process's pid while it runs
+LAST_LINK = "checkpoint-last.pt"  # a symbolic link to the newest checkpoint (timm's last.pth.tar)
+BEST_LINK = "checkpoint-best.pt"  # the checkpoint of the best robust accuracy (a hard link)
+BEST_RECORD = "checkpoint-best.json"  # which epoch that is, under which evaluation, how good
+SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed, never deleted
+RESULTS_FOLDER = "eval"  # --eval --watch: one result file per checkpoint and evaluation key
+_CHECKPOINT_PREFIX, _CHECKPOINT_SUFFIX = "checkpoint-epoch", ".pt"
+_CHECKPOINT = re.compile(rf"^{_CHECKPOINT_PREFIX}(\d+){re.escape(_CHECKPOINT_SUFFIX)}$")
+# A checkpoint being written (iat.runtime.atomic_io's temporary name); a killed writer leaves it.
+PARTIAL_CHECKPOINTS = f".{_CHECKPOINT_PREFIX}*{_CHECKPOINT_SUFFIX}.*.tmp"
+
+
+def checkpoint_path(logdir: str | Path, epoch: int) -> Path:
+    """The checkpoint saved after `epoch` completed epochs: ``checkpoint-epoch{E:04d}.pt``."""
+    return Path(logdir) / f"{_CHECKPOINT_PREFIX}{epoch:04d}{_CHECKPOINT_SUFFIX}"
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The epoch of checkpoint `path` (by its name); None for any other file."""
+    found = _CHECKPOINT.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def list_checkpoints(logdir: str | Path) -> list[Path]:
+    """Complete checkpoints in `logdir`, oldest first (temporary files are never matched)."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return []
+    found = [(epoch, p) for p in logdir.iterdir() if (epoch := checkpoint_epoch(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def watch_result_path(logdir: str | Path, checkpoint: Path, key: str) -> Path:
+    """Where ``--eval --watch`` writes `checkpoint`'s result under evaluation `key`:
+    ``RUN/eval/checkpoint-epochNNNN.<key>.json``."""
+    return Path(logdir) / RESULTS_FOLDER / f"{checkpoint.stem}.{key}.json"
