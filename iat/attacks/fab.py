@@ -243,7 +243,8 @@ class FABAttacker(Attacker):
             share = own_in / (own_in + own_out + 1e-12)
             share = torch.where((share >= 0) & (share <= 1), share, torch.full_like(share, 0.5))
             share = per_example(share, clean)
-            middle = (1 - share) * inside + share * outside
+            # A convex combination of two points of the box, clipped against rounding above 255.
+            middle = clip_pixels((1 - share) * inside + share * outside)
             middle_logits = model(middle)
             correct = middle_logits.argmax(dim=1) == labels
             keep = per_example(correct, clean)
