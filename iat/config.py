@@ -141,8 +141,8 @@ class Config:
     # tensors and spec; --eval of such a checkpoint uses the checkpoint's (and sets this to it).
     frontend: str | None = None
     frontend_trainable: bool = False  # train the defense's own parameters (the frontend's decoder)
-    # What white-box attacks differentiate through the defense: "bpda" (its attack view; for the
-    # frontend identity backward for top-T and threshold, Athalye et al. 2018 Sec 4.1) or
+    # What white-box attacks differentiate through the defense: "bpda" (its attack view; the
+    # frontend's: identity backward for top-T and threshold, Athalye et al. 2018 Sec 4.1) or
     # "autograd" (gradient-masked: only to compare against).
     frontend_gradient: str = "bpda"
 
