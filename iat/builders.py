@@ -19,12 +19,12 @@ from iat.attacks.core import has_native_low_precision
 from iat.attacks.registry import default_attack
 from iat.attacks.spec import AttackSpec
 from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
-from iat.defenses.sparse_frontend import (
-    FrontendClassifier,
-    FrontendSpec,
-    empty_frontend,
-    frontend_shapes,
-    load_frontend,
+from iat.defenses.registry import (
+    WrapOptions,
+    check_record,
+    frontend_flag,
+    parse_frontend,
+    recorded_defense,
 )
 from iat.defenses.transforms import DEFENSE_PHASES, parse_defense
 from iat.runs.state import averaged_weights
@@ -37,39 +37,24 @@ def build_model(
     cfg: Config, num_classes: int, device: torch.device, weights: nets.Weights | None = None
 ) -> torch.nn.Module:
     """The configured architecture on `device`, with `weights` loaded strictly if given;
-    behind a sparse-coding frontend when `weights` carry one (their record's, filled by their
-    tensors) or else when --frontend names a frontend file. Weights without a frontend (the
-    original .npz files included) are loaded into the classifier alone."""
+    behind a model-level defense (``iat.defenses.registry``) when `weights` carry one (their
+    record's, filled by their tensors) or else when --frontend names one. Weights without one
+    (the original .npz files included) are loaded into the classifier alone."""
     classifier = build_classifier(cfg, num_classes)
-    recorded = recorded_frontend(weights)
+    recorded = recorded_defense(weights)
+    options = WrapOptions(cfg.frontend_trainable, cfg.frontend_gradient)
     model = classifier
-    if recorded is not None or cfg.frontend is not None:
-        frontend = empty_frontend(recorded) if recorded else load_frontend(cfg.frontend)
-        model = FrontendClassifier(
-            frontend, classifier, cfg.frontend_trainable, cfg.frontend_gradient
-        )
+    if recorded is not None:
+        defense, spec = recorded
+        model = defense.empty(spec, classifier, options)
+    elif cfg.frontend is not None:
+        defense, argument = parse_frontend(cfg.frontend)
+        model = defense.build(argument, classifier, options)
     if weights is not None:
         nets.load_weights(model if recorded is not None else classifier, weights)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # matches sources.to_model_input
     return model.to(device)
-
-
-def recorded_frontend(weights: nets.Weights | None) -> FrontendSpec | None:
-    """The sparse-coding frontend a training checkpoint carries (its record), if any; checked
-    against its tensors before anything of the record's size is built."""
-    record = None if weights is None else weights.architecture
-    if record is None or record.get("frontend") is None:
-        return None
-    spec = FrontendSpec.from_record(record["frontend"], weights.source)
-    for key, shape in frontend_shapes(spec).items():
-        tensor = weights.tensors.get(key)
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-            raise nets.CheckpointError(
-                f"{weights.source}: its frontend record ({spec.describe()}) does not match "
-                f"its tensor {key}"
-            )
-    return spec
 
 
 def build_classifier(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -96,7 +81,7 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
 
 
 def architecture_record(
-    cfg: Config, num_classes: int, frontend: FrontendSpec | None = None
+    cfg: Config, num_classes: int, model_defense: Mapping[str, object] | None = None
 ) -> dict[str, object]:
     """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
     values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
@@ -104,9 +89,9 @@ def architecture_record(
     selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
     ``defense`` is the input-transform defense and ``defense_apply``
     when it applies (iat.defenses.transforms;
-    records without it mean "predict": the model is evaluated behind it); ``frontend`` the
-    sparse-coding frontend's spec (its tensors are in the state_dict under ``frontend.``), None
-    without one."""
+    records without it mean "predict": the model is evaluated behind it); ``model_defense`` the
+    field of a model-level defense (``iat.defenses.registry.defense_record``: the sparse-coding
+    frontend's spec under ``frontend``, its tensors in the state_dict under ``frontend.``)."""
     denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
     return model_record(
         cfg.arch,
@@ -118,7 +103,7 @@ def architecture_record(
         denoise_window=cfg.denoise_window,
         defense=cfg.defense,
         defense_apply=cfg.defense_apply,
-        frontend=frontend,
+        model_defense=model_defense,
     )
 
 
@@ -133,7 +118,7 @@ def model_record(
     denoise_window: int = nets.DEFAULT_WINDOW,
     defense: str | None = None,
     defense_apply: str = "predict",
-    frontend: FrontendSpec | None = None,
+    model_defense: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """``architecture_record`` from explicit values (converted weights have no Config);
     ``num_blocks`` given wins over ``depth``, as in ``nets.build_model``."""
@@ -147,7 +132,8 @@ def model_record(
         "denoise_window": denoise_window,
         "defense": defense,
         "defense_apply": defense_apply,
-        "frontend": None if frontend is None else frontend.record(),
+        "frontend": None,  # every record has this field: the sparse-coding frontend's spec
+        **(model_defense or {}),
     }
 
 
@@ -157,8 +143,9 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
     and ``num_classes`` is --num-classes or the checkpoint's."""
     weights = nets.read_weights(cfg.load)
     cfg = with_recorded_architecture(cfg, weights)
-    if recorded_frontend(weights) is not None:  # the checkpoint's frontend, over --frontend
-        cfg = dataclasses.replace(cfg, frontend=weights.source)
+    recorded = recorded_defense(weights)
+    if recorded is not None:  # the checkpoint's model-level defense, over --frontend
+        cfg = dataclasses.replace(cfg, frontend=frontend_flag(recorded[0], weights.source))
     if cfg.eval_ema:
         weights = averaged_weights(weights)
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or weights.num_classes)
@@ -232,8 +219,7 @@ def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, obj
         and record.get("arch") in nets.ARCHITECTURES
         and depth in nets.depths_of(record["arch"])
     )
-    if record.get("frontend") is not None:
-        FrontendSpec.from_record(record["frontend"], source)  # CheckpointError if invalid
+    check_record(record, source)  # a model-level defense's field: CheckpointError if invalid
     op = record.get("denoise_op")
     window = record.get("denoise_window", nets.DEFAULT_WINDOW)
     defense = record.get("defense")

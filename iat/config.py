@@ -22,7 +22,7 @@ from iat.attacks.spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, FOLDER_ITSELF, READERS
 from iat.data.sources import TRAIN_SOURCES
-from iat.defenses.sparse_frontend import ATTACK_GRADIENTS
+from iat.defenses.registry import ATTACK_GRADIENTS, WrapOptions, check_options, parse_frontend
 from iat.defenses.transforms import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.optim import LR_SCHEDULES, OPTIMIZERS
@@ -135,15 +135,15 @@ class Config:
     # When it applies (Dioptra's apply_fit / apply_predict): "predict" (evaluation, in-training
     # evaluation included, and prediction), "fit" (training only) or "both".
     defense_apply: str = "predict"
-    # Sparse-coding frontend before the classifier (iat.defenses.sparse_frontend;
-    # Bakiskan et al. 2021):
-    # a file from `python -m iat.sparse_frontend train`. Checkpoints carry its tensors and spec;
-    # --eval of such a checkpoint uses the checkpoint's (and sets this to the checkpoint).
+    # Model-level defense wrapping the classifier (iat.defenses.registry): a sparse-coding
+    # frontend file from `python -m iat.sparse_frontend train` (iat.defenses.sparse_frontend;
+    # Bakiskan et al. 2021), or NAME:ARGUMENT of another registered one. Checkpoints carry its
+    # tensors and spec; --eval of such a checkpoint uses the checkpoint's (and sets this to it).
     frontend: str | None = None
-    frontend_trainable: bool = False  # train the frontend's decoder with the classifier
-    # What white-box attacks differentiate through the frontend: "bpda" (identity backward for
-    # top-T and threshold, Athalye et al. 2018 Sec 4.1) or "autograd" (gradient-masked: only to
-    # compare against).
+    frontend_trainable: bool = False  # train the defense's own parameters (the frontend's decoder)
+    # What white-box attacks differentiate through the defense: "bpda" (its attack view; the
+    # frontend's: identity backward for top-T and threshold, Athalye et al. 2018 Sec 4.1) or
+    # "autograd" (gradient-masked: only to compare against).
     frontend_gradient: str = "bpda"
 
     # --- attack (pixel units, 0-255; Feature Denoising Sec 6: eps 16) ----------------------------
@@ -406,6 +406,17 @@ def _denoise(cfg: Config) -> None:
         raise ValueError(f"{flag}: {e}") from None
 
 
+def _model_defense(cfg: Config) -> None:
+    """--frontend-trainable needs a model-level defense; the defense takes its flags."""
+    _check(
+        not cfg.frontend_trainable or cfg.frontend is not None,
+        "--frontend-trainable: needs --frontend FILE",
+    )
+    if cfg.frontend is not None:
+        defense, _ = parse_frontend(cfg.frontend)
+        check_options(defense, WrapOptions(cfg.frontend_trainable, cfg.frontend_gradient))
+
+
 def _model_options(cfg: Config) -> None:
     """--drop-path and --grad-checkpointing suit the architecture (checked when the model is
     built where --eval takes the architecture from a checkpoint)."""
@@ -442,10 +453,7 @@ def validate(cfg: Config) -> None:
     _mixing(cfg)
     _schedules(cfg)
     _denoise(cfg)
-    _check(
-        not cfg.frontend_trainable or cfg.frontend is not None,
-        "--frontend-trainable: needs --frontend FILE",
-    )
+    _model_defense(cfg)
     try:
         parse_defense(cfg.defense)
     except ValueError as e:

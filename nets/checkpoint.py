@@ -81,8 +81,9 @@ ARCHITECTURE_KEY = "architecture"
 PT_FIELDS = frozenset(
     {"model", ARCHITECTURE_KEY, "optimizer", "epoch", "step", "rng", "ema", "free_delta"}
 )
-# A classifier behind a sparse-coding frontend (iat.defenses.sparse_frontend.FrontendClassifier)
-# keeps its state_dict entries under this prefix, beside the frontend's under "frontend.".
+# A classifier behind a model-level defense (iat.defenses.registry, e.g. the sparse-coding
+# frontend) keeps its state_dict entries under this prefix, beside the defense's own (the
+# frontend's under "frontend.").
 CLASSIFIER_PREFIX = "classifier."
 # torch.save's legacy (non-zip) format opens with a pickled magic number (torch.serialization.
 # MAGIC_NUMBER, pickle protocol 2); any other non-zip file is not a torch checkpoint.
@@ -163,9 +164,10 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
             f"{weights.source}: records no architecture; build the model with "
             "nets.build_model and load it with nets.load_weights"
         )
-    if record.get("frontend") is not None:
+    if any(str(key).startswith(CLASSIFIER_PREFIX) for key in weights.tensors):
         raise CheckpointError(
-            f"{weights.source}: carries a sparse-coding frontend; load it with main.py --eval"
+            f"{weights.source}: carries a model-level defense (a sparse-coding frontend, ...); "
+            "load it with main.py --eval"
         )
     try:
         model = model_from_record(record)

@@ -18,6 +18,7 @@ import nets
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
+from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 from iat.runtime import distributed
@@ -178,16 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--frontend",
         metavar="FILE",
-        help="sparse-coding frontend before the classifier (python -m iat.sparse_frontend train)",
+        help="model-level defense wrapping the classifier: a sparse-coding frontend file (python "
+        "-m iat.sparse_frontend train), or NAME:ARGUMENT of a registered one "
+        f"({', '.join(MODEL_DEFENSES)})",
     )
     model.add_argument(
         "--frontend-trainable",
         action="store_true",
         default=None,
-        help="train the frontend's decoder with the classifier (default: frozen)",
+        help="train the defense's own parameters with the classifier (default: frozen)",
     )
     _choice_arg(
-        model, "--frontend-gradient", "white-box attacks through the frontend: BPDA or masked"
+        model, "--frontend-gradient", "white-box attacks through the defense: BPDA or masked"
     )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from iat.data.layouts import DataError
-from iat.defenses.sparse_frontend import FrontendClassifier
+from iat.defenses.registry import classifier_of
 from iat.runtime.atomic_io import atomic_write
 
 ACTIVATIONS_KEY, LABELS_KEY = "activations", "labels"
@@ -30,9 +30,9 @@ OVERRIDE_MARGIN = 1.0  # where the vote overrides the network, its class leads b
 @contextmanager
 def captured(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
     """Collects the output of ``model``'s module named `layer`, flattened per example, for every
-    forward pass inside the block. Behind a sparse-coding frontend the classifier's layers go by
+    forward pass inside the block. Behind a model-level defense the classifier's layers go by
     their own names (``gap``, not ``classifier.gap``)."""
-    network = model.classifier if isinstance(model, FrontendClassifier) else model
+    network = classifier_of(model)
     modules = dict(network.named_modules())
     if layer not in modules or not layer:
         names = ", ".join(n for n in modules if n and "." not in n)

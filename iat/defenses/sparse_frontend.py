@@ -28,6 +28,10 @@ and passes the gradient to every coefficient unchanged in the backward pass (the
 backward, src/models/bpda.py). ``attack_gradient="autograd"`` keeps the masked view, for
 comparison only.
 
+It is one model-level defense (``iat.defenses.registry``), registered below as ``sparse``: what
+``--frontend FILE`` (or ``sparse:FILE``) names; its spec is the architecture record's
+``frontend`` field and its tensors are under ``frontend.`` in a checkpoint's state_dict.
+
 Files (``.npz``, never pickled, written atomically): a dictionary (``learn``) holds ``atoms``
 [K, 3, p, p] and ``stride``; a frontend (``train``) holds those, ``top_t``, ``threshold`` and the
 decoder's tensors under ``decoder/``. Commands (README "Sparse-coding frontend")::
@@ -54,13 +58,13 @@ from torch import nn
 
 import nets
 from iat.data.layouts import DataError
+from iat.defenses.registry import ATTACK_GRADIENTS, ModelDefense, WrapOptions, register
 from iat.defenses.transforms import bpda_identity
 from iat.runtime.atomic_io import atomic_write
 from iat.runtime.cli_help import DefaultsHelpFormatter
 from iat.runtime.progress import progress_bar
 
 PIXEL_MAX = 255.0
-ATTACK_GRADIENTS = ("bpda", "autograd")  # --frontend-gradient: BPDA, or the masked autograd
 DEFAULT_TOP_T = 8  # kept coefficients per patch location (the paper uses 15 of 500 on CIFAR)
 # Activation threshold in pixels per unit L1 norm of an atom: beta 3 x assumed epsilon 8
 # pixels, the authors' defaults (config.toml: activation_beta 3, assumed_budget 8/255).
@@ -312,6 +316,10 @@ class FrontendClassifier(nn.Module):
         self.attack_gradient = attack_gradient
         frontend.decoder.requires_grad_(trainable)
 
+    @property
+    def spec(self) -> FrontendSpec:
+        return self.frontend.spec
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.frontend(x))
 
@@ -463,6 +471,39 @@ def empty_frontend(spec: FrontendSpec) -> SparseFrontend:
     """A frontend of `spec`'s shape whose tensors a checkpoint then fills."""
     atoms = dc_atom(spec.patch_size).expand(spec.atoms, -1, -1, -1).contiguous()
     return SparseFrontend(atoms, spec)
+
+
+def _wrap(
+    frontend: SparseFrontend, classifier: nn.Module, options: WrapOptions
+) -> FrontendClassifier:
+    return FrontendClassifier(frontend, classifier, options.trainable, options.attack_gradient)
+
+
+def _from_file(path: str, classifier: nn.Module, options: WrapOptions) -> FrontendClassifier:
+    """--frontend FILE: the frontend ``python -m iat.sparse_frontend train`` wrote."""
+    return _wrap(load_frontend(path), classifier, options)
+
+
+def _from_spec(
+    spec: FrontendSpec, classifier: nn.Module, options: WrapOptions
+) -> FrontendClassifier:
+    """A checkpoint's frontend: its record's shape, its tensors to be filled."""
+    return _wrap(empty_frontend(spec), classifier, options)
+
+
+register(
+    ModelDefense(
+        name="sparse",
+        record_field="frontend",
+        title="sparse-coding frontend",
+        wrapper=FrontendClassifier,
+        build=_from_file,
+        from_record=FrontendSpec.from_record,
+        shapes=frontend_shapes,
+        empty=_from_spec,
+        attack_words=describe_attack,
+    )
+)
 
 
 # --- training the decoder ------------------------------------------------------------------

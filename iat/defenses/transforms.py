@@ -284,7 +284,7 @@ def describe(spec: str | None, eot_samples: int, attacked: bool) -> str:
 @runtime_checkable
 class AttackViewed(Protocol):
     """A model whose white-box attack differentiates another view of it: ``DefendedModel``,
-    ``iat.defenses.sparse_frontend.FrontendClassifier``."""
+    a model-level defense's wrapper (``iat.defenses.registry``)."""
 
     def attack_view(self) -> nn.Module: ...
 

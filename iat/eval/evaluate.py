@@ -49,7 +49,7 @@ from iat.data.layouts import (
 )
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.defenses import transforms as defenses
-from iat.defenses.sparse_frontend import describe_attack
+from iat.defenses.registry import parse_frontend
 from iat.eval import benchmarks, ood
 from iat.eval.masking import Check, run_checks
 from iat.eval.metrics import EvalResult, count_batch
@@ -492,15 +492,15 @@ def eval_settings(cfg: Config) -> AttackSettings:
 
 def threat_model(cfg: Config) -> str:
     """--eval's attack in words: attack, iterations, target, norm, epsilon, every option that
-    changes the number (the registry's words), then the defense, the frontend and which
-    weights (the averaged ones with --eval-ema)."""
+    changes the number (the registry's words), then the defense, the model-level defense and
+    which weights (the averaged ones with --eval-ema)."""
     attack = eval_attack(cfg)
     ema = ", EMA weights (--eval-ema)" if cfg.eval_ema else ""
     return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack) + ema
 
 
 def _defense_words(cfg: Config, attack: str) -> str:
-    """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
+    """The defense and the model-level defense, and how a gradient attack sees them (a
     query attack, Square, sees their forward pass as it is), after commas; empty without
     either."""
     info = attack_info(attack)
@@ -510,9 +510,8 @@ def _defense_words(cfg: Config, attack: str) -> str:
     if fit_defense(cfg) and predict_defense(cfg) is None:
         words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
     if cfg.frontend is not None:
-        words.append(
-            describe_attack(cfg.frontend_gradient) if attacked else "sparse-coding frontend"
-        )
+        defense, _ = parse_frontend(cfg.frontend)
+        words.append(defense.attack_words(cfg.frontend_gradient) if attacked else defense.title)
     return "".join(f", {w}" for w in words if w)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 import nets
-from iat.defenses.sparse_frontend import FrontendClassifier
+from iat.defenses.registry import classifier_of
 from nets import CheckpointError
 from nets.checkpoint import CLASSIFIER_PREFIX
 
@@ -25,7 +25,7 @@ def original_name(key: str) -> str:
 
 
 def in_scopes(key: str, scopes: Iterable[str]) -> bool:
-    """Whether state_dict `key` is in a scope; behind a sparse-coding frontend the classifier's
+    """Whether state_dict `key` is in a scope; behind a model-level defense the classifier's
     keys are matched by their own names (``classifier.linear.weight`` is in ``linear``)."""
     name = original_name(key.removeprefix(CLASSIFIER_PREFIX))
     return any(name.startswith(scope) for scope in scopes)
@@ -63,7 +63,7 @@ def _donor(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     """A copy of `model` whose classifier has `num_classes` outputs (left uninitialised: the
     checkpoint fills it, and torch's random stream is not drawn from)."""
     donor = copy.deepcopy(model)
-    head = donor.classifier if isinstance(donor, FrontendClassifier) else donor
+    head = classifier_of(donor)
     name = nets.classifier_name(head)
     linear = head.get_submodule(name)
     if linear.out_features != num_classes:

@@ -46,7 +46,14 @@ from iat.data.layouts import DataError, Sample, check_labels, create_reader
 from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
 from iat.defenses import transforms as defenses
-from iat.defenses.sparse_frontend import FrontendClassifier, frontend_spec
+from iat.defenses.registry import (
+    DefenseSpec,
+    ModelDefense,
+    classifier_of,
+    defense_record,
+    frontend_flag,
+    recorded_defense,
+)
 from iat.eval.evaluate import attack_record, evaluate_attack, threat_model
 from iat.eval.metrics import EvalResult, Meter
 from iat.recipes.ema import WeightAverage
@@ -90,7 +97,7 @@ class Training:
     cfg: Config
     model: torch.nn.Module  # the bare network: evaluated and saved
     # What the training attack differentiates: the model behind the training defense
-    # (--defense-apply fit/both) and its frontend as white-box attacks see them (BPDA).
+    # (--defense-apply fit/both) and its model-level defense as white-box attacks see them (BPDA).
     attack_model: torch.nn.Module
     ddp_model: torch.nn.Module  # what the loss is computed through: attack_model, DDP-wrapped
     attacker: Attacker | SoftTargetPGD  # the latter on Mixup / CutMix's soft targets
@@ -533,28 +540,38 @@ def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.
     --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
     fresh = start.kind == "fresh"
     model = builders.build_model(cfg, num_classes, device, start.weights)
-    # Behind a sparse-coding frontend the scopes are the classifier's (the original's names);
-    # the frontend is trained or frozen as --frontend-trainable says.
-    classifier = model.classifier if isinstance(model, FrontendClassifier) else model
+    # Behind a model-level defense the scopes are the classifier's (the original's names); the
+    # defense is trained or frozen as --frontend-trainable says.
+    classifier = classifier_of(model)
     if fresh and cfg.finetune_checkpoint is not None:
         weights = nets.read_weights(cfg.finetune_checkpoint)
-        # Weights with a frontend of their own fill the whole model; others the classifier.
-        recorded = builders.recorded_frontend(weights)
+        # Weights with a defense of their own fill the whole model; others the classifier.
+        recorded = recorded_defense(weights)
         whole = recorded is not None
-        if whole and classifier is model:
-            raise CheckpointError(
-                f"--finetune-checkpoint {weights.source} carries a sparse-coding frontend; "
-                "give --frontend FILE to train behind one"
-            )
-        if whole and recorded != model.frontend.spec:
-            raise CheckpointError(
-                f"--finetune-checkpoint {weights.source} carries a {recorded.describe()}, "
-                f"--frontend a {model.frontend.spec.describe()}: give the same frontend"
-            )
+        if whole:
+            check_same_defense(weights.source, recorded, model)
         load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:
         freeze_outside(classifier, cfg.finetune_trainable_scopes)
     return model
+
+
+def check_same_defense(
+    source: str, recorded: tuple[ModelDefense, DefenseSpec], model: torch.nn.Module
+) -> None:
+    """CheckpointError unless `model` is behind the model-level defense --finetune-checkpoint
+    `source` carries (`recorded`), of the same spec."""
+    defense, spec = recorded
+    if classifier_of(model) is model:
+        raise CheckpointError(
+            f"--finetune-checkpoint {source} carries a {defense.title}; "
+            f"give --frontend {frontend_flag(defense, 'FILE')} to train behind one"
+        )
+    if spec != model.spec:
+        raise CheckpointError(
+            f"--finetune-checkpoint {source} carries a {spec.describe()}, "
+            f"--frontend a {model.spec.describe()}: give the same {defense.title}"
+        )
 
 
 def build_ema(cfg: Config, model: torch.nn.Module, start: Start) -> WeightAverage | None:
@@ -587,7 +604,7 @@ def setup(
         restore_generator(generator, start)
     # Dioptra's apply_fit: the training images pass through the defense (its random draws from
     # the checkpointed generator). The training attack and the loss both go through what a
-    # white-box attack differentiates (BPDA for JPEG and for a sparse-coding frontend): its
+    # white-box attack differentiates (BPDA for JPEG and for a model-level defense): its
     # forward pass is the real one and BPDA changes only the input gradient, which free
     # training's perturbation takes from the loss (through the real transforms it would be 0).
     trained = defenses.attack_model(defenses.defend(model, fit_defense(cfg), generator))
@@ -717,7 +734,7 @@ def _train_in(
                     run.optimizer,
                     cfg.keep_checkpoints,
                     architecture=builders.architecture_record(
-                        cfg, num_classes, frontend_spec(run.model)
+                        cfg, num_classes, defense_record(run.model)
                     ),
                     attack_generator=run.generator,
                     averaged=None if run.ema is None else run.ema.state_dict(),
