@@ -72,7 +72,7 @@ from iat.runs.state import (
     save_checkpoint,
 )
 from iat.runtime import distributed
-from iat.runtime.distributed import usable_cpus
+from iat.runtime.cpus import usable_cpus
 from iat.runtime.progress import progress_bar
 from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
