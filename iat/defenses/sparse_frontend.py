@@ -58,8 +58,8 @@ from iat.defenses.transforms import bpda_identity
 from iat.runtime.atomic_io import atomic_write
 from iat.runtime.cli_help import DefaultsHelpFormatter
 from iat.runtime.progress import progress_bar
+from nets.layers import PIXEL_MAX
 
-PIXEL_MAX = 255.0
 ATTACK_GRADIENTS = ("bpda", "autograd")  # --frontend-gradient: BPDA, or the masked autograd
 DEFAULT_TOP_T = 8  # kept coefficients per patch location (the paper uses 15 of 500 on CIFAR)
 # Activation threshold in pixels per unit L1 norm of an atom: beta 3 x assumed epsilon 8
