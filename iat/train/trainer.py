@@ -532,30 +532,32 @@ def restore_free_delta(attacker: Attacker, start: Start, device: torch.device) -
     attacker.delta = start.free_delta[distributed.get_rank()].to(device)
 
 
-def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.nn.Module:
+def build_network(
+    cfg: Config, start: Start, num_classes: int, device, finetune: nets.Weights | None
+) -> torch.nn.Module:
     """The model at the start point: the run's or --load's weights, or for a fresh run
-    --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
+    `finetune`'s (--finetune-checkpoint's, read once by the caller; some scopes excluded), then
+    frozen outside the trainable scopes."""
     fresh = start.kind == "fresh"
     model = builders.build_model(cfg, num_classes, device, start.weights)
     # Behind a sparse-coding frontend the scopes are the classifier's (the original's names);
     # the frontend is trained or frozen as --frontend-trainable says.
     classifier = model.classifier if isinstance(model, FrontendClassifier) else model
-    if fresh and cfg.finetune_checkpoint is not None:
-        weights = nets.read_weights(cfg.finetune_checkpoint)
+    if fresh and finetune is not None:
         # Weights with a frontend of their own fill the whole model; others the classifier.
-        recorded = builders.recorded_frontend(weights)
+        recorded = builders.recorded_frontend(finetune)
         whole = recorded is not None
         if whole and classifier is model:
             raise CheckpointError(
-                f"--finetune-checkpoint {weights.source} carries a sparse-coding frontend; "
+                f"--finetune-checkpoint {finetune.source} carries a sparse-coding frontend; "
                 "give --frontend FILE to train behind one"
             )
         if whole and recorded != model.frontend.spec:
             raise CheckpointError(
-                f"--finetune-checkpoint {weights.source} carries a {recorded.describe()}, "
+                f"--finetune-checkpoint {finetune.source} carries a {recorded.describe()}, "
                 f"--frontend a {model.frontend.spec.describe()}: give the same frontend"
             )
-        load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
+        load_finetune_weights(model if whole else classifier, finetune, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:
         freeze_outside(classifier, cfg.finetune_trainable_scopes)
     return model
@@ -573,16 +575,22 @@ def build_ema(cfg: Config, model: torch.nn.Module, start: Start) -> WeightAverag
 
 
 def setup(
-    cfg: Config, start: Start, train: Sequence[Sample] | None, num_classes: int, device
+    cfg: Config,
+    start: Start,
+    train: Sequence[Sample] | None,
+    num_classes: int,
+    device,
+    finetune: nets.Weights | None,
 ) -> Training:
-    """Build the run's objects from the configuration and the start point."""
+    """Build the run's objects from the configuration, the start point and the fine-tuning
+    weights."""
     world = distributed.get_world_size()
     # A virtual batch of --accumulate micro-batches: the LR follows the images per update.
     total_batch = cfg.batch * world * cfg.accumulate
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
     precision = builders.attack_precision(cfg.use_fp16xla, device)
-    model = build_network(cfg, start, num_classes, device)
+    model = build_network(cfg, start, num_classes, device, finetune)
     optimizer = train_builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
         restore_optimizer(optimizer, start)
@@ -660,9 +668,10 @@ def _train_in(
         print(
             "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
         )
+    finetune = None  # --finetune-checkpoint's weights, read once
     if cfg.finetune_checkpoint is not None:  # its recorded architecture, where flags set none
-        weights = nets.read_weights(cfg.finetune_checkpoint)
-        cfg = builders.with_recorded_architecture(cfg, weights)
+        finetune = nets.read_weights(cfg.finetune_checkpoint)
+        cfg = builders.with_recorded_architecture(cfg, finetune)
     num_classes = builders.resolve_num_classes(cfg, classes)
     for split, samples in (("train", train), ("val", val)):
         if samples:
@@ -676,7 +685,7 @@ def _train_in(
     lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
     start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
-    run = setup(cfg, start, train, num_classes, device)
+    run = setup(cfg, start, train, num_classes, device, finetune)
     if start.progress.epoch >= cfg.epochs:
         if main_proc:
             print(
