@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 # Slurm jobs derive their rendezvous port from the job id, so that two jobs sharing a node
-# do not collide: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN (slurm/*.sh do the same).
+# do not collide: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN (decided here only: slurm/*.sh
+# export no MASTER_PORT).
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 20000
 
