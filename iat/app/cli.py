@@ -466,7 +466,6 @@ def resolve_resources(cfg: Config, env: distributed.DistEnv) -> Config:
 
 
 def run(cfg: Config) -> None:
-
     env = distributed.detect()
     cfg = resolve_resources(cfg, env)
     distributed.set_threads(cfg.threads)
