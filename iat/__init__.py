@@ -7,6 +7,8 @@ nothing heavy: the data-server side (``iat.data.layouts``, ``augment``, ``sampli
 
 import os
 
+from iat.runtime.cpus import usable_cpus
+
 
 def openmp_wait_policy(load: float, cpus: int) -> str | None:
     """The OpenMP wait policy for a machine with `load` runnable processes (the 1-minute load
@@ -27,9 +29,7 @@ def _choose_openmp_wait_policy() -> None:
     OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    # As distributed.usable_cpus, which cannot be imported here: it imports torch.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    policy = openmp_wait_policy(os.getloadavg()[0], cpus or 1)
+    policy = openmp_wait_policy(os.getloadavg()[0], usable_cpus())
     if policy is not None:
         os.environ["OMP_WAIT_POLICY"] = policy
 

@@ -18,7 +18,7 @@ from iat.attacks import Attacker, AttackSettings, create_attacker
 from iat.attacks.core import has_native_low_precision
 from iat.attacks.registry import default_attack
 from iat.attacks.spec import AttackSpec
-from iat.config import MODEL_FIELDS, NO_TARGET, Config, training_attack_spec
+from iat.config import MODEL_FIELDS, Config, attack_target
 from iat.defenses.registry import (
     WrapOptions,
     check_record,
@@ -283,6 +283,9 @@ class AttackPrecision:
     description: str  # said in the run's first lines and in config.json
 
 
+FP32_EAGER = AttackPrecision(False, False, "fp32, eager")  # evaluation's, and --use-fp16xla off's
+
+
 def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision:
     """What --use-fp16xla can gain on `device`, as measured (bench/RESULTS.md):
 
@@ -293,7 +296,7 @@ def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision
       fp32 no faster than eager).
     """
     if not use_fp16xla:
-        return AttackPrecision(False, False, "fp32, eager")
+        return FP32_EAGER
     if device.type == "cuda":
         return AttackPrecision(True, True, "fp16 (loss x128) autocast, compiled (--use-fp16xla)")
     if not has_native_low_precision(device):
@@ -310,25 +313,63 @@ def attack_settings(
     *,
     attack_iter: int,
     num_classes: int,
-    precision: AttackPrecision | None = None,
     generator: torch.Generator | None = None,
     eot_samples: int = 1,
-    spec: AttackSpec | None = None,
 ) -> AttackSettings:
-    """The one place an attack's settings are built. With a `precision`, the training attack:
-    `spec`, else --adv-method's spec (or the --attack-* flags), starting from the clean image with
-    --prob-start-from-clean, computed with `precision`. Without one, an evaluation attack of
-    `attack_iter` iterations with every --eval option, from a random start, in fp32.
-    `generator` is the default random source (None: torch's); `eot_samples` draws of a random
-    defense are averaged per gradient."""
-    training = precision is not None
-    evaluation = AttackSettings(
-        num_iter=attack_iter,
-        epsilon=cfg.attack_epsilon,
-        step_size=cfg.attack_step_size,
-        target=None if cfg.attack_target == NO_TARGET else cfg.attack_target,
+    """An evaluation attack's settings: `attack_iter` iterations of the --attack-* flags with
+    every --eval option, from a random start, in fp32. `generator` is the default random source
+    (None: torch's); `eot_samples` draws of a random defense are averaged per gradient."""
+    flags = AttackSettings(
+        attack_iter, cfg.attack_epsilon, cfg.attack_step_size, target=attack_target(cfg)
+    )
+    return _settings(
+        cfg, flags, num_classes=num_classes, generator=generator, eot_samples=eot_samples
+    )
+
+
+def training_attack_settings(
+    cfg: Config,
+    spec: AttackSpec,
+    *,
+    num_classes: int,
+    precision: AttackPrecision,
+    generator: torch.Generator,
+) -> AttackSettings:
+    """The training attack's settings: `spec`'s iterations, epsilon, step and target (the
+    epoch's, ``iat.train.builders.epoch_attack_spec``), starting from the clean image with
+    --prob-start-from-clean, computed with `precision`, drawing from `generator`."""
+    return _settings(
+        cfg,
+        spec.settings,
         num_classes=num_classes,
         generator=generator,
+        precision=precision,
+        prob_start_from_clean=cfg.prob_start_from_clean,
+    )
+
+
+def _settings(
+    cfg: Config,
+    attack: AttackSettings,
+    *,
+    num_classes: int,
+    generator: torch.Generator | None,
+    eot_samples: int = 1,
+    precision: AttackPrecision = FP32_EAGER,
+    prob_start_from_clean: float = 0.0,
+) -> AttackSettings:
+    """The one place an attack's settings are built: `attack`'s iterations, epsilon, step and
+    target with the run's attack options."""
+    return AttackSettings(
+        num_iter=attack.num_iter,
+        epsilon=attack.epsilon,
+        step_size=attack.step_size,
+        target=attack.target,
+        prob_start_from_clean=prob_start_from_clean,
+        num_classes=num_classes,
+        generator=generator,
+        autocast=precision.autocast,
+        compiled=precision.compiled,
         norm=cfg.norm,
         restarts=cfg.restarts,
         loss=cfg.attack_loss,
@@ -336,19 +377,6 @@ def attack_settings(
         top_k=cfg.apgd_targets,
         eot_samples=eot_samples,
         queries=cfg.queries,
-    )
-    if not training:
-        return evaluation
-    spec = (spec or training_attack_spec(cfg)).settings
-    return dataclasses.replace(
-        evaluation,
-        num_iter=spec.num_iter,
-        epsilon=spec.epsilon,
-        step_size=spec.step_size,
-        target=spec.target,
-        prob_start_from_clean=cfg.prob_start_from_clean,
-        autocast=precision.autocast,
-        compiled=precision.compiled,
     )
 
 

@@ -502,12 +502,18 @@ def validate(cfg: Config) -> None:
         )
 
 
+def attack_target(cfg: Config) -> str | None:
+    """--attack-target as attacks take it: None for "none" (untargeted)."""
+    return None if cfg.attack_target == NO_TARGET else cfg.attack_target
+
+
 def training_attack_spec(cfg: Config) -> AttackSpec:
     """The training attack: --adv-method's spec, else the original's --attack-* flags."""
     if cfg.adv_method is not None:
         return parse_attack_spec(cfg.adv_method)
-    target = None if cfg.attack_target == NO_TARGET else cfg.attack_target
-    return flags_attack_spec(cfg.attack_iter, cfg.attack_epsilon, cfg.attack_step_size, target)
+    return flags_attack_spec(
+        cfg.attack_iter, cfg.attack_epsilon, cfg.attack_step_size, attack_target(cfg)
+    )
 
 
 def adv_fraction(cfg: Config) -> float:

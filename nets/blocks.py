@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nets.layers import PIXEL_MAX, check_pixels
+from nets.layers import bgr_pixels_to_unit_rgb, check_pixels
 
 # The ImageNet statistics of RGB images in [0, 1] (torchvision's and timm's default).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +41,7 @@ class ImageNormalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_pixels(x)
-        rgb = x.flip(1) / PIXEL_MAX
+        rgb = bgr_pixels_to_unit_rgb(x)
         return (rgb - self.mean) / self.std
 
 

@@ -14,10 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Pixel range the model is fed and the scale that maps it onto [-1, 1] (original adv_model.py:
-# `image * IMAGE_SCALE - 1.0` with IMAGE_SCALE = 2 / 255).
+# Pixel range the model is fed (the one owner: attacks, defenses and converters import it) and
+# the scale that maps it onto [-1, 1] (original adv_model.py: `image * IMAGE_SCALE - 1.0` with
+# IMAGE_SCALE = 2 / 255).
+PIXEL_MIN = 0.0
 PIXEL_MAX = 255.0
 IMAGE_SCALE = 2.0 / PIXEL_MAX
+
+
+def bgr_pixels_to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
+    """NCHW BGR in [0, 255] (this project's input) -> NCHW RGB in [0, 1] (torchvision's, timm's
+    and RobustBench's)."""
+    return images.flip(1) / PIXEL_MAX
+
+
+def unit_rgb_to_bgr_pixels(images: torch.Tensor) -> torch.Tensor:
+    """NCHW RGB in [0, 1] -> NCHW BGR in [0, 255]."""
+    return images.flip(1) * PIXEL_MAX
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:

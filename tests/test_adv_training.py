@@ -286,7 +286,9 @@ def test_eval_ema_evaluates_the_averaged_weights(tiny_imagenet, tmp_path, capsys
 
 
 # --- 4. fine-tuning -------------------------------------------------------------------------
-def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, tmp_path, capsys):
+def test_finetuning_excludes_freezes_and_trains_the_named_scopes(
+    tiny_imagenet, tmp_path, capsys, monkeypatch
+):
     source = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=7)
     with torch.no_grad():
         for p in source.parameters():
@@ -295,7 +297,10 @@ def test_finetuning_excludes_freezes_and_trains_the_named_scopes(tiny_imagenet, 
     logdir = tmp_path / "run"
     flags = ["--finetune-checkpoint", str(tmp_path / "source.npz"), "--finetune-exclude-scopes",
              "linear", "--finetune-trainable-scopes", "group3,linear"]  # fmt: skip
+    read_weights, reads = nets.read_weights, []
+    monkeypatch.setattr(nets, "read_weights", lambda path: reads.append(path) or read_weights(path))
     assert main([*train_args(tiny_imagenet, logdir), *RUN, "--epochs", "1", *flags]) == 0
+    assert reads.count(str(tmp_path / "source.npz")) == 1  # read once (the builders' rule)
     first = capsys.readouterr().err.splitlines()[0]  # it once said "starting from scratch"
     assert first.startswith(f"{logdir}: fine-tuning from the weights of {tmp_path / 'source.npz'};")
     trained = torch.load(logdir / "checkpoint-epoch0001.pt", weights_only=True)["model"]
@@ -328,7 +333,9 @@ def test_excluded_scopes_are_freshly_initialised(tmp_path):
     torch.manual_seed(0)
     fresh = nets.build_model("ResNet", num_blocks=[1, 1, 1, 1], width=8, num_classes=3)
     torch.manual_seed(0)
-    model = build_network(cfg, Start("fresh", None, None, Progress(0, 0)), 3, torch.device("cpu"))
+    start = Start("fresh", None, None, Progress(0, 0))
+    finetune = nets.read_weights(tmp_path / "source.pt")
+    model = build_network(cfg, start, 3, torch.device("cpu"), finetune)
     for name, tensor in model.state_dict().items():
         excluded = name.startswith(("linear.", "group3.block0.conv3."))
         expected = (fresh if excluded else source).state_dict()[name]

@@ -363,3 +363,22 @@ def test_fake_benchmark_reports_throughput(address: str, start_server) -> None:
     )  # fmt: skip
     assert server.wait(timeout=30) == 0
     assert "serve-data: 50 batches" in log.read_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity masks here")
+def test_default_workers_follow_the_affinity_mask() -> None:
+    """Under `taskset` or a Slurm cgroup the server may use fewer CPUs than the machine has:
+    its default decoding processes (all usable CPUs but one) follow the mask."""
+    code = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "os.cpu_count = lambda: 64  # a large machine, of which this process may use one CPU\n"
+        "from iat.data.server import parse_args\n"
+        "print(parse_args(['--fake', '--batch', '1']).workers)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 import nets
-from nets.layers import Conv2dSame, MaxPool2dSame, Preprocess, same_padding
+from nets.blocks import ImageNormalize
+from nets.layers import (
+    Conv2dSame,
+    MaxPool2dSame,
+    Preprocess,
+    bgr_pixels_to_unit_rgb,
+    same_padding,
+    unit_rgb_to_bgr_pixels,
+)
 
 TINY = {"num_blocks": [1, 1, 1, 1], "num_classes": 7, "width": 8}
 
@@ -311,3 +319,12 @@ def test_max_pool_in_channels_last_gives_the_nchw_kernels_values_and_gradients(s
         (expected_grad,) = torch.autograd.grad(expected, x, upstream.to(dtype))
         assert actual.is_contiguous() and grad.is_contiguous()
         assert torch.equal(actual, expected) and torch.equal(grad, expected_grad)
+
+
+def test_one_bgr_pixels_to_unit_rgb_conversion() -> None:
+    """The reference models' normalisation and the RobustBench adapters convert alike."""
+    bgr = torch.randint(0, 256, (2, 3, 5, 4)).float()
+    rgb = bgr_pixels_to_unit_rgb(bgr)
+    assert torch.equal(rgb[:, 0], bgr[:, 2] / 255) and rgb.min() >= 0 and rgb.max() <= 1
+    assert torch.equal(ImageNormalize(mean=(0, 0, 0), std=(1, 1, 1))(bgr), rgb)
+    assert torch.allclose(unit_rgb_to_bgr_pixels(rgb), bgr)

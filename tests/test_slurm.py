@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train.sh", "eval.sh")
+SHARED = "common.sh"  # sourced by both
 
 # Records one call as JSON. The data servers stay up until SIGTERM, noting that they were
 # stopped; the training step waits until they are up, like a real training job would.
@@ -54,7 +55,7 @@ def fake_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     (repo / "slurm").mkdir(parents=True)
     (repo / "main.py").touch()
-    for script in SCRIPTS:
+    for script in (*SCRIPTS, SHARED):
         shutil.copy(REPO / "slurm" / script, repo / "slurm" / script)
     return repo
 
@@ -92,7 +93,7 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:start], argv[start:]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", (*SCRIPTS, SHARED))
 def test_syntax(script: str) -> None:
     subprocess.run(["bash", "-n", str(REPO / "slurm" / script)], check=True, timeout=30)
 
@@ -118,7 +119,7 @@ def test_train_starts_one_data_server_per_node_then_trains(fake_repo: Path, tmp_
         " --arch ResNet -d 152 --extra-flag"
     )
     assert _split(job["argv"])[1] == expected.split()
-    assert job["env"] == {"MASTER_ADDR": "gpu1", "MASTER_PORT": str(20000 + 4242)}
+    assert job["env"] == {"MASTER_ADDR": "gpu1", "MASTER_PORT": None}
     assert job["cwd"] == records["data"]["cwd"] == str(fake_repo)
 
 
@@ -132,7 +133,7 @@ def test_eval_runs_main_with_the_attack(fake_repo: Path, tmp_path: Path) -> None
         " --attack-iter 100 --attack-epsilon 16 --arch ResNet -d 152 --extra-flag"
     )
     assert _split(job["argv"])[1] == expected.split()
-    assert job["env"] == {"MASTER_ADDR": "gpu1", "MASTER_PORT": str(20000 + 4242)}
+    assert job["env"] == {"MASTER_ADDR": "gpu1", "MASTER_PORT": None}
     assert job["cwd"] == str(fake_repo)
 
 
@@ -152,7 +153,7 @@ def test_without_scontrol_the_node_list_is_left_to_distributed_py(
 ) -> None:
     proc, records = _run(fake_repo / "slurm" / "eval.sh", tmp_path, scontrol=False, CKPT="m.pt")
     assert proc.returncode == 0, proc.stderr
-    assert records["job"]["env"] == {"MASTER_ADDR": None, "MASTER_PORT": str(20000 + 4242)}
+    assert records["job"]["env"] == {"MASTER_ADDR": None, "MASTER_PORT": None}
 
 
 def test_eval_without_checkpoint_fails_before_launching(fake_repo: Path, tmp_path: Path) -> None:
@@ -176,3 +177,13 @@ def test_sbatch_copy_finds_the_repository_through_the_submit_dir(
     )
     assert proc.returncode == 0, proc.stderr
     assert records["job"]["cwd"] == str(fake_repo)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_port_is_left_to_distributed_py(fake_repo: Path, tmp_path: Path, script: str) -> None:
+    """The port is decided once, by distributed.py from the job id: the scripts export none,
+    and say so."""
+    proc, records = _run(fake_repo / "slurm" / script, tmp_path, CKPT="m.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert records["job"]["env"]["MASTER_PORT"] is None
+    assert "rank 0 at gpu1:<from the job id>" in proc.stdout

@@ -10,7 +10,7 @@ import torch
 from conftest import assert_resumes_bit_for_bit
 
 from adv_model import PGDAttacker
-from iat.builders import AttackPrecision
+from iat.builders import FP32_EAGER, AttackPrecision, attack_settings, training_attack_settings
 from iat.config import Config
 from iat.data.sources import resize_batch
 from iat.train.builders import build_epoch_attacker, epoch_attack_spec, warmup_factor
@@ -47,6 +47,23 @@ def test_the_soft_attack_takes_the_ramped_step_and_the_hard_pgd_its_floor():
     assert isinstance(soft, SoftTargetPGD) and soft.step_size == pytest.approx(8 / 3 * 0.2)
     hard = build_epoch_attacker(Config(data="x", step_warmup_epochs=5, **ARES_ATTACK), 2, **build)
     assert isinstance(hard, PGDAttacker) and hard.step_size == pytest.approx(4 / 3)  # eps / iter
+
+
+def test_training_settings_are_the_epoch_spec_and_evaluation_the_flags():
+    """Built once each: the training attack's from its epoch's spec (never the evaluation's
+    settings overwritten), the evaluation attack's from the --attack-* flags."""
+    cfg = Config(data="x", eps_warmup_epochs=4, prob_start_from_clean=0.25, **ARES_ATTACK)
+    generator = torch.Generator()
+    spec = epoch_attack_spec(cfg, 3)
+    training = training_attack_settings(
+        cfg, spec, num_classes=5, precision=FP32_EAGER, generator=generator
+    )
+    assert (training.num_iter, training.epsilon, training.target) == (3, 2.0, None)
+    assert training.step_size == spec.settings.step_size
+    assert training.prob_start_from_clean == 0.25 and training.generator is generator
+    evaluation = attack_settings(cfg, attack_iter=10, num_classes=5)
+    assert (evaluation.num_iter, evaluation.epsilon, evaluation.target) == (10, 4.0, None)
+    assert evaluation.prob_start_from_clean == 0.0 and not evaluation.autocast
 
 
 def test_size_schedule_picks_the_phase_of_the_epoch():

@@ -19,7 +19,7 @@ from conftest import REPO
 import nets
 from iat.builders import attack_precision
 from iat.runs.trackers.mlflow_runs import MLFLOW_CHECK_SECONDS
-from iat.runtime import distributed
+from iat.runtime.cpus import usable_cpus
 from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -68,7 +68,7 @@ def test_threads_workers_and_attack_precision_are_said_and_recorded(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     run = tmp_path / "run"
     assert main(short_run(tiny_imagenet, run)) == 0
-    share = distributed.usable_cpus()  # one process: all usable CPUs
+    share = usable_cpus()  # one process: all usable CPUs
     first = capsys.readouterr().err.splitlines()[0]
     assert f"{share} thread(s) each ({share} usable CPUs)" in first
     assert "attack: fp32, eager" in first

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 import sys
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from iat.eval.benchmarks import BENCHMARK_DEFAULTS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 from iat.runtime import distributed
 from iat.runtime.atomic_io import NoSpaceError, is_no_space
+from iat.runtime.cpus import cpu_share, resolve_threads
 from nets import CheckpointError
 
 DESCRIPTION = """Adversarial training and white-box evaluation of ImageNet classifiers.
@@ -462,25 +462,16 @@ def resolve_resources(cfg: Config, env: distributed.DistEnv) -> Config:
     """--threads and --workers when not given: this process's share of the usable CPUs (a
     shared machine's affinity mask, divided among this host's processes), so that processes
     never oversubscribe the cores (2.3 vs 195 images/s measured on a busy 2-core machine)."""
-    share = distributed.cpus_per_process(env)
-    threads = cfg.threads or _threads_from_environment() or share
+    threads = resolve_threads(cfg.threads, env.local_world_size)
+    share = cpu_share(env.local_world_size)
     workers = cfg.workers if cfg.workers is not None else min(MAX_DEFAULT_WORKERS, share)
     return dataclasses.replace(cfg, threads=threads, workers=workers)
 
 
-def _threads_from_environment() -> int | None:
-    """OMP_NUM_THREADS when set to a positive whole number: an explicit setting wins over the
-    automatic share (as torch itself would honour it)."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
 def run(cfg: Config) -> None:
-    import torch
-
     env = distributed.detect()
     cfg = resolve_resources(cfg, env)
-    torch.set_num_threads(cfg.threads)
+    distributed.set_threads(cfg.threads)
     device = distributed.select_device(env)
     distributed.init(env, device, cfg.collective_timeout)
     try:

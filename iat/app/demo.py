@@ -29,6 +29,7 @@ from iat.runs.files import checkpoint_path
 from iat.runs.state import latest_checkpoint
 from iat.runtime import distributed
 from iat.runtime.atomic_io import atomic_write_text
+from iat.runtime.cpus import usable_cpus
 from iat.train.trainer import run_training
 
 IMAGE_SIZE = 32
@@ -130,7 +131,7 @@ def evaluate_columns(cfg: Config, model: torch.nn.Module) -> list[EvalResult]:
 
 def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:
     """One process of the demo's data-parallel training (started by distributed.spawn)."""
-    torch.set_num_threads(threads)
+    distributed.set_threads(threads)
     device = torch.device("cpu")
     with distributed.process_group(env, device, timeout_s=300):
         run_training(cfg, env, device)
@@ -214,8 +215,8 @@ def run_demo(logdir: str) -> int:
     else:
         n_train, n_val = write_digits_folder(data)
         print(f"wrote {n_train} train / {n_val} val digit images to {data}")
-    cpus = distributed.usable_cpus()
-    torch.set_num_threads(cpus)  # this process evaluates while the training processes are gone
+    cpus = usable_cpus()
+    distributed.set_threads(cpus)  # this process evaluates while the training processes are gone
     nprocs = 2 if cpus >= 2 else 1
     print(f"training on {nprocs} process(es) of {cpus} usable CPUs, Gloo")
     rows = []

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-PIXEL_MIN = 0.0
-PIXEL_MAX = 255.0
+# The pixel range attacks clip to: the model's (nets.layers owns it), re-exported for attackers.
+from nets.layers import PIXEL_MAX as PIXEL_MAX
+from nets.layers import PIXEL_MIN as PIXEL_MIN
+
 TARGET_MODES = ("random", "least_likely", None)
 NO_TARGET = -1
 # The original's --use-fp16xla scales the fp16 loss by 128 before the backward pass so that small

@@ -14,17 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PIXEL_SCALE = 255.0
-
-
-def bgr_pixels_to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
-    """NCHW BGR in [0, 255] -> NCHW RGB in [0, 1]."""
-    return images.flip(1) / PIXEL_SCALE
-
-
-def unit_rgb_to_bgr_pixels(images: torch.Tensor) -> torch.Tensor:
-    """NCHW RGB in [0, 1] -> NCHW BGR in [0, 255]."""
-    return images.flip(1) * PIXEL_SCALE
+from nets.layers import bgr_pixels_to_unit_rgb, unit_rgb_to_bgr_pixels
 
 
 class UnitRGBInput(nn.Module):

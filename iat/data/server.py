@@ -39,6 +39,7 @@ from iat.data.protocol import ProtocolError, decode_batch, default_address, enco
 from iat.data.sampling import TrainStream, fake_batch
 from iat.data.shards import host_schedule
 from iat.runtime.cli_help import DefaultsHelpFormatter
+from iat.runtime.cpus import usable_cpus
 
 WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is still alive
 MAIN_POLL_MS = 200
@@ -317,7 +318,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         default=AUTO_LAYOUT,
         help="layout of --data (auto: tiny-imagenet if wnids.txt, else imagenet)",
     )
-    default_workers = max(1, (os.cpu_count() or 1) - 1)
+    default_workers = max(1, usable_cpus() - 1)  # all usable cores but one
     p.add_argument(
         "--workers", type=_positive(int), default=default_workers, help="decoding processes"
     )

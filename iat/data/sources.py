@@ -33,6 +33,7 @@ from iat.data.layouts import (
 )
 from iat.data.protocol import default_address
 from iat.data.sampling import TrainStream, fake_batch
+from nets.layers import PIXEL_MAX, PIXEL_MIN
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,7 +54,7 @@ def resize_batch(images: torch.Tensor, side: int) -> torch.Tensor:
     resized = torch.nn.functional.interpolate(
         images, size=(side, side), mode="bilinear", antialias=True, align_corners=False
     )
-    return resized.clamp(0, 255)
+    return resized.clamp(PIXEL_MIN, PIXEL_MAX)
 
 
 # --- training sources ------------------------------------------------------------------------

@@ -63,8 +63,8 @@ from iat.defenses.transforms import bpda_identity
 from iat.runtime.atomic_io import atomic_write
 from iat.runtime.cli_help import DefaultsHelpFormatter
 from iat.runtime.progress import progress_bar
+from nets.layers import PIXEL_MAX
 
-PIXEL_MAX = 255.0
 DEFAULT_TOP_T = 8  # kept coefficients per patch location (the paper uses 15 of 500 on CIFAR)
 # Activation threshold in pixels per unit L1 norm of an atom: beta 3 x assumed epsilon 8
 # pixels, the authors' defaults (config.toml: activation_beta 3, assumed_budget 8/255).

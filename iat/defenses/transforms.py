@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PIXEL_MAX = 255.0
+from nets.layers import PIXEL_MAX
+
 NO_DEFENSE = "none"  # --defense none: explicitly no defense (over a checkpoint's record)
 # --defense-apply: the phases a defense applies in (Dioptra's apply_fit / apply_predict).
 DEFENSE_PHASES: dict[str, tuple[str, ...]] = {

@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 # Slurm jobs derive their rendezvous port from the job id, so that two jobs sharing a node
-# do not collide: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN (slurm/*.sh do the same).
+# do not collide: SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN (decided here only: slurm/*.sh
+# export no MASTER_PORT).
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 20000
 
@@ -243,16 +244,9 @@ def _check_ranks(
         raise ValueError(f"{names[1]}={local_rank} is outside 0..{local_world_size - 1}")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which launchers and cgroups set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpus_per_process(env: DistEnv) -> int:
-    """This process's share of the usable CPUs among the job's processes on this host."""
-    return max(1, usable_cpus() // env.local_world_size)
+def set_threads(threads: int) -> None:
+    """Run torch's operators on `threads` threads (the count ``iat.runtime.cpus`` decides)."""
+    torch.set_num_threads(threads)
 
 
 def select_device(env: DistEnv) -> torch.device:
@@ -477,11 +471,6 @@ def _missing_keys(store: dist.TCPStore, keys: list[str]) -> list[str]:
 def _progress_of(store: dist.TCPStore, rank: int) -> str:
     key = f"iat/progress/{rank}"
     return store.get(key).decode() if store.check([key]) else "none"
-
-
-def _tcp_url(addr: str, port: int) -> str:
-    host = f"[{addr}]" if ":" in addr else addr  # IPv6 literal
-    return f"tcp://{host}:{port}"
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from iat.attacks import Attacker, create_attacker
 from iat.attacks.core import pgd_step_size
 from iat.attacks.spec import AttackSpec
-from iat.builders import AttackPrecision, attack_settings
+from iat.builders import AttackPrecision, training_attack_settings
 from iat.config import Config, mixing_enabled, training_attack_spec
 from iat.data.layouts import DataError, Sample
 from iat.recipes.mixing import MixSettings
@@ -38,13 +38,8 @@ def build_training_attacker(
     with `precision`, drawing from `generator`; with --free-replays > 1, free training's carried
     perturbation of the spec's epsilon instead (Shafahi et al. 2019)."""
     spec = spec or training_attack_spec(cfg)
-    settings = attack_settings(
-        cfg,
-        attack_iter=0,
-        num_classes=num_classes,
-        precision=precision,
-        generator=generator,
-        spec=spec,
+    settings = training_attack_settings(
+        cfg, spec, num_classes=num_classes, precision=precision, generator=generator
     )
     return create_attacker("free" if cfg.free_replays > 1 else spec.name, settings)
 

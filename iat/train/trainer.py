@@ -75,7 +75,7 @@ from iat.runs.state import (
 )
 from iat.runs.trackers import check_trackers, run_directory_logger
 from iat.runtime import distributed
-from iat.runtime.distributed import usable_cpus
+from iat.runtime.cpus import usable_cpus
 from iat.runtime.progress import progress_bar
 from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
@@ -535,22 +535,24 @@ def restore_free_delta(attacker: Attacker, start: Start, device: torch.device) -
     attacker.delta = start.free_delta[distributed.get_rank()].to(device)
 
 
-def build_network(cfg: Config, start: Start, num_classes: int, device) -> torch.nn.Module:
+def build_network(
+    cfg: Config, start: Start, num_classes: int, device, finetune: nets.Weights | None
+) -> torch.nn.Module:
     """The model at the start point: the run's or --load's weights, or for a fresh run
-    --finetune-checkpoint's (some scopes excluded), then frozen outside the trainable scopes."""
+    `finetune`'s (--finetune-checkpoint's, read once by the caller; some scopes excluded), then
+    frozen outside the trainable scopes."""
     fresh = start.kind == "fresh"
     model = builders.build_model(cfg, num_classes, device, start.weights)
     # Behind a model-level defense the scopes are the classifier's (the original's names); the
     # defense is trained or frozen as --frontend-trainable says.
     classifier = classifier_of(model)
-    if fresh and cfg.finetune_checkpoint is not None:
-        weights = nets.read_weights(cfg.finetune_checkpoint)
+    if fresh and finetune is not None:
         # Weights with a defense of their own fill the whole model; others the classifier.
-        recorded = recorded_defense(weights)
+        recorded = recorded_defense(finetune)
         whole = recorded is not None
         if whole:
-            check_same_defense(weights.source, recorded, model)
-        load_finetune_weights(model if whole else classifier, weights, cfg.finetune_exclude_scopes)
+            check_same_defense(finetune.source, recorded, model)
+        load_finetune_weights(model if whole else classifier, finetune, cfg.finetune_exclude_scopes)
     if cfg.finetune_trainable_scopes is not None:
         freeze_outside(classifier, cfg.finetune_trainable_scopes)
     return model
@@ -586,16 +588,22 @@ def build_ema(cfg: Config, model: torch.nn.Module, start: Start) -> WeightAverag
 
 
 def setup(
-    cfg: Config, start: Start, train: Sequence[Sample] | None, num_classes: int, device
+    cfg: Config,
+    start: Start,
+    train: Sequence[Sample] | None,
+    num_classes: int,
+    device,
+    finetune: nets.Weights | None,
 ) -> Training:
-    """Build the run's objects from the configuration and the start point."""
+    """Build the run's objects from the configuration, the start point and the fine-tuning
+    weights."""
     world = distributed.get_world_size()
     # A virtual batch of --accumulate micro-batches: the LR follows the images per update.
     total_batch = cfg.batch * world * cfg.accumulate
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
     precision = builders.attack_precision(cfg.use_fp16xla, device)
-    model = build_network(cfg, start, num_classes, device)
+    model = build_network(cfg, start, num_classes, device, finetune)
     optimizer = train_builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
         restore_optimizer(optimizer, start)
@@ -673,9 +681,10 @@ def _train_in(
         print(
             "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
         )
+    finetune = None  # --finetune-checkpoint's weights, read once
     if cfg.finetune_checkpoint is not None:  # its recorded architecture, where flags set none
-        weights = nets.read_weights(cfg.finetune_checkpoint)
-        cfg = builders.with_recorded_architecture(cfg, weights)
+        finetune = nets.read_weights(cfg.finetune_checkpoint)
+        cfg = builders.with_recorded_architecture(cfg, finetune)
     num_classes = builders.resolve_num_classes(cfg, classes)
     for split, samples in (("train", train), ("val", val)):
         if samples:
@@ -689,7 +698,7 @@ def _train_in(
     lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
     start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
     check_same_start(start.progress, device)
-    run = setup(cfg, start, train, num_classes, device)
+    run = setup(cfg, start, train, num_classes, device, finetune)
     if start.progress.epoch >= cfg.epochs:
         if main_proc:
             print(
