@@ -8,7 +8,7 @@ are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -83,58 +83,18 @@ def resolve_num_classes(cfg: Config, classes: list[str] | None) -> int:
 def architecture_record(
     cfg: Config, num_classes: int, model_defense: Mapping[str, object] | None = None
 ) -> dict[str, object]:
-    """The architecture as a training checkpoint records it (``nets.ARCHITECTURE_KEY``): plain
-    values; ``depth`` is None when ``num_blocks`` gives the size; ``denoise_op`` is the op the
-    denoising blocks use (None: no denoising blocks). Records written before denoising ops were
-    selectable lack the two ``denoise_`` keys: they mean the architecture's original op.
-    ``defense`` is the input-transform defense and ``defense_apply``
-    when it applies (iat.defenses.transforms;
-    records without it mean "predict": the model is evaluated behind it); ``model_defense`` the
-    field of a model-level defense (``iat.defenses.registry.defense_record``: the sparse-coding
-    frontend's spec under ``frontend``, its tensors in the state_dict under ``frontend.``)."""
+    """The architecture as a training checkpoint records it (``nets.ArchitectureRecord``'s
+    plain values): ``denoise_op`` the op the denoising blocks use (None: no denoising blocks);
+    ``model_defense`` the field of a model-level defense (``iat.defenses.registry.defense_record``:
+    the sparse-coding frontend's spec under ``frontend``, its tensors in the state_dict under
+    ``frontend.``)."""
     denoise = nets.resolve_denoise(cfg.arch, cfg.denoise_op, cfg.denoise_window)
-    return model_record(
-        cfg.arch,
-        depth=cfg.depth,
-        num_blocks=cfg.num_blocks,
-        width=cfg.width,
+    configured = {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    record = nets.ArchitectureRecord(
+        **{**configured, "denoise_op": None if denoise is None else denoise.op},
         num_classes=num_classes,
-        denoise_op=None if denoise is None else denoise.op,
-        denoise_window=cfg.denoise_window,
-        defense=cfg.defense,
-        defense_apply=cfg.defense_apply,
-        model_defense=model_defense,
     )
-
-
-def model_record(
-    arch: str,
-    *,
-    depth: int | None,
-    num_blocks: Sequence[int] | None,
-    width: int,
-    num_classes: int,
-    denoise_op: str | None = None,
-    denoise_window: int = nets.DEFAULT_WINDOW,
-    defense: str | None = None,
-    defense_apply: str = "predict",
-    model_defense: Mapping[str, object] | None = None,
-) -> dict[str, object]:
-    """``architecture_record`` from explicit values (converted weights have no Config);
-    ``num_blocks`` given wins over ``depth``, as in ``nets.build_model``."""
-    return {
-        "arch": arch,
-        "depth": None if num_blocks is not None else depth,
-        "num_blocks": None if num_blocks is None else list(num_blocks),
-        "width": width,
-        "num_classes": num_classes,
-        "denoise_op": denoise_op,
-        "denoise_window": denoise_window,
-        "defense": defense,
-        "defense_apply": defense_apply,
-        "frontend": None,  # every record has this field: the sparse-coding frontend's spec
-        **(model_defense or {}),
-    }
+    return {**record.to_dict(), **(model_defense or {})}
 
 
 def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Config]:
@@ -207,45 +167,20 @@ def _denoise_disagreements(
 
 def _recorded_fields(source: str, record: Mapping[str, object]) -> dict[str, object]:
     """MODEL_FIELDS of an architecture record, as Config values; CheckpointError if invalid."""
-    blocks, depth = record.get("num_blocks"), record.get("depth")
-    known = record.get("arch") in nets.ARCHITECTURES
-    valid_size = (
-        known
-        and isinstance(blocks, list)
-        and len(blocks) == nets.num_groups_of(record["arch"])
-        and all(_positive(n) for n in blocks)
-    ) or (
-        blocks is None
-        and record.get("arch") in nets.ARCHITECTURES
-        and depth in nets.depths_of(record["arch"])
-    )
-    check_record(record, source)  # a model-level defense's field: CheckpointError if invalid
-    op = record.get("denoise_op")
-    window = record.get("denoise_window", nets.DEFAULT_WINDOW)
-    defense = record.get("defense")
-    defense_apply = record.get("defense_apply", "predict")
-    if not (
-        _valid_defense(defense)
-        and defense_apply in DEFENSE_PHASES
-        and record.get("arch") in nets.available_architectures()
-        and _positive(record.get("width"))
-        and valid_size
-        and (op is None or op in nets.DENOISE_OPS)
-        and _positive(window)
-    ):
+    try:
+        parsed = nets.ArchitectureRecord.from_dict(record)
+    except ValueError as error:
         raise nets.CheckpointError(
-            f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record"
+            f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record "
+            f"({error})"
+        ) from None
+    check_record(record, source)  # a model-level defense's field: CheckpointError if invalid
+    if not (_valid_defense(parsed.defense) and parsed.defense_apply in DEFENSE_PHASES):
+        raise nets.CheckpointError(
+            f"{source}: field {nets.ARCHITECTURE_KEY!r} is not a valid architecture record "
+            f"(defense {parsed.defense!r} applied at {parsed.defense_apply!r})"
         )
-    return {
-        "arch": record["arch"],
-        "depth": depth,
-        "num_blocks": None if blocks is None else tuple(blocks),
-        "width": record["width"],
-        "denoise_op": op,
-        "denoise_window": window,
-        "defense": defense,
-        "defense_apply": defense_apply,
-    }
+    return {name: getattr(parsed, name) for name in MODEL_FIELDS}
 
 
 def _valid_defense(spec: object) -> bool:
@@ -258,10 +193,6 @@ def _valid_defense(spec: object) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _blocks(arch: str, depth: int | None, num_blocks: tuple[int, ...] | None) -> tuple[int, ...]:

@@ -29,17 +29,8 @@ from iat.recipes.optim import LR_SCHEDULES, OPTIMIZERS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
-# What a training checkpoint records (builders.architecture_record).
-MODEL_FIELDS = (
-    "arch",
-    "depth",
-    "num_blocks",
-    "width",
-    "denoise_op",
-    "denoise_window",
-    "defense",
-    "defense_apply",
-)
+# The fields of a checkpoint's architecture record that a run's configuration sets.
+MODEL_FIELDS = nets.CONFIG_FIELDS
 NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train", FOLDER_ITSELF)  # "." the --data folder itself (an export)

@@ -1,7 +1,9 @@
 """Model zoo: ResNet / ResNeXt (-Denoise) classifiers compatible with the original checkpoints,
 ResNet-v2 (ALP) and basic-block ResNets for small images; ConvNeXt, ViT and Swin in timm's layout
-and ResNets in torchvision's, under those libraries' model names (nets.reference_models)."""
+and ResNets in torchvision's, under those libraries' model names (nets.reference_models). Each
+family's module registers its names (nets.registry); importing nets imports them all."""
 
+from nets import convnext, convstem, resnet, resnet_variants, swin, torchvision_resnet, vit
 from nets.checkpoint import (
     ARCHITECTURE_KEY,
     CheckpointError,
@@ -21,6 +23,7 @@ from nets.checkpoint import (
 from nets.denoise import (
     DEFAULT_WINDOW,
     DENOISE_OPS,
+    Denoise,
     DenoiseOp,
     DenoisingBlock,
     available_denoise_ops,
@@ -31,18 +34,17 @@ from nets.denoise import (
     median_filter,
     softmax_nonlocal,
 )
-from nets.reference_models import LAYOUTS, SOURCES, Layout
-from nets.resnet import (
+from nets.record import CONFIG_FIELDS, RECORD_FIELDS, ArchitectureRecord
+from nets.registry import (
     ARCHITECTURES,
     DEFAULT_DENOISE_OPS,
+    LAYOUTS,
     MODEL_OPTIONS,
-    NUM_BLOCKS,
-    Bottleneck,
-    Denoise,
-    DenoisedBottleneck,
-    ResNet,
+    SOURCES,
+    Layout,
     available_architectures,
     build_model,
+    create_model,
     depths_of,
     model_options,
     num_blocks_of,
@@ -51,10 +53,19 @@ from nets.resnet import (
     register,
     resolve_denoise,
 )
+from nets.resnet import NUM_BLOCKS, Bottleneck, DenoisedBottleneck, ResNet
 from nets.resnet_variants import BasicBlock, PreActBottleneck, ResNetBasic, ResNetV2
+
+# The model families: each module registers its names on import (nets.registry).
+FAMILIES = (resnet, resnet_variants, convnext, vit, swin, convstem, torchvision_resnet)
 
 __all__ = [
     "ARCHITECTURE_KEY",
+    "ArchitectureRecord",
+    "FAMILIES",
+    "CONFIG_FIELDS",
+    "RECORD_FIELDS",
+    "create_model",
     "ARCHITECTURES",
     "LAYOUTS",
     "Layout",

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from iat.runtime.atomic_io import atomic_write
-from nets.denoise import DEFAULT_WINDOW, DENOISE_OPS
-from nets.resnet import DEFAULT_DENOISE_OPS, build_model
+from nets.denoise import DENOISE_OPS
+from nets.record import ArchitectureRecord, complete_record
+from nets.registry import DEFAULT_DENOISE_OPS
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
@@ -69,18 +70,16 @@ _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
     (2, 0): np.lib.format.read_array_header_2_0,
 }
-# The key under which a training checkpoint records its architecture (plain values), written by
-# iat.runs.state.save_checkpoint: {"arch", "depth", "num_blocks", "width", "num_classes",
-# "denoise_op", "denoise_window"} (the last two absent from older checkpoints).
+# The key under which a checkpoint records its architecture (nets.record.ArchitectureRecord's
+# plain values), written by save_weights.
 ARCHITECTURE_KEY = "architecture"
 # The top-level keys of a .pt file of this project that holds more than a state_dict: the weights
 # and their architecture record (iat.convert.alp), and a training checkpoint's optimizer state,
 # progress, random state, averaged weights and free training's perturbation
 # (iat.runs.state.save_checkpoint). Any other key is refused: an extra key is where a zip bomb or
 # a forged payload hides (issue 22).
-PT_FIELDS = frozenset(
-    {"model", ARCHITECTURE_KEY, "optimizer", "epoch", "step", "rng", "ema", "free_delta"}
-)
+TRAINING_FIELDS = frozenset({"optimizer", "epoch", "step", "rng", "ema", "free_delta"})
+PT_FIELDS = frozenset({"model", ARCHITECTURE_KEY, *TRAINING_FIELDS})
 # A classifier behind a model-level defense (iat.defenses.registry, e.g. the sparse-coding
 # frontend) keeps its state_dict entries under this prefix, beside the defense's own (the
 # frontend's under "frontend.").
@@ -128,27 +127,53 @@ def save_npz(model: nn.Module, path: str | os.PathLike[str]) -> None:
 def save_weights(
     model: nn.Module,
     path: str | os.PathLike[str],
-    architecture: Mapping[str, object] | None = None,
+    architecture: ArchitectureRecord | Mapping[str, object] | None = None,
+    training_state: Mapping[str, object] | None = None,
 ) -> None:
-    """Writes ``model.state_dict()`` atomically: a ``.pt`` file holds the state dict, or with
-    `architecture` (a record as ``iat.builders.model_record`` makes it) ``{"model": state dict,
-    ARCHITECTURE_KEY: record}``, which ``load_model`` and ``--load`` build the model from; a
-    ``.safetensors`` file the tensors, and the record as JSON in its metadata."""
+    """Writes ``model.state_dict()`` atomically (the one writer of this project's ``.pt`` and
+    ``.safetensors`` files): a ``.pt`` file holds the state dict, or with `architecture` (a
+    ``nets.ArchitectureRecord``, or a mapping ``ArchitectureRecord.from_dict`` reads; written
+    complete, a model-level defense's fields kept) ``{"model": state dict, ARCHITECTURE_KEY: record}``, which ``load_model`` and
+    ``--load`` build the model from, and a training checkpoint's `training_state` beside them
+    (``TRAINING_FIELDS``: optimizer, progress, ...); a ``.safetensors`` file the tensors, and the
+    record as JSON in its metadata. ValueError for an invalid record or an unknown field."""
     path = Path(path)
     state = model.state_dict()
+    record = None if architecture is None else complete_record(architecture)
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
-        data = _safetensors_bytes(state, architecture)
+        if training_state:
+            raise ValueError(f"{path}: a .safetensors file holds no training state; use .pt")
+        data = _safetensors_bytes(state, record)
         atomic_write(path, lambda file: file.write(data))
         return
-    contents = state if architecture is None else {"model": state, ARCHITECTURE_KEY: architecture}
+    contents = _pt_contents(state, record, training_state or {})
     atomic_write(path, lambda file: torch.save(contents, file))
 
 
+def _pt_contents(
+    state: Mapping[str, torch.Tensor],
+    record: Mapping[str, object] | None,
+    training_state: Mapping[str, object],
+) -> Mapping[str, object]:
+    """A ``.pt`` file's top level: the bare state dict, or ``"model"`` with the record and the
+    training state (only ``TRAINING_FIELDS``, which the reader accepts)."""
+    unknown = sorted(set(training_state) - TRAINING_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"unknown training-state fields {unknown}; known: {sorted(TRAINING_FIELDS)}"
+        )
+    if record is None and not training_state:
+        return state
+    if record is None:
+        raise ValueError("a training checkpoint records its architecture")
+    return {"model": state, ARCHITECTURE_KEY: record, **training_state}
+
+
 def _safetensors_bytes(
-    state: Mapping[str, torch.Tensor], architecture: Mapping[str, object] | None
+    state: Mapping[str, torch.Tensor], record: Mapping[str, object] | None
 ) -> bytes:
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    metadata = None if architecture is None else {ARCHITECTURE_KEY: json.dumps(architecture)}
+    metadata = None if record is None else {ARCHITECTURE_KEY: json.dumps(record)}
     return safetensors.torch.save(tensors, metadata=metadata)
 
 
@@ -170,28 +195,14 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
             "load it with main.py --eval"
         )
     try:
-        model = model_from_record(record)
-    except (ValueError, TypeError) as error:
+        model = ArchitectureRecord.from_dict(record).build()
+    except ValueError as error:
         raise CheckpointError(
             f"{weights.source}: field {ARCHITECTURE_KEY!r} is not a valid architecture record "
             f"({error})"
         ) from None
     load_weights(model, weights)
     return model.eval()
-
-
-def model_from_record(record: Mapping[str, object]) -> nn.Module:
-    """The classifier an architecture record describes, freshly initialised (``num_blocks``
-    given wins over ``depth``); ValueError or TypeError for an invalid record."""
-    return build_model(
-        str(record.get("arch")),
-        depth=record.get("depth") if record.get("num_blocks") is None else None,
-        num_blocks=record.get("num_blocks"),
-        num_classes=record.get("num_classes"),
-        width=record.get("width"),
-        denoise_op=record.get("denoise_op"),
-        denoise_window=record.get("denoise_window", DEFAULT_WINDOW),
-    )
 
 
 @dataclass(frozen=True)
@@ -223,8 +234,12 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        """Outputs of the final layer (``linear/b``, or a ``CLASSIFIER_BIASES`` tensor, also
-        behind a frontend): the classes."""
+        """The classes: those a valid architecture record names (any registered architecture),
+        else the outputs of the final layer (``linear/b``, or a ``CLASSIFIER_BIASES`` tensor,
+        also behind a frontend)."""
+        recorded = _recorded_classes(self.architecture)
+        if recorded is not None:
+            return recorded
         names = ("linear/b",) if self.kind == "npz" else CLASSIFIER_BIASES
         found = (
             self.tensors.get(prefix + name)
@@ -244,6 +259,13 @@ class Weights:
         """What a training checkpoint says it was trained as (``ARCHITECTURE_KEY``), if it does."""
         record = (self.contents or {}).get(ARCHITECTURE_KEY)
         return record if isinstance(record, Mapping) else None
+
+
+def _recorded_classes(record: Mapping[str, object] | None) -> int | None:
+    try:
+        return None if record is None else ArchitectureRecord.from_dict(record).num_classes
+    except ValueError:
+        return None  # an invalid record is refused where the model is built from it
 
 
 def read_weights(path: str | os.PathLike[str]) -> Weights:

@@ -5,6 +5,7 @@ timm's logits; fed this project's BGR pixels in [0, 255] (``preprocess``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,10 @@ from nets.blocks import (
     Stage,
     drop_path_rates,
     init_weights,
+    scaled_width,
 )
+from nets.reference_models import TRANSFORMER_OPTIONS, register_reference
+from nets.registry import Layout
 
 # Liu et al. 2022, Sec 2.2 / Table 9: blocks per stage and first-stage channels (doubled at each
 # stage) of ConvNeXt-T / S / B / L.
@@ -113,3 +117,23 @@ class ConvNeXt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(self.preprocess(x))))
+
+
+# timm's tensor names: the stem's convolution gives the width, a block's name its stage and index.
+CONVNEXT_STEM = "stem.0.weight"
+CONVNEXT_BLOCK = re.compile(r"stages\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.")
+
+
+def convnext_of(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> ConvNeXt:
+    """The ConvNeXt CONVNEXT_SIZES names with `blocks` per stage, scaled by `width` / 64."""
+    dim = scaled_width(CONVNEXT_SIZES[name][1], width, name)
+    return ConvNeXt(blocks, [dim * 2**i for i in range(len(blocks))], classes, **options)
+
+
+def _register_sizes() -> None:
+    for name, (blocks, channels) in CONVNEXT_SIZES.items():
+        layout = Layout("timm", CONVNEXT_STEM, channels, CONVNEXT_BLOCK)
+        register_reference(convnext_of, name, sum(blocks), blocks, layout, TRANSFORMER_OPTIONS)
+
+
+_register_sizes()

@@ -12,7 +12,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nets.blocks import LayerNorm2d
+from nets.blocks import LayerNorm2d, scaled_width
+from nets.convnext import CONVNEXT_SIZES, convnext_of
+from nets.reference_models import TRANSFORMER_OPTIONS, register_reference
+from nets.registry import LAYOUTS, Layout
+from nets.vit import VIT_SIZES, vit_of
 
 KERNEL = 3
 
@@ -49,3 +53,35 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)
+
+
+def convstem_model_of(
+    name: str, blocks: Sequence[int], width: int, classes: int, **options
+) -> nn.Module:
+    """The timm model CONVSTEM_SIZES names, its stem replaced by a ConvStem (Singh et al.)."""
+    base, convs, projection = CONVSTEM_SIZES[name]
+    scaled = [(scaled_width(out, width, name), stride) for out, stride in convs]
+    stem = ConvStem(scaled, projection and scaled_width(projection, width, name))
+    family = vit_of if base in VIT_SIZES else convnext_of
+    return family(base, blocks, width, classes, stem=stem, **options)
+
+
+def _layout(name: str) -> Layout:
+    """The base model's layout, the width read from the ConvStem's last convolution."""
+    base, convs, projection = CONVSTEM_SIZES[name]
+    last = 3 * len(convs) if projection else 3 * (len(convs) - 1)  # conv, LayerNorm, GELU
+    prefix = "patch_embed.proj" if base in VIT_SIZES else "stem"
+    stem, channels = f"{prefix}.stem.{last}.weight", projection or convs[-1][0]
+    return Layout(LAYOUTS[base].source, stem, channels, LAYOUTS[base].block)
+
+
+def _register_sizes() -> None:
+    for name, (base, _, _) in CONVSTEM_SIZES.items():
+        blocks = CONVNEXT_SIZES[base][0] if base in CONVNEXT_SIZES else (VIT_SIZES[base][0],)
+        layout = _layout(name)
+        register_reference(
+            convstem_model_of, name, sum(blocks), blocks, layout, TRANSFORMER_OPTIONS
+        )
+
+
+_register_sizes()

@@ -25,6 +25,15 @@ from nets.layers import ConvBN
 DEFAULT_WINDOW = 3  # Feature Denoising Sec 4.1 ("e.g., a 3x3 patch") and its Sec 6.3 ablation: 3x3
 
 
+@dataclass(frozen=True)
+class Denoise:
+    """The denoising operation of an architecture's blocks (a ``DENOISE_OPS`` name) and its
+    window size (local ops only)."""
+
+    op: str
+    window: int = DEFAULT_WINDOW
+
+
 def softmax_nonlocal(theta: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Gaussian (softmax) non-local means, Feature Denoising Sec 4.1, Eqn. (1).
 

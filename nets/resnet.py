@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt backbones with optional denoising blocks, and the architecture registry.
+"""ResNet / ResNeXt backbones with optional denoising blocks, registered as ``ResNet``,
+``ResNetDenoise`` and ``ResNeXtDenoiseAll`` (``nets.registry``).
 
 Module names follow the original TensorFlow variable scopes (``conv0``, ``group2/block5/conv3``,
 ``group1_denoise``, ``group3/block0/non_local``, ``linear``) so that checkpoints map one-to-one.
@@ -7,8 +8,7 @@ Module names follow the original TensorFlow variable scopes (``conv0``, ``group2
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from typing import Protocol
 
@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets.denoise import DEFAULT_WINDOW, DenoisingBlock, check_denoise_op
+from nets.denoise import Denoise, DenoisingBlock
 from nets.layers import ConvBN, GlobalAvgPool, MaxPool2dSame, Preprocess
+from nets.registry import register
 
 NUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
@@ -26,37 +27,21 @@ NUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
 }
 GROUP_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_EXPANSION = 4
-MODEL_OPTIONS = ("drop_path", "grad_checkpointing")  # keyword options a builder may take
 # ResNeXt 32x8d (Feature Denoising, Sec 6.2): 32 groups of 8 channels at width 64, i.e. the
 # bottleneck is 32 * 8 / 64 = 4 times wider than ResNet's (original: res2_bottleneck * group / 64).
 RESNEXT_GROUPS = 32
 RESNEXT_WIDTH_FACTOR = 4
+# The original's denoising operations (Feature Denoising, Sec 6): non-local means with an
+# embedded Gaussian (softmax) affinity after each group; dot product without embedding in the
+# ResNeXt's every block (Sec 6.2).
+NONLOCAL_GAUSSIAN = Denoise("embedded_gaussian")
+NONLOCAL_DOT_PRODUCT = Denoise("dot_product")
 
 
 class BlockFactory(Protocol):
     """Builds one residual block: ``factory(in_channels, ch_out, stride)``."""
 
     def __call__(self, in_channels: int, ch_out: int, stride: int) -> nn.Module: ...
-
-
-@dataclass(frozen=True)
-class Denoise:
-    """The denoising operation of an architecture's blocks (a ``nets.denoise.DENOISE_OPS`` name)
-    and its window size (local ops only)."""
-
-    op: str
-    window: int = DEFAULT_WINDOW
-
-
-ModelBuilder = Callable[..., nn.Module]  # (num_blocks, num_classes, width, denoise, **options)
-ARCHITECTURES: dict[str, ModelBuilder] = {}
-DEPTHS: dict[str, dict[int, tuple[int, ...]]] = {}  # arch -> depth -> num_blocks
-# The keyword options each builder takes besides the four (e.g. "drop_path",
-# "grad_checkpointing"); build_model refuses an option the architecture lacks.
-OPTIONS: dict[str, tuple[str, ...]] = {}
-# Each architecture's original denoising operation (None: it has no denoising blocks); old
-# checkpoints were trained with it, so it stays the default.
-DEFAULT_DENOISE_OPS: dict[str, str | None] = {}
 
 
 class Bottleneck(nn.Module):
@@ -94,7 +79,7 @@ class DenoisedBottleneck(Bottleneck):
         stride: int,
         groups: int = 1,
         width_factor: int = 1,
-        denoise: Denoise = Denoise("dot_product"),
+        denoise: Denoise = NONLOCAL_DOT_PRODUCT,
     ) -> None:
         super().__init__(in_channels, ch_out, stride, groups, width_factor)
         channels = BOTTLENECK_EXPANSION * ch_out
@@ -141,62 +126,7 @@ class ResNet(nn.Sequential):
         super().__init__(layers)
 
 
-def register(
-    name: str,
-    denoise_op: str | None = None,
-    depths: Mapping[int, tuple[int, ...]] = NUM_BLOCKS,
-    options: Sequence[str] = (),
-) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator adding a model builder ``(num_blocks, num_classes, width, denoise) -> model``;
-    `denoise_op` is its original denoising operation (None: no denoising blocks, and the builder
-    always receives ``denoise=None``); `depths` maps each ``-d`` to its blocks per group (every
-    entry with the same number of groups); `options` the keyword options it also takes
-    (``MODEL_OPTIONS``)."""
-
-    def add(builder: ModelBuilder) -> ModelBuilder:
-        if name in ARCHITECTURES:
-            raise ValueError(f"architecture {name!r} is already registered")
-        unknown = set(options) - set(MODEL_OPTIONS)
-        if unknown:
-            raise ValueError(f"architecture {name!r}: unknown options {sorted(unknown)}")
-        ARCHITECTURES[name] = builder
-        DEFAULT_DENOISE_OPS[name] = denoise_op
-        DEPTHS[name] = dict(depths)
-        OPTIONS[name] = tuple(options)
-        return builder
-
-    return add
-
-
-def num_groups_of(arch: str) -> int:
-    """How many counts ``--num-blocks`` takes for `arch` (its groups or stages)."""
-    return len(next(iter(DEPTHS[arch].values())))
-
-
-def options_of(arch: str) -> tuple[str, ...]:
-    """The ``MODEL_OPTIONS`` `arch` takes."""
-    return OPTIONS[arch]
-
-
-def depths_of(arch: str) -> tuple[int, ...]:
-    """The depths ``-d`` accepts for `arch`."""
-    return tuple(DEPTHS[arch])
-
-
-def num_blocks_of(arch: str, depth: int) -> tuple[int, ...]:
-    """Blocks per group of `arch` at `depth`; ValueError naming the valid depths."""
-    if depth not in DEPTHS[arch]:
-        valid = ", ".join(map(str, DEPTHS[arch]))
-        raise ValueError(f"unknown depth {depth!r} for {arch}; valid depths: {valid}")
-    return DEPTHS[arch][depth]
-
-
-def available_architectures() -> list[str]:
-    """Names accepted by ``build_model``."""
-    return sorted(ARCHITECTURES)
-
-
-@register("ResNet")
+@register("ResNet", depths=NUM_BLOCKS)
 def resnet(
     num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
 ) -> ResNet:
@@ -204,24 +134,24 @@ def resnet(
     return ResNet(num_blocks, Bottleneck, num_classes, width)
 
 
-@register("ResNetDenoise", denoise_op="embedded_gaussian")
+@register("ResNetDenoise", depths=NUM_BLOCKS, denoise_op=NONLOCAL_GAUSSIAN.op)
 def resnet_denoise(
     num_blocks: Sequence[int],
     num_classes: int = 1000,
     width: int = 64,
-    denoise: Denoise = Denoise("embedded_gaussian"),
+    denoise: Denoise = NONLOCAL_GAUSSIAN,
 ) -> ResNet:
     """ResNet with a denoising block after each group (Feature Denoising, Sec 6); originally
     non-local means with an embedded Gaussian (softmax) affinity."""
     return ResNet(num_blocks, Bottleneck, num_classes, width, group_denoise=denoise)
 
 
-@register("ResNeXtDenoiseAll", denoise_op="dot_product")
+@register("ResNeXtDenoiseAll", depths=NUM_BLOCKS, denoise_op=NONLOCAL_DOT_PRODUCT.op)
 def resnext_denoise_all(
     num_blocks: Sequence[int],
     num_classes: int = 1000,
     width: int = 64,
-    denoise: Denoise = Denoise("dot_product"),
+    denoise: Denoise = NONLOCAL_DOT_PRODUCT,
 ) -> ResNet:
     """ResNeXt 32x8d with a denoising block after every block (Sec 6.2); originally dot-product
     non-local means without embedding."""
@@ -237,97 +167,6 @@ def resnext_denoise_all(
         denoise=denoise,
     )
     return ResNet(num_blocks, block, num_classes, width)
-
-
-def build_model(
-    arch: str,
-    depth: int | None = None,
-    num_blocks: Sequence[int] | None = None,
-    num_classes: int = 1000,
-    width: int = 64,
-    denoise_op: str | None = None,
-    denoise_window: int = DEFAULT_WINDOW,
-    drop_path: float = 0.0,
-    grad_checkpointing: bool = False,
-) -> nn.Module:
-    """Builds a registered architecture; give exactly one of ``depth`` and ``num_blocks``.
-
-    ``denoise_op`` (a ``nets.DENOISE_OPS`` name) replaces the denoising operation of an
-    architecture with denoising blocks (None: its original one, ``DEFAULT_DENOISE_OPS``);
-    ``denoise_window`` is the window of the local ops (bilateral, mean, median);
-    ``drop_path`` (the last block's stochastic-depth rate) and ``grad_checkpointing`` only for
-    architectures that take them (``options_of``)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}"
-        )
-    blocks = _resolve_num_blocks(arch, depth, num_blocks)
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("width", width)
-    denoise = resolve_denoise(arch, denoise_op, denoise_window)
-    options = model_options(arch, drop_path, grad_checkpointing)
-    return ARCHITECTURES[arch](blocks, num_classes, width, denoise, **options)
-
-
-def model_options(
-    arch: str | None, drop_path: float = 0.0, grad_checkpointing: bool = False
-) -> dict[str, object]:
-    """The options set (not at their defaults), as `arch`'s builder takes them; ValueError for
-    an option `arch` lacks (None: not known yet, not checked) or a rate outside [0, 1)."""
-    if not 0.0 <= drop_path < 1.0:
-        raise ValueError(f"the drop rate must be in [0, 1), got {drop_path}")
-    given = {"drop_path": drop_path, "grad_checkpointing": grad_checkpointing}
-    given = {name: value for name, value in given.items() if value}
-    lacking = [name for name in given if arch is not None and name not in OPTIONS[arch]]
-    if lacking:
-        takers = [name for name, options in sorted(OPTIONS.items()) if lacking[0] in options]
-        raise ValueError(
-            f"{arch} has no {lacking[0].replace('_', ' ')} option; "
-            f"architectures with it: {', '.join(takers)}"
-        )
-    return given
-
-
-def resolve_denoise(arch: str, denoise_op: str | None, denoise_window: int) -> Denoise | None:
-    """The denoising `arch` gets: `denoise_op` or its original op; None for an architecture
-    without denoising blocks. ValueError for an op given to such an architecture, an unknown op
-    or a bad window."""
-    default = DEFAULT_DENOISE_OPS[arch]
-    if default is None:
-        if denoise_op is not None or denoise_window != DEFAULT_WINDOW:
-            with_blocks = [name for name, op in sorted(DEFAULT_DENOISE_OPS.items()) if op]
-            raise ValueError(
-                f"{arch} has no denoising blocks to set an operation for; "
-                f"use one of {', '.join(with_blocks)}"
-            )
-        return None
-    op = denoise_op or default
-    check_denoise_op(op, denoise_window)
-    return Denoise(op, denoise_window)
-
-
-def _resolve_num_blocks(
-    arch: str, depth: int | None, num_blocks: Sequence[int] | None
-) -> tuple[int, ...]:
-    if (depth is None) == (num_blocks is None):
-        raise ValueError(
-            f"give exactly one of depth and num_blocks, got depth={depth}, num_blocks={num_blocks}"
-        )
-    if num_blocks is None:
-        return num_blocks_of(arch, depth)
-    blocks = tuple(num_blocks)
-    valid = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in blocks)
-    groups = num_groups_of(arch)
-    if len(blocks) != groups or not valid:
-        raise ValueError(
-            f"num_blocks of {arch} must be {groups} positive integers, got {list(num_blocks)}"
-        )
-    return blocks
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _group(
@@ -361,31 +200,3 @@ def _classifier(in_features: int, num_classes: int) -> nn.Linear:
     nn.init.normal_(linear.weight, std=0.01)
     nn.init.zeros_(linear.bias)
     return linear
-
-
-# Registered here (not in nets/resnet_variants.py) so that the registry is complete on import.
-from nets.resnet_variants import (  # noqa: E402
-    BASIC_NUM_BLOCKS,
-    ResNetBasic,
-    ResNetV2,
-)
-
-
-@register("ResNetV2")
-def resnet_v2(
-    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
-) -> ResNetV2:
-    """Pre-activation ResNet (Identity Mappings, He et al. 2016), ALP's ``resnet_v2_50``."""
-    return ResNetV2(num_blocks, num_classes, width)
-
-
-@register("ResNetBasic", depths=BASIC_NUM_BLOCKS)
-def resnet_basic(
-    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
-) -> ResNetBasic:
-    """Basic-block ResNet (18 / 34) with a stem for small images (64x64 and below)."""
-    return ResNetBasic(num_blocks, num_classes, width)
-
-
-# The architectures in timm's and torchvision's layouts, under those libraries' names.
-import nets.reference_models  # noqa: E402, F401

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nets.layers import Conv2dSame, ConvBN, GlobalAvgPool, MaxPool2dSame, Preprocess
+from nets.registry import register
+from nets.resnet import NUM_BLOCKS
 
 V2_EXPANSION = 4  # ResNet-v2 uses v1's bottleneck widths and block counts (nets.NUM_BLOCKS)
 # Deep Residual Learning (He et al. 2016), Table 1: basic blocks for depths 18 and 34.
@@ -151,3 +153,19 @@ class ResNetBasic(nn.Sequential):
         layers["gap"] = GlobalAvgPool()
         layers["linear"] = _classifier(channels, num_classes)
         super().__init__(layers)
+
+
+@register("ResNetV2", depths=NUM_BLOCKS)
+def resnet_v2(
+    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
+) -> ResNetV2:
+    """Pre-activation ResNet (Identity Mappings, He et al. 2016), ALP's ``resnet_v2_50``."""
+    return ResNetV2(num_blocks, num_classes, width)
+
+
+@register("ResNetBasic", depths=BASIC_NUM_BLOCKS)
+def resnet_basic(
+    num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, denoise: None = None
+) -> ResNetBasic:
+    """Basic-block ResNet (18 / 34) with a stem for small images (64x64 and below)."""
+    return ResNetBasic(num_blocks, num_classes, width)

@@ -14,6 +14,7 @@ its 7x7 window.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -29,8 +30,11 @@ from nets.blocks import (
     drop_path_rates,
     init_weights,
     merge_heads,
+    scaled_width,
     split_heads,
 )
+from nets.reference_models import TRANSFORMER_OPTIONS, register_reference
+from nets.registry import Layout
 
 # Liu et al. 2021, Sec 3.3: blocks per stage, first-stage channels C and heads per stage of
 # Swin-T / S / B / L (window 7, ImageNet-1K at 224).
@@ -244,3 +248,23 @@ class SwinTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.layers(self.patch_embed(self.preprocess(x))))
         return self.head(x)
+
+
+# timm's tensor names: the patch projection gives the width, a block's name its stage and index.
+SWIN_STEM = "patch_embed.proj.weight"
+SWIN_BLOCK = re.compile(r"layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)\.")
+
+
+def swin_of(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
+    """The Swin SWIN_SIZES names with `blocks` per stage, scaled by `width` / 64."""
+    _, dim, heads = SWIN_SIZES[name]
+    return SwinTransformer(blocks, scaled_width(dim, width, name), heads, classes, **options)
+
+
+def _register_sizes() -> None:
+    for name, (blocks, dim, _) in SWIN_SIZES.items():
+        layout = Layout("timm", SWIN_STEM, dim, SWIN_BLOCK)
+        register_reference(swin_of, name, sum(blocks), blocks, layout, TRANSFORMER_OPTIONS)
+
+
+_register_sizes()

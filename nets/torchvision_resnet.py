@@ -9,12 +9,15 @@ max-pool pad symmetrically, as torchvision does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from nets.blocks import ImageNormalize
+from nets.reference_models import register_reference
+from nets.registry import Layout
 
 # He et al. 2016, Table 1 (50 / 101 / 152 layers); Zagoruyko & Komodakis 2016 via torchvision:
 # Wide-ResNet-50-2 has ResNet-50's blocks with bottlenecks twice as wide.
@@ -88,3 +91,25 @@ class TorchvisionResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.preprocess(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+# torchvision's tensor names: conv1 gives the width, a block's name its stage and index.
+TORCHVISION_LAYOUT = Layout(
+    "torchvision", "conv1.weight", 64, re.compile(r"layer(?P<stage>\d+)\.(?P<block>\d+)\.")
+)
+
+
+def torchvision_resnet_of(
+    name: str, blocks: Sequence[int], width: int, classes: int
+) -> TorchvisionResNet:
+    """The ResNet TORCHVISION_RESNETS names with `blocks` per stage and `width` stem channels."""
+    return TorchvisionResNet(blocks, classes, width, TORCHVISION_RESNETS[name][1])
+
+
+def _register_sizes() -> None:
+    for name, (blocks, _) in TORCHVISION_RESNETS.items():
+        depth = int(name.removeprefix("wide_").removeprefix("resnet").split("_")[0])
+        register_reference(torchvision_resnet_of, name, depth, blocks, TORCHVISION_LAYOUT)
+
+
+_register_sizes()

@@ -7,6 +7,8 @@ load by name and give timm's logits; fed this project's BGR pixels in [0, 255]
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +24,11 @@ from nets.blocks import (
     init_weights,
     merge_heads,
     run_blocks,
+    scaled_width,
     split_heads,
 )
+from nets.reference_models import TRANSFORMER_OPTIONS, register_reference
+from nets.registry import Layout
 
 # Dosovitskiy et al. 2021, Table 1 (Base, Large) and DeiT (Touvron et al. 2021, Table 1, Small):
 # blocks, embedding width and heads of ViT-S/16, ViT-B/16, ViT-L/16.
@@ -143,3 +148,23 @@ class VisionTransformer(nn.Module):
         tokens = tokens + resize_pos_embed(self.pos_embed, grid)
         tokens = self.norm(run_blocks(self.blocks, tokens, self.checkpointed))
         return self.head(tokens[:, 0])  # Eq. 4: the class token's final state classifies
+
+
+# timm's tensor names: the patch projection gives the width, a block's name its index.
+VIT_STEM = "patch_embed.proj.weight"
+VIT_BLOCK = re.compile(r"blocks\.(?P<block>\d+)\.")
+
+
+def vit_of(name: str, blocks: Sequence[int], width: int, classes: int, **options) -> nn.Module:
+    """The ViT VIT_SIZES names with ``blocks[0]`` blocks, scaled by `width` / 64."""
+    _, dim, heads = VIT_SIZES[name]
+    return VisionTransformer(blocks[0], scaled_width(dim, width, name), heads, classes, **options)
+
+
+def _register_sizes() -> None:
+    for name, (depth, dim, _) in VIT_SIZES.items():
+        layout = Layout("timm", VIT_STEM, dim, VIT_BLOCK)
+        register_reference(vit_of, name, depth, (depth,), layout, TRANSFORMER_OPTIONS)
+
+
+_register_sizes()

@@ -90,7 +90,7 @@ def test_bad_arguments_raise_naming_the_value(kwargs, message):
 
 def test_register_refuses_a_duplicate_name():
     with pytest.raises(ValueError, match="'ResNet' is already registered"):
-        nets.register("ResNet")(nets.ARCHITECTURES["ResNet"])
+        nets.register("ResNet", depths=nets.NUM_BLOCKS)(nets.ARCHITECTURES["ResNet"])
 
 
 # --- TensorFlow SAME layers ---

@@ -30,9 +30,7 @@ import torch
 from torch import nn
 
 import nets
-from iat.builders import model_record
 from iat.convert.checkpoint import ConversionError, run_converter
-from iat.runtime.atomic_io import atomic_write
 from nets.checkpoint import NPZ_SUFFIX, PT_SUFFIXES
 from nets.resnet_variants import V2_GROUP_STRIDES
 
@@ -376,12 +374,12 @@ def convert(args: argparse.Namespace) -> str:
     return _summary(args, out, plan, record, drop)
 
 
-def _record(num_blocks: tuple[int, ...], width: int, num_classes: int) -> dict[str, object]:
+def _record(num_blocks: tuple[int, ...], width: int, num_classes: int) -> nets.ArchitectureRecord:
     depth = next(
         (d for d in nets.depths_of(ARCH) if nets.num_blocks_of(ARCH, d) == num_blocks), None
     )
-    return model_record(
-        ARCH,
+    return nets.ArchitectureRecord(
+        arch=ARCH,
         depth=depth,
         num_blocks=None if depth is not None else num_blocks,
         width=width,
@@ -389,18 +387,21 @@ def _record(num_blocks: tuple[int, ...], width: int, num_classes: int) -> dict[s
     )
 
 
-def _write(out: Path, model: nn.Module, record: Mapping[str, object]) -> None:
+def _write(out: Path, model: nn.Module, record: nets.ArchitectureRecord) -> None:
     """A ``.pt`` holds the weights and the architecture record (``--load`` builds the model from
     it); an ``.npz`` the weights under the original format's names."""
     if out.suffix.lower() == NPZ_SUFFIX:
         nets.save_npz(model, out)
         return
-    contents = {"model": model.state_dict(), nets.ARCHITECTURE_KEY: dict(record)}
-    atomic_write(out, lambda file: torch.save(contents, file))
+    nets.save_weights(model, out, record)
 
 
 def _summary(
-    args: argparse.Namespace, out: Path, plan: Plan, record: Mapping[str, object], dropped: bool
+    args: argparse.Namespace,
+    out: Path,
+    plan: Plan,
+    record: nets.ArchitectureRecord,
+    dropped: bool,
 ) -> str:
     notes = [f"{len(plan.sources)} variables"]
     if args.use_moving_average:
@@ -415,19 +416,18 @@ def _summary(
             " (--keep-background-class keeps it)"
         )
     line = (
-        f"wrote {out}: {nets.describe_architecture(record)} from {args.ckpt} ({'; '.join(notes)})"
+        f"wrote {out}: {nets.describe_architecture(record.to_dict())} from {args.ckpt} "
+        f"({'; '.join(notes)})"
     )
     if out.suffix.lower() == NPZ_SUFFIX:
         line += f"; an .npz records no architecture: load it with {_flags(record)}"
     return line
 
 
-def _flags(record: Mapping[str, object]) -> str:
-    blocks = record["num_blocks"]
-    size = (
-        f"-d {record['depth']}" if blocks is None else f"--num-blocks {' '.join(map(str, blocks))}"
-    )
-    return f"--arch {ARCH} {size} --width {record['width']}"
+def _flags(record: nets.ArchitectureRecord) -> str:
+    blocks = record.num_blocks
+    size = f"-d {record.depth}" if blocks is None else f"--num-blocks {' '.join(map(str, blocks))}"
+    return f"--arch {ARCH} {size} --width {record.width}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,8 @@ import torch
 from torch import nn
 
 import nets
-from iat.builders import model_record
 from nets.blocks import IMAGENET_MEAN, IMAGENET_STD
-from nets.checkpoint import (
-    CLASSIFIER_BIASES,
-    PT_SUFFIXES,
-    SAFETENSORS_SUFFIX,
-    model_from_record,
-)
+from nets.checkpoint import CLASSIFIER_BIASES, PT_SUFFIXES, SAFETENSORS_SUFFIX
 
 WRAPPER_PREFIXES = ("module.", "model.", "base_model.")
 CONTAINERS = ("state_dict", "model")  # where training scripts keep the state dict
@@ -164,7 +158,9 @@ def _words(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def plan_architecture(source: str, arch: str, state: Mapping[str, object]) -> dict[str, object]:
+def plan_architecture(
+    source: str, arch: str, state: Mapping[str, object]
+) -> nets.ArchitectureRecord:
     """The architecture record of `arch` at the size `state`'s shapes describe (blocks per
     stage, width, classes); the published size where they describe none (the mismatch is then
     reported by name)."""
@@ -177,8 +173,8 @@ def plan_architecture(source: str, arch: str, state: Mapping[str, object]) -> di
     bias = next((shapes[name] for name in CLASSIFIER_BIASES if name in shapes), None)
     num_classes = bias[0] if bias is not None and len(bias) == 1 else 1000
     published = blocks == nets.num_blocks_of(arch, depth)
-    return model_record(
-        arch,
+    return nets.ArchitectureRecord(
+        arch=arch,
         depth=depth,
         num_blocks=None if published else blocks,
         width=width,
@@ -243,8 +239,8 @@ def convert(args: argparse.Namespace) -> str:
     state, normaliser = strip_wrappers(read_state_dict(args.src))
     mean, std = input_statistics(args.src, normaliser, args.mean, args.std)
     record = plan_architecture(args.src, args.arch, state)
-    model = model_from_record(record)
-    described = f"{args.source}'s {nets.describe_architecture(record)}"
+    model = record.build()
+    described = f"{args.source}'s {nets.describe_architecture(record.to_dict())}"
     model.load_state_dict(matched_state(args.src, model, state, described))
     with torch.no_grad():  # the input convention, folded in: the model takes BGR pixels
         model.preprocess.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))

@@ -1,14 +1,14 @@
 """Run state: checkpoint files, and where a run starts (fresh, resumed, or from weights).
 
-Checkpoints (``iat.runs.files`` names them) are plain tensors and numbers saved with torch.save
-through the project's one atomic writer and read back with ``weights_only=True`` (nothing is
-unpickled). The model weights inside can also be read by ``nets.load_weights`` (key
-``"model"``). Every checkpoint file is read once: ``plan_start`` returns its weights, which the
-model builder loads, and its optimizer state, progress and random state, each checked (a wrong
-type is one CheckpointError naming the file and the field). Beside them a checkpoint records the
-architecture it was trained as (``nets.ARCHITECTURE_KEY``), and the state of the training
-attack's random generator (``"rng"``), so that a resumed run draws what the uninterrupted run
-would have drawn.
+Checkpoints (``iat.runs.files`` names them) are plain tensors and numbers written
+by ``nets.save_weights`` (the one writer of the ``.pt`` layout, atomic) and read back with
+``weights_only=True`` (nothing is unpickled). The model weights inside can also be read by
+``nets.load_weights`` (key ``"model"``). Every checkpoint file is read once: ``plan_start``
+returns its weights, which the model builder loads, and its optimizer state, progress and random
+state, each checked (a wrong type is one CheckpointError naming the file and the field). Beside
+them a checkpoint records the architecture it was trained as (``nets.ARCHITECTURE_KEY``), and the
+state of the training attack's random generator (``"rng"``), so that a resumed run draws what the
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from iat.runs.files import (
     checkpoint_path,
     list_checkpoints,
 )
-from iat.runtime.atomic_io import atomic_write, atomic_write_text
+from iat.runtime.atomic_io import atomic_write_text
 from nets import CheckpointError
 from nets.checkpoint import require_finite
 
@@ -184,24 +184,23 @@ def save_checkpoint(
 ) -> Path:
     """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
 
-    `architecture` holds plain values (``builders.architecture_record``); the attack
+    `architecture` is the record ``nets.save_weights`` writes beside the weights
+    (``builders.architecture_record``); the attack
     generator's state is what the next epoch's attacks start from; `averaged` is the moving
     average of the weights, when the run keeps one; `free_delta` free training's perturbations,
     one per process [world, N, C, H, W], which the next epoch carries on from."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
-        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": progress.epoch,
         "step": progress.step,
-        nets.ARCHITECTURE_KEY: dict(architecture),
         RNG_FIELD: {"device": attack_generator.device.type, "attack": attack_generator.get_state()},
     }
     if averaged is not None:
         state[EMA_FIELD] = dict(averaged)
     if free_delta is not None:
         state[FREE_DELTA_FIELD] = free_delta.detach().cpu()
-    atomic_write(path, lambda f: torch.save(state, f))
+    nets.save_weights(model, path, architecture, training_state=state)
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
