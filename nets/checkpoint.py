@@ -130,13 +130,16 @@ def save_weights(
     architecture: ArchitectureRecord | Mapping[str, object] | None = None,
     training_state: Mapping[str, object] | None = None,
 ) -> None:
-    """Writes ``model.state_dict()`` atomically (the one writer of this project's ``.pt`` and
-    ``.safetensors`` files): a ``.pt`` file holds the state dict, or with `architecture` (a
-    ``nets.ArchitectureRecord``, or a mapping ``ArchitectureRecord.from_dict`` reads; written
-    complete, a model-level defense's fields kept) ``{"model": state dict, ARCHITECTURE_KEY: record}``, which ``load_model`` and
-    ``--load`` build the model from, and a training checkpoint's `training_state` beside them
-    (``TRAINING_FIELDS``: optimizer, progress, ...); a ``.safetensors`` file the tensors, and the
-    record as JSON in its metadata. ValueError for an invalid record or an unknown field."""
+    """Writes ``model.state_dict()`` atomically: the one writer of this project's ``.pt`` and
+    ``.safetensors`` files.
+
+    A ``.pt`` file holds the state dict or, with `architecture` (a ``nets.ArchitectureRecord``,
+    or a mapping ``ArchitectureRecord.from_dict`` reads; written complete, a model-level
+    defense's fields kept), ``{"model": state dict, ARCHITECTURE_KEY: record}``, which
+    ``load_model`` and ``--load`` build the model from, with a training checkpoint's
+    `training_state` beside them (``TRAINING_FIELDS``: optimizer, progress, ...). A
+    ``.safetensors`` file holds the tensors, and the record as JSON in its metadata. ValueError
+    for an invalid record or an unknown field."""
     path = Path(path)
     state = model.state_dict()
     record = None if architecture is None else complete_record(architecture)
