@@ -116,3 +116,30 @@ def test_eval_set_refuses_what_it_cannot_score(model_file, tmp_path: Path, capsy
     assert main([*base, "--load", str(small)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a 1000-class ImageNet model, got 10" in err[0], err
+
+
+def test_data_it_cannot_score_is_one_line_naming_it(model_file, tmp_path: Path, capsys):
+    """An empty ImageNet-C severity is never scored as error 0 (nor enters CE and mCE), empty
+    ImageNet-R / -A class folders are not "0 images", and an image too small for the crop is
+    named."""
+    path, _ = model_file
+    rng = np.random.default_rng(0)
+    base = ["--eval", "--load", str(path), *TINY, "--image-size", "32", "--workers", "0"]
+    c = tmp_path / "imagenet-c"
+    for severity in "12345":
+        _write(c / "gaussian_noise" / severity / WNIDS[0], 0 if severity == "3" else 1, rng)
+    r = tmp_path / "imagenet-r"
+    (r / WNIDS[0]).mkdir(parents=True)
+    small = tmp_path / "small-c"
+    _write(small / "snow" / "1" / WNIDS[0], 2, rng)
+    tiny = small / "snow" / "1" / WNIDS[0] / "img1.png"
+    assert cv2.imwrite(str(tiny), np.zeros((8, 40, 3), np.uint8))
+    for data, eval_set, words in (
+        (c, "imagenet-c", f"{c / 'gaussian_noise' / '3'} holds no images"),
+        (r, "imagenet-r", "class folders hold no images"),
+        (small, "imagenet-c", f"{tiny} is 8x40, smaller than the 32x32 crop"),
+    ):
+        capsys.readouterr()
+        assert main([*base, "--data", str(data), "--eval-set", eval_set]) == 1
+        err = capsys.readouterr().err  # after the progress bar: one error line
+        assert err.count("error:") == 1 and words in err.splitlines()[-1], err

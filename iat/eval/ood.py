@@ -26,7 +26,7 @@ from torch import nn
 
 from iat.config import Config
 from iat.data.augment import center_crop_transform, eval_transform
-from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample
+from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample, read_image_bgr
 from iat.eval.metrics import EvalResult
 
 CLASS_MAP = Path(__file__).parent.parent / "data" / "reference" / "imagenet_class_to_id_map.json"
@@ -94,6 +94,8 @@ def corruption_samples(root: Path) -> dict[tuple[str, str], list[Sample]]:
                 for folder in _class_folders(severity, index, what)
                 for image in _images(folder)
             ]
+            if not found[corruption.name, severity.name]:  # never scored as error 0 in its CE
+                raise DataError(f"{what}: {severity} holds no images")
     if not found:
         raise DataError(f"--eval-set imagenet-c: {root} holds no corruption/severity folders")
     return found
@@ -107,6 +109,8 @@ def subset_samples(root: Path, name: str) -> tuple[list[Sample], list[int]]:
     index = class_index()
     folders = _class_folders(root, index, f"--eval-set {name}")
     samples = [(str(image), i) for i, folder in enumerate(folders) for image in _images(folder)]
+    if not samples:
+        raise DataError(f"--eval-set {name}: {root}'s class folders hold no images")
     return samples, [index[f.name] for f in folders]
 
 
@@ -119,7 +123,7 @@ def evaluate_set(cfg: Config, model: nn.Module, evaluate: Evaluate) -> tuple[dic
         )
     root = Path(cfg.data)
     if cfg.eval_set == "imagenet-c":
-        return _corruptions(root, model, evaluate)
+        return _corruptions(root, model, evaluate, cfg.image_size)
     samples, classes = subset_samples(root, cfg.eval_set)
     result = evaluate(
         RestrictedLogits(model, classes), samples, eval_transform, f"eval {cfg.eval_set}"
@@ -135,12 +139,32 @@ def evaluate_set(cfg: Config, model: nn.Module, evaluate: Evaluate) -> tuple[dic
     return record, [line]
 
 
-def _corruptions(root: Path, model: nn.Module, evaluate: Evaluate) -> tuple[dict, list[str]]:
+def _cropped(evaluate: Evaluate, model: nn.Module, samples: list[Sample], desc: str, size: int):
+    """``evaluate`` with the centre crop; an image too small for it is named (the crop's own
+    error cannot name it: it sees the pixels only)."""
+    try:
+        return evaluate(model, samples, center_crop_transform, desc)
+    except ValueError as error:
+        if "cannot centre-crop" not in str(error):
+            raise
+        for path, _ in samples:  # the error path only: find the culprit
+            height, width = read_image_bgr(path).shape[:2]
+            if height < size or width < size:
+                raise DataError(
+                    f"--eval-set imagenet-c: {path} is {height}x{width}, smaller than the "
+                    f"{size}x{size} crop (--image-size)"
+                ) from None
+        raise
+
+
+def _corruptions(
+    root: Path, model: nn.Module, evaluate: Evaluate, size: int
+) -> tuple[dict, list[str]]:
     errors: dict[str, dict[str, float]] = {}
     images = 0
     for (corruption, severity), samples in corruption_samples(root).items():
         desc = f"eval imagenet-c {corruption} {severity}"
-        result = evaluate(model, samples, center_crop_transform, desc)
+        result = _cropped(evaluate, model, samples, desc, size)
         errors.setdefault(corruption, {})[severity] = result.top1_error
         images += result.images
     corruptions, lines = {}, []
