@@ -200,7 +200,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 def has_native_low_precision(device: torch.device) -> bool:
     """Whether the fast attack's compute type runs natively: always on CUDA (fp16); on a CPU
     only with bf16 units (AVX512-BF16 or AMX), without which bf16 is emulated and many times
-    slower than fp32 (issue measurements: 3.2 s vs 0.22 s per ResNet-50 iteration on AVX2)."""
+    slower than fp32 (bench/RESULTS.md, section 1b: AVX2 only)."""
     if device.type == "cuda":
         return True
     capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}
