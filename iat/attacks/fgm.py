@@ -180,11 +180,6 @@ def fgm_from_settings(settings: AttackSettings, minimal: bool = False) -> FGMAtt
     )
 
 
-# The evaluation attack zoo lives in iat/attacks.py; its factories are registered here so that
-# the registry is complete whenever adv_model is imported, and imported lazily (iat.attacks imports
-# this module).
-
-
 def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:
     """ "FGM-minimal untargeted, L2 eps=600 in steps of 150"."""
     steps = f" in steps of {settings.eps_step:g}"
