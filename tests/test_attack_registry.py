@@ -65,6 +65,15 @@ def test_each_attack_is_registered_by_its_own_module():
     assert modules["pgd"] == "iat.attacks.pgd"
 
 
+def test_the_attacks_share_one_opening():
+    """How an attack begins (the call's generator else its own, labels as int64, the images
+    detached as float, attack mode) is ``Attacker._opening``'s: no attack module spells it."""
+    repeated = ("self.generator if generator is None", "as_float(images)", "labels = labels.long()")
+    for path in (REPO / "iat" / "attacks").glob("*.py"):
+        if path.name != "core.py":
+            assert not [line for line in repeated if line in path.read_text()], path.name
+
+
 def test_flags_validation_words_and_record_come_from_the_registration():
     """--attack offers the evaluation attacks in registration order; each option is accepted
     exactly where the registration says the attack takes it."""

@@ -461,7 +461,7 @@ MAX_DEFAULT_WORKERS = 8  # decoding processes per training process, by default
 def resolve_resources(cfg: Config, env: distributed.DistEnv) -> Config:
     """--threads and --workers when not given: this process's share of the usable CPUs (a
     shared machine's affinity mask, divided among this host's processes), so that processes
-    never oversubscribe the cores (2.3 vs 195 images/s measured on a busy 2-core machine)."""
+    never oversubscribe the cores (bench/RESULTS.md, section 13)."""
     threads = resolve_threads(cfg.threads, env.local_world_size)
     share = cpu_share(env.local_world_size)
     workers = cfg.workers if cfg.workers is not None else min(MAX_DEFAULT_WORKERS, share)

@@ -16,8 +16,6 @@ from torch import Tensor, nn
 from iat.attacks.core import Attacker, AttackSettings, no_targets
 from iat.attacks.ops import (
     Attempt,
-    as_float,
-    attacking,
     ball_projection,
     check_threat_model,
     gain_and_grad,
@@ -127,10 +125,7 @@ class APGDAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        labels = labels.long()
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             with torch.no_grad():
                 clean_logits = model(clean)
             attempts = self._attempts(model, clean, labels, clean_logits, generator)

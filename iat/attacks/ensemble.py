@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from iat.attacks.apgd import apgd_from_settings
-from iat.attacks.core import Attacker, AttackSettings, no_targets, pgd_step_size
-from iat.attacks.ops import as_float, attacking, worst_case
+from iat.attacks.core import Attacker, AttackSettings, attacking, no_targets, pgd_step_size
+from iat.attacks.ops import worst_case
 from iat.attacks.pgd import pgd_from_settings
 from iat.attacks.registry import AttackInfo, ball_words, register
 
@@ -44,9 +44,8 @@ class EnsembleAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        labels = labels.long()
-        clean = as_float(images)
-        with attacking(model), torch.no_grad():
+        opening = self._opening(model, images, labels, generator)
+        with opening as (clean, labels, generator), torch.no_grad():
             wrong = model(clean).argmax(dim=1) != labels
         attempts = [
             partial(self._attempt, attacker, model, clean, labels, generator)

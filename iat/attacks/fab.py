@@ -24,8 +24,6 @@ from torch import Tensor, nn
 
 from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, Attacker, AttackSettings, no_targets
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     gain_and_grad,
@@ -133,10 +131,7 @@ class FABAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        labels = labels.long()
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             with torch.no_grad():
                 clean_logits = model(clean)
             # AutoAttack (fab_base.perturb): only correctly classified examples are attacked;

@@ -21,8 +21,6 @@ from iat.attacks.core import (
     choose_targets,
 )
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     example_gain,
@@ -120,9 +118,7 @@ class FGMAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             targets = choose_targets(model, clean, labels, self.target, self.num_classes, generator)
             gain = partial(example_gain, labels=labels, targets=targets, loss=self.loss)
             _, grad, _ = gain_and_grad(model, clean, gain, self.eot_samples)
@@ -178,11 +174,6 @@ def fgm_from_settings(settings: AttackSettings, minimal: bool = False) -> FGMAtt
         generator=settings.generator,
         eot_samples=settings.eot_samples,
     )
-
-
-# The evaluation attack zoo lives in iat/attacks.py; its factories are registered here so that
-# the registry is complete whenever adv_model is imported, and imported lazily (iat.attacks imports
-# this module).
 
 
 def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:

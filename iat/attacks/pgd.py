@@ -28,8 +28,6 @@ from iat.attacks.core import (
     pgd_step_size,
 )
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     example_gain,
@@ -102,15 +100,13 @@ class PGDAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
-        with attacking(model, autocast_dtype(images.device) if self.autocast else None):
-            clean = images.detach()
-            if not clean.is_floating_point():
-                clean = clean.float()
+        low_precision = autocast_dtype(images.device) if self.autocast else None
+        opening = self._opening(model, images, labels, generator, low_precision=low_precision)
+        with opening as (clean, labels, generator):
             target_labels = self._target_labels(model, clean, labels, generator)
-            goal = labels.long() if self.target is None else target_labels
+            goal = labels if self.target is None else target_labels
             # Feature Denoising, Sec 6: perturbations are bounded in L-infinity norm; every
             # iterate stays in the epsilon-ball around the clean image and in the pixel range.
             lower = (clean - self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
@@ -262,11 +258,9 @@ class NormPGDAttacker(PGDAttacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             targets = self._target_labels(model, clean, labels, generator)
-            attempt = partial(self._attempt, model, clean, labels.long(), targets, generator)
+            attempt = partial(self._attempt, model, clean, labels, targets, generator)
             unbroken = torch.zeros(labels.shape, dtype=torch.bool, device=clean.device)
             adv, _, _ = worst_case(clean, [attempt] * self.restarts, unbroken)
         return adv, targets

@@ -5,7 +5,11 @@ project asks about: the norms it supports, the settings it takes (iterations, st
 restarts, queries, target classes), what it aims at, whether it reads gradients, how a summary
 line names it and which fields its record adds. ``iat.config`` (validation, ``--attack``
 choices), ``iat.eval.evaluate`` (summary line, JSON record) and ``iat.eval.masking`` ask
-here; ``create_attacker`` builds one from ``AttackSettings``.
+here; ``create_attacker`` builds one from ``AttackSettings``. What still names attacks: the
+training side's rules in ``iat.config`` (which training attacks take Mixup or warm-ups: ``clean``,
+``pgd``, ``fgsmrs``; ``--benchmark`` runs ``autoattack``), ``iat.train.builders``
+(``free``) and ``iat.eval.masking``'s protocol (it runs ``pgd`` and ``square``); the
+evaluator names none.
 """
 
 from __future__ import annotations

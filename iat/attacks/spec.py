@@ -6,7 +6,8 @@ least-likely class), ``pgdrnd_EPS_STEP_NITER`` (toward a random wrong class), ``
 Singh, Croce & Hein 2023 train with APGD-2), integers in pixel units. Without ``--adv-method``
 the original's ``--attack-iter/--attack-epsilon/--attack-step-size/--attack-target`` describe
 the attack (random target by default). Each spec names an ``iat.attacks.ATTACKS`` entry and
-its ``AttackSettings`` (the attack's one settings type; ``iat.builders`` adds the run's).
+its ``AttackSettings`` (the attack's one settings type; ``iat.builders`` adds the run's):
+``pgd``, ``fgsmrs``, ``apgd-ce`` or ``clean``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _APGD = re.compile(r"^apgd_(\d+)_(\d+)$")
 class AttackSpec:
     """One training attack: its registry name and settings (``iat.attacks.create_attacker``)."""
 
-    name: str  # the ATTACKS registry name: "clean", "pgd" or "fgsmrs"
+    name: str  # the ATTACKS registry name: "clean", "pgd", "fgsmrs" or "apgd-ce"
     # Iterations (0 for clean, 1 for fgsmrs), L-inf epsilon and step in pixel units (fgsmrs: its
     # step is the attack's own, 1.25 epsilon), target ("random", "least_likely" or None).
     settings: AttackSettings

@@ -4,7 +4,7 @@ A *reader* knows one layout family; ``create_reader(root, layout)`` picks it (``
 the registry: a new layout is one class and one entry; ``auto`` detects it). Each split is
 listed once per reader and cached. Torch-free: the data server imports it. Readers: ``imagenet``
 (below; also any class-per-folder tree), ``tiny-imagenet`` (``TinyImageNetReader``) and
-``shards`` (plain tar files: ``iat.data.shards``).
+``shards`` (plain tar files: ``iat.data.shards``, which registers itself).
 
 ``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
@@ -250,34 +250,35 @@ class TinyImageNetReader:
 TINY_IMAGENET_WNIDS = "wnids.txt"
 TINY_IMAGENET_VAL_LABELS = "val_annotations.txt"
 Reader = ImageNetReader | TinyImageNetReader
-# --data-layout choices ("auto" detects): name -> reader of a data folder.
-SHARD_CLASSES = "classes.txt"  # the shard layout's class list (iat.data.shards)
-
-
-def _shard_reader(root: str | Path) -> Reader:
-    from iat.data.shards import ShardReader  # imports this module
-
-    return ShardReader(root)
-
-
+# --data-layout choices ("auto" detects): name -> reader of a data folder. Another module adds
+# its layout with `register_layout` (the shard layout: iat.data.shards).
 READERS: dict[str, Callable[[str | Path], Reader]] = {
     "imagenet": ImageNetReader,
     "tiny-imagenet": TinyImageNetReader,
-    "shards": _shard_reader,
+}
+# name -> whether a data folder has that layout, asked in this order by "auto".
+_DETECTORS: dict[str, Callable[[Path], bool]] = {
+    "tiny-imagenet": lambda root: (root / TINY_IMAGENET_WNIDS).is_file(),
 }
 AUTO_LAYOUT = "auto"
 
 
+def register_layout(
+    name: str, reader: Callable[[str | Path], Reader], detect: Callable[[Path], bool]
+) -> None:
+    """Make layout `name` a ``--data-layout`` choice, read by `reader` and chosen by ``auto``
+    for a data folder where `detect` holds."""
+    READERS[name] = reader
+    _DETECTORS[name] = detect
+
+
 def detect_layout(root: str | Path) -> str:
-    """Tiny ImageNet when its class list and validation annotations are there, else ImageNet's
-    class-folder layouts (which also cover any class-per-folder tree: Imagenette, CIFAR-10
-    exported as PNGs, ImageNet down-sampled to 64x64)."""
+    """The first registered layout whose detector recognises ``root`` (Tiny ImageNet's class list
+    and validation annotations, the shard layout's files), else ImageNet's class-folder layouts
+    (which also cover any class-per-folder tree: Imagenette, CIFAR-10 exported as PNGs, ImageNet
+    down-sampled to 64x64)."""
     root = Path(root)
-    if (root / TINY_IMAGENET_WNIDS).is_file():
-        return "tiny-imagenet"
-    if (root / SHARD_CLASSES).is_file() and any(root.glob("*-000000.tar")):
-        return "shards"
-    return "imagenet"
+    return next((name for name, detect in _DETECTORS.items() if detect(root)), "imagenet")
 
 
 def create_reader(root: str | Path, layout: str = AUTO_LAYOUT) -> Reader:
@@ -296,22 +297,23 @@ def list_split(
     return create_reader(root, layout).split(split)
 
 
-# An image inside a shard (iat.data.shards): "<shard>.tar:<member>@<offset>+<size>".
-_SHARD_MEMBER = re.compile(r"(?P<tar>.+\.tar):(?P<name>[^:@/]+)@(?P<offset>\d+)\+(?P<size>\d+)")
+# An image inside a tar file (a layout's, as the shards'): "<file>.tar:<member>@<offset>+<size>".
+_TAR_MEMBER = re.compile(r"(?P<tar>.+\.tar):(?P<name>[^:@/]+)@(?P<offset>\d+)\+(?P<size>\d+)")
 
 
-def shard_member_path(tar: str | Path, name: str, offset: int, size: int) -> str:
+def tar_member_path(tar: str | Path, name: str, offset: int, size: int) -> str:
+    """The sample path of member `name`, `size` bytes at `offset` of tar file `tar`."""
     return f"{tar}:{name}@{offset}+{size}"
 
 
-def shard_of(path: str) -> str | None:
-    """The shard file of a shard member's path; None for an image file."""
-    member = _SHARD_MEMBER.fullmatch(path)
+def tar_of(path: str) -> str | None:
+    """The tar file of a tar member's path; None for an image file."""
+    member = _TAR_MEMBER.fullmatch(path)
     return None if member is None else member["tar"]
 
 
 def _read_bytes(path: str) -> np.ndarray:
-    member = _SHARD_MEMBER.fullmatch(path)
+    member = _TAR_MEMBER.fullmatch(path)
     if member is None:
         return np.fromfile(path, dtype=np.uint8)
     with open(member["tar"], "rb") as f:
@@ -323,7 +325,7 @@ def _read_bytes(path: str) -> np.ndarray:
 
 
 def read_image_bgr(path: str) -> np.ndarray:
-    """Decode an image file, or an image of a shard, into an HxWx3 uint8 BGR array (gray
+    """Decode an image file, or an image inside a tar file, into an HxWx3 uint8 BGR array (gray
     expanded, alpha dropped)."""
     try:
         data = _read_bytes(path)

@@ -1,90 +1,40 @@
 """The shard layout: each split as plain tar files of ``{key}.jpg`` + ``{key}.cls`` (torch-free).
 
-    python -m iat.data.make_shards DIR OUT --shard-size N
-
-writes ``OUT/classes.txt`` (the class names, one a line, in label order) and, for each split of
-``DIR`` (any layout ``--data-layout`` reads), ``OUT/<split>-000000.tar``, ... of N images each:
-member ``{key}.jpg`` is the image file's bytes as they were (another format keeps its own
-extension: ``{key}.png``, so that no image is re-encoded) and ``{key}.cls`` its label in ASCII.
-Training images are shuffled once (``--seed``) before sharding, so that every shard mixes the
-classes; other splits keep their order. ``ShardReader`` (layout ``shards``, detected by
-``classes.txt`` beside ``train-000000.tar``) lists the members from the tar headers and reads each
-image by its offset in its shard, so the data server and the local loader sample them exactly as
-they sample image folders.
+A data folder of ``classes.txt`` (the class names, one a line, in label order) and, for each
+split, ``<split>-000000.tar``, ...: member ``{key}.jpg`` is the image file's bytes as they were
+(another format keeps its own extension: ``{key}.png``) and ``{key}.cls`` its label in ASCII.
+``iat.data.make_shards`` writes it. ``ShardReader`` (layout ``shards``, registered below and
+detected by ``classes.txt`` beside ``train-000000.tar``) lists the members from the tar headers
+and reads each image by its offset in its shard, so the data server and the local loader sample
+them exactly as they sample image folders.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import io
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from iat.data.layouts import (
-    AUTO_LAYOUT,
     IMAGE_EXTENSIONS,
-    READERS,
-    SHARD_CLASSES,
     DataError,
     Sample,
-    create_reader,
-    detect_layout,
-    shard_member_path,
-    shard_of,
+    register_layout,
+    tar_member_path,
+    tar_of,
 )
+
+SHARD_CLASSES = "classes.txt"  # the class list of a sharded data folder
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_split(samples: list[Sample], out: Path, split: str, shard_size: int) -> int:
-    """Shards of `samples` in this order; returns how many were written."""
-    shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
-    for index, chunk in enumerate(shards):
-        partial = out / f".{shard_name(split, index)}.partial"
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (path, label) in enumerate(chunk):
-                key = f"{index * shard_size + offset:08d}"
-                extension = Path(path).suffix.lower()
-                extension = ".jpg" if extension == ".jpeg" else extension
-                _add(tar, key + extension, Path(path).read_bytes())
-                _add(tar, f"{key}.cls", str(label).encode())
-        partial.replace(out / shard_name(split, index))
-    return len(shards)
-
-
-def make_shards(data: str, out: str, shard_size: int, layout: str, seed: int) -> dict[str, int]:
-    """Shard every split of `data` into `out`; returns the number of shards per split."""
-    if (detect_layout(data) if layout == AUTO_LAYOUT else layout) == "shards":
-        raise DataError(f"{data} is sharded already")
-    reader, out_dir = create_reader(data, layout), Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "val"):
-        if not reader.has_split(split):
-            continue
-        samples = list(reader.samples(split))
-        if split == "train":
-            order = np.random.default_rng(seed).permutation(len(samples))
-            samples = [samples[i] for i in order]
-        counts[split] = write_split(samples, out_dir, split, shard_size)
-    (out_dir / SHARD_CLASSES).write_text("".join(f"{name}\n" for name in reader.classes()))
-    return counts
-
-
 class ShardReader:
-    """The shard layout (``make_shards``): ``classes.txt`` and ``<split>-NNNNNN.tar`` files."""
+    """A sharded data folder: ``classes.txt`` and ``<split>-NNNNNN.tar`` files."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -128,7 +78,7 @@ def _list_shard(shard: Path) -> list[Sample]:
                 if extension == "cls":
                     labels[key] = int(tar.extractfile(member).read())
                 elif f".{extension.lower()}" in IMAGE_EXTENSIONS:
-                    images[key] = shard_member_path(
+                    images[key] = tar_member_path(
                         shard, member.name, member.offset_data, member.size
                     )
     except (OSError, tarfile.TarError, ValueError) as err:
@@ -136,6 +86,14 @@ def _list_shard(shard: Path) -> list[Sample]:
     if images.keys() != labels.keys():
         raise DataError(f"shard {shard}: images and .cls labels do not pair up")
     return [(images[key], labels[key]) for key in sorted(images)]
+
+
+def is_sharded(root: Path) -> bool:
+    """Whether the data folder `root` has the shard layout."""
+    return (root / SHARD_CLASSES).is_file() and any(root.glob("*-000000.tar"))
+
+
+register_layout("shards", ShardReader, is_sharded)
 
 
 class HostShardSchedule:
@@ -192,27 +150,7 @@ def host_schedule(
 ) -> HostShardSchedule | None:
     """Shard-wise schedule for machine `host` of `hosts` when `samples` are in shards; None
     (the data server's batch-wise split of one stream) otherwise or on one machine."""
-    shards = [shard_of(path) for path, _ in samples]
+    shards = [tar_of(path) for path, _ in samples]
     if hosts == 1 or None in shards:
         return None
     return HostShardSchedule(shards, batch, seed, hosts, host)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("data", help="data folder (any --data-layout)")
-    p.add_argument("out", help="output folder of the shards")
-    p.add_argument("--shard-size", type=int, required=True, help="images per shard")
-    folders = [name for name in READERS if name != "shards"]
-    p.add_argument("--data-layout", choices=[AUTO_LAYOUT, *folders], default=AUTO_LAYOUT)
-    p.add_argument("--seed", type=int, default=0, help="shuffles the training images once")
-    a = p.parse_args(argv)
-    if a.shard_size < 1:
-        p.error("--shard-size must be positive")
-    try:
-        counts = make_shards(a.data, a.out, a.shard_size, a.data_layout, a.seed)
-    except (DataError, OSError) as err:
-        print(f"make_shards: error: {err}", file=sys.stderr)
-        return 1
-    print(", ".join(f"{split}: {n} shards" for split, n in counts.items()) + f" in {a.out}")
-    return 0

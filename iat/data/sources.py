@@ -43,7 +43,7 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
     On CUDA the result stays channels-last in memory (the permuted NHWC bytes), the layout of
     cuDNN's tensor-core convolutions; on the CPU, oneDNN runs these networks faster on plain NCHW
-    (bench/RESULTS.md: attack iteration 154 ms vs 172 ms on ResNet-50 at 64x64)."""
+    (bench/RESULTS.md, section 1, "Input layout on this CPU")."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if device.type == "cuda" else x.contiguous()
 
