@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from iat.config import Config, eval_attack
-from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep, threat_model
+from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep
+from iat.eval.summary import threat_model
 from iat.runs.logger import CONFIG_FILE, ResultFileBackend, RunLogger
 from iat.runs.state import list_checkpoints
 from iat.runtime import distributed

@@ -24,18 +24,16 @@ from iat.attacks import (
     PIXEL_MAX,
     PIXEL_MIN,
     Attacker,
-    AttackSettings,
     NoOpAttacker,
     attack_info,
     autoattack,
     registry,
 )
-from iat.builders import attack_settings, build_attacker, load_for_inference
+from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     Config,
     config_record,
     eval_attack,
-    fit_defense,
     predict_defense,
 )
 from iat.data.augment import eval_transform
@@ -49,7 +47,6 @@ from iat.data.layouts import (
 )
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.defenses import transforms as defenses
-from iat.defenses.sparse_frontend import describe_attack
 from iat.eval import benchmarks, ood
 from iat.eval.masking import Check, run_checks
 from iat.eval.metrics import EvalResult, count_batch
@@ -61,6 +58,7 @@ from iat.eval.state import (
     state_dir,
     stats_tensors,
 )
+from iat.eval.summary import eval_settings, random_draws, summary_line, threat_model
 from iat.runs.logger import Backend, MlflowBackend, ResultFileBackend, RunLogger
 from iat.runtime import distributed
 from iat.runtime.atomic_io import atomic_write, atomic_write_text, check_writable_file
@@ -475,89 +473,6 @@ def evaluate_set_of(cfg: Config, device: torch.device, logger: RunLogger) -> Non
     logger.log_result("eval", {**record, "checkpoint": cfg.load, "device": str(device)})
     if distributed.is_main_process():
         print("\n".join(lines), flush=True)
-
-
-def random_draws(cfg: Config) -> int:
-    """The draws of --defense an evaluation attack averages per gradient: --eot-samples behind a
-    random defense, else 1 (as ``defenses.eot_samples`` gives the attack built for it)."""
-    random = any(t.random for t in defenses.build_transforms(predict_defense(cfg)))
-    return cfg.eot_samples if random else 1
-
-
-def eval_settings(cfg: Config) -> AttackSettings:
-    """--eval's attack settings, as ``evaluate_attack`` builds its attacker from them."""
-    return attack_settings(
-        cfg, attack_iter=cfg.attack_iter, num_classes=cfg.num_classes, eot_samples=random_draws(cfg)
-    )
-
-
-def threat_model(cfg: Config) -> str:
-    """--eval's attack in words: attack, iterations, target, norm, epsilon, every option that
-    changes the number (the registry's words), then the defense, the frontend and which
-    weights (the averaged ones with --eval-ema)."""
-    attack = eval_attack(cfg)
-    ema = ", EMA weights (--eval-ema)" if cfg.eval_ema else ""
-    return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack) + ema
-
-
-def _defense_words(cfg: Config, attack: str) -> str:
-    """The defense and the sparse-coding frontend, and how a gradient attack sees them (a
-    query attack, Square, sees their forward pass as it is), after commas; empty without
-    either."""
-    info = attack_info(attack)
-    attacked = info.perturbs and info.gradient
-    draws = registry.draws(attack, eval_settings(cfg)) if attacked else cfg.eot_samples
-    words = [defenses.describe(predict_defense(cfg), draws, attacked=attacked)]
-    if fit_defense(cfg) and predict_defense(cfg) is None:
-        words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
-    if cfg.frontend is not None:
-        words.append(
-            describe_attack(cfg.frontend_gradient) if attacked else "sparse-coding frontend"
-        )
-    return "".join(f", {w}" for w in words if w)
-
-
-def summary_line(cfg: Config, r: EvalResult) -> str:
-    skipped = f" ({r.skipped} unreadable skipped)" if r.skipped else ""
-    line = (
-        f"{threat_model(cfg)}: {r.images} images{skipped}, top-1 error {r.top1_error:.4f}, "
-        f"top-5 error {r.top5_error:.4f}"
-    )
-    if not attack_info(eval_attack(cfg)).perturbs:
-        return line
-    line += (
-        f", attack success rate {r.attack_success_rate:.4f}, "
-        f"robust accuracy {r.robust_accuracy:.4f}"
-    )
-    return line + "".join(_detail_words(r.details))
-
-
-def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, square's queries, fab-t's finds,
-    strong's members."""
-    words = []
-    if "median_min_epsilon" in details:
-        words.append(f", median minimal eps {details['median_min_epsilon']:g}")
-    if "median_norm" in details:
-        words.append(
-            f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
-        )
-    if "mean_queries" in details:
-        words.append(
-            f", mean queries {details['mean_queries']:.1f} per attacked example "
-            f"({details['mean_queries_broken']:.1f} per broken one, "
-            f"{details['broken']} of {details['attacked']} broken)"
-        )
-    if "members" in details:
-        members = [
-            f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
-            for name, m in details["members"].items()
-        ]
-        words.append(
-            f"; clean wrong {details['clean_wrong']}, then {', then '.join(members)}; "
-            f"ensemble success {details['ensemble_success_rate']:.4f}"
-        )
-    return words
 
 
 def attack_record(cfg: Config) -> dict:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import nets
 from iat import builders
-from iat.attacks import Attacker
+from iat.attacks import Attacker, attack_info
 from iat.attacks.training import FreeAttacker
 from iat.config import (
     Config,
@@ -38,6 +38,7 @@ from iat.config import (
     config_record,
     default_logdir,
     ema_enabled,
+    eval_attack,
     fit_defense,
     mixing_enabled,
     predict_defense,
@@ -47,8 +48,9 @@ from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
 from iat.defenses import transforms as defenses
 from iat.defenses.sparse_frontend import FrontendClassifier, frontend_spec
-from iat.eval.evaluate import attack_record, evaluate_attack, threat_model
+from iat.eval.evaluate import attack_record, evaluate_attack
 from iat.eval.metrics import EvalResult, Meter
+from iat.eval.summary import summary_line, threat_model
 from iat.recipes.ema import WeightAverage
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
@@ -390,11 +392,8 @@ def log_eval(
     """The evaluation's numbers, with its threat model (`point`: the configuration it ran
     under) as ``--eval``'s records name it, so that ``--report`` can read a run alone."""
     scalars = {f"{name}/top1_error": r.top1_error, f"{name}/top5_error": r.top5_error}
-    line = f"epoch {progress.epoch} {name}: top1 error {r.top1_error:.4f}, "
-    line += f"top5 error {r.top5_error:.4f}"
-    if name != "eval-clean":
+    if attack_info(eval_attack(point)).perturbs:
         scalars[f"{name}/attack_success_rate"] = r.attack_success_rate
-        line += f", attack success {r.attack_success_rate:.4f}"
     logger.log(
         progress.step,
         scalars,
@@ -406,7 +405,7 @@ def log_eval(
         defense=predict_defense(point),
     )
     if distributed.is_main_process():
-        tqdm.write(f"{line} ({r.images} images)")
+        tqdm.write(f"epoch {progress.epoch} {name}: {summary_line(point, r)}")
 
 
 # --- setting up a run ------------------------------------------------------------------------
