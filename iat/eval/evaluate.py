@@ -121,37 +121,20 @@ def evaluate(
     # The attacker's own counts (e.g. minimal epsilons, ensemble members), summed like totals;
     # a rank without batches still joins the sums with zeros.
     stats = attacker.stats_template(device)
-    batches = math.ceil(len(samples) / batch)
-    if any(j >= batches for j in done):
-        raise EvalStateError(
-            f"{state.folder}: a batch beyond this evaluation's {batches}; "
-            "delete the folder to start this evaluation afresh"
-        )
-    if done and rank == 0:
-        add_done_batches(done.values(), totals, skipped, stats, state.folder)
     if state is not None:
-        # Every rank has read the state before any rank adds to it: nothing is counted twice.
-        distributed.all_reduce_sum(torch.zeros(1, device=device))
+        resume_counts(state, math.ceil(len(samples) / batch), totals, skipped, stats)
     bar = progress_bar(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     for j, (images, labels, indices, ok) in zip(mine, bar, strict=True):
         distributed.mark_progress(j, "batch")  # a peer silent for the timeout stops this here
         batch_skipped = 0
         if not ok.all():
-            bad = unreadable(samples, indices, ok)
-            if not skip_unreadable:
-                raise CorruptImageError(
-                    f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
-                )
-            tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
-            batch_skipped = len(bad)
+            batch_skipped = skip_unreadable_images(samples, indices, ok, skip_unreadable)
             images, labels = images[ok], labels[ok]
-        this_seed = batch_seed(seed, j)
-        generator.manual_seed(this_seed)
-        defenses.reseed(model, this_seed + DEFENSE_SEED_OFFSET)
         images, labels = to_model_input(images, device), labels.to(device)
-        adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
-        with torch.no_grad():
-            logits = model(adv).float()
+        this_seed = batch_seed(seed, j)
+        adv, targets, logits = attack_batch(
+            model, attacker, images, labels, generator, this_seed, quantize
+        )
         if export is not None:
             export.write(adv, indices[ok] if not ok.all() else indices)
         counts, batch_stats = count_batch(logits, labels, targets), attacker.batch_stats()
@@ -164,6 +147,71 @@ def evaluate(
         if not bar.disable:  # a host sync: only where the bar is shown
             bar.set_postfix_str(running_accuracy(totals), refresh=False)
     model.train(was_training)
+    return summed_result(attacker, totals, skipped, stats)
+
+
+def attack_batch(
+    model: torch.nn.Module,
+    attacker: Attacker,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    seed: int,
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(attacked images, attack targets, their logits)`` of one batch, the attack's and a
+    random defense's draws seeded by `seed`."""
+    generator.manual_seed(seed)
+    defenses.reseed(model, seed + DEFENSE_SEED_OFFSET)
+    adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
+    with torch.no_grad():
+        logits = model(adv).float()
+    return adv, targets, logits
+
+
+def resume_counts(
+    state: EvalState,
+    batches: int,
+    totals: torch.Tensor,
+    skipped: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+) -> None:
+    """Add the counts of the batches `state` holds (rank 0 alone, so that they count once),
+    after checking they are this evaluation's `batches`; every rank reads the state before any
+    rank adds to it."""
+    done = state.done
+    if any(j >= batches for j in done):
+        raise EvalStateError(
+            f"{state.folder}: a batch beyond this evaluation's {batches}; "
+            "delete the folder to start this evaluation afresh"
+        )
+    if done and distributed.get_rank() == 0:
+        add_done_batches(done.values(), totals, skipped, stats, state.folder)
+    # Every rank has read the state before any rank adds to it: nothing is counted twice.
+    distributed.all_reduce_sum(torch.zeros(1, device=totals.device))
+
+
+def skip_unreadable_images(
+    samples: Sequence[Sample], indices: torch.Tensor, ok: torch.Tensor, skip_unreadable: bool
+) -> int:
+    """The number of a batch's unreadable images, each named in a warning; an error naming the
+    first without `skip_unreadable`."""
+    bad = unreadable(samples, indices, ok)
+    if not skip_unreadable:
+        raise CorruptImageError(
+            f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
+        )
+    tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
+    return len(bad)
+
+
+def summed_result(
+    attacker: Attacker,
+    totals: torch.Tensor,
+    skipped: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+) -> EvalResult:
+    """The result of every rank's counts, summed (a collective: every rank calls it)."""
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
     for key in sorted(stats):  # the same order on every rank
