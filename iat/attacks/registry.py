@@ -211,7 +211,7 @@ RECORD_SETTINGS = {  # a record's key -> the AttackSettings field it holds
     "apgd_targets": "top_k",
     "queries": "queries",
     "eps_step": "eps_step",
-    "draws": "eot_samples",
+    "draws": "eot_samples",  # autoattack's: the draws its version averages
 }
 
 
