@@ -167,3 +167,46 @@ def test_a_new_attack_is_one_module_and_its_registration(tmp_path):
     assert words == "Corner-noise untargeted, L-inf eps=8"
     assert recorded == "{'name': 'corner-noise', 'epsilon': 8.0, 'norm': 'inf', 'target': 'none'}"
     assert refused == "refused 1" and "--restarts 2: only --attack pgd," in run.stderr
+
+
+FIGURES_ATTACK = NEW_ATTACK.replace(
+    '@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False)',
+    """def corner_figures(details):
+    return f", {details['flipped']} corners flipped"
+
+
+@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False,
+          extra_record=lambda settings: {"corners": "all"}, figures=corner_figures)""",
+)
+
+
+def test_a_new_attacks_own_figures_and_record_reach_every_output(tmp_path):
+    """An attack's own figures (``figures=``) and record fields (``extra_record=``) reach the
+    summary line, the record and the report's label, from its registration alone."""
+    (tmp_path / "corner_noise.py").write_text(FIGURES_ATTACK)
+    run = run_python(
+        """
+        import corner_noise
+        from iat.app.report import robust_accuracy_curves
+        from iat.config import Config
+        from iat.eval.evaluate import eval_record
+        from iat.eval.metrics import EvalResult
+        from iat.eval.summary import summary_line
+        cfg = Config(mode="eval", load="r/w.pt", data="d", attack="corner-noise")
+        result = EvalResult(images=2, top1_error=0.5, top5_error=0.0, attack_success_rate=0.5,
+                            details={"flipped": 7})
+        print(summary_line(cfg, result))
+        record = eval_record(cfg, result)
+        print(record["attack"]["corners"], record["details"])
+        print(list(robust_accuracy_curves([record], "epsilon")))
+        """,
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    line, recorded, labels = run.stdout.split("\n")[:3]
+    assert line == (
+        "Corner-noise untargeted, L-inf eps=16: 2 images, top-1 error 0.5000, top-5 error "
+        "0.0000, attack success rate 0.5000, robust accuracy 0.5000, 7 corners flipped"
+    )
+    assert recorded == "all {'flipped': 7}"
+    assert labels == "['r/w.pt: Corner-noise untargeted, L-inf']"

@@ -105,6 +105,18 @@ def _choice_arg(group, flag: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
+    _mode_args(p)
+    _data_args(p)
+    _model_args(p)
+    _attack_args(p)
+    _adversarial_training_args(p)
+    _training_args(p)
+    _output_args(p)
+    return p
+
+
+def _mode_args(p: argparse.ArgumentParser) -> None:
+    """The mode (train by default), --report's folder, --config and --recipe."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="evaluate --load'ed weights on val/")
     mode.add_argument("--eval-directory", help="classify every image file of this folder")
@@ -121,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
     _choice_arg(p, "--recipe", "a published recipe's settings (README: Recipes); flags override")
 
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """Where batches come from and how they are decoded."""
     data = p.add_argument_group("data")
     data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
     data.add_argument("--fake", action="store_true", default=None, help="constant fake batches")
@@ -142,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
 
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The architecture, its weights, its defense and frontend."""
     model = p.add_argument_group("model")
     _choice_arg(model, "--arch", "architecture")
     model.add_argument(
@@ -194,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
+
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    """The attack: its threat model, --eval's choice and options, precision."""
     attack = p.add_argument_group("attack (pixel units, 0-255)")
     attack.add_argument("--attack-iter", type=int, help=_help("attack_iter", "PGD iterations"))
     attack.add_argument(
@@ -247,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
     )
 
-    _adversarial_training_args(p)
 
+def _training_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer, its LR schedule, epochs and the run's processes."""
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
     opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
@@ -292,10 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="torch threads per process (default: usable CPUs / processes)"
     )
 
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """The run directory, --eval's outputs and options, --watch, --eval-directory's."""
     out = p.add_argument_group("output")
     out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
     out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
+    _eval_output_args(out)
+    _watch_args(out)
+    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    out.add_argument(
+        "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
+    )
+    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+
+
+def _eval_output_args(out: argparse._ArgumentGroup) -> None:
+    """--eval's result files, the images it attacks and how, its sweeps; --activations-file
+    and --mlflow stand among them in --help."""
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     _choice_arg(
         out,
@@ -347,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="--eval: the data's N classes are the model's first N (else a count that differs "
         "from the model's outputs is an error)",
     )
+
+
+def _watch_args(out: argparse._ArgumentGroup) -> None:
+    """--eval --watch: a run directory's checkpoints, each evaluated once."""
     out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")
     out.add_argument(
         "--watch-interval", type=float, help=_help("watch_interval", "--watch: seconds")
@@ -356,13 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=_help("watch_timeout", "--watch: stop after this long without a new checkpoint"),
     )
-    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
-    out.add_argument(
-        "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
-    )
-    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
-    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
-    return p
 
 
 def _scope_list(text: str) -> tuple[str, ...]:

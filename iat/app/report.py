@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
+from iat.attacks.registry import attack_words, settings_of_record
 from iat.runs.files import CONFIG_FILE, METRICS_FILE
 from iat.runtime.atomic_io import atomic_write, atomic_write_text
 
@@ -129,16 +129,10 @@ def _attack(record: dict) -> dict:
 
 
 def series_words(attack: dict, along: str) -> str:
-    """A threat model without the swept setting `along`: "pgd-10, random target, L-inf" (along
-    epsilon), "pgd, untargeted, L-inf eps=8" (along iterations)."""
-    name = attack.get("name", "?")
-    if along == "epsilon" and "iter" in attack:
-        name += f"-{attack['iter']}"
-    target = TARGET_WORDS.get(attack.get("target"), "untargeted")
-    ball = NORM_NAMES.get(attack.get("norm"), f"L{attack.get('norm')}")
-    if along == "iter":
-        ball += f" eps={attack.get('epsilon'):g}"
-    return f"{name}, {target}, {ball}"
+    """A threat model without the swept setting `along`, in the summary line's words (the
+    registry's): "PGD-10 random target, L-inf" (along epsilon), "PGD random target, L-inf
+    eps=8" (along iterations)."""
+    return attack_words(attack["name"], settings_of_record(attack, along))
 
 
 def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:

@@ -270,7 +270,19 @@ class FABAttacker(Attacker):
         }
 
 
-@register("fab-t", "FAB-T", norms=("inf", "2"), restarts=True, top_k=True, targets="top-k")
+def fab_figures(details: dict) -> str:
+    return f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
+
+
+@register(
+    "fab-t",
+    "FAB-T",
+    norms=("inf", "2"),
+    restarts=True,
+    top_k=True,
+    targets="top-k",
+    figures=fab_figures,
+)
 def fab_from_settings(settings: AttackSettings) -> FABAttacker:
     return FABAttacker(
         settings.num_iter,

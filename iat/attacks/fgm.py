@@ -184,6 +184,10 @@ def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:
     )
 
 
+def minimal_figures(details: dict) -> str:
+    return f", median minimal eps {details['median_min_epsilon']:g}"
+
+
 @register(
     "fgm-minimal",
     "FGM-minimal",
@@ -193,6 +197,7 @@ def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:
     targets="flag",
     words=minimal_words,
     extra_record=lambda settings: {"eps_step": settings.eps_step},
+    figures=minimal_figures,
 )
 def fgm_minimal(settings: AttackSettings) -> FGMAttacker:
     return fgm_from_settings(settings, minimal=True)

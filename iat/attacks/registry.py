@@ -3,17 +3,18 @@
 Each attack module registers its factory with ``register`` and the traits the rest of the
 project asks about: the norms it supports, the settings it takes (iterations, step, loss,
 restarts, queries, target classes), what it aims at, whether it reads gradients, how a summary
-line names it and which fields its record adds. ``iat.config`` (validation, ``--attack``
-choices), ``iat.eval.evaluate`` (summary line, JSON record) and ``iat.eval.masking`` ask
-here; ``create_attacker`` builds one from ``AttackSettings``. What still names attacks: the
-training side's rules in ``iat.config`` (which training attacks take Mixup or warm-ups: ``clean``,
-``pgd``, ``fgsmrs``; ``--benchmark`` runs ``autoattack``), ``iat.train.builders``
-(``free``) and ``iat.eval.masking``'s protocol (it runs ``pgd`` and ``square``); the
-evaluator names none.
+line names it and its own figures, and which fields its record adds. ``iat.config``
+(validation, ``--attack`` choices), ``iat.eval.summary`` (summary line), ``iat.eval.evaluate``
+(JSON record) and ``iat.eval.masking`` ask here; ``create_attacker`` builds one from
+``AttackSettings``. What still names attacks: the training side's rules in ``iat.config``
+(which training attacks take Mixup or warm-ups: ``clean``, ``pgd``, ``fgsmrs``; ``--benchmark``
+runs ``autoattack``), ``iat.train.builders`` (``free``) and ``iat.eval.masking``'s protocol (it
+runs ``pgd`` and ``square``); the evaluator names none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,8 @@ class AttackInfo:
     # The summary line's words for the attack and its ball (``describe`` below by default).
     words: Callable[[AttackInfo, AttackSettings], str] | None = None
     extra_record: Callable[[AttackSettings], dict] | None = None  # fields only it records
+    # The summary line's words for its own figures (``Attacker.describe_stats``), after commas.
+    figures: Callable[[dict], str] | None = None
     # The draws of a random defense it averages per gradient (None: settings.eot_samples).
     draws: Callable[[AttackSettings], int] | None = None
 
@@ -118,17 +121,30 @@ def goal_words(info: AttackInfo, settings: AttackSettings) -> str:
     return TARGET_WORDS.get(target, "untargeted")
 
 
+# Words for settings whose epsilon or iterations are open (None: a series along that setting,
+# ``settings_of_record``) leave them out, and the step that follows from them.
 def ball_words(settings: AttackSettings) -> str:
-    return f"{NORM_NAMES[settings.norm]} eps={settings.epsilon:g}"
+    radius = "" if settings.epsilon is None else f" eps={settings.epsilon:g}"
+    return NORM_NAMES[settings.norm] + radius
+
+
+def iteration_words(settings: AttackSettings) -> str:
+    """ "-10" after an attack's name; empty where the iterations are open."""
+    return "" if settings.num_iter is None else f"-{settings.num_iter}"
+
+
+def step_words(settings: AttackSettings) -> str:
+    """ ", step 1.6": the step PGD takes; empty where epsilon or the iterations are open."""
+    if settings.epsilon is None or settings.num_iter is None:
+        return ""
+    return f", step {pgd_step_size(settings.epsilon, settings.num_iter, settings.step_size):g}"
 
 
 def option_words(info: AttackInfo, settings: AttackSettings) -> str:
     """The settings that change the number besides iterations and ball, after commas."""
     words = ""
     if info.step:
-        words += (
-            f", step {pgd_step_size(settings.epsilon, settings.num_iter, settings.step_size):g}"
-        )
+        words += step_words(settings)
     if info.loss and settings.loss == "cw":
         words += ", CW loss"
     if info.restarts and settings.restarts > 1:
@@ -139,7 +155,7 @@ def option_words(info: AttackInfo, settings: AttackSettings) -> str:
 def describe(info: AttackInfo, settings: AttackSettings) -> str:
     """The default words: "PGD-10 random target, L-inf eps=16, step 1.6", "Square 5000 queries
     untargeted, L2 eps=600"."""
-    head = info.title + (f"-{settings.num_iter}" if info.iterations else "")
+    head = info.title + (iteration_words(settings) if info.iterations else "")
     head += f" {settings.queries} queries" if info.queries else ""
     return f"{head} {goal_words(info, settings)}, {ball_words(settings)}" + option_words(
         info, settings
@@ -150,6 +166,13 @@ def attack_words(name: str, settings: AttackSettings) -> str:
     """How the summary line names attack ``name`` under ``settings`` (defense words aside)."""
     info = attack_info(name)
     return (info.words or describe)(info, settings)
+
+
+def figure_words(name: str, details: dict) -> str:
+    """The summary line's words for attack ``name``'s own figures (``details``), after commas;
+    empty for an attack without figures."""
+    info = attack_info(name)
+    return info.figures(details) if info.figures is not None and details else ""
 
 
 def draws(name: str, settings: AttackSettings) -> int:
@@ -179,3 +202,29 @@ def record(name: str, settings: AttackSettings) -> dict:
     if info.queries:
         fields["queries"] = settings.queries
     return {**fields, **(info.extra_record(settings) if info.extra_record else {})}
+
+
+RECORD_SETTINGS = {  # a record's key -> the AttackSettings field it holds
+    "epsilon": "epsilon",
+    "norm": "norm",
+    "iter": "num_iter",
+    "step_size_requested": "step_size",
+    "loss": "loss",
+    "restarts": "restarts",
+    "apgd_targets": "top_k",
+    "queries": "queries",
+    "eps_step": "eps_step",
+    "draws": "eot_samples",  # autoattack's: the draws its version averages
+}
+
+
+def settings_of_record(attack: dict, open_key: str | None = None) -> AttackSettings:
+    """The settings a record's ``attack`` (``record``'s fields and its name) was evaluated
+    with, for its words; the record key `open_key` ("epsilon" or "iter") left open (None)."""
+    fields = {field: attack[key] for key, field in RECORD_SETTINGS.items() if key in attack}
+    target = attack.get("target", "none")
+    fields["target"] = None if target == "none" or target.startswith("top-") else target
+    settings = AttackSettings(**{"num_iter": None, "epsilon": None, "step_size": 0.0, **fields})
+    if open_key is None:
+        return settings
+    return dataclasses.replace(settings, **{RECORD_SETTINGS[open_key]: None})

@@ -316,6 +316,14 @@ class SquareAttacker(Attacker):
         }
 
 
+def square_figures(details: dict) -> str:
+    return (
+        f", mean queries {details['mean_queries']:.1f} per attacked example "
+        f"({details['mean_queries_broken']:.1f} per broken one, "
+        f"{details['broken']} of {details['attacked']} broken)"
+    )
+
+
 @register(
     "square",
     "Square",
@@ -324,6 +332,7 @@ class SquareAttacker(Attacker):
     queries=True,
     gradient=False,
     extra_record=lambda settings: {"p_init": P_INIT},
+    figures=square_figures,
 )
 def square_from_settings(settings: AttackSettings) -> SquareAttacker:
     return SquareAttacker(
