@@ -19,7 +19,9 @@ so that the labels of every split agree.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,9 @@ import cv2
 import numpy as np
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
+# The largest image file (or shard member) read, checked (stat, tar header) before reading: far
+# above a photograph's JPEG or PNG; a larger file is a corrupt image (named, or skipped as one).
+MAX_IMAGE_BYTES = 256 << 20
 FOLDER_ITSELF = "."  # the split that is the data folder itself
 EXPORT_LABELS = "labels.txt"  # an exported folder's `<relative path> <label index>` lines
 
@@ -312,25 +317,43 @@ def tar_of(path: str) -> str | None:
     return None if member is None else member["tar"]
 
 
-def _read_bytes(path: str) -> np.ndarray:
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(descriptor, size)`` of regular file `path`, opened without blocking (a FIFO named
+    ``x.JPEG`` would wait for a writer forever); anything else is an ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError("not a regular file")
+    return fd, info.st_size
+
+
+def read_image_bytes(path: str) -> bytes:
+    """The bytes of an image file or tar member, its size checked (stat, tar header) before any
+    is read: a sparse 30 GB file costs nothing to make and would be allocated whole."""
     member = _TAR_MEMBER.fullmatch(path)
-    if member is None:
-        return np.fromfile(path, dtype=np.uint8)
-    with open(member["tar"], "rb") as f:
-        f.seek(int(member["offset"]))
-        data = f.read(int(member["size"]))
-    if len(data) != int(member["size"]):
-        raise OSError("truncated shard")
-    return np.frombuffer(data, dtype=np.uint8)
+    offset, size = (0, None) if member is None else (int(member["offset"]), int(member["size"]))
+    try:
+        fd, file_size = _open_regular(path if member is None else member["tar"])
+        with os.fdopen(fd, "rb") as f:
+            size = file_size if size is None else size
+            if size > MAX_IMAGE_BYTES:
+                raise OSError(
+                    f"{size:,} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have"
+                )
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError("truncated shard" if member else "the file shrank while read")
+    except OSError as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+    return data
 
 
 def read_image_bgr(path: str) -> np.ndarray:
     """Decode an image file, or an image inside a tar file, into an HxWx3 uint8 BGR array (gray
     expanded, alpha dropped)."""
-    try:
-        data = _read_bytes(path)
-    except OSError as err:
-        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+    data = np.frombuffer(read_image_bytes(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise CorruptImageError(f"cannot decode image {path}")

@@ -26,6 +26,7 @@ from iat.data.layouts import (
     Sample,
     create_reader,
     detect_layout,
+    read_image_bytes,
 )
 from iat.data.shards import SHARD_CLASSES, shard_name
 
@@ -41,13 +42,17 @@ def write_split(samples: list[Sample], out: Path, split: str, shard_size: int) -
     shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
     for index, chunk in enumerate(shards):
         partial = out / f".{shard_name(split, index)}.partial"
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (path, label) in enumerate(chunk):
-                key = f"{index * shard_size + offset:08d}"
-                extension = Path(path).suffix.lower()
-                extension = ".jpg" if extension == ".jpeg" else extension
-                _add(tar, key + extension, Path(path).read_bytes())
-                _add(tar, f"{key}.cls", str(label).encode())
+        try:
+            with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for offset, (path, label) in enumerate(chunk):
+                    key = f"{index * shard_size + offset:08d}"
+                    extension = Path(path).suffix.lower()
+                    extension = ".jpg" if extension == ".jpeg" else extension
+                    _add(tar, key + extension, read_image_bytes(path))  # its size bounded
+                    _add(tar, f"{key}.cls", str(label).encode())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(out / shard_name(split, index))
     return len(shards)
 

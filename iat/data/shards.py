@@ -6,14 +6,18 @@ split, ``<split>-000000.tar``, ...: member ``{key}.jpg`` is the image file's byt
 ``iat.data.make_shards`` writes it. ``ShardReader`` (layout ``shards``, registered below and
 detected by ``classes.txt`` beside ``train-000000.tar``) lists the members from the tar headers
 and reads each image by its offset in its shard, so the data server and the local loader sample
-them exactly as they sample image folders.
+them exactly as they sample image folders. Listing checks what reading later trusts: a plain
+(uncompressed) tar, whole up to its end-of-archive block, whose image and label members are
+regular files, and labels of at most ``MAX_LABEL_BYTES`` that are classes of ``classes.txt``.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -58,7 +62,9 @@ class ShardReader:
 
     def samples(self, split: str) -> list[Sample]:
         if split not in self._samples:
-            samples = [s for shard in self._shards(split) for s in _list_shard(shard)]
+            num_classes = len(self.classes())
+            shards = self._shards(split)
+            samples = [s for shard in shards for s in _list_shard(shard, num_classes)]
             if not samples:
                 raise DataError(f"{self.root} has no {split} shards ({shard_name(split, 0)}, ...)")
             self._samples[split] = samples
@@ -68,20 +74,91 @@ class ShardReader:
         return self.samples(split), self.classes()
 
 
-def _list_shard(shard: Path) -> list[Sample]:
-    """``(member reference, label)`` of each image of one shard, from its headers and labels."""
+MAX_LABEL_BYTES = 32  # a ``.cls`` member's size: a label in ASCII (make_shards writes no more)
+_LABEL = re.compile(rb"\s*(\d+)\s*")
+# Shards are plain tar files: tarfile would inflate these transparently (a bomb, unbounded).
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"(\xb5/\xfd": "zstd"}
+
+
+def _kind(member: tarfile.TarInfo) -> str | None:
+    """What a member of an image or label name is when it is not a regular file's bytes."""
+    if member.issparse():
+        return "sparse file"  # its stored bytes are not the file's: make_shards writes none
+    if member.isfile():
+        return None
+    kinds = {"issym": "symbolic link", "islnk": "hard link", "isdir": "directory"}
+    return next((name for test, name in kinds.items() if getattr(member, test)()), "special file")
+
+
+def _label(shard: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int) -> int:
+    """The label of a ``.cls`` member, its size bounded before reading and its value a class."""
+    text = b""
+    if member.size <= MAX_LABEL_BYTES:
+        text = tar.extractfile(member).read(MAX_LABEL_BYTES)
+    match = _LABEL.fullmatch(text)
+    if match is None or int(match[1]) >= num_classes:
+        shown = (
+            f"{member.size:,} bytes"
+            if member.size > MAX_LABEL_BYTES
+            else repr(text.decode(errors="replace"))
+        )
+        raise DataError(
+            f"shard {shard}: member {member.name} is not a label 0 .. {num_classes - 1} "
+            f"({SHARD_CLASSES} lists {num_classes} classes): {shown:.60}"
+        )
+    return int(match[1])
+
+
+def _list_members(
+    shard: Path, tar: tarfile.TarFile, num_classes: int
+) -> tuple[dict[str, str], dict[str, int]]:
     images, labels = {}, {}
+    for member in tar:
+        key, extension = (member.name.rsplit(".", 1) + [""])[:2]
+        is_label = extension == "cls"
+        if not is_label and f".{extension.lower()}" not in IMAGE_EXTENSIONS:
+            continue
+        kind = _kind(member)
+        if kind is not None:
+            raise DataError(f"shard {shard}: member {member.name} is a {kind}, not a regular file")
+        found = labels if is_label else images
+        if key in found:
+            raise DataError(f"shard {shard}: two {'labels' if is_label else 'images'} of key {key}")
+        if is_label:
+            labels[key] = _label(shard, tar, member, num_classes)
+        else:
+            images[key] = tar_member_path(shard, member.name, member.offset_data, member.size)
+    return images, labels
+
+
+def _check_end(shard: Path, f: BinaryIO, offset: int, members: int) -> None:
+    """tarfile stops without a word at a header cut short or damaged after the first: the end of
+    a whole archive is a zero block."""
+    f.seek(offset)
+    if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise DataError(
+            f"shard {shard} is truncated or damaged at byte {offset:,}, after {members} "
+            "members (no end-of-archive block)"
+        )
+
+
+def _list_shard(shard: Path, num_classes: int) -> list[Sample]:
+    """``(member reference, label)`` of each image of one shard, from its headers and labels."""
+    if not shard.is_file():
+        raise DataError(f"shard {shard} is not a regular file")
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, extension = (member.name.rsplit(".", 1) + [""])[:2]
-                if extension == "cls":
-                    labels[key] = int(tar.extractfile(member).read())
-                elif f".{extension.lower()}" in IMAGE_EXTENSIONS:
-                    images[key] = tar_member_path(
-                        shard, member.name, member.offset_data, member.size
-                    )
-    except (OSError, tarfile.TarError, ValueError) as err:
+        with shard.open("rb") as f:
+            magic = f.read(6)
+            compressed = [name for head, name in _COMPRESSED.items() if magic.startswith(head)]
+            if compressed:
+                raise DataError(
+                    f"shard {shard} is {compressed[0]}-compressed: shards are plain tar files"
+                )
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                images, labels = _list_members(shard, tar, num_classes)
+                _check_end(shard, f, tar.offset, len(tar.members))
+    except (OSError, tarfile.TarError) as err:
         raise DataError(f"cannot read shard {shard}: {err}") from None
     if images.keys() != labels.keys():
         raise DataError(f"shard {shard}: images and .cls labels do not pair up")
