@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from iat.attacks import ATTACK_LOSSES, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
+from iat.attacks import ATTACK_LOSSES, ATTACKS, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
 from iat.attacks.registry import default_attack, evaluation_attacks, takes
 from iat.attacks.spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
@@ -589,10 +589,13 @@ def _mixing(cfg: Config) -> None:
     if not mixing_enabled(cfg):
         return
     spec = training_attack_spec(cfg)
+    form = attack_info(spec.name).training
+    soft = [name for name, info in ATTACKS.items() if info.training and info.training.soft_target]
     _check(
-        spec.name in ("clean", "pgd", "fgsmrs") and spec.settings.target is None,
+        form is not None and form.soft_target is not None and spec.settings.target is None,
         "--mixup-alpha/--cutmix-alpha: the attack maximises the soft target's loss, so it must "
-        "be untargeted (--adv-method pgd_EPS_STEP_NITER or fgsmrs_EPS, or --attack-target none)",
+        f"be untargeted and one with a soft-target form ({', '.join(soft)}; --attack-target "
+        f"none for the --attack-* flags), not {spec.name}",
     )
     _check(cfg.free_replays == 1, "--mixup-alpha/--cutmix-alpha: not with --free-replays")
 
@@ -618,15 +621,23 @@ def _schedules(cfg: Config) -> None:
     )
     if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:
         spec = training_attack_spec(cfg)
+        form = attack_info(spec.name).training
+        warmups = () if form is None or cfg.free_replays > 1 else form.warmups
         _check(
-            cfg.free_replays == 1 and spec.name in ("pgd", "fgsmrs"),
-            "--eps-warmup-epochs/--step-warmup-epochs: need a PGD or FGSM-RS training attack "
-            "(not clean or --free-replays)",
+            "epsilon" in warmups,
+            "--eps-warmup-epochs/--step-warmup-epochs: need a training attack that warms up "
+            f"({', '.join(_warming('epsilon'))}; not {spec.name} or --free-replays)",
         )
         _check(
-            spec.name == "pgd" or not cfg.step_warmup_epochs,
-            "--step-warmup-epochs: FGSM-RS's step is 1.25 epsilon (use --eps-warmup-epochs)",
+            "step" in warmups or not cfg.step_warmup_epochs,
+            f"--step-warmup-epochs: {spec.name}'s step follows its epsilon (use "
+            f"--eps-warmup-epochs; a step warms up in {', '.join(_warming('step'))})",
         )
+
+
+def _warming(warmup: str) -> list[str]:
+    """The training attacks that a warm-up ("epsilon" or "step") scales."""
+    return [n for n, info in ATTACKS.items() if info.training and warmup in info.training.warmups]
 
 
 def eval_attack(cfg: Config) -> str:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import nets
+from iat.attacks.spec import valid_forms
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
@@ -411,8 +412,7 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adv-method",
-        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS, "
-        "apgd_EPS_NITER (default: the --attack-* flags)",
+        help=f"training attack: {valid_forms()} (default: the --attack-* flags)",
     )
     group.add_argument(
         "--adv-fraction",
