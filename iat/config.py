@@ -35,7 +35,12 @@ NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train", FOLDER_ITSELF)  # "." the --data folder itself (an export)
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.eval.benchmarks implements
-EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.eval.ood
+# --benchmark's result file: what it says of the model (iat.eval.benchmarks.model_info)
+BENCHMARK_INFO_FIELDS = (
+    "model_name", "model_link", "model_authors", "model_venue", "additional_data"
+)  # fmt: skip
+# --eval-set: iat.eval.ood
+EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a", "imagenet-sketch", "imagenet-v2")
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -244,8 +249,16 @@ class Config:
     # --eval: a benchmark's protocol (iat.eval.benchmarks): its images, preprocessing, threat model
     # and result file; "robustbench" (RobustBench's ImageNet L-inf evaluation)
     benchmark: str | None = None
+    # --benchmark: what its result file says of the model (RobustBench's model_info fields name,
+    # link, authors, venue, additional_data); None: left empty (additional_data: null, unknown)
+    model_name: str | None = None
+    model_link: str | None = None
+    model_authors: str | None = None
+    model_venue: str | None = None
+    additional_data: bool | None = None  # trained with data beyond ImageNet-1k's training set
     # --eval: robustness outside the threat model (iat.eval.ood): --data is an ImageNet-C folder
-    # (corruption/severity/wnid) or ImageNet-R / -A's (wnid), scored clean
+    # (corruption/severity/wnid), ImageNet-R / -A's (wnid), ImageNet-Sketch's (sketch/wnid, all
+    # 1000) or ImageNet-V2's (class index 0-999), scored clean
     eval_set: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
@@ -467,6 +480,11 @@ def validate(cfg: Config) -> None:
             f"({' or '.join(t + '...' for t in DATA_SERVER_TRANSPORTS)})",
         )
     _attack_options(cfg)
+    for name in BENCHMARK_INFO_FIELDS:
+        _check(
+            getattr(cfg, name) is None or cfg.benchmark is not None,
+            f"{_flag(name)}: only --benchmark takes it (its result file's model_info)",
+        )
     needs_data = cfg.mode in ("train", "eval", "export_activations") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     _check(

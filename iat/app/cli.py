@@ -339,14 +339,23 @@ def _eval_output_args(out: argparse._ArgumentGroup) -> None:
     _choice_arg(
         out,
         "--eval-set",
-        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE) or "
-        "ImageNet-R / -A (wnid: error on their classes), scored clean",
+        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE), "
+        "ImageNet-R / -A (wnid: error on their classes), ImageNet-Sketch (sketch/wnid) or "
+        "ImageNet-V2 (class index 0-999), scored clean",
     )
     _choice_arg(
         out,
         "--benchmark",
         "--eval: a benchmark's images, preprocessing, threat model and result file "
         "(robustbench: its 5,000 ImageNet images, L-inf 4/255, AutoAttack)",
+    )
+    for what in ("name", "link", "authors", "venue"):
+        out.add_argument(f"--model-{what}", help=f"--benchmark: the model's {what}, as filed")
+    out.add_argument(
+        "--additional-data",
+        type=_true_false,
+        metavar="{true,false}",
+        help="--benchmark: the model was trained with data beyond ImageNet-1k's (default: unknown)",
     )
     out.add_argument(
         "--eval-state",
@@ -399,6 +408,12 @@ def _watch_args(out: argparse._ArgumentGroup) -> None:
         type=float,
         help=_help("watch_timeout", "--watch: stop after this long without a new checkpoint"),
     )
+
+
+def _true_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text == "true"
 
 
 def _scope_list(text: str) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ NEUTRAL_FIELDS = frozenset(
         # A finished batch had no unreadable image (or the run stopped): the same counts with
         # --skip-unreadable. Each sweep point has its own epsilon and iterations.
         "skip_unreadable", "masking_checks", "sweep_epsilon", "sweep_iters",
+        # --benchmark's description of the model, written into its result file only
+        "model_name", "model_link", "model_authors", "model_venue", "additional_data",
     }
 )  # fmt: skip
 MAX_STATE_BYTES = 256 << 20  # a state line is ~200 bytes a batch: far beyond any split
