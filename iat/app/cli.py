@@ -22,7 +22,7 @@ from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 from iat.runtime import distributed
-from iat.runtime.atomic_io import NoSpaceError, is_no_space
+from iat.runtime.atomic_io import NoSpaceError, no_space_errno, space_reason
 from iat.runtime.cpus import cpu_share, resolve_threads
 from nets import CheckpointError
 
@@ -572,11 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:
-        if not is_no_space(e):
+        code = no_space_errno(e)
+        if code is None:
             raise
-        # A full disk outside the atomic writer (metrics.jsonl, TensorBoard's event file).
+        # A full disk (or ulimit -f) outside the atomic writer and the appenders (TensorBoard's
+        # event file).
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: no space left on device{where}", file=sys.stderr)
+        print(f"error: {space_reason(code)}{where}", file=sys.stderr)
         return 1
     return 0
 
