@@ -16,11 +16,10 @@ def openmp_wait_policy(load: float, cpus: int) -> str | None:
     twice the CPUs: a machine merely kept full, e.g. by this project's own previous run, stays
     below), else None (OpenMP's default).
 
-    bench/shared_machine.py, a PGD iteration of the demo's ResNet on 2 CPUs: spinning 12.0 ms
-    quiet, 140 ms beside 4 busy processes (x11.6; a load of 11 gave 2,100-5,600 ms); passive
-    23.8 ms quiet (its threads sleep between the many small operators), 58 ms busy (x2.4, what
-    one thread gets); the demo's strong-100 on 32 images, quiet: 8.8 s spinning, 18.2 s
-    passive. So passive only where the machine is oversubscribed."""
+    Spinning threads collapse beside other busy processes, and passive ones are slower on a
+    quiet machine (they sleep between the many small operators): so passive only where the
+    machine is oversubscribed. Figures: bench/RESULTS.md, section 11 (bench/shared_machine.py).
+    """
     return "PASSIVE" if load >= 2 * cpus else None
 
 

@@ -218,13 +218,14 @@ FP32_EAGER = AttackPrecision(False, False, "fp32, eager")  # evaluation's, and -
 
 
 def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision:
-    """What --use-fp16xla can gain on `device`, as measured (bench/RESULTS.md):
+    """What --use-fp16xla can gain on `device`, as measured (bench/RESULTS.md, sections 1 and
+    1b, "what `--use-fp16xla` picks"):
 
     * CUDA: fp16 autocast, compiled with CUDA graphs (the original's fp16 + XLA);
-    * a CPU with AMX: bf16 autocast, compiled (PGD-10 step 0.64x eager fp32);
-    * a CPU with AVX512-BF16 but no AMX: bf16 autocast, eager (0.70x; compiled was 1.50x);
-    * a CPU without bf16 units: fp32 eager (bf16 autocast is emulated, 14x slower; compiled
-      fp32 no faster than eager).
+    * a CPU with AMX: bf16 autocast, compiled (faster than eager fp32);
+    * a CPU with AVX512-BF16 but no AMX: bf16 autocast, eager (compiling made the step slower);
+    * a CPU without bf16 units: fp32 eager (bf16 autocast is emulated, many times slower;
+      compiled fp32 no faster than eager).
     """
     if not use_fp16xla:
         return FP32_EAGER

@@ -201,10 +201,9 @@ class MaxPool2dSame(nn.Module):
 
 class ChannelsLastMaxPool(torch.autograd.Function):
     """``F.max_pool2d`` of an NCHW tensor computed in channels-last, forward and backward, and
-    handed back in NCHW: PyTorch's NCHW max-pool kernel is slow on the CPU (ResNet-50's stem
-    pool at 64x64, batch 16, forward + backward: 4.6 ms fp32 / 4.8 ms bf16 against 2.7 / 1.3 ms
-    this way, copies included). Same values and the same gradient, ties included (both pick the
-    first maximum of the window)."""
+    handed back in NCHW: PyTorch's NCHW max-pool kernel is slow on the CPU (bench/RESULTS.md,
+    section 12, "The stem max-pool in channels-last": faster this way, copies included). Same
+    values and the same gradient, ties included (both pick the first maximum of the window)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: tuple[int, int]):

@@ -65,6 +65,15 @@ def test_each_attack_is_registered_by_its_own_module():
     assert modules["pgd"] == "iat.attacks.pgd"
 
 
+def test_the_attacks_share_one_opening():
+    """How an attack begins (the call's generator else its own, labels as int64, the images
+    detached as float, attack mode) is ``Attacker._opening``'s: no attack module spells it."""
+    repeated = ("self.generator if generator is None", "as_float(images)", "labels = labels.long()")
+    for path in (REPO / "iat" / "attacks").glob("*.py"):
+        if path.name != "core.py":
+            assert not [line for line in repeated if line in path.read_text()], path.name
+
+
 def test_flags_validation_words_and_record_come_from_the_registration():
     """--attack offers the evaluation attacks in registration order; each option is accepted
     exactly where the registration says the attack takes it."""
@@ -158,3 +167,106 @@ def test_a_new_attack_is_one_module_and_its_registration(tmp_path):
     assert words == "Corner-noise untargeted, L-inf eps=8"
     assert recorded == "{'name': 'corner-noise', 'epsilon': 8.0, 'norm': 'inf', 'target': 'none'}"
     assert refused == "refused 1" and "--restarts 2: only --attack pgd," in run.stderr
+
+
+FIGURES_ATTACK = NEW_ATTACK.replace(
+    '@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False)',
+    """def corner_figures(details):
+    return f", {details['flipped']} corners flipped"
+
+
+@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False,
+          extra_record=lambda settings: {"corners": "all"}, figures=corner_figures)""",
+)
+
+
+def test_a_new_attacks_own_figures_and_record_reach_every_output(tmp_path):
+    """An attack's own figures (``figures=``) and record fields (``extra_record=``) reach the
+    summary line, the record and the report's label, from its registration alone."""
+    (tmp_path / "corner_noise.py").write_text(FIGURES_ATTACK)
+    run = run_python(
+        """
+        import corner_noise
+        from iat.app.report import robust_accuracy_curves
+        from iat.config import Config
+        from iat.eval.evaluate import eval_record
+        from iat.eval.metrics import EvalResult
+        from iat.eval.summary import summary_line
+        cfg = Config(mode="eval", load="r/w.pt", data="d", attack="corner-noise")
+        result = EvalResult(images=2, top1_error=0.5, top5_error=0.0, attack_success_rate=0.5,
+                            details={"flipped": 7})
+        print(summary_line(cfg, result))
+        record = eval_record(cfg, result)
+        print(record["attack"]["corners"], record["details"])
+        print(list(robust_accuracy_curves([record], "epsilon")))
+        """,
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    line, recorded, labels = run.stdout.split("\n")[:3]
+    assert line == (
+        "Corner-noise untargeted, L-inf eps=16: 2 images, top-1 error 0.5000, top-5 error "
+        "0.0000, attack success rate 0.5000, robust accuracy 0.5000, 7 corners flipped"
+    )
+    assert recorded == "all {'flipped': 7}"
+    assert labels == "['r/w.pt: Corner-noise untargeted, L-inf']"
+
+
+TRAINING_ATTACK = NEW_ATTACK.replace(
+    "from iat.attacks.registry import register",
+    "import re\n\nfrom iat.attacks.registry import TrainingForm, register",
+).replace(
+    '@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False)',
+    """def corners_spec(text):
+    match = re.match(r"^corners_(\\d+)$", text)
+    return None if not match else AttackSettings(1, float(match.group(1)), 0.0, target=None)
+
+
+CORNERS = TrainingForm(
+    ("corners_EPS",), corners_spec, soft_target=lambda s, p: (1, s.epsilon, s.epsilon, 0.0),
+    warmups=("epsilon",),
+)
+
+
+@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False,
+          training=CORNERS)""",
+)
+
+
+def test_a_new_training_attack_is_one_module_and_its_registration(tmp_path):
+    """Measured: a training attack from outside the package, registered with its spec form, is
+    parsed by --adv-method, listed in its help and errors, warmed up and given its soft-target
+    form by its registration alone, and trains a model."""
+    (tmp_path / "corner_noise.py").write_text(TRAINING_ATTACK)
+    run = run_python(
+        """
+        import dataclasses
+        import corner_noise
+        from iat.app.cli import build_parser
+        from iat.attacks.spec import parse_attack_spec
+        from iat.config import Config
+        from iat.train.builders import epoch_attack_spec
+        from iat.train.soft_objective import soft_target_attacker
+        from main import main
+        print(parse_attack_spec("corners_8").name)
+        print("corners_EPS" in build_parser().format_help())
+        cfg = Config(data="x", adv_method="corners_8", eps_warmup_epochs=4, epochs=8)
+        print(epoch_attack_spec(cfg, 3).settings.epsilon)
+        soft = soft_target_attacker(parse_attack_spec("corners_8"), 0.5, None)
+        print(soft.num_iter, soft.epsilon, soft.step_size)
+        tiny = ["--fake", "--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8",
+                "--image-size", "32", "--batch", "4", "--steps-per-epoch", "2", "--epochs", "1",
+                "--train-eval", "none"]
+        print("trained", main([*tiny, "--adv-method", "corners_8", "--logdir", "run"]))
+        print("refused", main([*tiny, "--adv-method", "corners_8", "--step-warmup-epochs", "2",
+                               "--logdir", "run2"]))
+        """,
+        tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    printed = [line for line in run.stdout.splitlines() if not line.startswith("epoch ")]
+    assert printed == [
+        "corner-noise", "True", "4.0", "1 8.0 8.0", "trained 0", "refused 1",
+    ]  # fmt: skip
+    assert "--step-warmup-epochs: corner-noise's step follows its epsilon" in run.stderr

@@ -39,7 +39,7 @@ def misclassified(model, adv, labels) -> torch.Tensor:
 
 
 def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    """Independent of iat.attacks.norm_of: torch.linalg over the flattened perturbation."""
+    """Independent of iat.attacks.ops.norm_of: torch.linalg over the flattened perturbation."""
     order = float("inf") if norm == "inf" else float(norm)
     return torch.linalg.vector_norm(delta.flatten(1).double(), ord=order, dim=1)
 

@@ -1,4 +1,5 @@
-"""AutoAttack (iat.autoattack) as its authors define it, and APGD-DLR, the rand version's."""
+"""AutoAttack (iat.attacks.autoattack) as its authors define it, and APGD-DLR, the rand
+version's."""
 
 from __future__ import annotations
 

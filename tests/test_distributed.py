@@ -1,4 +1,5 @@
-"""distributed.py: launcher detection on crafted environments, then real multi-process runs."""
+"""iat/runtime/distributed.py: launcher detection on crafted environments, then real
+multi-process runs."""
 
 import json
 import os

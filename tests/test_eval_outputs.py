@@ -111,7 +111,7 @@ def test_sweeps_give_one_record_per_point(tiny_imagenet: Path, checkpoint: Path,
     strongest = max(r["top1_error"] for r in records)
     assert strongest >= at_zero[0]
     curves = robust_accuracy_curves(records, "epsilon")  # one series per iteration count
-    assert sorted(curves) == [f"{checkpoint.parent.name}/model.npz: pgd-{k}, untargeted, L-inf"
+    assert sorted(curves) == [f"{checkpoint.parent.name}/model.npz: PGD-{k} untargeted, L-inf"
                               for k in (1, 3)]  # fmt: skip
     assert all([x for x, _ in points] == [0.0, 4.0, 16.0] for points in curves.values())
 

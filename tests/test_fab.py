@@ -1,4 +1,4 @@
-"""FAB-T (iat/fab.py): the exact projection, the threat model, minimal perturbations against
+"""FAB-T (iat/attacks/fab.py): the exact projection, the threat model, minimal perturbations against
 independent minimal attacks (ART), robust accuracy against APGD-T and ART, and --eval."""
 
 from __future__ import annotations

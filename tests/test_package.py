@@ -47,7 +47,7 @@ def test_wheel_installs_only_the_package_nets_and_the_attack_modules(tmp_path: P
 
 
 def test_python_dash_m_iat_is_main_py() -> None:
-    """`python -m iat` and `python -m iat.cli` take main.py's flags (the `iat` command's)."""
+    """`python -m iat` and `python -m iat.app.cli` take main.py's flags (the `iat` command's)."""
     for module in ("iat", "iat.app.cli"):
         run = subprocess.run(
             [sys.executable, "-m", module, "--help"],

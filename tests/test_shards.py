@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -24,8 +25,9 @@ from iat.data.layouts import (
     detect_layout,
     read_image_bgr,
 )
+from iat.data.make_shards import make_shards
 from iat.data.sampling import TrainStream
-from iat.data.shards import host_schedule, make_shards
+from iat.data.shards import host_schedule
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -163,3 +165,34 @@ def test_the_data_server_of_a_host_serves_its_shards(tmp_path: Path) -> None:
     for k, (images, labels) in enumerate(received):
         expected_images, expected_labels, _ = stream.batch(1 + 2 * k)
         assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
+
+
+def _data_imports(module: Path) -> set[str]:
+    """The iat.data modules `module` imports, at its top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "iat.data":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("iat.data."):
+            names.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[2] for a in node.names if a.name.startswith("iat.data.")}
+    return names
+
+
+def test_the_data_modules_import_one_another_without_a_cycle() -> None:
+    """The shard format is one unit: layouts knows no shard module, the shard reader registers
+    itself as a layout, the writer (make_shards) imports the reader."""
+    graph = {p.stem: _data_imports(p) for p in (REPO / "iat" / "data").glob("*.py")}
+    assert "shards" not in graph["layouts"] and "make_shards" not in graph["shards"]
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for imported in graph.get(name, ()):
+                visit(imported, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

@@ -1,6 +1,6 @@
-"""The Square Attack (iat.square): against a model without gradients, its threat-model bounds and
-query accounting, against adversarial-robustness-toolbox's SquareAttack, and end to end through
-``main.py --eval --attack square``."""
+"""The Square Attack (iat.attacks.square): against a model without gradients, its threat-model
+bounds and query accounting, against adversarial-robustness-toolbox's SquareAttack, and end to end
+through ``main.py --eval --attack square``."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import nets
+from iat.attacks.spec import valid_forms
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
@@ -21,7 +22,7 @@ from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
 from iat.runtime import distributed
-from iat.runtime.atomic_io import NoSpaceError, is_no_space
+from iat.runtime.atomic_io import NoSpaceError, no_space_errno, space_reason
 from iat.runtime.cpus import cpu_share, resolve_threads
 from nets import CheckpointError
 
@@ -105,6 +106,18 @@ def _choice_arg(group, flag: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
+    _mode_args(p)
+    _data_args(p)
+    _model_args(p)
+    _attack_args(p)
+    _adversarial_training_args(p)
+    _training_args(p)
+    _output_args(p)
+    return p
+
+
+def _mode_args(p: argparse.ArgumentParser) -> None:
+    """The mode (train by default), --report's folder, --config and --recipe."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true", help="evaluate --load'ed weights on val/")
     mode.add_argument("--eval-directory", help="classify every image file of this folder")
@@ -121,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
     _choice_arg(p, "--recipe", "a published recipe's settings (README: Recipes); flags override")
 
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    """Where batches come from and how they are decoded."""
     data = p.add_argument_group("data")
     data.add_argument("--data", help="ImageNet-layout folder (train/<wnid>/*, val/<wnid>/*)")
     data.add_argument("--fake", action="store_true", default=None, help="constant fake batches")
@@ -142,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch", type=int, help=_help("batch", "images per process"))
 
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The architecture, its weights, its defense and frontend."""
     model = p.add_argument_group("model")
     _choice_arg(model, "--arch", "architecture")
     model.add_argument(
@@ -194,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
 
+
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    """The attack: its threat model, --eval's choice and options, precision."""
     attack = p.add_argument_group("attack (pixel units, 0-255)")
     attack.add_argument("--attack-iter", type=int, help=_help("attack_iter", "PGD iterations"))
     attack.add_argument(
@@ -247,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
     )
 
-    _adversarial_training_args(p)
 
+def _training_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer, its LR schedule, epochs and the run's processes."""
     opt = p.add_argument_group("training")
     opt.add_argument("--epochs", type=int, help=_help("epochs", "total epochs"))
     opt.add_argument("--steps-per-epoch", type=int, help="default: train images // total batch")
@@ -292,22 +315,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="torch threads per process (default: usable CPUs / processes)"
     )
 
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """The run directory, --eval's outputs and options, --watch, --eval-directory's."""
     out = p.add_argument_group("output")
     out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
     out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
+    _eval_output_args(out)
+    _watch_args(out)
+    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    out.add_argument(
+        "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
+    )
+    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+
+
+def _eval_output_args(out: argparse._ArgumentGroup) -> None:
+    """--eval's result files, the images it attacks and how, its sweeps; --activations-file
+    and --mlflow stand among them in --help."""
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     _choice_arg(
         out,
         "--eval-set",
-        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE) or "
-        "ImageNet-R / -A (wnid: error on their classes), scored clean",
+        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE), "
+        "ImageNet-R / -A (wnid: error on their classes), ImageNet-Sketch (sketch/wnid) or "
+        "ImageNet-V2 (class index 0-999), scored clean",
     )
     _choice_arg(
         out,
         "--benchmark",
         "--eval: a benchmark's images, preprocessing, threat model and result file "
         "(robustbench: its 5,000 ImageNet images, L-inf 4/255, AutoAttack)",
+    )
+    for what in ("name", "link", "authors", "venue"):
+        out.add_argument(f"--model-{what}", help=f"--benchmark: the model's {what}, as filed")
+    out.add_argument(
+        "--additional-data",
+        type=_true_false,
+        metavar="{true,false}",
+        help="--benchmark: the model was trained with data beyond ImageNet-1k's (default: unknown)",
     )
     out.add_argument(
         "--eval-state",
@@ -347,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="--eval: the data's N classes are the model's first N (else a count that differs "
         "from the model's outputs is an error)",
     )
+
+
+def _watch_args(out: argparse._ArgumentGroup) -> None:
+    """--eval --watch: a run directory's checkpoints, each evaluated once."""
     out.add_argument("--watch", help="--eval: evaluate each new checkpoint of this run directory")
     out.add_argument(
         "--watch-interval", type=float, help=_help("watch_interval", "--watch: seconds")
@@ -356,13 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=_help("watch_timeout", "--watch: stop after this long without a new checkpoint"),
     )
-    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
-    out.add_argument(
-        "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
-    )
-    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
-    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
-    return p
+
+
+def _true_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text == "true"
 
 
 def _scope_list(text: str) -> tuple[str, ...]:
@@ -376,8 +427,7 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adv-method",
-        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS, "
-        "apgd_EPS_NITER (default: the --attack-* flags)",
+        help=f"training attack: {valid_forms()} (default: the --attack-* flags)",
     )
     group.add_argument(
         "--adv-fraction",
@@ -461,7 +511,7 @@ MAX_DEFAULT_WORKERS = 8  # decoding processes per training process, by default
 def resolve_resources(cfg: Config, env: distributed.DistEnv) -> Config:
     """--threads and --workers when not given: this process's share of the usable CPUs (a
     shared machine's affinity mask, divided among this host's processes), so that processes
-    never oversubscribe the cores (2.3 vs 195 images/s measured on a busy 2-core machine)."""
+    never oversubscribe the cores (bench/RESULTS.md, section 13)."""
     threads = resolve_threads(cfg.threads, env.local_world_size)
     share = cpu_share(env.local_world_size)
     workers = cfg.workers if cfg.workers is not None else min(MAX_DEFAULT_WORKERS, share)
@@ -522,11 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:
-        if not is_no_space(e):
+        code = no_space_errno(e)
+        if code is None:
             raise
-        # A full disk outside the atomic writer (metrics.jsonl, TensorBoard's event file).
+        # A full disk (or ulimit -f) outside the atomic writer and the appenders (TensorBoard's
+        # event file).
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: no space left on device{where}", file=sys.stderr)
+        print(f"error: {space_reason(code)}{where}", file=sys.stderr)
         return 1
     return 0
 

@@ -21,10 +21,11 @@ import torch
 import nets
 from iat.app.predict import run_predict
 from iat.builders import build_model
-from iat.config import Config
+from iat.config import Config, eval_attack
 from iat.data.layouts import list_split
 from iat.eval.evaluate import evaluate_attack
 from iat.eval.metrics import EvalResult
+from iat.eval.summary import threat_model
 from iat.runs.files import checkpoint_path
 from iat.runs.state import latest_checkpoint
 from iat.runtime import distributed
@@ -111,22 +112,47 @@ COLUMNS = (
 )
 
 
-def evaluate_columns(cfg: Config, model: torch.nn.Module) -> list[EvalResult]:
+def column_points(cfg: Config, checkpoint: Path) -> list[tuple[str, Config]]:
+    """Each of the table's columns: its heading and the ``--eval`` configuration it stands for
+    (of `checkpoint`)."""
+    return [
+        (
+            heading,
+            dataclasses.replace(
+                cfg,
+                mode="eval",
+                load=str(checkpoint),
+                attack=name,
+                attack_iter=k,
+                attack_target=target,
+            ),
+        )
+        for heading, k, target, name in COLUMNS
+    ]
+
+
+def evaluate_columns(cfg: Config, model: torch.nn.Module, checkpoint: Path) -> list[EvalResult]:
     """The model's accuracy under each of the table's threat models."""
     val = list_split(cfg.data, "val", cfg.data_layout)[0]
     return [
         evaluate_attack(
             model,
-            dataclasses.replace(cfg, attack_target=target),
+            point,
             val,
-            attack_iter=k,
+            attack_iter=point.attack_iter,
             num_classes=10,
             device=torch.device("cpu"),
             desc=heading,
-            name=name,
+            name=eval_attack(point),
         )
-        for heading, k, target, name in COLUMNS
+        for heading, point in column_points(cfg, checkpoint)
     ]
+
+
+def column_legend(cfg: Config, checkpoint: Path) -> str:
+    """Each column's heading and the threat model it stands for, as ``--eval`` names it."""
+    points = column_points(cfg, checkpoint)
+    return "\n".join(f"{heading}: {threat_model(point)}" for heading, point in points)
 
 
 def _train_rank(env: distributed.DistEnv, cfg: Config, threads: int) -> None:
@@ -157,7 +183,7 @@ def train_and_evaluate(cfg: Config, nprocs: int) -> tuple[list[EvalResult], floa
         seconds = time.perf_counter() - began
     checkpoint = latest_checkpoint(cfg.logdir)
     model = build_model(cfg, 10, torch.device("cpu"), nets.read_weights(checkpoint))
-    results = evaluate_columns(cfg, model)
+    results = evaluate_columns(cfg, model, checkpoint)
     save_results(Path(cfg.logdir) / EVAL_FILE, checkpoint, results)
     return results, seconds
 
@@ -225,13 +251,15 @@ def run_demo(logdir: str) -> int:
         print(f"training {name} ...")
         rows.append((name, *train_and_evaluate(cfg, nprocs)))
     adv_logdir = root / f"attack-iter{ATTACK_ITER}"
+    adv_cfg = demo_config(data, adv_logdir, ATTACK_ITER, nprocs)
+    adv_checkpoint = latest_checkpoint(adv_logdir)
     predict_cfg = dataclasses.replace(
-        demo_config(data, adv_logdir, ATTACK_ITER, nprocs),
+        adv_cfg,
         mode="eval_directory",
         num_classes=10,
         eval_directory=str(data / "unlabeled"),
         prediction_file=str(root / "predictions.txt"),
-        load=str(latest_checkpoint(adv_logdir)),
+        load=str(adv_checkpoint),
     )
     run_predict(predict_cfg, torch.device("cpu"))
     print()
@@ -240,6 +268,7 @@ def run_demo(logdir: str) -> int:
         f"pixels (of 255), {time.perf_counter() - start:.0f} s"
     )
     print(summary_table(rows))
+    print(column_legend(adv_cfg, adv_checkpoint))
     (_, adversarial, _), (_, standard, _) = rows[:2]
     attacked = zip(adversarial[1:], standard[1:], strict=True)
     robust_gain = all(adv.top1_error < std.top1_error for adv, std in attacked)

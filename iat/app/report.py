@@ -10,27 +10,26 @@ evaluation — and ``report.md``, a table in the original's model-zoo format, ev
 its threat model. The data behind each plot comes from a function of its own and each
 ``draw_*`` returns its matplotlib figure, so what is plotted can be checked.
 
-Inputs are read bounded and only from regular files (a FIFO or a device is refused, never waited
-on); a ``metrics.jsonl`` line or an evaluation record the report cannot use (not an object, no
-numeric ``step`` or ``images``, a string where a number belongs, nested too deep) is skipped
-with a warning naming its file and line; an unreadable file or ``--out`` is one error.
+Inputs are read bounded and only from regular files, never through a symbolic link (a FIFO or a
+device is refused, never waited on); a ``metrics.jsonl`` line or an evaluation record the report
+cannot use (not an object, no numeric ``step`` or ``images``, a string where a number belongs,
+nested too deep) is skipped with a warning naming its file and line; an unreadable file or
+``--out`` is one error.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from iat.attacks.registry import NORM_NAMES, TARGET_WORDS
+from iat.attacks.registry import attack_words, settings_of_record
 from iat.runs.files import CONFIG_FILE, METRICS_FILE
-from iat.runtime.atomic_io import atomic_write, atomic_write_text
+from iat.runtime.atomic_io import atomic_write, atomic_write_text, read_regular
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
     ("train/loss", "training loss (with --lp-weight: and its two terms)"),
@@ -50,22 +49,16 @@ MAX_WARNINGS = 5  # skipped lines named per file; the rest are counted
 
 
 def _read_text(path: Path, limit: int) -> str:
-    """`path`'s text, read only from a regular file of at most `limit` bytes (opened without
-    blocking: a FIFO would wait for a writer, a device might never end)."""
+    """`path`'s text: a regular file of at most `limit` bytes, never through a symbolic link
+    (``read_regular``: a FIFO is refused, never waited on)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return read_regular(path, limit).decode()
     except OSError as e:
-        raise ValueError(f"--report: cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"--report: {path} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"--report: {path} is over {limit >> 20} MB")
-    try:
-        return data.decode()
+        raise ValueError(f"--report: cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"--report: cannot read {path}: {e}") from None
+    except ValueError as e:  # UnsafeFileError: a link, a FIFO, a device, too large
+        raise ValueError(f"--report: {e}") from None
 
 
 def _read_json(path: Path) -> object:
@@ -259,16 +252,10 @@ def _attack(record: dict) -> dict:
 
 
 def series_words(attack: dict, along: str) -> str:
-    """A threat model without the swept setting `along`: "pgd-10, random target, L-inf" (along
-    epsilon), "pgd, untargeted, L-inf eps=8" (along iterations)."""
-    name = attack.get("name", "?")
-    if along == "epsilon" and "iter" in attack:
-        name += f"-{attack['iter']}"
-    target = TARGET_WORDS.get(attack.get("target"), "untargeted")
-    ball = NORM_NAMES.get(attack.get("norm"), f"L{attack.get('norm')}")
-    if along == "iter":
-        ball += f" eps={attack.get('epsilon'):g}"
-    return f"{name}, {target}, {ball}"
+    """A threat model without the swept setting `along`, in the summary line's words (the
+    registry's): "PGD-10 random target, L-inf" (along epsilon), "PGD random target, L-inf
+    eps=8" (along iterations)."""
+    return attack_words(attack["name"], settings_of_record(attack, along))
 
 
 def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:

@@ -43,8 +43,10 @@ from iat.runs.files import (
 )
 from iat.runs.trackers import check_trackers, evaluation_logger
 from iat.runtime import distributed
+from iat.runtime.atomic_io import check_inner_folder, read_regular
 
 NOTHING = -1  # broadcast when no checkpoint is waiting
+CONFIG_BYTES = 16 << 20  # a run's config.json is a few KB
 
 
 def evaluation_key(cfg: Config) -> str:
@@ -60,8 +62,9 @@ def evaluation_key(cfg: Config) -> str:
 def run_epochs(logdir: Path) -> int | None:
     """The number of epochs the watched run trains, from its config.json (None if unknown)."""
     try:
-        return int(json.loads((logdir / CONFIG_FILE).read_text())["config"]["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(read_regular(logdir / CONFIG_FILE, CONFIG_BYTES))
+        return int(record["config"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -131,6 +134,8 @@ def watch(cfg: Config, device: torch.device) -> int:
     logdir = Path(cfg.watch)
     if not logdir.is_dir():
         raise ValueError(f"--watch: {logdir} is not a run directory")
+    # The results are written there: never into a folder that a link puts elsewhere.
+    check_inner_folder("--watch", logdir / RESULTS_FOLDER)
     settings = dataclasses.asdict(cfg)
     check_trackers(settings)  # a tracker that cannot log stops the watcher before it evaluates
     samples = eval_samples(cfg)

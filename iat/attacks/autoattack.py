@@ -19,9 +19,9 @@ import dataclasses
 
 from iat.attacks.apgd import apgd_ce, apgd_from_settings, apgd_t
 from iat.attacks.core import AttackSettings
-from iat.attacks.ensemble import EnsembleAttacker
+from iat.attacks.ensemble import EnsembleAttacker, member_figures
 from iat.attacks.fab import fab_from_settings
-from iat.attacks.registry import AttackInfo, ball_words, register
+from iat.attacks.registry import AttackInfo, ball_words, iteration_words, register
 from iat.attacks.square import square_from_settings
 
 STANDARD = {  # registry name -> factory, in the authors' order
@@ -58,12 +58,12 @@ def draws(settings: AttackSettings) -> int:
 def words(info: AttackInfo, settings: AttackSettings) -> str:
     """ "AutoAttack standard (APGD-CE-100, APGD-T-100 top-9, FAB-T-100 top-9, Square 5000
     queries), L-inf eps=4"; the rand version with its EOT draws."""
-    k, targets = settings.num_iter, settings.top_k
+    k, targets = iteration_words(settings), settings.top_k
     if version(settings.eot_samples) == "rand":
-        parts = f"rand (APGD-CE-{k}, APGD-DLR-{k}; EOT over {draws(settings)} draws)"
+        parts = f"rand (APGD-CE{k}, APGD-DLR{k}; EOT over {draws(settings)} draws)"
     else:
         parts = (
-            f"standard (APGD-CE-{k}, APGD-T-{k} top-{targets}, FAB-T-{k} top-{targets}, "
+            f"standard (APGD-CE{k}, APGD-T{k} top-{targets}, FAB-T{k} top-{targets}, "
             f"Square {settings.queries} queries)"
         )
     return f"{info.title} {parts}, {ball_words(settings)}"
@@ -71,7 +71,7 @@ def words(info: AttackInfo, settings: AttackSettings) -> str:
 
 def record(settings: AttackSettings) -> dict:
     name = version(settings.eot_samples)
-    return {"version": name, "members": list(members(name))}
+    return {"version": name, "members": list(members(name)), "draws": draws(settings)}
 
 
 @register(
@@ -83,6 +83,7 @@ def record(settings: AttackSettings) -> dict:
     checked=True,
     words=words,
     extra_record=record,
+    figures=member_figures,
     draws=draws,
 )
 def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:

@@ -38,6 +38,8 @@ Objective = Callable[[nn.Module, Tensor, Tensor], Tensor]
 class Attacker(abc.ABC):
     """The interface shared by every attacker (clean evaluation included)."""
 
+    generator: torch.Generator | None = None  # the attacker's own random source (None: torch's)
+
     @abc.abstractmethod
     def attack(
         self,
@@ -50,6 +52,25 @@ class Attacker(abc.ABC):
 
         ``generator``, when given, is the random source for this call (else the attacker's
         own)."""
+
+    @contextlib.contextmanager
+    def _opening(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        generator: torch.Generator | None,
+        gradients: bool = True,
+        low_precision: torch.dtype | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, torch.Generator | None]]:
+        """How an ``attack`` begins: `model` in attack mode for the body (``attacking``, with
+        input gradients and `low_precision`; without `gradients`, under ``no_grad``: a
+        score-based attack), giving ``(clean, labels, generator)``: the images detached as float,
+        the labels as int64, and the call's generator, else the attacker's own."""
+        generator = self.generator if generator is None else generator
+        mode = attacking(model, low_precision) if gradients else _scoring(model)
+        with mode:
+            yield as_float(images), labels.long(), generator
 
     def stats_template(self, device: torch.device) -> dict[str, Tensor]:
         """Zero float64 counts shaped like ``batch_stats()``: what an evaluator sums over batches
@@ -110,6 +131,28 @@ def attack_mode(model: nn.Module, low_precision: torch.dtype | None = None) -> I
             module.training = flag
         for param, flag in requires_grad:
             param.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def attacking(model: nn.Module, low_precision: torch.dtype | None = None) -> Iterator[None]:
+    """Input gradients on (also under the caller's no_grad / inference_mode), the model in
+    ``attack_mode`` (BatchNorm frozen and folded, no parameter gradients; `low_precision`: the
+    autocast dtype the attack runs in)."""
+    with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, low_precision):
+        yield
+
+
+@contextlib.contextmanager
+def _scoring(model: nn.Module) -> Iterator[None]:
+    """``attack_mode`` without gradients: an attack that reads only the model's scores."""
+    with torch.no_grad(), attack_mode(model):
+        yield
+
+
+def as_float(images: Tensor) -> Tensor:
+    """The images detached, as float."""
+    clean = images.detach()
+    return clean if clean.is_floating_point() else clean.float()
 
 
 def _fold_batchnorms(model: nn.Module, low_precision: torch.dtype | None) -> list[nn.Module]:
@@ -202,7 +245,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 def has_native_low_precision(device: torch.device) -> bool:
     """Whether the fast attack's compute type runs natively: always on CUDA (fp16); on a CPU
     only with bf16 units (AVX512-BF16 or AMX), without which bf16 is emulated and many times
-    slower than fp32 (issue measurements: 3.2 s vs 0.22 s per ResNet-50 iteration on AVX2)."""
+    slower than fp32 (bench/RESULTS.md, section 1b: AVX2 only)."""
     if device.type == "cuda":
         return True
     capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}

@@ -13,10 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from iat.attacks.apgd import apgd_from_settings
-from iat.attacks.core import Attacker, AttackSettings, no_targets, pgd_step_size
-from iat.attacks.ops import as_float, attacking, worst_case
+from iat.attacks.core import (
+    Attacker,
+    AttackSettings,
+    attacking,
+    no_targets,
+)
+from iat.attacks.ops import worst_case
 from iat.attacks.pgd import pgd_from_settings
-from iat.attacks.registry import AttackInfo, ball_words, register
+from iat.attacks.registry import AttackInfo, ball_words, iteration_words, register, step_words
 
 
 class EnsembleAttacker(Attacker):
@@ -44,9 +49,8 @@ class EnsembleAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        labels = labels.long()
-        clean = as_float(images)
-        with attacking(model), torch.no_grad():
+        opening = self._opening(model, images, labels, generator)
+        with opening as (clean, labels, generator), torch.no_grad():
             wrong = model(clean).argmax(dim=1) != labels
         attempts = [
             partial(self._attempt, attacker, model, clean, labels, generator)
@@ -105,20 +109,33 @@ STRONG_MEMBERS = ("apgd-ce", "apgd-t", "pgd-target")
 def strong_words(info: AttackInfo, settings: AttackSettings) -> str:
     """ "strong (worst case of APGD-CE-10, APGD-T-10 top-9, PGD-10 random target, step 1.6),
     L-inf eps=16"."""
-    k, step = (
-        settings.num_iter,
-        pgd_step_size(settings.epsilon, settings.num_iter, settings.step_size),
-    )
+    k, step = iteration_words(settings), step_words(settings)
     restarts = f", {settings.restarts} restarts" if settings.restarts > 1 else ""
-    members = (
-        f"APGD-CE-{k}, APGD-T-{k} top-{settings.top_k}, PGD-{k} random target, step {step:g}"
-        f"{restarts}"
-    )
+    members = f"APGD-CE{k}, APGD-T{k} top-{settings.top_k}, PGD{k} random target{step}{restarts}"
     return f"{info.name} (worst case of {members}), {ball_words(settings)}"
 
 
+def member_figures(details: dict) -> str:
+    """What each member broke, in order, and the ensemble's success."""
+    members = [
+        f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
+        for name, m in details["members"].items()
+    ]
+    return (
+        f"; clean wrong {details['clean_wrong']}, then {', then '.join(members)}; "
+        f"ensemble success {details['ensemble_success_rate']:.4f}"
+    )
+
+
 @register(
-    "strong", "strong", step=True, restarts=True, top_k=True, checked=True, words=strong_words
+    "strong",
+    "strong",
+    step=True,
+    restarts=True,
+    top_k=True,
+    checked=True,
+    words=strong_words,
+    figures=member_figures,
 )
 def strong_from_settings(settings: AttackSettings) -> EnsembleAttacker:
     """APGD-CE, APGD-T (``top_k`` targets) and the original's PGD toward a random wrong class

@@ -24,8 +24,6 @@ from torch import Tensor, nn
 
 from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, Attacker, AttackSettings, no_targets
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     gain_and_grad,
@@ -133,10 +131,7 @@ class FABAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        labels = labels.long()
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             with torch.no_grad():
                 clean_logits = model(clean)
             # AutoAttack (fab_base.perturb): only correctly classified examples are attacked;
@@ -275,7 +270,19 @@ class FABAttacker(Attacker):
         }
 
 
-@register("fab-t", "FAB-T", norms=("inf", "2"), restarts=True, top_k=True, targets="top-k")
+def fab_figures(details: dict) -> str:
+    return f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
+
+
+@register(
+    "fab-t",
+    "FAB-T",
+    norms=("inf", "2"),
+    restarts=True,
+    top_k=True,
+    targets="top-k",
+    figures=fab_figures,
+)
 def fab_from_settings(settings: AttackSettings) -> FABAttacker:
     return FABAttacker(
         settings.num_iter,

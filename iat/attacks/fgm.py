@@ -21,8 +21,6 @@ from iat.attacks.core import (
     choose_targets,
 )
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     example_gain,
@@ -120,9 +118,7 @@ class FGMAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             targets = choose_targets(model, clean, labels, self.target, self.num_classes, generator)
             gain = partial(example_gain, labels=labels, targets=targets, loss=self.loss)
             _, grad, _ = gain_and_grad(model, clean, gain, self.eot_samples)
@@ -180,17 +176,16 @@ def fgm_from_settings(settings: AttackSettings, minimal: bool = False) -> FGMAtt
     )
 
 
-# The evaluation attack zoo lives in iat/attacks.py; its factories are registered here so that
-# the registry is complete whenever adv_model is imported, and imported lazily (iat.attacks imports
-# this module).
-
-
 def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:
     """ "FGM-minimal untargeted, L2 eps=600 in steps of 150"."""
     steps = f" in steps of {settings.eps_step:g}"
     return f"{info.title} {goal_words(info, settings)}, {ball_words(settings)}{steps}" + (
         option_words(info, settings)
     )
+
+
+def minimal_figures(details: dict) -> str:
+    return f", median minimal eps {details['median_min_epsilon']:g}"
 
 
 @register(
@@ -202,6 +197,7 @@ def minimal_words(info: AttackInfo, settings: AttackSettings) -> str:
     targets="flag",
     words=minimal_words,
     extra_record=lambda settings: {"eps_step": settings.eps_step},
+    figures=minimal_figures,
 )
 def fgm_minimal(settings: AttackSettings) -> FGMAttacker:
     return fgm_from_settings(settings, minimal=True)

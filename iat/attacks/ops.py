@@ -6,31 +6,16 @@ Images are float NCHW BGR in pixel units [0, 255]; epsilon is in pixel units of 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iat.attacks.core import ATTACK_LOSSES, PIXEL_MAX, PIXEL_MIN, attack_mode
+from iat.attacks.core import ATTACK_LOSSES, PIXEL_MAX, PIXEL_MIN
 
 # One attempt on the examples still unbroken: their indices -> (adv, success, score).
 Attempt = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
-
-
-@contextlib.contextmanager
-def attacking(model: nn.Module, low_precision: torch.dtype | None = None) -> Iterator[None]:
-    """Input gradients on (also under the caller's no_grad / inference_mode), the model in
-    ``attack_mode`` (BatchNorm frozen and folded, no parameter gradients; `low_precision`: the
-    autocast dtype the attack runs in)."""
-    with torch.inference_mode(False), torch.enable_grad(), attack_mode(model, low_precision):
-        yield
-
-
-def as_float(images: Tensor) -> Tensor:
-    clean = images.detach()
-    return clean if clean.is_floating_point() else clean.float()
 
 
 def logit_margin(logits: Tensor, classes: Tensor) -> Tensor:

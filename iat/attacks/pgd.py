@@ -6,6 +6,7 @@ original's (L-inf, cross-entropy, one restart), so that training draws exactly a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 
@@ -28,8 +29,6 @@ from iat.attacks.core import (
     pgd_step_size,
 )
 from iat.attacks.ops import (
-    as_float,
-    attacking,
     check_threat_model,
     clip_pixels,
     example_gain,
@@ -39,7 +38,7 @@ from iat.attacks.ops import (
     unit_l2,
     worst_case,
 )
-from iat.attacks.registry import register
+from iat.attacks.registry import TrainingForm, register
 
 
 class PGDAttacker(Attacker):
@@ -102,15 +101,13 @@ class PGDAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
-        with attacking(model, autocast_dtype(images.device) if self.autocast else None):
-            clean = images.detach()
-            if not clean.is_floating_point():
-                clean = clean.float()
+        low_precision = autocast_dtype(images.device) if self.autocast else None
+        opening = self._opening(model, images, labels, generator, low_precision=low_precision)
+        with opening as (clean, labels, generator):
             target_labels = self._target_labels(model, clean, labels, generator)
-            goal = labels.long() if self.target is None else target_labels
+            goal = labels if self.target is None else target_labels
             # Feature Denoising, Sec 6: perturbations are bounded in L-infinity norm; every
             # iterate stays in the epsilon-ball around the clean image and in the pixel range.
             lower = (clean - self.epsilon).clamp(PIXEL_MIN, PIXEL_MAX)
@@ -262,11 +259,9 @@ class NormPGDAttacker(PGDAttacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        with attacking(model):
-            clean = as_float(images)
+        with self._opening(model, images, labels, generator) as (clean, labels, generator):
             targets = self._target_labels(model, clean, labels, generator)
-            attempt = partial(self._attempt, model, clean, labels.long(), targets, generator)
+            attempt = partial(self._attempt, model, clean, labels, targets, generator)
             unbroken = torch.zeros(labels.shape, dtype=torch.bool, device=clean.device)
             adv, _, _ = worst_case(clean, [attempt] * self.restarts, unbroken)
         return adv, targets
@@ -350,7 +345,40 @@ def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
     )
 
 
-@register("pgd", "PGD", norms=("inf", "2"), step=True, loss=True, restarts=True, targets="flag")
+# ALP's training attack names: the prefix says the target (ALP README, "adv_method" flag);
+# integers in pixel units, STEP and NITER >= 1.
+PGD_TARGETS = {"pgd": None, "pgdll": "least_likely", "pgdrnd": "random"}
+_PGD_SPEC = re.compile(r"^(pgd|pgdll|pgdrnd)_(\d+)_(\d+)_(\d+)$")
+
+
+def pgd_spec(text: str) -> AttackSettings | None:
+    match = _PGD_SPEC.match(text)
+    if not match or int(match.group(4)) < 1 or int(match.group(3)) < 1:
+        return None
+    kind, eps, step, niter = match.groups()
+    return AttackSettings(int(niter), float(eps), float(step), target=PGD_TARGETS[kind])
+
+
+# Untargeted PGD on soft targets keeps its iterations, epsilon and step (ARES; the step as the
+# epoch's warm-ups leave it) and --prob-start-from-clean.
+PGD_TRAINING = TrainingForm(
+    tuple(f"{kind}_EPS_STEP_NITER" for kind in PGD_TARGETS),
+    pgd_spec,
+    soft_target=lambda s, start_clean: (s.num_iter, s.epsilon, s.step_size, start_clean),
+    warmups=("epsilon", "step"),
+)
+
+
+@register(
+    "pgd",
+    "PGD",
+    norms=("inf", "2"),
+    step=True,
+    loss=True,
+    restarts=True,
+    targets="flag",
+    training=PGD_TRAINING,
+)
 def original_or_norm_pgd(settings: AttackSettings) -> Attacker:
     """The original's PGD; with another norm, loss or restarts, ``NormPGDAttacker`` (whose first
     restart is this PGD, draw for draw)."""

@@ -3,13 +3,18 @@
 Each attack module registers its factory with ``register`` and the traits the rest of the
 project asks about: the norms it supports, the settings it takes (iterations, step, loss,
 restarts, queries, target classes), what it aims at, whether it reads gradients, how a summary
-line names it and which fields its record adds. ``iat.config`` (validation, ``--attack``
-choices), ``iat.eval.evaluate`` (summary line, JSON record) and ``iat.eval.masking`` ask
-here; ``create_attacker`` builds one from ``AttackSettings``.
+line names it and its own figures, and which fields its record adds. ``iat.config``
+(validation, ``--attack`` choices), ``iat.eval.summary`` (summary line), ``iat.eval.evaluate``
+(JSON record) and ``iat.eval.masking`` ask here; ``create_attacker`` builds one from
+``AttackSettings``. What still names attacks: the training side's rules in ``iat.config``
+(which training attacks take Mixup or warm-ups: ``clean``, ``pgd``, ``fgsmrs``; ``--benchmark``
+runs ``autoattack``), ``iat.train.builders`` (``free``) and ``iat.eval.masking``'s protocol (it
+runs ``pgd`` and ``square``); the evaluator names none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +24,20 @@ AttackFactory = Callable[[AttackSettings], Attacker]
 TARGET_KINDS = ("flag", "top-k", "none")
 NORM_NAMES = {"inf": "L-inf", "2": "L2", "1": "L1"}
 TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"}
+
+
+@dataclass(frozen=True)
+class TrainingForm:
+    """What an attack is as a training attack (``--adv-method``): its spec forms, and what the
+    training recipes may do with it."""
+
+    forms: tuple[str, ...]  # its spec forms in words ("fgsmrs_EPS"), for help and errors
+    parse: Callable[[str], AttackSettings | None]  # the settings a spec names; None: not its form
+    # Its stand-in on Mixup / CutMix's soft targets, a sign-gradient ascent of the soft target's
+    # loss: (iterations, epsilon, step, chance of a clean start) from its settings and
+    # --prob-start-from-clean; None: it has none.
+    soft_target: Callable[[AttackSettings, float], tuple[int, float, float, float]] | None = None
+    warmups: tuple[str, ...] = ()  # the warm-ups that scale it: "epsilon", "step"
 
 
 @dataclass(frozen=True)
@@ -45,8 +64,11 @@ class AttackInfo:
     # The summary line's words for the attack and its ball (``describe`` below by default).
     words: Callable[[AttackInfo, AttackSettings], str] | None = None
     extra_record: Callable[[AttackSettings], dict] | None = None  # fields only it records
+    # The summary line's words for its own figures (``Attacker.describe_stats``), after commas.
+    figures: Callable[[dict], str] | None = None
     # The draws of a random defense it averages per gradient (None: settings.eot_samples).
     draws: Callable[[AttackSettings], int] | None = None
+    training: TrainingForm | None = None  # as --adv-method names it; None: not a training attack
 
 
 ATTACKS: dict[str, AttackInfo] = {}
@@ -93,6 +115,20 @@ def evaluation_attacks() -> tuple[str, ...]:
     return tuple(name for name, info in ATTACKS.items() if info.evaluation)
 
 
+def training_forms() -> tuple[str, ...]:
+    """Every --adv-method spec form, in registration order."""
+    return tuple(form for info in ATTACKS.values() if info.training for form in info.training.forms)
+
+
+def parse_training_spec(text: str) -> tuple[str, AttackSettings] | None:
+    """The training attack a spec names, with its settings; None when no attack's form fits."""
+    for info in ATTACKS.values():
+        settings = None if info.training is None else info.training.parse(text)
+        if settings is not None:
+            return info.name, settings
+    return None
+
+
 def takes(trait: str) -> tuple[str, ...]:
     """The evaluation attacks with ``trait`` (an ``AttackInfo`` flag), for error messages."""
     return tuple(n for n in evaluation_attacks() if getattr(ATTACKS[n], trait))
@@ -114,17 +150,30 @@ def goal_words(info: AttackInfo, settings: AttackSettings) -> str:
     return TARGET_WORDS.get(target, "untargeted")
 
 
+# Words for settings whose epsilon or iterations are open (None: a series along that setting,
+# ``settings_of_record``) leave them out, and the step that follows from them.
 def ball_words(settings: AttackSettings) -> str:
-    return f"{NORM_NAMES[settings.norm]} eps={settings.epsilon:g}"
+    radius = "" if settings.epsilon is None else f" eps={settings.epsilon:g}"
+    return NORM_NAMES[settings.norm] + radius
+
+
+def iteration_words(settings: AttackSettings) -> str:
+    """ "-10" after an attack's name; empty where the iterations are open."""
+    return "" if settings.num_iter is None else f"-{settings.num_iter}"
+
+
+def step_words(settings: AttackSettings) -> str:
+    """ ", step 1.6": the step PGD takes; empty where epsilon or the iterations are open."""
+    if settings.epsilon is None or settings.num_iter is None:
+        return ""
+    return f", step {pgd_step_size(settings.epsilon, settings.num_iter, settings.step_size):g}"
 
 
 def option_words(info: AttackInfo, settings: AttackSettings) -> str:
     """The settings that change the number besides iterations and ball, after commas."""
     words = ""
     if info.step:
-        words += (
-            f", step {pgd_step_size(settings.epsilon, settings.num_iter, settings.step_size):g}"
-        )
+        words += step_words(settings)
     if info.loss and settings.loss == "cw":
         words += ", CW loss"
     if info.restarts and settings.restarts > 1:
@@ -135,7 +184,7 @@ def option_words(info: AttackInfo, settings: AttackSettings) -> str:
 def describe(info: AttackInfo, settings: AttackSettings) -> str:
     """The default words: "PGD-10 random target, L-inf eps=16, step 1.6", "Square 5000 queries
     untargeted, L2 eps=600"."""
-    head = info.title + (f"-{settings.num_iter}" if info.iterations else "")
+    head = info.title + (iteration_words(settings) if info.iterations else "")
     head += f" {settings.queries} queries" if info.queries else ""
     return f"{head} {goal_words(info, settings)}, {ball_words(settings)}" + option_words(
         info, settings
@@ -146,6 +195,13 @@ def attack_words(name: str, settings: AttackSettings) -> str:
     """How the summary line names attack ``name`` under ``settings`` (defense words aside)."""
     info = attack_info(name)
     return (info.words or describe)(info, settings)
+
+
+def figure_words(name: str, details: dict) -> str:
+    """The summary line's words for attack ``name``'s own figures (``details``), after commas;
+    empty for an attack without figures."""
+    info = attack_info(name)
+    return info.figures(details) if info.figures is not None and details else ""
 
 
 def draws(name: str, settings: AttackSettings) -> int:
@@ -175,3 +231,29 @@ def record(name: str, settings: AttackSettings) -> dict:
     if info.queries:
         fields["queries"] = settings.queries
     return {**fields, **(info.extra_record(settings) if info.extra_record else {})}
+
+
+RECORD_SETTINGS = {  # a record's key -> the AttackSettings field it holds
+    "epsilon": "epsilon",
+    "norm": "norm",
+    "iter": "num_iter",
+    "step_size_requested": "step_size",
+    "loss": "loss",
+    "restarts": "restarts",
+    "apgd_targets": "top_k",
+    "queries": "queries",
+    "eps_step": "eps_step",
+    "draws": "eot_samples",  # autoattack's: the draws its version averages
+}
+
+
+def settings_of_record(attack: dict, open_key: str | None = None) -> AttackSettings:
+    """The settings a record's ``attack`` (``record``'s fields and its name) was evaluated
+    with, for its words; the record key `open_key` ("epsilon" or "iter") left open (None)."""
+    fields = {field: attack[key] for key, field in RECORD_SETTINGS.items() if key in attack}
+    target = attack.get("target", "none")
+    fields["target"] = None if target == "none" or target.startswith("top-") else target
+    settings = AttackSettings(**{"num_iter": None, "epsilon": None, "step_size": 0.0, **fields})
+    if open_key is None:
+        return settings
+    return dataclasses.replace(settings, **{RECORD_SETTINGS[open_key]: None})

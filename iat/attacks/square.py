@@ -16,8 +16,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from iat.attacks.core import DEFAULT_QUERIES, Attacker, AttackSettings, attack_mode, no_targets
-from iat.attacks.ops import as_float, clip_pixels, logit_margin, norm_of, per_example, uniform01
+from iat.attacks.core import DEFAULT_QUERIES, Attacker, AttackSettings, no_targets
+from iat.attacks.ops import (
+    check_threat_model,
+    clip_pixels,
+    logit_margin,
+    norm_of,
+    per_example,
+    uniform01,
+)
 from iat.attacks.registry import register
 
 # Initial fraction of the pixels a window covers. The paper's experiments tune it per setting
@@ -120,10 +127,7 @@ class SquareAttacker(Attacker):
         generator: torch.Generator | None = None,
         eot_samples: int = 1,
     ) -> None:
-        if epsilon < 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        if norm not in ("inf", "2"):
-            raise ValueError(f"norm {norm!r} is not one of ('inf', '2')")
+        check_threat_model(epsilon, norm, ("inf", "2"))
         if queries < 1:
             raise ValueError(f"queries must be >= 1, got {queries}")
         if not 0.0 < p_init <= 1.0:
@@ -144,10 +148,8 @@ class SquareAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        generator = self.generator if generator is None else generator
-        labels = labels.long()
-        with torch.no_grad(), attack_mode(model):
-            clean = as_float(images)
+        scoring = self._opening(model, images, labels, generator, gradients=False)
+        with scoring as (clean, labels, generator):
             attacked = self._logits(model, clean).argmax(dim=1) == labels
             adv = clean.clone()
             queries = torch.zeros(labels.shape, device=clean.device)
@@ -314,6 +316,14 @@ class SquareAttacker(Attacker):
         }
 
 
+def square_figures(details: dict) -> str:
+    return (
+        f", mean queries {details['mean_queries']:.1f} per attacked example "
+        f"({details['mean_queries_broken']:.1f} per broken one, "
+        f"{details['broken']} of {details['attacked']} broken)"
+    )
+
+
 @register(
     "square",
     "Square",
@@ -322,6 +332,7 @@ class SquareAttacker(Attacker):
     queries=True,
     gradient=False,
     extra_record=lambda settings: {"p_init": P_INIT},
+    figures=square_figures,
 )
 def square_from_settings(settings: AttackSettings) -> SquareAttacker:
     return SquareAttacker(

@@ -4,7 +4,7 @@ A *reader* knows one layout family; ``create_reader(root, layout)`` picks it (``
 the registry: a new layout is one class and one entry; ``auto`` detects it). Each split is
 listed once per reader and cached. Torch-free: the data server imports it. Readers: ``imagenet``
 (below; also any class-per-folder tree), ``tiny-imagenet`` (``TinyImageNetReader``) and
-``shards`` (plain tar files: ``iat.data.shards``).
+``shards`` (plain tar files: ``iat.data.shards``, which registers itself).
 
 ``imagenet`` -- the ImageNet release layouts, as the original's ``dataset.ILSVRC12Files``:
 
@@ -19,14 +19,21 @@ so that the labels of every split agree.
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
+# The largest image file (or shard member) read, checked (stat, tar header) before reading: far
+# above a photograph's JPEG or PNG; a larger file is a corrupt image (named, or skipped as one).
+MAX_IMAGE_BYTES = 256 << 20
 FOLDER_ITSELF = "."  # the split that is the data folder itself
 EXPORT_LABELS = "labels.txt"  # an exported folder's `<relative path> <label index>` lines
 
@@ -250,34 +257,35 @@ class TinyImageNetReader:
 TINY_IMAGENET_WNIDS = "wnids.txt"
 TINY_IMAGENET_VAL_LABELS = "val_annotations.txt"
 Reader = ImageNetReader | TinyImageNetReader
-# --data-layout choices ("auto" detects): name -> reader of a data folder.
-SHARD_CLASSES = "classes.txt"  # the shard layout's class list (iat.data.shards)
-
-
-def _shard_reader(root: str | Path) -> Reader:
-    from iat.data.shards import ShardReader  # imports this module
-
-    return ShardReader(root)
-
-
+# --data-layout choices ("auto" detects): name -> reader of a data folder. Another module adds
+# its layout with `register_layout` (the shard layout: iat.data.shards).
 READERS: dict[str, Callable[[str | Path], Reader]] = {
     "imagenet": ImageNetReader,
     "tiny-imagenet": TinyImageNetReader,
-    "shards": _shard_reader,
+}
+# name -> whether a data folder has that layout, asked in this order by "auto".
+_DETECTORS: dict[str, Callable[[Path], bool]] = {
+    "tiny-imagenet": lambda root: (root / TINY_IMAGENET_WNIDS).is_file(),
 }
 AUTO_LAYOUT = "auto"
 
 
+def register_layout(
+    name: str, reader: Callable[[str | Path], Reader], detect: Callable[[Path], bool]
+) -> None:
+    """Make layout `name` a ``--data-layout`` choice, read by `reader` and chosen by ``auto``
+    for a data folder where `detect` holds."""
+    READERS[name] = reader
+    _DETECTORS[name] = detect
+
+
 def detect_layout(root: str | Path) -> str:
-    """Tiny ImageNet when its class list and validation annotations are there, else ImageNet's
-    class-folder layouts (which also cover any class-per-folder tree: Imagenette, CIFAR-10
-    exported as PNGs, ImageNet down-sampled to 64x64)."""
+    """The first registered layout whose detector recognises ``root`` (Tiny ImageNet's class list
+    and validation annotations, the shard layout's files), else ImageNet's class-folder layouts
+    (which also cover any class-per-folder tree: Imagenette, CIFAR-10 exported as PNGs, ImageNet
+    down-sampled to 64x64)."""
     root = Path(root)
-    if (root / TINY_IMAGENET_WNIDS).is_file():
-        return "tiny-imagenet"
-    if (root / SHARD_CLASSES).is_file() and any(root.glob("*-000000.tar")):
-        return "shards"
-    return "imagenet"
+    return next((name for name, detect in _DETECTORS.items() if detect(root)), "imagenet")
 
 
 def create_reader(root: str | Path, layout: str = AUTO_LAYOUT) -> Reader:
@@ -296,43 +304,73 @@ def list_split(
     return create_reader(root, layout).split(split)
 
 
-# An image inside a shard (iat.data.shards): "<shard>.tar:<member>@<offset>+<size>".
-_SHARD_MEMBER = re.compile(r"(?P<tar>.+\.tar):(?P<name>[^:@/]+)@(?P<offset>\d+)\+(?P<size>\d+)")
+# An image inside a tar file (a layout's, as the shards'): "<file>.tar:<member>@<offset>+<size>".
+_TAR_MEMBER = re.compile(r"(?P<tar>.+\.tar):(?P<name>[^:@/]+)@(?P<offset>\d+)\+(?P<size>\d+)")
 
 
-def shard_member_path(tar: str | Path, name: str, offset: int, size: int) -> str:
+def tar_member_path(tar: str | Path, name: str, offset: int, size: int) -> str:
+    """The sample path of member `name`, `size` bytes at `offset` of tar file `tar`."""
     return f"{tar}:{name}@{offset}+{size}"
 
 
-def shard_of(path: str) -> str | None:
-    """The shard file of a shard member's path; None for an image file."""
-    member = _SHARD_MEMBER.fullmatch(path)
+def tar_of(path: str) -> str | None:
+    """The tar file of a tar member's path; None for an image file."""
+    member = _TAR_MEMBER.fullmatch(path)
     return None if member is None else member["tar"]
 
 
-def _read_bytes(path: str) -> np.ndarray:
-    member = _SHARD_MEMBER.fullmatch(path)
-    if member is None:
-        return np.fromfile(path, dtype=np.uint8)
-    with open(member["tar"], "rb") as f:
-        f.seek(int(member["offset"]))
-        data = f.read(int(member["size"]))
-    if len(data) != int(member["size"]):
-        raise OSError("truncated shard")
-    return np.frombuffer(data, dtype=np.uint8)
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(descriptor, size)`` of regular file `path`, opened without blocking (a FIFO named
+    ``x.JPEG`` would wait for a writer forever); anything else is an ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError("not a regular file")
+    return fd, info.st_size
+
+
+def read_image_bytes(path: str) -> bytes:
+    """The bytes of an image file or tar member, its size checked (stat, tar header) before any
+    is read: a sparse 30 GB file costs nothing to make and would be allocated whole."""
+    member = _TAR_MEMBER.fullmatch(path)
+    offset, size = (0, None) if member is None else (int(member["offset"]), int(member["size"]))
+    try:
+        fd, file_size = _open_regular(path if member is None else member["tar"])
+        with os.fdopen(fd, "rb") as f:
+            size = file_size if size is None else size
+            if size > MAX_IMAGE_BYTES:
+                raise OSError(
+                    f"{size:,} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have"
+                )
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError("truncated shard" if member else "the file shrank while read")
+    except OSError as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+    return data
 
 
 def read_image_bgr(path: str) -> np.ndarray:
-    """Decode an image file, or an image of a shard, into an HxWx3 uint8 BGR array (gray
+    """Decode an image file, or an image inside a tar file, into an HxWx3 uint8 BGR array (gray
     expanded, alpha dropped)."""
-    try:
-        data = _read_bytes(path)
-    except OSError as err:
-        raise CorruptImageError(f"cannot read image {path}: {err}") from err
+    data = np.frombuffer(read_image_bytes(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise CorruptImageError(f"cannot decode image {path}")
     return image
+
+
+def read_image_pil_bgr(path: str) -> np.ndarray:
+    """Decode an image as torchvision's ``ImageFolder`` does (PIL, ``convert("RGB")``), into an
+    HxWx3 uint8 BGR array: RobustBench's decoder, whose JPEG pixels may differ from OpenCV's."""
+    try:
+        with Image.open(io.BytesIO(read_image_bytes(path))) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def check_labels(samples: list[Sample], num_classes: int, split: str) -> None:

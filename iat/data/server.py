@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         samples = [] if cfg.fake else create_reader(cfg.data, cfg.layout).samples("train")
+        if samples:  # fewer shards than hosts: said here once, not by every worker as it dies
+            host_schedule(samples, cfg.batch, cfg.seed, cfg.hosts, cfg.host_index)
     except DataError as err:
         print(f"serve-data: error: {err}", file=sys.stderr)
         return 1

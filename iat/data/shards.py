@@ -1,90 +1,44 @@
 """The shard layout: each split as plain tar files of ``{key}.jpg`` + ``{key}.cls`` (torch-free).
 
-    python -m iat.data.make_shards DIR OUT --shard-size N
-
-writes ``OUT/classes.txt`` (the class names, one a line, in label order) and, for each split of
-``DIR`` (any layout ``--data-layout`` reads), ``OUT/<split>-000000.tar``, ... of N images each:
-member ``{key}.jpg`` is the image file's bytes as they were (another format keeps its own
-extension: ``{key}.png``, so that no image is re-encoded) and ``{key}.cls`` its label in ASCII.
-Training images are shuffled once (``--seed``) before sharding, so that every shard mixes the
-classes; other splits keep their order. ``ShardReader`` (layout ``shards``, detected by
-``classes.txt`` beside ``train-000000.tar``) lists the members from the tar headers and reads each
-image by its offset in its shard, so the data server and the local loader sample them exactly as
-they sample image folders.
+A data folder of ``classes.txt`` (the class names, one a line, in label order) and, for each
+split, ``<split>-000000.tar``, ...: member ``{key}.jpg`` is the image file's bytes as they were
+(another format keeps its own extension: ``{key}.png``) and ``{key}.cls`` its label in ASCII.
+``iat.data.make_shards`` writes it. ``ShardReader`` (layout ``shards``, registered below and
+detected by ``classes.txt`` beside ``train-000000.tar``) lists the members from the tar headers
+and reads each image by its offset in its shard, so the data server and the local loader sample
+them exactly as they sample image folders. Listing checks what reading later trusts: a plain
+(uncompressed) tar, whole up to its end-of-archive block, whose image and label members are
+regular files, and labels of at most ``MAX_LABEL_BYTES`` that are classes of ``classes.txt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
-import io
-import sys
+import re
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from iat.data.layouts import (
-    AUTO_LAYOUT,
     IMAGE_EXTENSIONS,
-    READERS,
-    SHARD_CLASSES,
     DataError,
     Sample,
-    create_reader,
-    detect_layout,
-    shard_member_path,
-    shard_of,
+    register_layout,
+    tar_member_path,
+    tar_of,
 )
+
+SHARD_CLASSES = "classes.txt"  # the class list of a sharded data folder
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_split(samples: list[Sample], out: Path, split: str, shard_size: int) -> int:
-    """Shards of `samples` in this order; returns how many were written."""
-    shards = [samples[i : i + shard_size] for i in range(0, len(samples), shard_size)]
-    for index, chunk in enumerate(shards):
-        partial = out / f".{shard_name(split, index)}.partial"
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (path, label) in enumerate(chunk):
-                key = f"{index * shard_size + offset:08d}"
-                extension = Path(path).suffix.lower()
-                extension = ".jpg" if extension == ".jpeg" else extension
-                _add(tar, key + extension, Path(path).read_bytes())
-                _add(tar, f"{key}.cls", str(label).encode())
-        partial.replace(out / shard_name(split, index))
-    return len(shards)
-
-
-def make_shards(data: str, out: str, shard_size: int, layout: str, seed: int) -> dict[str, int]:
-    """Shard every split of `data` into `out`; returns the number of shards per split."""
-    if (detect_layout(data) if layout == AUTO_LAYOUT else layout) == "shards":
-        raise DataError(f"{data} is sharded already")
-    reader, out_dir = create_reader(data, layout), Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "val"):
-        if not reader.has_split(split):
-            continue
-        samples = list(reader.samples(split))
-        if split == "train":
-            order = np.random.default_rng(seed).permutation(len(samples))
-            samples = [samples[i] for i in order]
-        counts[split] = write_split(samples, out_dir, split, shard_size)
-    (out_dir / SHARD_CLASSES).write_text("".join(f"{name}\n" for name in reader.classes()))
-    return counts
-
-
 class ShardReader:
-    """The shard layout (``make_shards``): ``classes.txt`` and ``<split>-NNNNNN.tar`` files."""
+    """A sharded data folder: ``classes.txt`` and ``<split>-NNNNNN.tar`` files."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -108,7 +62,9 @@ class ShardReader:
 
     def samples(self, split: str) -> list[Sample]:
         if split not in self._samples:
-            samples = [s for shard in self._shards(split) for s in _list_shard(shard)]
+            num_classes = len(self.classes())
+            shards = self._shards(split)
+            samples = [s for shard in shards for s in _list_shard(shard, num_classes)]
             if not samples:
                 raise DataError(f"{self.root} has no {split} shards ({shard_name(split, 0)}, ...)")
             self._samples[split] = samples
@@ -118,24 +74,103 @@ class ShardReader:
         return self.samples(split), self.classes()
 
 
-def _list_shard(shard: Path) -> list[Sample]:
-    """``(member reference, label)`` of each image of one shard, from its headers and labels."""
+MAX_LABEL_BYTES = 32  # a ``.cls`` member's size: a label in ASCII (make_shards writes no more)
+_LABEL = re.compile(rb"\s*(\d+)\s*")
+# Shards are plain tar files: tarfile would inflate these transparently (a bomb, unbounded).
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"(\xb5/\xfd": "zstd"}
+
+
+def _kind(member: tarfile.TarInfo) -> str | None:
+    """What a member of an image or label name is when it is not a regular file's bytes."""
+    if member.issparse():
+        return "sparse file"  # its stored bytes are not the file's: make_shards writes none
+    if member.isfile():
+        return None
+    kinds = {"issym": "symbolic link", "islnk": "hard link", "isdir": "directory"}
+    return next((name for test, name in kinds.items() if getattr(member, test)()), "special file")
+
+
+def _label(shard: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int) -> int:
+    """The label of a ``.cls`` member, its size bounded before reading and its value a class."""
+    text = b""
+    if member.size <= MAX_LABEL_BYTES:
+        text = tar.extractfile(member).read(MAX_LABEL_BYTES)
+    match = _LABEL.fullmatch(text)
+    if match is None or int(match[1]) >= num_classes:
+        shown = (
+            f"{member.size:,} bytes"
+            if member.size > MAX_LABEL_BYTES
+            else repr(text.decode(errors="replace"))
+        )
+        raise DataError(
+            f"shard {shard}: member {member.name} is not a label 0 .. {num_classes - 1} "
+            f"({SHARD_CLASSES} lists {num_classes} classes): {shown:.60}"
+        )
+    return int(match[1])
+
+
+def _list_members(
+    shard: Path, tar: tarfile.TarFile, num_classes: int
+) -> tuple[dict[str, str], dict[str, int]]:
     images, labels = {}, {}
+    for member in tar:
+        key, extension = (member.name.rsplit(".", 1) + [""])[:2]
+        is_label = extension == "cls"
+        if not is_label and f".{extension.lower()}" not in IMAGE_EXTENSIONS:
+            continue
+        kind = _kind(member)
+        if kind is not None:
+            raise DataError(f"shard {shard}: member {member.name} is a {kind}, not a regular file")
+        found = labels if is_label else images
+        if key in found:
+            raise DataError(f"shard {shard}: two {'labels' if is_label else 'images'} of key {key}")
+        if is_label:
+            labels[key] = _label(shard, tar, member, num_classes)
+        else:
+            images[key] = tar_member_path(shard, member.name, member.offset_data, member.size)
+    return images, labels
+
+
+def _check_end(shard: Path, f: BinaryIO, offset: int, members: int) -> None:
+    """tarfile stops without a word at a header cut short or damaged after the first: the end of
+    a whole archive is a zero block."""
+    f.seek(offset)
+    if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise DataError(
+            f"shard {shard} is truncated or damaged at byte {offset:,}, after {members} "
+            "members (no end-of-archive block)"
+        )
+
+
+def _list_shard(shard: Path, num_classes: int) -> list[Sample]:
+    """``(member reference, label)`` of each image of one shard, from its headers and labels."""
+    if not shard.is_file():
+        raise DataError(f"shard {shard} is not a regular file")
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                key, extension = (member.name.rsplit(".", 1) + [""])[:2]
-                if extension == "cls":
-                    labels[key] = int(tar.extractfile(member).read())
-                elif f".{extension.lower()}" in IMAGE_EXTENSIONS:
-                    images[key] = shard_member_path(
-                        shard, member.name, member.offset_data, member.size
-                    )
-    except (OSError, tarfile.TarError, ValueError) as err:
+        with shard.open("rb") as f:
+            magic = f.read(6)
+            compressed = [name for head, name in _COMPRESSED.items() if magic.startswith(head)]
+            if compressed:
+                raise DataError(
+                    f"shard {shard} is {compressed[0]}-compressed: shards are plain tar files"
+                )
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                images, labels = _list_members(shard, tar, num_classes)
+                _check_end(shard, f, tar.offset, len(tar.members))
+    except (OSError, tarfile.TarError) as err:
         raise DataError(f"cannot read shard {shard}: {err}") from None
     if images.keys() != labels.keys():
         raise DataError(f"shard {shard}: images and .cls labels do not pair up")
     return [(images[key], labels[key]) for key in sorted(images)]
+
+
+def is_sharded(root: Path) -> bool:
+    """Whether the data folder `root` has the shard layout."""
+    return (root / SHARD_CLASSES).is_file() and any(root.glob("*-000000.tar"))
+
+
+register_layout("shards", ShardReader, is_sharded)
 
 
 class HostShardSchedule:
@@ -192,27 +227,7 @@ def host_schedule(
 ) -> HostShardSchedule | None:
     """Shard-wise schedule for machine `host` of `hosts` when `samples` are in shards; None
     (the data server's batch-wise split of one stream) otherwise or on one machine."""
-    shards = [shard_of(path) for path, _ in samples]
+    shards = [tar_of(path) for path, _ in samples]
     if hosts == 1 or None in shards:
         return None
     return HostShardSchedule(shards, batch, seed, hosts, host)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("data", help="data folder (any --data-layout)")
-    p.add_argument("out", help="output folder of the shards")
-    p.add_argument("--shard-size", type=int, required=True, help="images per shard")
-    folders = [name for name in READERS if name != "shards"]
-    p.add_argument("--data-layout", choices=[AUTO_LAYOUT, *folders], default=AUTO_LAYOUT)
-    p.add_argument("--seed", type=int, default=0, help="shuffles the training images once")
-    a = p.parse_args(argv)
-    if a.shard_size < 1:
-        p.error("--shard-size must be positive")
-    try:
-        counts = make_shards(a.data, a.out, a.shard_size, a.data_layout, a.seed)
-    except (DataError, OSError) as err:
-        print(f"make_shards: error: {err}", file=sys.stderr)
-        return 1
-    print(", ".join(f"{split}: {n} shards" for split, n in counts.items()) + f" in {a.out}")
-    return 0

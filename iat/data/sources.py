@@ -43,7 +43,7 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
     On CUDA the result stays channels-last in memory (the permuted NHWC bytes), the layout of
     cuDNN's tensor-core convolutions; on the CPU, oneDNN runs these networks faster on plain NCHW
-    (bench/RESULTS.md: attack iteration 154 ms vs 172 ms on ResNet-50 at 64x64)."""
+    (bench/RESULTS.md, section 1, "Input layout on this CPU")."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     return x if device.type == "cuda" else x.contiguous()
 
@@ -178,6 +178,18 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+@dataclass(frozen=True)
+class DecodedBy:
+    """An evaluation transform whose pixels assume the decoder `read` (path -> HxWx3 uint8 BGR),
+    not OpenCV's: ``ImageFiles`` decodes with it (RobustBench's protocol decodes with PIL)."""
+
+    read: Callable[[str], np.ndarray]
+    transform: Callable[[np.ndarray, int], np.ndarray]
+
+    def __call__(self, img: np.ndarray, size: int) -> np.ndarray:
+        return self.transform(img, size)
+
+
 class ImageFiles(Dataset):
     """``(image uint8 HxWx3, label, index, readable?)`` of each file, after ``transform``.
 
@@ -187,6 +199,8 @@ class ImageFiles(Dataset):
         self, samples: Sequence[Sample], image_size: int, transform: Callable = eval_transform
     ) -> None:
         self.samples, self.image_size, self.transform = samples, image_size, transform
+        # a transform may name the decoder its pixels assume (DecodedBy); else OpenCV's
+        self.read = getattr(transform, "read", read_image_bgr)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -194,7 +208,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
         path, label = self.samples[index]
         try:
-            img = self.transform(read_image_bgr(path), self.image_size)
+            img = self.transform(self.read(path), self.image_size)
         except CorruptImageError:
             img, ok = np.zeros((self.image_size, self.image_size, 3), np.uint8), False
         else:

@@ -24,18 +24,16 @@ from iat.attacks import (
     PIXEL_MAX,
     PIXEL_MIN,
     Attacker,
-    AttackSettings,
     NoOpAttacker,
     attack_info,
     autoattack,
     registry,
 )
-from iat.builders import attack_settings, build_attacker, load_for_inference
+from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     Config,
     config_record,
     eval_attack,
-    fit_defense,
     predict_defense,
 )
 from iat.data.augment import eval_transform
@@ -49,7 +47,6 @@ from iat.data.layouts import (
 )
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.defenses import transforms as defenses
-from iat.defenses.registry import parse_frontend
 from iat.eval import benchmarks, ood
 from iat.eval.masking import Check, run_checks
 from iat.eval.metrics import EvalResult, count_batch
@@ -61,6 +58,7 @@ from iat.eval.state import (
     state_dir,
     stats_tensors,
 )
+from iat.eval.summary import eval_settings, random_draws, summary_line, threat_model
 from iat.runs.logger import RunLogger
 from iat.runs.trackers import evaluation_logger
 from iat.runtime import distributed
@@ -124,37 +122,20 @@ def evaluate(
     # The attacker's own counts (e.g. minimal epsilons, ensemble members), summed like totals;
     # a rank without batches still joins the sums with zeros.
     stats = attacker.stats_template(device)
-    batches = math.ceil(len(samples) / batch)
-    if any(j >= batches for j in done):
-        raise EvalStateError(
-            f"{state.folder}: a batch beyond this evaluation's {batches}; "
-            "delete the folder to start this evaluation afresh"
-        )
-    if done and rank == 0:
-        add_done_batches(done.values(), totals, skipped, stats, state.folder)
     if state is not None:
-        # Every rank has read the state before any rank adds to it: nothing is counted twice.
-        distributed.all_reduce_sum(torch.zeros(1, device=device))
+        resume_counts(state, math.ceil(len(samples) / batch), totals, skipped, stats)
     bar = progress_bar(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
     for j, (images, labels, indices, ok) in zip(mine, bar, strict=True):
         distributed.mark_progress(j, "batch")  # a peer silent for the timeout stops this here
         batch_skipped = 0
         if not ok.all():
-            bad = unreadable(samples, indices, ok)
-            if not skip_unreadable:
-                raise CorruptImageError(
-                    f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
-                )
-            tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
-            batch_skipped = len(bad)
+            batch_skipped = skip_unreadable_images(samples, indices, ok, skip_unreadable)
             images, labels = images[ok], labels[ok]
-        this_seed = batch_seed(seed, j)
-        generator.manual_seed(this_seed)
-        defenses.reseed(model, this_seed + DEFENSE_SEED_OFFSET)
         images, labels = to_model_input(images, device), labels.to(device)
-        adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
-        with torch.no_grad():
-            logits = model(adv).float()
+        this_seed = batch_seed(seed, j)
+        adv, targets, logits = attack_batch(
+            model, attacker, images, labels, generator, this_seed, quantize
+        )
         if export is not None:
             export.write(adv, indices[ok] if not ok.all() else indices)
         counts, batch_stats = count_batch(logits, labels, targets), attacker.batch_stats()
@@ -167,6 +148,71 @@ def evaluate(
         if not bar.disable:  # a host sync: only where the bar is shown
             bar.set_postfix_str(running_accuracy(totals), refresh=False)
     model.train(was_training)
+    return summed_result(attacker, totals, skipped, stats)
+
+
+def attack_batch(
+    model: torch.nn.Module,
+    attacker: Attacker,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    seed: int,
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(attacked images, attack targets, their logits)`` of one batch, the attack's and a
+    random defense's draws seeded by `seed`."""
+    generator.manual_seed(seed)
+    defenses.reseed(model, seed + DEFENSE_SEED_OFFSET)
+    adv, targets = attack_images(model, attacker, images, labels, generator, quantize)
+    with torch.no_grad():
+        logits = model(adv).float()
+    return adv, targets, logits
+
+
+def resume_counts(
+    state: EvalState,
+    batches: int,
+    totals: torch.Tensor,
+    skipped: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+) -> None:
+    """Add the counts of the batches `state` holds (rank 0 alone, so that they count once),
+    after checking they are this evaluation's `batches`; every rank reads the state before any
+    rank adds to it."""
+    done = state.done
+    if any(j >= batches for j in done):
+        raise EvalStateError(
+            f"{state.folder}: a batch beyond this evaluation's {batches}; "
+            "delete the folder to start this evaluation afresh"
+        )
+    if done and distributed.get_rank() == 0:
+        add_done_batches(done.values(), totals, skipped, stats, state.folder)
+    # Every rank has read the state before any rank adds to it: nothing is counted twice.
+    distributed.all_reduce_sum(torch.zeros(1, device=totals.device))
+
+
+def skip_unreadable_images(
+    samples: Sequence[Sample], indices: torch.Tensor, ok: torch.Tensor, skip_unreadable: bool
+) -> int:
+    """The number of a batch's unreadable images, each named in a warning; an error naming the
+    first without `skip_unreadable`."""
+    bad = unreadable(samples, indices, ok)
+    if not skip_unreadable:
+        raise CorruptImageError(
+            f"cannot decode image {bad[0]} (--skip-unreadable skips such images)"
+        )
+    tqdm.write(f"warning: skipped unreadable image(s) {', '.join(bad)}", file=sys.stderr)
+    return len(bad)
+
+
+def summed_result(
+    attacker: Attacker,
+    totals: torch.Tensor,
+    skipped: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+) -> EvalResult:
+    """The result of every rank's counts, summed (a collective: every rank calls it)."""
     distributed.all_reduce_sum(totals)
     distributed.all_reduce_sum(skipped)
     for key in sorted(stats):  # the same order on every rank
@@ -410,7 +456,8 @@ def open_state(cfg: Config, num_images: int) -> EvalState | None:
     folder = state_dir(cfg)
     if folder is None or cfg.export_adversarial is not None:
         return None  # an export writes every image: it runs whole
-    state = EvalState(folder, fingerprint(cfg, num_images), distributed.get_rank())
+    key, rank = fingerprint(cfg, num_images), distributed.get_rank()
+    state = EvalState(folder, key, rank, num_images=num_images, batch=cfg.batch)
     if state.done and distributed.is_main_process():
         batches = math.ceil(num_images / cfg.batch)
         print(
@@ -474,88 +521,6 @@ def evaluate_set_of(cfg: Config, device: torch.device, logger: RunLogger) -> Non
     logger.log_result("eval", {**record, "checkpoint": cfg.load, "device": str(device)})
     if distributed.is_main_process():
         print("\n".join(lines), flush=True)
-
-
-def random_draws(cfg: Config) -> int:
-    """The draws of --defense an evaluation attack averages per gradient: --eot-samples behind a
-    random defense, else 1 (as ``defenses.eot_samples`` gives the attack built for it)."""
-    random = any(t.random for t in defenses.build_transforms(predict_defense(cfg)))
-    return cfg.eot_samples if random else 1
-
-
-def eval_settings(cfg: Config) -> AttackSettings:
-    """--eval's attack settings, as ``evaluate_attack`` builds its attacker from them."""
-    return attack_settings(
-        cfg, attack_iter=cfg.attack_iter, num_classes=cfg.num_classes, eot_samples=random_draws(cfg)
-    )
-
-
-def threat_model(cfg: Config) -> str:
-    """--eval's attack in words: attack, iterations, target, norm, epsilon, every option that
-    changes the number (the registry's words), then the defense, the model-level defense and
-    which weights (the averaged ones with --eval-ema)."""
-    attack = eval_attack(cfg)
-    ema = ", EMA weights (--eval-ema)" if cfg.eval_ema else ""
-    return registry.attack_words(attack, eval_settings(cfg)) + _defense_words(cfg, attack) + ema
-
-
-def _defense_words(cfg: Config, attack: str) -> str:
-    """The defense and the model-level defense, and how a gradient attack sees them (a
-    query attack, Square, sees their forward pass as it is), after commas; empty without
-    either."""
-    info = attack_info(attack)
-    attacked = info.perturbs and info.gradient
-    draws = registry.draws(attack, eval_settings(cfg)) if attacked else cfg.eot_samples
-    words = [defenses.describe(predict_defense(cfg), draws, attacked=attacked)]
-    if fit_defense(cfg) and predict_defense(cfg) is None:
-        words.append(f"trained behind {cfg.defense} (--defense-apply fit), evaluated without it")
-    if cfg.frontend is not None:
-        defense, _ = parse_frontend(cfg.frontend)
-        words.append(defense.attack_words(cfg.frontend_gradient) if attacked else defense.title)
-    return "".join(f", {w}" for w in words if w)
-
-
-def summary_line(cfg: Config, r: EvalResult) -> str:
-    skipped = f" ({r.skipped} unreadable skipped)" if r.skipped else ""
-    line = (
-        f"{threat_model(cfg)}: {r.images} images{skipped}, top-1 error {r.top1_error:.4f}, "
-        f"top-5 error {r.top5_error:.4f}"
-    )
-    if not attack_info(eval_attack(cfg)).perturbs:
-        return line
-    line += (
-        f", attack success rate {r.attack_success_rate:.4f}, "
-        f"robust accuracy {r.robust_accuracy:.4f}"
-    )
-    return line + "".join(_detail_words(r.details))
-
-
-def _detail_words(details: dict) -> list[str]:
-    """The attacker's figures in words: fgm-minimal's median, square's queries, fab-t's finds,
-    strong's members."""
-    words = []
-    if "median_min_epsilon" in details:
-        words.append(f", median minimal eps {details['median_min_epsilon']:g}")
-    if "median_norm" in details:
-        words.append(
-            f", FAB-T broke {details['broken']} within eps, median norm {details['median_norm']:g}"
-        )
-    if "mean_queries" in details:
-        words.append(
-            f", mean queries {details['mean_queries']:.1f} per attacked example "
-            f"({details['mean_queries_broken']:.1f} per broken one, "
-            f"{details['broken']} of {details['attacked']} broken)"
-        )
-    if "members" in details:
-        members = [
-            f"{name} broke {m['broken']} of {m['attacked']} attacked ({m['success_rate']:.4f})"
-            for name, m in details["members"].items()
-        ]
-        words.append(
-            f"; clean wrong {details['clean_wrong']}, then {', then '.join(members)}; "
-            f"ensemble success {details['ensemble_success_rate']:.4f}"
-        )
-    return words
 
 
 def attack_record(cfg: Config) -> dict:

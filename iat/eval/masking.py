@@ -37,7 +37,7 @@ from iat.attacks import (
     create_attacker,
     no_targets,
 )
-from iat.attacks.ops import as_float, attacking
+from iat.attacks.core import as_float, attacking
 from iat.config import Config, eval_attack
 from iat.data.layouts import Sample
 from iat.eval.metrics import EvalResult

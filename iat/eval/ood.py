@@ -11,6 +11,12 @@
   the classes present (as their authors and EasyRobust evaluate them), the usual validation
   preprocessing.
 
+* **ImageNet-Sketch** (Wang et al., NeurIPS 2019): ``--data`` is its ``sketch`` folder (or the
+  folder holding it): ``wnid/*`` for all 1000 classes; **ImageNet-V2** (Recht et al., ICML
+  2019; any of its three sets, e.g. ``imagenetv2-matched-frequency-format-val``): folders named
+  by the class index, ``0`` to ``999``, which is the position of the WordNet id in sorted order.
+  Both: top-1 / top-5 error over all 1000 logits, the usual validation preprocessing.
+
 Class folders map to the model's logits through ImageNet-1k's WordNet ids in their sorted order
 (``iat/data/reference/imagenet_class_to_id_map.json``): a 1000-class ImageNet model is needed.
 """
@@ -124,6 +130,8 @@ def evaluate_set(cfg: Config, model: nn.Module, evaluate: Evaluate) -> tuple[dic
     root = Path(cfg.data)
     if cfg.eval_set == "imagenet-c":
         return _corruptions(root, model, evaluate, cfg.image_size)
+    if cfg.eval_set in ALL_CLASS_SETS:
+        return _all_classes(cfg.eval_set, ALL_CLASS_SETS[cfg.eval_set](root), model, evaluate)
     samples, classes = subset_samples(root, cfg.eval_set)
     result = evaluate(
         RestrictedLogits(model, classes), samples, eval_transform, f"eval {cfg.eval_set}"
@@ -201,3 +209,74 @@ def _corruptions(
         "images": images,
     }
     return record, lines
+
+
+def sorted_class_index() -> dict[str, int]:
+    """The class map, checked to be the WordNet ids' sorted order (ImageNet-V2's folder k is the
+    k-th WordNet id in that order, as in the class index of torchvision's ImageNet models)."""
+    index = class_index()
+    if index != {wnid: i for i, wnid in enumerate(sorted(index))}:
+        raise DataError(f"{CLASS_MAP}: the class indices are not the WordNet ids' sorted order")
+    return index
+
+
+def _all_folders(root: Path, names: list[str], what: str) -> list[tuple[Path, int]]:
+    """Each of `names` (the 1000 classes' folder names, by class index) under `root`, with its
+    class index; an error naming the first missing class, or a folder that is none of them."""
+    if not root.is_dir():
+        raise DataError(f"{what}: {root} is not a directory")
+    present = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    unknown = sorted(present - set(names))
+    if unknown:
+        raise DataError(f"{what}: {root / unknown[0]} is not one of its 1000 class folders")
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise DataError(
+            f"{what}: {len(missing)} of its 1000 class folders are not under {root} "
+            f"(first: {missing[0]})"
+        )
+    return [(root / name, label) for label, name in enumerate(names)]
+
+
+def _samples_of(folders: list[tuple[Path, int]], root: Path, what: str) -> list[Sample]:
+    samples = [(str(image), label) for folder, label in folders for image in _images(folder)]
+    if not samples:
+        raise DataError(f"{what}: no images under {root}")
+    return samples
+
+
+def sketch_samples(root: Path) -> list[Sample]:
+    """ImageNet-Sketch's ``sketch/wnid/*`` (its release's layout: all 1000 WordNet ids),
+    labelled with the 1000-class index; `root` is the ``sketch`` folder or the one holding it."""
+    if (root / "sketch").is_dir():
+        root = root / "sketch"
+    what = "--eval-set imagenet-sketch"
+    index = sorted_class_index()
+    return _samples_of(_all_folders(root, sorted(index), what), root, what)
+
+
+def v2_samples(root: Path) -> list[Sample]:
+    """ImageNet-V2's ``k/*`` (its releases' layout: folders ``0`` to ``999``, the class index),
+    labelled k: the k-th WordNet id in sorted order, the class map's index (checked)."""
+    what = "--eval-set imagenet-v2"
+    sorted_class_index()
+    names = [str(k) for k in range(len(class_index()))]
+    return _samples_of(_all_folders(root, names, what), root, what)
+
+
+ALL_CLASS_SETS = {"imagenet-sketch": sketch_samples, "imagenet-v2": v2_samples}
+
+
+def _all_classes(
+    name: str, samples: list[Sample], model: nn.Module, evaluate: Evaluate
+) -> tuple[dict, list[str]]:
+    """ImageNet-Sketch / -V2: the top-1 and top-5 error over all 1000 logits."""
+    result = evaluate(model, samples, eval_transform, f"eval {name}")
+    record = {"eval_set": name, "classes": len(class_index()), **result.as_dict()}
+    for key in ("attack_success_rate", "robust_accuracy", "details"):
+        record.pop(key)
+    line = (
+        f"{name}: top-1 error {result.top1_error:.4f}, top-5 error {result.top5_error:.4f} on "
+        f"{result.images} images (clean; all 1000 classes)"
+    )
+    return record, [line]

@@ -253,8 +253,8 @@ def select_device(env: DistEnv) -> torch.device:
     """This process's device: ``cuda:<local_rank % device count>`` when CUDA exists, else CPU.
 
     On CUDA, matrix products use TF32 like cuDNN's convolutions already do (PyTorch's default):
-    in plain fp32 the non-local blocks' products took 35% of a ResNetDenoise-152 PGD-10 step on
-    an H200 (bench/RESULTS.md, the GPU profile)."""
+    in plain fp32 the non-local blocks' products took a third of a ResNetDenoise-152 PGD-10
+    step (bench/RESULTS.md, section 7, "Profile")."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())

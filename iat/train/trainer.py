@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import nets
 from iat import builders
-from iat.attacks import Attacker
+from iat.attacks import Attacker, attack_info
 from iat.attacks.training import FreeAttacker
 from iat.config import (
     Config,
@@ -38,6 +39,7 @@ from iat.config import (
     config_record,
     default_logdir,
     ema_enabled,
+    eval_attack,
     fit_defense,
     mixing_enabled,
     predict_defense,
@@ -54,8 +56,9 @@ from iat.defenses.registry import (
     frontend_flag,
     recorded_defense,
 )
-from iat.eval.evaluate import attack_record, evaluate_attack, threat_model
+from iat.eval.evaluate import attack_record, evaluate_attack
 from iat.eval.metrics import EvalResult, Meter
+from iat.eval.summary import summary_line, threat_model
 from iat.recipes.ema import WeightAverage
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
@@ -393,11 +396,8 @@ def log_eval(
     """The evaluation's numbers, with its threat model (`point`: the configuration it ran
     under) as ``--eval``'s records name it, so that ``--report`` can read a run alone."""
     scalars = {f"{name}/top1_error": r.top1_error, f"{name}/top5_error": r.top5_error}
-    line = f"epoch {progress.epoch} {name}: top1 error {r.top1_error:.4f}, "
-    line += f"top5 error {r.top5_error:.4f}"
-    if name != "eval-clean":
+    if attack_info(eval_attack(point)).perturbs:
         scalars[f"{name}/attack_success_rate"] = r.attack_success_rate
-        line += f", attack success {r.attack_success_rate:.4f}"
     logger.log(
         progress.step,
         scalars,
@@ -409,7 +409,7 @@ def log_eval(
         defense=predict_defense(point),
     )
     if distributed.is_main_process():
-        tqdm.write(f"{line} ({r.images} images)")
+        tqdm.write(f"epoch {progress.epoch} {name}: {summary_line(point, r)}")
 
 
 # --- setting up a run ------------------------------------------------------------------------
@@ -671,26 +671,13 @@ def _train_in(
     cfg: Config, env: distributed.DistEnv, device: torch.device, lock: RunDirectoryLock
 ) -> TrainOutcome:
     main_proc = distributed.is_main_process()
-    reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data, cfg.data_layout)
-    classes = reader.classes() if reader else None
-    train = reader.samples("train") if reader and reader.has_split("train") else None
-    if reader and train is None and cfg.loader == "local":
-        raise DataError(f"--data: {cfg.data} has no train/ split to train on (--loader local)")
-    val = reader.samples("val") if reader and reader.has_split("val") else None
-    if val is None and reader and cfg.train_eval != "none" and main_proc:
-        print(
-            "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
-        )
+    classes, train, val = read_splits(cfg, main_proc)
     finetune = None  # --finetune-checkpoint's weights, read once
     if cfg.finetune_checkpoint is not None:  # its recorded architecture, where flags set none
         finetune = nets.read_weights(cfg.finetune_checkpoint)
         cfg = builders.with_recorded_architecture(cfg, finetune)
     num_classes = builders.resolve_num_classes(cfg, classes)
-    for split, samples in (("train", train), ("val", val)):
-        if samples:
-            check_labels(samples, num_classes, split)
-    if val and cfg.train_eval != "none":
-        check_eval_headers(val, "val", cfg.skip_unreadable)
+    check_splits(cfg, train, val, num_classes)
     logdir = resolve_logdir(cfg)
     check_run_directory(logdir)
     settings = dataclasses.asdict(cfg)
@@ -718,46 +705,107 @@ def _train_in(
         remove_partial_checkpoints(logdir)
         print(start_line(facts, start), file=sys.stderr)
         print(settings_line(cfg), file=sys.stderr)
-    results: dict[str, EvalResult] = {}
     purge = start.progress.step + 1  # a killed run's steps after its checkpoint, logged again
     with run_directory_logger(logdir, settings, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
-        step = start.progress.step
-        guard = train_builders.build_overfit_guard(cfg, val, device)
-        if guard is not None:
-            guard.remember(run.model)
-        for epoch in range(start.progress.epoch + 1, cfg.epochs + 1):
-            step = train_epoch(run, epoch, step, logger)
-            sync_buffers(run.model, run.ema)
-            require_finite_weights(run.model, epoch)
-            progress = Progress(epoch, step)
-            if guard is not None and overfitted(guard, run.model, progress, logger):
-                break
-            free_deltas = gathered_free_delta(run.attacker)
-            if main_proc:
-                logger.flush()  # the steps up to the checkpoint survive a kill right after it
-                path = save_checkpoint(
-                    logdir,
-                    progress,
-                    run.model,
-                    run.optimizer,
-                    cfg.keep_checkpoints,
-                    architecture=builders.architecture_record(
-                        cfg, num_classes, defense_record(run.model)
-                    ),
-                    attack_generator=run.generator,
-                    averaged=None if run.ema is None else run.ema.state_dict(),
-                    free_delta=free_deltas,
-                )
-                logger.log_result("checkpoint", {"path": str(path), "step": step, "epoch": epoch})
-                link_last(path)
-            if val:
-                results = run_evals(run, val, num_classes, progress, logger)
-                if main_proc and BEST_EVALUATION in results:
-                    accuracy = results[BEST_EVALUATION].robust_accuracy
-                    link_best(path, BEST_EVALUATION, accuracy)
-            distributed.barrier()
+        results = train_epochs(run, start.progress, val, num_classes, logdir, logger)
     return TrainOutcome(model=run.model, logdir=logdir, results=results)
+
+
+def read_splits(
+    cfg: Config, main_proc: bool
+) -> tuple[list[str] | None, list[Sample] | None, list[Sample] | None]:
+    """``(classes, train samples, val samples)`` of --data (None where it has none, or for
+    --fake); a warning where in-training evaluation finds no val/ split."""
+    reader = None if cfg.fake or cfg.data is None else create_reader(cfg.data, cfg.data_layout)
+    classes = reader.classes() if reader else None
+    train = reader.samples("train") if reader and reader.has_split("train") else None
+    if reader and train is None and cfg.loader == "local":
+        raise DataError(f"--data: {cfg.data} has no train/ split to train on (--loader local)")
+    val = reader.samples("val") if reader and reader.has_split("val") else None
+    if val is None and reader and cfg.train_eval != "none" and main_proc:
+        print(
+            "warning: no val/ split in --data: in-training evaluation is skipped", file=sys.stderr
+        )
+    return classes, train, val
+
+
+def check_splits(
+    cfg: Config,
+    train: Sequence[Sample] | None,
+    val: Sequence[Sample] | None,
+    num_classes: int,
+) -> None:
+    """Every label within `num_classes`; the val images' headers readable before training
+    (when it is evaluated)."""
+    for split, samples in (("train", train), ("val", val)):
+        if samples:
+            check_labels(samples, num_classes, split)
+    if val and cfg.train_eval != "none":
+        check_eval_headers(val, "val", cfg.skip_unreadable)
+
+
+def train_epochs(
+    run: Training,
+    start: Progress,
+    val: Sequence[Sample] | None,
+    num_classes: int,
+    logdir: str,
+    logger: RunLogger,
+) -> dict[str, EvalResult]:
+    """The epochs after `start`, each saved and evaluated as scheduled (until the overfitting
+    guard stops them); the last evaluations' results."""
+    main_proc = distributed.is_main_process()
+    results: dict[str, EvalResult] = {}
+    step = start.step
+    guard = train_builders.build_overfit_guard(run.cfg, val, run.device)
+    if guard is not None:
+        guard.remember(run.model)
+    for epoch in range(start.epoch + 1, run.cfg.epochs + 1):
+        step = train_epoch(run, epoch, step, logger)
+        sync_buffers(run.model, run.ema)
+        require_finite_weights(run.model, epoch)
+        progress = Progress(epoch, step)
+        if guard is not None and overfitted(guard, run.model, progress, logger):
+            break
+        free_deltas = gathered_free_delta(run.attacker)
+        if main_proc:
+            path = save_epoch(run, logdir, progress, num_classes, free_deltas, logger)
+        if val:
+            results = run_evals(run, val, num_classes, progress, logger)
+            if main_proc and BEST_EVALUATION in results:
+                accuracy = results[BEST_EVALUATION].robust_accuracy
+                link_best(path, BEST_EVALUATION, accuracy)
+        distributed.barrier()
+    return results
+
+
+def save_epoch(
+    run: Training,
+    logdir: str,
+    progress: Progress,
+    num_classes: int,
+    free_deltas: torch.Tensor | None,
+    logger: RunLogger,
+) -> Path:
+    """Rank 0: the epoch's checkpoint, logged and linked as the last one."""
+    logger.flush()  # the steps up to the checkpoint survive a kill right after it
+    path = save_checkpoint(
+        logdir,
+        progress,
+        run.model,
+        run.optimizer,
+        run.cfg.keep_checkpoints,
+        architecture=builders.architecture_record(run.cfg, num_classes, defense_record(run.model)),
+        attack_generator=run.generator,
+        averaged=None if run.ema is None else run.ema.state_dict(),
+        free_delta=free_deltas,
+    )
+    logger.log_result(
+        "checkpoint", {"path": str(path), "step": progress.step, "epoch": progress.epoch}
+    )
+    link_last(path)
+    return path
 
 
 def overfitted(
