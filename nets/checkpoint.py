@@ -697,8 +697,12 @@ def _refused_object(message: str) -> str:
 
 
 def _require_file(path: Path) -> None:
-    if not path.is_file():
+    """A checkpoint is a regular file (a link to one is fine): a FIFO would block its reader, a
+    device would read without end."""
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a folder, FIFO or device)")
 
 
 def _npz_state(

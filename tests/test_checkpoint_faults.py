@@ -3,6 +3,7 @@ non-finite and integer weights, a corrupt newest checkpoint, and the messages of
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -246,3 +247,17 @@ def test_legacy_torch_format_still_loads(tmp_path):
     torch.save(tiny_model().state_dict(), path, _use_new_zipfile_serialization=False)
     nets.load_weights(tiny_model(), path)
     assert np.isfinite(nets.read_weights(path).num_classes)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_checkpoint_that_is_no_regular_file_is_one_line(tmp_path, kind):
+    """A FIFO named like a checkpoint would block torch.load, /dev/zero would read without end."""
+    path = tmp_path / "w.pt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    with pytest.raises(nets.CheckpointError, match="not a regular file"):
+        nets.read_weights(path)
