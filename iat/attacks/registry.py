@@ -51,6 +51,9 @@ class AttackInfo:
     extra_record: Callable[[AttackSettings], dict] | None = None  # fields only it records
     # The draws of a random defense it averages per gradient (None: settings.eot_samples).
     draws: Callable[[AttackSettings], int] | None = None
+    # Settings (AttackSettings fields) ``--attack NAME`` sets unless their flags are given:
+    # an attack defined with its own settings (AutoAttack's), not the training flags' defaults.
+    defaults: dict[str, object] | None = None
 
 
 ATTACKS: dict[str, AttackInfo] = {}
