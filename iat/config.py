@@ -190,7 +190,7 @@ class Config:
     attack_loss: str = "ce"  # pgd / fgm objective: "ce" cross-entropy or "cw" logit margin
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this many pixel units per trial
     apgd_targets: int = 9  # apgd-t / fab-t / strong: target classes (the k likeliest wrong ones)
-    queries: int = DEFAULT_QUERIES  # square: model queries per example (the first one included)
+    queries: int = DEFAULT_QUERIES  # square: queries per example after the initial one
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
     # strong / autoattack: run iat.eval.masking's attack-failure checks on the first this many

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 from test_eval_outputs import COMMON
+from torch import nn
 
 import nets
 from adv_model import AttackSettings, create_attacker
+from iat.attacks import autoattack
 from iat.attacks.apgd import APGDAttacker, dlr
 from iat.attacks.autoattack import RAND_EOT_SAMPLES, RAND_MEMBERS, STANDARD_MEMBERS
+from iat.attacks.core import Attacker, no_targets
 from iat.attacks.ensemble import EnsembleAttacker
 from iat.attacks.fab import FABAttacker
 from iat.attacks.square import SquareAttacker
@@ -81,19 +84,130 @@ def test_eval_autoattack_states_its_version_members_and_shares(tmp_path: Path, c
     capsys.readouterr()
     assert main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(
-        "AutoAttack standard (APGD-CE-3, APGD-T-3 top-2, FAB-T-3 top-2, Square 20 queries), "
-        "L-inf eps=2: 8 images"
+    assert line.startswith(  # the authors' settings changed: their code's version "custom"
+        "AutoAttack custom (APGD-CE-3, APGD-T-3 top-2, FAB-T-3 top-2, Square 20 queries; the "
+        "standard version's settings changed), L-inf eps=2: 8 images"
     ), line
     record = json.loads(out.read_text())
-    assert record["attack"]["version"] == "standard"
+    assert record["attack"]["version"] == "custom"
+    assert record["attack"]["based_on"] == "standard"
     assert record["attack"]["members"] == list(STANDARD_MEMBERS)
     assert list(record["details"]["members"]) == list(STANDARD_MEMBERS)
     assert sum(m["broken"] for m in record["details"]["members"].values()) + record["details"][
         "clean_wrong"
     ] == round(record["top1_error"] * 8)
+    # The per-image file, read back: each image's member and final margin, as the record counts.
+    rows = [json.loads(line) for line in Path(f"{out}.images.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(8))
+    for row in rows:
+        assert (row["margin"] < 0) == (row["prediction"] != row["label"])
+        assert (row["broken_by"] is not None) == (row["margin"] < 0)
+    counts = {name: sum(row["broken_by"] == name for row in rows) for name in STANDARD_MEMBERS}
+    assert counts == {n: m["broken"] for n, m in record["details"]["members"].items()}
+    assert sum(row["broken_by"] == "clean" for row in rows) == record["details"]["clean_wrong"]
     assert main([*args, "--defense", "noise:4", "--eot-samples", "2"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("AutoAttack rand (APGD-CE-3, APGD-DLR-3; EOT over 20 draws), L-inf")
+    assert line.startswith("AutoAttack custom (APGD-CE-3, APGD-DLR-3; EOT over 20 draws; the rand")
     assert "EOT over 2 draws" not in line  # the defense words name the rand version's 20
-    assert json.loads(out.read_text())["attack"]["version"] == "rand"
+    assert json.loads(out.read_text())["attack"]["based_on"] == "rand"
+
+
+def test_autoattack_runs_the_authors_settings_whatever_the_training_flags_say():
+    from iat.app.cli import build_parser, config_from_args
+    from iat.builders import attack_settings
+
+    def settings(*flags: str) -> AttackSettings:
+        args = ["--eval", "--load", "m.pt", "--data", ".", "--attack", "autoattack", *flags]
+        cfg = config_from_args(build_parser().parse_args(args))
+        return attack_settings(cfg, attack_iter=cfg.attack_iter, num_classes=10)
+
+    standard = settings()  # --attack-iter's default is the training attack's 30
+    assert (standard.num_iter, standard.top_k, standard.queries) == (100, 9, 5000)
+    assert autoattack.version_of(standard) == "standard"
+    assert autoattack.record(standard)["version"] == "standard"
+    changed = settings("--attack-iter", "30")
+    assert (changed.num_iter, changed.top_k) == (30, 9)
+    assert autoattack.version_of(changed) == "custom"
+    assert autoattack.version_of(settings("--queries", "1000")) == "custom"
+    pgd = config_from_args(build_parser().parse_args(["--eval", "--load", "m.pt", "--data", "."]))
+    assert pgd.attack_iter == 30  # other attacks keep the flags' defaults
+
+
+class OnTheBoundary(nn.Module):
+    """Two classes on the mean pixel: z_1 - z_0 = mean - 100. Its folded form (as
+    ``attack_mode`` folds a ConvBN's BatchNorm) adds 1e-3 to z_1, as rounding does near the
+    boundary: a point 1e-4 below it is misclassified for the folded copy, correct for the score.
+    With ``noise``, every pass adds a fresh draw: a random model."""
+
+    def __init__(self, noise: float = 0.0) -> None:
+        super().__init__()
+        self.folded, self.noise = None, noise
+
+    def fold_batchnorm(self, low_precision: torch.dtype | None = None) -> None:
+        self.folded = True
+
+    def unfold_batchnorm(self) -> None:
+        self.folded = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gap = x.flatten(1).mean(dim=1) - 100.0 + (1e-3 if self.folded else 0.0)
+        gap = gap + self.noise * torch.randn_like(gap)
+        return torch.stack([torch.zeros_like(gap), gap], dim=1)
+
+
+class Shift(Attacker):
+    """Every image to a constant one of pixel value 100 + ``offset``."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def attack(self, model, images, labels, generator=None):
+        return torch.full_like(images, 100.0 + self.offset), no_targets(labels)
+
+
+def boundary_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four correctly classified images (class 0) and one misclassified."""
+    values = torch.tensor([50.0, 60.0, 70.0, 80.0, 150.0])
+    return values[:, None, None, None].expand(-1, 3, 4, 4).clone(), torch.zeros(5, dtype=torch.long)
+
+
+def test_an_attack_whose_successes_sit_on_the_boundary_is_scored_as_evaluation_scores():
+    """The first member's points lie 1e-4 on the correct side of the boundary, misclassified
+    only for the folded copy: no example counts as broken by it, each stays in play for the
+    next member, and the counts are what scoring the returned images counts."""
+    model, (images, labels) = OnTheBoundary(), boundary_batch()
+    ensemble = EnsembleAttacker([("boundary", Shift(-1e-4)), ("beyond", Shift(10.0))])
+    adv, _ = ensemble.attack(model, images, labels)
+    with torch.no_grad():
+        wrong = model(adv).argmax(dim=1) != labels  # as evaluate scores them
+    assert wrong.all()
+    stats = ensemble.describe_stats(ensemble.batch_stats(), len(labels))
+    assert stats["clean_wrong"] == 1
+    assert stats["members"]["boundary"] == {"attacked": 4, "broken": 0, "success_rate": 0.0}
+    assert stats["members"]["beyond"] == {"attacked": 4, "broken": 4, "success_rate": 1.0}
+    assert ensemble.image_results()["broken_by"] == ["beyond"] * 4 + ["clean"]
+    counted = stats["clean_wrong"] + sum(m["broken"] for m in stats["members"].values())
+    assert counted == int(wrong.sum())
+    # Unbroken examples keep the first member's image; the boundary one, here.
+    alone = EnsembleAttacker([("boundary", Shift(-1e-4))])
+    adv, _ = alone.attack(model, images, labels)
+    assert alone.describe_stats(alone.batch_stats(), 5)["members"]["boundary"]["broken"] == 0
+    assert torch.equal(adv[:4], torch.full_like(adv[:4], 100.0 - 1e-4))
+
+
+def test_the_standard_version_says_when_the_model_is_random():
+    """The authors' check_randomized: two passes on the same images that differ are counted and
+    said in one line pointing to the rand version; a deterministic model is not flagged."""
+    from iat.eval.evaluate import randomness_line
+
+    images, labels = boundary_batch()
+    for noise, flagged in ((0.0, 0), (1.0, 1)):
+        ensemble = EnsembleAttacker([("beyond", Shift(10.0))], check_random=True)
+        ensemble.attack(OnTheBoundary(noise), images, labels)
+        details = ensemble.describe_stats(ensemble.batch_stats(), len(labels))
+        assert details["randomized_batches"] == flagged
+        line = randomness_line(details)
+        assert (line is None) == (not flagged)
+    assert "rand version" in line and "\n" not in line
+    standard = create_attacker("autoattack", AttackSettings(100, 4.0, 1.0))
+    assert standard.check_random

@@ -3,6 +3,7 @@ independent minimal attacks (ART), robust accuracy against APGD-T and ART, and -
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -187,6 +188,22 @@ def test_fab_t_robust_accuracy_against_apgd_t_and_art(digits):
         assert acc["FAB-T"] >= acc["ART APGD-DLR"] - 0.05, accuracy
         assert acc["FAB-T"] <= acc["ART FGM"], accuracy
     assert accuracy[32.0]["FAB-T"] < accuracy[16.0]["FAB-T"] < 1.0, accuracy
+
+
+def test_fab_t_successes_hold_when_rescored_in_float64(digits):
+    """Every example FAB-T reports broken within eps is misclassified by the model in float64
+    too: its points are confirmed iterates with a margin, not boundary points (AutoAttack's FAB
+    has no final search; the one of FAB's paper leaves points ~1e-8 from the boundary)."""
+    model, x, y = digits["model"], digits["x"][:96], digits["y"][:96]
+    attacker = FABAttacker(20, 32.0, top_k=3)
+    adv, _ = attacker.attack(model, x, y, generator=seeded(2))
+    reported = attacker.describe_stats(attacker.batch_stats(), len(x))["broken"]
+    double = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        attacked = double(x.double()).argmax(dim=1) == y
+        broken = attacked & (double(adv.double()).argmax(dim=1) != y)
+    print(f"FAB-T-20 top-3 at eps 32: {reported} reported broken, {int(broken.sum())} in float64")
+    assert reported > 20 and int(broken.sum()) == reported
 
 
 def test_eval_fab_t_end_to_end(tiny_imagenet: Path, checkpoint: Path, tmp_path: Path):  # noqa: F811

@@ -56,12 +56,17 @@ class Counting(torch.nn.Module):
 
 
 def test_schedule_and_window_sides_follow_the_authors():
-    """p halves at 10, 50, ..., 8000 of 10,000 queries, rescaled to the budget; windows hold a
-    fraction p of the pixels (L2: at least 3, odd), within the image."""
+    """p halves at iterations 10, 50, ..., 8000, unscaled as AutoAttack runs it at 5,000 queries
+    (stretched to the budget only when asked); windows hold a fraction p of the pixels (L2: at
+    least 3, odd), within the image."""
     assert [square_fraction(0.8, i, 10_000) for i in (0, 10, 11, 50, 51, 8000, 8001)] == [
         0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 256, 0.8 / 512,
     ]  # fmt: skip
-    assert square_fraction(0.8, 0, 100) == 0.8 and square_fraction(0.8, 1, 100) == 0.2
+    assert [square_fraction(0.8, i, 5000) for i in (11, 51, 201, 4001)] == [
+        0.4, 0.2, 0.1, 0.8 / 128,
+    ]  # fmt: skip
+    assert square_fraction(0.8, 1, 100) == 0.8
+    assert square_fraction(0.8, 1, 100, rescale=True) == 0.2
     assert window_side(0.8, 16, 16, "inf") == 14 and window_side(0.8 / 512, 16, 16, "inf") == 1
     assert window_side(0.8, 16, 16, "2") == 15 and window_side(0.8 / 512, 16, 16, "2") == 3
     assert window_side(0.8, 4, 100, "inf") == 4  # the shorter side caps it
@@ -100,8 +105,10 @@ def test_within_the_ball_within_the_budget_and_done_when_broken(digits, norm):
     wrong = eval_logits(model.model, adv).argmax(dim=1) != y
     assert (queries[wrong_clean] == 0).all() and torch.equal(adv[wrong_clean], x[wrong_clean])
     attacked = ~wrong_clean
-    assert (queries[attacked] >= 1).all() and (queries <= budget).all()
-    assert (wrong[attacked & (queries < budget)]).all()  # stopped early only when broken
+    # AutoAttack's count: the initial query, then up to `budget` iterations.
+    assert (queries[attacked] >= 1).all() and (queries <= budget + 1).all()
+    assert (queries == budget + 1).any()
+    assert (wrong[attacked & (queries <= budget)]).all()  # stopped early only when broken
     assert 0 < wrong[attacked].sum() < attacked.sum()  # a budget where both happen
     # The model saw the clean batch, then the j-th query of each example still unbroken: the
     # examples queried at call j are those with at least j queries.
@@ -122,7 +129,7 @@ def test_within_the_ball_within_the_budget_and_done_when_broken(digits, norm):
 )  # fmt: skip
 def test_square_matches_adversarial_robustness_toolbox(digits, norm, examples, queries):
     """ART's SquareAttack on the same model, images, radius, norm, p_init and budget (ART's
-    max_iter iterations after its initial point; ours the same number of queries in all): our
+    max_iter iterations after its initial point, as ours; its schedule stretched to them): our
     robust accuracy is at most ART's plus 1 point. Measured figures are printed."""
     art = pytest.importorskip("art.attacks.evasion")
     from art.estimators.classification import PyTorchClassifier
@@ -143,7 +150,8 @@ def test_square_matches_adversarial_robustness_toolbox(digits, norm, examples, q
     theirs = torch.from_numpy(attack.generate(x.numpy(), y=y.numpy()))
     art_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    ours, _ = SquareAttacker(eps, norm=norm, queries=queries).attack(model, x, y, seeded())
+    square = SquareAttacker(eps, norm=norm, queries=queries, rescale_schedule=True)
+    ours, _ = square.attack(model, x, y, seeded())
     our_seconds = time.perf_counter() - start
     model.train()
     ours_acc, theirs_acc = robust_accuracy(model, ours, y), robust_accuracy(model, theirs, y)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import nets
+from iat.attacks import attack_info
 from iat.attacks.spec import valid_forms
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
@@ -477,6 +478,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # run's file already holds the values that run resolved.
     if given.get("benchmark") is not None and values.get("benchmark") != given["benchmark"]:
         values.update(BENCHMARK_DEFAULTS.get(given["benchmark"], {}))
+    _attack_defaults(values, given)
     # A recipe named on this command line sets its values under the flags given (over a
     # replayed run's); a replayed run's file already holds the values its recipe resolved to.
     if given.get("recipe") is not None and values.get("recipe") != given["recipe"]:
@@ -493,6 +495,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
     values["mode"] = next((m for m in _MODE_FLAGS if getattr(args, m)), "train")
     return Config(**values)
+
+
+# The flag (Config field) of each AttackSettings field an attack's registered defaults set.
+_SETTINGS_FIELDS = {"num_iter": "attack_iter", "top_k": "apgd_targets", "queries": "queries"}
+
+
+def _attack_defaults(values: dict, given: dict) -> None:
+    """An --attack named on this command line with settings of its own (the registry's
+    ``defaults``: AutoAttack's 100 iterations, 9 targets, 5,000 queries) sets them under the
+    flags given, over the training flags' defaults (--attack-iter 30); a replayed run's file
+    already holds the values it resolved."""
+    attack = given.get("attack")
+    if attack is None or values.get("attack") == attack:
+        return
+    defaults = attack_info(attack).defaults or {}
+    values.update({_SETTINGS_FIELDS[name]: value for name, value in defaults.items()})
 
 
 def _default_depth(values: dict) -> None:

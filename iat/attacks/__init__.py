@@ -12,7 +12,7 @@ The modules, in the order ``--attack`` lists them:
 * ``fab``: FAB-T (Croce & Hein, ICML 2020);
 * ``square``: the Square Attack (Andriushchenko et al., ECCV 2020), score-based;
 * ``ensemble``: ``strong``, the worst case over APGD-CE, APGD-T and targeted PGD;
-* ``autoattack``: AutoAttack's standard and rand versions;
+* ``autoattack``: AutoAttack's standard and rand versions (``custom`` when its settings change);
 * ``training``: free adversarial training and FGSM-RS (``--adv-method`` only).
 
 ``adv_model`` re-exports the original's names from here.

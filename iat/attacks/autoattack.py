@@ -9,8 +9,11 @@ ensemble of diverse parameter-free attacks"), as its authors define its two vers
 
 ``--attack autoattack`` runs ``rand`` when the model is behind a random defense (its attack
 averages draws: ``eot_samples`` > 1), else ``standard``; the summary line and the record name
-the version. ``--attack-iter`` is APGD's and FAB's iterations (the authors: 100), ``--queries``
-Square's, ``--apgd-targets`` the target classes of APGD-T and FAB-T.
+the version. It sets the authors' settings (``STANDARD_SETTINGS``: 100 iterations, 9 targets,
+5,000 queries) unless ``--attack-iter``, ``--apgd-targets`` or ``--queries`` are given on the
+command line; any change from them makes the version ``custom``, as the authors' code names a
+run with its own settings. The standard version scores the clean images twice per batch: passes
+that differ (the authors' ``check_randomized``) mean the model is random and needs ``rand``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,29 @@ STANDARD = {  # registry name -> factory, in the authors' order
 STANDARD_MEMBERS = tuple(STANDARD)
 RAND_MEMBERS = ("apgd-ce", "apgd-dlr")
 RAND_EOT_SAMPLES = 20  # the authors' version='rand': eot_iter = 20
+# The authors' settings (autoattack.py: n_iter=100, n_target_classes=9, Square n_queries=5000),
+# as AttackSettings fields; ``--attack autoattack`` sets them unless given.
+STANDARD_SETTINGS = {"num_iter": 100, "top_k": 9, "queries": 5000}
+RAND_SETTINGS = ("num_iter",)  # the ones the rand version uses
 
 
 def version(eot_samples: int) -> str:
     """``rand`` when the attack averages draws of a random defense, else ``standard``."""
     return "rand" if eot_samples > 1 else "standard"
+
+
+def is_custom(settings: AttackSettings) -> bool:
+    """Whether ``settings`` change a setting the version uses from the authors'."""
+    used = RAND_SETTINGS if version(settings.eot_samples) == "rand" else STANDARD_SETTINGS
+    # None: a setting left open (a report's series along it), not a change.
+    values = {name: getattr(settings, name) for name in used}
+    return any(value not in (None, STANDARD_SETTINGS[name]) for name, value in values.items())
+
+
+def version_of(settings: AttackSettings) -> str:
+    """The version ``settings`` run, as the summary line and the record name it: ``custom``
+    when they change the authors' settings, else ``rand`` or ``standard``."""
+    return "custom" if is_custom(settings) else version(settings.eot_samples)
 
 
 def rand_eot_samples(eot_samples: int) -> int:
@@ -57,21 +78,27 @@ def draws(settings: AttackSettings) -> int:
 
 def words(info: AttackInfo, settings: AttackSettings) -> str:
     """ "AutoAttack standard (APGD-CE-100, APGD-T-100 top-9, FAB-T-100 top-9, Square 5000
-    queries), L-inf eps=4"; the rand version with its EOT draws."""
+    queries), L-inf eps=4"; the rand version with its EOT draws; "AutoAttack custom (...; the
+    standard version's settings changed)"."""
     k, targets = iteration_words(settings), settings.top_k
-    if version(settings.eot_samples) == "rand":
-        parts = f"rand (APGD-CE{k}, APGD-DLR{k}; EOT over {draws(settings)} draws)"
+    base = version(settings.eot_samples)
+    if base == "rand":
+        parts = f"APGD-CE{k}, APGD-DLR{k}; EOT over {draws(settings)} draws"
     else:
         parts = (
-            f"standard (APGD-CE{k}, APGD-T{k} top-{targets}, FAB-T{k} top-{targets}, "
-            f"Square {settings.queries} queries)"
+            f"APGD-CE{k}, APGD-T{k} top-{targets}, FAB-T{k} top-{targets}, "
+            f"Square {settings.queries} queries"
         )
-    return f"{info.title} {parts}, {ball_words(settings)}"
+    if is_custom(settings):
+        parts += f"; the {base} version's settings changed"
+    return f"{info.title} {version_of(settings)} ({parts}), {ball_words(settings)}"
 
 
 def record(settings: AttackSettings) -> dict:
-    name = version(settings.eot_samples)
-    return {"version": name, "members": list(members(name)), "draws": draws(settings)}
+    base = version(settings.eot_samples)
+    fields = {"version": version_of(settings), "members": list(members(base))}
+    fields["draws"] = draws(settings)
+    return {**fields, "based_on": base} if is_custom(settings) else fields
 
 
 @register(
@@ -85,6 +112,7 @@ def record(settings: AttackSettings) -> dict:
     extra_record=record,
     figures=member_figures,
     draws=draws,
+    defaults=STANDARD_SETTINGS,
 )
 def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
     """AutoAttack's version for ``settings.eot_samples``, at its norm, ε, iterations, targets
@@ -97,4 +125,5 @@ def autoattack_from_settings(settings: AttackSettings) -> EnsembleAttacker:
             apgd_from_settings(drawn, targeted=False, loss="dlr"),
         ]
         return EnsembleAttacker(list(zip(RAND_MEMBERS, attackers, strict=True)))
-    return EnsembleAttacker([(name, factory(single)) for name, factory in STANDARD.items()])
+    standard = [(name, factory(single)) for name, factory in STANDARD.items()]
+    return EnsembleAttacker(standard, check_random=True)

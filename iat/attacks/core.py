@@ -85,6 +85,11 @@ class Attacker(abc.ABC):
         """Named figures from ``stats`` summed over ``images`` images (for summaries and JSON)."""
         return {}
 
+    def image_results(self) -> dict[str, list]:
+        """Per example of the last ``attack`` call, what the per-image file records beside the
+        evaluation's own fields (an ensemble: the member that broke it). None by default."""
+        return {}
+
 
 class NoOpAttacker(Attacker):
     """Leaves images untouched: clean training and clean evaluation."""
@@ -147,6 +152,21 @@ def _scoring(model: nn.Module) -> Iterator[None]:
     """``attack_mode`` without gradients: an attack that reads only the model's scores."""
     with torch.no_grad(), attack_mode(model):
         yield
+
+
+def scored_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """`model`'s float logits for `images` as evaluation scores them: one pass over the whole
+    batch, in inference mode, with its BatchNorm unfolded, without gradients or autocast.
+    Attacks that decide success (an ensemble member's, FAB's) read it here, so that a point on
+    the decision boundary cannot count as broken for the attack and correct for the score."""
+    training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            return model(images).float()
+    finally:
+        for module, flag in training:
+            module.training = flag
 
 
 def as_float(images: Tensor) -> Tensor:
@@ -226,7 +246,7 @@ class AttackSettings:
     eps_step: float = 1.0  # fgm-minimal: epsilon grows by this much until the example breaks
     top_k: int = 9  # APGD-T: target classes, the k most likely wrong ones (capped at classes-1)
     eot_samples: int = 1  # forward passes averaged per iteration (EOT against random models)
-    queries: int = DEFAULT_QUERIES  # square: model queries per example (the initial point included)
+    queries: int = DEFAULT_QUERIES  # square: queries per example after the initial point's
 
 
 def pgd_step_size(epsilon: float, num_iter: int, step_size: float) -> float:

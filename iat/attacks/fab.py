@@ -8,7 +8,8 @@ projections. The targeted version (Croce & Hein 2020, "Reliable evaluation of ad
 robustness with an ensemble of diverse parameter-free attacks", Sec 4, FAB-T) linearises only the
 boundary between the true class and one target, for each of the K likeliest wrong classes in
 turn. As AutoAttack counts it, an example is broken when FAB's point is misclassified and within
-the epsilon-ball; epsilon otherwise only sets the radius of the random restarts.
+the epsilon-ball; epsilon otherwise only sets the radius of the random restarts. As AutoAttack's
+FAB, it has no final search onto the boundary.
 
 Images are float NCHW BGR in pixel units [0, 255], as everywhere; epsilon is in pixel units of
 the norm ("inf" or "2"). ``fab_from_settings`` is registered as ``fab-t``.
@@ -22,7 +23,16 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, Attacker, AttackSettings, no_targets
+from iat.attacks.core import (
+    PIXEL_MAX,
+    PIXEL_MIN,
+    Attacker,
+    AttackSettings,
+    as_float,
+    attacking,
+    no_targets,
+    scored_logits,
+)
 from iat.attacks.ops import (
     check_threat_model,
     clip_pixels,
@@ -40,7 +50,6 @@ from iat.attacks.registry import register
 FAB_ALPHA_MAX = 0.1
 FAB_ETA = 1.05
 FAB_BETA = 0.9
-FINAL_SEARCH_STEPS = 3  # the authors' code (fra31/fab-attack): 3 steps of the final search
 NORM_FLOOR = 1e-8  # keeps alpha's denominator positive, as the authors' code
 NORM_BINS = 1000  # the statistics' histogram of found norms: bins of epsilon / 1000
 
@@ -94,7 +103,10 @@ class FABAttacker(Attacker):
     distance epsilon / 2 (AutoAttack's FAB). Success is misclassification (``target_labels``
     are -1), as AutoAttack; examples the model already misclassifies keep the clean image, as do
     the examples no run broke within ``epsilon``. A broken example returns the smallest
-    misclassified point its run found, after the final search.
+    misclassified iterate its run found, with no final search onto the boundary (AutoAttack's
+    FAB has none; FAB's paper, Sec 2.2, adds one that leaves points ~1e-8 from the boundary),
+    and counts only where ``scored_logits`` of the whole batch confirms it; an example whose
+    point does not hold goes on to the next target.
 
     Statistics per batch: a histogram of the norms of the perturbations that broke examples
     (bins of epsilon / 1000), from which ``describe_stats`` gives their count and median.
@@ -131,29 +143,36 @@ class FABAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        with self._opening(model, images, labels, generator) as (clean, labels, generator):
-            with torch.no_grad():
-                clean_logits = model(clean)
-            # AutoAttack (fab_base.perturb): only correctly classified examples are attacked;
-            # the targets are the classes ranked 2nd to (k+1)-th by the clean logits.
-            broken = clean_logits.argmax(dim=1) != labels
-            attacked = ~broken
-            ranked = clean_logits.argsort(dim=1, descending=True)
-            found = torch.full(labels.shape, math.inf, device=clean.device)
-            adv = clean.clone()
-            for rank in range(1, min(self.top_k, clean_logits.shape[1] - 1) + 1):
-                for restart in range(self.restarts):
-                    todo = (~broken).nonzero().squeeze(1)
-                    if todo.numel() == 0:
-                        break
+        clean, labels = as_float(images), labels.long()
+        generator = self.generator if generator is None else generator
+        clean_logits = scored_logits(model, clean)
+        # AutoAttack (fab_base.perturb): only correctly classified examples are attacked;
+        # the targets are the classes ranked 2nd to (k+1)-th by the clean logits.
+        broken = clean_logits.argmax(dim=1) != labels
+        attacked = ~broken
+        ranked = clean_logits.argsort(dim=1, descending=True)
+        found = torch.full(labels.shape, math.inf, device=clean.device)
+        adv = clean.clone()
+        for rank in range(1, min(self.top_k, clean_logits.shape[1] - 1) + 1):
+            for restart in range(self.restarts):
+                todo = (~broken).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    break
+                with attacking(model):
                     point, distance = self._run(
                         model, clean[todo], labels[todo], ranked[todo, rank], restart > 0, generator
                     )
-                    # AutoAttack: a point counts only within the epsilon-ball.
-                    within = distance <= self.epsilon
-                    adv[todo] = torch.where(per_example(within, point), point, adv[todo])
-                    found[todo] = torch.where(within, distance, found[todo])
-                    broken[todo] = within
+                # AutoAttack: a point counts only within the epsilon-ball, and (as its
+                # robust flags) only where the score says it is misclassified; else the
+                # example stays in play for the next target.
+                within = per_example(distance <= self.epsilon, point)
+                candidate = adv.clone()
+                candidate[todo] = torch.where(within, point, adv[todo])
+                holds = scored_logits(model, candidate).argmax(dim=1)[todo] != labels[todo]
+                holds &= distance <= self.epsilon
+                adv[todo] = torch.where(per_example(holds, point), point, adv[todo])
+                found[todo] = torch.where(holds, distance, found[todo])
+                broken[todo] = holds
         self._norm_counts = self._histogram(found[attacked & broken])
         return adv, no_targets(labels)
 
@@ -205,10 +224,7 @@ class FABAttacker(Attacker):
                 # FAB Sec 2.2, backward step: from a misclassified point, back towards the
                 # clean image by the factor beta.
                 x = torch.where(per_example(wrong, x), clean + FAB_BETA * (x - clean), x)
-        with torch.no_grad():
-            best = self._final_search(model, clean, labels, best, best_norm < math.inf)
-        distance = norm_of(best - clean, self.norm)
-        return best, torch.where(best_norm < math.inf, distance, best_norm)
+        return best, best_norm
 
     def _start(self, clean: Tensor, generator: torch.Generator | None) -> Tensor:
         """AutoAttack's FAB restart: a random point at distance epsilon / 2 from the clean image
@@ -219,35 +235,6 @@ class FABAttacker(Attacker):
             draw = normal(clean.shape, clean, generator)
         radius = per_example(norm_of(draw, self.norm).clamp_min(1e-30), clean)
         return clip_pixels(clean + (self.epsilon / 2) * draw / radius)
-
-    @staticmethod
-    def _final_search(
-        model: nn.Module, clean: Tensor, labels: Tensor, adv: Tensor, found: Tensor
-    ) -> Tensor:
-        """FAB Sec 2.2, final search: on the segment from the clean image (correct) to the
-        found point (misclassified), each step moves one end to the zero of the linear
-        interpolation of ``z_label - z_c`` (c the misclassified end's class), as the authors'
-        code, or to the midpoint where that zero is not between the ends. Points of the segment
-        only get closer to the clean image, so the norm can only shrink."""
-        inside, outside = clean, adv
-        inside_logits, outside_logits = model(inside), model(outside)
-        for _ in range(FINAL_SEARCH_STEPS):
-            other = outside_logits.argmax(dim=1)
-            own_in = -target_margin(inside_logits, labels, other)
-            own_out = target_margin(outside_logits, labels, other)
-            share = own_in / (own_in + own_out + 1e-12)
-            share = torch.where((share >= 0) & (share <= 1), share, torch.full_like(share, 0.5))
-            share = per_example(share, clean)
-            # A convex combination of two points of the box, clipped against rounding above 255.
-            middle = clip_pixels((1 - share) * inside + share * outside)
-            middle_logits = model(middle)
-            correct = middle_logits.argmax(dim=1) == labels
-            keep = per_example(correct, clean)
-            inside = torch.where(keep, middle, inside)
-            inside_logits = torch.where(correct[:, None], middle_logits, inside_logits)
-            outside = torch.where(keep, outside, middle)
-            outside_logits = torch.where(correct[:, None], outside_logits, middle_logits)
-        return torch.where(per_example(found, clean), outside, adv)
 
     def _histogram(self, norms: Tensor) -> Tensor:
         width = max(self.epsilon, 1e-12) / NORM_BINS

@@ -69,6 +69,9 @@ class AttackInfo:
     # The draws of a random defense it averages per gradient (None: settings.eot_samples).
     draws: Callable[[AttackSettings], int] | None = None
     training: TrainingForm | None = None  # as --adv-method names it; None: not a training attack
+    # Settings (AttackSettings fields) ``--attack NAME`` sets unless their flags are given:
+    # an attack defined with its own settings (AutoAttack's), not the training flags' defaults.
+    defaults: dict[str, object] | None = None
 
 
 ATTACKS: dict[str, AttackInfo] = {}

@@ -32,7 +32,8 @@ from iat.attacks.registry import register
 # higher p"); 0.8 is AutoAttack's value (Croce & Hein 2020), the usual one against defenses.
 P_INIT = 0.8
 # The paper's schedule (Sec 3 and the authors' code, p_selection): p is halved at these
-# iterations of a 10,000-query run, rescaled to the query budget (iteration * 10,000 / queries).
+# iterations. AutoAttack runs it unscaled at 5,000 queries (its resc_schedule=False); the
+# paper's code may stretch it to the budget (iteration * 10,000 / queries).
 P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 SCHEDULE_QUERIES = 10_000
 # The authors' L-inf code redraws a window's signs while they would leave the image unchanged (a
@@ -42,10 +43,10 @@ L2_MIN_SIDE = 3  # Sec 3.3 (the authors' code): L2 windows are at least 3x3, of 
 NORM_FLOOR = 1e-12  # keeps the L2 normalisations finite (the authors' code adds the same)
 
 
-def square_fraction(p_init: float, iteration: int, queries: int) -> float:
+def square_fraction(p_init: float, iteration: int, queries: int, rescale: bool = False) -> float:
     """The fraction p of pixels the window of ``iteration`` covers (0-based): ``p_init`` halved
-    at each of ``P_HALVINGS`` passed, the schedule stretched to ``queries``."""
-    scaled = int(iteration / queries * SCHEDULE_QUERIES)
+    at each of ``P_HALVINGS`` passed; with ``rescale`` the schedule stretched to ``queries``."""
+    scaled = int(iteration / queries * SCHEDULE_QUERIES) if rescale else iteration
     return p_init / 2 ** sum(scaled > point for point in P_HALVINGS)
 
 
@@ -110,8 +111,10 @@ class SquareAttacker(Attacker):
 
     Examples the model misclassifies on the clean image keep it and are not attacked (that
     clean pass is no query of the budget, as the authors count). Each attacked example spends
-    at most ``queries`` queries: one for the initial perturbation, one per iteration until it
-    is misclassified. A query is one forward pass, or against a random defense the mean logits
+    at most ``queries`` + 1 queries, as AutoAttack's (``n_queries`` iterations after the
+    initial perturbation's query): one for the initial perturbation, one per iteration until it
+    is misclassified. ``rescale_schedule`` stretches p's schedule to the budget (AutoAttack:
+    off). A query is one forward pass, or against a random defense the mean logits
     of ``eot_samples`` passes. The margin loss is the true class's logit minus the largest
     other logit (Sec 3, untargeted).
 
@@ -126,6 +129,7 @@ class SquareAttacker(Attacker):
         p_init: float = P_INIT,
         generator: torch.Generator | None = None,
         eot_samples: int = 1,
+        rescale_schedule: bool = False,
     ) -> None:
         check_threat_model(epsilon, norm, ("inf", "2"))
         if queries < 1:
@@ -136,6 +140,7 @@ class SquareAttacker(Attacker):
         self.norm = norm
         self.queries = queries
         self.p_init = p_init
+        self.rescale_schedule = rescale_schedule
         self.generator = generator
         self.eot_samples = eot_samples
         self.last_queries: Tensor | None = None  # per example of the last batch (0: not attacked)
@@ -185,11 +190,11 @@ class SquareAttacker(Attacker):
         margin = logit_margin(logits, labels)
         broken = logits.argmax(dim=1) != labels
         queries = torch.ones(labels.shape, device=clean.device)
-        for iteration in range(self.queries - 1):
+        for iteration in range(self.queries):
             todo = (~broken).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            p = square_fraction(self.p_init, iteration, self.queries)
+            p = square_fraction(self.p_init, iteration, self.queries, self.rescale_schedule)
             propose = self._linf_proposal if self.norm == "inf" else self._l2_proposal
             candidate = propose(clean[todo], best[todo], p, generator)
             logits = self._logits(model, candidate)
@@ -331,7 +336,7 @@ def square_figures(details: dict) -> str:
     iterations=False,
     queries=True,
     gradient=False,
-    extra_record=lambda settings: {"p_init": P_INIT},
+    extra_record=lambda settings: {"p_init": P_INIT, "rescale_schedule": False},
     figures=square_figures,
 )
 def square_from_settings(settings: AttackSettings) -> SquareAttacker:

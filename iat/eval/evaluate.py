@@ -29,6 +29,7 @@ from iat.attacks import (
     autoattack,
     registry,
 )
+from iat.attacks.ops import logit_margin
 from iat.builders import build_attacker, load_for_inference
 from iat.config import (
     Config,
@@ -89,8 +90,11 @@ def evaluate(
     desc: str = "eval",
     state: EvalState | None = None,
     transform: Callable = eval_transform,
+    images_out: list | None = None,
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
+
+    With `images_out`, a row per image attacked here is appended to it (``image_rows``).
 
     With `quantize` the adversarial images are rounded to uint8 (as a file would hold them)
     before they are scored; `export` writes them as PNGs. With `state`, the batches it holds
@@ -138,6 +142,8 @@ def evaluate(
         )
         if export is not None:
             export.write(adv, indices[ok] if not ok.all() else indices)
+        if images_out is not None:
+            images_out += image_rows(logits, labels, indices[ok], attacker.image_results())
         counts, batch_stats = count_batch(logits, labels, targets), attacker.batch_stats()
         totals += counts
         skipped += batch_skipped
@@ -220,6 +226,52 @@ def summed_result(
     images = int(totals[0].item())
     details = attacker.describe_stats(stats, images)
     return EvalResult.from_counts(totals, skipped=int(skipped.item()), details=details)
+
+
+def image_rows(
+    logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, results: dict[str, list]
+) -> list[dict]:
+    """Per image of a batch, as the per-image file records it: its index in the evaluated
+    samples, label, prediction, final margin (the label's logit minus the largest other one:
+    negative when misclassified) and the attacker's own per-image results (``image_results``:
+    an ensemble's ``broken_by``)."""
+    margins = logit_margin(logits, labels).tolist()
+    predictions = logits.argmax(dim=1).tolist()
+    rows = zip(indices.tolist(), labels.tolist(), predictions, margins, strict=True)
+    out = [{"index": i, "label": y, "prediction": p, "margin": m} for i, y, p, m in rows]
+    for key, values in results.items():
+        for row, value in zip(out, values, strict=True):
+            row[key] = value
+    return out
+
+
+def image_results_path(eval_output: str | Path) -> Path:
+    """The per-image file beside --eval-output: ``<eval-output>.images.jsonl``."""
+    return Path(f"{eval_output}.images.jsonl")
+
+
+def write_image_results(path: Path, points: list[tuple[Config, list[dict]]]) -> None:
+    """One JSON line per image and evaluation point (``point``: its place in the sweep, as
+    the evaluation records are written), ordered by point and image index."""
+    lines = [
+        json.dumps({"point": k, "epsilon": cfg.attack_epsilon, "iter": cfg.attack_iter, **row})
+        for k, (cfg, rows) in enumerate(points)
+        for row in sorted(rows, key=lambda r: r["index"])
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def randomness_line(details: dict) -> str | None:
+    """AutoAttack's randomness check in one line (the authors' ``check_randomized``), when two
+    passes of the model on the same images differed; None otherwise."""
+    if not details.get("randomized_batches"):
+        return None
+    return (
+        f"warning: the model is random: two forward passes on the same images differed in "
+        f"{details['randomized_batches']} batch(es); the standard version overstates its "
+        "robustness: evaluate it behind its random defense (--defense, --eot-samples > 1), "
+        "which runs the rand version"
+    )
 
 
 def add_done_batches(
@@ -320,6 +372,7 @@ def evaluate_attack(
     export: AdversarialExport | None = None,
     state: EvalState | None = None,
     wrap: Callable[[Attacker], Attacker] | None = None,
+    images_out: list | None = None,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
@@ -346,6 +399,7 @@ def evaluate_attack(
         desc=desc,
         state=state,
         transform=benchmarks.transform_for(cfg),
+        images_out=images_out,
     )
 
 
@@ -373,10 +427,11 @@ def evaluate_checkpoint(
     if cfg.export_adversarial is not None:
         split_dir = Path(cfg.data) / cfg.split
         export = AdversarialExport(cfg.export_adversarial, samples, split_dir)
-    results, states = [], []
+    results, states, per_image = [], [], []
     for point in sweep(cfg):
         state = open_state(point, len(samples))
         states.append(state)
+        per_image.append((point, []))
         result = evaluate_attack(
             model,
             point,
@@ -388,6 +443,7 @@ def evaluate_checkpoint(
             name=eval_attack(point),
             export=export,
             state=state,
+            images_out=per_image[-1][1],
         )
         checks = masking_checks(model, point, samples, device)
         record = {**eval_record(point, result), "device": str(device)}
@@ -396,14 +452,18 @@ def evaluate_checkpoint(
         logger.log_result("eval", record)
         if distributed.is_main_process():
             print(label + summary_line(point, result), flush=True)
-            for check in checks or ():
-                if check.warn:
-                    print(check.line(), flush=True)
+            warnings = [randomness_line(result.details)]
+            warnings += [check.line() for check in checks or () if check.warn]
+            for line in filter(None, warnings):
+                print(line, flush=True)
         results.append(result)
     if cfg.benchmark is not None and cfg.eval_output and distributed.is_main_process():
         write_model_info(cfg, results)
     if export is not None and distributed.is_main_process():
         export.write_labels()
+    gathered = [(point, distributed.gather_lists(rows)) for point, rows in per_image]
+    if cfg.eval_output and distributed.is_main_process():
+        write_image_results(image_results_path(cfg.eval_output), gathered)
     logger.flush()
     for state in states:  # every point's result is written: nothing left to resume
         if state is not None:

@@ -529,6 +529,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order (`items` when not
+    distributed)."""
+    if not is_initialized():
+        return items
+    gathered: list = [None] * get_world_size()
+    with naming_lost_peers():
+        dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite ``t`` in place with rank ``src``'s copy and return it."""
     if is_initialized():
