@@ -67,10 +67,18 @@ class Attacker(abc.ABC):
         input gradients and `low_precision`; without `gradients`, under ``no_grad``: a
         score-based attack), giving ``(clean, labels, generator)``: the images detached as float,
         the labels as int64, and the call's generator, else the attacker's own."""
-        generator = self.generator if generator is None else generator
         mode = attacking(model, low_precision) if gradients else _scoring(model)
         with mode:
-            yield as_float(images), labels.long(), generator
+            yield self._inputs(images, labels, generator)
+
+    def _inputs(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, torch.Generator | None]:
+        """``_opening``'s values without its mode, for an attack that scores its points outside
+        attack mode (as evaluation scores them): the images detached as float, the labels as
+        int64, the call's generator, else the attacker's own."""
+        generator = self.generator if generator is None else generator
+        return as_float(images), labels.long(), generator
 
     def stats_template(self, device: torch.device) -> dict[str, Tensor]:
         """Zero float64 counts shaped like ``batch_stats()``: what an evaluator sums over batches

@@ -16,7 +16,6 @@ from iat.attacks.apgd import apgd_from_settings
 from iat.attacks.core import (
     Attacker,
     AttackSettings,
-    as_float,
     no_targets,
     scored_logits,
 )
@@ -65,8 +64,7 @@ class EnsembleAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        clean, labels = as_float(images), labels.long()
-        generator = self.generator if generator is None else generator
+        clean, labels, generator = self._inputs(images, labels, generator)
         logits = scored_logits(model, clean)
         if self.check_random:
             differ = not torch.equal(logits, scored_logits(model, clean))

@@ -28,7 +28,6 @@ from iat.attacks.core import (
     PIXEL_MIN,
     Attacker,
     AttackSettings,
-    as_float,
     attacking,
     no_targets,
     scored_logits,
@@ -143,8 +142,7 @@ class FABAttacker(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        clean, labels = as_float(images), labels.long()
-        generator = self.generator if generator is None else generator
+        clean, labels, generator = self._inputs(images, labels, generator)
         clean_logits = scored_logits(model, clean)
         # AutoAttack (fab_base.perturb): only correctly classified examples are attacked;
         # the targets are the classes ranked 2nd to (k+1)-th by the clean logits.

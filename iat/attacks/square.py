@@ -336,7 +336,7 @@ def square_figures(details: dict) -> str:
     iterations=False,
     queries=True,
     gradient=False,
-    extra_record=lambda settings: {"p_init": P_INIT, "rescale_schedule": False},
+    extra_record=lambda settings: {"p_init": P_INIT},
     figures=square_figures,
 )
 def square_from_settings(settings: AttackSettings) -> SquareAttacker:
