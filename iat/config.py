@@ -629,6 +629,18 @@ def _schedules(cfg: Config) -> None:
         )
 
 
+def depth_applies(cfg: Config) -> bool:
+    """Whether ``-d`` chooses anything: not under --num-blocks, nor for an architecture whose
+    name implies its one depth (convnext_tiny, vit_small_patch16_224)."""
+    known = cfg.arch in nets.ARCHITECTURES
+    return cfg.num_blocks is None and (not known or len(nets.depths_of(cfg.arch)) > 1)
+
+
+def model_name(cfg: Config) -> str:
+    """The architecture as records name it: ResNet-50, ResNetBasic-18, convnext_tiny."""
+    return f"{cfg.arch}-{cfg.depth}" if depth_applies(cfg) else cfg.arch
+
+
 def eval_attack(cfg: Config) -> str:
     """The registry name of --eval's attack: --attack, else the original's PGD (clean for 0
     iterations)."""

@@ -17,6 +17,7 @@ import torch
 from conftest import REPO
 
 import nets
+from iat.app.cli import build_parser
 from iat.builders import attack_precision
 from iat.runs.trackers.mlflow_runs import MLFLOW_CHECK_SECONDS
 from iat.runtime.cpus import usable_cpus
@@ -387,3 +388,30 @@ def test_every_option_of_the_sub_commands_has_help_and_shows_its_default(command
     # Every option line has a help text after it (no bare "--batch BATCH" line).
     entries = [e for e in options.split("\n  -") if e.strip()]
     assert all(len(e.split(None, 2)) > 2 or "\n" in e.strip() for e in entries), options
+
+
+def test_every_flag_has_help_text_and_one_default() -> None:
+    """--help explains every flag, says its default at most once, and keeps evaluation-only
+    flags out of the output group (issue 33)."""
+    parser = build_parser()
+    for action in parser._actions:
+        text = action.help or ""
+        assert text.strip() and not text.startswith(" ("), action.option_strings
+        assert text.count("default:") <= 1, (action.option_strings, text)
+    output = next(g for g in parser._action_groups if g.title == "output")
+    assert not any(a.help.startswith("--eval") for a in output._group_actions)
+
+
+def test_settings_and_records_name_depth_only_where_it_applies() -> None:
+    """convnext_tiny has one depth: no depth=50 in the settings line, no "-18" in its name."""
+    from iat.config import Config, model_name
+    from iat.train.trainer import settings_line
+
+    convnext = Config(arch="convnext_tiny", depth=18, fake=True)
+    resnet = Config(arch="ResNet", depth=50, fake=True)
+    assert "depth=" not in settings_line(convnext) and "=None" not in settings_line(convnext)
+    assert "depth=50" in settings_line(resnet)
+    assert "depth=" not in settings_line(
+        Config(arch="ResNetBasic", num_blocks=(1, 1, 1, 1), fake=True)
+    )
+    assert (model_name(convnext), model_name(resnet)) == ("convnext_tiny", "ResNet-50")

@@ -81,6 +81,9 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
 
 
 def _help(name: str, text: str) -> str:
+    """`text`, then Config's default, unless `text` says its own ("default: ...")."""
+    if "default:" in text:
+        return text
     field = Config.__dataclass_fields__[name]
     default = field.default if field.default is not dataclasses.MISSING else None
     return f"{text} (default: {default})"
@@ -223,7 +226,12 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     attack.add_argument("--attack-step-size", type=float, help=_help("attack_step_size", "step"))
     _choice_arg(attack, "--attack-target", "the attack's goal")
     attack.add_argument(
-        "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+        "--prob-start-from-clean",
+        type=float,
+        help=_help(
+            "prob_start_from_clean",
+            "training: probability that an image's attack starts from it, not a random point",
+        ),
     )
     attack.add_argument(
         "--eps-warmup-epochs", type=int, help=_help("eps_warmup_epochs", "training epsilon ramp")
@@ -236,7 +244,7 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help=_help("overfit_guard", "stop + roll back on a PGD accuracy drop > this; Wong: 0.2"),
     )
-    _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
+    _choice_arg(attack, "--attack", "--eval's attack (default: pgd, or clean for --attack-iter 0)")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
     attack.add_argument(
         "--restarts", type=int, help=_help("restarts", "pgd / apgd-* / fab-t restarts")
@@ -280,7 +288,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     )
     _choice_arg(opt, "--lr-schedule", "step decay, cosine, or piecewise-linear (cyclic)")
     opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
-    opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument(
+        "--warmup-epochs", type=float, help=_help("warmup_epochs", "linear LR warm-up, epochs")
+    )
     opt.add_argument(
         "--warmup-factor",
         type=float,
@@ -297,14 +307,20 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         metavar="EPOCH FACTOR",
         help="cyclic: epoch/factor-of-peak pairs (default: 0 0, 0.4E 1, E 0; Wong et al.)",
     )
-    opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument(
+        "--weight-decay", type=float, help=_help("weight_decay", "L2 penalty (AdamW: decoupled)")
+    )
     opt.add_argument(
         "--clip-grad", type=float, help=_help("clip_grad", "max global L2 norm of the gradient")
     )
-    opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
+    opt.add_argument(
+        "--label-smoothing", type=float, help=_help("label_smoothing", "of the training loss")
+    )
     opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
     _choice_arg(opt, "--train-eval", "in-training evaluations")
-    opt.add_argument("--seed", type=int, help=_help("seed", ""))
+    opt.add_argument(
+        "--seed", type=int, help=_help("seed", "seeds shuffling, augmentation, attacks")
+    )
     opt.add_argument(
         "--collective-timeout",
         type=float,
@@ -319,21 +335,34 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     """The run directory, --eval's outputs and options, --watch, --eval-directory's."""
     out = p.add_argument_group("output")
     out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
-    out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
+    out.add_argument(
+        "--keep-checkpoints", type=int, help=_help("keep_checkpoints", "epoch checkpoints kept")
+    )
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
-    _eval_output_args(out)
-    _watch_args(out)
-    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
     out.add_argument(
         "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
     )
-    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
-    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+    out.add_argument(
+        "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
+    )
+    out.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="mlruns",
+        help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
+    )
+    evaluation = p.add_argument_group("evaluation (--eval, --eval-directory)")
+    _eval_output_args(evaluation)
+    _watch_args(evaluation)
+    evaluation.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    evaluation.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    evaluation.add_argument(
+        "--class-names", help="one class name per line (LOC_synset_mapping.txt)"
+    )
 
 
 def _eval_output_args(out: argparse._ArgumentGroup) -> None:
-    """--eval's result files, the images it attacks and how, its sweeps; --activations-file
-    and --mlflow stand among them in --help."""
+    """--eval's result files, the images it attacks and how, its sweeps."""
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     _choice_arg(
         out,
@@ -351,15 +380,6 @@ def _eval_output_args(out: argparse._ArgumentGroup) -> None:
         "--eval-state",
         help="--eval: keep finished batches here, so a relaunch resumes "
         "(default: <--eval-output>.state; 'none': off)",
-    )
-    out.add_argument(
-        "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
-    )
-    out.add_argument(
-        "--mlflow",
-        nargs="?",
-        const="mlruns",
-        help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
     )
     _choice_arg(out, "--split", "--eval: the split to attack")
     out.add_argument(

@@ -38,6 +38,7 @@ from iat.config import (
     adv_fraction,
     config_record,
     default_logdir,
+    depth_applies,
     ema_enabled,
     eval_attack,
     fit_defense,
@@ -843,6 +844,9 @@ def start_line(facts: dict, start: Start) -> str:
 
 
 def settings_line(cfg: Config) -> str:
-    """Every resolved setting, in the configuration's order (config.json holds them too)."""
-    values = dataclasses.asdict(cfg)
+    """Every resolved setting that applies, in the configuration's order: not the unset ones,
+    nor ``depth`` where it chooses nothing (config.json holds them all)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    if not depth_applies(cfg):
+        values.pop("depth", None)
     return "settings: " + ", ".join(f"{name}={value}" for name, value in values.items())
