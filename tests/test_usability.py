@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train_tiny, write_imagenet
 
 import nets
 from iat.app.cli import build_parser
@@ -415,3 +415,22 @@ def test_settings_and_records_name_depth_only_where_it_applies() -> None:
         Config(arch="ResNetBasic", num_blocks=(1, 1, 1, 1), fake=True)
     )
     assert (model_name(convnext), model_name(resnet)) == ("convnext_tiny", "ResNet-50")
+
+
+def test_eval_defaults_to_the_image_size_the_checkpoint_trained_at(tmp_path: Path, capsys) -> None:
+    """--eval --load of a run's checkpoint without --image-size evaluates at the run's size,
+    printed; --image-size given overrides it, printed as such; the record holds the size."""
+    data = write_imagenet(tmp_path / "imagenet")
+    train_tiny(data, tmp_path / "run", 1)  # at 32x32
+    ckpt = str(tmp_path / "run" / "checkpoint-epoch0001.pt")
+    sizes = []
+    for extra in ([], ["--image-size", "48"]):
+        out = tmp_path / f"eval{len(sizes)}.json"
+        flags = ["--batch", "4", "--workers", "0", "--threads", "1", "--attack-iter", "0"]
+        argv = ["--eval", "--load", ckpt, "--data", str(data), *flags, "--eval-output", str(out)]
+        assert main([*argv, *extra]) == 0
+        sizes.append(json.loads(out.read_text())["image_size"])
+    err = capsys.readouterr().err
+    assert sizes == [32, 48]
+    assert f"--image-size 32: the size its run trained at ({ckpt}'s config.json)" in err
+    assert "--image-size 48: given, overriding the 32 its run trained at" in err

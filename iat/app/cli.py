@@ -19,7 +19,7 @@ from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
 from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs
 from iat.runtime import distributed
 from iat.runtime.atomic_io import NoSpaceError, is_no_space
 from iat.runtime.cpus import cpu_share, resolve_threads
@@ -494,8 +494,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # The model fields the user chose: the flags given, and those the replayed run chose.
     explicit = set(given) | set(values.get("explicit_model_fields", ()))
     values.update(given)
+    if given.get("recipe") is not None and "epochs" in given:  # a short run of a long recipe
+        values.update(fit_to_epochs(given["recipe"], given["epochs"], given))
     _default_depth(values)
     values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
+    values["image_size_given"] = "image_size" in values
     values["mode"] = next((m for m in _MODE_FLAGS if getattr(args, m)), "train")
     return Config(**values)
 

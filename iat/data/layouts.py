@@ -286,6 +286,11 @@ def detect_layout(root: str | Path) -> str:
     return next((name for name, detect in _DETECTORS.items() if detect(root)), "imagenet")
 
 
+def resolved_layout(root: str | Path, layout: str = AUTO_LAYOUT) -> str:
+    """`layout`, or for ``auto`` the layout detected in ``root``."""
+    return detect_layout(root) if layout == AUTO_LAYOUT else layout
+
+
 def create_reader(root: str | Path, layout: str = AUTO_LAYOUT) -> Reader:
     """The reader of ``layout`` (a ``READERS`` name, or ``auto``) for the data folder ``root``."""
     if layout == AUTO_LAYOUT:
