@@ -132,14 +132,15 @@ def trained_image_size(checkpoint: str | Path) -> int | None:
 
 def with_trained_image_size(cfg: Config) -> Config:
     """``cfg`` evaluating at the size the --load'ed checkpoint was trained at unless --image-size
-    was given; one line says which size and why (an override, when it differs)."""
+    was given; one line says which size and why (or that the flag overrides it, when it
+    differs)."""
     trained = trained_image_size(cfg.load) if cfg.load else None
     if trained is None:
         return cfg
+    if cfg.image_size_given and cfg.image_size == trained:
+        return cfg
     if cfg.image_size_given:
-        line = f"--image-size {cfg.image_size}: given" + (
-            f", overriding the {trained} its run trained at" * (cfg.image_size != trained)
-        )
+        line = f"--image-size {cfg.image_size}: given, overriding the {trained} its run trained at"
     else:
         line = f"--image-size {trained}: the size its run trained at ({cfg.load}'s config.json)"
         cfg = dataclasses.replace(cfg, image_size=trained)

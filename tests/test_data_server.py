@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -436,3 +437,6 @@ def test_a_server_of_another_augmentation_is_one_error_with_the_command(
     )
     images, _ = next(server_batches(_spec("fbresnet", address, 30, folder)))
     assert images.shape == (4, 32, 32, 3)
+    with pytest.raises(BatchShapeMismatch, match="serves batches of --seed 5, but this run trains"
+                       " with --seed 6: start the server with: .* --seed 6$"):  # fmt: skip
+        next(server_batches(dataclasses.replace(_spec("fbresnet", address, 30, folder), seed=6)))

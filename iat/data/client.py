@@ -51,7 +51,12 @@ _PROBE_MS = 2000
 
 Batch = tuple[np.ndarray, np.ndarray]
 # The flag (of serve-data.py and the trainer alike) that sets each advertised setting.
-_SETTING_FLAGS = {"augment": "--train-augment", "layout": "--data-layout", "classes": "classes"}
+_SETTING_FLAGS = {
+    "augment": "--train-augment",
+    "layout": "--data-layout",
+    "classes": "classes",
+    "seed": "--seed",
+}
 
 
 class DataServerTimeout(RuntimeError):

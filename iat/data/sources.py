@@ -76,7 +76,8 @@ class TrainSourceSpec:
     timeout_s: float  # data server: seconds without a batch before it is declared gone
     pin_memory: bool  # page-locked host memory for an asynchronous copy (CUDA)
     # The data server's handshake: the trainer's --data, its layout (resolved) and class count
-    # (None: not compared), which the server's batches must have been made with too.
+    # (None: not compared), which the server's batches must have been made with too (as the
+    # augmentation and the seed above).
     data: str | None = None
     layout: str | None = None
     classes: int | None = None
@@ -105,7 +106,12 @@ def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
         batch=spec.batch,
         image_size=spec.image_size,
         num_classes=spec.num_classes,
-        expect={"augment": spec.augment, "layout": spec.layout, "classes": spec.classes},
+        expect={
+            "augment": spec.augment,
+            "layout": spec.layout,
+            "classes": spec.classes,
+            "seed": spec.seed,
+        },
         command=server_command(
             data=spec.data,
             batch=spec.batch,
