@@ -113,13 +113,15 @@ def test_the_data_server_serves_shards(sharded) -> None:
 
 
 def test_training_and_evaluation_read_shards(sharded, tmp_path: Path) -> None:
-    """--loader local trains from shards; --eval on shards counts what it counts on the folder."""
+    """--loader local trains from shards, evaluating on them; --eval on shards counts what it
+    counts on the folder."""
     folder, out = sharded
     small = [*TINY, "--image-size", "32", "--batch", "2", "--workers", "0"]
     train = ["main.py", "--data", str(out), "--logdir", str(tmp_path / "run"), *small,
              "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "8",
-             "--steps-per-epoch", "2", "--epochs", "1", "--train-eval", "none"]  # fmt: skip
-    _run(train)
+             "--steps-per-epoch", "2", "--epochs", "1", "--train-eval", "light"]  # fmt: skip
+    proc = _run(train)  # its in-training evaluation reads the val shards (issue 33)
+    assert "epoch 1 eval-10step: PGD-10" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoint-epoch0001.pt").exists()
     ckpt = tmp_path / "w.pt"
     torch.manual_seed(0)
