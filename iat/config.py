@@ -644,7 +644,7 @@ def depth_applies(cfg: Config) -> bool:
     return cfg.num_blocks is None and (not known or len(nets.depths_of(cfg.arch)) > 1)
 
 
-def model_name(cfg: Config) -> str:
+def architecture_name(cfg: Config) -> str:
     """The architecture as records name it: ResNet-50, ResNetBasic-18, convnext_tiny."""
     return f"{cfg.arch}-{cfg.depth}" if depth_applies(cfg) else cfg.arch
 

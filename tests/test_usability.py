@@ -404,7 +404,7 @@ def test_every_flag_has_help_text_and_one_default() -> None:
 
 def test_settings_and_records_name_depth_only_where_it_applies() -> None:
     """convnext_tiny has one depth: no depth=50 in the settings line, no "-18" in its name."""
-    from iat.config import Config, model_name
+    from iat.config import Config, architecture_name
     from iat.train.trainer import settings_line
 
     convnext = Config(arch="convnext_tiny", depth=18, fake=True)
@@ -414,7 +414,10 @@ def test_settings_and_records_name_depth_only_where_it_applies() -> None:
     assert "depth=" not in settings_line(
         Config(arch="ResNetBasic", num_blocks=(1, 1, 1, 1), fake=True)
     )
-    assert (model_name(convnext), model_name(resnet)) == ("convnext_tiny", "ResNet-50")
+    assert (architecture_name(convnext), architecture_name(resnet)) == (
+        "convnext_tiny",
+        "ResNet-50",
+    )
 
 
 def test_eval_defaults_to_the_image_size_the_checkpoint_trained_at(tmp_path: Path, capsys) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from iat.attacks import DEFAULT_QUERIES
-from iat.config import Config, model_name
+from iat.config import Config, architecture_name
 from iat.data.augment import eval_transform, robustbench_transform
 from iat.data.layouts import DataError, Sample
 from iat.eval.metrics import EvalResult
@@ -75,7 +75,7 @@ def points(cfg: Config) -> list[Config]:
 def model_info(cfg: Config, clean: EvalResult, attacked: EvalResult, version: str) -> dict:
     """RobustBench's model_info fields (accuracies as percentage strings, ε as a fraction of
     255), with what this project knows of the model; the rest empty for the author to fill."""
-    architecture = model_name(cfg)
+    architecture = architecture_name(cfg)
     threat = "Linf" if cfg.norm == "inf" else "L2"
     return {
         "link": "",
