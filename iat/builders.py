@@ -43,19 +43,26 @@ def build_model(
     """The configured architecture on `device`, with `weights` loaded strictly if given;
     behind a model-level defense (``iat.defenses.registry``) when `weights` carry one (their
     record's, filled by their tensors) or else when --frontend names one. Weights without one
-    (the original .npz files included) are loaded into the classifier alone."""
-    classifier = build_classifier(cfg, num_classes)
+    (the original .npz files included) are loaded into the classifier alone. With `weights`,
+    the model is first built on the meta device and checked against them (``nets.check_fits``):
+    a size the file's tensors do not have is refused before anything is allocated."""
     recorded = recorded_defense(weights)
     options = WrapOptions(cfg.frontend_trainable, cfg.frontend_gradient)
-    model = classifier
-    if recorded is not None:
-        defense, spec = recorded
-        model = defense.empty(spec, classifier, options)
-    elif cfg.frontend is not None:
-        defense, argument = parse_frontend(cfg.frontend)
-        model = defense.build(argument, classifier, options)
+
+    def filled() -> torch.nn.Module:  # what `weights` fill: the classifier, or its defense's
+        classifier = build_classifier(cfg, num_classes)
+        return (
+            classifier if recorded is None else recorded[0].empty(recorded[1], classifier, options)
+        )
+
     if weights is not None:
-        nets.load_weights(model if recorded is not None else classifier, weights)
+        nets.check_fits(filled, weights)
+    model = loaded = filled()
+    if recorded is None and cfg.frontend is not None:
+        defense, argument = parse_frontend(cfg.frontend)
+        model = defense.build(argument, loaded, options)
+    if weights is not None:
+        nets.load_weights(loaded, weights)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # matches sources.to_model_input
     return model.to(device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nets
-from iat.attacks import ATTACK_LOSSES, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
+from iat.attacks import ATTACK_LOSSES, ATTACKS, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
 from iat.attacks.registry import default_attack, evaluation_attacks, takes
 from iat.attacks.spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
@@ -35,7 +35,12 @@ NO_TARGET = "none"  # --attack-target for untargeted attacks
 DATA_SERVER_TRANSPORTS = ("ipc://", "tcp://")
 EVAL_SPLITS = ("val", "train", FOLDER_ITSELF)  # "." the --data folder itself (an export)
 BENCHMARKS = ("robustbench",)  # --benchmark: protocols iat.eval.benchmarks implements
-EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a")  # --eval-set: iat.eval.ood
+# --benchmark's result file: what it says of the model (iat.eval.benchmarks.model_info)
+BENCHMARK_INFO_FIELDS = (
+    "model_name", "model_link", "model_authors", "model_venue", "additional_data"
+)  # fmt: skip
+# --eval-set: iat.eval.ood
+EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a", "imagenet-sketch", "imagenet-v2")
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -244,8 +249,16 @@ class Config:
     # --eval: a benchmark's protocol (iat.eval.benchmarks): its images, preprocessing, threat model
     # and result file; "robustbench" (RobustBench's ImageNet L-inf evaluation)
     benchmark: str | None = None
+    # --benchmark: what its result file says of the model (RobustBench's model_info fields name,
+    # link, authors, venue, additional_data); None: left empty (additional_data: null, unknown)
+    model_name: str | None = None
+    model_link: str | None = None
+    model_authors: str | None = None
+    model_venue: str | None = None
+    additional_data: bool | None = None  # trained with data beyond ImageNet-1k's training set
     # --eval: robustness outside the threat model (iat.eval.ood): --data is an ImageNet-C folder
-    # (corruption/severity/wnid) or ImageNet-R / -A's (wnid), scored clean
+    # (corruption/severity/wnid), ImageNet-R / -A's (wnid), ImageNet-Sketch's (sketch/wnid, all
+    # 1000) or ImageNet-V2's (class index 0-999), scored clean
     eval_set: str | None = None
     eval_directory: str | None = None  # --eval-directory: folder of images to classify
     prediction_file: str = "predictions.txt"  # --eval-directory: output, "filename,label" lines
@@ -470,6 +483,11 @@ def validate(cfg: Config) -> None:
             f"({' or '.join(t + '...' for t in DATA_SERVER_TRANSPORTS)})",
         )
     _attack_options(cfg)
+    for name in BENCHMARK_INFO_FIELDS:
+        _check(
+            getattr(cfg, name) is None or cfg.benchmark is not None,
+            f"{_flag(name)}: only --benchmark takes it (its result file's model_info)",
+        )
     needs_data = cfg.mode in ("train", "eval", "export_activations") and not cfg.fake
     _check(not needs_data or cfg.data is not None, "--data: required (or --fake)")
     _check(
@@ -592,10 +610,13 @@ def _mixing(cfg: Config) -> None:
     if not mixing_enabled(cfg):
         return
     spec = training_attack_spec(cfg)
+    form = attack_info(spec.name).training
+    soft = [name for name, info in ATTACKS.items() if info.training and info.training.soft_target]
     _check(
-        spec.name in ("clean", "pgd", "fgsmrs") and spec.settings.target is None,
+        form is not None and form.soft_target is not None and spec.settings.target is None,
         "--mixup-alpha/--cutmix-alpha: the attack maximises the soft target's loss, so it must "
-        "be untargeted (--adv-method pgd_EPS_STEP_NITER or fgsmrs_EPS, or --attack-target none)",
+        f"be untargeted and one with a soft-target form ({', '.join(soft)}; --attack-target "
+        f"none for the --attack-* flags), not {spec.name}",
     )
     _check(cfg.free_replays == 1, "--mixup-alpha/--cutmix-alpha: not with --free-replays")
 
@@ -626,15 +647,23 @@ def _schedules(cfg: Config) -> None:
     )
     if cfg.eps_warmup_epochs or cfg.step_warmup_epochs:
         spec = training_attack_spec(cfg)
+        form = attack_info(spec.name).training
+        warmups = () if form is None or cfg.free_replays > 1 else form.warmups
         _check(
-            cfg.free_replays == 1 and spec.name in ("pgd", "fgsmrs"),
-            "--eps-warmup-epochs/--step-warmup-epochs: need a PGD or FGSM-RS training attack "
-            "(not clean or --free-replays)",
+            "epsilon" in warmups,
+            "--eps-warmup-epochs/--step-warmup-epochs: need a training attack that warms up "
+            f"({', '.join(_warming('epsilon'))}; not {spec.name} or --free-replays)",
         )
         _check(
-            spec.name == "pgd" or not cfg.step_warmup_epochs,
-            "--step-warmup-epochs: FGSM-RS's step is 1.25 epsilon (use --eps-warmup-epochs)",
+            "step" in warmups or not cfg.step_warmup_epochs,
+            f"--step-warmup-epochs: {spec.name}'s step follows its epsilon (use "
+            f"--eps-warmup-epochs; a step warms up in {', '.join(_warming('step'))})",
         )
+
+
+def _warming(warmup: str) -> list[str]:
+    """The training attacks that a warm-up ("epsilon" or "step") scales."""
+    return [n for n, info in ATTACKS.items() if info.training and warmup in info.training.warmups]
 
 
 def depth_applies(cfg: Config) -> bool:

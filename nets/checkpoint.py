@@ -29,7 +29,7 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -43,7 +43,7 @@ from torch import nn
 from iat.runtime.atomic_io import atomic_write
 from nets.denoise import DENOISE_OPS
 from nets.record import ArchitectureRecord, complete_record
-from nets.registry import DEFAULT_DENOISE_OPS
+from nets.registry import DEFAULT_DENOISE_OPS, SizeLimitError, check_size_limits
 
 PT_SUFFIXES = (".pt", ".pth")
 NPZ_SUFFIX = ".npz"
@@ -198,14 +198,31 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
             "load it with main.py --eval"
         )
     try:
-        model = ArchitectureRecord.from_dict(record).build()
+        parsed = ArchitectureRecord.from_dict(record)
     except ValueError as error:
         raise CheckpointError(
             f"{weights.source}: field {ARCHITECTURE_KEY!r} is not a valid architecture record "
             f"({error})"
         ) from None
+    check_fits(parsed.build, weights)
+    model = parsed.build()
     load_weights(model, weights)
     return model.eval()
+
+
+def check_fits(build: Callable[[], nn.Module], weights: Weights) -> None:
+    """CheckpointError naming the missing, unexpected and mis-shaped tensors of `weights` for
+    the model ``build()`` makes, built on the ``meta`` device (shapes only, nothing allocated,
+    no data read): a record or flags describing another model than the file's tensors (a width
+    of 640, 5000 blocks) is refused before gigabytes are allocated and initialised. The
+    tensors' storage was checked when read, so a model that fits holds no more than the file."""
+    with torch.device("meta"):
+        model = build()
+    if weights.kind == "npz":
+        _check_npz(model, weights.source, weights.tensors)
+    else:
+        trained_as = describe_architecture(weights.architecture)
+        _pt_state(model, weights.source, weights.tensors, trained_as)
 
 
 @dataclass(frozen=True)
@@ -245,16 +262,20 @@ class Weights:
             return recorded
         names = ("linear/b",) if self.kind == "npz" else CLASSIFIER_BIASES
         found = (
-            self.tensors.get(prefix + name)
+            (prefix + name, self.tensors.get(prefix + name))
             for name in names
             for prefix in ("", CLASSIFIER_PREFIX)
             if prefix + name in self.tensors
         )
-        bias = next(found, None)
+        name, bias = next(found, (None, None))
         if bias is None or len(getattr(bias, "shape", ())) != 1:
             raise CheckpointError(
                 f"{self.source}: no final layer (linear/b) to count the classes from"
             )
+        try:
+            check_size_limits(num_classes=int(bias.shape[0]))
+        except SizeLimitError as error:
+            raise CheckpointError(f"{self.source}: tensor {name}: {error}") from None
         return int(bias.shape[0])
 
     @property
@@ -327,15 +348,9 @@ def require_finite(source: str, tensors: Mapping[str, object], field: str = "") 
 
 
 def _floating_tensors(value: object, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() and value.numel():
-            yield name, value
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _floating_tensors(item, f"{name}.{key}" if name else str(key))
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from _floating_tensors(item, f"{name}[{index}]")
+    for key, tensor in _tensors(value, name):
+        if tensor.is_floating_point() and tensor.numel():
+            yield key, tensor
 
 
 def describe_architecture(record: Mapping[str, object] | None) -> str:
@@ -592,7 +607,42 @@ def _read_pt(path: Path) -> Mapping[str, object]:
         raise CheckpointError(f"{path}: unreadable .pt checkpoint ({reason})") from error
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: holds {type(content).__name__}, not a state_dict")
+    _check_storage(path, content)
     return content
+
+
+def _check_storage(path: Path, contents: Mapping[str, object]) -> None:
+    """CheckpointError naming the first tensor (at any nesting: weights, averages, optimizer
+    state) that is not dense (sparse), or whose elements need more bytes than its storage
+    holds: an expanded (stride-0) or overlapping view, which torch.save keeps as it is
+    (``zeros(1).expand(2_500_000_000)`` is a few KB on disk), and which any copy, cast or
+    finiteness check would inflate to gigabytes. Nothing is allocated for it; every other check
+    of the file comes after this one."""
+    for name, tensor in _tensors(contents, ""):
+        if tensor.layout != torch.strided:  # sparse: its size is declared, not held
+            raise CheckpointError(
+                f"{path}: tensor {name} is {str(tensor.layout).removeprefix('torch.')}, not "
+                "dense; a checkpoint of weights holds only dense tensors, nothing was loaded"
+            )
+        needed = tensor.numel() * tensor.element_size()
+        held = tensor.untyped_storage().nbytes()
+        if needed > held:
+            raise CheckpointError(
+                f"{path}: tensor {name} declares {_shape(tensor.shape)} ({needed} bytes) but its "
+                f"storage holds {held} bytes (an expanded view); nothing was allocated for it"
+            )
+
+
+def _tensors(value: object, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `value` (any nesting of mappings and lists) with its dotted name."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{name}[{index}]")
 
 
 def _check_pt_archive(path: Path) -> None:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from nets.denoise import DEFAULT_WINDOW, DENOISE_OPS
-from nets.registry import available_architectures, create_model, depths_of, num_groups_of
+from nets.registry import (
+    available_architectures,
+    check_size_limits,
+    create_model,
+    depths_of,
+    num_groups_of,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +64,8 @@ class ArchitectureRecord:
     def from_dict(cls, record: Mapping[str, object]) -> ArchitectureRecord:
         """The record `record` holds, absent keys at their defaults; ValueError naming the
         first field that is not what it must be (an unregistered architecture, a size it does
-        not take, a width that is not a positive integer, an unknown denoising op, ...)."""
+        not take, a width that is not a positive integer or beyond ``nets.SIZE_LIMITS``, an
+        unknown denoising op, ...): nothing is built."""
         if not isinstance(record, Mapping):
             raise ValueError(f"not a mapping but {type(record).__name__}")
         try:
@@ -77,6 +84,7 @@ class ArchitectureRecord:
             value = getattr(self, name)
             if not valid(value):
                 raise ValueError(f"invalid {name} {value!r}")
+        check_size_limits(self.num_blocks, self.width, self.num_classes)
 
     def build(self) -> nn.Module:
         """The classifier the record describes, freshly initialised (without its frontend or

@@ -19,6 +19,10 @@ from nets.denoise import DEFAULT_WINDOW, Denoise, check_denoise_op
 MODEL_OPTIONS = ("drop_path", "grad_checkpointing")  # keyword options a builder may take
 SOURCES = ("timm", "torchvision")  # the libraries whose layouts and model names are kept
 DEFAULT_CLASSES = 1000  # ImageNet's: a builder's classes when none are given
+# The largest size any builder is asked for, checked before anything is built (a record or a
+# state dict read from a file states sizes; issue 32): blocks per group (ResNet-152's deepest
+# stage has 36), base width (the published models' is 64) and classes (ImageNet-21k's 21,843).
+SIZE_LIMITS = {"num_blocks": 128, "width": 1024, "num_classes": 100_000}
 ModelBuilder = Callable[..., nn.Module]  # (num_blocks, num_classes, width, denoise, **options)
 _Value = TypeVar("_Value")
 
@@ -60,6 +64,28 @@ class Architecture:
 
 
 _REGISTRY: dict[str, Architecture] = {}
+
+
+class SizeLimitError(ValueError):
+    """A size beyond ``SIZE_LIMITS``; `field` names it (``num_blocks``, ``width``,
+    ``num_classes``)."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__(f"{field} {value!r} is beyond the limit of {SIZE_LIMITS[field]}")
+        self.field = field
+
+
+def check_size_limits(
+    num_blocks: Sequence[int] | None = None,
+    width: int | None = None,
+    num_classes: int | None = None,
+) -> None:
+    """SizeLimitError for the first of `num_blocks` (per group), `width` and `num_classes`
+    (None: not known) beyond ``SIZE_LIMITS``; nothing is built or allocated."""
+    sizes = {"num_blocks": max(num_blocks or (0,)), "width": width, "num_classes": num_classes}
+    for field, size in sizes.items():
+        if isinstance(size, int) and size > SIZE_LIMITS[field]:
+            raise SizeLimitError(field, list(num_blocks) if field == "num_blocks" else size)
 
 
 class _Column(Mapping[str, _Value]):
@@ -173,6 +199,7 @@ def create_model(
     blocks = _resolve_num_blocks(arch, depth, num_blocks)
     _check_positive_int("num_classes", num_classes)
     _check_positive_int("width", width)
+    check_size_limits(blocks, width, num_classes)
     denoise = resolve_denoise(arch, denoise_op, denoise_window)
     options = model_options(arch, drop_path, grad_checkpointing)
     return _REGISTRY[arch].builder(blocks, num_classes, width, denoise, **options)

@@ -210,3 +210,63 @@ def test_a_new_attacks_own_figures_and_record_reach_every_output(tmp_path):
     )
     assert recorded == "all {'flipped': 7}"
     assert labels == "['r/w.pt: Corner-noise untargeted, L-inf']"
+
+
+TRAINING_ATTACK = NEW_ATTACK.replace(
+    "from iat.attacks.registry import register",
+    "import re\n\nfrom iat.attacks.registry import TrainingForm, register",
+).replace(
+    '@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False)',
+    """def corners_spec(text):
+    match = re.match(r"^corners_(\\d+)$", text)
+    return None if not match else AttackSettings(1, float(match.group(1)), 0.0, target=None)
+
+
+CORNERS = TrainingForm(
+    ("corners_EPS",), corners_spec, soft_target=lambda s, p: (1, s.epsilon, s.epsilon, 0.0),
+    warmups=("epsilon",),
+)
+
+
+@register("corner-noise", "Corner-noise", norms=("inf",), iterations=False, gradient=False,
+          training=CORNERS)""",
+)
+
+
+def test_a_new_training_attack_is_one_module_and_its_registration(tmp_path):
+    """Measured: a training attack from outside the package, registered with its spec form, is
+    parsed by --adv-method, listed in its help and errors, warmed up and given its soft-target
+    form by its registration alone, and trains a model."""
+    (tmp_path / "corner_noise.py").write_text(TRAINING_ATTACK)
+    run = run_python(
+        """
+        import dataclasses
+        import corner_noise
+        from iat.app.cli import build_parser
+        from iat.attacks.spec import parse_attack_spec
+        from iat.config import Config
+        from iat.train.builders import epoch_attack_spec
+        from iat.train.soft_objective import soft_target_attacker
+        from main import main
+        print(parse_attack_spec("corners_8").name)
+        print("corners_EPS" in build_parser().format_help())
+        cfg = Config(data="x", adv_method="corners_8", eps_warmup_epochs=4, epochs=8)
+        print(epoch_attack_spec(cfg, 3).settings.epsilon)
+        soft = soft_target_attacker(parse_attack_spec("corners_8"), 0.5, None)
+        print(soft.num_iter, soft.epsilon, soft.step_size)
+        tiny = ["--fake", "--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8",
+                "--image-size", "32", "--batch", "4", "--steps-per-epoch", "2", "--epochs", "1",
+                "--train-eval", "none"]
+        print("trained", main([*tiny, "--adv-method", "corners_8", "--logdir", "run"]))
+        print("refused", main([*tiny, "--adv-method", "corners_8", "--step-warmup-epochs", "2",
+                               "--logdir", "run2"]))
+        """,
+        tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    printed = [line for line in run.stdout.splitlines() if not line.startswith("epoch ")]
+    assert printed == [
+        "corner-noise", "True", "4.0", "1 8.0 8.0", "trained 0", "refused 1",
+    ]  # fmt: skip
+    assert "--step-warmup-epochs: corner-noise's step follows its epsilon" in run.stderr

@@ -364,6 +364,27 @@ def test_signal_stops_server_and_workers(
     assert not any(_alive(pid) for pid in workers)
 
 
+def test_a_burst_of_signals_stops_the_server_once_and_cleanly(
+    tmp_path: Path, address: str, start_server
+) -> None:
+    """Signals repeated during the cleanup (a launcher's SIGTERM then its SIGINT, an impatient
+    Ctrl-C) neither cut it short nor leave a traceback: the workers are reaped, exit status 0."""
+    folder = _write_folder(tmp_path / "imagenet")
+    server, log = start_server(*_server_args(folder, address, workers=2))
+    with ZMQBatchClient(address, timeout_s=30) as client:
+        next(client)
+        workers = _children(server.pid)
+        started, sent = time.monotonic(), 0
+        while server.poll() is None and time.monotonic() - started < 3:
+            server.send_signal((signal.SIGTERM, signal.SIGINT)[sent % 2])
+            sent += 1
+            time.sleep(0.002)
+        assert server.wait(timeout=20) == 0, log.read_text()
+    assert not any(_alive(pid) for pid in workers)
+    text = log.read_text()
+    assert "Traceback" not in text and text.count("shutting down") == 1, text
+
+
 def test_fake_benchmark_reports_throughput(address: str, start_server) -> None:
     server, log = start_server(
         "--fake", "--benchmark", "--batch", "2", "--image-size", "16", "--bind", address,

@@ -16,6 +16,8 @@ from iat.config import Config
 from iat.eval.state import BatchRecord, EvalState, EvalStateError, fingerprint, state_dir
 from main import main
 
+SPLIT = {"num_images": 12, "batch": 2}  # six batches of two images
+
 
 def _config(**changes) -> Config:
     return dataclasses.replace(Config(fake=True, attack_iter=2), **changes)
@@ -44,21 +46,21 @@ def test_state_dir_defaults_beside_the_result_file():
 
 
 def test_records_round_trip_and_a_line_cut_by_a_kill_is_ignored(tmp_path: Path):
-    state = EvalState(tmp_path, "key", rank=1)
+    state = EvalState(tmp_path, "key", rank=1, **SPLIT)
     record = BatchRecord(3, [2.0, 1.0, 0.0, 1.0], 0.0, {"broken": [1.0, 0.0]})
     state.append(record)
     state.close()
     path = tmp_path / "key.rank1.jsonl"
     with path.open("a") as f:
         f.write('{"batch": 5, "counts": [2.0, 1')  # SIGKILL mid-write
-    assert EvalState(tmp_path, "key", rank=0).done == {3: record}
-    assert EvalState(tmp_path, "other", rank=0).done == {}
+    assert EvalState(tmp_path, "key", rank=0, **SPLIT).done == {3: record}
+    assert EvalState(tmp_path, "other", rank=0, **SPLIT).done == {}
     # The relaunched rank appends after the cut line, not onto it; a second resume reads all.
-    again = EvalState(tmp_path, "key", rank=1)
+    again = EvalState(tmp_path, "key", rank=1, **SPLIT)
     later = BatchRecord(5, [2.0, 0.0, 0.0, 0.0], 0.0, {"broken": [0.0, 0.0]})
     again.append(later)
     again.close()
-    assert EvalState(tmp_path, "key", rank=0).done == {3: record, 5: later}
+    assert EvalState(tmp_path, "key", rank=0, **SPLIT).done == {3: record, 5: later}
 
 
 @pytest.mark.parametrize(
@@ -68,14 +70,27 @@ def test_records_round_trip_and_a_line_cut_by_a_kill_is_ignored(tmp_path: Path):
         '{"batch": 0, "counts": [1, 1e999, 0, 0], "skipped": 0, "stats": {}}',
         '{"batch": 0, "counts": [1, 1, 0], "skipped": 0, "stats": {}}',
         '{"batch": 0, "counts": [1, 1, 0, 0], "skipped": 0, "stats": {}, "extra": 1}',
+        # Counts no batch of two images can give (issue 32): negative, beyond the batch, not
+        # whole, not adding up with the skipped images, or booleans taken for numbers.
+        '{"batch": 0, "counts": [-400, -350, 0, 0], "skipped": 402, "stats": {}}',
+        '{"batch": 0, "counts": [1000000, 0, 0, 0], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [2, 3, 0, 0], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [2, 1, 2, 0], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [2, 0, 0, 3], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [1.5, 0, 0, 0], "skipped": 0.5, "stats": {}}',
+        '{"batch": 0, "counts": [1, 0, 0, 0], "skipped": 0, "stats": {}}',
+        '{"batch": true, "counts": [2, 0, 0, 0], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [true, true, false, false], "skipped": 1, "stats": {}}',
+        '{"batch": 6, "counts": [2, 0, 0, 0], "skipped": 0, "stats": {}}',
+        '{"batch": 0, "counts": [2, 0, 0, 1%s], "skipped": 0, "stats": {}}' % ("0" * 400),
         '["not", "a", "record"]',
     ],
 )
 def test_a_hostile_line_is_one_error_naming_the_file_and_line(tmp_path: Path, line: str):
-    good = BatchRecord(0, [1.0, 1.0, 0.0, 0.0], 0.0, {}).line()
+    good = BatchRecord(0, [2.0, 1.0, 0.0, 0.0], 0.0, {}).line()
     (tmp_path / "key.rank0.jsonl").write_text(line + "\n" + good)
     with pytest.raises(EvalStateError, match=r"key\.rank0\.jsonl line 1: not an evaluation"):
-        EvalState(tmp_path, "key", rank=0)
+        EvalState(tmp_path, "key", rank=0, **SPLIT)
 
 
 def test_a_relaunch_resumes_and_a_corrupt_state_stops_with_one_line(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,82 @@ def test_a_paired_runs_loss_panel_shows_its_two_terms(tmp_path: Path) -> None:
     loss_axes = figure.axes[0]
     assert [line.get_label() for line in loss_axes.lines] == sorted(panels)
     assert "two terms" in loss_axes.get_title()
+
+
+GOOD_LINE = {"step": 1, "train/loss": 2.0}
+EVAL_LINE = {"step": 2, "epoch": 1, "phase": "eval-clean", "eval-clean/top1_error": 0.5,
+             "eval-clean/top5_error": 0.1, "images": 4, "attack": {"name": "clean"},
+             "threat_model": "clean"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "[1, 2]",  # a list, not an object
+        json.dumps({"train/loss": 1.0}),  # no step
+        json.dumps({k: v for k, v in EVAL_LINE.items() if k != "images"}),  # an eval, no images
+        json.dumps({"step": 3, "train/loss": "high"}),  # a string value
+        json.dumps({**EVAL_LINE, "eval-clean/top1_error": "0.5"}),
+        json.dumps({**EVAL_LINE, "attack": {"name": ["pgd"]}}),
+        '{"step": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",  # deeper than the parser
+    ],
+    ids=["list", "no-step", "no-images", "string", "string-eval", "list-name", "deep"],
+)
+def test_a_metrics_line_it_cannot_use_is_skipped_naming_file_and_line(
+    tmp_path: Path, capsys, bad: str
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps(GOOD_LINE), bad, json.dumps(EVAL_LINE)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--report", str(run), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}:2: skipped" in err and "Traceback" not in err, err
+    assert err.count("warning") == 1
+    training, evaluations = collect([run])
+    assert [r["step"] for r in training] == [1, 2] and len(evaluations) == 1
+
+
+def test_a_string_in_an_evaluation_record_is_skipped_naming_the_record(
+    tmp_path: Path, capsys
+) -> None:
+    good = {"top1_error": 0.5, "images": 4, "attack": {"name": "clean"}}
+    (tmp_path / "sweep.json").write_text(json.dumps([good, {**good, "top1_error": "x"}]))
+    assert main(["--report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert f"{tmp_path / 'sweep.json'}:record 2: skipped" in capsys.readouterr().err
+
+
+def test_a_fifo_a_link_loop_or_an_unusable_out_is_one_line(tmp_path: Path, capsys) -> None:
+    """Never a hang nor a traceback: a FIFO is refused unread, a symbolic link loop is named,
+    and --out that is a file or under /proc is refused before any work."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(GOOD_LINE) + "\n")
+    out = str(tmp_path / "out")
+    os.mkfifo(run / "eval.json")
+    assert main(["--report", str(run), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.json is not a regular file" in err, err
+    (run / "eval.json").unlink()
+    (run / "eval.json").symlink_to("eval.json")
+    (run / "loop").symlink_to(run)  # a folder loop: not followed
+    assert main(["--report", str(run), "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.json is a symbolic link" in err, err
+    (run / "eval.json").unlink()
+    for metrics in ("fifo", "loop"):
+        (run / "metrics.jsonl").unlink()
+        if metrics == "fifo":
+            os.mkfifo(run / "metrics.jsonl")
+        else:
+            (run / "metrics.jsonl").symlink_to("metrics.jsonl")
+        assert main(["--report", str(run), "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "metrics.jsonl" in err, err
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").write_text(json.dumps(GOOD_LINE) + "\n")
+    (tmp_path / "file").write_text("")
+    for bad_out in (tmp_path / "file", Path("/proc/report"), Path("/proc/self")):
+        assert main(["--report", str(run), "--out", str(bad_out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {bad_out}" in err, err

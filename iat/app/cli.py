@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import nets
+from iat.attacks.spec import valid_forms
 from iat.config import MODEL_FIELDS, Config, choices, depths, read_config_file
 from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
@@ -21,7 +22,7 @@ from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
 from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs
 from iat.runtime import distributed
-from iat.runtime.atomic_io import NoSpaceError, is_no_space
+from iat.runtime.atomic_io import NoSpaceError, no_space_errno, space_reason
 from iat.runtime.cpus import cpu_share, resolve_threads
 from nets import CheckpointError
 
@@ -367,14 +368,23 @@ def _eval_output_args(out: argparse._ArgumentGroup) -> None:
     _choice_arg(
         out,
         "--eval-set",
-        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE) or "
-        "ImageNet-R / -A (wnid: error on their classes), scored clean",
+        "--eval: --data is ImageNet-C (corruption/severity/wnid: errors, CE, mCE), "
+        "ImageNet-R / -A (wnid: error on their classes), ImageNet-Sketch (sketch/wnid) or "
+        "ImageNet-V2 (class index 0-999), scored clean",
     )
     _choice_arg(
         out,
         "--benchmark",
         "--eval: a benchmark's images, preprocessing, threat model and result file "
         "(robustbench: its 5,000 ImageNet images, L-inf 4/255, AutoAttack)",
+    )
+    for what in ("name", "link", "authors", "venue"):
+        out.add_argument(f"--model-{what}", help=f"--benchmark: the model's {what}, as filed")
+    out.add_argument(
+        "--additional-data",
+        type=_true_false,
+        metavar="{true,false}",
+        help="--benchmark: the model was trained with data beyond ImageNet-1k's (default: unknown)",
     )
     out.add_argument(
         "--eval-state",
@@ -420,6 +430,12 @@ def _watch_args(out: argparse._ArgumentGroup) -> None:
     )
 
 
+def _true_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text == "true"
+
+
 def _scope_list(text: str) -> tuple[str, ...]:
     """ "a,b" -> ("a", "b"): the original's comma-separated variable-name prefixes."""
     return tuple(scope.strip() for scope in text.split(","))
@@ -431,8 +447,7 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adv-method",
-        help="training attack: clean, pgd_EPS_STEP_NITER, pgdll_..., pgdrnd_..., fgsmrs_EPS, "
-        "apgd_EPS_NITER (default: the --attack-* flags)",
+        help=f"training attack: {valid_forms()} (default: the --attack-* flags)",
     )
     group.add_argument(
         "--adv-fraction",
@@ -580,11 +595,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:
-        if not is_no_space(e):
+        code = no_space_errno(e)
+        if code is None:
             raise
-        # A full disk outside the atomic writer (metrics.jsonl, TensorBoard's event file).
+        # A full disk (or ulimit -f) outside the atomic writer and the appenders (TensorBoard's
+        # event file).
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: no space left on device{where}", file=sys.stderr)
+        print(f"error: {space_reason(code)}{where}", file=sys.stderr)
         return 1
     return 0
 

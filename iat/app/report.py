@@ -9,19 +9,27 @@ norm, the other setting, defense); the median minimal epsilon of each minimal-pe
 evaluation — and ``report.md``, a table in the original's model-zoo format, every column naming
 its threat model. The data behind each plot comes from a function of its own and each
 ``draw_*`` returns its matplotlib figure, so what is plotted can be checked.
+
+Inputs are read bounded and only from regular files, never through a symbolic link (a FIFO or a
+device is refused, never waited on); a ``metrics.jsonl`` line or an evaluation record the report
+cannot use (not an object, no numeric ``step`` or ``images``, a string where a number belongs,
+nested too deep) is skipped with a warning naming its file and line; an unreadable file or
+``--out`` is one error.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 from iat.attacks.registry import attack_words, settings_of_record
 from iat.runs.files import CONFIG_FILE, METRICS_FILE
-from iat.runtime.atomic_io import atomic_write, atomic_write_text
+from iat.runtime.atomic_io import atomic_write, atomic_write_text, read_regular
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
     ("train/loss", "training loss (with --lp-weight: and its two terms)"),
@@ -35,21 +43,136 @@ LOSS_TERMS = (
 )
 MARKERS, LINES = "os^Dv<>p", ("-", "--", "-.", ":")  # accuracy curves' styles, cycled
 Curves = dict[str, list[tuple[float, float]]]  # label -> (x, y) points
+MAX_RECORDS_BYTES = 64 << 20  # an evaluation record file (a sweep's list is a few MB at most)
+MAX_METRICS_BYTES = 1 << 30  # a metrics.jsonl (a line per logged step)
+MAX_WARNINGS = 5  # skipped lines named per file; the rest are counted
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """`path`'s text: a regular file of at most `limit` bytes, never through a symbolic link
+    (``read_regular``: a FIFO is refused, never waited on)."""
+    try:
+        return read_regular(path, limit).decode()
+    except OSError as e:
+        raise ValueError(f"--report: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--report: cannot read {path}: {e}") from None
+    except ValueError as e:  # UnsafeFileError: a link, a FIFO, a device, too large
+        raise ValueError(f"--report: {e}") from None
 
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(_read_text(path, MAX_RECORDS_BYTES))
+    except json.JSONDecodeError as e:
         raise ValueError(f"--report: cannot read {path}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"--report: cannot read {path}: JSON nested too deep") from None
 
 
-def _records_in(value: object) -> list[dict]:
-    """An evaluation record, a list of them, or ``{"records": [...]}``."""
+def _number(value: object, finite: bool = False) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ok and (not finite or math.isfinite(value))
+
+
+def _key(value: object) -> bool:
+    """A value the report uses as a key or a label part: a string, a number or null."""
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _record_problem(r: dict) -> str | None:
+    """Why evaluation record `r` cannot be reported (None: it can)."""
+    attack, details = r.get("attack") or {}, r.get("details") or {}
+    if not (_number(r["top1_error"], True) and _number(r["images"], True)):
+        return "top1_error and images must be numbers"
+    if not all(_number(r[k]) for k in ("top5_error", "attack_success_rate") if k in r):
+        return "top5_error and attack_success_rate must be numbers"
+    if not (isinstance(attack, dict) and isinstance(details, dict)):
+        return "attack and details must be objects"
+    if not all(_key(attack.get(k)) for k in ("name", "target", "norm")):
+        return "attack name, target and norm must be strings"
+    if not all(_number(attack[k]) for k in ("iter", "epsilon") if k in attack):
+        return "attack iter and epsilon must be numbers"
+    if "iter" in attack and "epsilon" not in attack:
+        return "an attack with iter has an epsilon"
+    if "median_min_epsilon" in details and not _number(details["median_min_epsilon"]):
+        return "details.median_min_epsilon must be a number"
+    if not all(r.get(k) is None or isinstance(r[k], str) for k in ("defense", "split")):
+        return "defense and split must be strings"
+    return None
+
+
+def _line_problem(line: object) -> str | None:
+    """Why `line` of a metrics.jsonl cannot be reported (None: it can)."""
+    if not isinstance(line, dict):
+        return "not a JSON object"
+    if not _number(line.get("step"), True):
+        return "no numeric step"
+    if not _key(line.get("epoch")) or not _key(line.get("phase")):
+        return "epoch and phase must be numbers or strings"
+    if bad := [k for k, v in line.items() if "/" in k and not _number(v)]:
+        return f"{bad[0]} is not a number"
+    phase = str(line.get("phase", ""))
+    if phase.startswith("eval-") and "attack" in line and f"{phase}/top1_error" in line:
+        record = {
+            "top1_error": line[f"{phase}/top1_error"],
+            "images": line.get("images"),
+            "attack": line["attack"],
+            "defense": line.get("defense"),
+        }
+        if f"{phase}/top5_error" not in line or "threat_model" not in line:
+            return f"an evaluation without {phase}/top5_error or threat_model"
+        return _record_problem(record)
+    return None
+
+
+def _warn(path: Path, where: str, reason: str, skipped: int) -> None:
+    if skipped <= MAX_WARNINGS:
+        print(f"warning: --report: {path}:{where}: skipped ({reason})", file=sys.stderr)
+
+
+def _records_in(value: object, path: Path | str = "?") -> list[dict]:
+    """An evaluation record, a list of them, or ``{"records": [...]}``; a record the report
+    cannot use is skipped, with a warning naming `path` and its place."""
     if isinstance(value, dict) and isinstance(value.get("records"), list):
         value = value["records"]
     items = value if isinstance(value, list) else [value]
-    return [r for r in items if isinstance(r, dict) and "top1_error" in r and "images" in r]
+    records, skipped = [], 0
+    for number, r in enumerate(items, 1):
+        if not (isinstance(r, dict) and "top1_error" in r and "images" in r):
+            continue
+        if (reason := _record_problem(r)) is None:
+            records.append(r)
+            continue
+        skipped += 1
+        _warn(Path(path), f"record {number}", reason, skipped)
+    if skipped > MAX_WARNINGS:
+        print(f"warning: --report: {path}: {skipped} records skipped in all", file=sys.stderr)
+    return records
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl the report can use; each other line is skipped with a
+    warning naming the file and the line."""
+    lines, skipped = [], 0
+    for number, text in enumerate(_read_text(path, MAX_METRICS_BYTES).splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            reason = _line_problem(line)
+        except json.JSONDecodeError as e:
+            reason = f"not JSON: {e}"
+        except RecursionError:
+            reason = "nested too deep"
+        if reason is None:
+            lines.append(line)
+            continue
+        skipped += 1
+        _warn(path, str(number), reason, skipped)
+    if skipped > MAX_WARNINGS:
+        print(f"warning: --report: {path}: {skipped} lines skipped in all", file=sys.stderr)
+    return lines
 
 
 def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
@@ -60,13 +183,13 @@ def collect(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     for root in map(Path, paths):
         if not root.exists():
             raise ValueError(f"--report: {root} does not exist")
-        files = [root] if root.is_file() else sorted(root.rglob("*.json"))
-        metrics = [] if root.is_file() else sorted(root.rglob(METRICS_FILE))
+        files = sorted(root.rglob("*.json")) if root.is_dir() else [root]
+        metrics = sorted(root.rglob(METRICS_FILE)) if root.is_dir() else []
         for path in files:
             if path.name != CONFIG_FILE:
-                evaluations += _records_in(_read_json(path))
+                evaluations += _records_in(_read_json(path), path)
         for path in metrics:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+            lines = read_metrics(path)
             training += [{**line, "run": path.parent.name} for line in lines]
             evaluations += in_training_records(lines, path.parent)
     return training, evaluations
@@ -311,11 +434,31 @@ def zoo_table(evaluations: list[dict]) -> str:
 
 def write_report(paths: Iterable[str | Path], out: str | Path) -> list[Path]:
     """Every plot the data allows, and report.md; returns the files written."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(Path(out))
     training, evaluations = collect(paths)
     if not training and not evaluations:
         raise ValueError("--report: no metrics.jsonl and no evaluation records found")
+    try:
+        return _write_all(training, evaluations, out)
+    except OSError as e:
+        raise ValueError(f"--report: cannot write in --out {out}: {e}") from None
+
+
+def _output_folder(out: Path) -> Path:
+    """`out`, created if missing, once a file can be created in it (checked before any work:
+    a file, ``/proc/...`` or a read-only folder is one line)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--report: --out {out} is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--report: cannot write in --out {out}: {e.strerror or e}") from None
+    return out
+
+
+def _write_all(training: list[dict], evaluations: list[dict], out: Path) -> list[Path]:
     written = []
     if training:
         written.append(_save(draw_training(training_curves(training)), out / "training.png"))

@@ -10,6 +10,11 @@ watcher with another attack evaluates every checkpoint again beside the first's 
 result also goes to the registered trackers (``--mlflow``: an MLflow run per checkpoint), as
 ``--eval``'s does. The watcher stops once the run's last epoch (from its ``config.json``) is
 evaluated, or after ``--watch-timeout`` seconds without a new checkpoint.
+
+A checkpoint is evaluated once it is complete: its size and time unchanged over a poll and its
+contents verified (a file copied in with ``cp`` is seen half-written). One that vanishes before
+or while it is evaluated (pruned by the live run's ``--keep-checkpoints``) is skipped, and so is
+a file named like a checkpoint whose epoch is no run's; each said in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import nets
 from iat.config import Config, config_record, eval_attack
 from iat.eval.evaluate import eval_samples, evaluate_checkpoint, sweep
 from iat.eval.state import result_settings
@@ -32,12 +38,15 @@ from iat.runs.files import (
     checkpoint_epoch,
     checkpoint_path,
     list_checkpoints,
+    odd_checkpoints,
     watch_result_path,
 )
 from iat.runs.trackers import check_trackers, evaluation_logger
 from iat.runtime import distributed
+from iat.runtime.atomic_io import check_inner_folder, read_regular
 
 NOTHING = -1  # broadcast when no checkpoint is waiting
+CONFIG_BYTES = 16 << 20  # a run's config.json is a few KB
 
 
 def evaluation_key(cfg: Config) -> str:
@@ -53,18 +62,60 @@ def evaluation_key(cfg: Config) -> str:
 def run_epochs(logdir: Path) -> int | None:
     """The number of epochs the watched run trains, from its config.json (None if unknown)."""
     try:
-        return int(json.loads((logdir / CONFIG_FILE).read_text())["config"]["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(read_regular(logdir / CONFIG_FILE, CONFIG_BYTES))
+        return int(record["config"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
-def next_checkpoint(logdir: Path, key: str) -> Path | None:
-    """The oldest checkpoint without a result under ``key`` (complete files only: they are
-    renamed in)."""
-    pending = [
-        p for p in list_checkpoints(logdir) if not watch_result_path(logdir, p, key).exists()
-    ]
-    return pending[0] if pending else None
+class Poll:
+    """Rank 0's view of the run directory between polls: each checkpoint's size and time when
+    last seen, and the lines already said (each is said once)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Path, tuple[int, int]] = {}
+        self.said: set[str] = set()
+
+    def say(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            print(f"--watch: {line}", file=sys.stderr, flush=True)
+
+    def complete(self, path: Path) -> bool:
+        """Whether `path` is whole: unchanged since the previous poll, and it verifies."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            self.say(f"{path.name} vanished before it was evaluated (pruned?); skipped")
+            return False
+        now, before = (stat.st_size, stat.st_mtime_ns), self.seen.get(path)
+        self.seen[path] = now
+        if before != now:  # first seen, or still being written: look again at the next poll
+            return False
+        try:
+            nets.read_weights(path)
+        except FileNotFoundError:
+            self.say(f"{path.name} vanished before it was evaluated (pruned?); skipped")
+            return False
+        except (nets.CheckpointError, OSError, ValueError) as error:
+            self.say(f"waiting for {path.name}: not a complete checkpoint yet ({error})")
+            return False
+        return True
+
+
+def next_checkpoint(logdir: Path, key: str, poll: Poll | None = None) -> Path | None:
+    """The oldest complete checkpoint without a result under ``key`` (``Poll.complete``; without
+    `poll`, every listed one: the trainer renames complete files in)."""
+    for odd in odd_checkpoints(logdir):
+        (poll or Poll()).say(f"skipped {odd.name}: not a checkpoint name (epoch out of range)")
+    for path in list_checkpoints(logdir):
+        if watch_result_path(logdir, path, key).exists():
+            continue
+        if path != checkpoint_path(logdir, checkpoint_epoch(path)):
+            (poll or Poll()).say(f"skipped {path.name}: not a checkpoint name the trainer writes")
+        elif poll is None or poll.complete(path):
+            return path
+    return None
 
 
 def _epoch(checkpoint: Path | None) -> int:
@@ -83,14 +134,16 @@ def watch(cfg: Config, device: torch.device) -> int:
     logdir = Path(cfg.watch)
     if not logdir.is_dir():
         raise ValueError(f"--watch: {logdir} is not a run directory")
+    # The results are written there: never into a folder that a link puts elsewhere.
+    check_inner_folder("--watch", logdir / RESULTS_FOLDER)
     settings = dataclasses.asdict(cfg)
     check_trackers(settings)  # a tracker that cannot log stops the watcher before it evaluates
     samples = eval_samples(cfg)
     key = evaluation_key(cfg)
     main_proc = distributed.is_main_process()
-    evaluated, idle_since = 0, time.monotonic()
+    evaluated, idle_since, poll = 0, time.monotonic(), Poll()
     while True:
-        epoch = _agree(_epoch(next_checkpoint(logdir, key)) if main_proc else NOTHING, device)
+        epoch = _agree(_epoch(next_checkpoint(logdir, key, poll)) if main_proc else NOTHING, device)
         if epoch == NOTHING:
             last = run_epochs(logdir)
             done = last is not None and _evaluated(logdir, last, key)
@@ -101,17 +154,11 @@ def watch(cfg: Config, device: torch.device) -> int:
             continue
         checkpoint = checkpoint_path(logdir, epoch)
         result = watch_result_path(logdir, checkpoint, key)
-        one = dataclasses.replace(cfg, load=str(checkpoint))
-        with evaluation_logger(f"eval {checkpoint.name}", settings, result, main_proc) as logger:
-            logger.log_config(config_record(one, {"world_size": distributed.get_world_size()}))
-            evaluate_checkpoint(
-                one,
-                samples,
-                device,
-                logger,
-                label=f"{checkpoint.name}: ",
-            )
-        evaluated, idle_since = evaluated + 1, time.monotonic()
+        if _evaluate(cfg, checkpoint, samples, device, settings, result, main_proc):
+            evaluated += 1
+        elif main_proc:
+            poll.say(f"{checkpoint.name} vanished while it was evaluated (pruned?); skipped")
+        idle_since = time.monotonic()
     if main_proc:
         print(
             f"--watch: evaluated {evaluated} checkpoint(s) of {logdir} "
@@ -119,6 +166,28 @@ def watch(cfg: Config, device: torch.device) -> int:
             file=sys.stderr,
         )
     return evaluated
+
+
+def _evaluate(
+    cfg: Config,
+    checkpoint: Path,
+    samples: list,
+    device: torch.device,
+    settings: dict,
+    result: Path,
+    main_proc: bool,
+) -> bool:
+    """Evaluate `checkpoint` and write its result; False when it vanished meanwhile."""
+    one = dataclasses.replace(cfg, load=str(checkpoint))
+    try:
+        with evaluation_logger(f"eval {checkpoint.name}", settings, result, main_proc) as logger:
+            logger.log_config(config_record(one, {"world_size": distributed.get_world_size()}))
+            evaluate_checkpoint(one, samples, device, logger, label=f"{checkpoint.name}: ")
+    except Exception:
+        if checkpoint.exists():
+            raise
+        return False
+    return True
 
 
 def _evaluated(logdir: Path, epoch: int, key: str) -> bool:

@@ -6,6 +6,7 @@ version of AutoAttack's) and APGD-T, registered as ``apgd-ce``, ``apgd-dlr`` and
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import partial
 
@@ -25,7 +26,7 @@ from iat.attacks.ops import (
     unit_l2,
     worst_case,
 )
-from iat.attacks.registry import register
+from iat.attacks.registry import TrainingForm, register
 
 # Croce & Hein 2020, Sec 3.2: rho = 0.75 (fraction of increasing steps below which the step
 # size is halved) and momentum alpha = 0.75.
@@ -251,7 +252,25 @@ def apgd_from_settings(settings: AttackSettings, targeted: bool, loss: str = "ce
     )
 
 
-@register("apgd-ce", "APGD-CE", norms=("inf", "2"), restarts=True)
+_APGD_SPEC = re.compile(r"^apgd_(\d+)_(\d+)$")
+
+
+def apgd_spec(text: str) -> AttackSettings | None:
+    """``apgd_EPS_NITER``: APGD-CE with its own step size (Singh, Croce & Hein 2023 train with
+    APGD-2), integers in pixel units, NITER >= 1."""
+    match = _APGD_SPEC.match(text)
+    if not match or int(match.group(2)) < 1:
+        return None
+    return AttackSettings(int(match.group(2)), float(match.group(1)), 0.0, target=None)
+
+
+@register(
+    "apgd-ce",
+    "APGD-CE",
+    norms=("inf", "2"),
+    restarts=True,
+    training=TrainingForm(("apgd_EPS_NITER",), apgd_spec),
+)
 def apgd_ce(settings: AttackSettings) -> APGDAttacker:
     return apgd_from_settings(settings, targeted=False)
 

@@ -6,6 +6,7 @@ original's (L-inf, cross-entropy, one restart), so that training draws exactly a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 
@@ -37,7 +38,7 @@ from iat.attacks.ops import (
     unit_l2,
     worst_case,
 )
-from iat.attacks.registry import register
+from iat.attacks.registry import TrainingForm, register
 
 
 class PGDAttacker(Attacker):
@@ -344,7 +345,40 @@ def pgd_from_settings(settings: AttackSettings) -> NormPGDAttacker:
     )
 
 
-@register("pgd", "PGD", norms=("inf", "2"), step=True, loss=True, restarts=True, targets="flag")
+# ALP's training attack names: the prefix says the target (ALP README, "adv_method" flag);
+# integers in pixel units, STEP and NITER >= 1.
+PGD_TARGETS = {"pgd": None, "pgdll": "least_likely", "pgdrnd": "random"}
+_PGD_SPEC = re.compile(r"^(pgd|pgdll|pgdrnd)_(\d+)_(\d+)_(\d+)$")
+
+
+def pgd_spec(text: str) -> AttackSettings | None:
+    match = _PGD_SPEC.match(text)
+    if not match or int(match.group(4)) < 1 or int(match.group(3)) < 1:
+        return None
+    kind, eps, step, niter = match.groups()
+    return AttackSettings(int(niter), float(eps), float(step), target=PGD_TARGETS[kind])
+
+
+# Untargeted PGD on soft targets keeps its iterations, epsilon and step (ARES; the step as the
+# epoch's warm-ups leave it) and --prob-start-from-clean.
+PGD_TRAINING = TrainingForm(
+    tuple(f"{kind}_EPS_STEP_NITER" for kind in PGD_TARGETS),
+    pgd_spec,
+    soft_target=lambda s, start_clean: (s.num_iter, s.epsilon, s.step_size, start_clean),
+    warmups=("epsilon", "step"),
+)
+
+
+@register(
+    "pgd",
+    "PGD",
+    norms=("inf", "2"),
+    step=True,
+    loss=True,
+    restarts=True,
+    targets="flag",
+    training=PGD_TRAINING,
+)
 def original_or_norm_pgd(settings: AttackSettings) -> Attacker:
     """The original's PGD; with another norm, loss or restarts, ``NormPGDAttacker`` (whose first
     restart is this PGD, draw for draw)."""

@@ -27,6 +27,20 @@ TARGET_WORDS = {"random": "random target", "least_likely": "least-likely target"
 
 
 @dataclass(frozen=True)
+class TrainingForm:
+    """What an attack is as a training attack (``--adv-method``): its spec forms, and what the
+    training recipes may do with it."""
+
+    forms: tuple[str, ...]  # its spec forms in words ("fgsmrs_EPS"), for help and errors
+    parse: Callable[[str], AttackSettings | None]  # the settings a spec names; None: not its form
+    # Its stand-in on Mixup / CutMix's soft targets, a sign-gradient ascent of the soft target's
+    # loss: (iterations, epsilon, step, chance of a clean start) from its settings and
+    # --prob-start-from-clean; None: it has none.
+    soft_target: Callable[[AttackSettings, float], tuple[int, float, float, float]] | None = None
+    warmups: tuple[str, ...] = ()  # the warm-ups that scale it: "epsilon", "step"
+
+
+@dataclass(frozen=True)
 class AttackInfo:
     """One registered attack: its factory and what it is."""
 
@@ -54,6 +68,7 @@ class AttackInfo:
     figures: Callable[[dict], str] | None = None
     # The draws of a random defense it averages per gradient (None: settings.eot_samples).
     draws: Callable[[AttackSettings], int] | None = None
+    training: TrainingForm | None = None  # as --adv-method names it; None: not a training attack
 
 
 ATTACKS: dict[str, AttackInfo] = {}
@@ -98,6 +113,20 @@ def default_attack(num_iter: int) -> str:
 def evaluation_attacks() -> tuple[str, ...]:
     """The names ``--attack`` offers: every registered attack but the training-only ones."""
     return tuple(name for name, info in ATTACKS.items() if info.evaluation)
+
+
+def training_forms() -> tuple[str, ...]:
+    """Every --adv-method spec form, in registration order."""
+    return tuple(form for info in ATTACKS.values() if info.training for form in info.training.forms)
+
+
+def parse_training_spec(text: str) -> tuple[str, AttackSettings] | None:
+    """The training attack a spec names, with its settings; None when no attack's form fits."""
+    for info in ATTACKS.values():
+        settings = None if info.training is None else info.training.parse(text)
+        if settings is not None:
+            return info.name, settings
+    return None
 
 
 def takes(trait: str) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ start. ``--adv-method`` takes them; ``--attack`` does not offer them (no evaluat
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -15,7 +17,7 @@ from iat.attacks.core import (
     no_targets,
 )
 from iat.attacks.pgd import PGDAttacker
-from iat.attacks.registry import register
+from iat.attacks.registry import TrainingForm, register
 
 FGSM_RS_STEP = 1.25  # FGSM-RS step in units of epsilon (Wong, Rice, Kolter 2020, Sec 4)
 
@@ -60,7 +62,26 @@ class FreeAttacker(Attacker):
         self._leaf = None
 
 
-@register("fgsmrs", "FGSM-RS", iterations=False, evaluation=False)
+_FGSM_RS_SPEC = re.compile(r"^fgsmrs_(\d+)$")
+
+
+def fgsm_rs_spec(text: str) -> AttackSettings | None:
+    """``fgsmrs_EPS``: epsilon an integer in pixel units; the step is the method's own."""
+    match = _FGSM_RS_SPEC.match(text)
+    return None if not match else AttackSettings(1, float(match.group(1)), 0.0, target=None)
+
+
+# On soft targets: one step of 1.25 epsilon from a random start (Wong et al. 2020 Sec 4);
+# only epsilon warms up (the step follows it).
+FGSM_RS_TRAINING = TrainingForm(
+    ("fgsmrs_EPS",),
+    fgsm_rs_spec,
+    soft_target=lambda s, _start_clean: (1, s.epsilon, FGSM_RS_STEP * s.epsilon, 0.0),
+    warmups=("epsilon",),
+)
+
+
+@register("fgsmrs", "FGSM-RS", iterations=False, evaluation=False, training=FGSM_RS_TRAINING)
 def fgsm_random_start(settings: AttackSettings) -> Attacker:
     """FGSM with a random start (Wong, Rice, Kolter 2020, "Fast is better than free", Alg. 3):
     one untargeted sign step of 1.25 epsilon from a uniform point of the epsilon-ball, projected

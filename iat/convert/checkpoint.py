@@ -14,7 +14,9 @@ per stage, the width and the classes come from its shapes. The model was fed RGB
 [0, 1] normalised with ``--mean`` / ``--std`` (ImageNet's by default); the converted model holds
 them (``preprocess.mean`` / ``preprocess.std``) and takes BGR pixels in [0, 255], as every
 model here. A tensor left unmapped, missing or mis-shaped is one error naming them all, and
-nothing is written.
+nothing is written; so is a size beyond ``nets.SIZE_LIMITS``, an expanded (stride-0) tensor or a
+non-finite one (each found before any model is built or allocated), or an output folder that
+does not exist.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 import nets
 from nets.blocks import IMAGENET_MEAN, IMAGENET_STD
-from nets.checkpoint import CLASSIFIER_BIASES, PT_SUFFIXES, SAFETENSORS_SUFFIX
+from nets.checkpoint import CLASSIFIER_BIASES, PT_SUFFIXES, SAFETENSORS_SUFFIX, require_finite
 
 WRAPPER_PREFIXES = ("module.", "model.", "base_model.")
 CONTAINERS = ("state_dict", "model")  # where training scripts keep the state dict
@@ -172,6 +174,7 @@ def plan_architecture(
         blocks = nets.num_blocks_of(arch, depth)
     bias = next((shapes[name] for name in CLASSIFIER_BIASES if name in shapes), None)
     num_classes = bias[0] if bias is not None and len(bias) == 1 else 1000
+    _check_limits(source, nets.LAYOUTS[arch], state, blocks, width, num_classes)
     published = blocks == nets.num_blocks_of(arch, depth)
     return nets.ArchitectureRecord(
         arch=arch,
@@ -180,6 +183,31 @@ def plan_architecture(
         width=width,
         num_classes=num_classes,
     )
+
+
+def _check_limits(
+    source: str,
+    layout: nets.Layout,
+    state: Mapping[str, object],
+    blocks: tuple[int, ...],
+    width: int,
+    num_classes: int,
+) -> None:
+    """ConversionError naming the tensor whose name or shape gives a size beyond
+    ``nets.SIZE_LIMITS`` (one key ``blocks.19999.*``, a stem of 6144 channels), before any
+    model is built from it."""
+    try:
+        nets.check_size_limits(blocks, width, num_classes)
+    except nets.SizeLimitError as error:
+        if error.field == "num_blocks":
+            key = max(
+                (k for k in state if layout.block.match(k)),
+                key=lambda k: int(layout.block.match(k)["block"]),
+            )
+        else:
+            biases = [name for name in CLASSIFIER_BIASES if name in state]
+            key = layout.stem if error.field == "width" else biases[0]
+        raise ConversionError(f"{source}: tensor {key}: {error}; nothing was built") from None
 
 
 def matched_state(
@@ -229,6 +257,8 @@ def convert(args: argparse.Namespace) -> str:
     out = Path(args.out)
     if out.suffix.lower() not in (".pt", SAFETENSORS_SUFFIX):
         raise ConversionError(f"{out}: unknown output extension; use .pt or {SAFETENSORS_SUFFIX}")
+    if not out.parent.is_dir():
+        raise ConversionError(f"{out}: no folder {out.parent} to write into; create it first")
     layout = nets.LAYOUTS.get(args.arch)
     if layout is None or layout.source != args.source:
         names = [name for name, lay in nets.LAYOUTS.items() if lay.source == args.source]
@@ -239,8 +269,11 @@ def convert(args: argparse.Namespace) -> str:
     state, normaliser = strip_wrappers(read_state_dict(args.src))
     mean, std = input_statistics(args.src, normaliser, args.mean, args.std)
     record = plan_architecture(args.src, args.arch, state)
-    model = record.build()
     described = f"{args.source}'s {nets.describe_architecture(record.to_dict())}"
+    with torch.device("meta"):  # shapes only: a state dict that does not fit allocates nothing
+        matched_state(args.src, record.build(), state, described)
+    require_finite(args.src, state)  # NaN weights are refused here, not when loaded
+    model = record.build()
     model.load_state_dict(matched_state(args.src, model, state, described))
     with torch.no_grad():  # the input convention, folded in: the model takes BGR pixels
         model.preprocess.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))

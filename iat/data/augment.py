@@ -13,6 +13,7 @@ from functools import partial
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from iat.data.randaugment import RandAugment, random_erasing
 
@@ -148,20 +149,25 @@ def eval_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 def robustbench_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
-    """RobustBench's ImageNet preprocessing ("Res256Crop224": torchvision Resize(256),
-    CenterCrop(224)) in OpenCV: the shorter edge to size*256/224 with the longer one truncated
-    as torchvision computes it, bilinear (area averaging when shrinking, as PIL's antialiased
-    bilinear filter approximately does), then the centre crop with torchvision's rounded
-    offsets. Pixel values may differ from PIL's by a few levels; the crop is the same."""
+    """RobustBench's ImageNet preprocessing, "Res256Crop224" (torchvision ``Resize(256)``,
+    ``CenterCrop(224)``, ``ToTensor()`` on a PIL image), bit for bit on the same decoded pixels:
+    the shorter edge to size*256/224 with the longer one truncated as torchvision computes it,
+    PIL's antialiased BILINEAR filter (torchvision's default for PIL images), then the centre
+    crop with torchvision's rounded offsets. ``ToTensor``'s x/255 is this project's pixel scale.
+    RobustBench decodes its files with PIL: ``layouts.read_image_pil_bgr`` (``--benchmark``
+    robustbench pairs them: ``iat.eval.benchmarks.transform_for``)."""
     _check_image(img)
     short = int(round(size * 256 / 224))
     h, w = img.shape[:2]
-    new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-    shrink = new_h * new_w < h * w
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    resized = cv2.resize(img, (new_w, new_h), interpolation=interpolation)
+    # torchvision.transforms.functional._compute_resized_output_size (one size: the shorter edge)
+    new_h, new_w = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    pil = Image.fromarray(np.ascontiguousarray(img[..., ::-1]))  # RGB
+    if (new_h, new_w) != (h, w):  # torchvision returns the image unchanged at its size already
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    # torchvision.transforms.functional.center_crop: offsets int(round((edge - size) / 2.0))
     y0, x0 = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
+    rgb = np.asarray(pil.crop((x0, y0, x0 + size, y0 + size)))
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def center_crop_transform(img: np.ndarray, size: int = 224) -> np.ndarray:

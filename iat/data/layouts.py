@@ -19,6 +19,7 @@ so that the labels of every split agree.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
 # The largest image file (or shard member) read, checked (stat, tar header) before reading: far
@@ -365,6 +367,17 @@ def read_image_bgr(path: str) -> np.ndarray:
     if image is None:
         raise CorruptImageError(f"cannot decode image {path}")
     return image
+
+
+def read_image_pil_bgr(path: str) -> np.ndarray:
+    """Decode an image as torchvision's ``ImageFolder`` does (PIL, ``convert("RGB")``), into an
+    HxWx3 uint8 BGR array: RobustBench's decoder, whose JPEG pixels may differ from OpenCV's."""
+    try:
+        with Image.open(io.BytesIO(read_image_bytes(path))) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from err
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 def check_labels(samples: list[Sample], num_classes: int, split: str) -> None:

@@ -16,6 +16,8 @@ loader): the stream does not depend on the number of workers. Torch is never imp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -26,7 +28,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -52,6 +54,11 @@ WORKER_POLL_MS = 500  # how often a blocked worker checks that the server is sti
 MAIN_POLL_MS = 200
 LINGER_MS = 30_000  # after max_batches, how long queued batches may take to be delivered
 FAKE_CLASSES = 1000
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_WORKERS_S = 5.0  # all workers together: SIGTERM, then SIGKILL for those left after this
+# A cleanup still running after this (the queued batches' linger, the workers' two deadlines
+# and a margin) dumps its stacks and exits with status 1.
+SHUTDOWN_LIMIT_S = LINGER_MS / 1000 + 2 * STOP_WORKERS_S + 10
 
 Batch = tuple[np.ndarray, np.ndarray]  # images uint8 [B, S, S, 3], labels int32 [B]
 
@@ -91,6 +98,9 @@ def worker_main(worker_id: int, samples: list[Sample], cfg: ServerConfig, addres
     """Worker process: build batches worker_id, worker_id + W, ... and push them to ``address``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the main process's handler is inherited
+    # Forked with these signals blocked (``_start_workers``): one sent meanwhile is delivered
+    # now, to the handlers above, never to the inherited one.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
     parent_pid = os.getppid()
     context = zmq.Context()
@@ -218,14 +228,31 @@ def _start_workers(
     return workers
 
 
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGTERM and SIGINT held back (delivered once the block ends): for the forks (a worker
+    inherits the main process's handler until worker_main resets it and unblocks them) and for
+    the cleanup (which a signal must not cut short)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _stop_workers(workers: list[multiprocessing.Process]) -> None:
+    """SIGTERM to every worker, SIGKILL to those alive after ``STOP_WORKERS_S`` (one deadline
+    for all of them, not one per worker); each is reaped."""
     for proc in workers:
         proc.terminate()
+    deadline = time.monotonic() + STOP_WORKERS_S
     for proc in workers:
-        proc.join(timeout=5)
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in workers:
         if proc.is_alive():
             proc.kill()
-            proc.join(timeout=5)
+    for proc in workers:
+        proc.join(timeout=STOP_WORKERS_S)  # SIGKILL cannot be refused: at once
 
 
 def _listening(path: str) -> bool:
@@ -290,10 +317,12 @@ def serve(cfg: ServerConfig, samples: list[Sample], classes: int = FAKE_CLASSES)
     """Run the server until SIGTERM/SIGINT or ``max_batches``; workers are always reaped.
     `classes`: the class count of --data (advertised)."""
     internal = f"ipc://@serve-data-{os.getpid()}-{uuid.uuid4().hex}"
-    workers = [] if cfg.fake else _start_workers(cfg, samples, internal)
-    context = zmq.Context()
-    pull = push = None
+    workers: list[multiprocessing.Process] = []
+    context = pull = push = None
     try:
+        with _signals_blocked():  # a signal meanwhile arrives once `workers` can be stopped
+            workers = [] if cfg.fake else _start_workers(cfg, samples, internal)
+        context = zmq.Context()
         if not cfg.fake:
             pull = context.socket(zmq.PULL)
             pull.setsockopt(zmq.RCVHWM, 2 * cfg.workers)
@@ -306,11 +335,21 @@ def serve(cfg: ServerConfig, samples: list[Sample], classes: int = FAKE_CLASSES)
         if push is not None:
             push.close(linger=LINGER_MS)  # deliver the batches still queued (max_batches)
     finally:
-        _stop_workers(workers)
-        for sock in (pull, push):
-            if sock is not None:
-                sock.close(linger=0)
-        context.term()
+        _clean_up(workers, context)
+
+
+def _clean_up(workers: list[multiprocessing.Process], context: zmq.Context | None) -> None:
+    """Reap the workers and close every socket, uninterrupted and bounded: a signal arriving
+    meanwhile waits until it is done, and a cleanup that still hangs after
+    ``SHUTDOWN_LIMIT_S`` dumps every thread's stack and exits with status 1."""
+    with _signals_blocked():
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
+        try:
+            _stop_workers(workers)
+            if context is not None:
+                context.destroy(linger=0)  # closes the sockets left open, then terminates
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _positive(kind: type) -> Callable[[str], int | float]:
@@ -383,7 +422,16 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
 
 
 def _raise_shutdown(signum: int, frame: object) -> None:
+    # Once: a second signal (an impatient Ctrl-C, a launcher's repeated SIGTERM) must not
+    # interrupt the cleanup the first one started. A Python no-op rather than SIG_IGN: a signal
+    # already caught by the C handler would otherwise raise "ignored due to race condition".
+    for other in SHUTDOWN_SIGNALS:
+        signal.signal(other, _ignore)
     raise _Shutdown(signal.Signals(signum).name)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The handler once shutting down: the shutdown under way is not started again."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,12 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"serve-data: error: {err}", file=sys.stderr)
         return 1
-    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT may arrive ignored (background job)
+    for signum in SHUTDOWN_SIGNALS:  # SIGINT may arrive ignored (background job)
         signal.signal(signum, _raise_shutdown)
     try:
         serve(cfg, samples, classes)
     except _Shutdown:
         print("serve-data: shutting down", file=sys.stderr)
+        # Done: a signal still arriving stays pending until exit, rather than ending the
+        # interpreter (its handlers are the defaults again while it finalizes) with its status.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
     except (RuntimeError, zmq.ZMQError) as err:
         print(f"serve-data: error: {err}", file=sys.stderr)
         return 1

@@ -199,6 +199,18 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+@dataclass(frozen=True)
+class DecodedBy:
+    """An evaluation transform whose pixels assume the decoder `read` (path -> HxWx3 uint8 BGR),
+    not OpenCV's: ``ImageFiles`` decodes with it (RobustBench's protocol decodes with PIL)."""
+
+    read: Callable[[str], np.ndarray]
+    transform: Callable[[np.ndarray, int], np.ndarray]
+
+    def __call__(self, img: np.ndarray, size: int) -> np.ndarray:
+        return self.transform(img, size)
+
+
 class ImageFiles(Dataset):
     """``(image uint8 HxWx3, label, index, readable?)`` of each file, after ``transform``.
 
@@ -208,6 +220,8 @@ class ImageFiles(Dataset):
         self, samples: Sequence[Sample], image_size: int, transform: Callable = eval_transform
     ) -> None:
         self.samples, self.image_size, self.transform = samples, image_size, transform
+        # a transform may name the decoder its pixels assume (DecodedBy); else OpenCV's
+        self.read = getattr(transform, "read", read_image_bgr)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -215,7 +229,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
         path, label = self.samples[index]
         try:
-            img = self.transform(read_image_bgr(path), self.image_size)
+            img = self.transform(self.read(path), self.image_size)
         except CorruptImageError:
             img, ok = np.zeros((self.image_size, self.image_size, 3), np.uint8), False
         else:

@@ -9,7 +9,9 @@ robustness benchmark", NeurIPS 2021 Datasets and Benchmarks): ``--benchmark robu
   100 iterations), each a default that a flag given on the command line overrides;
 * the result: the clean and the AutoAttack evaluation, each in this project's record, and a
   file with the fields of RobustBench's ``model_info`` JSON (``<--eval-output>`` with the
-  suffix ``.robustbench.json``).
+  suffix ``.robustbench.json``): the model's name, link, authors, venue and extra data as the
+  ``--model-*`` / ``--additional-data`` flags give them, every setting of the evaluation, and
+  those away from the standard (``STANDARD``), which make it "custom" and "unreliable".
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from iat.attacks import DEFAULT_QUERIES
 from iat.config import Config, architecture_name
 from iat.data.augment import eval_transform, robustbench_transform
-from iat.data.layouts import DataError, Sample
+from iat.data.layouts import DataError, Sample, read_image_pil_bgr
+from iat.data.sources import DecodedBy
 from iat.eval.metrics import EvalResult
 
 IDS_FILE = Path(__file__).parent.parent / "data" / "reference" / "robustbench_imagenet_ids.txt"
@@ -35,6 +38,24 @@ BENCHMARK_DEFAULTS = {  # flags --benchmark robustbench sets unless given
         "attack_iter": 100,  # AutoAttack's APGD and FAB iterations
         "image_size": 224,
         "split": "val",
+    }
+}
+# RobustBench's standard evaluation (Croce et al., NeurIPS 2021): AutoAttack's standard version
+# as its authors run it (100 iterations, 9 target classes, Square's 5,000 queries, 1 restart,
+# images not rounded) on the 5,000 images at 224 x 224, ImageNet L-inf 4/255. A result under any
+# other value is not the leaderboard's: "custom" and "unreliable" in the model_info file.
+STANDARD = {
+    "robustbench": {
+        "attack_epsilon": 4.0,
+        "norm": "inf",
+        "attack_iter": 100,
+        "apgd_targets": 9,
+        "queries": DEFAULT_QUERIES,
+        "restarts": 1,
+        "quantize": False,
+        "image_size": 224,
+        "split": "val",
+        "images": 5000,
     }
 }
 
@@ -60,8 +81,11 @@ def benchmark_samples(
 
 
 def transform_for(cfg: Config) -> Callable[[np.ndarray, int], np.ndarray]:
-    """The evaluation's image preprocessing: the benchmark's, else the original's."""
-    return robustbench_transform if cfg.benchmark == "robustbench" else eval_transform
+    """The evaluation's image preprocessing: the benchmark's (decoded with PIL, as RobustBench's
+    ImageFolder does), else the original's."""
+    if cfg.benchmark == "robustbench":
+        return DecodedBy(read_image_pil_bgr, robustbench_transform)
+    return eval_transform
 
 
 def points(cfg: Config) -> list[Config]:
@@ -72,19 +96,53 @@ def points(cfg: Config) -> list[Config]:
     return [clean, cfg]
 
 
+def evaluation_settings(cfg: Config, images: int) -> dict[str, object]:
+    """The settings of ``STANDARD`` this evaluation ran with (`images`: those it scored)."""
+    return {
+        "attack_epsilon": cfg.attack_epsilon,
+        "norm": cfg.norm,
+        "attack_iter": cfg.attack_iter,
+        "apgd_targets": cfg.apgd_targets,
+        "queries": cfg.queries,
+        "restarts": cfg.restarts,
+        "quantize": cfg.quantize or cfg.export_adversarial is not None,
+        "image_size": cfg.image_size,
+        "split": cfg.split,
+        "images": images,
+    }
+
+
+def non_standard(cfg: Config, images: int) -> dict[str, dict[str, object]]:
+    """Each setting away from the benchmark's standard: {name: {"used": ..., "standard": ...}}."""
+    standard = STANDARD[cfg.benchmark]
+    return {
+        name: {"used": value, "standard": standard[name]}
+        for name, value in evaluation_settings(cfg, images).items()
+        if value != standard[name]
+    }
+
+
 def model_info(cfg: Config, clean: EvalResult, attacked: EvalResult, version: str) -> dict:
     """RobustBench's model_info fields (accuracies as percentage strings, ε as a fraction of
-    255), with what this project knows of the model; the rest empty for the author to fill."""
+    255). The model's name, link, authors, venue and extra data are the --model-* and
+    --additional-data flags' (empty, and null for the extra data, when not given). Any setting
+    away from the standard makes the version "custom" and the result "unreliable"; every setting
+    is recorded under "settings", those away from the standard under "non_standard"."""
     architecture = architecture_name(cfg)
     threat = "Linf" if cfg.norm == "inf" else "L2"
+    changed = non_standard(cfg, attacked.images)
+    version = "custom" if changed else version
+    departures = "".join(
+        f"; {name} {c['used']} (standard {c['standard']})" for name, c in changed.items()
+    )
     return {
-        "link": "",
-        "name": Path(cfg.load).stem if cfg.load else "",
-        "authors": "",
-        "additional_data": False,
+        "link": cfg.model_link or "",
+        "name": cfg.model_name or "",
+        "authors": cfg.model_authors or "",
+        "additional_data": cfg.additional_data,
         "number_forward_passes": 1,
         "dataset": "imagenet",
-        "venue": "",
+        "venue": cfg.model_venue or "",
         "architecture": architecture,
         "eps": f"{cfg.attack_epsilon:g}/255",
         "clean_acc": f"{100 * (1 - clean.top1_error):.2f}",
@@ -92,12 +150,14 @@ def model_info(cfg: Config, clean: EvalResult, attacked: EvalResult, version: st
         "autoattack_acc": f"{100 * attacked.robust_accuracy:.2f}",
         "footnote": (
             f"Evaluated with imagenet-adversarial-training: AutoAttack {version}, {threat}, "
-            f"{attacked.images} images."
+            f"{attacked.images} images{departures}."
         ),
-        "unreliable": False,
+        "unreliable": bool(changed),
         "threat_model": threat,
         "autoattack_version": version,
         "n_ex": attacked.images,
+        "settings": evaluation_settings(cfg, attacked.images),
+        "non_standard": changed,
     }
 
 

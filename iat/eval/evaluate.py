@@ -456,7 +456,8 @@ def open_state(cfg: Config, num_images: int) -> EvalState | None:
     folder = state_dir(cfg)
     if folder is None or cfg.export_adversarial is not None:
         return None  # an export writes every image: it runs whole
-    state = EvalState(folder, fingerprint(cfg, num_images), distributed.get_rank())
+    key, rank = fingerprint(cfg, num_images), distributed.get_rank()
+    state = EvalState(folder, key, rank, num_images=num_images, batch=cfg.batch)
     if state.done and distributed.is_main_process():
         batches = math.ceil(num_images / cfg.batch)
         print(

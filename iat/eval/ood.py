@@ -11,6 +11,12 @@
   the classes present (as their authors and EasyRobust evaluate them), the usual validation
   preprocessing.
 
+* **ImageNet-Sketch** (Wang et al., NeurIPS 2019): ``--data`` is its ``sketch`` folder (or the
+  folder holding it): ``wnid/*`` for all 1000 classes; **ImageNet-V2** (Recht et al., ICML
+  2019; any of its three sets, e.g. ``imagenetv2-matched-frequency-format-val``): folders named
+  by the class index, ``0`` to ``999``, which is the position of the WordNet id in sorted order.
+  Both: top-1 / top-5 error over all 1000 logits, the usual validation preprocessing.
+
 Class folders map to the model's logits through ImageNet-1k's WordNet ids in their sorted order
 (``iat/data/reference/imagenet_class_to_id_map.json``): a 1000-class ImageNet model is needed.
 """
@@ -26,7 +32,7 @@ from torch import nn
 
 from iat.config import Config
 from iat.data.augment import center_crop_transform, eval_transform
-from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample
+from iat.data.layouts import IMAGE_EXTENSIONS, DataError, Sample, read_image_bgr
 from iat.eval.metrics import EvalResult
 
 CLASS_MAP = Path(__file__).parent.parent / "data" / "reference" / "imagenet_class_to_id_map.json"
@@ -94,6 +100,8 @@ def corruption_samples(root: Path) -> dict[tuple[str, str], list[Sample]]:
                 for folder in _class_folders(severity, index, what)
                 for image in _images(folder)
             ]
+            if not found[corruption.name, severity.name]:  # never scored as error 0 in its CE
+                raise DataError(f"{what}: {severity} holds no images")
     if not found:
         raise DataError(f"--eval-set imagenet-c: {root} holds no corruption/severity folders")
     return found
@@ -107,6 +115,8 @@ def subset_samples(root: Path, name: str) -> tuple[list[Sample], list[int]]:
     index = class_index()
     folders = _class_folders(root, index, f"--eval-set {name}")
     samples = [(str(image), i) for i, folder in enumerate(folders) for image in _images(folder)]
+    if not samples:
+        raise DataError(f"--eval-set {name}: {root}'s class folders hold no images")
     return samples, [index[f.name] for f in folders]
 
 
@@ -119,7 +129,9 @@ def evaluate_set(cfg: Config, model: nn.Module, evaluate: Evaluate) -> tuple[dic
         )
     root = Path(cfg.data)
     if cfg.eval_set == "imagenet-c":
-        return _corruptions(root, model, evaluate)
+        return _corruptions(root, model, evaluate, cfg.image_size)
+    if cfg.eval_set in ALL_CLASS_SETS:
+        return _all_classes(cfg.eval_set, ALL_CLASS_SETS[cfg.eval_set](root), model, evaluate)
     samples, classes = subset_samples(root, cfg.eval_set)
     result = evaluate(
         RestrictedLogits(model, classes), samples, eval_transform, f"eval {cfg.eval_set}"
@@ -135,12 +147,32 @@ def evaluate_set(cfg: Config, model: nn.Module, evaluate: Evaluate) -> tuple[dic
     return record, [line]
 
 
-def _corruptions(root: Path, model: nn.Module, evaluate: Evaluate) -> tuple[dict, list[str]]:
+def _cropped(evaluate: Evaluate, model: nn.Module, samples: list[Sample], desc: str, size: int):
+    """``evaluate`` with the centre crop; an image too small for it is named (the crop's own
+    error cannot name it: it sees the pixels only)."""
+    try:
+        return evaluate(model, samples, center_crop_transform, desc)
+    except ValueError as error:
+        if "cannot centre-crop" not in str(error):
+            raise
+        for path, _ in samples:  # the error path only: find the culprit
+            height, width = read_image_bgr(path).shape[:2]
+            if height < size or width < size:
+                raise DataError(
+                    f"--eval-set imagenet-c: {path} is {height}x{width}, smaller than the "
+                    f"{size}x{size} crop (--image-size)"
+                ) from None
+        raise
+
+
+def _corruptions(
+    root: Path, model: nn.Module, evaluate: Evaluate, size: int
+) -> tuple[dict, list[str]]:
     errors: dict[str, dict[str, float]] = {}
     images = 0
     for (corruption, severity), samples in corruption_samples(root).items():
         desc = f"eval imagenet-c {corruption} {severity}"
-        result = evaluate(model, samples, center_crop_transform, desc)
+        result = _cropped(evaluate, model, samples, desc, size)
         errors.setdefault(corruption, {})[severity] = result.top1_error
         images += result.images
     corruptions, lines = {}, []
@@ -177,3 +209,74 @@ def _corruptions(root: Path, model: nn.Module, evaluate: Evaluate) -> tuple[dict
         "images": images,
     }
     return record, lines
+
+
+def sorted_class_index() -> dict[str, int]:
+    """The class map, checked to be the WordNet ids' sorted order (ImageNet-V2's folder k is the
+    k-th WordNet id in that order, as in the class index of torchvision's ImageNet models)."""
+    index = class_index()
+    if index != {wnid: i for i, wnid in enumerate(sorted(index))}:
+        raise DataError(f"{CLASS_MAP}: the class indices are not the WordNet ids' sorted order")
+    return index
+
+
+def _all_folders(root: Path, names: list[str], what: str) -> list[tuple[Path, int]]:
+    """Each of `names` (the 1000 classes' folder names, by class index) under `root`, with its
+    class index; an error naming the first missing class, or a folder that is none of them."""
+    if not root.is_dir():
+        raise DataError(f"{what}: {root} is not a directory")
+    present = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    unknown = sorted(present - set(names))
+    if unknown:
+        raise DataError(f"{what}: {root / unknown[0]} is not one of its 1000 class folders")
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise DataError(
+            f"{what}: {len(missing)} of its 1000 class folders are not under {root} "
+            f"(first: {missing[0]})"
+        )
+    return [(root / name, label) for label, name in enumerate(names)]
+
+
+def _samples_of(folders: list[tuple[Path, int]], root: Path, what: str) -> list[Sample]:
+    samples = [(str(image), label) for folder, label in folders for image in _images(folder)]
+    if not samples:
+        raise DataError(f"{what}: no images under {root}")
+    return samples
+
+
+def sketch_samples(root: Path) -> list[Sample]:
+    """ImageNet-Sketch's ``sketch/wnid/*`` (its release's layout: all 1000 WordNet ids),
+    labelled with the 1000-class index; `root` is the ``sketch`` folder or the one holding it."""
+    if (root / "sketch").is_dir():
+        root = root / "sketch"
+    what = "--eval-set imagenet-sketch"
+    index = sorted_class_index()
+    return _samples_of(_all_folders(root, sorted(index), what), root, what)
+
+
+def v2_samples(root: Path) -> list[Sample]:
+    """ImageNet-V2's ``k/*`` (its releases' layout: folders ``0`` to ``999``, the class index),
+    labelled k: the k-th WordNet id in sorted order, the class map's index (checked)."""
+    what = "--eval-set imagenet-v2"
+    sorted_class_index()
+    names = [str(k) for k in range(len(class_index()))]
+    return _samples_of(_all_folders(root, names, what), root, what)
+
+
+ALL_CLASS_SETS = {"imagenet-sketch": sketch_samples, "imagenet-v2": v2_samples}
+
+
+def _all_classes(
+    name: str, samples: list[Sample], model: nn.Module, evaluate: Evaluate
+) -> tuple[dict, list[str]]:
+    """ImageNet-Sketch / -V2: the top-1 and top-5 error over all 1000 logits."""
+    result = evaluate(model, samples, eval_transform, f"eval {name}")
+    record = {"eval_set": name, "classes": len(class_index()), **result.as_dict()}
+    for key in ("attack_success_rate", "robust_accuracy", "details"):
+        record.pop(key)
+    line = (
+        f"{name}: top-1 error {result.top1_error:.4f}, top-5 error {result.top5_error:.4f} on "
+        f"{result.images} images (clean; all 1000 classes)"
+    )
+    return record, [line]

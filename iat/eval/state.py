@@ -10,8 +10,12 @@ uninterrupted one would (``evaluate``'s per-batch seeds make each batch's attack
 The fingerprint covers every setting that changes a number (``result_settings``: the
 configuration less the fields below; ``--eval --watch`` keys its results by them too), the
 checkpoint's size and modification time and the number of images: another attack, ε or
-checkpoint never reuses the counts. Nothing in a state file is unpickled; its size is checked
-before it is read.
+checkpoint never reuses the counts. Nothing in a state file is unpickled; a rank file is read
+only when it is a regular file (not a symbolic link, a FIFO or a device), up to a bound, and
+each record must be possible for its batch (whole counts between 0 and the batch's images, the
+skipped ones making up the rest), else the state is refused in one line. Rank files are
+appended to without following symbolic links, and a state folder that is a symbolic link out of
+its parent is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +27,18 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from iat.config import Config
+from iat.runtime.atomic_io import (
+    check_inner_folder,
+    is_no_space,
+    open_no_follow,
+    read_regular,
+    space_error,
+)
 
 # Fields that change no number (where the output goes, how many threads decode), left out of
 # the fingerprint so that a relaunch with other values still resumes.
@@ -39,6 +51,8 @@ NEUTRAL_FIELDS = frozenset(
         # A finished batch had no unreadable image (or the run stopped): the same counts with
         # --skip-unreadable. Each sweep point has its own epsilon and iterations.
         "skip_unreadable", "masking_checks", "sweep_epsilon", "sweep_iters",
+        # --benchmark's description of the model, written into its result file only
+        "model_name", "model_link", "model_authors", "model_venue", "additional_data",
     }
 )  # fmt: skip
 MAX_STATE_BYTES = 256 << 20  # a state line is ~200 bytes a batch: far beyond any split
@@ -90,10 +104,15 @@ def state_dir(cfg: Config) -> Path | None:
 
 
 class EvalState:
-    """One evaluation's records: the batches done before (``done``) and this rank's appends."""
+    """One evaluation's records: the batches done before (``done``) and this rank's appends.
 
-    def __init__(self, folder: Path, key: str, rank: int) -> None:
+    `num_images` and `batch` are the evaluation's: batch j holds images
+    [j*batch, min((j+1)*batch, num_images)), which bounds the counts a record may hold."""
+
+    def __init__(self, folder: Path, key: str, rank: int, *, num_images: int, batch: int) -> None:
         self.folder, self.key, self.rank = folder, key, rank
+        self.num_images, self.batch = num_images, batch
+        check_inner_folder("--eval-state", folder)
         self.done: dict[int, BatchRecord] = {}
         for path in sorted(folder.glob(f"{key}.rank*.jsonl")) if folder.is_dir() else ():
             for record in self._read(path):
@@ -101,16 +120,21 @@ class EvalState:
         self._file = None
 
     def _read(self, path: Path) -> list[BatchRecord]:
-        size = path.stat().st_size
-        if size > MAX_STATE_BYTES:
-            raise EvalStateError(f"{path}: {size} bytes, more than a state file holds")
-        lines = path.read_bytes().split(b"\n")
+        try:
+            lines = read_regular(path, MAX_STATE_BYTES).split(b"\n")
+        except ValueError as error:
+            raise EvalStateError(f"{error} (an evaluation state file)") from None
         records = []
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             try:
                 records.append(self._parse(json.loads(raw)))
+            except RecursionError:
+                raise EvalStateError(
+                    f"{path} line {number}: nested too deeply for an evaluation state record; "
+                    "delete the file to start this evaluation afresh"
+                ) from None
             except (ValueError, TypeError, KeyError) as e:
                 if number == len(lines):  # the last line, cut short by a kill
                     continue
@@ -124,10 +148,12 @@ class EvalState:
         if not isinstance(data, dict) or set(data) != {"batch", "counts", "skipped", "stats"}:
             raise ValueError("unexpected fields")
         batch, counts, skipped, stats = (data[k] for k in ("batch", "counts", "skipped", "stats"))
-        if not isinstance(batch, int) or batch < 0:
-            raise ValueError(f"batch {batch!r}")
+        batches = math.ceil(self.num_images / self.batch)
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch < batches:
+            raise ValueError(f"batch {batch!r}, not one of this evaluation's {batches}")
         _numbers(counts, COUNTS, "counts")
         _numbers([skipped], 1, "skipped")
+        _possible(counts, skipped, min(self.batch, self.num_images - batch * self.batch))
         if not isinstance(stats, dict):
             raise ValueError("statistics")
         for name, values in stats.items():
@@ -136,14 +162,19 @@ class EvalState:
 
     def append(self, record: BatchRecord) -> None:
         """Add one finished batch, durably (a kill after this returns keeps it)."""
-        if self._file is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"{self.key}.rank{self.rank}.jsonl"
-            _drop_cut_line(path)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self._file.write(record.line())
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        path = self.folder / f"{self.key}.rank{self.rank}.jsonl"
+        try:
+            if self._file is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._file = open_no_follow(path, "a+b")
+                _drop_cut_line(self._file)
+            self._file.write(record.line().encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            if is_no_space(error):
+                raise space_error(path, error) from None
+            raise
 
     def close(self) -> None:
         if self._file is not None:
@@ -159,21 +190,45 @@ class EvalState:
             self.folder.rmdir()
 
 
-def _drop_cut_line(path: Path) -> None:
-    """Truncate `path` after its last complete line: a record cut short by a kill would
-    otherwise run into the next one appended."""
-    if not path.is_file():
+def _drop_cut_line(file: BinaryIO) -> None:
+    """Truncate `file` (open for reading and appending) after its last complete line: a record
+    cut short by a kill would otherwise run into the next one appended."""
+    size = os.fstat(file.fileno()).st_size
+    if size == 0:
         return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    file.seek(max(0, size - MAX_STATE_BYTES))
+    data = file.read(MAX_STATE_BYTES)
+    if not data.endswith(b"\n"):
+        file.truncate(size - len(data) + data.rfind(b"\n") + 1)
 
 
 def _numbers(values: object, length: int, name: str) -> None:
-    ok = isinstance(values, list) and len(values) == length
-    if not ok or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+    ok = isinstance(values, list) and len(values) == length and all(map(_is_number, values))
+    if not ok:
         raise ValueError(f"{name}: expected {length} finite numbers")
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number (true and false are not; an integer beyond a float's exact range
+    would overflow the sums)."""
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, float) and math.isfinite(value)) or (
+        isinstance(value, int) and abs(value) <= 2**53
+    )
+
+
+def _possible(counts: list[float], skipped: float, images: int) -> None:
+    """Refuse counts no batch of `images` images can give (``metrics.count_batch``): whole
+    numbers, at most the batch's images, top-5 errors among the top-1 ones, and the images
+    scored plus those skipped as unreadable making up the batch."""
+    scored, top1, top5, successes = counts
+    whole = all(float(v).is_integer() for v in (*counts, skipped))
+    fits = 0 <= top5 <= top1 <= scored and 0 <= successes <= scored and skipped >= 0
+    if not (whole and fits and scored + skipped == images):
+        raise ValueError(
+            f"counts {counts} with {skipped} skipped are impossible for a batch of {images} images"
+        )
 
 
 def stats_tensors(

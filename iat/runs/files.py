@@ -22,6 +22,7 @@ SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed,
 RESULTS_FOLDER = "eval"  # --eval --watch: one result file per checkpoint and evaluation key
 _CHECKPOINT_PREFIX, _CHECKPOINT_SUFFIX = "checkpoint-epoch", ".pt"
 _CHECKPOINT = re.compile(rf"^{_CHECKPOINT_PREFIX}(\d+){re.escape(_CHECKPOINT_SUFFIX)}$")
+MAX_EPOCH_DIGITS = 9  # a longer epoch is no checkpoint of a run (and would overflow an int64)
 # A checkpoint being written (iat.runtime.atomic_io's temporary name); a killed writer leaves it.
 PARTIAL_CHECKPOINTS = f".{_CHECKPOINT_PREFIX}*{_CHECKPOINT_SUFFIX}.*.tmp"
 
@@ -32,9 +33,22 @@ def checkpoint_path(logdir: str | Path, epoch: int) -> Path:
 
 
 def checkpoint_epoch(path: str | Path) -> int | None:
-    """The epoch of checkpoint `path` (by its name); None for any other file."""
+    """The epoch of checkpoint `path` (by its name); None for any other file, and for a name
+    whose epoch has more than ``MAX_EPOCH_DIGITS`` digits (``odd_checkpoints`` names those)."""
     found = _CHECKPOINT.match(Path(path).name)
-    return int(found.group(1)) if found else None
+    if found is None or len(found.group(1).lstrip("0")) > MAX_EPOCH_DIGITS:
+        return None
+    return int(found.group(1))
+
+
+def odd_checkpoints(logdir: str | Path) -> list[Path]:
+    """Files of `logdir` named like a checkpoint that ``checkpoint_epoch`` does not take (an
+    epoch of more than ``MAX_EPOCH_DIGITS`` digits), sorted: to be named, never read."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return []
+    named = logdir.glob(f"{_CHECKPOINT_PREFIX}*{_CHECKPOINT_SUFFIX}")
+    return sorted(p for p in named if _CHECKPOINT.match(p.name) and checkpoint_epoch(p) is None)
 
 
 def list_checkpoints(logdir: str | Path) -> list[Path]:

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -36,7 +37,7 @@ from iat.runs.files import (
     checkpoint_path,
     list_checkpoints,
 )
-from iat.runtime.atomic_io import atomic_write_text
+from iat.runtime.atomic_io import atomic_write_text, open_no_follow, read_regular
 from nets import CheckpointError
 from nets.checkpoint import require_finite
 
@@ -49,6 +50,7 @@ EMA_FIELD = "ema"  # the averaged weights (iat.recipes.ema), keyed as "model"; o
 # Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
 # forged field, refused naming it rather than overflowing later.
 MAX_COUNT = 2**63 - 1
+RECORD_BYTES = 1 << 16  # BEST_RECORD is one short line
 
 
 def check_run_directory(logdir: str | Path) -> None:
@@ -79,12 +81,12 @@ class RunDirectoryLock:
     def __init__(self, logdir: str | Path, enabled: bool = True) -> None:
         self.logdir = Path(logdir)
         self.enabled = enabled
-        self._fd: int | None = None
+        self._file: BinaryIO | None = None
 
     def acquire(self, create: bool) -> None:
         """Lock the run directory (creating it if `create`); a no-op when it does not exist yet
         and `create` is false, or when already held. RunDirectoryBusy names the holder."""
-        if not self.enabled or self._fd is not None:
+        if not self.enabled or self._file is not None:
             return
         if create:
             try:
@@ -93,24 +95,26 @@ class RunDirectoryLock:
                 raise ValueError(f"--logdir: cannot create {self.logdir} ({error})") from None
         elif not self.logdir.is_dir():
             return
-        fd = os.open(self.logdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a symbolic link: truncating it would overwrite a file outside the run.
+        lock = open_no_follow(self.logdir / LOCK_FILE, "r+b", buffering=0)
+        fd = lock.fileno()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            lock.close()
             raise RunDirectoryBusy(
                 f"--logdir: {self.logdir} is in use by another training process ({holder}); "
                 "wait for it to end, or give another --logdir"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        self._file = lock
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the lock
+            self._file = None
 
     def __enter__(self) -> RunDirectoryLock:
         return self
@@ -130,10 +134,10 @@ def link_best(path: Path, evaluation: str, accuracy: float) -> bool:
     so that pruning the epoch's own name keeps the file."""
     record_path = path.parent / BEST_RECORD
     try:
-        best = json.loads(record_path.read_text())
+        best = json.loads(read_regular(record_path, RECORD_BYTES))
         if best["evaluation"] == evaluation and best["robust_accuracy"] >= accuracy:
             return False
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass  # no record yet, or one this code did not write: start one
     _replace_link(path.parent / BEST_LINK, lambda tmp: os.link(path, tmp))
     record = {"checkpoint": path.name, "evaluation": evaluation, "robust_accuracy": accuracy}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from iat.attacks import Attacker, create_attacker
+from iat.attacks import Attacker, attack_info, create_attacker
 from iat.attacks.core import pgd_step_size
 from iat.attacks.spec import AttackSpec
 from iat.builders import AttackPrecision, training_attack_settings
@@ -58,7 +58,8 @@ def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
     spec = training_attack_spec(cfg)
     full = spec.settings
     epsilon = full.epsilon * warmup_factor(cfg.eps_warmup_epochs, epoch)
-    if spec.name != "pgd":
+    form = attack_info(spec.name).training
+    if form is None or "step" not in form.warmups:  # a step of its own, following epsilon
         return dataclasses.replace(spec, settings=dataclasses.replace(full, epsilon=epsilon))
     step = pgd_step_size(full.epsilon, full.num_iter, full.step_size)
     step *= warmup_factor(cfg.step_warmup_epochs, epoch)

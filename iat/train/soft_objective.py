@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iat.attacks.core import PIXEL_MAX, PIXEL_MIN, attack_mode, no_targets
+from iat.attacks.registry import attack_info
 from iat.attacks.spec import AttackSpec
-from iat.attacks.training import FGSM_RS_STEP
 from iat.train.objective import TrainingTerms, mixed_batch, paired_terms
 
 
@@ -65,20 +65,14 @@ class SoftTargetPGD:
 def soft_target_attacker(
     spec: AttackSpec, prob_start_from_clean: float, generator: torch.Generator
 ) -> SoftTargetPGD:
-    """The training attack `spec` on soft targets: clean, untargeted PGD with the spec's step
-    as it is (``epoch_attack_spec`` resolves it), or FGSM-RS (one step of 1.25 epsilon
-    from a random start, Wong et al. 2020 Sec 4)."""
-    if spec.name == "clean":
-        return SoftTargetPGD(0, 0.0, 0.0, 1.0, generator)
-    if spec.name == "fgsmrs":
-        epsilon = spec.settings.epsilon
-        return SoftTargetPGD(1, epsilon, FGSM_RS_STEP * epsilon, 0.0, generator)
-    settings = spec.settings
-    if spec.name != "pgd" or settings.target is not None:
+    """The training attack `spec` on soft targets: the sign-gradient ascent its registration
+    stands it for (``TrainingForm.soft_target``: clean; untargeted PGD with the spec's step as
+    ``epoch_attack_spec`` leaves it; FGSM-RS's one step of 1.25 epsilon from a random start)."""
+    form = attack_info(spec.name).training
+    if form is None or form.soft_target is None or spec.settings.target is not None:
         raise ValueError(f"no soft-target form of the training attack {spec}")
-    return SoftTargetPGD(
-        settings.num_iter, settings.epsilon, settings.step_size, prob_start_from_clean, generator
-    )
+    num_iter, epsilon, step, start_clean = form.soft_target(spec.settings, prob_start_from_clean)
+    return SoftTargetPGD(num_iter, epsilon, step, start_clean, generator)
 
 
 def soft_training_objective(

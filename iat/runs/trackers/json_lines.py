@@ -10,14 +10,25 @@ from pathlib import Path
 from iat.runs.files import METRICS_FILE
 from iat.runs.logger import Backend
 from iat.runs.trackers.registry import Destination, register_tracker
-from iat.runtime.atomic_io import atomic_write_text
+from iat.runtime.atomic_io import (
+    atomic_write_text,
+    is_no_space,
+    open_no_follow,
+    read_regular,
+    space_error,
+)
+
+# What a killed run's metrics.jsonl is read back up to (a line per logged step, ~300 bytes).
+MAX_METRICS_BYTES = 1 << 30
 
 
 class JsonLinesBackend(Backend):
-    """``metrics.jsonl``: one line per record, appended and flushed line by line."""
+    """``metrics.jsonl``: one line per record, appended and flushed line by line (never
+    through a symbolic link out of the run directory)."""
 
     def __init__(self, logdir: str | Path) -> None:
-        self._file = open(Path(logdir) / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
+        self.path = Path(logdir) / METRICS_FILE
+        self._file = open_no_follow(self.path, "a", buffering=1, encoding="utf-8")
 
     def scalars(self, step: int, scalars: dict[str, float], context: dict) -> None:
         self._write({"time": time.time(), "step": step, **context, **scalars})
@@ -26,10 +37,20 @@ class JsonLinesBackend(Backend):
         self._write({"time": time.time(), "phase": name, **record})
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if is_no_space(error):
+                raise space_error(self.path, error) from None
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as error:
+            if is_no_space(error):
+                raise space_error(self.path, error) from None
+            raise
 
 
 def forget_records_after(logdir: str | Path, step: int) -> None:
@@ -37,9 +58,9 @@ def forget_records_after(logdir: str | Path, step: int) -> None:
     killed run logged after its last checkpoint, which the resumed run logs again. A line torn
     by the kill is dropped too; records without a step (results) are kept."""
     path = Path(logdir) / METRICS_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = read_regular(path, MAX_METRICS_BYTES).decode().splitlines(keepends=True)
     kept = [line for line in lines if _step_at_most(line, step)]
     if kept != lines:
         atomic_write_text(path, "".join(kept))
