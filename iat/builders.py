@@ -8,8 +8,10 @@ are read once by the caller (``nets.read_weights`` or ``run_state.plan_start``) 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,7 +20,7 @@ from iat.attacks import Attacker, AttackSettings, create_attacker
 from iat.attacks.core import has_native_low_precision
 from iat.attacks.registry import default_attack
 from iat.attacks.spec import AttackSpec
-from iat.config import MODEL_FIELDS, Config, attack_target
+from iat.config import MODEL_FIELDS, Config, attack_target, read_config_file
 from iat.defenses.registry import (
     WrapOptions,
     check_record,
@@ -27,7 +29,9 @@ from iat.defenses.registry import (
     recorded_defense,
 )
 from iat.defenses.transforms import DEFENSE_PHASES, parse_defense
+from iat.runs.files import CONFIG_FILE
 from iat.runs.state import averaged_weights
+from iat.runtime import distributed
 
 IMAGENET_CLASSES = 1000
 
@@ -110,6 +114,7 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
     and ``num_classes`` is --num-classes or the checkpoint's."""
     weights = nets.read_weights(cfg.load)
     cfg = with_recorded_architecture(cfg, weights)
+    cfg = with_trained_image_size(cfg)
     recorded = recorded_defense(weights)
     if recorded is not None:  # the checkpoint's model-level defense, over --frontend
         cfg = dataclasses.replace(cfg, frontend=frontend_flag(recorded[0], weights.source))
@@ -117,6 +122,38 @@ def load_for_inference(cfg: Config, device: torch.device) -> tuple[torch.nn.Modu
         weights = averaged_weights(weights)
     cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or weights.num_classes)
     return build_model(cfg, cfg.num_classes, device, weights), cfg
+
+
+def trained_image_size(checkpoint: str | Path) -> int | None:
+    """The --image-size a training checkpoint's run used: its run directory's config.json (the
+    checkpoint's folder); None without one (a converted or bare weights file)."""
+    path = Path(checkpoint).parent / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        size = read_config_file(path).get("image_size")
+    except ValueError:
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def with_trained_image_size(cfg: Config) -> Config:
+    """``cfg`` evaluating at the size the --load'ed checkpoint was trained at unless --image-size
+    was given; one line says which size and why (or that the flag overrides it, when it
+    differs)."""
+    trained = trained_image_size(cfg.load) if cfg.load else None
+    if trained is None:
+        return cfg
+    if cfg.image_size_given and cfg.image_size == trained:
+        return cfg
+    if cfg.image_size_given:
+        line = f"--image-size {cfg.image_size}: given, overriding the {trained} its run trained at"
+    else:
+        line = f"--image-size {trained}: the size its run trained at ({cfg.load}'s config.json)"
+        cfg = dataclasses.replace(cfg, image_size=trained)
+    if distributed.is_main_process():
+        print(line, file=sys.stderr)
+    return cfg
 
 
 def with_recorded_architecture(cfg: Config, weights: nets.Weights) -> Config:

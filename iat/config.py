@@ -273,6 +273,9 @@ class Config:
     # MODEL_FIELDS the user set (flags or --config); for the others --eval and --eval-directory
     # use the architecture a .pt training checkpoint records. The command line sets it.
     explicit_model_fields: tuple[str, ...] = MODEL_FIELDS
+    # --image-size set (flag, --config or --recipe); else --eval of a training checkpoint uses
+    # the size its run trained at (the config.json beside it). The command line sets it.
+    image_size_given: bool = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -622,6 +625,11 @@ def _schedules(cfg: Config) -> None:
     """--size-schedule's pairs, and the attack warm-ups' attacks."""
     sizes = cfg.size_schedule
     if sizes is not None:
+        recipe = RECIPES[cfg.recipe].settings.get("size_schedule") == sizes
+        whose = (
+            f" (from --recipe {cfg.recipe}: give --size-schedule 1 {cfg.image_size} for one size, "
+            "or your own pairs)"
+        ) * recipe
         firsts = sizes[0::2]
         _check(
             len(sizes) >= 2
@@ -630,7 +638,7 @@ def _schedules(cfg: Config) -> None:
             and all(a < b for a, b in zip(firsts, firsts[1:], strict=False))
             and all(16 <= side <= cfg.image_size for side in sizes[1::2]),
             "--size-schedule: (first epoch, side) pairs from epoch 1, epochs increasing, sides "
-            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}",
+            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}{whose}",
         )
     _check(cfg.overfit_guard < 1, "--overfit-guard: an accuracy drop, must be < 1")
     _check(
@@ -656,6 +664,18 @@ def _schedules(cfg: Config) -> None:
 def _warming(warmup: str) -> list[str]:
     """The training attacks that a warm-up ("epsilon" or "step") scales."""
     return [n for n, info in ATTACKS.items() if info.training and warmup in info.training.warmups]
+
+
+def depth_applies(cfg: Config) -> bool:
+    """Whether ``-d`` chooses anything: not under --num-blocks, nor for an architecture whose
+    name implies its one depth (convnext_tiny, vit_small_patch16_224)."""
+    known = cfg.arch in nets.ARCHITECTURES
+    return cfg.num_blocks is None and (not known or len(nets.depths_of(cfg.arch)) > 1)
+
+
+def architecture_name(cfg: Config) -> str:
+    """The architecture as records name it: ResNet-50, ResNetBasic-18, convnext_tiny."""
+    return f"{cfg.arch}-{cfg.depth}" if depth_applies(cfg) else cfg.arch
 
 
 def eval_attack(cfg: Config) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,15 @@ import numpy as np
 import pytest
 import zmq
 
-from iat.data.client import DataServerTimeout, ZMQBatchClient
-from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
+from iat.data.client import BatchShapeMismatch, DataServerTimeout, ZMQBatchClient
+from iat.data.protocol import (
+    ProtocolError,
+    batch_settings,
+    decode_batch,
+    default_address,
+    encode_batch,
+)
+from iat.data.sources import TrainSourceSpec, server_batches
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "third_party" / "serve-data.py"
@@ -403,3 +411,53 @@ def test_default_workers_follow_the_affinity_mask() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+def test_protocol_carries_bounded_settings() -> None:
+    """A header's settings round-trip; unknown names, wrong types and long strings are refused."""
+    images, labels = np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, np.int32)
+    settings = {"augment": "fbresnet", "layout": "shards", "classes": 3, "seed": 0, "fake": False}
+    frames = encode_batch(images, labels, 0, "s", settings)
+    assert batch_settings(frames[0]) == settings
+    assert batch_settings(encode_batch(images, labels, 0, "s")[0]) is None
+    for bad in ({"pickle": "x"}, {"classes": "3"}, {"fake": 1}, {"augment": "x" * 65}, [1]):
+        header = json.loads(frames[0])
+        header["settings"] = bad
+        with pytest.raises(ProtocolError, match="settings"):
+            batch_settings(json.dumps(header).encode())
+
+
+def _spec(augment: str, address: str, timeout_s: float, data: Path) -> TrainSourceSpec:
+    return TrainSourceSpec(
+        samples=None, batch=4, image_size=32, augment=augment, num_classes=len(CLASSES),
+        workers=0, seed=5, rank=0, world_size=1, first_batch=0, address=address,
+        timeout_s=timeout_s, pin_memory=False, data=str(data), layout="imagenet",
+        classes=len(CLASSES),
+    )  # fmt: skip
+
+
+def test_a_server_of_another_augmentation_is_one_error_with_the_command(
+    tmp_path: Path, address: str, start_server
+) -> None:
+    """The trainer's --train-augment pad-crop-flip against a fbresnet server: one line naming
+    both and the exact command of the matching server (issue 33); with no server, the hint is
+    that command too."""
+    folder = _write_folder(tmp_path / "imagenet")
+    command = (
+        f"python third_party/serve-data.py --data {folder} --batch 4 --image-size 32 "
+        "--train-augment pad-crop-flip --seed 5"
+    )
+    with pytest.raises(DataServerTimeout, match=f"start it with: {command}, or give"):
+        next(server_batches(_spec("pad-crop-flip", address, 4, folder)))
+    start_server(*_server_args(folder, address))
+    with pytest.raises(BatchShapeMismatch) as err:
+        next(server_batches(_spec("pad-crop-flip", address, 30, folder)))
+    assert str(err.value) == (
+        f"the data server at {address} serves batches of --train-augment fbresnet, but this run "
+        f"trains with --train-augment pad-crop-flip: start the server with: {command}"
+    )
+    images, _ = next(server_batches(_spec("fbresnet", address, 30, folder)))
+    assert images.shape == (4, 32, 32, 3)
+    with pytest.raises(BatchShapeMismatch, match="serves batches of --seed 5, but this run trains"
+                       " with --seed 6: start the server with: .* --seed 6$"):  # fmt: skip
+        next(server_batches(dataclasses.replace(_spec("fbresnet", address, 30, folder), seed=6)))

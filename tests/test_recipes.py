@@ -19,8 +19,9 @@ from conftest import REPO, assert_resumes_bit_for_bit
 from test_multiprocess import _descendants, free_port, launch, torchrun
 
 from iat.app.cli import build_parser, config_from_args
-from iat.config import Config
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
+from iat.config import Config, training_attack_spec
+from iat.eval.summary import threat_model
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs, fitted_line
 
 
 def _config(*argv: str) -> Config:
@@ -38,7 +39,8 @@ def test_every_recipe_is_a_valid_configuration_with_its_source(name):
 
 def test_the_default_recipe_is_the_original():
     assert RECIPES[DEFAULT_RECIPE].settings == {}
-    assert _config() == dataclasses.replace(Config(fake=True), explicit_model_fields=())
+    unset = {"explicit_model_fields": (), "image_size_given": False}
+    assert _config() == dataclasses.replace(Config(fake=True), **unset)
 
 
 def test_flags_given_override_the_recipe():
@@ -58,9 +60,23 @@ def test_a_replayed_run_keeps_its_values_and_another_recipe_replaces_them(tmp_pa
 
 
 def tiny_overrides(name: str) -> list[str]:
-    """The preset at 32x32 (its progressive sizes scaled down)."""
+    """The preset at 32x32 (its progressive sizes scaled down), its warm-ups given as flags at
+    the recipe's own values: not fitted to --epochs, so that a relaunch with more epochs
+    continues the same schedule (under a cosine schedule, the LR depends on --epochs after the
+    warm-up)."""
     sizes = ["--size-schedule", "1", "16", "2", "32"]
-    return ["--recipe", name, *(sizes if RECIPES[name].settings.get("size_schedule") else [])]
+    settings = RECIPES[name].settings
+    warmups = [
+        word
+        for key in fit_to_epochs(name, 2)
+        for value in [settings[key]]
+        for word in (f"--{key.replace('_', '-')}", *map(str, _listed(value)))
+    ]
+    return ["--recipe", name, *(sizes if settings.get("size_schedule") else []), *warmups]
+
+
+def _listed(value: object) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -109,3 +125,33 @@ def test_a_recipe_killed_on_two_processes_resumes_bit_for_bit(name, tiny_imagene
     states = [torch.load(d / "checkpoint-epoch0003.pt", weights_only=True) for d in (whole, killed)]
     for key, value in states[0]["model"].items():
         assert torch.equal(value, states[1]["model"][key]), key
+
+
+def test_a_short_run_scales_the_recipes_warm_ups_and_says_so():
+    """--epochs 2 of revisiting-at's 300: its 20-epoch warm-up becomes 2/15 of an epoch, and one
+    line says so; a warm-up given as a flag stays (issue 33)."""
+    cfg = _config("--recipe", "revisiting-at", "--epochs", "2")
+    assert cfg.warmup_epochs == pytest.approx(20 * 2 / 300)
+    line = fitted_line(cfg.recipe, cfg.epochs, dataclasses.asdict(cfg))
+    assert line.startswith("recipe revisiting-at: --epochs 2 of its 300") and "20 -> 0.133" in line
+    assert _config("--recipe", "revisiting-at").warmup_epochs == 20.0
+    given = _config("--recipe", "revisiting-at", "--epochs", "2", "--warmup-epochs", "1")
+    assert given.warmup_epochs == 1.0
+    assert fitted_line(given.recipe, given.epochs, dataclasses.asdict(given)) is None
+    fast = _config("--recipe", "fast-at", "--epochs", "3", "--size-schedule", "1", "224")
+    assert fast.lr_knots[-2:] == (3.0, 0.001)
+
+
+@pytest.mark.parametrize("name", ["revisiting-at", "fast-at", "fast-at-2"])
+def test_in_training_evaluation_follows_the_recipes_threat_model(name):
+    """Its evaluations attack at the trained epsilon, untargeted, and their line names it."""
+    cfg = _config("--recipe", name)
+    trained = training_attack_spec(cfg).settings
+    assert (cfg.attack_epsilon, cfg.attack_target) == (trained.epsilon, "none")
+    words = threat_model(dataclasses.replace(cfg, attack_iter=10))
+    assert f"{trained.epsilon:g}" in words and "target" not in words.replace("untargeted", "")
+
+
+def test_a_recipes_size_schedule_that_does_not_fit_names_the_recipe():
+    with pytest.raises(ValueError, match="from --recipe fast-at: give --size-schedule 1 32"):
+        _config("--recipe", "fast-at", "--image-size", "32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import subprocess
@@ -24,9 +25,10 @@ from iat.data.layouts import (
     create_reader,
     detect_layout,
     read_image_bgr,
+    tar_member_path,
 )
 from iat.data.make_shards import make_shards
-from iat.data.sampling import TrainStream
+from iat.data.sampling import TrainStream, check_eval_headers, undecodable_headers
 from iat.data.shards import host_schedule
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
@@ -111,13 +113,15 @@ def test_the_data_server_serves_shards(sharded) -> None:
 
 
 def test_training_and_evaluation_read_shards(sharded, tmp_path: Path) -> None:
-    """--loader local trains from shards; --eval on shards counts what it counts on the folder."""
+    """--loader local trains from shards, evaluating on them; --eval on shards counts what it
+    counts on the folder."""
     folder, out = sharded
     small = [*TINY, "--image-size", "32", "--batch", "2", "--workers", "0"]
     train = ["main.py", "--data", str(out), "--logdir", str(tmp_path / "run"), *small,
              "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "8",
-             "--steps-per-epoch", "2", "--epochs", "1", "--train-eval", "none"]  # fmt: skip
-    _run(train)
+             "--steps-per-epoch", "2", "--epochs", "1", "--train-eval", "light"]  # fmt: skip
+    proc = _run(train)  # its in-training evaluation reads the val shards (issue 33)
+    assert "epoch 1 eval-10step: PGD-10" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoint-epoch0001.pt").exists()
     ckpt = tmp_path / "w.pt"
     torch.manual_seed(0)
@@ -196,3 +200,22 @@ def test_the_data_modules_import_one_another_without_a_cycle() -> None:
 
     for name in graph:
         visit(name, ())
+
+
+def test_the_header_check_of_in_training_evaluation_reads_shard_members(sharded) -> None:
+    """--train-eval's check before training reads a shard's members as evaluation does: the
+    members of a good shard pass, an empty or non-image member is named (issue 33)."""
+    _, out = sharded
+    samples = create_reader(out).samples("val")
+    check_eval_headers(samples, "val", skip_unreadable=False)  # no error, no OpenCV warning
+    bad = out / "val-bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for name, data in (("a.jpg", b""), ("b.jpg", b"not an image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(bad) as tar:
+        members = [(tar_member_path(bad, m.name, m.offset_data, m.size), 0) for m in tar]
+    assert undecodable_headers(samples + members) == [path for path, _ in members]
+    with pytest.raises(CorruptImageError, match="2 image"):
+        check_eval_headers(samples + members, "val", skip_unreadable=False)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train_tiny, write_imagenet
 
 import nets
+from iat.app.cli import build_parser
 from iat.builders import attack_precision
 from iat.runs.trackers.mlflow_runs import MLFLOW_CHECK_SECONDS
 from iat.runtime.cpus import usable_cpus
@@ -387,3 +388,52 @@ def test_every_option_of_the_sub_commands_has_help_and_shows_its_default(command
     # Every option line has a help text after it (no bare "--batch BATCH" line).
     entries = [e for e in options.split("\n  -") if e.strip()]
     assert all(len(e.split(None, 2)) > 2 or "\n" in e.strip() for e in entries), options
+
+
+def test_every_flag_has_help_text_and_one_default() -> None:
+    """--help explains every flag, says its default at most once, and keeps evaluation-only
+    flags out of the output group (issue 33)."""
+    parser = build_parser()
+    for action in parser._actions:
+        text = action.help or ""
+        assert text.strip() and not text.startswith(" ("), action.option_strings
+        assert text.count("default:") <= 1, (action.option_strings, text)
+    output = next(g for g in parser._action_groups if g.title == "output")
+    assert not any(a.help.startswith("--eval") for a in output._group_actions)
+
+
+def test_settings_and_records_name_depth_only_where_it_applies() -> None:
+    """convnext_tiny has one depth: no depth=50 in the settings line, no "-18" in its name."""
+    from iat.config import Config, architecture_name
+    from iat.train.trainer import settings_line
+
+    convnext = Config(arch="convnext_tiny", depth=18, fake=True)
+    resnet = Config(arch="ResNet", depth=50, fake=True)
+    assert "depth=" not in settings_line(convnext) and "=None" not in settings_line(convnext)
+    assert "depth=50" in settings_line(resnet)
+    assert "depth=" not in settings_line(
+        Config(arch="ResNetBasic", num_blocks=(1, 1, 1, 1), fake=True)
+    )
+    assert (architecture_name(convnext), architecture_name(resnet)) == (
+        "convnext_tiny",
+        "ResNet-50",
+    )
+
+
+def test_eval_defaults_to_the_image_size_the_checkpoint_trained_at(tmp_path: Path, capsys) -> None:
+    """--eval --load of a run's checkpoint without --image-size evaluates at the run's size,
+    printed; --image-size given overrides it, printed as such; the record holds the size."""
+    data = write_imagenet(tmp_path / "imagenet")
+    train_tiny(data, tmp_path / "run", 1)  # at 32x32
+    ckpt = str(tmp_path / "run" / "checkpoint-epoch0001.pt")
+    sizes = []
+    for extra in ([], ["--image-size", "48"]):
+        out = tmp_path / f"eval{len(sizes)}.json"
+        flags = ["--batch", "4", "--workers", "0", "--threads", "1", "--attack-iter", "0"]
+        argv = ["--eval", "--load", ckpt, "--data", str(data), *flags, "--eval-output", str(out)]
+        assert main([*argv, *extra]) == 0
+        sizes.append(json.loads(out.read_text())["image_size"])
+    err = capsys.readouterr().err
+    assert sizes == [32, 48]
+    assert f"--image-size 32: the size its run trained at ({ckpt}'s config.json)" in err
+    assert "--image-size 48: given, overriding the 32 its run trained at" in err

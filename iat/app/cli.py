@@ -21,7 +21,7 @@ from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
 from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs
 from iat.runtime import distributed
 from iat.runtime.atomic_io import NoSpaceError, no_space_errno, space_reason
 from iat.runtime.cpus import cpu_share, resolve_threads
@@ -83,6 +83,9 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
 
 
 def _help(name: str, text: str) -> str:
+    """`text`, then Config's default, unless `text` says its own ("default: ...")."""
+    if "default:" in text:
+        return text
     field = Config.__dataclass_fields__[name]
     default = field.default if field.default is not dataclasses.MISSING else None
     return f"{text} (default: {default})"
@@ -225,7 +228,12 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     attack.add_argument("--attack-step-size", type=float, help=_help("attack_step_size", "step"))
     _choice_arg(attack, "--attack-target", "the attack's goal")
     attack.add_argument(
-        "--prob-start-from-clean", type=float, help=_help("prob_start_from_clean", "")
+        "--prob-start-from-clean",
+        type=float,
+        help=_help(
+            "prob_start_from_clean",
+            "training: probability that an image's attack starts from it, not a random point",
+        ),
     )
     attack.add_argument(
         "--eps-warmup-epochs", type=int, help=_help("eps_warmup_epochs", "training epsilon ramp")
@@ -238,7 +246,7 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help=_help("overfit_guard", "stop + roll back on a PGD accuracy drop > this; Wong: 0.2"),
     )
-    _choice_arg(attack, "--attack", "--eval's attack; default: pgd, or clean for --attack-iter 0")
+    _choice_arg(attack, "--attack", "--eval's attack (default: pgd, or clean for --attack-iter 0)")
     _choice_arg(attack, "--norm", "--eval's threat-model norm (L-inf, L2, L1)")
     attack.add_argument(
         "--restarts", type=int, help=_help("restarts", "pgd / apgd-* / fab-t restarts")
@@ -282,7 +290,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     )
     _choice_arg(opt, "--lr-schedule", "step decay, cosine, or piecewise-linear (cyclic)")
     opt.add_argument("--base-lr", type=float, help=_help("base_lr", "LR per 256 images"))
-    opt.add_argument("--warmup-epochs", type=float, help=_help("warmup_epochs", ""))
+    opt.add_argument(
+        "--warmup-epochs", type=float, help=_help("warmup_epochs", "linear LR warm-up, epochs")
+    )
     opt.add_argument(
         "--warmup-factor",
         type=float,
@@ -299,14 +309,20 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         metavar="EPOCH FACTOR",
         help="cyclic: epoch/factor-of-peak pairs (default: 0 0, 0.4E 1, E 0; Wong et al.)",
     )
-    opt.add_argument("--weight-decay", type=float, help=_help("weight_decay", ""))
+    opt.add_argument(
+        "--weight-decay", type=float, help=_help("weight_decay", "L2 penalty (AdamW: decoupled)")
+    )
     opt.add_argument(
         "--clip-grad", type=float, help=_help("clip_grad", "max global L2 norm of the gradient")
     )
-    opt.add_argument("--label-smoothing", type=float, help=_help("label_smoothing", ""))
+    opt.add_argument(
+        "--label-smoothing", type=float, help=_help("label_smoothing", "of the training loss")
+    )
     opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))
     _choice_arg(opt, "--train-eval", "in-training evaluations")
-    opt.add_argument("--seed", type=int, help=_help("seed", ""))
+    opt.add_argument(
+        "--seed", type=int, help=_help("seed", "seeds shuffling, augmentation, attacks")
+    )
     opt.add_argument(
         "--collective-timeout",
         type=float,
@@ -321,21 +337,34 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     """The run directory, --eval's outputs and options, --watch, --eval-directory's."""
     out = p.add_argument_group("output")
     out.add_argument("--logdir", help="run directory (default: train_log/PGD-...)")
-    out.add_argument("--keep-checkpoints", type=int, help=_help("keep_checkpoints", ""))
+    out.add_argument(
+        "--keep-checkpoints", type=int, help=_help("keep_checkpoints", "epoch checkpoints kept")
+    )
     out.add_argument("--log-every", type=int, help=_help("log_every", "steps"))
-    _eval_output_args(out)
-    _watch_args(out)
-    out.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
     out.add_argument(
         "--skip-unreadable", action="store_true", default=None, help="skip unreadable images"
     )
-    out.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
-    out.add_argument("--class-names", help="one class name per line (LOC_synset_mapping.txt)")
+    out.add_argument(
+        "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
+    )
+    out.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="mlruns",
+        help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
+    )
+    evaluation = p.add_argument_group("evaluation (--eval, --eval-directory)")
+    _eval_output_args(evaluation)
+    _watch_args(evaluation)
+    evaluation.add_argument("--prediction-file", help=_help("prediction_file", "--eval-directory"))
+    evaluation.add_argument("--print-top5", action="store_true", default=None, help="print top-5")
+    evaluation.add_argument(
+        "--class-names", help="one class name per line (LOC_synset_mapping.txt)"
+    )
 
 
 def _eval_output_args(out: argparse._ArgumentGroup) -> None:
-    """--eval's result files, the images it attacks and how, its sweeps; --activations-file
-    and --mlflow stand among them in --help."""
+    """--eval's result files, the images it attacks and how, its sweeps."""
     out.add_argument("--eval-output", help="--eval: write the metrics as JSON here")
     _choice_arg(
         out,
@@ -362,15 +391,6 @@ def _eval_output_args(out: argparse._ArgumentGroup) -> None:
         "--eval-state",
         help="--eval: keep finished batches here, so a relaunch resumes "
         "(default: <--eval-output>.state; 'none': off)",
-    )
-    out.add_argument(
-        "--activations-file", help=_help("activations_file", "--export-activations: .npz or .mat")
-    )
-    out.add_argument(
-        "--mlflow",
-        nargs="?",
-        const="mlruns",
-        help="log the run to MLflow: a tracking URI, or a folder (default ./mlruns)",
     )
     _choice_arg(out, "--split", "--eval: the split to attack")
     out.add_argument(
@@ -491,8 +511,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # The model fields the user chose: the flags given, and those the replayed run chose.
     explicit = set(given) | set(values.get("explicit_model_fields", ()))
     values.update(given)
+    if given.get("recipe") is not None and "epochs" in given:  # a short run of a long recipe
+        values.update(fit_to_epochs(given["recipe"], given["epochs"], given))
     _default_depth(values)
     values["explicit_model_fields"] = tuple(name for name in MODEL_FIELDS if name in explicit)
+    values["image_size_given"] = "image_size" in values
     values["mode"] = next((m for m in _MODE_FLAGS if getattr(args, m)), "train")
     return Config(**values)
 

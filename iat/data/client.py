@@ -29,14 +29,14 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from iat.data.protocol import MAX_HEADER_BYTES, ProtocolError, decode_batch
+from iat.data.protocol import MAX_HEADER_BYTES, ProtocolError, batch_settings, decode_batch
 
 _LOG = logging.getLogger(__name__)
 _POLL_MS = 100  # how often the receiver thread checks whether it should stop
@@ -50,6 +50,13 @@ _PROBE_FRAME_BYTES = 1 << 28
 _PROBE_MS = 2000
 
 Batch = tuple[np.ndarray, np.ndarray]
+# The flag (of serve-data.py and the trainer alike) that sets each advertised setting.
+_SETTING_FLAGS = {
+    "augment": "--train-augment",
+    "layout": "--data-layout",
+    "classes": "classes",
+    "seed": "--seed",
+}
 
 
 class DataServerTimeout(RuntimeError):
@@ -72,6 +79,9 @@ class ZMQBatchClient:
     ``timeout_s`` seconds the iterator raises ``DataServerTimeout``. ``batch`` and
     ``image_size``, when given, are the shape every batch must have (else ``BatchShapeMismatch``)
     and bound the size of a received frame; labels must be below ``num_classes`` when given.
+    ``expect`` holds the settings (``protocol.SETTINGS``) every batch must have been made with,
+    where the server advertises them (else ``BatchShapeMismatch``); ``command``, the command that
+    starts the server this run expects, is what the errors and the no-server warning give.
     """
 
     def __init__(
@@ -84,6 +94,8 @@ class ZMQBatchClient:
         batch: int | None = None,
         image_size: int | None = None,
         num_classes: int | None = None,
+        expect: Mapping[str, object] | None = None,
+        command: str | None = None,
     ) -> None:
         if timeout_s <= 0 or prefetch < 1 or hwm < 1:
             raise ValueError(
@@ -92,6 +104,7 @@ class ZMQBatchClient:
         self.address = address
         self.timeout_s = timeout_s
         self.batch, self.image_size, self.num_classes = batch, image_size, num_classes
+        self.expect, self.command = dict(expect or {}), command
         self.rejected = 0
         self._last_rejection = ""
         self._refused = 0  # connections dropped by ZMQ on a refused frame, then made anew
@@ -188,13 +201,38 @@ class ZMQBatchClient:
         """The message's batch, or None if it is malformed (skipped, counted, logged)."""
         try:
             images, labels, _, _ = decode_batch(frames, self.num_classes)
+            settings = batch_settings(frames[0])
         except Exception as err:  # whatever one message does, the receiver goes on
             self.rejected += 1
             self._last_rejection = str(err)
             _LOG.error("rejected a malformed message from %s: %s", self.address, err)
             return None
         self._check_shape(images.shape)
+        self._check_settings(settings)
         return _writable_aligned(images), _writable_aligned(labels)
+
+    def _check_settings(self, settings: dict | None) -> None:
+        """The server's advertised settings against ``expect`` (not for fake batches, which no
+        setting makes; nor from a server that advertises none)."""
+        if settings is None or settings.get("fake"):
+            return
+        differ = [
+            (_SETTING_FLAGS.get(name, name), settings[name], want)
+            for name, want in self.expect.items()
+            if want is not None and name in settings and settings[name] != want
+        ]
+        if differ:
+            sent = ", ".join(f"{flag} {got}" for flag, got, _ in differ)
+            wanted = ", ".join(f"{flag} {want}" for flag, _, want in differ)
+            raise BatchShapeMismatch(
+                f"the data server at {self.address} serves batches of {sent}, but this run "
+                f"trains with {wanted}: {self._start_hint()}"
+            )
+
+    def _start_hint(self) -> str:
+        if self.command:
+            return f"start the server with: {self.command}"
+        return "start the server with the same --batch and --image-size"
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         batch, height, width, _ = shape
@@ -205,8 +243,7 @@ class ZMQBatchClient:
     def _mismatch(self, sent: str) -> BatchShapeMismatch:
         return BatchShapeMismatch(
             f"the data server at {self.address} sends {sent}, but this run is configured for"
-            f" --batch {self.batch} --image-size {self.image_size}: start the server with the"
-            " same --batch and --image-size"
+            f" --batch {self.batch} --image-size {self.image_size}: {self._start_hint()}"
         )
 
     def _larger_batches(self) -> BatchShapeMismatch:
@@ -239,11 +276,10 @@ class ZMQBatchClient:
     def _without_server(self) -> str:
         """How to start the missing server, and how to train without one."""
         image_size = f" --image-size {self.image_size}" if self.image_size else ""
-        return (
-            f"start it with: python third_party/serve-data.py --data DIR"
-            f" --batch {self.batch or 'B'}{image_size}, or give --loader local to read --data"
-            " directly"
+        command = self.command or (
+            f"python third_party/serve-data.py --data DIR --batch {self.batch or 'B'}{image_size}"
         )
+        return f"start it with: {command}, or give --loader local to read --data directly"
 
     def _timeout_error(self) -> DataServerTimeout:
         message = (

@@ -288,6 +288,11 @@ def detect_layout(root: str | Path) -> str:
     return next((name for name, detect in _DETECTORS.items() if detect(root)), "imagenet")
 
 
+def resolved_layout(root: str | Path, layout: str = AUTO_LAYOUT) -> str:
+    """`layout`, or for ``auto`` the layout detected in ``root``."""
+    return detect_layout(root) if layout == AUTO_LAYOUT else layout
+
+
 def create_reader(root: str | Path, layout: str = AUTO_LAYOUT) -> Reader:
     """The reader of ``layout`` (a ``READERS`` name, or ``auto``) for the data folder ``root``."""
     if layout == AUTO_LAYOUT:
@@ -330,9 +335,10 @@ def _open_regular(path: str) -> tuple[int, int]:
     return fd, info.st_size
 
 
-def read_image_bytes(path: str) -> bytes:
-    """The bytes of an image file or tar member, its size checked (stat, tar header) before any
-    is read: a sparse 30 GB file costs nothing to make and would be allocated whole."""
+def read_image_bytes(path: str, limit: int | None = None) -> bytes:
+    """The bytes of an image file or tar member (its first `limit` only, when given), its size
+    checked (stat, tar header) before any is read: a sparse 30 GB file costs nothing to make and
+    would be allocated whole."""
     member = _TAR_MEMBER.fullmatch(path)
     offset, size = (0, None) if member is None else (int(member["offset"]), int(member["size"]))
     try:
@@ -343,6 +349,7 @@ def read_image_bytes(path: str) -> bytes:
                 raise OSError(
                     f"{size:,} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have"
                 )
+            size = size if limit is None else min(size, limit)
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:

@@ -4,7 +4,9 @@ A batch is one ZMQ multipart message of exactly three frames:
 
 0. a JSON header (at most ``MAX_HEADER_BYTES``): ``{"magic": "IAT-BATCH", "version": 1,
    "server": <server id>, "seq": <sequence number>, "arrays": [{"dtype": "uint8", "shape":
-   [B, H, W, 3]}, {"dtype": "int32", "shape": [B]}]}``;
+   [B, H, W, 3]}, {"dtype": "int32", "shape": [B]}], "settings": {...}}``, where the optional
+   ``settings`` say what else made the batch (``SETTINGS``: augmentation, data layout, class
+   count, seed, fake data), so that a trainer compares them with its own;
 1. the images, raw little-endian C-order bytes of a ``uint8 [B, H, W, 3]`` array;
 2. the labels, raw little-endian bytes of an ``int32 [B]`` array.
 
@@ -17,7 +19,8 @@ interpreted as code.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,16 @@ _ARRAYS = (
     ("images", "uint8", np.dtype("<u1"), (MAX_BATCH, MAX_SIDE, MAX_SIDE, 3)),
     ("labels", "int32", np.dtype("<i4"), (MAX_BATCH,)),
 )
+
+# The settings a server advertises in each batch's header, besides the shape: name -> type.
+SETTINGS: dict[str, type] = {
+    "augment": str,
+    "layout": str,
+    "classes": int,
+    "seed": int,
+    "fake": bool,
+}
+MAX_SETTING_CHARS = 64  # a string setting's length (a name of a registry)
 
 Frame = Any  # bytes, memoryview, numpy array or zmq.Frame: anything exposing a buffer
 
@@ -55,7 +68,35 @@ def _check_outgoing(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype="<i4")
 
 
-def encode_batch(images: np.ndarray, labels: np.ndarray, seq: int, server_id: str) -> list[Frame]:
+def server_command(
+    *, data: str | None, batch: int, image_size: int, augment: str, layout: str, seed: int
+) -> str:
+    """The command that starts the data server a trainer of these settings expects."""
+    words = ["python", "third_party/serve-data.py", "--data", shlex.quote(data) if data else "DIR"]
+    words += ["--batch", str(batch), "--image-size", str(image_size), "--train-augment", augment]
+    words += ["--data-layout", layout] * (layout not in ("auto", "imagenet"))
+    return " ".join(words + ["--seed", str(seed)] * (seed != 0))
+
+
+def _valid_settings(settings: object) -> dict:
+    """`settings` as ``SETTINGS`` allows (known names, their types, bounded strings), else a
+    ProtocolError."""
+    if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS):
+        raise ProtocolError(f"settings: expected an object of {sorted(SETTINGS)}")
+    for name, value in settings.items():
+        kind = SETTINGS[name]
+        if type(value) is not kind or (kind is str and len(value) > MAX_SETTING_CHARS):
+            raise ProtocolError(f"settings: {name} {value!r:.80} is not a {kind.__name__}")
+    return settings
+
+
+def encode_batch(
+    images: np.ndarray,
+    labels: np.ndarray,
+    seq: int,
+    server_id: str,
+    settings: Mapping[str, object] | None = None,
+) -> list[Frame]:
     """Frames of one batch message; send them with ``copy=False`` and do not modify the arrays
     until ZMQ has sent them (the array frames are the arrays' own buffers)."""
     images, labels = _check_outgoing(images, labels)
@@ -69,6 +110,8 @@ def encode_batch(images: np.ndarray, labels: np.ndarray, seq: int, server_id: st
             for spec, a in zip(_ARRAYS, (images, labels), strict=True)
         ],
     }
+    if settings is not None:
+        header["settings"] = _valid_settings(dict(settings))
     return [json.dumps(header).encode(), images, labels]
 
 
@@ -174,3 +217,10 @@ def decode_batch(
     )
     _check_labels(labels, num_classes)
     return images, labels.astype(np.int32, copy=False), seq, server_id
+
+
+def batch_settings(frame: Frame) -> dict | None:
+    """The settings a batch's header frame advertises (None from a server that sends none);
+    a ProtocolError when they are malformed."""
+    settings = _parse_header(frame).get("settings")
+    return None if settings is None else _valid_settings(settings)

@@ -21,16 +21,39 @@ import cv2
 import numpy as np
 
 from iat.data.augment import TrainTransform
-from iat.data.layouts import CorruptImageError, DataError, Sample, read_image_bgr
+from iat.data.layouts import (
+    CorruptImageError,
+    DataError,
+    Sample,
+    read_image_bgr,
+    read_image_bytes,
+    tar_of,
+)
 
 MAX_CORRUPT_RETRIES = 100  # consecutive undecodable replacements before giving up
 
 
+# The signatures of the formats a shard member may hold (layouts.IMAGE_EXTENSIONS).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+
+
+def _recognised(path: str) -> bool:
+    """Whether `path` starts as an image does: a file by ``cv2.haveImageReader`` (its
+    signature only), a tar member (a shard's) by its first bytes, read as evaluation reads it."""
+    if tar_of(path) is None:
+        return cv2.haveImageReader(path)
+    try:
+        head = read_image_bytes(path, limit=12)
+    except CorruptImageError:
+        return False
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def undecodable_headers(samples: list[Sample]) -> list[str]:
-    """The files among `samples` that are empty or whose header no OpenCV decoder recognises
-    (``cv2.haveImageReader`` reads a file's signature only, cheap enough to check a whole
-    evaluation split at the start: bench/RESULTS.md, section 13)."""
-    return [path for path, _ in samples if not cv2.haveImageReader(path)]
+    """The images among `samples` that are empty or whose header no decoder recognises (a
+    signature only: cheap enough to check a whole evaluation split at the start,
+    bench/RESULTS.md, section 13)."""
+    return [path for path, _ in samples if not _recognised(path)]
 
 
 def check_eval_headers(samples: list[Sample], split: str, skip_unreadable: bool) -> None:

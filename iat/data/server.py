@@ -36,7 +36,14 @@ import numpy as np
 import zmq
 
 from iat.data.augment import TRAIN_AUGMENTATIONS
-from iat.data.layouts import AUTO_LAYOUT, READERS, DataError, Sample, create_reader
+from iat.data.layouts import (
+    AUTO_LAYOUT,
+    READERS,
+    DataError,
+    Sample,
+    create_reader,
+    resolved_layout,
+)
 from iat.data.protocol import ProtocolError, decode_batch, default_address, encode_batch
 from iat.data.sampling import TrainStream, fake_batch
 from iat.data.shards import host_schedule
@@ -183,15 +190,19 @@ def run_loop(
     push: zmq.Socket | None,
     fake: Batch | None,
     workers: list[multiprocessing.Process],
+    settings: dict | None = None,
 ) -> None:
-    """Move batches from the workers (or the fake batch) to the public socket until done."""
+    """Move batches from the workers (or the fake batch) to the public socket until done, each
+    header advertising `settings` (``protocol.SETTINGS``)."""
     status = Status(cfg)
     server_id = f"{socket.gethostname()}:{os.getpid()}"
     frames = None
     while not status.done():
         if frames is None:
             batch = _next_batch(pull, fake, status)
-            frames = None if batch is None else encode_batch(*batch, status.batches, server_id)
+            frames = (
+                None if batch is None else encode_batch(*batch, status.batches, server_id, settings)
+            )
         if frames is not None and (push is None or push.poll(MAIN_POLL_MS, zmq.POLLOUT)):
             if push is not None:
                 push.send_multipart(frames, copy=False)
@@ -289,8 +300,22 @@ def _open_public(context: zmq.Context, cfg: ServerConfig) -> zmq.Socket | None:
     return push
 
 
-def serve(cfg: ServerConfig, samples: list[Sample]) -> None:
-    """Run the server until SIGTERM/SIGINT or ``max_batches``; workers are always reaped."""
+def advertised(cfg: ServerConfig, classes: int) -> dict:
+    """What this server's batches are made with besides their shape (``protocol.SETTINGS``),
+    sent in every header for the trainer to compare with its own settings."""
+    layout = cfg.layout if cfg.fake else resolved_layout(cfg.data, cfg.layout)
+    return {
+        "augment": cfg.augment,
+        "layout": layout,
+        "classes": classes,
+        "seed": cfg.seed,
+        "fake": cfg.fake,
+    }
+
+
+def serve(cfg: ServerConfig, samples: list[Sample], classes: int = FAKE_CLASSES) -> None:
+    """Run the server until SIGTERM/SIGINT or ``max_batches``; workers are always reaped.
+    `classes`: the class count of --data (advertised)."""
     internal = f"ipc://@serve-data-{os.getpid()}-{uuid.uuid4().hex}"
     workers: list[multiprocessing.Process] = []
     context = pull = push = None
@@ -306,7 +331,7 @@ def serve(cfg: ServerConfig, samples: list[Sample]) -> None:
         fake = fake_batch(cfg.batch, cfg.image_size, FAKE_CLASSES, cfg.seed) if cfg.fake else None
         share = f" (host {cfg.host_index} of {cfg.hosts})" * (cfg.hosts > 1)
         print(f"serve-data: serving on {cfg.bind}{share}", file=sys.stderr, flush=True)
-        run_loop(cfg, pull, push, fake, workers)
+        run_loop(cfg, pull, push, fake, workers, advertised(cfg, classes))
         if push is not None:
             push.close(linger=LINGER_MS)  # deliver the batches still queued (max_batches)
     finally:
@@ -412,7 +437,9 @@ def _ignore(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        samples = [] if cfg.fake else create_reader(cfg.data, cfg.layout).samples("train")
+        reader = None if cfg.fake else create_reader(cfg.data, cfg.layout)
+        samples = reader.samples("train") if reader else []
+        classes = len(reader.classes()) if reader else FAKE_CLASSES
         if samples:  # fewer shards than hosts: said here once, not by every worker as it dies
             host_schedule(samples, cfg.batch, cfg.seed, cfg.hosts, cfg.host_index)
     except DataError as err:
@@ -421,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in SHUTDOWN_SIGNALS:  # SIGINT may arrive ignored (background job)
         signal.signal(signum, _raise_shutdown)
     try:
-        serve(cfg, samples)
+        serve(cfg, samples, classes)
     except _Shutdown:
         print("serve-data: shutting down", file=sys.stderr)
         # Done: a signal still arriving stays pending until exit, rather than ending the

@@ -31,7 +31,7 @@ from iat.data.layouts import (
     Sample,
     read_image_bgr,
 )
-from iat.data.protocol import default_address
+from iat.data.protocol import default_address, server_command
 from iat.data.sampling import TrainStream, fake_batch
 from nets.layers import PIXEL_MAX, PIXEL_MIN
 
@@ -75,6 +75,12 @@ class TrainSourceSpec:
     address: str | None  # data server address; None: the default for `batch`
     timeout_s: float  # data server: seconds without a batch before it is declared gone
     pin_memory: bool  # page-locked host memory for an asynchronous copy (CUDA)
+    # The data server's handshake: the trainer's --data, its layout (resolved) and class count
+    # (None: not compared), which the server's batches must have been made with too (as the
+    # augmentation and the seed above).
+    data: str | None = None
+    layout: str | None = None
+    classes: int | None = None
 
 
 def fake_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
@@ -89,7 +95,8 @@ def fake_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
 
 def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
     """Batches pulled from the machine's data server; raises DataServerTimeout when it is gone,
-    BatchShapeMismatch when it serves another batch or image size than `spec`'s.
+    BatchShapeMismatch when it serves another batch or image size, augmentation, layout or class
+    count than `spec`'s (each error giving the command that starts the matching server).
 
     With `pin_memory` (CUDA), images land in page-locked memory for an asynchronous copy."""
     address = spec.address or default_address(spec.batch)
@@ -99,6 +106,20 @@ def server_batches(spec: TrainSourceSpec) -> Iterator[Batch]:
         batch=spec.batch,
         image_size=spec.image_size,
         num_classes=spec.num_classes,
+        expect={
+            "augment": spec.augment,
+            "layout": spec.layout,
+            "classes": spec.classes,
+            "seed": spec.seed,
+        },
+        command=server_command(
+            data=spec.data,
+            batch=spec.batch,
+            image_size=spec.image_size,
+            augment=spec.augment,
+            layout=spec.layout or "auto",
+            seed=spec.seed,
+        ),
     ) as client:
         for images, labels in client:
             images = torch.from_numpy(images)

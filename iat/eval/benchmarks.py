@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from iat.attacks import DEFAULT_QUERIES
-from iat.config import Config
+from iat.config import Config, architecture_name
 from iat.data.augment import eval_transform, robustbench_transform
 from iat.data.layouts import DataError, Sample, read_image_pil_bgr
 from iat.data.sources import DecodedBy
@@ -128,7 +128,7 @@ def model_info(cfg: Config, clean: EvalResult, attacked: EvalResult, version: st
     --additional-data flags' (empty, and null for the extra data, when not given). Any setting
     away from the standard makes the version "custom" and the result "unreliable"; every setting
     is recorded under "settings", those away from the standard under "non_standard"."""
-    architecture = f"{cfg.arch}-{cfg.depth}" if cfg.num_blocks is None else cfg.arch
+    architecture = architecture_name(cfg)
     threat = "Linf" if cfg.norm == "inf" else "L2"
     changed = non_standard(cfg, attacked.images)
     version = "custom" if changed else version

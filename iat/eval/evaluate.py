@@ -603,6 +603,7 @@ def eval_record(cfg: Config, r: EvalResult) -> dict:
         "attack": attack_record(cfg),
         "checkpoint": cfg.load,
         "split": cfg.split,
+        "image_size": cfg.image_size,
         "arch": cfg.arch,
         "depth": cfg.depth,
         "num_blocks": cfg.num_blocks,

@@ -46,7 +46,8 @@ NEUTRAL_FIELDS = frozenset(
     {
         "workers", "threads", "eval_output", "eval_state", "mlflow", "collective_timeout",
         "log_every", "watch", "watch_interval", "watch_timeout", "print_top5", "class_names",
-        "explicit_model_fields", "logdir", "keep_checkpoints", "export_adversarial",
+        "explicit_model_fields", "image_size_given", "logdir", "keep_checkpoints",
+        "export_adversarial",
         # A finished batch had no unreadable image (or the run stopped): the same counts with
         # --skip-unreadable. Each sweep point has its own epsilon and iterations.
         "skip_unreadable", "masking_checks", "sweep_epsilon", "sweep_iters",

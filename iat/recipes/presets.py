@@ -9,6 +9,7 @@ where this re-creation differs.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,10 @@ _FAST_AT = {
     "image_size": 288,
     "size_schedule": (1, 128, 7, 224, 13, 288),
     "overfit_guard": 0.2,  # CIFAR10/train_fgsm.py --early-stop (Sec 5.2)
+    # In-training evaluation under the trained threat model (main_fast.py validate_pgd: PGD at
+    # clip_eps, untargeted); 4 px here, fast-at-2 sets 2.
+    "attack_epsilon": 4.0,
+    "attack_target": "none",
 }
 
 # Singh, Croce & Hein 2023 (nmndeep/revisiting-at: run_train.sh, main.py, parserr.py
@@ -58,6 +63,9 @@ _REVISITING_AT = {
     "mix_switch_prob": 0.5,
     "adv_method": "pgd_4_4_2",
     "prob_start_from_clean": 0.0,
+    # In-training evaluation under the trained threat model (their eval: untargeted, eps 4/255).
+    "attack_epsilon": 4.0,
+    "attack_target": "none",
 }
 
 # Liu et al. 2023, ARES 2.0 (thu-ml/ares robust_training/train_configs/
@@ -111,7 +119,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "fast-at-2": Recipe(
         "locuslab/fast_adversarial ImageNet/configs/configs_fast_2px_phase{1,2,3}.yml",
-        {**_FAST_AT, "adv_method": "fgsmrs_2"},  # clip_eps 2, fgsm_step 2.5
+        {**_FAST_AT, "adv_method": "fgsmrs_2", "attack_epsilon": 2.0},  # clip_eps 2, step 2.5
     ),
     "revisiting-at": Recipe("nmndeep/revisiting-at run_train.sh, main.py", _REVISITING_AT),
     "revisiting-at-b": Recipe(
@@ -143,3 +151,51 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 DEFAULT_RECIPE = "iat"
+
+
+# A recipe's settings counted in epochs, fitted to a run shorter than the recipe (--epochs):
+# its warm-ups (and the cyclic schedule's knots, whose first rise is the warm-up) scaled by
+# epochs / the recipe's epochs, so that a 2-epoch run of a 300-epoch recipe is not all warm-up.
+_EPOCH_SETTINGS = ("warmup_epochs", "eps_warmup_epochs", "step_warmup_epochs", "lr_knots")
+
+
+def _scaled(name: str, value: object, ratio: float) -> object:
+    if name == "lr_knots":  # (epoch, factor) pairs: the epochs scale
+        return tuple(v * ratio if i % 2 == 0 else v for i, v in enumerate(value))
+    return round(value * ratio) if isinstance(value, int) else value * ratio
+
+
+def fit_to_epochs(name: str, epochs: int, given: Collection[str] = ()) -> dict[str, object]:
+    """Recipe `name`'s epoch-counted settings (those not `given` as flags) for a run of `epochs`
+    epochs, where that is shorter than the recipe's; empty otherwise."""
+    settings = RECIPES[name].settings
+    full = settings.get("epochs")
+    if not isinstance(full, int) or epochs >= full:
+        return {}
+    return {
+        key: _scaled(key, value, epochs / full)
+        for key, value in settings.items()
+        if key in _EPOCH_SETTINGS and key not in given
+    }
+
+
+def _words(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(_words, value))
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def fitted_line(name: str, epochs: int, values: Mapping[str, object]) -> str | None:
+    """The line saying which of recipe `name`'s settings `values` (a configuration's) holds
+    scaled to its `epochs`; None where none is."""
+    fitted = [
+        f"--{key.replace('_', '-')} {_words(RECIPES[name].settings[key])} -> {_words(value)}"
+        for key, value in fit_to_epochs(name, epochs).items()
+        if values.get(key) == value
+    ]
+    if not fitted:
+        return None
+    return (
+        f"recipe {name}: --epochs {epochs} of its {RECIPES[name].settings['epochs']}, so its "
+        f"warm-ups are scaled: {', '.join(fitted)} (give these flags to set them yourself)"
+    )

@@ -38,13 +38,14 @@ from iat.config import (
     adv_fraction,
     config_record,
     default_logdir,
+    depth_applies,
     ema_enabled,
     eval_attack,
     fit_defense,
     mixing_enabled,
     predict_defense,
 )
-from iat.data.layouts import DataError, Sample, check_labels, create_reader
+from iat.data.layouts import DataError, Sample, check_labels, create_reader, resolved_layout
 from iat.data.sampling import check_eval_headers
 from iat.data.sources import TrainSourceSpec, resize_batch, to_model_input, train_batches
 from iat.defenses import transforms as defenses
@@ -63,7 +64,7 @@ from iat.recipes.ema import WeightAverage
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.recipes.optim import clip_gradients
-from iat.recipes.presets import RECIPES
+from iat.recipes.presets import RECIPES, fitted_line
 from iat.runs.logger import RunLogger
 from iat.runs.state import (
     Progress,
@@ -630,6 +631,9 @@ def setup(
         address=cfg.data_server,
         timeout_s=cfg.data_timeout,
         pin_memory=device.type == "cuda",
+        data=cfg.data,
+        layout=None if cfg.data is None else resolved_layout(cfg.data, cfg.data_layout),
+        classes=None if cfg.data is None or cfg.fake else num_classes,
     )
     attacker_of_epoch = functools.partial(
         train_builders.build_epoch_attacker,
@@ -705,6 +709,9 @@ def _train_in(
         remove_partial_checkpoints(logdir)
         print(start_line(facts, start), file=sys.stderr)
         print(settings_line(cfg), file=sys.stderr)
+        fitted = fitted_line(cfg.recipe, cfg.epochs, dataclasses.asdict(cfg))
+        if fitted:
+            print(fitted, file=sys.stderr)
     purge = start.progress.step + 1  # a killed run's steps after its checkpoint, logged again
     with run_directory_logger(logdir, settings, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
@@ -843,6 +850,9 @@ def start_line(facts: dict, start: Start) -> str:
 
 
 def settings_line(cfg: Config) -> str:
-    """Every resolved setting, in the configuration's order (config.json holds them too)."""
-    values = dataclasses.asdict(cfg)
+    """Every resolved setting that applies, in the configuration's order: not the unset ones,
+    nor ``depth`` where it chooses nothing (config.json holds them all)."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    if not depth_applies(cfg):
+        values.pop("depth", None)
     return "settings: " + ", ".join(f"{name}={value}" for name, value in values.items())
