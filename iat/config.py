@@ -194,8 +194,8 @@ class Config:
 
     eot_samples: int = 10  # evaluation attacks on a random defense average this many draws (EOT)
     # strong / autoattack: run iat.eval.masking's attack-failure checks on the first this many
-    # images (0: off)
-    masking_checks: int = 100
+    # images the evaluation attacks (a subsample, after the result; 0: off)
+    masking_checks: int = 20
 
     # --- optimisation ("ImageNet in 1 Hour"; Feature Denoising Sec 5) ----------------------------
     epochs: int = 110  # total training epochs

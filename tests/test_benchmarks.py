@@ -20,6 +20,7 @@ from iat.data.sources import ImageFiles
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS, IDS_FILE, model_info, read_ids, transform_for
 from iat.eval.evaluate import eval_samples
 from iat.eval.metrics import EvalResult
+from iat.eval.ood import class_index
 from main import main
 
 FIXTURE = Path(__file__).parent / "data" / "robustbench"  # ORIGIN.md: torchvision's outputs
@@ -125,11 +126,10 @@ def _write_benchmark_folder(root: Path, count: int) -> list[str]:
 def test_benchmark_evaluates_its_images_in_its_order_and_writes_model_info(tmp_path: Path, capsys):
     data = tmp_path / "imagenet"
     ids = _write_benchmark_folder(data, 6)
-    classes = len({i.split("/")[0] for i in ids})
     ckpt = tmp_path / "model.pt"
     torch.manual_seed(0)
     nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8,
-                                       num_classes=classes), ckpt)  # fmt: skip
+                                       num_classes=1000), ckpt)  # fmt: skip
     out = tmp_path / "r.json"
     args = ["--eval", "--load", str(ckpt), "--data", str(data), *TINY, "--benchmark",
             "robustbench", "--num-examples", "6", "--image-size", "32", "--batch", "4",
@@ -139,8 +139,11 @@ def test_benchmark_evaluates_its_images_in_its_order_and_writes_model_info(tmp_p
     cfg = config_from_args(build_parser().parse_args(args))
     assert (cfg.attack, cfg.attack_epsilon, cfg.norm) == ("autoattack", 4.0, "inf")  # defaults
     assert cfg.attack_iter == 2 and cfg.image_size == 32  # flags given win
-    order = [Path(p).relative_to(data / "val").as_posix() for p, _ in eval_samples(cfg)]
+    samples = eval_samples(cfg)
+    order = [Path(p).relative_to(data / "val").as_posix() for p, _ in samples]
     assert order == ids  # the list's order, the other image left out
+    index = class_index()  # labels from RobustBench's class map, not from the folders present
+    assert [label for _, label in samples] == [index[i.split("/")[0]] for i in ids]
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -161,9 +164,33 @@ def test_benchmark_evaluates_its_images_in_its_order_and_writes_model_info(tmp_p
     assert f"AutoAttack (custom) accuracy {info['autoattack_acc']} % on 6 images" in printed
 
 
-def test_a_missing_benchmark_image_is_one_line(tmp_path: Path, capsys):
+def test_part_of_imagenet_is_evaluated_and_marked_partial(tmp_path: Path, capsys):
+    """Only some listed images present, beside empty class folders: those present are evaluated
+    under their class-map labels, and the result says how many of the list it found."""
     data = tmp_path / "imagenet"
     _write_benchmark_folder(data, 3)
+    for wnid in list(class_index())[:20]:  # class folders created but left empty
+        (data / "val" / wnid).mkdir(parents=True, exist_ok=True)
+    ckpt = tmp_path / "model.pt"
+    nets.save_weights(
+        nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=1000), ckpt
+    )
+    out = tmp_path / "r.json"
+    capsys.readouterr()
+    assert main(["--eval", "--load", str(ckpt), "--data", str(data), *TINY, "--benchmark",
+                 "robustbench", "--num-examples", "5", "--workers", "0", "--image-size", "32",
+                 "--attack-iter", "1", "--queries", "5", "--apgd-targets", "1",
+                 "--masking-checks", "0", "--eval-output", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "3 of its 5 listed images found" in printed and "partial" in printed
+    for record in json.loads(out.read_text())["records"]:
+        assert record["images"] == 3
+        assert record["benchmark_images"] == {"found": 3, "listed": 5, "partial": True}
+
+
+def test_no_benchmark_image_is_one_line(tmp_path: Path, capsys):
+    data = tmp_path / "imagenet"
+    (data / "val" / "n01440764").mkdir(parents=True)
     ckpt = tmp_path / "model.pt"
     nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=4), ckpt)
     capsys.readouterr()
@@ -171,8 +198,7 @@ def test_a_missing_benchmark_image_is_one_line(tmp_path: Path, capsys):
                  "robustbench", "--num-examples", "5", "--workers", "0"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
-    missing = read_ids()[3]
-    assert f"2 of its 5 images are not under {data / 'val'} (first: {missing})" in err[0]
+    assert f"none of its 5 images is under {data / 'val'} (first: {read_ids()[0]}" in err[0]
 
 
 def test_a_replayed_benchmark_run_keeps_its_own_values(tmp_path: Path):

@@ -1,4 +1,6 @@
-"""The README's first command: `python main.py --demo`, end to end in a real process."""
+"""The README's first command, `python main.py --demo`, at its quick scale (`--demo --quick`:
+the same code path and table, fewer epochs and attack iterations), end to end in a real
+process; the table streamed row by row, and kept when the demo is stopped."""
 
 from __future__ import annotations
 
@@ -8,15 +10,24 @@ import sys
 
 from conftest import REPO
 
+from iat.app import demo
+from iat.eval.metrics import EvalResult
+
+QUICK = [sys.executable, str(REPO / "main.py"), "--demo", "--quick"]
+
 
 def test_demo_trains_attacks_predicts_and_shows_robustness(tmp_path):
     run = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "--demo", "--logdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [*QUICK, "--logdir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PGD-10 rand-target" in run.stdout and "PGD-10 untargeted" in run.stdout
-    assert "strong-100" in run.stdout
+    assert f"strong-{demo.QUICK.strong_iter}" in run.stdout
+    assert re.search(r"^expected time: about \d+ (s|min)", run.stdout, re.M), run.stdout
+    # Streamed: the first model's row is printed before the second model trains.
+    first_row = re.search(r"^adversarial \(PGD-3\) .*\d$", run.stdout, re.M)
+    assert first_row and first_row.start() < run.stdout.index("training clean"), run.stdout
+    assert "model (accuracy)" in run.stdout  # the table's convention, in its header
     number = r"\s+([01]\.\d{3})"
     rows = {
         m.group(1): tuple(float(m.group(i)) for i in (2, 3, 4, 5))
@@ -38,15 +49,44 @@ def test_demo_trains_attacks_predicts_and_shows_robustness(tmp_path):
     lines = (tmp_path / "predictions.txt").read_text().splitlines()
     assert len(lines) == 360 and all(re.fullmatch(r"\d{4}\.png,\d", line) for line in lines)
     for k in (0, 3):
-        assert (tmp_path / f"attack-iter{k}" / "checkpoint-epoch0006.pt").exists()
-        assert (tmp_path / f"attack-iter{k}" / "config.json").exists()
+        run_dir = tmp_path / "quick" / f"attack-iter{k}"
+        assert (run_dir / f"checkpoint-epoch{demo.QUICK.epochs:04d}.pt").exists()
+        assert (run_dir / "config.json").exists()
     # A second demo reuses the trained models and says so.
     again = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "--demo", "--logdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [*QUICK, "--logdir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the trained model") == 3, again.stdout
     assert again.stdout.count("reusing its evaluation") == 3, again.stdout  # no attack rerun
     assert again.stdout.count("reused") >= 3, again.stdout
     assert "reusing the digit images" in again.stdout
+
+
+def test_a_stopped_demo_keeps_the_rows_printed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second model: the first model's row stays, and the demo says where it
+    stopped (exit status 130, as a shell reports SIGINT)."""
+    calls = []
+
+    def train_and_evaluate(cfg, nprocs, scale):
+        calls.append(cfg.logdir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        result = EvalResult(360, top1_error=0.25, top5_error=0.0, attack_success_rate=0.5)
+        return [result] * len(demo.columns(scale)), 12.0
+
+    monkeypatch.setattr(demo, "train_and_evaluate", train_and_evaluate)
+    monkeypatch.setattr(demo, "measure_unit", lambda cfg: 0.01)
+    assert demo.run_demo(str(tmp_path), quick=True) == 130
+    out = capsys.readouterr().out
+    assert re.search(r"^adversarial \(PGD-3\)\s+0\.750\s+0\.750\s+0\.750\s+0\.750\s+12$", out, re.M)
+    assert "stopped after 1 of 3 models" in out
+    assert out.index("expected time: about") < out.index("model (accuracy)")
+
+
+def test_the_estimate_counts_every_models_passes():
+    """The expected time grows with what each scale trains and attacks: the full demo costs
+    several times the quick one."""
+    quick = demo.estimate_seconds(demo.QUICK, 1437, 360, unit_s=0.01)
+    full = demo.estimate_seconds(demo.FULL, 1437, 360, unit_s=0.01)
+    assert quick > 0 and full > 3 * quick

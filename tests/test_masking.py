@@ -17,7 +17,6 @@ from iat.builders import build_attacker
 from iat.config import Config, eval_attack
 from iat.eval.evaluate import attack_images
 from iat.eval.masking import MaskingProbe, run_checks
-from iat.eval.metrics import EvalResult, count_batch
 from main import main
 
 
@@ -33,23 +32,31 @@ class ZeroGradient(nn.Module):
         return self.inner(torch.round(x))
 
 
-def _in_memory_evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """run_checks' `evaluate` on tensors: "samples" are indices into x."""
+def _in_memory_attack(model: nn.Module):
+    """run_checks' `attack` on tensors: which images stay correctly classified."""
 
-    def evaluate(cfg: Config, subset, wrap) -> EvalResult:
-        attacker = build_attacker(
-            cfg, attack_iter=cfg.attack_iter, num_classes=NUM_CLASSES, name=eval_attack(cfg)
-        )
-        attacker = wrap(attacker) if wrap is not None else attacker
-        index = torch.tensor(subset)
-        images, labels = x[index], y[index]
-        adv, targets = attack_images(model, attacker, images, labels, torch.Generator())
+    def attack(attacker, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        adv, _ = attack_images(model, attacker, images, labels, torch.Generator())
         with torch.no_grad():
-            counts = count_batch(model(adv), labels, targets)
-        stats = attacker.batch_stats()
-        return EvalResult.from_counts(counts, details=attacker.describe_stats(stats, len(index)))
+            return model(adv).argmax(dim=1) == labels
 
-    return evaluate
+    return attack
+
+
+def _probed(model: nn.Module, cfg: Config, x: torch.Tensor, y: torch.Tensor) -> MaskingProbe:
+    """The evaluation's attack on x (in batches of 20), watched by a probe of its first
+    cfg.masking_checks images."""
+    inner = build_attacker(
+        cfg, attack_iter=cfg.attack_iter, num_classes=NUM_CLASSES, name=eval_attack(cfg)
+    )
+    probe = MaskingProbe(inner, limit=cfg.masking_checks)
+    stats = probe.stats_template(torch.device("cpu"))
+    for i in range(0, len(x), 20):
+        attack_images(model, probe, x[i : i + 20], y[i : i + 20], torch.Generator())
+        for key, value in probe.batch_stats().items():
+            stats[key] += value
+    probe.describe_stats(stats, len(x))
+    return probe
 
 
 def _checks(model: nn.Module, digits: dict) -> dict:
@@ -58,8 +65,9 @@ def _checks(model: nn.Module, digits: dict) -> dict:
         apgd_targets=3, num_classes=NUM_CLASSES, masking_checks=60,
     )  # fmt: skip
     model.eval()
-    evaluate = _in_memory_evaluate(model, digits["x"], digits["y"])
-    checks = run_checks(cfg, list(range(len(digits["x"]))), evaluate)
+    # The evaluation: its first 80 images (the probe watches 60 of them).
+    probe = _probed(model, cfg, digits["x"][:80], digits["y"][:80])
+    checks = run_checks(cfg, probe, _in_memory_attack(model))
     return {c.name: c for c in checks}
 
 
@@ -98,18 +106,25 @@ def test_the_probe_counts_and_keeps_the_inner_attack_images(digits):
     )
     inner = build_attacker(dataclasses.replace(cfg, attack_target="none"), attack_iter=3,
                            num_classes=10, name="pgd")  # fmt: skip
-    probe = MaskingProbe(inner, gradient_free=None)
+    probe = MaskingProbe(inner, limit=30)
     adv, targets = probe.attack(model, x, y, generator=torch.Generator().manual_seed(0))
     expected, _ = inner.attack(model, x, y, generator=torch.Generator().manual_seed(0))
     assert torch.equal(adv, expected) and (targets == -1).all()
-    correct, flat, zero, robust, free = probe.batch_stats()["probe"].tolist()
-    with torch.no_grad():
-        assert correct == (model(x).argmax(1) == y).sum().item()
-        assert robust == (model(adv).argmax(1) == y).sum().item()
-    assert zero == 0 and free == 0 and flat <= correct
+    correct, flat, zero, robust, probed = probe.batch_stats()["probe"].tolist()
+    with torch.no_grad():  # only the first 30 images (the limit) are probed
+        assert correct == (model(x[:30]).argmax(1) == y[:30]).sum().item()
+        assert robust == (model(adv[:30]).argmax(1) == y[:30]).sum().item()
+    assert zero == 0 and probed == 30 and flat <= correct
+    images, labels, kept_correct, kept_robust = probe.kept_images()
+    assert torch.equal(images, x[:30]) and torch.equal(labels, y[:30])
+    assert kept_robust.sum() == robust and kept_correct.sum() == correct
+    probe.attack(model, x, y)  # past the limit: nothing more is probed
+    assert probe.batch_stats()["probe"].sum() == 0 and len(probe.kept_images()[0]) == 30
 
 
-def test_eval_records_the_checks_and_prints_warnings(tiny_imagenet: Path, tmp_path: Path, capsys):
+def test_eval_prints_its_result_then_the_checks_and_records_them(
+    tiny_imagenet: Path, tmp_path: Path, capsys
+):
     torch.manual_seed(0)
     ckpt = tmp_path / "w.pt"
     nets.save_weights(nets.build_model("ResNet", num_blocks=[1] * 4, width=8, num_classes=3), ckpt)
@@ -120,6 +135,11 @@ def test_eval_records_the_checks_and_prints_warnings(tiny_imagenet: Path, tmp_pa
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out
+    # The result first (its expected time before it), then the checks, never the same attack
+    # again: one progress line per evaluation, none for a check of the same attack.
+    assert "first batch of" in printed and "about" in printed
+    summary = printed.index("strong (worst case")
+    assert summary < printed.index("attack-failure checks on 5 of the images")
     record = json.loads(out.read_text())
     names = [c["name"] for c in record["masking_checks"]]
     assert names == ["flat loss", "gradient-free", "unbounded epsilon", "more iterations"]

@@ -91,6 +91,35 @@ def test_one_series_per_threat_model(study: dict[str, Path]) -> None:
     markers = [line.get_marker() for line in figure.axes[0].lines]
     assert len(set(markers)) == len(markers)  # coinciding series stay apart
     assert figure.axes[0].get_legend() is not None
+    # A line only along a real sweep: one attack point beside the clean one is two markers.
+    styles = {line.get_label(): line.get_linestyle() for line in figure.axes[0].lines}
+    assert styles[f"{MODEL}: PGD-4 untargeted, L-inf"] == "None"
+    assert all(styles[f"{MODEL}: PGD-{k} random target, L-inf"] != "None" for k in (1, 3))
+
+
+def _record(name: str, error: float, **attack) -> dict:
+    return {"top1_error": error, "images": 8, "checkpoint": "r/m.pt", "split": "val",
+            "attack": {"name": name, "norm": "inf", **attack}}  # fmt: skip
+
+
+def test_autoattack_is_no_iteration_point_and_identical_series_say_so(tmp_path: Path) -> None:
+    """AutoAttack (Square counts queries) stays off the iterations axis; two series with the
+    same points are both visible: the legend says they coincide."""
+    records = [
+        _record("clean", 0.25),
+        _record("autoattack", 0.75, epsilon=4.0, iter=100, queries=5000),
+        _record("pgd", 0.75, epsilon=4.0, iter=10, target="none", step_size=1.0),
+    ]
+    by_iter = robust_accuracy_curves(records, "iter")
+    assert not any("AutoAttack" in label for label in by_iter), by_iter
+    assert by_iter == {"r/m.pt: PGD untargeted, L-inf eps=4": [(0.0, 0.75), (10.0, 0.25)]}
+    by_eps = robust_accuracy_curves(records, "epsilon")
+    assert len(by_eps) == 2 and len(set(map(tuple, by_eps.values()))) == 1  # identical points
+    figure = draw_curves(by_eps, "epsilon (pixels)")
+    figure.savefig(tmp_path / "identical.png")
+    labels = [line.get_label() for line in figure.axes[0].lines]
+    assert sum("(same points as " in label for label in labels) == 1, labels
+    assert all(line.get_linestyle() == "None" for line in figure.axes[0].lines)
 
 
 def test_series_differing_in_another_setting_stay_apart() -> None:
@@ -190,7 +219,8 @@ def test_report_of_a_run_and_its_evaluations(study: dict[str, Path], tmp_path: P
     worst = max(
         (r for r in records if r["attack"]["name"] != "clean"), key=lambda r: r["top1_error"]
     )
-    assert cells[5] == f"{100 * (1 - worst['top1_error']):.1f} ({worst['threat_model']})"
+    assert cells[5] == f"{100 * worst['top1_error']:.1f} ({worst['threat_model']})"
+    assert "accuracy" not in table.splitlines()[0]  # one convention: top-1 error throughout
     labels = robust_accuracy_curves(records, "iter")
     assert f"{MODEL}: PGD random target, L-inf eps=16" in labels  # in training
     assert f"{MODEL}: PGD random target, L-inf eps=8" in labels  # --eval's sweep
@@ -220,7 +250,10 @@ def test_a_paired_runs_loss_panel_shows_its_two_terms(tmp_path: Path) -> None:
     figure.savefig(tmp_path / "training.png")
     loss_axes = figure.axes[0]
     assert [line.get_label() for line in loss_axes.lines] == sorted(panels)
-    assert "two terms" in loss_axes.get_title()
+    assert "two terms" in loss_axes.get_title() and "--lp-weight" in loss_axes.get_title()
+    plain = draw_training(training_curves(training[2:]))
+    plain.savefig(tmp_path / "plain.png")
+    assert "lp-weight" not in plain.axes[0].get_title()  # not used: not mentioned
 
 
 GOOD_LINE = {"step": 1, "train/loss": 2.0}

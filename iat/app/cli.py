@@ -135,6 +135,9 @@ def _mode_args(p: argparse.ArgumentParser) -> None:
         "--report", nargs="+", metavar="DIR", help="plots and a table from runs and evaluations"
     )
     p.add_argument("--out", default="report", help="--report: output folder (default: report)")
+    p.add_argument(
+        "--quick", action="store_true", help="--demo: fewer epochs and attack iterations (tests)"
+    )
     p.add_argument("--config", help="a run's config.json to replay (flags given override it)")
     _choice_arg(p, "--recipe", "a published recipe's settings (README: Recipes); flags override")
 
@@ -486,7 +489,7 @@ def _adversarial_training_args(p: argparse.ArgumentParser) -> None:
 
 
 _MODE_FLAGS = ("eval", "eval_directory", "export_activations")  # flag dest = mode name
-_NOT_CONFIG = ("eval", "demo", "config", "report", "out")
+_NOT_CONFIG = ("eval", "demo", "quick", "config", "report", "out")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -601,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from iat.app.demo import run_demo
 
-            return run_demo(args.logdir or "demo_log")
+            return run_demo(args.logdir or "demo_log", quick=args.quick)
         if args.report:
             from iat.app.report import write_report
 

@@ -27,12 +27,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from iat.attacks.registry import attack_words, settings_of_record
+from iat.attacks.registry import ATTACKS, attack_words, settings_of_record
 from iat.runs.files import CONFIG_FILE, METRICS_FILE
 from iat.runtime.atomic_io import atomic_write, atomic_write_text, read_regular
 
 TRAIN_PANELS = (  # (metric of metrics.jsonl, panel title)
-    ("train/loss", "training loss (with --lp-weight: and its two terms)"),
+    ("train/loss", "training loss"),
     ("train/top1_error", "top-1 error: training batches (attacked), evaluations"),
     ("train/attack_success_rate", "attack success rate (training)"),
     ("train/lr", "learning rate"),
@@ -258,11 +258,20 @@ def series_words(attack: dict, along: str) -> str:
     return attack_words(attack["name"], settings_of_record(attack, along))
 
 
+def on_axis(attack: dict, along: str) -> bool:
+    """Whether the attack's `along` setting can be plotted: an attack with a score-based member
+    (AutoAttack's Square, its queries) is not measured in iterations."""
+    if along != "iter":
+        return along in attack
+    info = ATTACKS.get(str(attack.get("name")))
+    return along in attack and not (info is not None and info.queries)
+
+
 def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:
     """Accuracy (1 - top-1 error) against the attack's `along` ("iter" or "epsilon"): one
     series per model, split, defense and threat model (every other setting of the record's
     ``attack``), each starting from the model's clean accuracy at 0; a model evaluated only
-    clean is one point."""
+    clean is one point. An attack with queries (AutoAttack, Square) has no iterations axis."""
     series: dict[tuple, dict[float, float]] = defaultdict(dict)
     words: dict[tuple, str] = {}
     clean: dict[tuple, float] = {}
@@ -271,7 +280,7 @@ def robust_accuracy_curves(evaluations: list[dict], along: str) -> Curves:
         model = (model_name(r), r.get("defense"), r.get("split"))
         if attack.get("name") == "clean":
             clean[model] = accuracy
-        elif along in attack:
+        elif on_axis(attack, along):
             key = (*model, _settings(attack, along))
             series[key][float(attack[along])] = accuracy
             words[key] = series_words(attack, along)
@@ -342,9 +351,13 @@ def _figure(rows: int, cols: int, size: tuple[float, float] = (6, 4)):
 def draw_training(panels: dict[str, Curves]):
     """Training curves; every series with markers, so that a one-point series shows."""
     figure, axes = _figure(2, 2)
+    terms = tuple(words for _, words in LOSS_TERMS)
+    paired = any(label.endswith(terms) for label in panels["train/loss"])
     for ax, (name, title) in zip(axes.flat, TRAIN_PANELS, strict=True):
         for label, points in sorted(panels[name].items()):
             ax.plot(*zip(*points, strict=True), marker="o", markersize=5, label=label)
+        if name == "train/loss" and paired:  # only a --lp-weight run logs the two terms
+            title += " and its two terms (--lp-weight)"
         ax.set(title=title, xlabel="step")
         if panels[name]:
             ax.legend(fontsize="small")
@@ -352,17 +365,28 @@ def draw_training(panels: dict[str, Curves]):
 
 
 def draw_curves(curves: Curves, xlabel: str):
-    """Accuracy against `xlabel`, one labelled line per series of ``robust_accuracy_curves``."""
+    """Accuracy against `xlabel`, one labelled series per series of ``robust_accuracy_curves``:
+    a line along a real sweep (two or more attacked points), only markers where a series has
+    its clean point and one attack point (a line would read as a trend). A series with the
+    same points as another says so in the legend, and its markers are drawn larger."""
     figure, axes = _figure(1, 1, (9, 5))
     ax = axes[0, 0]
+    first_with: dict[tuple, str] = {}
     for i, (label, points) in enumerate(sorted(curves.items())):
         # Hollow markers of different shapes and line styles: coinciding series stay visible.
+        swept = sum(1 for x, _ in points if x != 0) >= 2
         style = {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINES[i % len(LINES)]}
+        if not swept:
+            style["linestyle"] = "none"
+        same = first_with.setdefault(tuple(points), label)
+        if same != label:
+            label = f"{label} (same points as {same})"
+            style["markersize"] = 10
         ax.plot(*zip(*points, strict=True), **style, fillstyle="none", label=label)
     ax.set(xlabel=xlabel, ylabel="accuracy (1 - top-1 error)", ylim=(-0.03, 1.05))
-    ax.set_title(f"accuracy against {xlabel}: one line per model and threat model")
-    if curves:
-        ax.legend(fontsize="small")
+    ax.set_title(f"accuracy against {xlabel} (lines: sweeps; markers: one evaluation)")
+    if curves:  # below the axes: long threat-model labels never cover the points
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12))
     return figure
 
 
@@ -396,8 +420,9 @@ def _cell(record: dict | None, with_success: bool = True) -> str:
 
 
 def zoo_table(evaluations: list[dict]) -> str:
-    """The original's model-zoo table: clean error; targeted PGD-10/100 error / attack success;
-    untargeted PGD-100 error; the strongest recorded attack's robust accuracy; in percent."""
+    """The original's model-zoo table, all in top-1 error (percent), as the paper reports it:
+    clean; targeted PGD-10/100 with its attack success rate; untargeted PGD-100; the highest
+    error under any recorded attack (the strongest attack's)."""
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in evaluations:
         by_model[model_name(r)].append(r)
@@ -412,7 +437,7 @@ def zoo_table(evaluations: list[dict]) -> str:
 
     lines = [
         "| model | clean error | PGD-10 rand-target error / success | PGD-100 rand-target "
-        "error / success | PGD-100 untargeted error | lowest robust accuracy (attack) |",
+        "error / success | PGD-100 untargeted error | highest error under attack (attack) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for model, records in sorted(by_model.items()):
@@ -421,7 +446,7 @@ def zoo_table(evaluations: list[dict]) -> str:
         strongest = (
             "–"
             if worst is None
-            else (f"{100 * (1 - worst['top1_error']):.1f} ({worst.get('threat_model', '?')})")
+            else (f"{100 * worst['top1_error']:.1f} ({worst.get('threat_model', '?')})")
         )
         lines.append(
             f"| {model} | {_cell(find(records, 'clean', None, None), False)} "

@@ -3,7 +3,8 @@ robustness benchmark", NeurIPS 2021 Datasets and Benchmarks): ``--benchmark robu
 
 * the images: RobustBench's 5,000-image subset of the validation split, in its order (the list
   is copied from the ``robustbench`` package: ``iat/data/reference/ORIGIN.md``);
-  ``--num-examples N`` takes the first N of that list;
+  ``--num-examples N`` takes the first N of that list; those present are evaluated (a partial
+  evaluation when some are missing, said and recorded), labelled by RobustBench's class map;
 * their preprocessing: "Res256Crop224" (``iat.data.augment.robustbench_transform``);
 * the threat model: L-inf, ε = 4/255 (4 pixel units here), AutoAttack (standard version,
   100 iterations), each a default that a flag given on the command line overrides;
@@ -17,7 +18,7 @@ robustness benchmark", NeurIPS 2021 Datasets and Benchmarks): ``--benchmark robu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +65,34 @@ def read_ids(path: Path = IDS_FILE) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def benchmark_samples(
-    samples: Sequence[Sample], split_dir: Path, num_examples: int | None
-) -> list[Sample]:
-    """RobustBench's images among `samples` (the split's), in its order; the first
-    `num_examples` of its list when given. A missing image is an error naming it."""
-    by_id = {Path(path).relative_to(split_dir).as_posix(): (path, label) for path, label in samples}
-    ids = read_ids()[:num_examples] if num_examples else read_ids()
-    missing = [i for i in ids if i not in by_id]
-    if missing:
+def benchmark_samples(split_dir: Path, num_examples: int | None) -> list[Sample]:
+    """RobustBench's images present under `split_dir` (as its list names them, ``wnid/file``),
+    in its order, the first `num_examples` of its list when given; each labelled by
+    RobustBench's class map (ImageNet's 1,000 wnids), never by the class folders present, so
+    that part of ImageNet can be evaluated. None present is an error; some missing makes the
+    evaluation partial (`coverage` says how many were found)."""
+    from iat.eval.ood import class_index
+
+    ids = listed_ids(num_examples)
+    index = class_index()
+    found = [(str(split_dir / i), index[i.split("/")[0]]) for i in ids if (split_dir / i).is_file()]
+    if not found:
         raise DataError(
-            f"--benchmark robustbench: {len(missing)} of its {len(ids)} images are not under "
-            f"{split_dir} (first: {missing[0]}); --num-examples N takes the first N of its list"
+            f"--benchmark robustbench: none of its {len(ids)} images is under {split_dir} "
+            f"(first: {ids[0]}, as wnid/file)"
         )
-    return [by_id[i] for i in ids]
+    return found
+
+
+def listed_ids(num_examples: int | None) -> list[str]:
+    """The benchmark's list, its first `num_examples` when given."""
+    return read_ids()[:num_examples] if num_examples else read_ids()
+
+
+def coverage(found: int, num_examples: int | None) -> dict:
+    """How many of the listed images an evaluation found (partial: not all of them)."""
+    listed = len(listed_ids(num_examples))
+    return {"found": found, "listed": listed, "partial": found < listed}
 
 
 def transform_for(cfg: Config) -> Callable[[np.ndarray, int], np.ndarray]:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from iat.data.layouts import (
 from iat.data.sources import eval_loader, rank_batches, to_model_input, unreadable
 from iat.defenses import transforms as defenses
 from iat.eval import benchmarks, ood
-from iat.eval.masking import Check, run_checks
+from iat.eval.masking import Check, MaskingProbe, run_checks
 from iat.eval.metrics import EvalResult, count_batch
 from iat.eval.state import (
     BatchRecord,
@@ -91,6 +92,7 @@ def evaluate(
     state: EvalState | None = None,
     transform: Callable = eval_transform,
     images_out: list | None = None,
+    estimate: bool = False,
 ) -> EvalResult:
     """Top-1/top-5 error and attack success of `model` under `attacker` on `samples`.
 
@@ -99,7 +101,8 @@ def evaluate(
     With `quantize` the adversarial images are rounded to uint8 (as a file would hold them)
     before they are scored; `export` writes them as PNGs. With `state`, the batches it holds
     are not attacked again (their counts are added once, by rank 0) and every finished batch
-    is added to it (``iat.eval.state``).
+    is added to it (``iat.eval.state``). With `estimate`, the time of the first batch and the
+    whole evaluation's expected time are printed once it is attacked.
 
     The attack differentiates ``defenses.attack_model(model)`` (a defended model's BPDA/EOT
     view); the images are scored by `model` itself. An unreadable image is an error naming it,
@@ -129,6 +132,7 @@ def evaluate(
     if state is not None:
         resume_counts(state, math.ceil(len(samples) / batch), totals, skipped, stats)
     bar = progress_bar(loader, desc=desc, disable=not distributed.is_main_process(), leave=False)
+    began = time.perf_counter()
     for j, (images, labels, indices, ok) in zip(mine, bar, strict=True):
         distributed.mark_progress(j, "batch")  # a peer silent for the timeout stops this here
         batch_skipped = 0
@@ -153,6 +157,8 @@ def evaluate(
             state.append(batch_record(j, counts, batch_skipped, batch_stats))
         if not bar.disable:  # a host sync: only where the bar is shown
             bar.set_postfix_str(running_accuracy(totals), refresh=False)
+        if estimate and j == mine[0] and distributed.is_main_process():
+            print(cost_estimate(attacker, len(images), time.perf_counter() - began, len(mine)))
     model.train(was_training)
     return summed_result(attacker, totals, skipped, stats)
 
@@ -174,6 +180,16 @@ def attack_batch(
     with torch.no_grad():
         logits = model(adv).float()
     return adv, targets, logits
+
+
+def cost_estimate(attacker: Attacker, images: int, seconds: float, batches: int) -> str:
+    """The expected time of an evaluation from its first batch (`seconds` for `images`)."""
+    total = seconds * batches
+    took = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min"
+    return (
+        f"first batch of {images} images attacked in {seconds:.1f} s: about {took} for this "
+        f"process's {batches} batches (the attack-failure checks come after the result)"
+    )
 
 
 def resume_counts(
@@ -373,6 +389,7 @@ def evaluate_attack(
     state: EvalState | None = None,
     wrap: Callable[[Attacker], Attacker] | None = None,
     images_out: list | None = None,
+    estimate: bool = False,
 ) -> EvalResult:
     """`evaluate` under the attack registered as `name` (default: the configured PGD-
     `attack_iter`, clean for 0), fp32, of `model` behind the configured defense (--defense),
@@ -400,15 +417,16 @@ def evaluate_attack(
         state=state,
         transform=benchmarks.transform_for(cfg),
         images_out=images_out,
+        estimate=estimate,
     )
 
 
 def eval_samples(cfg: Config) -> list[Sample]:
     """The samples --eval attacks: the --split of --data, its first --num-examples if given;
     with --benchmark, the benchmark's images of the split, in its order."""
+    if cfg.benchmark is not None:  # its list and class map, not the folders present
+        return benchmarks.benchmark_samples(Path(cfg.data) / cfg.split, cfg.num_examples)
     samples = create_reader(cfg.data, cfg.data_layout).samples(cfg.split)
-    if cfg.benchmark is not None:
-        return benchmarks.benchmark_samples(samples, Path(cfg.data) / cfg.split, cfg.num_examples)
     return samples[: cfg.num_examples] if cfg.num_examples else samples
 
 
@@ -419,9 +437,18 @@ def evaluate_checkpoint(
     point of the --sweep-epsilon x --sweep-iters grid; every result is logged (as ``eval``) and
     its summary line printed (after `label`: the checkpoint's name when watching)."""
     model, cfg = load_for_inference(cfg, device)  # cfg: the checkpoint's recorded architecture
-    classes = create_reader(cfg.data, cfg.data_layout).named_classes(cfg.split)
     where = str(Path(cfg.data) / cfg.split)
-    check_class_count(classes, cfg.num_classes, where, cfg.class_subset)
+    covered = None
+    if cfg.benchmark is None:
+        classes = create_reader(cfg.data, cfg.data_layout).named_classes(cfg.split)
+        check_class_count(classes, cfg.num_classes, where, cfg.class_subset)
+    else:  # labelled by the benchmark's class map: the folders present do not count
+        covered = benchmarks.coverage(len(samples), cfg.num_examples)
+        partial = " (a partial evaluation)" if covered["partial"] else ""
+        print_main(
+            f"--benchmark {cfg.benchmark}: {covered['found']} of its {covered['listed']} "
+            f"listed images found under {where}{partial}"
+        )
     check_labels(samples, cfg.num_classes, cfg.split)
     export = None
     if cfg.export_adversarial is not None:
@@ -432,6 +459,7 @@ def evaluate_checkpoint(
         state = open_state(point, len(samples))
         states.append(state)
         per_image.append((point, []))
+        probe = masking_probe(point)
         result = evaluate_attack(
             model,
             point,
@@ -444,18 +472,27 @@ def evaluate_checkpoint(
             export=export,
             state=state,
             images_out=per_image[-1][1],
+            wrap=None if probe is None else (lambda inner, probe=probe: probe.watch(inner)),
+            estimate=True,
         )
-        checks = masking_checks(model, point, samples, device)
         record = {**eval_record(point, result), "device": str(device)}
-        if checks is not None:
-            record["masking_checks"] = [dataclasses.asdict(c) for c in checks]
+        if covered is not None:
+            record["benchmark_images"] = covered
         logger.log_result("eval", record)
         if distributed.is_main_process():
             print(label + summary_line(point, result), flush=True)
-            warnings = [randomness_line(result.details)]
-            warnings += [check.line() for check in checks or () if check.warn]
-            for line in filter(None, warnings):
+            line = randomness_line(result.details)
+            if line:
                 print(line, flush=True)
+        if probe is not None:
+            n = min(point.masking_checks, len(samples))
+            print_main(f"attack-failure checks on {n} of the images (--masking-checks) ...")
+            checks = masking_checks(model, point, probe, device)
+            checked = [dataclasses.asdict(c) for c in checks]
+            logger.log_result("masking_checks", {"masking_checks": checked})
+            for check in checks:
+                if check.warn:
+                    print_main(check.line())
         results.append(result)
     if cfg.benchmark is not None and cfg.eval_output and distributed.is_main_process():
         write_model_info(cfg, results)
@@ -487,28 +524,44 @@ def write_model_info(cfg: Config, results: list[EvalResult]) -> None:
     )
 
 
-def masking_checks(
-    model: torch.nn.Module, cfg: Config, samples: Sequence[Sample], device: torch.device
-) -> list[Check] | None:
-    """``iat.eval.masking``'s checks of a strong / autoattack evaluation (None for other attacks,
-    or with --masking-checks 0)."""
+def print_main(line: str) -> None:
+    if distributed.is_main_process():
+        print(line, flush=True)
+
+
+def masking_probe(cfg: Config) -> MaskingProbe | None:
+    """The probe watching a strong / autoattack evaluation's first --masking-checks images (None
+    for other attacks, or with --masking-checks 0)."""
     if not attack_info(eval_attack(cfg)).checked or cfg.masking_checks == 0:
         return None
+    world = distributed.get_world_size()
+    return MaskingProbe(None, limit=math.ceil(cfg.masking_checks / world))
 
-    def run(checked: Config, subset: Sequence[Sample], wrap) -> EvalResult:
-        return evaluate_attack(
-            model,
-            checked,
-            subset,
-            attack_iter=checked.attack_iter,
-            num_classes=checked.num_classes,
-            device=device,
-            desc=f"check {threat_model(checked)}",
-            name=eval_attack(checked),
-            wrap=wrap,
-        )
 
-    return run_checks(cfg, samples, run)
+def masking_checks(
+    model: torch.nn.Module, cfg: Config, probe: MaskingProbe, device: torch.device
+) -> list[Check]:
+    """``iat.eval.masking``'s checks of a strong / autoattack evaluation that `probe` watched:
+    the checks' own attacks on the probed images, in batches of --batch, behind the configured
+    defense like the evaluation."""
+    defended = defenses.defend(model, predict_defense(cfg))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+
+    def attack(attacker: Attacker, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        kept = []
+        for i in range(0, len(images), cfg.batch):
+            x, y = images[i : i + cfg.batch].to(device), labels[i : i + cfg.batch].to(device)
+            adv, _ = attack_images(defended, attacker, x, y, generator)
+            with torch.no_grad():
+                kept.append((defended(adv).argmax(dim=1) == y).cpu())
+        return torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+
+    def total(count: float) -> float:
+        summed = torch.tensor(count, dtype=torch.float64, device=device)
+        return float(distributed.all_reduce_sum(summed).item())
+
+    return run_checks(cfg, probe, attack, total)
 
 
 def open_state(cfg: Config, num_images: int) -> EvalState | None:

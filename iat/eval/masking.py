@@ -2,8 +2,10 @@
 
 Carlini et al. 2019 ("On Evaluating Adversarial Robustness", Sec 5) and Pintor et al. (NeurIPS
 2022, "Indicators of Attack Failure") list the signs; these four run with every ``strong`` or
-``autoattack`` evaluation, on the first ``--masking-checks`` images, through ``evaluate`` (so
-distributed and counted exactly once like the evaluation itself):
+``autoattack`` evaluation, on the first ``--masking-checks`` images the evaluation attacks (a
+subsample: the first images of each process), after its result is printed. The evaluation's
+attack is never run again: the probe watches it, and the checks' own attacks run only on the
+probed images it left correct:
 
 * **flat loss**: the attack's adversarial point does not raise the cross-entropy over the clean
   image's, or the input gradient at the clean image is zero, for a share of the images
@@ -22,7 +24,7 @@ stored in the evaluation's record (``masking_checks``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +37,9 @@ from iat.attacks import (
     AttackSettings,
     attack_info,
     create_attacker,
-    no_targets,
 )
 from iat.attacks.core import as_float, attacking
 from iat.config import Config, eval_attack
-from iat.data.layouts import Sample
-from iat.eval.metrics import EvalResult
 
 FLAT_SHARE = 0.1  # warn when more than this share of images shows a flat loss
 UNBOUNDED_ACCURACY = 0.05  # warn when unbounded PGD leaves more than this accuracy
@@ -63,15 +62,19 @@ class Check:
 
 
 class MaskingProbe(Attacker):
-    """`inner`'s attack, then the flat-loss and gradient-free checks on the same images.
+    """`inner`'s attack, unchanged (its images, targets and statistics), watched on the first
+    `limit` images it attacks (all when None): the flat-loss figures of those, which stay
+    correct, and the images themselves, for the checks that follow (`run_checks`).
 
-    Statistics (summed over batches and ranks): ``[correct on clean, no loss increase, zero
-    input gradient, correct after inner, broken by the gradient-free attack]``. The returned
-    images are inner's, replaced by the gradient-free attack's where that broke them."""
+    Statistics (summed over batches and ranks, ``totals`` after the evaluation): ``[correct on
+    clean, no loss increase, zero input gradient, correct after inner, probed]``."""
 
-    def __init__(self, inner: Attacker, gradient_free: Attacker | None) -> None:
-        self.inner, self.gradient_free = inner, gradient_free
+    def __init__(self, inner: Attacker | None, limit: int | None = None) -> None:
+        self.inner, self.limit = inner, limit
+        self.seen = 0
         self._stats = torch.zeros(5, dtype=torch.float64)
+        self.totals: list[float] = [0.0] * 5
+        self.kept: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # images, labels, masks
 
     def attack(
         self,
@@ -80,8 +83,16 @@ class MaskingProbe(Attacker):
         labels: Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        labels = labels.long()
-        adv, _ = self.inner.attack(model, images, labels, generator=generator)
+        adv, targets = self.inner.attack(model, images, labels, generator=generator)
+        room = len(images) if self.limit is None else max(0, self.limit - self.seen)
+        n = min(len(images), room)
+        self.seen += len(images)
+        self._stats = torch.zeros(5, dtype=torch.float64, device=images.device)
+        if n > 0:
+            self._probe(model, images[:n], labels[:n].long(), adv[:n])
+        return adv, targets
+
+    def _probe(self, model: nn.Module, images: Tensor, labels: Tensor, adv: Tensor) -> None:
         clean = as_float(images).requires_grad_(True)
         with attacking(model):
             clean_logits = model(clean)
@@ -94,50 +105,61 @@ class MaskingProbe(Attacker):
         flat = correct & (adv_loss <= clean_loss.detach())
         zero_grad = correct & (grad.flatten(1).abs().amax(dim=1) == 0)
         robust = correct & (adv_logits.argmax(dim=1) == labels)
-        broken_free = torch.zeros_like(robust)
-        if self.gradient_free is not None and robust.any():
-            free_adv, _ = self.gradient_free.attack(
-                model, images[robust], labels[robust], generator=generator
-            )
-            with torch.no_grad(), attacking(model):
-                free_wrong = model(free_adv).argmax(dim=1) != labels[robust]
-            adv = adv.clone()
-            adv[robust.nonzero().squeeze(1)[free_wrong]] = free_adv[free_wrong].to(adv.dtype)
-            broken_free[robust.nonzero().squeeze(1)[free_wrong]] = True
-        counts = [correct, flat, zero_grad, robust, broken_free]
+        counts = [correct, flat, zero_grad, robust, torch.ones_like(correct)]
         self._stats = torch.stack([c.sum() for c in counts]).double()
-        return adv.detach(), no_targets(labels)
+        self.kept.append((images.detach().cpu(), labels.cpu(), correct.cpu(), robust.cpu()))
+
+    def kept_images(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This process's probed images, their labels, and which were correct / robust."""
+        if not self.kept:
+            empty = torch.zeros(0, dtype=torch.bool)
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long), empty, empty
+        return tuple(torch.cat(parts) for parts in zip(*self.kept, strict=True))
+
+    def watch(self, inner: Attacker) -> MaskingProbe:
+        """Watch `inner` (the evaluation's attacker, built after the probe)."""
+        self.inner = inner
+        return self
 
     def stats_template(self, device: torch.device) -> dict[str, Tensor]:
-        return {"probe": torch.zeros(5, dtype=torch.float64, device=device)}
+        probe = torch.zeros(5, dtype=torch.float64, device=device)
+        return {**self.inner.stats_template(device), "probe": probe}
 
     def batch_stats(self) -> dict[str, Tensor]:
-        return {"probe": self._stats}
+        return {**self.inner.batch_stats(), "probe": self._stats}
 
     def describe_stats(self, stats: dict[str, Tensor], images: int) -> dict[str, object]:
-        return {"probe_counts": [int(round(v)) for v in stats["probe"].tolist()]}
+        self.totals = [float(v) for v in stats["probe"].tolist()]
+        inner = {k: v for k, v in stats.items() if k != "probe"}
+        return self.inner.describe_stats(inner, images)
 
 
-Evaluate = Callable[[Config, Sequence[Sample], Callable[[Attacker], Attacker] | None], EvalResult]
+# Runs an attacker on images and labels (this process's; none is fine) and returns which stay
+# correctly classified.
+Attack = Callable[[Attacker, Tensor, Tensor], Tensor]
 
 
-def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> list[Check]:
-    """The four checks on the first ``cfg.masking_checks`` of `samples`, for `cfg`'s attack.
+def run_checks(
+    cfg: Config, probe: MaskingProbe, attack: Attack, total: Callable[[float], float] = float
+) -> list[Check]:
+    """The four checks of `cfg`'s attack from its evaluation's `probe` (flat loss) and three
+    cheap attacks on the probed images only (`attack`; `total` sums a count over processes).
 
-    `evaluate(cfg, samples, wrap)` evaluates `cfg`'s attack on `samples`, its attacker first
-    passed through `wrap` when given, and returns the counts with the attacker's statistics."""
-    subset = list(samples[: cfg.masking_checks])
+    Nothing the evaluation ran is run again: the gradient-free attack and twice the iterations
+    attack only the probed images the evaluation left correct, the unbounded attack only those
+    correct on clean."""
+    images, labels, correct, robust = probe.kept_images()
+    n_correct, flat, zero_grad, n_robust, probed = probe.totals
+
+    def still_correct(attacker: Attacker, keep: Tensor) -> float:
+        return total(float(attack(attacker, images[keep], labels[keep]).sum()))
+
+    checks = [_flat_loss(n_correct, flat, zero_grad)]
     # An attack with a score-based member (AutoAttack's Square) has run one: a second run would
     # only measure its randomness.
     free = None if attack_info(eval_attack(cfg)).queries else _gradient_free(cfg)
-    probed = evaluate(cfg, subset, lambda inner: MaskingProbe(inner, free))
-    correct, flat, zero_grad, robust, broken_free = (
-        float(v) for v in probed.details["probe_counts"]
-    )
-    checks = [
-        _flat_loss(correct, flat, zero_grad),
-        _gradient_free_success(robust, broken_free, free is not None, eval_attack(cfg)),
-    ]
+    broken_free = 0.0 if free is None else n_robust - still_correct(free, robust)
+    checks.append(_gradient_free_success(n_robust, broken_free, free is not None, eval_attack(cfg)))
     # Unbounded: the whole pixel box (an L-inf ball of radius 255 holds every image, so any
     # norm's unbounded attack is this one). From the clean image: a random start in so large a
     # ball is noise, misclassified without any gradient, and would hide the failure looked for.
@@ -148,7 +170,7 @@ def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> li
         target=None,
         prob_start_from_clean=1.0,
     )
-    accuracy = 1 - evaluate(cfg, subset, lambda _: create_attacker("pgd", unbounded)).top1_error
+    accuracy = still_correct(create_attacker("pgd", unbounded), correct) / max(probed, 1)
     checks.append(
         Check(
             "unbounded epsilon",
@@ -156,15 +178,20 @@ def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> li
             UNBOUNDED_ACCURACY,
             accuracy > UNBOUNDED_ACCURACY,
             f"untargeted PGD-{UNBOUNDED_ITER} from the clean image over the whole pixel range "
-            f"leaves accuracy {accuracy:.3f} on {len(subset)} images (expected ~0: the "
+            f"leaves accuracy {accuracy:.3f} on {probed:.0f} images (expected ~0: the "
             "gradients do not lead out of the class)",
         )
     )
-    # Both figures from the probe (the attack's own view, before any gradient-free attack,
-    # over the same images), so that the two differ only by the iterations.
-    longer = dataclasses.replace(cfg, attack_iter=2 * cfg.attack_iter)
-    longer_counts = evaluate(longer, subset, lambda inner: MaskingProbe(inner, None)).details
-    drop = (robust - float(longer_counts["probe_counts"][3])) / max(len(subset), 1)
+    # Twice the iterations, on the images the evaluation's attack left correct: the drop in
+    # robust accuracy is what they break.
+    from iat.builders import build_attacker
+
+    longer_cfg = dataclasses.replace(cfg, attack_iter=2 * cfg.attack_iter)
+    longer = build_attacker(
+        longer_cfg, attack_iter=longer_cfg.attack_iter, num_classes=cfg.num_classes,
+        name=eval_attack(cfg),
+    )  # fmt: skip
+    drop = (n_robust - still_correct(longer, robust)) / max(probed, 1)
     checks.append(
         Check(
             "more iterations",
@@ -172,7 +199,7 @@ def run_checks(cfg: Config, samples: Sequence[Sample], evaluate: Evaluate) -> li
             MORE_ITERATIONS_DROP,
             drop > MORE_ITERATIONS_DROP,
             f"{2 * cfg.attack_iter} iterations lower robust accuracy by {drop:.3f} on "
-            f"{len(subset)} images (the attack had not converged: raise --attack-iter)",
+            f"{probed:.0f} images (the attack had not converged: raise --attack-iter)",
         )
     )
     return checks

@@ -54,14 +54,18 @@ class ConfigFileBackend(Backend):
 
 class ResultFileBackend(Backend):
     """A JSON file of the evaluation records (``--eval-output``), rewritten atomically after
-    each: the record itself, or ``{"records": [...]}`` once there are several (a sweep)."""
+    each: the record itself, or ``{"records": [...]}`` once there are several (a sweep). A
+    ``masking_checks`` record completes the record before it (its checks run after it)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.records: list[dict] = []
 
     def result(self, name: str, record: dict) -> None:
-        self.records.append(record)
+        if name == "masking_checks" and self.records:  # the checks of the record just written
+            self.records[-1] = {**self.records[-1], **record}
+        else:
+            self.records.append(record)
         content = record if len(self.records) == 1 else {"records": self.records}
         text = json.dumps(content, indent=2) + "\n"
         try:
