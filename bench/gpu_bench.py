@@ -6,6 +6,9 @@
     python bench/gpu_bench.py --profile ResNetDenoise-152      # torch.profiler's top entries
     python bench/gpu_bench.py --arch ResNet-50 --rows rows.jsonl   # also append rows as JSON
     python bench/gpu_bench.py --summarize rows.jsonl           # ratios and projection only
+    python bench/gpu_bench.py --arch ResNet-50 --amp bfloat16  # the training step under --amp
+    python bench/gpu_bench.py --device cpu --arch ResNet-50 --image-size 32 --max-batch 2 \
+        --iters 1 --variants eager-fp32 --warmup 0 --repeats 1   # runs anywhere, FLOPs included
 
 Per architecture, at the largest batch up to --max-batch that fits (halved on out-of-memory):
   T_clean  trainer.train_step with a NoOpAttacker (forward + backward + SGD);
@@ -14,11 +17,18 @@ Per architecture, at the largest batch up to --max-batch that fits (halved on ou
   peak     torch.cuda.max_memory_allocated over a PGD-K step (flat in K if the attack frees
            each iteration's graph);
 for the attack in eager fp32 and as --use-fp16xla makes it on CUDA (fp16 autocast, loss x128,
-torch.compile with CUDA graphs). The training step itself is eager fp32 in both, as in
+torch.compile with CUDA graphs). The training step itself is eager, fp32 or as --amp DTYPE (the
+run's --amp: autocast, fp32 weights and loss, fp16 with a GradScaler) makes it, as in
 iat/train/trainer.py. "fp32" is what a training run sets on CUDA
 (iat.runtime.distributed.select_device): cuDNN convolutions and matrix products may use TF32;
 --no-tf32 turns both off. Times are medians of --repeats after --warmup runs
 (bench/train_step.py's helpers).
+
+Each step's FLOPs are counted (torch.utils.flop_counter.FlopCounterMode, eager: a clean step,
+plus K attack iterations counted through backward() with frozen weights, since the counter
+cannot follow the attack's autograd.grad); the table prints the achieved TFLOPS of the largest
+K and their share of the device's dense peak (DENSE_PEAKS, each with its source): TF32 (or
+fp32 with --no-tf32) and fp16/bf16 tensor cores, for the work is mixed.
 
 Then: the Denoise / plain step ratios, the fast / fp32 ratios, and the GPU-hours the original's
 recipe (Feature Denoising Sec 6: 110 epochs of 1.28 M images, PGD-30 for the paper's models)
@@ -44,9 +54,14 @@ if __name__ == "__main__":
 
 from train_step import (  # noqa: E402  (bench/, the script's folder)
     attacker_for,
+    counted_flops,
+    iteration_flops,
     iteration_fn,
+    machine,
     median_seconds,
     step_fn,
+    step_precision,
+    synchronize,
 )
 
 import nets  # noqa: E402
@@ -62,6 +77,35 @@ EPOCHS = 110  # Feature Denoising Sec 6 (ResNet-152 and its Denoise version, PGD
 ORIGINAL_GPU_HOURS = {"ResNet-152": 52 * 128, "ResNetDenoise-152": 90 * 128}  # Sec 6, V100s
 
 
+@dataclass(frozen=True)
+class Peak:
+    """A GPU's dense (no sparsity) peak TFLOPS, from its maker's datasheet."""
+
+    fp32: float  # plain fp32 (CUDA cores)
+    tf32: float  # TF32 tensor cores (what training runs with TF32 on)
+    half: float  # fp16 / bf16 tensor cores
+    source: str
+
+
+_H100_SXM = Peak(67.0, 494.7, 989.4, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column")
+# The first name a device's name contains (torch.cuda.get_device_name) gives its peaks; the
+# datasheets print sparse figures for the tensor cores, halved here.
+DENSE_PEAKS = {
+    "H100 PCIe": Peak(51.0, 378.0, 756.5, "NVIDIA H100 datasheet, H100 PCIe column"),
+    "H100 NVL": Peak(60.0, 417.5, 835.5, "NVIDIA H100 datasheet, H100 NVL column (per GPU)"),
+    "H100": _H100_SXM,
+    "H200": Peak(67.0, 494.7, 989.4, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column"),
+    "A100": Peak(19.5, 156.0, 312.0, "NVIDIA A100 Tensor Core GPU datasheet"),
+    "L40S": Peak(91.6, 183.0, 362.05, "NVIDIA L40S datasheet"),
+    "V100": Peak(15.7, 0.0, 125.0, "NVIDIA Tesla V100 datasheet, SXM2 column (no TF32)"),
+}
+
+
+def dense_peak(name: str) -> Peak | None:
+    """The peaks of the device called `name`, or None for a device not in DENSE_PEAKS."""
+    return next((peak for key, peak in DENSE_PEAKS.items() if key in name), None)
+
+
 @dataclass
 class Row:
     arch: str
@@ -72,6 +116,13 @@ class Row:
     first_s: float  # the first PGD step (compilation included)
     pgd_s: dict[int, float]
     peak_gib: dict[int, float]
+    step: str = "fp32"  # the training step's precision (--amp)
+    clean_flops: float = 0.0  # a clean training step's FLOPs (FlopCounterMode)
+    iter_flops: float = 0.0  # one attack iteration's
+
+    def pgd_flops(self, k: int) -> float:
+        """A PGD-k training step's FLOPs: the clean step and k attack iterations."""
+        return self.clean_flops + k * self.iter_flops
 
 
 def parse_arch(word: str) -> tuple[str, int]:
@@ -93,13 +144,18 @@ def batch(size: int, image_size: int, device: torch.device) -> tuple[torch.Tenso
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (size, image_size, image_size, 3), generator=g)
     labels = torch.randint(0, NUM_CLASSES, (size,), generator=g).to(device)
-    x = images.to(torch.uint8).pin_memory().to(device).permute(0, 3, 1, 2).float()
+    images = images.to(torch.uint8)
+    pinned = images.pin_memory() if device.type == "cuda" else images
+    x = pinned.to(device).permute(0, 3, 1, 2).float()
     return x, labels  # channels-last in memory, as iat.data.sources.to_model_input on CUDA
 
 
 def fitting_batch(model, optimizer, args: argparse.Namespace) -> int:
-    """The largest batch up to --max-batch (halving) whose PGD-1 step fits in memory."""
+    """The largest batch up to --max-batch (halving) whose PGD-1 step fits in memory (on the
+    CPU: --max-batch)."""
     size = args.max_batch
+    if args.device.type != "cuda":
+        return size
     while size >= 1:
         try:
             x, y = batch(size, args.image_size, args.device)
@@ -114,6 +170,9 @@ def fitting_batch(model, optimizer, args: argparse.Namespace) -> int:
 
 
 def peak_gib(fn, device: torch.device) -> float:
+    """Peak CUDA memory of `fn`; NaN elsewhere."""
+    if device.type != "cuda":
+        return float("nan")
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -125,14 +184,16 @@ def measure(word: str, args: argparse.Namespace) -> list[Row]:
     model, optimizer = build(word, args.device)
     size = fitting_batch(model, optimizer, args)
     x, y = batch(size, args.image_size, args.device)
-    clean = median_seconds(
-        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
-    )
+    precision = step_precision(args.amp)
+    clean_step = step_fn(model, optimizer, NoOpAttacker(), x, y, precision)
+    clean_flops = counted_flops(step_fn(model, optimizer, NoOpAttacker(), x, y))
+    iter_flops = iteration_flops(model, x, y)
+    clean = median_seconds(clean_step, args.warmup, args.repeats, args.device)
     rows = []
     for variant in args.variants:
         start = time.perf_counter()
-        step_fn(model, optimizer, attacker_for(1, variant), x, y)()
-        torch.cuda.synchronize(args.device)
+        step_fn(model, optimizer, attacker_for(1, variant), x, y, precision)()
+        synchronize(args.device)
         first = time.perf_counter() - start
         iteration = median_seconds(
             iteration_fn(model, attacker_for(1, variant), x, y),
@@ -142,36 +203,65 @@ def measure(word: str, args: argparse.Namespace) -> list[Row]:
         )
         pgd, peak = {}, {}
         for k in args.iters:
-            step = step_fn(model, optimizer, attacker_for(k, variant), x, y)
+            step = step_fn(model, optimizer, attacker_for(k, variant), x, y, precision)
             peak[k] = peak_gib(step, args.device)
             pgd[k] = median_seconds(step, 0, args.repeats, args.device)
-        rows.append(Row(word, variant, size, clean, iteration, first, pgd, peak))
+        step = args.amp or "fp32"
+        rows.append(
+            Row(
+                word,
+                variant,
+                size,
+                clean,
+                iteration,
+                first,
+                pgd,
+                peak,
+                step,
+                clean_flops,
+                iter_flops,
+            )
+        )
         print(f"  measured {word} {variant}", file=sys.stderr, flush=True)
     return rows
 
 
-def print_rows(rows: list[Row], iters: list[int]) -> None:
+def print_rows(rows: list[Row], iters: list[int], peak: Peak | None, tf32: bool = True) -> None:
+    k = max(iters)
     for r in rows:
         pgd = " | ".join(f"{r.pgd_s[k] * 1e3:.0f}" for k in iters)
         rate = " | ".join(f"{r.batch / r.pgd_s[k]:.0f}" for k in iters)
-        peak = " | ".join(f"{r.peak_gib[k]:.1f}" for k in iters)
+        memory = " | ".join(f"{r.peak_gib[k]:.1f}" for k in iters)
+        tflops = r.pgd_flops(k) / r.pgd_s[k] / 1e12
         print(
-            f"| {r.arch} | {r.variant} | {r.batch} | {r.clean_s * 1e3:.0f} | "
-            f"{r.iter_s * 1e3:.1f} | {pgd} | {r.batch / r.clean_s:.0f} | {rate} | {peak} | "
-            f"{r.first_s:.1f} |",
+            f"| {r.arch} | {r.variant} | {r.step} | {r.batch} | {r.clean_s * 1e3:.0f} | "
+            f"{r.iter_s * 1e3:.1f} | {pgd} | {r.batch / r.clean_s:.0f} | {rate} | {memory} | "
+            f"{r.first_s:.1f} | {r.pgd_flops(k) / r.batch / 1e9:.1f} | {tflops:.3g} | "
+            f"{peak_shares(tflops, peak, tf32)} |",
             flush=True,
         )
 
 
-def print_header(iters: list[int]) -> None:
+def peak_shares(tflops: float, peak: Peak | None, tf32: bool) -> str:
+    """The share of the device's dense TF32 (fp32 without TF32) and 16-bit peaks."""
+    if peak is None:
+        return "- | -"
+    wide = peak.tf32 if tf32 and peak.tf32 else peak.fp32
+    return f"{100 * tflops / wide:.1f} % | {100 * tflops / peak.half:.1f} %"
+
+
+def print_header(iters: list[int], tf32: bool = True) -> None:
+    k = max(iters)
     pgd = " | ".join(f"T_pgd{k} ms" for k in iters)
     rate = " | ".join(f"PGD-{k} img/s" for k in iters)
-    peak = " | ".join(f"peak GiB PGD-{k}" for k in iters)
+    memory = " | ".join(f"peak GiB PGD-{k}" for k in iters)
+    wide = "TF32" if tf32 else "fp32"
     print(
-        f"| model | attack | batch | T_clean ms | T_iter ms | {pgd} | clean img/s | {rate} | "
-        f"{peak} | first PGD step s |"
+        f"| model | attack | step | batch | T_clean ms | T_iter ms | {pgd} | clean img/s | "
+        f"{rate} | {memory} | first PGD step s | GFLOP/image PGD-{k} | TFLOPS PGD-{k} | "
+        f"% dense {wide} peak | % dense fp16/bf16 peak |"
     )
-    print("|---|---|---:|---:|---:|" + "---:|" * (3 * len(iters) + 2), flush=True)
+    print("|---|---|---|---:|---:|---:|" + "---:|" * (3 * len(iters) + 6), flush=True)
 
 
 def print_ratios(rows: list[Row], iters: list[int]) -> None:
@@ -258,6 +348,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=Path, help="append each measured row to this JSON-lines file")
     p.add_argument("--summarize", type=Path, help="print the ratio tables of a --rows file")
     p.add_argument("--no-tf32", action="store_true", help="plain fp32 products and convolutions")
+    p.add_argument(
+        "--amp", choices=("bfloat16", "float16"), help="the training step under autocast (--amp)"
+    )
     p.add_argument("--warm-only", action="store_true", help="compile the fast attack, no timing")
     p.add_argument("--profile", metavar="ARCH-DEPTH", help="profile one model instead")
     p.add_argument("--top", type=int, default=15, help="--profile: rows of the table")
@@ -288,12 +381,12 @@ def main() -> None:
         print_ratios(rows, iters)
         print_projection(rows, max(iters))
         return
-    if not torch.cuda.is_available():
-        print("gpu_bench: no CUDA device here; nothing measured")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device here; nothing measured (--device cpu measures the CPU)")
         return
-    if args.no_tf32:
+    if args.device.type == "cuda" and args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
-    else:
+    elif args.device.type == "cuda":
         distributed.select_device(distributed.detect())  # the training run's CUDA settings (TF32)
     if args.profile:
         profile(args.profile, args)
@@ -306,18 +399,24 @@ def main() -> None:
             torch.cuda.synchronize(args.device)
             print(f"gpu_bench: compiled the fast attack of {word}", flush=True)
         return
-    name = torch.cuda.get_device_name(args.device)
+    cuda = args.device.type == "cuda"
+    name = torch.cuda.get_device_name(args.device) if cuda else machine()
+    peak = dense_peak(name) if cuda else None
+    tf32 = not args.no_tf32
     if not args.no_header:
-        print(
-            f"{name}, torch {torch.__version__}; {args.image_size}x{args.image_size}, TF32 "
-            f"{'off' if args.no_tf32 else 'on'}, median of "
-            f"{args.repeats} after {args.warmup} warm-up\n"
+        source = f"dense peaks: {peak.source}" if peak else "no dense peak known for this device"
+        where = (
+            f"{name}, torch {torch.__version__}, TF32 {'on' if tf32 else 'off'}" if cuda else name
         )
-        print_header(args.iters)
+        print(
+            f"{where}; {args.image_size}x{args.image_size}, median of "
+            f"{args.repeats} after {args.warmup} warm-up; {source}\n"
+        )
+        print_header(args.iters, tf32)
     rows = []
     for word in args.arch:
         measured = measure(word, args)
-        print_rows(measured, args.iters)
+        print_rows(measured, args.iters, peak, tf32)
         if args.rows:
             with args.rows.open("a") as f:
                 f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in measured)

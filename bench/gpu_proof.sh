@@ -8,8 +8,9 @@
 # left, the most important first (tests, then the table), so a slow step cannot take the rest.
 # Without CUDA each part says so and the cuda-marked tests are skipped: it runs on any machine.
 #
-# OUT_DIR receives (8 files): env.txt, proof.log (each step's start, end and exit status, and
-# the compile-cache warm-up's output), cuda_tests.log, gpu_bench.md, gpu_bench_rows.jsonl,
+# OUT_DIR receives (9 files): env.txt, proof.log (each step's start, end and exit status, and
+# the compile-cache warm-up's output), cuda_tests.log, gpu_bench.md (the table, then its rows
+# with the training step under --amp bf16), gpu_bench_rows.jsonl, gpu_bench_amp_rows.jsonl,
 # denoise_ops.md, attacks.md, profile.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +69,13 @@ if [[ $cuda == 1 ]]; then
         step 120 "$out/gpu_bench.md" python3 bench/gpu_bench.py --arch "$a" "${header[@]}" --rows "$out/gpu_bench_rows.jsonl"
   done
   [[ -s $out/gpu_bench_rows.jsonl ]] && python3 bench/gpu_bench.py --summarize "$out/gpu_bench_rows.jsonl" >>"$out/gpu_bench.md" 2>&1
+  # The training step under --amp (bf16: no loss scaling), beside the fp32 rows above.
+  echo -e "\n## The training step under --amp bfloat16\n" >>"$out/gpu_bench.md"
+  header=()
+  for a in ResNet-50 ResNet-152; do
+    step 120 "$out/gpu_bench.md" python3 bench/gpu_bench.py --arch "$a" --amp bfloat16 "${header[@]}" --rows "$out/gpu_bench_amp_rows.jsonl"
+    header=(--no-header)
+  done
 else
   echo "no CUDA device: nothing measured" >>"$out/gpu_bench.md"
 fi

@@ -12,7 +12,8 @@ Every time is a median over ``--repeats`` runs after ``--warmup`` runs, in one p
   T_pgd    trainer.train_step with the PGD-K attacker (the real training code path).
 Attack variants: eager or torch.compile'd iteration, fp32 or mixed precision (autocast: bf16 on
 CPU, fp16 with loss scale 128 on CUDA). "compiled-amp" is --use-fp16xla. The training step itself
-(forward, backward, optimizer) is fp32 and eager in every variant, as in iat/train/trainer.py.
+(forward, backward, optimizer) is eager, fp32 or as ``--amp DTYPE`` (the run's --amp: autocast, fp32
+weights and loss; fp16 with a GradScaler) makes it, in every variant, as in iat/train/trainer.py.
 ``--memory`` adds the peak RSS of fresh processes running PGD-0/1/K steps (eager fp32), and of
 PGD-K with ``--grad-checkpointing`` for the architectures that take it. Each architecture's
 forward MACs per image (FlopCounterMode's FLOPs / 2) and their ratio to the first ``--arch``
@@ -43,8 +44,8 @@ import nets  # noqa: E402
 from adv_model import NoOpAttacker, PGDAttacker, attack_mode  # noqa: E402
 from iat.config import Config  # noqa: E402
 from iat.data.sources import to_model_input  # noqa: E402
+from iat.train import amp, trainer  # noqa: E402
 from iat.train import builders as train_builders  # noqa: E402
-from iat.train import trainer  # noqa: E402
 
 # Feature Denoising, Sec 6: epsilon 16; training starts 20% of batches from the clean image.
 EPSILON = 16.0
@@ -138,10 +139,23 @@ def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
     )
 
 
-def step_fn(model, optimizer, attack, x, y) -> Callable[[], object]:
+def step_fn(
+    model, optimizer, attack, x, y, precision: amp.TrainingPrecision = amp.FP32
+) -> Callable[[], object]:
+    """One training step; under `precision` (--amp) with fp16's loss scaler where it needs one."""
     model.train()
     loss = trainer.LossSettings(LABEL_SMOOTHING)
-    return lambda: trainer.train_step(model, model, attack, optimizer, [(x, y)], loss)
+    scaler = amp.build_scaler(precision, x.device) if precision.scaled else None
+    return lambda: trainer.train_step(
+        model, model, attack, optimizer, [(x, y)], loss, precision, scaler
+    )
+
+
+def step_precision(name: str | None) -> amp.TrainingPrecision:
+    """--amp DTYPE's training-step precision, as given (no device fallback: this measures it)."""
+    if name is None:
+        return amp.FP32
+    return amp.TrainingPrecision(getattr(torch, name), f"{name} autocast (--amp)")
 
 
 def iteration_fn(model: torch.nn.Module, attack: PGDAttacker, x, y) -> Callable[[], object]:
@@ -166,14 +180,21 @@ def iteration_flop_ratio(model, optimizer, x, y) -> float:
     """FLOPs of an attack iteration over those of a clean step: about 2/3 when the iteration
     skips the weight-gradient convolutions (forward 1 + input gradient 1 vs 1 + 2), about 1
     if it did not. (FlopCounterMode cannot follow autograd.grad, hence backward() here.)"""
+    clean = counted_flops(step_fn(model, optimizer, NoOpAttacker(), x, y))
+    return iteration_flops(model, x, y) / clean
+
+
+def iteration_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one attack iteration: the objective's forward and its input gradient, counted
+    through backward() with the weights frozen (attack_mode), as FlopCounterMode cannot follow
+    the attack's autograd.grad."""
     objective = attacker_for(1, "eager-fp32").objective(x.device)
 
     def iteration() -> None:
         with torch.enable_grad(), attack_mode(model):
             objective(model, x.detach().requires_grad_(True), y).backward()
 
-    clean = counted_flops(step_fn(model, optimizer, NoOpAttacker(), x, y))
-    return counted_flops(iteration) / clean
+    return counted_flops(iteration)
 
 
 def forward_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -190,13 +211,17 @@ def measure(args: argparse.Namespace, arch: str) -> list[Row]:
     x, y = batch(args)
     flop_ratio = iteration_flop_ratio(model, optimizer, x, y)
     macs = forward_macs(model, x)
+    precision = step_precision(args.amp)
     clean = median_seconds(
-        step_fn(model, optimizer, NoOpAttacker(), x, y), args.warmup, args.repeats, args.device
+        step_fn(model, optimizer, NoOpAttacker(), x, y, precision),
+        args.warmup,
+        args.repeats,
+        args.device,
     )
     rows = []
     for variant in args.variants:
         attack = attacker_for(args.attack_iter, variant)
-        pgd_step = step_fn(model, optimizer, attack, x, y)
+        pgd_step = step_fn(model, optimizer, attack, x, y, precision)
         start = time.perf_counter()
         pgd_step()
         synchronize(args.device)
@@ -351,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last-input", action="store_true", help="channels-last input")
     p.add_argument("--channels-last-model", action="store_true", help="channels-last weights")
     p.add_argument("--memory", action="store_true", help="add the peak-RSS table")
+    p.add_argument(
+        "--amp", choices=("bfloat16", "float16"), help="the training step under autocast (--amp)"
+    )
     p.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -362,7 +390,8 @@ def main() -> None:
         rss_probe(args, args.rss_probe)
         return
     print(f"{machine()}; batch {args.batch}, {args.image_size}x{args.image_size}, ", end="")
-    print(f"PGD-{args.attack_iter}, median of {args.repeats} after {args.warmup} warm-up\n")
+    print(f"PGD-{args.attack_iter}, training step {step_precision(args.amp).description}, ", end="")
+    print(f"median of {args.repeats} after {args.warmup} warm-up\n")
     rows = [row for arch in args.arch for row in measure(args, arch)]
     print_table(rows, args.attack_iter, args.batch)
     print_relative(rows, args.arch[0])

@@ -41,6 +41,7 @@ BENCHMARK_INFO_FIELDS = (
 )  # fmt: skip
 # --eval-set: iat.eval.ood
 EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a", "imagenet-sketch", "imagenet-v2")
+AMP_DTYPES = ("bfloat16", "float16")  # --amp-dtype: torch's names (timm's --amp-dtype)
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -64,6 +65,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "optimizer": tuple(OPTIMIZERS),
         "lr_schedule": tuple(LR_SCHEDULES),
         "recipe": tuple(RECIPES),
+        "amp_dtype": AMP_DTYPES,
     }
 
 
@@ -221,6 +223,14 @@ class Config:
     # Not on norms, biases, layer scales, position embeddings or tokens (iat.recipes.optim.decays)
     weight_decay: float = 1e-4
     clip_grad: float | None = None  # clip the gradient's global L2 norm to this; None: off
+    # Mixed-precision training (timm's --amp; iat.train.amp): the training forward and backward
+    # under autocast; weights, optimizer state, loss and BatchNorm statistics fp32. Apart from
+    # the attack's precision (use_fp16xla); evaluation stays fp32.
+    amp: bool = False
+    # --amp's compute type, "bfloat16" or "float16" (loss scaled by a GradScaler); None: the
+    # device's (iat.train.builders.training_precision: bf16 where computed natively, else fp16
+    # on CUDA; fp32 on a CPU without bf16 units)
+    amp_dtype: str | None = None
     label_smoothing: float = 0.1  # on the adversarial cross-entropy
     starting_epoch: int = 1  # first epoch to run (1-based, as the original); resume sets it
     train_eval: str = "original"  # in-training evaluation: "original", "light" (clean+10) or "none"
@@ -394,9 +404,11 @@ def _optimisation(cfg: Config) -> None:
             f"--lr-knots: epochs must increase and values be >= 0, got {list(knots)}",
         )
         _check(cfg.lr_schedule == "cyclic", "--lr-knots: only --lr-schedule cyclic takes them")
+    _check(cfg.amp_dtype is None or cfg.amp, f"--amp-dtype {cfg.amp_dtype}: needs --amp")
 
 
-_OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set")  # None: the default (none)
+# None: the default (none, or the device's for amp_dtype)
+_OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set", "amp_dtype")
 
 
 def _denoise(cfg: Config) -> None:

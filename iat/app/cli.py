@@ -319,6 +319,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         "--clip-grad", type=float, help=_help("clip_grad", "max global L2 norm of the gradient")
     )
     opt.add_argument(
+        "--amp",
+        action="store_true",
+        default=None,
+        help="mixed-precision training: autocast forward/backward, fp32 weights and loss",
+    )
+    _choice_arg(opt, "--amp-dtype", "--amp's compute type; None: bf16 where native, else fp16")
+    opt.add_argument(
         "--label-smoothing", type=float, help=_help("label_smoothing", "of the training loss")
     )
     opt.add_argument("--starting-epoch", type=int, help=_help("starting_epoch", "1-based"))

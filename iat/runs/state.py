@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -46,6 +47,8 @@ RNG_FIELD = "rng"  # {"device": "cpu" or "cuda", "attack": the attack generator'
 # Free training's perturbation (Shafahi et al. Alg. 1: carried over from minibatch to minibatch,
 # epochs included); only with --free-replays > 1.
 FREE_DELTA_FIELD = "free_delta"
+# --amp fp16's loss scaler (torch.amp.GradScaler.state_dict: its scale and growth tracker)
+GRAD_SCALER_FIELD = "grad_scaler"
 EMA_FIELD = "ema"  # the averaged weights (iat.recipes.ema), keyed as "model"; only with an average
 # Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
 # forged field, refused naming it rather than overflowing later.
@@ -185,6 +188,7 @@ def save_checkpoint(
     attack_generator: torch.Generator,
     averaged: Mapping[str, torch.Tensor] | None = None,
     free_delta: torch.Tensor | None = None,
+    grad_scaler: Mapping[str, float | int] | None = None,
 ) -> Path:
     """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
 
@@ -192,7 +196,8 @@ def save_checkpoint(
     (``builders.architecture_record``); the attack
     generator's state is what the next epoch's attacks start from; `averaged` is the moving
     average of the weights, when the run keeps one; `free_delta` free training's perturbations,
-    one per process [world, N, C, H, W], which the next epoch carries on from."""
+    one per process [world, N, C, H, W], which the next epoch carries on from; `grad_scaler`
+    fp16's loss scaler state (--amp), which the next epoch's steps scale by."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "optimizer": optimizer.state_dict(),
@@ -204,6 +209,8 @@ def save_checkpoint(
         state[EMA_FIELD] = dict(averaged)
     if free_delta is not None:
         state[FREE_DELTA_FIELD] = free_delta.detach().cpu()
+    if grad_scaler is not None:
+        state[GRAD_SCALER_FIELD] = dict(grad_scaler)
     nets.save_weights(model, path, architecture, training_state=state)
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -222,6 +229,7 @@ class Start:
     rng: dict | None = None  # the attack generator's state to restore (RNG_FIELD)
     ema: dict | None = None  # the averaged weights to restore (EMA_FIELD)
     free_delta: torch.Tensor | None = None  # free training's perturbations (FREE_DELTA_FIELD)
+    grad_scaler: dict | None = None  # fp16's loss scaler state (GRAD_SCALER_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -240,6 +248,7 @@ class _TrainingState:
     rng: dict | None
     ema: dict | None
     free_delta: torch.Tensor | None
+    grad_scaler: dict | None
 
 
 def _training_state(weights: nets.Weights) -> _TrainingState | None:
@@ -255,7 +264,12 @@ def _training_state(weights: nets.Weights) -> _TrainingState | None:
     rng = _rng_state(source, contents.get(RNG_FIELD))
     ema = _ema_state(source, contents.get(EMA_FIELD))
     return _TrainingState(
-        optimizer, progress, rng, ema, _free_delta(source, contents.get(FREE_DELTA_FIELD))
+        optimizer,
+        progress,
+        rng,
+        ema,
+        _free_delta(source, contents.get(FREE_DELTA_FIELD)),
+        _grad_scaler(source, contents.get(GRAD_SCALER_FIELD)),
     )
 
 
@@ -338,6 +352,29 @@ def _free_delta(source: str, value: object) -> torch.Tensor | None:
     return value
 
 
+def _grad_scaler(source: str, value: object) -> dict | None:
+    """GRAD_SCALER_FIELD, checked: names mapped to finite numbers, a positive scale; None when
+    absent."""
+    if value is None:
+        return None
+    valid = (
+        isinstance(value, Mapping)
+        and all(
+            isinstance(k, str)
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            for k, v in value.items()
+        )
+        and value.get("scale", 1.0) > 0
+    )
+    if not valid:
+        raise _field_error(
+            source, GRAD_SCALER_FIELD, "a mapping of names to finite numbers, scale > 0", value
+        )
+    return dict(value)
+
+
 def averaged_weights(weights: nets.Weights) -> nets.Weights:
     """The moving-average weights a training checkpoint holds beside its raw ones (--eval-ema),
     as loadable weights; CheckpointError when it holds none."""
@@ -364,23 +401,27 @@ def plan_start(
     found = _newest_verified(logdir, main_process)
     if found is not None:
         weights, state = found
-        return Start(
-            "resume",
-            weights,
-            state.optimizer,
-            state.progress,
-            state.rng,
-            state.ema,
-            state.free_delta,
-        )
+        return _start_from("resume", weights, state)
     if load is None:
         return Start("fresh", None, None, fresh)
     weights = nets.read_weights(load)
     state = _training_state(weights)
     if state is None:
         return Start("weights", weights, None, fresh)
+    return _start_from("continue", weights, state)
+
+
+def _start_from(kind: str, weights: nets.Weights, state: _TrainingState) -> Start:
+    """A start from a training checkpoint: its weights and its checked training state."""
     return Start(
-        "continue", weights, state.optimizer, state.progress, state.rng, state.ema, state.free_delta
+        kind,
+        weights,
+        state.optimizer,
+        state.progress,
+        state.rng,
+        state.ema,
+        state.free_delta,
+        state.grad_scaler,
     )
 
 

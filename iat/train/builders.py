@@ -1,6 +1,7 @@
 """The training half of the builders: the training attack of each epoch (epsilon and step
 warm-ups, soft targets under Mixup / CutMix, free training), Mixup / CutMix settings, the
-overfitting guard, the optimizer and learning-rate schedule, and the DDP wrapper.
+overfitting guard, the optimizer and learning-rate schedule, the training step's precision
+(--amp), and the DDP wrapper.
 
 ``iat.builders`` builds what training and evaluation share (model, attack settings, attacker).
 """
@@ -14,13 +15,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from iat.attacks import Attacker, attack_info, create_attacker
-from iat.attacks.core import pgd_step_size
+from iat.attacks.core import has_native_low_precision, pgd_step_size
 from iat.attacks.spec import AttackSpec
 from iat.builders import AttackPrecision, training_attack_settings
 from iat.config import Config, mixing_enabled, training_attack_spec
 from iat.data.layouts import DataError, Sample
 from iat.recipes.mixing import MixSettings
 from iat.recipes.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
+from iat.train.amp import FP32, TrainingPrecision
 from iat.train.overfit_guard import OverfitGuard, held_out_batch
 from iat.train.soft_objective import SoftTargetPGD, soft_target_attacker
 
@@ -142,6 +144,50 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     settings = OptimizerSettings(lr=cfg.base_lr, momentum=cfg.momentum, betas=cfg.adam_betas)
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     return OPTIMIZERS[cfg.optimizer](groups, settings)
+
+
+# --- precision -------------------------------------------------------------------------------
+def training_precision(amp: bool, amp_dtype: str | None, device: torch.device) -> TrainingPrecision:
+    """What --amp (--amp-dtype: "bfloat16" or "float16"; None: the device's) gives on `device`:
+
+    * CUDA: bf16 where the GPU computes it (Ampere and later: no loss scaling needed), else fp16
+      with a GradScaler; bf16 asked of an older GPU is refused;
+    * a CPU with bf16 units (AVX512-BF16 or AMX): bf16; without them bf16 is emulated and many
+      times slower than fp32 (bench/RESULTS.md, sections 1b and 14), so the step stays fp32 and
+      the run's first line says why, as --use-fp16xla does;
+    * fp16 on a CPU only with fp16 units (AVX512-FP16 or AMX-FP16), else refused: torch's CPU
+      autocast runs fp16, but emulated, slower than fp32 and with fp16's narrow range.
+    ValueError (one line) for a refused choice."""
+    if not amp:
+        return FP32
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        name = amp_dtype or ("bfloat16" if bf16 else "float16")
+        if name == "bfloat16" and not bf16:
+            raise ValueError("--amp-dtype bfloat16: this GPU has no bf16 units; use float16")
+        return _autocast_precision(name)
+    name = amp_dtype or "bfloat16"
+    capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    if name == "float16":
+        if not any(capabilities.get(unit) for unit in ("avx512_fp16", "amx_fp16")):
+            raise ValueError(
+                f"--amp-dtype float16: {device.type} has no fp16 units (AVX512-FP16 or AMX-FP16); "
+                "emulated fp16 is slower than fp32: use bfloat16, or no --amp"
+            )
+        return _autocast_precision(name)
+    if not has_native_low_precision(device):
+        return TrainingPrecision(
+            None, "fp32: this CPU has no bf16 units, --amp would be emulated and slower"
+        )
+    return _autocast_precision(name)
+
+
+def _autocast_precision(name: str) -> TrainingPrecision:
+    if name == "float16":
+        return TrainingPrecision(
+            torch.float16, "fp16 autocast, loss scaled (GradScaler), fp32 weights (--amp)"
+        )
+    return TrainingPrecision(torch.bfloat16, "bf16 autocast, fp32 weights (--amp)")
 
 
 # --- data parallelism ------------------------------------------------------------------------

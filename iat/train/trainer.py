@@ -10,6 +10,8 @@ weights, and fine-tuning from another checkpoint. The newer recipes' parts (READ
 optimizers, schedules, augmentation and mixing"): progressive resizing and Mixup / CutMix of
 each batch on the device (its soft targets trained and attacked, ``iat.train.soft_objective``), the
 attack's epsilon and step warm-ups (rebuilt per epoch), and the catastrophic-overfitting guard.
+Mixed precision (--amp, ``iat.train.amp``): the step's forward pass under autocast, the weights,
+optimizer state and loss in fp32, fp16's loss scaler checkpointed with the rest.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ from iat.runs.trackers import check_trackers, run_directory_logger
 from iat.runtime import distributed
 from iat.runtime.cpus import usable_cpus
 from iat.runtime.progress import progress_bar
+from iat.train import amp
 from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
 from iat.train.objective import TrainingTerms, training_terms
@@ -109,6 +112,8 @@ class Training:
     optimizer: torch.optim.Optimizer
     batches: Iterator
     precision: builders.AttackPrecision  # how the training attack computes
+    amp: amp.TrainingPrecision  # how the training step computes (--amp)
+    scaler: torch.amp.GradScaler  # fp16's loss scaler (a pass-through otherwise), checkpointed
     steps: int  # steps (updates) per epoch
     total_batch: int  # images per update over all processes (micro-batches included)
     device: torch.device
@@ -155,23 +160,35 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[MicroBatch],
     loss: LossSettings,
+    precision: amp.TrainingPrecision = amp.FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One update from one or more micro-batches (a virtual batch): for each, attack (BN in
     inference mode, on the bare model) and accumulate the gradient of its loss / count; then
     one optimizer step (after clipping the gradient's norm, with --clip-grad). Under DDP only
-    the last micro-batch's backward all-reduces."""
+    the last micro-batch's backward all-reduces. With `precision` (--amp) the loss's forward
+    pass runs under autocast, the loss itself in fp32; `scaler` (fp16) scales the loss,
+    unscales the gradients before clipping and skips a step whose gradients overflowed."""
     optimizer.zero_grad(set_to_none=True)
     count = len(micro_batches)
+    forward = amp.autocast_forward(model, precision.dtype)
     parts = []
     for k, (images, labels) in enumerate(micro_batches):
         with _sync_gradients(model, k == count - 1):
-            terms = _objective(model, attack_model, attacker, images, labels, loss)
+            terms = _objective(forward, attack_model, attacker, images, labels, loss)
             # Equal micro-batches: the virtual batch's mean loss is the mean of their means.
-            (terms.loss / count).backward()
+            share = terms.loss / count
+            (share if scaler is None else scaler.scale(share)).backward()
         hard = labels.argmax(dim=1) if labels.ndim == 2 else labels  # a mix: its larger part
         parts.append((terms._replace(loss=terms.loss.detach()), hard[: len(terms.adv_logits)]))
-    clip_gradients(model.parameters(), loss.clip_grad)
-    optimizer.step()
+    if scaler is None:
+        clip_gradients(model.parameters(), loss.clip_grad)
+        optimizer.step()
+    else:
+        scaler.unscale_(optimizer)  # the true gradients, clipped as without scaling
+        clip_gradients(model.parameters(), loss.clip_grad)
+        scaler.step(optimizer)  # skipped when a gradient is inf / NaN
+        scaler.update()
     return _step_result(parts)
 
 
@@ -194,7 +211,7 @@ def _step_result(parts: list[tuple[TrainingTerms, torch.Tensor]]) -> StepResult:
 
 
 def _objective(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     attack_model: torch.nn.Module,
     attacker: Attacker | SoftTargetPGD,
     images: torch.Tensor,
@@ -329,7 +346,14 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(
-            run.ddp_model, run.attack_model, run.attacker, run.optimizer, micro_batches, run.loss
+            run.ddp_model,
+            run.attack_model,
+            run.attacker,
+            run.optimizer,
+            micro_batches,
+            run.loss,
+            run.amp,
+            run.scaler,
         )
         if isinstance(run.attacker, FreeAttacker):
             run.attacker.advance()
@@ -577,6 +601,17 @@ def check_same_defense(
         )
 
 
+def build_scaler(
+    precision: amp.TrainingPrecision, start: Start, device: torch.device
+) -> torch.amp.GradScaler:
+    """fp16's loss scaler (--amp): the checkpoint's state, else a fresh one; a pass-through for
+    bf16 and fp32."""
+    scaler = amp.build_scaler(precision, device)
+    if scaler.is_enabled() and start.grad_scaler is not None:
+        scaler.load_state_dict(start.grad_scaler)
+    return scaler
+
+
 def build_ema(cfg: Config, model: torch.nn.Module, start: Start) -> WeightAverage | None:
     """The moving average (--moving-average-decay > 0): the checkpoint's, else from the start
     weights."""
@@ -604,6 +639,7 @@ def setup(
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
     precision = builders.attack_precision(cfg.use_fp16xla, device)
+    step_precision = train_builders.training_precision(cfg.amp, cfg.amp_dtype, device)
     model = build_network(cfg, start, num_classes, device, finetune)
     optimizer = train_builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
@@ -654,6 +690,8 @@ def setup(
         optimizer=optimizer,
         batches=train_batches(cfg.loader, cfg.fake, spec),
         precision=precision,
+        amp=step_precision,
+        scaler=build_scaler(step_precision, start, device),
         steps=steps,
         total_batch=total_batch,
         device=device,
@@ -702,6 +740,7 @@ def _train_in(
     run.batches = itertools.chain([next(run.batches)], run.batches)
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
     facts["attack_precision"] = run.precision.description
+    facts["training_precision"] = run.amp.description
     facts["finetune_checkpoint"] = cfg.finetune_checkpoint
     facts["recipe"], facts["recipe_source"] = cfg.recipe, RECIPES[cfg.recipe].source
     if main_proc:
@@ -807,6 +846,7 @@ def save_epoch(
         attack_generator=run.generator,
         averaged=None if run.ema is None else run.ema.state_dict(),
         free_delta=free_deltas,
+        grad_scaler=amp.scaler_state(run.scaler),
     )
     logger.log_result(
         "checkpoint", {"path": str(path), "step": progress.step, "epoch": progress.epoch}
@@ -844,7 +884,8 @@ def start_line(facts: dict, start: Start) -> str:
     return (
         f"{facts['logdir']}: {where}; {facts['world_size']} process(es) "
         f"({facts['launcher']}) on {facts['device']}, {facts['threads']} thread(s) each "
-        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}; recipe "
+        f"({facts['cpus']} usable CPUs); attack: {facts['attack_precision']}; training step: "
+        f"{facts['training_precision']}; recipe "
         f"{facts['recipe']} ({facts['recipe_source']})"
     )
 
