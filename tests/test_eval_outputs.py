@@ -144,3 +144,15 @@ def test_pgd_summary_and_record_state_the_step_taken(
     assert lines["1"].startswith("PGD-10 random target, L-inf eps=32, step 3.2: 7 images")
     assert lines["8"].startswith("PGD-10 random target, L-inf eps=32, step 8: 7 images")
     assert lines["1"] == lines["3.2"]  # the same attack: the same line, the same numbers
+
+
+def test_the_checks_complete_the_record_they_follow(tmp_path: Path) -> None:
+    """--eval-output holds the evaluation's record with its masking checks beside it, not the
+    checks alone (they are logged after the result)."""
+    from iat.runs.logger import ResultFileBackend
+
+    backend = ResultFileBackend(tmp_path / "e.json")
+    backend.result("eval", {"images": 4, "top1_error": 0.5})
+    backend.result("masking_checks", {"masking_checks": [{"name": "square"}]})
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert written == {"images": 4, "top1_error": 0.5, "masking_checks": [{"name": "square"}]}

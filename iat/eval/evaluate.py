@@ -158,7 +158,8 @@ def evaluate(
         if not bar.disable:  # a host sync: only where the bar is shown
             bar.set_postfix_str(running_accuracy(totals), refresh=False)
         if estimate and j == mine[0] and distributed.is_main_process():
-            print(cost_estimate(attacker, len(images), time.perf_counter() - began, len(mine)))
+            seconds = time.perf_counter() - began  # progress, not a result: stderr, as the bar
+            tqdm.write(cost_estimate(attacker, len(images), seconds, len(mine)), file=sys.stderr)
     model.train(was_training)
     return summed_result(attacker, totals, skipped, stats)
 

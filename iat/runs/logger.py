@@ -66,7 +66,7 @@ class ResultFileBackend(Backend):
             self.records[-1] = {**self.records[-1], **record}
         else:
             self.records.append(record)
-        content = record if len(self.records) == 1 else {"records": self.records}
+        content = self.records[0] if len(self.records) == 1 else {"records": self.records}
         text = json.dumps(content, indent=2) + "\n"
         try:
             atomic_write_text(self.path, text)
