@@ -134,10 +134,11 @@ def test_eval_prints_its_result_then_the_checks_and_records_them(
             "--masking-checks", "5", "--eval-output", str(out)]  # fmt: skip
     capsys.readouterr()
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    # The result first (its expected time before it), then the checks, never the same attack
-    # again: one progress line per evaluation, none for a check of the same attack.
-    assert "first batch of" in printed and "about" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    # The result first (its expected time before it, on stderr with the progress bar), then the
+    # checks, never the same attack again: one progress line per evaluation, none for a check.
+    assert "first batch of" in captured.err and "about" in captured.err
     summary = printed.index("strong (worst case")
     assert summary < printed.index("attack-failure checks on 5 of the images")
     record = json.loads(out.read_text())
