@@ -36,6 +36,37 @@ CASES: dict[str, dict] = {
         "width": 8,
         "image_size": 112,
     },
+    # ViT-H/14 and ViT-g/14 shrunk: patch 14 (a 16x16 grid at 224 pixels); g/14's MLP ratio
+    # 48 / 11 (width 176: hidden 768) at 112 pixels, its position embeddings resampled to 8x8.
+    "vit_huge": {
+        "source": "timm",
+        "reference": {
+            "embed_dim": 160,
+            "depth": 2,
+            "num_heads": 16,
+            "patch_size": 14,
+            "num_classes": 10,
+        },
+        "arch": "vit_huge_patch14_224",
+        "num_blocks": (2,),
+        "width": 8,
+        "image_size": 224,
+    },
+    "vit_giant_at_112": {
+        "source": "timm",
+        "reference": {
+            "embed_dim": 176,
+            "depth": 2,
+            "num_heads": 16,
+            "patch_size": 14,
+            "mlp_ratio": 48 / 11,
+            "num_classes": 10,
+        },
+        "arch": "vit_giant_patch14_224",
+        "num_blocks": (2,),
+        "width": 8,
+        "image_size": 112,
+    },
     "swin": {
         "source": "timm",
         "reference": {
@@ -95,6 +126,9 @@ CASES: dict[str, dict] = {
         "image_size": 64,
     },
 }
+# timm's full-size models whose parameter count and tensor shapes the fixture holds (made on the
+# meta device; the tests build them there too: no weights are allocated).
+FULL_SIZE = ("vit_huge_patch14_224", "vit_giant_patch14_224")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -122,6 +156,12 @@ def seeded_state(shapes: list[tuple[str, list[int]]]) -> dict[str, torch.Tensor]
         else:
             state[name] = 0.05 * draw
     return state
+
+
+def representative(key: str) -> bool:
+    """Whether a full-size ViT's tensor `key` is kept in the fixture: those outside the
+    blocks and the first block's (every block has the same shapes)."""
+    return not key.startswith("blocks.") or key.startswith("blocks.0.")
 
 
 def seeded_pixels(image_size: int) -> torch.Tensor:

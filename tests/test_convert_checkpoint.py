@@ -18,6 +18,7 @@ from test_reference_models import ATOL, FIXTURES, RTOL, reference_state
 
 import nets
 from iat.convert.checkpoint import main as convert_main
+from iat.convert.checkpoint import matched_state, plan_architecture
 from main import main
 
 
@@ -49,6 +50,8 @@ WRAPPERS = {
     "vit_convstem": ("robustbench", ".pt"),  # the authors' vit_s_cvst is normalize_model'ed
     "vit": ("module", ".pt"),
     "vit_at_112": ("model", ".safetensors"),
+    "vit_huge": ("plain", ".safetensors"),
+    "vit_giant_at_112": ("state_dict", ".pt"),
     "swin": ("state_dict", ".pth"),
     "resnet": ("robustbench", ".pt"),
     "wide_resnet": ("madrylab", ".pt"),
@@ -97,6 +100,35 @@ def test_converted_logits_match_the_reference(name: str, tmp_path: Path, capsys)
         10,
     )
     assert record["num_blocks"] == list(CASES[name]["num_blocks"])
+
+
+def _full_size_state(arch: str) -> dict[str, torch.Tensor]:
+    """timm's full-size state dict of `arch` as meta tensors: the fixture's first block's shapes
+    repeated for every block."""
+    reference = FIXTURES["full_size"][arch]
+    state = {}
+    for key, shape in reference["shapes"]:
+        blocks = range(reference["blocks"]) if key.startswith("blocks.0.") else [0]
+        for block in blocks:
+            state[key.replace("blocks.0.", f"blocks.{block}.")] = torch.empty(shape, device="meta")
+    return state
+
+
+@pytest.mark.parametrize("arch", sorted(FIXTURES["full_size"]))
+def test_full_size_timm_state_dicts_are_read_as_the_published_size(arch: str) -> None:
+    """A full-size ViT-H/14 or ViT-g/14 checkpoint of timm's shapes (on the meta device): its
+    size reads as the published one and every tensor maps by name and shape."""
+    state = _full_size_state(arch)
+    record = plan_architecture("timm.pth", arch, state)
+    assert (record.depth, record.num_blocks, record.width, record.num_classes) == (
+        nets.depths_of(arch)[0],
+        None,
+        64,
+        1000,
+    )
+    with torch.device("meta"):
+        matched = matched_state("timm.pth", record.build(), state, arch)
+    assert set(matched) == {*state, "preprocess.mean", "preprocess.std"}
 
 
 def test_mean_and_std_are_folded_into_the_model(tmp_path: Path) -> None:

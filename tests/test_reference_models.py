@@ -1,6 +1,7 @@
 """ConvNeXt, ViT, Swin and torchvision's ResNets against their reference definitions: exact
-parameter counts, and the logits timm / torchvision computed from the same seeded weights and
-pixels (tests/data/reference_models, see its ORIGIN.md)."""
+parameter counts (ViT-H/14 and ViT-g/14: timm's counts and tensor shapes, on the meta device),
+and the logits timm / torchvision computed from the same seeded weights and pixels
+(tests/data/reference_models, see its ORIGIN.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference_weights import CASES, seeded_pixels, seeded_state
+from reference_weights import CASES, representative, seeded_pixels, seeded_state
 
 import nets
 
@@ -50,6 +51,23 @@ def test_parameter_count(arch: str, count: int) -> None:
     with torch.device("meta"):
         model = nets.build_model(arch, depth=nets.depths_of(arch)[0])
     assert sum(p.numel() for p in model.parameters()) == count
+
+
+@pytest.mark.parametrize("arch", sorted(FIXTURES["full_size"]))
+def test_full_size_vits_have_timms_parameters_and_shapes(arch: str) -> None:
+    """ViT-H/14 and ViT-g/14 (g/14's MLP hidden width 6144 = int(1408 * 48 / 11)), built on the
+    meta device as the fixture's timm models were: nothing is allocated."""
+    reference = FIXTURES["full_size"][arch]
+    with torch.device("meta"):
+        model = nets.build_model(arch, depth=nets.depths_of(arch)[0])
+    assert sum(p.numel() for p in model.parameters()) == reference["parameters"]
+    assert len(model.blocks) == reference["blocks"]
+    shapes = {
+        key: list(tensor.shape)
+        for key, tensor in model.state_dict().items()
+        if representative(key) and not key.startswith("preprocess.")
+    }
+    assert shapes == dict(reference["shapes"])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

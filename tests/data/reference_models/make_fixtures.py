@@ -1,8 +1,11 @@
-"""Writes fixtures.json: the reference logits of the cases in tests/reference_weights.py.
+"""Writes fixtures.json: the reference logits of the cases in tests/reference_weights.py, and
+the parameter counts and tensor shapes of timm's full-size FULL_SIZE models (built on the meta
+device: no memory).
 
 Run once in a separate environment holding timm and torchvision (never by the tests; see
 ORIGIN.md), REVISITING_AT naming the authors' rb_architecture_util.py (ConvStem):
-PYTHONPATH=. /tmp/refvenv/bin/python tests/data/reference_models/make_fixtures.py
+PYTHONPATH=. /tmp/refvenv/bin/python tests/data/reference_models/make_fixtures.py [CASE ...]
+Naming cases recomputes only those (and the full-size models), keeping the file's other entries.
 """
 
 import json
@@ -18,7 +21,14 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from tests.reference_weights import CASES, reference_input, seeded_pixels, seeded_state
+from tests.reference_weights import (
+    CASES,
+    FULL_SIZE,
+    reference_input,
+    representative,
+    seeded_pixels,
+    seeded_state,
+)
 
 
 def convstem_classes() -> dict:
@@ -47,21 +57,33 @@ def reference_model(case: dict) -> torch.nn.Module:
     if case["arch"].startswith("convnext"):
         return ConvNeXt(**kwargs)
     if case["arch"].startswith("vit"):
-        return VisionTransformer(img_size=224, patch_size=16, dynamic_img_size=True, **kwargs)
+        vit = {"img_size": 224, "patch_size": 16, "dynamic_img_size": True}
+        return VisionTransformer(**{**vit, **kwargs})
     if case["arch"].startswith("swin"):
         return SwinTransformer(img_size=224, patch_size=4, window_size=7, **kwargs)
     return ResNet(Bottleneck, **kwargs)
 
 
-def main() -> None:
-    fixtures = {
-        "versions": {
-            "timm": timm.__version__,
-            "torchvision": torchvision.__version__,
-            "torch": torch.__version__,
-        }
+def full_size(name: str) -> dict:
+    """timm's `name` with 1,000 classes, on the meta device: its parameter count, blocks and
+    the shapes of the tensors outside the blocks and of the first block."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=1000)
+    shapes = [(key, list(t.shape)) for key, t in model.state_dict().items() if representative(key)]
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"parameters": parameters, "blocks": len(model.blocks), "shapes": shapes}
+
+
+def main(names: list[str]) -> None:
+    out = Path(__file__).with_name("fixtures.json")
+    fixtures = json.loads(out.read_text()) if names else {}
+    fixtures["versions"] = {
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "torch": torch.__version__,
     }
-    for name, case in CASES.items():
+    for name in names or CASES:
+        case = CASES[name]
         model = reference_model(case).eval()
         shapes = [(key, list(t.shape)) for key, t in model.state_dict().items()]
         model.load_state_dict(seeded_state(shapes))
@@ -69,9 +91,9 @@ def main() -> None:
             logits = model(reference_input(seeded_pixels(case["image_size"])))
         fixtures[name] = {"shapes": shapes, "logits": logits.tolist()}
         print(name, len(shapes), "tensors", file=sys.stderr)
-    out = Path(__file__).with_name("fixtures.json")
+    fixtures["full_size"] = {name: full_size(name) for name in FULL_SIZE}
     out.write_text(json.dumps(fixtures, indent=None) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
