@@ -57,7 +57,8 @@ VIT_SIZES: dict[str, ViTSize] = {
     "vit_huge_patch14_224": ViTSize(32, 1280, 16, patch=14),
     # Zhai et al., "Scaling Vision Transformers", CVPR 2022, ViT-g/14: 40 layers, width 1408,
     # MLP 6144, 16 heads. timm states the MLP as the ratio 48 / 11 (6144 / 1408) and takes
-    # int(dim * ratio); kept as that float so that every --width rounds as timm's does.
+    # int(dim * ratio); kept as that float so that every --width rounds as timm's does (at
+    # --width 40, int(880 * (48 / 11)) = 3839, not 3840).
     "vit_giant_patch14_224": ViTSize(40, 1408, 16, patch=14, mlp_ratio=48 / 11),
 }
 

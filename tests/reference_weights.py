@@ -36,8 +36,9 @@ CASES: dict[str, dict] = {
         "width": 8,
         "image_size": 112,
     },
-    # ViT-H/14 and ViT-g/14 shrunk: patch 14 (a 16x16 grid at 224 pixels); g/14's MLP ratio
-    # 48 / 11 (width 176: hidden 768) at 112 pixels, its position embeddings resampled to 8x8.
+    # ViT-H/14 and ViT-g/14 shrunk: patch 14 (a 16x16 grid at 224 pixels); g/14 at 112 pixels,
+    # its position embeddings resampled to 8x8, at --width 40 (width 880), where timm's hidden
+    # width int(880 * (48 / 11)) is 3839, not 880 * 48 / 11 = 3840 (float rounding).
     "vit_huge": {
         "source": "timm",
         "reference": {
@@ -55,16 +56,16 @@ CASES: dict[str, dict] = {
     "vit_giant_at_112": {
         "source": "timm",
         "reference": {
-            "embed_dim": 176,
-            "depth": 2,
+            "embed_dim": 880,
+            "depth": 1,
             "num_heads": 16,
             "patch_size": 14,
             "mlp_ratio": 48 / 11,
             "num_classes": 10,
         },
         "arch": "vit_giant_patch14_224",
-        "num_blocks": (2,),
-        "width": 8,
+        "num_blocks": (1,),
+        "width": 40,
         "image_size": 112,
     },
     "swin": {

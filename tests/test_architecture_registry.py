@@ -98,7 +98,7 @@ def test_each_nets_module_imports_alone_and_the_registry_is_complete(tmp_path, m
         tmp_path,
     )
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["26", "True"]
+    assert run.stdout.split() == ["28", "True"]
 
 
 def _nets_imports() -> dict[str, tuple[set[str], bool]]:

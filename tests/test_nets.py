@@ -44,8 +44,8 @@ def test_registry_lists_the_architectures():
         "resnet101", "resnet152", "resnet50",
         "swin_base_patch4_window7_224", "swin_large_patch4_window7_224",
         "swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224",
-        "vit_b_cvst", "vit_base_patch16_224", "vit_large_patch16_224", "vit_s_cvst",
-        "vit_small_patch16_224",
+        "vit_b_cvst", "vit_base_patch16_224", "vit_giant_patch14_224", "vit_huge_patch14_224",
+        "vit_large_patch16_224", "vit_s_cvst", "vit_small_patch16_224",
         "wide_resnet50_2",
     ]  # fmt: skip
     assert set(nets.ARCHITECTURES) == set(nets.available_architectures())
