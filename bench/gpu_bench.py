@@ -71,7 +71,10 @@ from iat.runtime import distributed  # noqa: E402
 from iat.train import builders as train_builders  # noqa: E402
 
 NUM_CLASSES = 1000
-VARIANTS = ("eager-fp32", "compiled-amp")  # compiled-amp: --use-fp16xla on CUDA
+# compiled-amp: --use-fp16xla on CUDA (fp16, loss x128); compiled-bf16: with --fast-attack-dtype
+# bfloat16 (asked for with --variants; bench/gpu_proof.sh measures it on ResNet-152)
+VARIANTS = ("eager-fp32", "compiled-amp")
+CHOICES = (*VARIANTS, "compiled-bf16")
 IMAGES_PER_EPOCH = 1_281_167  # ImageNet-1k train
 EPOCHS = 110  # Feature Denoising Sec 6 (ResNet-152 and its Denoise version, PGD-30)
 ORIGINAL_GPU_HOURS = {"ResNet-152": 52 * 128, "ResNetDenoise-152": 90 * 128}  # Sec 6, V100s
@@ -266,15 +269,22 @@ def print_header(iters: list[int], tf32: bool = True) -> None:
 
 def print_ratios(rows: list[Row], iters: list[int]) -> None:
     by = {(r.arch, r.variant): r for r in rows}
-    print("\n| model | T_iter fp32 / fast | T_pgd fp32 / fast (per K) | peak PGD-max / PGD-min |")
-    print("|---|---:|---:|---:|")
+    print(
+        "\n| model | fast attack | T_iter fp32 / fast | T_pgd fp32 / fast (per K) "
+        "| peak PGD-max / PGD-min (fp32) |"
+    )
+    print("|---|---|---:|---:|---:|")
     for arch in dict.fromkeys(r.arch for r in rows):
-        slow, fast = by.get((arch, "eager-fp32")), by.get((arch, "compiled-amp"))
-        if slow is None or fast is None:
-            continue
-        per_k = ", ".join(f"{k}: {slow.pgd_s[k] / fast.pgd_s[k]:.2f}" for k in iters)
-        flat = max(slow.peak_gib.values()) / min(slow.peak_gib.values())
-        print(f"| {arch} | {slow.iter_s / fast.iter_s:.2f} | {per_k} | {flat:.3f} |")
+        slow = by.get((arch, "eager-fp32"))
+        for variant in ("compiled-amp", "compiled-bf16"):
+            fast = by.get((arch, variant))
+            if slow is None or fast is None:
+                continue
+            per_k = ", ".join(f"{k}: {slow.pgd_s[k] / fast.pgd_s[k]:.2f}" for k in iters)
+            flat = max(slow.peak_gib.values()) / min(slow.peak_gib.values())
+            print(
+                f"| {arch} | {variant} | {slow.iter_s / fast.iter_s:.2f} | {per_k} | {flat:.3f} |"
+            )
     pairs = [("ResNetDenoise-152", "ResNet-152"), ("ResNeXtDenoiseAll-101", "ResNet-152")]
     print("\n| models | attack | clean step ratio | PGD step ratio (per K) |")
     print("|---|---|---:|---:|")
@@ -340,7 +350,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--iters", type=int, nargs="+", default=[10, 30])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=CHOICES)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", type=torch.device, default=torch.device("cuda", 0))

@@ -8,9 +8,9 @@
 # left, the most important first (tests, then the table), so a slow step cannot take the rest.
 # Without CUDA each part says so and the cuda-marked tests are skipped: it runs on any machine.
 #
-# OUT_DIR receives (9 files): env.txt, proof.log (each step's start, end and exit status, and
+# OUT_DIR receives (10 files): env.txt, proof.log (each step's start, end and exit status, and
 # the compile-cache warm-up's output), cuda_tests.log, gpu_bench.md (the table, then its rows
-# with the training step under --amp bf16), gpu_bench_rows.jsonl, gpu_bench_amp_rows.jsonl,
+# with the training step under --amp bf16), gpu_bench_rows.jsonl, gpu_bench_amp_rows.jsonl, gpu_bench_bf16_rows.jsonl,
 # denoise_ops.md, attacks.md, profile.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,10 @@ if [[ $cuda == 1 ]]; then
     step 120 "$out/gpu_bench.md" python3 bench/gpu_bench.py --arch "$a" --amp bfloat16 "${header[@]}" --rows "$out/gpu_bench_amp_rows.jsonl"
     header=(--no-header)
   done
+  # The fast attack in bf16 (--fast-attack-dtype bfloat16: no loss scaling) beside fp16 x128.
+  echo -e "\n## The fast attack in bf16 (ResNet-152)\n" >>"$out/gpu_bench.md"
+  step 120 "$out/gpu_bench.md" python3 bench/gpu_bench.py --arch ResNet-152 --variants eager-fp32 compiled-amp compiled-bf16 --rows "$out/gpu_bench_bf16_rows.jsonl"
+  [[ -s $out/gpu_bench_bf16_rows.jsonl ]] && python3 bench/gpu_bench.py --summarize "$out/gpu_bench_bf16_rows.jsonl" >>"$out/gpu_bench.md" 2>&1
 else
   echo "no CUDA device: nothing measured" >>"$out/gpu_bench.md"
 fi

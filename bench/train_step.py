@@ -52,11 +52,12 @@ EPSILON = 16.0
 PROB_START_FROM_CLEAN = 0.2
 LABEL_SMOOTHING = 0.1  # Feature Denoising, Sec 5
 NUM_CLASSES = 1000
-VARIANTS = {  # name: (autocast, compiled)
-    "eager-fp32": (False, False),
-    "eager-amp": (True, False),
-    "compiled-fp32": (False, True),
-    "compiled-amp": (True, True),
+VARIANTS = {  # name: (autocast, compiled, autocast type; None: the device's, fp16 on CUDA)
+    "eager-fp32": (False, False, None),
+    "eager-amp": (True, False, None),
+    "compiled-fp32": (False, True, None),
+    "compiled-amp": (True, True, None),
+    "compiled-bf16": (True, True, torch.bfloat16),  # --use-fp16xla --fast-attack-dtype bfloat16
 }
 
 
@@ -127,7 +128,7 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
-    autocast, compiled = VARIANTS[variant]
+    autocast, compiled, dtype = VARIANTS[variant]
     return PGDAttacker(
         num_iter,
         EPSILON,
@@ -136,6 +137,7 @@ def attacker_for(num_iter: int, variant: str) -> PGDAttacker:
         num_classes=NUM_CLASSES,
         autocast=autocast,
         compiled=compiled,
+        autocast_dtype=dtype,
     )
 
 

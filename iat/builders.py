@@ -256,32 +256,56 @@ class AttackPrecision:
     autocast: bool
     compiled: bool
     description: str  # said in the run's first lines and in config.json
+    dtype: torch.dtype | None = None  # the autocast's type; None: the device's (autocast_dtype)
 
 
 FP32_EAGER = AttackPrecision(False, False, "fp32, eager")  # evaluation's, and --use-fp16xla off's
 
 
-def attack_precision(use_fp16xla: bool, device: torch.device) -> AttackPrecision:
+def attack_precision(
+    use_fp16xla: bool, device: torch.device, dtype: str | None = None
+) -> AttackPrecision:
     """What --use-fp16xla can gain on `device`, as measured (bench/RESULTS.md, sections 1 and
     1b, "what `--use-fp16xla` picks"):
 
-    * CUDA: fp16 autocast, compiled with CUDA graphs (the original's fp16 + XLA);
+    * CUDA: autocast compiled with CUDA graphs, in fp16 with the loss x128 (the original's fp16
+      + XLA; `dtype` None or "float16") or in bf16 (`dtype` "bfloat16": fp32's range, no
+      scaling; refused on a GPU without bf16 units);
     * a CPU with AMX: bf16 autocast, compiled (faster than eager fp32);
     * a CPU with AVX512-BF16 but no AMX: bf16 autocast, eager (compiling made the step slower);
     * a CPU without bf16 units: fp32 eager (bf16 autocast is emulated, many times slower;
       compiled fp32 no faster than eager).
+
+    A CPU's type is bf16: `dtype` "float16" is refused there. ValueError (one line) if refused.
     """
     if not use_fp16xla:
         return FP32_EAGER
     if device.type == "cuda":
-        return AttackPrecision(True, True, "fp16 (loss x128) autocast, compiled (--use-fp16xla)")
+        if dtype == "bfloat16":
+            if not torch.cuda.is_bf16_supported():
+                raise ValueError("--fast-attack-dtype bfloat16: this GPU has no bf16 units")
+            return AttackPrecision(
+                True, True, "bf16 autocast, compiled (--use-fp16xla)", torch.bfloat16
+            )
+        return AttackPrecision(
+            True, True, "fp16 (loss x128) autocast, compiled (--use-fp16xla)", torch.float16
+        )
+    if dtype == "float16":
+        raise ValueError(
+            f"--fast-attack-dtype float16: the fast attack on {device.type} is bf16 (fp16 is "
+            "CUDA's); leave the flag out or give bfloat16"
+        )
     if not has_native_low_precision(device):
         return AttackPrecision(
             False, False, "fp32, eager: this CPU has no bf16 units, --use-fp16xla would be slower"
         )
     if torch.cpu.get_capabilities().get("amx_bf16"):
-        return AttackPrecision(True, True, "bf16 autocast, compiled (--use-fp16xla, AMX)")
-    return AttackPrecision(True, False, "bf16 autocast, eager (--use-fp16xla; no AMX)")
+        return AttackPrecision(
+            True, True, "bf16 autocast, compiled (--use-fp16xla, AMX)", torch.bfloat16
+        )
+    return AttackPrecision(
+        True, False, "bf16 autocast, eager (--use-fp16xla; no AMX)", torch.bfloat16
+    )
 
 
 def attack_settings(
@@ -345,6 +369,7 @@ def _settings(
         num_classes=num_classes,
         generator=generator,
         autocast=precision.autocast,
+        autocast_dtype=precision.dtype,
         compiled=precision.compiled,
         norm=cfg.norm,
         restarts=cfg.restarts,

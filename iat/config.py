@@ -66,6 +66,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "lr_schedule": tuple(LR_SCHEDULES),
         "recipe": tuple(RECIPES),
         "amp_dtype": AMP_DTYPES,
+        "fast_attack_dtype": AMP_DTYPES,
     }
 
 
@@ -151,6 +152,9 @@ class Config:
     attack_target: str = "random"  # "random" wrong class, "least_likely", or "none" (untargeted)
     prob_start_from_clean: float = 0.2  # training only: chance a batch starts from the clean image
     use_fp16xla: bool = False  # attack under autocast and compiled (the original's fp16 + XLA)
+    # --use-fp16xla's compute type on CUDA, "float16" (loss x128, the original's) or "bfloat16"
+    # (no scaling); None: float16. CPUs: bf16 (iat.builders.attack_precision)
+    fast_attack_dtype: str | None = None
     # The training attack as a spec (iat.attacks.spec: clean, pgd_EPS_STEP_NITER, pgdll_...,
     # pgdrnd_..., fgsmrs_EPS); None: the --attack-* flags above (random-target PGD).
     adv_method: str | None = None
@@ -405,10 +409,21 @@ def _optimisation(cfg: Config) -> None:
         )
         _check(cfg.lr_schedule == "cyclic", "--lr-knots: only --lr-schedule cyclic takes them")
     _check(cfg.amp_dtype is None or cfg.amp, f"--amp-dtype {cfg.amp_dtype}: needs --amp")
+    _check(
+        cfg.fast_attack_dtype is None or cfg.use_fp16xla,
+        f"--fast-attack-dtype {cfg.fast_attack_dtype}: needs --use-fp16xla",
+    )
 
 
 # None: the default (none, or the device's for amp_dtype)
-_OPTIONAL_CHOICES = ("denoise_op", "attack", "benchmark", "eval_set", "amp_dtype")
+_OPTIONAL_CHOICES = (
+    "denoise_op",
+    "attack",
+    "benchmark",
+    "eval_set",
+    "amp_dtype",
+    "fast_attack_dtype",
+)
 
 
 def _denoise(cfg: Config) -> None:

@@ -132,7 +132,8 @@ def test_pgd_iterates_on_cuda_keep_every_invariant(fast):
         assert_unchanged(model, before)  # BN in train mode and its statistics untouched
 
 
-def test_fast_attack_success_within_one_point_of_fp32_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fast_attack_success_within_one_point_of_fp32_on_cuda(dtype):
     trained = train_digits_model()["model"]
     images, labels = digits_tensors()  # all 1797 digits: 1 point is 18 images
     x, y = images.to(CUDA), labels.to(CUDA)
@@ -141,12 +142,14 @@ def test_fast_attack_success_within_one_point_of_fp32_on_cuda():
     for fast in (False, True):
         # As tests/test_fast_attack.py: epsilon 48 (3 of the digits' grey levels), 10 steps.
         gen = torch.Generator(device=CUDA).manual_seed(6)
-        attacker = PGDAttacker(10, 48.0, 1.0, autocast=fast, compiled=fast, generator=gen)
+        attacker = PGDAttacker(
+            10, 48.0, 1.0, autocast=fast, compiled=fast, generator=gen, autocast_dtype=dtype
+        )
         adv, targets = attacker.attack(model, x, y)
         with torch.no_grad():
             rates.append(attack_success(model(adv), y, targets).float().mean().item())
     fp32, fast = rates
-    print(f"PGD-10 success on CUDA: fp32 {fp32:.4f}, fp16 compiled {fast:.4f}")
+    print(f"PGD-10 success on CUDA: fp32 {fp32:.4f}, {dtype} compiled {fast:.4f}")
     assert 0.3 < fp32 < 0.95, rates
     assert abs(fast - fp32) <= 0.01, rates
 

@@ -21,6 +21,7 @@ from adv_model import (
     autocast_dtype,
     create_attacker,
 )
+from iat.attacks.core import build_objective
 
 
 @pytest.fixture()
@@ -33,6 +34,31 @@ def graph_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_autocast_dtype_follows_the_device():
     assert autocast_dtype(torch.device("cuda", 0)) == torch.float16
     assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(torch.device("cuda", 0), torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float16, 128.0), (torch.bfloat16, 1.0)])
+def test_the_fast_objective_scales_fp16_only_and_computes_in_its_type(dtype, scale):
+    """fp16's loss is scaled by 128 against underflow of the input gradient (the original's
+    --use-fp16xla); bf16 has fp32's range and is not. Checked against the loss computed by hand
+    in that type."""
+    model = torch.nn.Linear(6, 3)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])
+    seen = []
+
+    def loss(m, adv, goal):
+        logits = m(adv)
+        seen.append(logits.dtype)
+        return F.cross_entropy(logits, goal, reduction="sum")
+
+    cpu = torch.device("cpu")
+    value = build_objective(loss, cpu, True, False, dtype)(model, x, y)
+    by_hand = F.cross_entropy(
+        (x.to(dtype) @ model.weight.to(dtype).T + model.bias.to(dtype)).float(), y, reduction="sum"
+    )
+    assert seen == [dtype] and value.dtype == torch.float32
+    torch.testing.assert_close(value, scale * by_hand, rtol=2e-2, atol=0.0)
 
 
 def test_build_attacker_fast_means_autocast_and_compiled():

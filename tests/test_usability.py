@@ -101,6 +101,31 @@ def test_fast_attack_uses_bf16_only_on_cpus_with_bf16_units(monkeypatch):
     assert amx.autocast and amx.compiled and amx.description.startswith("bf16")
     gpu = attack_precision(True, cuda)
     assert gpu.autocast and gpu.compiled and gpu.description.startswith("fp16")
+    assert gpu.dtype == torch.float16
+
+
+def test_fast_attack_dtype_bf16_on_cuda_and_never_fp16_on_a_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    bf16 = attack_precision(True, cuda, "bfloat16")
+    assert (bf16.autocast, bf16.compiled, bf16.dtype) == (True, True, torch.bfloat16)
+    assert bf16.description.startswith("bf16")
+    assert attack_precision(True, cuda, "float16").dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="no bf16 units"):
+        attack_precision(True, cuda, "bfloat16")
+    with pytest.raises(ValueError, match="--fast-attack-dtype float16: .* bf16"):
+        attack_precision(True, cpu, "float16")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert attack_precision(True, cpu, "bfloat16").dtype == torch.bfloat16
+
+
+def test_fast_attack_dtype_needs_use_fp16xla(tiny_imagenet, tmp_path, capsys):
+    flags = short_run(tiny_imagenet, tmp_path / "run") + ["--fast-attack-dtype", "bfloat16"]
+    assert main(flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--fast-attack-dtype bfloat16: needs --use-fp16xla"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_finished_run_says_so_and_trains_nothing(tiny_imagenet, tmp_path, capsys):

@@ -280,6 +280,7 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="attack under autocast (bf16 CPU, fp16 CUDA) and torch.compile",
     )
+    _choice_arg(attack, "--fast-attack-dtype", "--use-fp16xla's type on CUDA; None: float16")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:

@@ -247,6 +247,7 @@ class AttackSettings:
     num_classes: int | None = None  # for random targets
     generator: torch.Generator | None = None  # default random source (per call: attack(...))
     autocast: bool = False  # iterations under autocast (fp16 on CUDA, bf16 on the CPU)
+    autocast_dtype: torch.dtype | None = None  # that autocast's type; None: the device's above
     compiled: bool = False  # iterations compiled with torch.compile
     norm: str = "inf"  # the threat model's norm: "inf", "2" or "1" (each attack's norms: registry)
     restarts: int = 1  # PGD / APGD-CE runs per example; each restart attacks the unbroken ones
@@ -265,8 +266,11 @@ def pgd_step_size(epsilon: float, num_iter: int, step_size: float) -> float:
     return max(float(step_size), float(epsilon) / num_iter) if num_iter else float(step_size)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The fast attack's compute type: fp16 on CUDA (as the original), bf16 elsewhere."""
+def autocast_dtype(device: torch.device, requested: torch.dtype | None = None) -> torch.dtype:
+    """The fast attack's compute type: `requested`, else fp16 on CUDA (as the original) and bf16
+    elsewhere. CUDA also takes bf16 (fp32's range: no loss scaling, a coarser mantissa)."""
+    if requested is not None:
+        return requested
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
@@ -281,22 +285,28 @@ def has_native_low_precision(device: torch.device) -> bool:
 
 
 def build_objective(
-    loss: Objective, device: torch.device, autocast: bool, compiled: bool
+    loss: Objective,
+    device: torch.device,
+    autocast: bool,
+    compiled: bool,
+    dtype: torch.dtype | None = None,
 ) -> Objective:
-    """``loss`` under autocast (scaled for fp16) when ``autocast``, compiled when ``compiled``.
+    """``loss`` under autocast to `dtype` (``autocast_dtype``; scaled for fp16) when
+    ``autocast``, compiled when ``compiled``.
 
     The compiled graph covers the forward pass and (through AOTAutograd) the input-gradient
     backward pass; on CUDA, mode="reduce-overhead" replays both as CUDA graphs.
     """
-    objective = _autocast_objective(loss, device) if autocast else loss
+    objective = (
+        _autocast_objective(loss, device, autocast_dtype(device, dtype)) if autocast else loss
+    )
     if not compiled:
         return objective
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     return torch.compile(objective, dynamic=False, mode=mode)
 
 
-def _autocast_objective(loss: Objective, device: torch.device) -> Objective:
-    dtype = autocast_dtype(device)
+def _autocast_objective(loss: Objective, device: torch.device, dtype: torch.dtype) -> Objective:
     scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
 
     def scaled_loss(model: nn.Module, adv: Tensor, goal: Tensor) -> Tensor:

@@ -59,6 +59,8 @@ class PGDAttacker(Attacker):
         autocast: run every iteration's forward and input-gradient pass under autocast (fp16
             with the loss scaled by 128 on CUDA, bf16 elsewhere). Weights, iterates and the
             projection stay fp32, so the iterates keep every guarantee of the fp32 attack.
+        autocast_dtype: that autocast's type, None for the device's above; bf16 on CUDA needs
+            no loss scaling (fp32's range).
         compiled: compile that pass with ``torch.compile`` (plus CUDA graphs on CUDA), with
             static shapes: one compilation per batch shape and model.
         eot_samples: forward passes whose losses each iteration averages: against a model with
@@ -78,6 +80,7 @@ class PGDAttacker(Attacker):
         autocast: bool = False,
         compiled: bool = False,
         eot_samples: int = 1,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         _check_args(num_iter, epsilon, step_size, prob_start_from_clean, target)
         if eot_samples < 1:
@@ -90,6 +93,7 @@ class PGDAttacker(Attacker):
         self.num_classes = num_classes
         self.generator = generator
         self.autocast = autocast
+        self.autocast_dtype = autocast_dtype
         self.compiled = compiled
         self.eot_samples = eot_samples
         self._objectives: dict[str, Objective] = {}
@@ -103,7 +107,9 @@ class PGDAttacker(Attacker):
     ) -> tuple[Tensor, Tensor]:
         # The attack needs input gradients even when the caller evaluates under no_grad or
         # inference_mode.
-        low_precision = autocast_dtype(images.device) if self.autocast else None
+        low_precision = (
+            autocast_dtype(images.device, self.autocast_dtype) if self.autocast else None
+        )
         opening = self._opening(model, images, labels, generator, low_precision=low_precision)
         with opening as (clean, labels, generator):
             target_labels = self._target_labels(model, clean, labels, generator)
@@ -151,7 +157,7 @@ class PGDAttacker(Attacker):
         type and kept (a compilation costs minutes)."""
         if device.type not in self._objectives:
             self._objectives[device.type] = build_objective(
-                self._loss, device, self.autocast, self.compiled
+                self._loss, device, self.autocast, self.compiled, self.autocast_dtype
             )
         return self._objectives[device.type]
 
@@ -233,6 +239,7 @@ class NormPGDAttacker(PGDAttacker):
         autocast: bool = False,
         compiled: bool = False,
         eot_samples: int = 1,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             num_iter,
@@ -244,6 +251,7 @@ class NormPGDAttacker(PGDAttacker):
             autocast=autocast,
             compiled=compiled,
             eot_samples=eot_samples,
+            autocast_dtype=autocast_dtype,
         )
         check_threat_model(epsilon, norm, ("inf", "2"), loss)
         if restarts < 1:
@@ -328,6 +336,7 @@ def _shared_options(settings: AttackSettings) -> dict:
         "num_classes": settings.num_classes,
         "generator": settings.generator,
         "autocast": settings.autocast,
+        "autocast_dtype": settings.autocast_dtype,
         "compiled": settings.compiled,
         "eot_samples": settings.eot_samples,
     }

@@ -96,6 +96,7 @@ def fgsm_random_start(settings: AttackSettings) -> Attacker:
         target=None,
         generator=settings.generator,
         autocast=settings.autocast,
+        autocast_dtype=settings.autocast_dtype,
         compiled=settings.compiled,
     )
 

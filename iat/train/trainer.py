@@ -638,7 +638,7 @@ def setup(
     total_batch = cfg.batch * world * cfg.accumulate
     steps = steps_per_epoch(cfg, len(train) if train else None, total_batch)
     torch.manual_seed(cfg.seed)
-    precision = builders.attack_precision(cfg.use_fp16xla, device)
+    precision = builders.attack_precision(cfg.use_fp16xla, device, cfg.fast_attack_dtype)
     step_precision = train_builders.training_precision(cfg.amp, cfg.amp_dtype, device)
     model = build_network(cfg, start, num_classes, device, finetune)
     optimizer = train_builders.build_optimizer(model, cfg)
