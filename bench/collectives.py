@@ -36,6 +36,17 @@ def _collective(name: str, size: int, processes: int) -> Callable[[], object]:
     return lambda: torch.distributed.reduce_scatter_single(shard, full)
 
 
+def timed_runs(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn`, all ranks starting each call together."""
+    seconds = []
+    for _ in range(repeats):
+        distributed.barrier()
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def _time_collective(env: distributed.DistEnv, name: str, repeats: int, out: str) -> None:
     torch.set_num_threads(1)
     distributed.init(env, torch.device("cpu"), timeout_s=120)
@@ -43,13 +54,8 @@ def _time_collective(env: distributed.DistEnv, name: str, repeats: int, out: str
     for size in SIZES:
         call = _collective(name, size, env.world_size)
         call()  # warm-up: connections, buffers
-        samples = []
-        for _ in range(repeats):
-            distributed.barrier()
-            start = time.perf_counter()
-            call()
-            samples.append(time.perf_counter() - start)
-        times[size] = min(samples)  # the least disturbed by other processes of the machine
+        # the fastest: the least disturbed by other processes of the machine
+        times[size] = min(timed_runs(call, repeats))
     slowest = torch.tensor([times[s] for s in SIZES], dtype=torch.float64)
     torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
     if env.rank == 0:

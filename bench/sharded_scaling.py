@@ -18,12 +18,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import sharding_model as sm
 import torch
-from collectives import fit, measure, ring_seconds
+from collectives import fit, measure, ring_seconds, timed_runs
 from gpu_bench import DENSE_PEAKS
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -134,12 +133,7 @@ def _fsdp_worker(env: distributed.DistEnv, k: int, repeats: int, out: str) -> No
         log.clear()
         step()
         kinds = {kind: [b for name, b in log if name == kind] for kind in ("gather", "scatter")}
-        seconds = []
-        for _ in range(repeats):
-            distributed.barrier()
-            start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
+        seconds = timed_runs(step, repeats)
         results[strategy] = {
             "gathers": len(kinds["gather"]),
             "gather_bytes": sum(kinds["gather"]),
