@@ -1,39 +1,42 @@
-"""Data-parallel scaling: a ring all-reduce model, fitted here, projected to a GPU cluster.
+"""Scaling adversarial training to many GPUs: data-parallel (DDP) and sharded (FSDP2), fitted
+to what this machine measures, projected to a GPU cluster.
 
-    python bench/scaling.py [--processes 2 3] [--repeats 10] [--bandwidth-gbs 25 --latency-us 10]
+    python bench/scaling.py [--part ddp|sharded|all] [--processes 2 3] [--repeats 10]
+    python bench/scaling.py --part sharded --gpus 64 128 256 512 1024 --mfu 0.4 ...
 
+DDP (``--part ddp``):
 1. Measures Gloo's all-reduce of fp32 gradients (4 KB to 16 MB) among P processes of this
    machine (``iat.runtime.distributed.spawn``, the demo's launcher) and fits the ring model
        T(S, P) = 2 (P - 1) alpha + 2 (P - 1) / P * S / B
    (P - 1 reduce-scatter and P - 1 all-gather steps of S / P bytes each; alpha: latency per step,
-   B: bandwidth), printing measured against fitted times.
+   B: bandwidth), printing measured against fitted times (bench/collectives.py).
 2. Projects one training step on N GPUs: the measured single-GPU step (bench/RESULTS.md,
    section 7: one H200, 224x224, batch 64 per GPU) plus the all-reduce of the model's gradients
    with --latency-us and --bandwidth-gbs (defaults: 200 Gb/s InfiniBand per GPU), with no overlap
    of the all-reduce and the backward pass (DDP overlaps them, so the efficiency is a lower
    bound). Weak scaling, as the original (batch 32 per GPU on 128 GPUs, Feature Denoising Sec 5).
+
+Sharded (``--part sharded``, bench/sharded_scaling.py): ViT-L/16, ViT-H/14 and ViT-g/14 under
+FSDP2 with PGD-k in the loop: collective volume with and without resharding during the attack,
+memory per GPU, projected step time on 64-1,024 GPUs; the formulas (bench/sharding_model.py)
+checked here against FSDP2 on 2 Gloo processes, torch's FLOP counter and its saved tensors.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # make the repository's modules importable from bench/
 
-import nets  # noqa: E402
-from iat.runtime import distributed  # noqa: E402
+import sharded_scaling as sharded  # noqa: E402  (bench/, the script's folder)
+from collectives import fit, measure, ring_seconds  # noqa: E402
 
-SIZES = (1_000, 10_000, 100_000, 1_000_000, 4_000_000)  # fp32 elements: 4 KB .. 16 MB
+import nets  # noqa: E402
+
 # One H200, batch 64 at 224x224, step times in ms (bench/RESULTS.md, section 7, GPU table).
 MEASURED_STEPS = {
     ("ResNet-152", "PGD-30 fast"): 487,
@@ -47,57 +50,6 @@ ARCHS = {"ResNet-152": ("ResNet", 152), "ResNetDenoise-152": ("ResNetDenoise", 1
 GPUS = (8, 32, 128, 512)
 
 
-def _time_all_reduce(env: distributed.DistEnv, repeats: int, out: str) -> None:
-    torch.set_num_threads(1)
-    distributed.init(env, torch.device("cpu"), timeout_s=120)
-    times = {}
-    for size in SIZES:
-        tensor = torch.ones(size)
-        distributed.all_reduce_sum(tensor)  # warm-up: connections, buffers
-        samples = []
-        for _ in range(repeats):
-            distributed.barrier()
-            start = time.perf_counter()
-            distributed.all_reduce_sum(tensor)
-            samples.append(time.perf_counter() - start)
-        times[size] = min(samples)  # the least disturbed by other processes of the machine
-    slowest = torch.tensor([times[s] for s in SIZES], dtype=torch.float64)
-    torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-    if env.rank == 0:
-        Path(out).write_text(json.dumps(dict(zip(map(str, SIZES), slowest.tolist(), strict=True))))
-    distributed.cleanup()
-
-
-def measure(processes: int, repeats: int) -> dict[int, float]:
-    """Fastest seconds of an all-reduce of each size (the slowest rank's), on ``processes``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "times.json")
-        distributed.spawn(_time_all_reduce, processes, (repeats, out))
-        return {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
-
-
-def ring_terms(size_bytes: float, processes: int) -> tuple[float, float]:
-    """The ring model's coefficients of alpha and of 1 / B."""
-    return 2 * (processes - 1), 2 * (processes - 1) / processes * size_bytes
-
-
-def fit(measured: dict[int, dict[int, float]]) -> tuple[float, float]:
-    """Least-squares alpha (s) and B (bytes/s) over every (P, size), relative errors weighted."""
-    rows, targets = [], []
-    for processes, times in measured.items():
-        for size, seconds in times.items():
-            a, b = ring_terms(4 * size, processes)
-            rows.append([a / seconds, b / seconds])
-            targets.append(1.0)
-    (alpha, inv_bandwidth), *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
-    return float(alpha), float(1 / inv_bandwidth)
-
-
-def ring_seconds(size_bytes: float, processes: int, alpha: float, bandwidth: float) -> float:
-    a, b = ring_terms(size_bytes, processes)
-    return a * alpha + b / bandwidth
-
-
 def parameter_bytes() -> dict[str, int]:
     sizes = {}
     for name, (arch, depth) in ARCHS.items():
@@ -106,14 +58,8 @@ def parameter_bytes() -> dict[str, int]:
     return sizes
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--processes", type=int, nargs="+", default=[2, 3])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--bandwidth-gbs", type=float, default=25.0, help="GB/s per GPU, projection")
-    p.add_argument("--latency-us", type=float, default=10.0, help="per ring step, projection")
-    args = p.parse_args()
-
+def ddp_part(args: argparse.Namespace) -> None:
+    """Section 1 of the docstring: the all-reduce fitted here, DDP projected."""
     measured = {n: measure(n, args.repeats) for n in args.processes}
     alpha, bandwidth = fit(measured)
     fitted = f"alpha {alpha * 1e6:.0f} us, B {bandwidth / 1e9:.2f} GB/s"
@@ -143,6 +89,27 @@ def main() -> None:
         images = GPUS[-1] * 64 * 1e3 / step_ms * efficiency
         print(f"| {model} | {step} | {size / 1e6:.0f} | {step_ms} | {' | '.join(cells)} | "
               f"{images:,.0f} |")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.part in ("ddp", "all"):
+        ddp_part(args)
+    if args.part in ("sharded", "all"):
+        sharded.report(args)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--part", choices=("ddp", "sharded", "all"), default="all")
+    p.add_argument("--processes", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--bandwidth-gbs", type=float, default=25.0, help="GB/s per GPU, projection")
+    p.add_argument("--latency-us", type=float, default=10.0, help="per ring step, projection")
+    sharded.add_arguments(p)
+    args = p.parse_args()
+    sharded.check_arguments(p, args)
+    return args
 
 
 if __name__ == "__main__":
