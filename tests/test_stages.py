@@ -192,6 +192,9 @@ def test_each_step_attacks_with_its_stages_iterations_at_its_side(
     ]
     assert stages == [(1, 1, 1), (2, 2, 1), (3, 3, 3)]
     assert all(r["attack"]["iter"] == 10 for r in evals)  # the evaluation's own attack
+    args = build_parser().parse_args(["--config", str(tmp_path / "run" / "config.json")])
+    replayed = config_from_args(args)
+    assert (replayed.size_schedule, replayed.attack_iter_schedule) == ((1, 16, 2, 32), (1, 1, 3, 3))
 
 
 def _same_state(whole: dict, resumed: dict) -> None:
