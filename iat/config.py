@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import nets
 from iat.attacks import ATTACK_LOSSES, ATTACKS, DEFAULT_QUERIES, NORMS, TARGET_MODES, attack_info
-from iat.attacks.registry import default_attack, evaluation_attacks, takes
+from iat.attacks.core import pgd_step_size
+from iat.attacks.registry import AttackInfo, default_attack, evaluation_attacks, takes
 from iat.attacks.spec import AttackSpec, flags_attack_spec, parse_attack_spec
 from iat.data.augment import TRAIN_AUGMENTATIONS
 from iat.data.layouts import AUTO_LAYOUT, FOLDER_ITSELF, READERS
@@ -26,7 +28,7 @@ from iat.defenses.registry import ATTACK_GRADIENTS, WrapOptions, check_options, 
 from iat.defenses.transforms import DEFENSE_PHASES, applied_defense, parse_defense
 from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.optim import LR_SCHEDULES, OPTIMIZERS
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES
+from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs
 
 MODES = ("train", "eval", "eval_directory", "export_activations")
 # The fields of a checkpoint's architecture record that a run's configuration sets.
@@ -164,6 +166,12 @@ class Config:
     # ramps the step over 5 epochs); 0: off
     eps_warmup_epochs: int = 0
     step_warmup_epochs: int = 0
+    # AdvXL's weak-to-strong attack (Wang et al. 2024, "Revisiting Adversarial Training at Scale",
+    # Sec 3: few PGD steps in the long first stage, more in the short last one): (first epoch,
+    # iterations) pairs, flattened, as --size-schedule's; from that epoch on the training attack
+    # (PGD or APGD) takes that many iterations, a PGD step raised to epsilon / iterations
+    # (adv_model.pgd_step_size) at each. None: the attack's own iterations throughout.
+    attack_iter_schedule: tuple[int, ...] | None = None
     # Catastrophic-overfitting guard (Wong et al. 2020 Sec 5.2; iat.train.overfit_guard): stop and
     # roll back to the previous epoch's weights when PGD accuracy on a held-out batch falls by
     # more than this since the last epoch while FGSM accuracy rises (Wong's code: 0.2); 0: off
@@ -555,6 +563,21 @@ def training_attack_spec(cfg: Config) -> AttackSpec:
     )
 
 
+def evaluation_point(cfg: Config, attack_iter: int) -> Config:
+    """The configuration an in-training evaluation by PGD-`attack_iter` (clean for 0) is recorded
+    under: `cfg` with that attack, and without what only shapes the training attack (its
+    warm-ups, --attack-iter-schedule, free training's replays), which the --attack-* flags would
+    otherwise tie to the evaluation's attack (a clean one has nothing to warm up or replay)."""
+    return dataclasses.replace(
+        cfg,
+        attack_iter=attack_iter,
+        eps_warmup_epochs=0,
+        step_warmup_epochs=0,
+        attack_iter_schedule=None,
+        free_replays=1,
+    )
+
+
 def adv_fraction(cfg: Config) -> float:
     """--adv-fraction, or its default: 0.5 with logit pairing (ALP Sec 3), else 1."""
     if cfg.adv_fraction is not None:
@@ -649,23 +672,33 @@ def _mixing(cfg: Config) -> None:
 
 
 def _schedules(cfg: Config) -> None:
-    """--size-schedule's pairs, and the attack warm-ups' attacks."""
+    """--size-schedule's and --attack-iter-schedule's pairs, and the attacks the iteration
+    schedule and the warm-ups change."""
     sizes = cfg.size_schedule
     if sizes is not None:
-        recipe = RECIPES[cfg.recipe].settings.get("size_schedule") == sizes
-        whose = (
-            f" (from --recipe {cfg.recipe}: give --size-schedule 1 {cfg.image_size} for one size, "
-            "or your own pairs)"
-        ) * recipe
-        firsts = sizes[0::2]
         _check(
-            len(sizes) >= 2
-            and len(sizes) % 2 == 0
-            and firsts[0] == 1
-            and all(a < b for a, b in zip(firsts, firsts[1:], strict=False))
-            and all(16 <= side <= cfg.image_size for side in sizes[1::2]),
+            _epoch_pairs(sizes, lambda side: 16 <= side <= cfg.image_size),
             "--size-schedule: (first epoch, side) pairs from epoch 1, epochs increasing, sides "
-            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}{whose}",
+            f"in [16, --image-size {cfg.image_size}], got {list(sizes)}"
+            + _recipes_words(
+                cfg, "size_schedule", f"give --size-schedule 1 {cfg.image_size} for one size"
+            ),
+        )
+    iters = cfg.attack_iter_schedule
+    if iters is not None:
+        _check(
+            _epoch_pairs(iters, lambda n: n >= 1),
+            "--attack-iter-schedule: (first epoch, iterations) pairs from epoch 1, epochs "
+            f"increasing, iterations >= 1, got {list(iters)}",
+        )
+        spec = training_attack_spec(cfg)
+        iterated = [f for info in ATTACKS.values() if info.iterations for f in _forms(info)]
+        _check(
+            attack_info(spec.name).iterations and cfg.free_replays == 1,
+            "--attack-iter-schedule: sets the iterations of a training attack that has them "
+            f"(--attack-iter >= 1, {', '.join(iterated)}), not {spec.name}"
+            f"{' (--attack-iter 0)' * (cfg.adv_method is None)} or --free-replays"
+            + _recipes_words(cfg, "attack_iter_schedule", "give another attack or recipe"),
         )
     _check(cfg.overfit_guard < 1, "--overfit-guard: an accuracy drop, must be < 1")
     _check(
@@ -686,6 +719,60 @@ def _schedules(cfg: Config) -> None:
             f"--step-warmup-epochs: {spec.name}'s step follows its epsilon (use "
             f"--eps-warmup-epochs; a step warms up in {', '.join(_warming('step'))})",
         )
+
+
+def _epoch_pairs(pairs: tuple[int, ...], valid: Callable[[int], bool]) -> bool:
+    """Whether `pairs` are (first epoch, value) pairs from epoch 1, epochs increasing, each
+    value `valid`."""
+    firsts = pairs[0::2]
+    return (
+        len(pairs) >= 2
+        and len(pairs) % 2 == 0
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pairs)
+        and firsts[0] == 1
+        and all(a < b for a, b in zip(firsts, firsts[1:], strict=False))
+        and all(valid(v) for v in pairs[1::2])
+    )
+
+
+def _recipes_words(cfg: Config, name: str, remedy: str) -> str:
+    """Where field `name` holds --recipe's value (or its value fitted to --epochs): words naming
+    the recipe and the `remedy`, for an error; else nothing."""
+    recipe = RECIPES[cfg.recipe].settings.get(name)
+    fitted = fit_to_epochs(cfg.recipe, cfg.epochs).get(name)
+    if recipe is None or getattr(cfg, name) not in (recipe, fitted):
+        return ""
+    return f" (from --recipe {cfg.recipe}: {remedy}, or your own pairs)"
+
+
+def _forms(info: AttackInfo) -> tuple[str, ...]:
+    return info.training.forms if info.training else ()
+
+
+def epoch_value(pairs: tuple[int, ...] | None, epoch: int) -> int | None:
+    """The value (first epoch, value) `pairs` (--size-schedule, --attack-iter-schedule) give
+    epoch `epoch` (1-based): that of the last pair begun by then; None without pairs."""
+    if pairs is None:
+        return None
+    firsts, values = pairs[0::2], pairs[1::2]
+    return values[max(k for k, first in enumerate(firsts) if first <= epoch)]
+
+
+def stage_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
+    """The training attack of epoch `epoch` at full strength (warm-ups aside): the spec with
+    --attack-iter-schedule's iterations, a PGD step raised to epsilon / iterations at them
+    (``pgd_step_size``, the original's rule, for the soft-target PGD too); the spec itself
+    without the schedule."""
+    spec = training_attack_spec(cfg)
+    iters = epoch_value(cfg.attack_iter_schedule, epoch)
+    if iters is None:
+        return spec
+    settings = spec.settings
+    step = settings.step_size
+    if attack_info(spec.name).step:
+        step = pgd_step_size(settings.epsilon, iters, step)
+    staged = dataclasses.replace(settings, num_iter=iters, step_size=step)
+    return dataclasses.replace(spec, settings=staged)
 
 
 def _warming(warmup: str) -> list[str]:
@@ -767,9 +854,11 @@ def default_logdir(cfg: Config, world_size: int) -> str:
         return os.path.join(
             "train_log", f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-{cfg.adv_method}"
         )
+    iters = cfg.attack_iter_schedule  # staged: each stage's, PGD-1 then PGD-3 as "iter1-3"
+    iterations = cfg.attack_iter if iters is None else "-".join(map(str, iters[1::2]))
     return os.path.join(
         "train_log",
-        f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{cfg.attack_iter}"
+        f"PGD-{model}-Batch{cfg.batch}-{world_size}GPUs-iter{iterations}"
         f"-epsilon{float(cfg.attack_epsilon)}-step{float(cfg.attack_step_size)}",
     )
 
@@ -787,6 +876,7 @@ _TUPLE_FIELDS = (
     "adam_betas",
     "lr_knots",
     "size_schedule",
+    "attack_iter_schedule",
     "explicit_model_fields",
     "finetune_exclude_scopes",
     "finetune_trainable_scopes",

@@ -75,11 +75,11 @@ _NPY_HEADER_READERS = {
 ARCHITECTURE_KEY = "architecture"
 # The top-level keys of a .pt file of this project that holds more than a state_dict: the weights
 # and their architecture record (iat.convert.alp), and a training checkpoint's optimizer state,
-# progress, random state, averaged weights, free training's perturbation and fp16's loss scaler
-# (iat.runs.state.save_checkpoint). Any other key is refused: an extra key is where a zip bomb or
-# a forged payload hides (issue 22).
+# progress, random state, averaged weights, free training's perturbation, fp16's loss scaler
+# and the stage its epoch trained in (iat.runs.state.save_checkpoint). Any other key is refused:
+# an extra key is where a zip bomb or a forged payload hides (issue 22).
 TRAINING_FIELDS = frozenset(
-    {"optimizer", "epoch", "step", "rng", "ema", "free_delta", "grad_scaler"}
+    {"optimizer", "epoch", "step", "rng", "ema", "free_delta", "grad_scaler", "stage"}
 )
 PT_FIELDS = frozenset({"model", ARCHITECTURE_KEY, *TRAINING_FIELDS})
 # A classifier behind a model-level defense (iat.defenses.registry, e.g. the sparse-coding

@@ -21,7 +21,13 @@ from test_multiprocess import _descendants, free_port, launch, torchrun
 from iat.app.cli import build_parser, config_from_args
 from iat.config import Config, training_attack_spec
 from iat.eval.summary import threat_model
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs, fitted_line
+from iat.recipes.presets import (
+    DEFAULT_RECIPE,
+    EPOCH_SCHEDULES,
+    RECIPES,
+    fit_to_epochs,
+    fitted_line,
+)
 
 
 def _config(*argv: str) -> Config:
@@ -60,19 +66,26 @@ def test_a_replayed_run_keeps_its_values_and_another_recipe_replaces_them(tmp_pa
 
 
 def tiny_overrides(name: str) -> list[str]:
-    """The preset at 32x32 (its progressive sizes scaled down), its warm-ups given as flags at
-    the recipe's own values: not fitted to --epochs, so that a relaunch with more epochs
-    continues the same schedule (under a cosine schedule, the LR depends on --epochs after the
-    warm-up)."""
-    sizes = ["--size-schedule", "1", "16", "2", "32"]
+    """The preset at 32x32, its stages as two, the second from epoch 2 (sides 16 then 32, the
+    recipe's first and last iterations), its warm-ups given as flags at the recipe's own values:
+    not fitted to --epochs, so that a relaunch with more epochs continues the same schedule
+    (under a cosine schedule, the LR depends on --epochs after the warm-up)."""
     settings = RECIPES[name].settings
+    stages = [
+        word
+        for key in EPOCH_SCHEDULES
+        if key in settings
+        for values in [(16, 32) if key == "size_schedule" else settings[key][1::2]]
+        for word in (f"--{key.replace('_', '-')}", "1", str(values[0]), "2", str(values[-1]))
+    ]
     warmups = [
         word
         for key in fit_to_epochs(name, 2)
+        if key not in EPOCH_SCHEDULES
         for value in [settings[key]]
         for word in (f"--{key.replace('_', '-')}", *map(str, _listed(value)))
     ]
-    return ["--recipe", name, *(sizes if settings.get("size_schedule") else []), *warmups]
+    return ["--recipe", name, *stages, *warmups]
 
 
 def _listed(value: object) -> tuple:

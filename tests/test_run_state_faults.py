@@ -162,6 +162,8 @@ def write_run_checkpoint(logdir: Path, **fields: object) -> Path:
         ("optimizer", "junk", "str"),
         ("optimizer", {"state": {}, "param_groups": "x"}, "dict"),
         ("rng", {"device": "cpu", "attack": torch.zeros(3)}, "dict"),
+        ("stage", {"image_size": [112]}, "dict"),
+        ("stage", {"attack": "pgd", "epsilon": float("nan")}, "dict"),
     ],
 )
 def test_wrong_field_type_is_one_line_naming_file_and_field(tmp_path, field, value, said):

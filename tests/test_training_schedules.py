@@ -11,12 +11,11 @@ from conftest import assert_resumes_bit_for_bit
 
 from adv_model import PGDAttacker
 from iat.builders import FP32_EAGER, AttackPrecision, attack_settings, training_attack_settings
-from iat.config import Config
+from iat.config import Config, epoch_value
 from iat.data.sources import resize_batch
 from iat.train.builders import build_epoch_attacker, epoch_attack_spec, warmup_factor
 from iat.train.overfit_guard import GuardFigures, OverfitGuard
 from iat.train.soft_objective import SoftTargetPGD
-from iat.train.trainer import scheduled_size
 from main import main
 
 ARES_ATTACK = dict(attack_iter=3, attack_epsilon=4.0, attack_step_size=8 / 3, attack_target="none")
@@ -68,10 +67,10 @@ def test_training_settings_are_the_epoch_spec_and_evaluation_the_flags():
 
 def test_size_schedule_picks_the_phase_of_the_epoch():
     phases = (1, 128, 7, 224, 13, 288)  # fast_adversarial ImageNet, 4px
-    assert [scheduled_size(phases, e) for e in (1, 6, 7, 12, 13, 15)] == [128] * 2 + [224] * 2 + [
+    assert [epoch_value(phases, e) for e in (1, 6, 7, 12, 13, 15)] == [128] * 2 + [224] * 2 + [
         288
     ] * 2
-    assert scheduled_size(None, 3) is None
+    assert epoch_value(None, 3) is None
     images = torch.rand(2, 3, 32, 32) * 255
     assert resize_batch(images, 16).shape == (2, 3, 16, 16)
 

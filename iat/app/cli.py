@@ -21,7 +21,7 @@ from iat.data.client import DataServerTimeout
 from iat.data.layouts import DataError
 from iat.defenses.registry import MODEL_DEFENSES
 from iat.eval.benchmarks import BENCHMARK_DEFAULTS
-from iat.recipes.presets import DEFAULT_RECIPE, RECIPES, fit_to_epochs
+from iat.recipes.presets import DEFAULT_RECIPE, EPOCH_SCHEDULES, RECIPES, fit_to_epochs
 from iat.runtime import distributed
 from iat.runtime.atomic_io import NoSpaceError, no_space_errno, space_reason
 from iat.runtime.cpus import cpu_share, resolve_threads
@@ -243,6 +243,13 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
     )
     attack.add_argument(
         "--step-warmup-epochs", type=int, help=_help("step_warmup_epochs", "training step ramp")
+    )
+    attack.add_argument(
+        "--attack-iter-schedule",
+        type=int,
+        nargs="+",
+        metavar="EPOCH ITERS",
+        help="training attack in stages (AdvXL): from EPOCH on, ITERS iterations (e.g. 1 1 91 3)",
     )
     attack.add_argument(
         "--overfit-guard",
@@ -516,7 +523,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         for name in RECIPES[values.get("recipe", DEFAULT_RECIPE)].settings:
             values.pop(name, None)  # the replayed run's recipe's values: back to the defaults
         values.update(RECIPES[given["recipe"]].settings)
-    for name in ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots", "size_schedule"):
+    tuples = ("num_blocks", "lr_decay_epochs", "adam_betas", "lr_knots", *EPOCH_SCHEDULES)
+    for name in tuples:
         if name in given:
             given[name] = tuple(given[name])
     # The model fields the user chose: the flags given, and those the replayed run chose.

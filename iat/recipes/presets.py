@@ -96,6 +96,21 @@ _ARES = {
     "step_warmup_epochs": 5,
 }
 
+# Wang, Li, Zhu & Xie 2024, AdvXL ("Revisiting Adversarial Training at Scale", CVPR; UCSC-VLAA/
+# AdvXL released evaluation code only). Sec 3's two stages, coarse-to-fine and weak-to-strong: a
+# long pre-training on images resized to a quarter of the tokens (112 px of 224, antialiased
+# bilinear) attacked by PGD-1, then a short fine-tuning at full resolution with PGD-3; L-inf 4/255,
+# untargeted, always from a uniform random start (their timm/adversarial/attacker.py). The
+# stages' lengths (the last tenth at full resolution), the step (--attack-step-size raised to
+# epsilon / iterations: 4, then 8/3) and the optimisation (ARES's ViT recipe, 300 epochs) are
+# this project's choices: the paper counts samples seen on web-scale data.
+_ADVXL = {
+    **_ARES,
+    "image_size": 224,
+    "size_schedule": (1, 112, 271, 224),
+    "attack_iter_schedule": (1, 1, 271, 3),
+}
+
 RECIPES: dict[str, Recipe] = {
     # The original: Feature Denoising (Xie et al. 2019) Sec 5-6 and its README's command.
     "iat": Recipe("facebookresearch/ImageNet-Adversarial-Training README; Feature Denoising Sec 5"),
@@ -149,20 +164,40 @@ RECIPES: dict[str, Recipe] = {
             "mix_switch_prob": 1.0,
         },
     ),
+    "advxl": Recipe(
+        "Wang et al. 2024 (AdvXL) Sec 3 stages over thu-ml/ares vit_base_patch16_224.yaml", _ADVXL
+    ),
 }
 DEFAULT_RECIPE = "iat"
 
 
 # A recipe's settings counted in epochs, fitted to a run shorter than the recipe (--epochs):
 # its warm-ups (and the cyclic schedule's knots, whose first rise is the warm-up) scaled by
-# epochs / the recipe's epochs, so that a 2-epoch run of a 300-epoch recipe is not all warm-up.
-_EPOCH_SETTINGS = ("warmup_epochs", "eps_warmup_epochs", "step_warmup_epochs", "lr_knots")
+# epochs / the recipe's epochs, so that a 2-epoch run of a 300-epoch recipe is not all warm-up;
+# and its stages (EPOCH_SCHEDULES), each first epoch scaled alike, so that a short run reaches
+# the last stage.
+EPOCH_SCHEDULES = ("size_schedule", "attack_iter_schedule")  # (first epoch, value) pairs
+_EPOCH_SETTINGS = (
+    "warmup_epochs", "eps_warmup_epochs", "step_warmup_epochs", "lr_knots", *EPOCH_SCHEDULES
+)  # fmt: skip
 
 
-def _scaled(name: str, value: object, ratio: float) -> object:
+def _scaled(name: str, value: object, ratio: float, epochs: int) -> object:
     if name == "lr_knots":  # (epoch, factor) pairs: the epochs scale
         return tuple(v * ratio if i % 2 == 0 else v for i, v in enumerate(value))
+    if name in EPOCH_SCHEDULES:
+        return _scaled_stages(value, ratio, epochs)
     return round(value * ratio) if isinstance(value, int) else value * ratio
+
+
+def _scaled_stages(pairs: tuple[int, ...], ratio: float, epochs: int) -> tuple[int, ...]:
+    """(first epoch, value) pairs for a run of `epochs`: each stage begins after `ratio` of the
+    epochs before it, rounded, by the last epoch at the latest; of stages that begin in the same
+    epoch the last is kept."""
+    begins: dict[int, int] = {}
+    for first, value in zip(pairs[0::2], pairs[1::2], strict=True):
+        begins[min(epochs, 1 + round((first - 1) * ratio))] = value
+    return tuple(word for first, value in begins.items() for word in (first, value))
 
 
 def fit_to_epochs(name: str, epochs: int, given: Collection[str] = ()) -> dict[str, object]:
@@ -173,7 +208,7 @@ def fit_to_epochs(name: str, epochs: int, given: Collection[str] = ()) -> dict[s
     if not isinstance(full, int) or epochs >= full:
         return {}
     return {
-        key: _scaled(key, value, epochs / full)
+        key: _scaled(key, value, epochs / full, epochs)
         for key, value in settings.items()
         if key in _EPOCH_SETTINGS and key not in given
     }
@@ -197,5 +232,6 @@ def fitted_line(name: str, epochs: int, values: Mapping[str, object]) -> str | N
         return None
     return (
         f"recipe {name}: --epochs {epochs} of its {RECIPES[name].settings['epochs']}, so its "
-        f"warm-ups are scaled: {', '.join(fitted)} (give these flags to set them yourself)"
+        f"warm-ups and stages are scaled: {', '.join(fitted)} (give these flags to set them "
+        "yourself)"
     )

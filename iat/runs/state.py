@@ -50,6 +50,9 @@ FREE_DELTA_FIELD = "free_delta"
 # --amp fp16's loss scaler (torch.amp.GradScaler.state_dict: its scale and growth tracker)
 GRAD_SCALER_FIELD = "grad_scaler"
 EMA_FIELD = "ema"  # the averaged weights (iat.recipes.ema), keyed as "model"; only with an average
+# The stage and training attack of the checkpoint's epoch (iat.train.stages.stage_record: names
+# mapped to numbers, strings and flags); only under --size-schedule / --attack-iter-schedule.
+STAGE_FIELD = "stage"
 # Epochs and steps are held in int64 tensors (trainer.check_same_start): a larger count is a
 # forged field, refused naming it rather than overflowing later.
 MAX_COUNT = 2**63 - 1
@@ -189,6 +192,7 @@ def save_checkpoint(
     averaged: Mapping[str, torch.Tensor] | None = None,
     free_delta: torch.Tensor | None = None,
     grad_scaler: Mapping[str, float | int] | None = None,
+    stage: Mapping[str, object] | None = None,
 ) -> Path:
     """Write the state after `progress.epoch` completed epochs, then prune all but `keep`.
 
@@ -197,7 +201,8 @@ def save_checkpoint(
     generator's state is what the next epoch's attacks start from; `averaged` is the moving
     average of the weights, when the run keeps one; `free_delta` free training's perturbations,
     one per process [world, N, C, H, W], which the next epoch carries on from; `grad_scaler`
-    fp16's loss scaler state (--amp), which the next epoch's steps scale by."""
+    fp16's loss scaler state (--amp), which the next epoch's steps scale by; `stage` the stage
+    and training attack of the epoch (under a schedule)."""
     path = checkpoint_path(logdir, progress.epoch)
     state = {
         "optimizer": optimizer.state_dict(),
@@ -211,6 +216,8 @@ def save_checkpoint(
         state[FREE_DELTA_FIELD] = free_delta.detach().cpu()
     if grad_scaler is not None:
         state[GRAD_SCALER_FIELD] = dict(grad_scaler)
+    if stage is not None:
+        state[STAGE_FIELD] = dict(stage)
     nets.save_weights(model, path, architecture, training_state=state)
     for old in list_checkpoints(logdir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -230,6 +237,7 @@ class Start:
     ema: dict | None = None  # the averaged weights to restore (EMA_FIELD)
     free_delta: torch.Tensor | None = None  # free training's perturbations (FREE_DELTA_FIELD)
     grad_scaler: dict | None = None  # fp16's loss scaler state (GRAD_SCALER_FIELD)
+    stage: dict | None = None  # the stage of the checkpoint's epoch (STAGE_FIELD)
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
@@ -249,6 +257,7 @@ class _TrainingState:
     ema: dict | None
     free_delta: torch.Tensor | None
     grad_scaler: dict | None
+    stage: dict | None
 
 
 def _training_state(weights: nets.Weights) -> _TrainingState | None:
@@ -270,6 +279,7 @@ def _training_state(weights: nets.Weights) -> _TrainingState | None:
         ema,
         _free_delta(source, contents.get(FREE_DELTA_FIELD)),
         _grad_scaler(source, contents.get(GRAD_SCALER_FIELD)),
+        _stage(source, contents.get(STAGE_FIELD)),
     )
 
 
@@ -375,6 +385,24 @@ def _grad_scaler(source: str, value: object) -> dict | None:
     return dict(value)
 
 
+def _stage(source: str, value: object) -> dict | None:
+    """STAGE_FIELD, checked: names mapped to finite numbers, strings or flags; None when
+    absent."""
+    if value is None:
+        return None
+    valid = isinstance(value, Mapping) and all(
+        isinstance(k, str)
+        and isinstance(v, (bool, int, float, str))
+        and (not isinstance(v, float) or math.isfinite(v))
+        for k, v in value.items()
+    )
+    if not valid:
+        raise _field_error(
+            source, STAGE_FIELD, "a mapping of names to finite numbers, strings or flags", value
+        )
+    return dict(value)
+
+
 def averaged_weights(weights: nets.Weights) -> nets.Weights:
     """The moving-average weights a training checkpoint holds beside its raw ones (--eval-ema),
     as loadable weights; CheckpointError when it holds none."""
@@ -422,6 +450,7 @@ def _start_from(kind: str, weights: nets.Weights, state: _TrainingState) -> Star
         state.ema,
         state.free_delta,
         state.grad_scaler,
+        state.stage,
     )
 
 

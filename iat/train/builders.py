@@ -18,7 +18,7 @@ from iat.attacks import Attacker, attack_info, create_attacker
 from iat.attacks.core import has_native_low_precision, pgd_step_size
 from iat.attacks.spec import AttackSpec
 from iat.builders import AttackPrecision, training_attack_settings
-from iat.config import Config, mixing_enabled, training_attack_spec
+from iat.config import Config, mixing_enabled, stage_attack_spec, training_attack_spec
 from iat.data.layouts import DataError, Sample
 from iat.recipes.mixing import MixSettings
 from iat.recipes.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
@@ -53,11 +53,12 @@ def warmup_factor(warmup_epochs: int, epoch: int) -> float:
 
 
 def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
-    """The training attack of epoch `epoch`: epsilon and step scaled by their warm-ups. A PGD
-    step is resolved first (``adv_model.pgd_step_size`` at full strength), then scaled; the
-    hard-label PGD raises a step below epsilon / iterations again (the original's rule), the
-    soft-target attack takes it as it is (ARES)."""
-    spec = training_attack_spec(cfg)
+    """The training attack of epoch `epoch`: its stage's (--attack-iter-schedule:
+    ``stage_attack_spec``), epsilon and step scaled by their warm-ups. A PGD step is resolved
+    first (``adv_model.pgd_step_size`` at full strength), then scaled; the hard-label PGD raises
+    a step below epsilon / iterations again (the original's rule), the soft-target attack takes
+    it as it is (ARES)."""
+    spec = stage_attack_spec(cfg, epoch)
     full = spec.settings
     epsilon = full.epsilon * warmup_factor(cfg.eps_warmup_epochs, epoch)
     form = attack_info(spec.name).training
@@ -67,6 +68,12 @@ def epoch_attack_spec(cfg: Config, epoch: int) -> AttackSpec:
     step *= warmup_factor(cfg.step_warmup_epochs, epoch)
     scaled = dataclasses.replace(full, epsilon=epsilon, step_size=step)
     return dataclasses.replace(spec, settings=scaled)
+
+
+def attack_changes(cfg: Config, epoch: int) -> bool:
+    """Whether epoch `epoch`'s training attack differs from the epoch before's (a warm-up epoch,
+    or a stage's first): the attacker is built anew for it."""
+    return epoch > 1 and epoch_attack_spec(cfg, epoch) != epoch_attack_spec(cfg, epoch - 1)
 
 
 def build_epoch_attacker(

@@ -42,7 +42,9 @@ from iat.config import (
     default_logdir,
     depth_applies,
     ema_enabled,
+    epoch_value,
     eval_attack,
+    evaluation_point,
     fit_defense,
     mixing_enabled,
     predict_defense,
@@ -83,7 +85,7 @@ from iat.runs.trackers import check_trackers, run_directory_logger
 from iat.runtime import distributed
 from iat.runtime.cpus import usable_cpus
 from iat.runtime.progress import progress_bar
-from iat.train import amp
+from iat.train import amp, stages
 from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
 from iat.train.objective import TrainingTerms, training_terms
@@ -236,19 +238,11 @@ def _objective(
     )
 
 
-def scheduled_size(size_schedule: tuple[int, ...] | None, epoch: int) -> int | None:
-    """The side --size-schedule gives epoch `epoch` (1-based); None: no schedule."""
-    if size_schedule is None:
-        return None
-    firsts, sides = size_schedule[0::2], size_schedule[1::2]
-    return sides[max(k for k, first in enumerate(firsts) if first <= epoch)]
-
-
 def sized_batches(run: Training, step: int, epoch: int) -> list[MicroBatch]:
     """The micro-batches of update `step`, resized to the side of the epoch (progressive
     resizing: Wong et al. 2020, fast_adversarial ImageNet's 128 / 224 / 288 phases)."""
     batches = step_batches(run, step)
-    side = scheduled_size(run.cfg.size_schedule, epoch)
+    side = epoch_value(run.cfg.size_schedule, epoch)
     if side is None or side == batches[0][0].shape[-1]:
         return batches
     return [(resize_batch(images, side), labels) for images, labels in batches]
@@ -304,6 +298,7 @@ def _log_step(
     per_process = scalars["train/images_per_sec_per_process"]
     scalars["train/images_per_sec"] = per_process * distributed.get_world_size()
     scalars["train/lr"] = lr
+    scalars.update(stages.step_scalars(run.cfg, epoch))  # under a schedule: side and iterations
     logger.log(step, scalars, epoch=epoch, phase="train")
     pairing = (
         {"lp": f"{scalars['train/logit_pairing']:.3f}"} if "train/logit_pairing" in scalars else {}
@@ -326,9 +321,8 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
     flag is accumulated on the device, without a host sync per step)."""
     cfg = run.cfg
     seed_model_randomness(cfg.seed, epoch, distributed.get_rank())
-    warmup = max(cfg.eps_warmup_epochs, cfg.step_warmup_epochs)
-    if warmup and epoch - 1 <= warmup:
-        run.attacker = run.attacker_of_epoch(epoch)  # a warm-up epoch, or the first after it
+    if train_builders.attack_changes(cfg, epoch):  # a warm-up epoch, or a stage's first
+        run.attacker = run.attacker_of_epoch(epoch)
     run.ddp_model.train()
     meter = Meter(run.device)
     non_finite = torch.zeros((), dtype=torch.bool, device=run.device)
@@ -410,16 +404,24 @@ def run_evals(
                 device=run.device,
                 desc=spec.name,
             )
-            point = dataclasses.replace(run.cfg, attack_iter=spec.attack_iter)
-            log_eval(logger, spec.name, results[spec.name], progress, point)
+            point = evaluation_point(run.cfg, spec.attack_iter)
+            trained = stages.epoch_stage(run.cfg, progress.epoch)
+            log_eval(logger, spec.name, results[spec.name], progress, point, trained)
     return results
 
 
 def log_eval(
-    logger: RunLogger, name: str, r: EvalResult, progress: Progress, point: Config
+    logger: RunLogger,
+    name: str,
+    r: EvalResult,
+    progress: Progress,
+    point: Config,
+    trained: dict | None = None,
 ) -> None:
     """The evaluation's numbers, with its threat model (`point`: the configuration it ran
-    under) as ``--eval``'s records name it, so that ``--report`` can read a run alone."""
+    under) as ``--eval``'s records name it, so that ``--report`` can read a run alone; under a
+    schedule, the stage and training attack of the epoch it followed (`trained`)."""
+    stage = {} if trained is None else {"training_stage": trained}
     scalars = {f"{name}/top1_error": r.top1_error, f"{name}/top5_error": r.top5_error}
     if attack_info(eval_attack(point)).perturbs:
         scalars[f"{name}/attack_success_rate"] = r.attack_success_rate
@@ -432,6 +434,7 @@ def log_eval(
         attack=attack_record(point),
         threat_model=threat_model(point),
         defense=predict_defense(point),
+        **stage,
     )
     if distributed.is_main_process():
         tqdm.write(f"epoch {progress.epoch} {name}: {summary_line(point, r)}")
@@ -749,8 +752,9 @@ def _train_in(
         print(start_line(facts, start), file=sys.stderr)
         print(settings_line(cfg), file=sys.stderr)
         fitted = fitted_line(cfg.recipe, cfg.epochs, dataclasses.asdict(cfg))
-        if fitted:
-            print(fitted, file=sys.stderr)
+        for line in (fitted, *stages.start_lines(cfg, start)):
+            if line:
+                print(line, file=sys.stderr)
     purge = start.progress.step + 1  # a killed run's steps after its checkpoint, logged again
     with run_directory_logger(logdir, settings, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
@@ -847,6 +851,7 @@ def save_epoch(
         averaged=None if run.ema is None else run.ema.state_dict(),
         free_delta=free_deltas,
         grad_scaler=amp.scaler_state(run.scaler),
+        stage=stages.epoch_stage(run.cfg, progress.epoch),
     )
     logger.log_result(
         "checkpoint", {"path": str(path), "step": progress.step, "epoch": progress.epoch}
