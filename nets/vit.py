@@ -113,6 +113,8 @@ class VisionTransformer(nn.Module):
         stem: replaces the patch projection (``nets.convstem.ConvStem``, stride 16, to ``dim``).
     """
 
+    shard_units = ("blocks.*",)  # sharded training (iat.train.fsdp): each transformer block
+
     def __init__(
         self,
         depth: int,
