@@ -151,6 +151,7 @@ def test_killed_sharded_run_resumes_bit_for_bit_on_two_and_on_one_process(tiny_i
                          cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr
     one = tmp_path / "one"
+    one.mkdir()
     single = launch([sys.executable], "tests/train_worker.py",
                     [str(one), *flags(tiny_imagenet, copy, 1), *VIT, "--fsdp"])  # fmt: skip
     assert "already complete (1 of 1 epochs)" in single.stderr
