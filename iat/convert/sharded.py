@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import nets
-from iat.convert.checkpoint import ConversionError, run_converter
+from iat.convert.checkpoint import output_path, run_converter
 from iat.runs.sharded import read_model
-from nets.checkpoint import SAFETENSORS_SUFFIX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(args: argparse.Namespace) -> str:
     """Writes ``args.checkpoint``'s weights to ``args.out``; returns the line to print."""
-    out = Path(args.out)
-    if out.suffix.lower() not in (".pt", SAFETENSORS_SUFFIX):
-        raise ConversionError(f"{out}: unknown output extension; use .pt or {SAFETENSORS_SUFFIX}")
-    if not out.parent.is_dir():
-        raise ConversionError(f"{out}: no folder {out.parent} to write into; create it first")
+    out = output_path(args.out)
     model, record, epoch = read_model(Path(args.checkpoint))
     nets.save_weights(model, out, record)
     return (
