@@ -44,6 +44,8 @@ BENCHMARK_INFO_FIELDS = (
 # --eval-set: iat.eval.ood
 EVAL_SETS = ("imagenet-c", "imagenet-r", "imagenet-a", "imagenet-sketch", "imagenet-v2")
 AMP_DTYPES = ("bfloat16", "float16")  # --amp-dtype: torch's names (timm's --amp-dtype)
+FSDP_MODES = ("full", "hybrid")  # --fsdp (iat.train.fsdp): over every process, within a machine
+FSDP_ATTACK_GATHERS = ("once", "per-layer")  # --fsdp-attack-gather (iat.train.fsdp)
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -69,6 +71,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "recipe": tuple(RECIPES),
         "amp_dtype": AMP_DTYPES,
         "fast_attack_dtype": AMP_DTYPES,
+        "fsdp": FSDP_MODES,
+        "fsdp_attack_gather": FSDP_ATTACK_GATHERS,
     }
 
 
@@ -129,6 +133,13 @@ class Config:
     num_classes: int | None = None  # None: number of classes in the data (1000 for ImageNet)
     load: str | None = None  # .npz (original) or .pt weights / training checkpoint to start from
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (CUDA only)
+    # Sharded data parallelism (iat.train.fsdp, FSDP2's fully_shard) instead of DDP: "full"
+    # shards parameters, gradients and optimizer state over every process, "hybrid" within each
+    # machine (replicated across machines); checkpoints are sharded folders. None: DDP.
+    fsdp: str | None = None
+    # How the training attack holds the sharded weights: "once" gathers each unit once per step
+    # (the whole model unsharded during the attack), "per-layer" around each of its passes.
+    fsdp_attack_gather: str = "once"
     # Input-transform defense before the model, attacked through BPDA/EOT
     # (iat.defenses.transforms), e.g.
     # "jpeg:75,median:3,noise:8"; None or "none": no defense. Checkpoints record it.
@@ -431,6 +442,7 @@ _OPTIONAL_CHOICES = (
     "eval_set",
     "amp_dtype",
     "fast_attack_dtype",
+    "fsdp",
 )
 
 
@@ -494,6 +506,7 @@ def validate(cfg: Config) -> None:
     _adversarial_training(cfg)
     _mixing(cfg)
     _schedules(cfg)
+    _sharded(cfg)
     _denoise(cfg)
     _model_defense(cfg)
     try:
@@ -647,6 +660,23 @@ def _adversarial_training(cfg: Config) -> None:
             "--free-replays: cannot be combined with --adv-fraction < 1, --lp-weight or "
             "--accumulate",
         )
+
+
+def _sharded(cfg: Config) -> None:
+    """--fsdp's combinations: what a sharded model cannot do here, refused in one line."""
+    if cfg.fsdp is None:
+        _check(cfg.fsdp_attack_gather == "once", "--fsdp-attack-gather: needs --fsdp")
+        return
+    refused = (
+        (cfg.sync_bn, "--sync-bn (rank 0's BatchNorm statistics are broadcast, as DDP's)"),
+        (cfg.free_replays > 1, "--free-replays (free training's perturbation is not sharded)"),
+        (cfg.overfit_guard > 0, "--overfit-guard (its roll-back copies whole weights)"),
+        (cfg.use_fp16xla, "--use-fp16xla (its compiled attack is untested on a sharded model)"),
+        (cfg.amp_dtype == "float16", "--amp-dtype float16 (its loss scaler takes no sharded "
+         "gradients; use bfloat16)"),
+    )  # fmt: skip
+    for given, flag in refused:
+        _check(not given, f"--fsdp: not with {flag}")
 
 
 def mixing_enabled(cfg: Config) -> bool:

@@ -56,6 +56,7 @@ from nets.registry import (
     options_of,
     register,
     resolve_denoise,
+    shard_units,
 )
 from nets.resnet import NUM_BLOCKS, Bottleneck, DenoisedBottleneck, ResNet
 from nets.resnet_variants import BasicBlock, PreActBottleneck, ResNetBasic, ResNetV2
@@ -105,6 +106,7 @@ __all__ = [
     "describe_architecture",
     "ResNet",
     "available_architectures",
+    "shard_units",
     "build_model",
     "check_fits",
     "check_size_limits",

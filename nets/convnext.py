@@ -92,6 +92,9 @@ class ConvNeXt(nn.Module):
             to ``dims[0]`` channels at a quarter of its side.
     """
 
+    # Sharded training (iat.train.fsdp): each block, and each stage's downsampling layer.
+    shard_units = ("stages.*.downsample", "stages.*.blocks.*")
+
     def __init__(
         self,
         depths: Sequence[int],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Pixel range the model is fed (the one owner: attacks, defenses and converters import it) and
 # the scale that maps it onto [-1, 1] (original adv_model.py: `image * IMAGE_SCALE - 1.0` with
@@ -163,7 +164,11 @@ class ConvBN(Conv2dSame):
         with `low_precision`, also a copy in that dtype for forward passes under autocast.
         Exact up to float rounding, and only while both are in eval mode with unchanged weights
         (the attacks' ``attack_mode`` folds on entry and unfolds on exit). A compiled attack
-        reads the folded tensors as inputs: new ones each attack cause no recompilation."""
+        reads the folded tensors as inputs: new ones each attack cause no recompilation.
+        Weights sharded between gathers (``iat.train.fsdp``'s per-layer attack) are not folded:
+        the convolution and its BatchNorm then run as they are."""
+        if isinstance(self.weight, DTensor):
+            return
         bn = self.bn
         with torch.inference_mode(False), torch.no_grad():
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)

@@ -7,6 +7,7 @@ arguments. This module knows no family: importing ``nets`` imports them all.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -267,3 +268,28 @@ def _resolve_num_blocks(
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules sharded training wraps one by one (``iat.train.fsdp``): each family's
+    ``shard_units`` attribute names them by module path patterns relative to the model
+    (``fnmatch`` per dotted segment: ``"blocks.*"``, ``"group*.block*"``); a family inside
+    another (a classifier behind a model-level defense) is found where it sits. Units without
+    parameters are left out; ValueError when `model` holds no family that names units."""
+    units: list[nn.Module] = []
+    for family in (m for m in model.modules() if getattr(m, "shard_units", None)):
+        for name, module in family.named_modules():
+            if _matches(name, family.shard_units) and any(True for _ in module.parameters()):
+                units.append(module)
+    if not units:
+        raise ValueError(f"{type(model).__name__}: no sharding units named (shard_units)")
+    return units
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    parts = name.split(".")
+    return any(
+        len(parts) == len(pattern.split("."))
+        and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern.split("."), strict=True))
+        for pattern in patterns
+    )

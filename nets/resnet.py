@@ -101,6 +101,10 @@ class ResNet(nn.Sequential):
             (``groupN_denoise``; Feature Denoising, Sec 6: after res2, res3, res4 and res5).
     """
 
+    # Sharded training (iat.train.fsdp): each residual block (its denoising block inside), and
+    # each group's denoising block.
+    shard_units = ("group*.block*", "group*_denoise")
+
     def __init__(
         self,
         num_blocks: Sequence[int],

@@ -124,6 +124,8 @@ class ResNetV2(nn.Sequential):
     the last unit of groups 0-2 striding; ``postnorm`` BN-ReLU, the spatial mean and ``linear``
     (slim's 1x1 ``logits`` convolution with a bias)."""
 
+    shard_units = ("group*.block*",)  # sharded training (iat.train.fsdp): each residual unit
+
     def __init__(self, num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["preprocess"] = Preprocess()
@@ -142,6 +144,8 @@ class ResNetV2(nn.Sequential):
 class ResNetBasic(nn.Sequential):
     """Basic-block ResNet (18 / 34) for small images (Tiny ImageNet, ImageNet 64x64, CIFAR): a
     3x3 stride-1 stem without max-pooling, so a 64x64 input reaches the last group at 8x8."""
+
+    shard_units = ("group*.block*",)  # sharded training (iat.train.fsdp): each residual block
 
     def __init__(self, num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64):
         layers: OrderedDict[str, nn.Module] = OrderedDict()

@@ -215,6 +215,9 @@ class SwinTransformer(nn.Module):
         grad_checkpointing: recompute each block's activations in the backward pass.
     """
 
+    # Sharded training (iat.train.fsdp): each block, and each stage's patch merging.
+    shard_units = ("layers.*.downsample", "layers.*.blocks.*")
+
     def __init__(
         self,
         depths: Sequence[int],

@@ -69,6 +69,8 @@ class TorchvisionResNet(nn.Module):
         widen: the bottleneck's width over ``planes`` (2 for Wide-ResNet-50-2).
     """
 
+    shard_units = ("layer*.*",)  # sharded training (iat.train.fsdp): each bottleneck block
+
     def __init__(
         self, num_blocks: Sequence[int], num_classes: int = 1000, width: int = 64, widen: int = 1
     ) -> None:

@@ -139,6 +139,8 @@ class VisionTransformer(nn.Module):
         mlp_ratio: MLP hidden width / ``dim``; the hidden width is ``int(dim * mlp_ratio)``.
     """
 
+    shard_units = ("blocks.*",)  # sharded training (iat.train.fsdp): each transformer block
+
     def __init__(
         self,
         depth: int,

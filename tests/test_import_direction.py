@@ -32,6 +32,7 @@ ALIASES = {
     "cli": "app",
     "convert_alp": "convert",
     "convert_checkpoint": "convert",
+    "export_sharded": "convert",
     "sparse_frontend": "defenses",
 }
 

@@ -1,11 +1,13 @@
 """One rank of a real multi-process training run (launched by torchrun or mpirun in the tests).
 
 Usage: train_worker.py OUT_DIR MAIN_PY_FLAGS...  Trains as main.py would, then saves this
-rank's final parameters and BatchNorm statistics to OUT_DIR/rank<R>.pt for comparison.
+rank's final parameters and BatchNorm statistics to OUT_DIR/rank<R>.pt for comparison, and the
+bytes of parameters and optimizer state it held (its shards under --fsdp) to OUT_DIR/rank<R>.json.
 With TEST_LOGDIR_PER_RANK set, each rank gets its own run directory (--logdir + "-rank<R>").
 """
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +31,8 @@ def run(out_dir: Path, argv: list[str]) -> None:
     with distributed.process_group(env, device, timeout_s=120):
         outcome = run_training(cfg, env, device)
         torch.save(outcome.model.state_dict(), out_dir / f"rank{env.rank}.pt")
+        facts = {"state_bytes": outcome.state_bytes}
+        (out_dir / f"rank{env.rank}.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":

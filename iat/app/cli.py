@@ -219,6 +219,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         model, "--frontend-gradient", "white-box attacks through the defense: BPDA or masked"
     )
     model.add_argument("--sync-bn", action="store_true", default=None, help="sync BN (CUDA)")
+    model.add_argument(
+        "--fsdp",
+        nargs="?",
+        const="full",
+        choices=choices()["fsdp"],
+        help="shard weights, gradients and optimizer state (FSDP2): over every process (full, "
+        "the default), or within each machine (hybrid); default: DDP",
+    )
+    _choice_arg(
+        model, "--fsdp-attack-gather", "--fsdp: the attack's weights gathered once or per layer"
+    )
 
 
 def _attack_args(p: argparse.ArgumentParser) -> None:

@@ -252,13 +252,20 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_LISTED]) + (f", ... and {hidden} more" if hidden > 0 else "")
 
 
+def output_path(out: str) -> Path:
+    """A converter's output file: .pt or .safetensors, in a folder that exists (else one
+    ConversionError)."""
+    path = Path(out)
+    if path.suffix.lower() not in (".pt", SAFETENSORS_SUFFIX):
+        raise ConversionError(f"{path}: unknown output extension; use .pt or {SAFETENSORS_SUFFIX}")
+    if not path.parent.is_dir():
+        raise ConversionError(f"{path}: no folder {path.parent} to write into; create it first")
+    return path
+
+
 def convert(args: argparse.Namespace) -> str:
     """Converts ``args.src`` into ``args.out``; returns the line to print."""
-    out = Path(args.out)
-    if out.suffix.lower() not in (".pt", SAFETENSORS_SUFFIX):
-        raise ConversionError(f"{out}: unknown output extension; use .pt or {SAFETENSORS_SUFFIX}")
-    if not out.parent.is_dir():
-        raise ConversionError(f"{out}: no folder {out.parent} to write into; create it first")
+    out = output_path(args.out)
     layout = nets.LAYOUTS.get(args.arch)
     if layout is None or layout.source != args.source:
         names = [name for name, lay in nets.LAYOUTS.items() if lay.source == args.source]

@@ -19,12 +19,20 @@ LAST_LINK = "checkpoint-last.pt"  # a symbolic link to the newest checkpoint (ti
 BEST_LINK = "checkpoint-best.pt"  # the checkpoint of the best robust accuracy (a hard link)
 BEST_RECORD = "checkpoint-best.json"  # which epoch that is, under which evaluation, how good
 SET_ASIDE_SUFFIX = ".unreadable"  # a checkpoint that fails its checks, renamed, never deleted
+# --fsdp's sharded checkpoints: folders (iat.runs.sharded), each with its run state in STATE_FILE
+# and every process's shards in safetensors files named by torch.distributed.checkpoint.
+LAST_SHARDED_LINK = "checkpoint-last.dcp"  # a symbolic link to the newest sharded checkpoint
+SHARDED_STATE_FILE = "state.json"
 RESULTS_FOLDER = "eval"  # --eval --watch: one result file per checkpoint and evaluation key
 _CHECKPOINT_PREFIX, _CHECKPOINT_SUFFIX = "checkpoint-epoch", ".pt"
 _CHECKPOINT = re.compile(rf"^{_CHECKPOINT_PREFIX}(\d+){re.escape(_CHECKPOINT_SUFFIX)}$")
 MAX_EPOCH_DIGITS = 9  # a longer epoch is no checkpoint of a run (and would overflow an int64)
 # A checkpoint being written (iat.runtime.atomic_io's temporary name); a killed writer leaves it.
 PARTIAL_CHECKPOINTS = f".{_CHECKPOINT_PREFIX}*{_CHECKPOINT_SUFFIX}.*.tmp"
+_SHARDED_SUFFIX = ".dcp"
+_SHARDED = re.compile(
+    rf"^{_CHECKPOINT_PREFIX}(\d{{1,{MAX_EPOCH_DIGITS}}}){re.escape(_SHARDED_SUFFIX)}$"
+)
 
 
 def checkpoint_path(logdir: str | Path, epoch: int) -> Path:
@@ -64,3 +72,23 @@ def watch_result_path(logdir: str | Path, checkpoint: Path, key: str) -> Path:
     """Where ``--eval --watch`` writes `checkpoint`'s result under evaluation `key`:
     ``RUN/eval/checkpoint-epochNNNN.<key>.json``."""
     return Path(logdir) / RESULTS_FOLDER / f"{checkpoint.stem}.{key}.json"
+
+
+def sharded_checkpoint_path(logdir: str | Path, epoch: int) -> Path:
+    """The sharded checkpoint (a folder) saved after `epoch` epochs:
+    ``checkpoint-epoch{E:04d}.dcp``."""
+    return Path(logdir) / f"{_CHECKPOINT_PREFIX}{epoch:04d}{_SHARDED_SUFFIX}"
+
+
+def partial_path(path: Path) -> Path:
+    """Where sharded checkpoint `path` is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def list_sharded_checkpoints(logdir: str | Path) -> list[Path]:
+    """Complete sharded checkpoints (folders) in `logdir`, oldest first."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in logdir.iterdir() if (m := _SHARDED.match(p.name))]
+    return [p for _, p in sorted(found) if p.is_dir() and not p.is_symlink()]

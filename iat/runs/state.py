@@ -238,12 +238,16 @@ class Start:
     free_delta: torch.Tensor | None = None  # free training's perturbations (FREE_DELTA_FIELD)
     grad_scaler: dict | None = None  # fp16's loss scaler state (GRAD_SCALER_FIELD)
     stage: dict | None = None  # the stage of the checkpoint's epoch (STAGE_FIELD)
+    # --fsdp: the sharded checkpoint (iat.runs.sharded) that fills the model, optimizer, average
+    # and generator once the model is sharded (weights, optimizer, rng and ema are then None)
+    sharded: Path | None = None
 
     def describe(self) -> str:
         done = f"after epoch {self.progress.epoch}"
+        source = self.sharded or (self.weights and self.weights.source)
         return {
             "fresh": "starting from scratch",
-            "resume": f"resuming from {self.weights and self.weights.source} {done}",
+            "resume": f"resuming from {source} {done}",
             "continue": f"continuing {self.weights and self.weights.source} {done}",
             "weights": f"starting from the weights of {self.weights and self.weights.source}",
         }[self.kind]

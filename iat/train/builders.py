@@ -1,7 +1,7 @@
 """The training half of the builders: the training attack of each epoch (epsilon and step
 warm-ups, soft targets under Mixup / CutMix, free training), Mixup / CutMix settings, the
 overfitting guard, the optimizer and learning-rate schedule, the training step's precision
-(--amp), and the DDP wrapper.
+(--amp), and the DDP wrapper or the sharding (--fsdp).
 
 ``iat.builders`` builds what training and evaluation share (model, attack settings, attacker).
 """
@@ -22,6 +22,8 @@ from iat.config import Config, mixing_enabled, stage_attack_spec, training_attac
 from iat.data.layouts import DataError, Sample
 from iat.recipes.mixing import MixSettings
 from iat.recipes.optim import OPTIMIZERS, OptimizerSettings, Schedule, param_groups, scheduled_lr
+from iat.runtime.distributed import DistEnv
+from iat.train import fsdp
 from iat.train.amp import FP32, TrainingPrecision
 from iat.train.overfit_guard import OverfitGuard, held_out_batch
 from iat.train.soft_objective import SoftTargetPGD, soft_target_attacker
@@ -211,3 +213,22 @@ def wrap_model(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard_model(
+    model: torch.nn.Module,
+    cfg: Config,
+    env: DistEnv,
+    device: torch.device,
+    precision: TrainingPrecision,
+) -> torch.nn.Module:
+    """--fsdp: `model` sharded in place over the processes as --fsdp arranges them
+    (``iat.train.fsdp``), gathered in --amp's compute type. ValueError (one line) for fp16,
+    whose loss scaler takes no sharded gradients here."""
+    if precision.scaled:
+        raise ValueError(
+            "--fsdp: not with fp16 --amp (its loss scaler takes no sharded "
+            "gradients); use --amp-dtype bfloat16"
+        )
+    mesh = fsdp.device_mesh(cfg.fsdp, env, device)
+    return fsdp.shard_model(model, mesh, fsdp.mixed_precision(precision.dtype))

@@ -69,6 +69,8 @@ from iat.recipes.eval_schedule import EVAL_SCHEDULES
 from iat.recipes.mixing import MixSettings, draw_mix, mix_batch, mixing_rng
 from iat.recipes.optim import clip_gradients
 from iat.recipes.presets import RECIPES, fitted_line
+from iat.runs import sharded as sharded_checkpoints
+from iat.runs.files import sharded_checkpoint_path
 from iat.runs.logger import RunLogger
 from iat.runs.state import (
     Progress,
@@ -85,7 +87,7 @@ from iat.runs.trackers import check_trackers, run_directory_logger
 from iat.runtime import distributed
 from iat.runtime.cpus import usable_cpus
 from iat.runtime.progress import progress_bar
-from iat.train import amp, stages
+from iat.train import amp, fsdp, stages
 from iat.train import builders as train_builders
 from iat.train.finetune import freeze_outside, load_finetune_weights
 from iat.train.objective import TrainingTerms, training_terms
@@ -262,11 +264,14 @@ def mixed_batches(run: Training, step: int, micro_batches: list[MicroBatch]) -> 
 
 
 def _sync_gradients(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """DDP's ``no_sync`` for every micro-batch but the last: gradients accumulate locally and
-    are all-reduced once per update."""
-    if last or not isinstance(model, DistributedDataParallel):
+    """DDP's ``no_sync`` (FSDP's, ``fsdp.sync_gradients``) for every micro-batch but the last:
+    gradients accumulate locally and are reduced once per update."""
+    if last:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    sharded = fsdp.fsdp_modules(model)
+    return fsdp.sync_gradients(sharded[0], False) if sharded else contextlib.nullcontext()
 
 
 def loader_batches_before(step: int, accumulate: int, free_replays: int) -> int:
@@ -372,13 +377,14 @@ def train_epoch(run: Training, epoch: int, step: int, logger: RunLogger) -> int:
 def require_finite_weights(model: torch.nn.Module, epoch: int) -> None:
     """Raise FloatingPointError naming the first non-finite weight or statistic: such a model
     is never saved (a relaunch would resume from it). One host sync."""
-    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    state = {k: fsdp.local(v) for k, v in model.state_dict().items() if v.is_floating_point()}
     finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist()
     bad = [name for name, ok in zip(state, finite, strict=True) if not ok]
-    if bad:
-        raise FloatingPointError(
-            f"training diverged: {len(bad)} non-finite tensors ({bad[0]}, ...) in epoch {epoch}"
-        )
+    # Sharded (--fsdp), each process checks its own shards and every process learns of any.
+    device = next(iter(state.values())).device
+    if distributed.all_reduce_sum(torch.tensor(len(bad), device=device)).item():
+        which = f"{len(bad)} non-finite tensors ({bad[0]}, ...)" if bad else "non-finite shards"
+        raise FloatingPointError(f"training diverged: {which} in epoch {epoch}")
 
 
 # --- in-training evaluation ------------------------------------------------------------------
@@ -392,7 +398,7 @@ def run_evals(
     """The scheduled evaluations after `progress.epoch`, each logged as soon as it finishes
     (of the averaged weights with --eval-ema)."""
     results = {}
-    model = run.ema.averaged_model(run.model) if run.cfg.eval_ema else run.model
+    model = whole_model(run, num_classes, averaged=run.cfg.eval_ema)
     for spec in EVAL_SCHEDULES[run.cfg.train_eval]:
         if spec.runs_after(progress.epoch, run.cfg.epochs):
             results[spec.name] = evaluate_attack(
@@ -457,7 +463,8 @@ def sync_buffers(model: torch.nn.Module, ema: WeightAverage | None = None) -> No
     for buf in model.buffers():
         distributed.broadcast_tensor(buf, src=0)
     for tensor in ema.shadow.values() if ema is not None else ():
-        distributed.broadcast_tensor(tensor, src=0)
+        if not fsdp.is_sharded(tensor):  # a shard (--fsdp) is this process's own
+            distributed.broadcast_tensor(tensor, src=0)
 
 
 def check_same_start(progress: Progress, device: torch.device) -> None:
@@ -487,9 +494,11 @@ def run_info(env: distributed.DistEnv, device: torch.device) -> dict:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    model: torch.nn.Module  # the trained network (unwrapped), on its device
+    model: torch.nn.Module  # the trained network (unwrapped, whole under --fsdp), on its device
     logdir: str  # where its checkpoints, config.json and metrics.jsonl are
     results: dict[str, EvalResult]  # the last in-training evaluations
+    # Bytes of parameters and optimizer state this process held (its shards under --fsdp)
+    state_bytes: int = 0
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, start: Start) -> None:
@@ -633,9 +642,10 @@ def setup(
     num_classes: int,
     device,
     finetune: nets.Weights | None,
+    env: distributed.DistEnv | None = None,
 ) -> Training:
     """Build the run's objects from the configuration, the start point and the fine-tuning
-    weights."""
+    weights (`env`: where this process sits, for --fsdp hybrid's machines)."""
     world = distributed.get_world_size()
     # A virtual batch of --accumulate micro-batches: the LR follows the images per update.
     total_batch = cfg.batch * world * cfg.accumulate
@@ -644,12 +654,19 @@ def setup(
     precision = builders.attack_precision(cfg.use_fp16xla, device, cfg.fast_attack_dtype)
     step_precision = train_builders.training_precision(cfg.amp, cfg.amp_dtype, device)
     model = build_network(cfg, start, num_classes, device, finetune)
+    sharded = cfg.fsdp is not None and world > 1
+    if sharded:  # before the optimizer and the average, which then hold shards
+        train_builders.shard_model(model, cfg, env, device, step_precision)
     optimizer = train_builders.build_optimizer(model, cfg)
     if start.optimizer is not None:
         restore_optimizer(optimizer, start)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if start.rng is not None:
         restore_generator(generator, start)
+    ema = build_ema(cfg, model, start)
+    scaler = build_scaler(step_precision, start, device)
+    if start.sharded is not None:
+        load_sharded_checkpoint(start.sharded, model, optimizer, generator, ema, scaler)
     # Dioptra's apply_fit: the training images pass through the defense (its random draws from
     # the checkpointed generator). The training attack and the loss both go through what a
     # white-box attack differentiates (BPDA for JPEG and for a model-level defense): its
@@ -681,12 +698,14 @@ def setup(
         precision=precision,
         generator=generator,
     )
+    if sharded:
+        attacker_of_epoch = fsdp.gathering_attacks(attacker_of_epoch, cfg.fsdp_attack_gather)
     attacker = attacker_of_epoch(start.progress.epoch + 1)
     restore_free_delta(attacker, start, device)
     return Training(
         cfg=cfg,
         model=model,
-        ddp_model=train_builders.wrap_model(trained, cfg, device, world),
+        ddp_model=trained if sharded else train_builders.wrap_model(trained, cfg, device, world),
         attack_model=trained,
         attacker=attacker,
         generator=generator,
@@ -694,12 +713,12 @@ def setup(
         batches=train_batches(cfg.loader, cfg.fake, spec),
         precision=precision,
         amp=step_precision,
-        scaler=build_scaler(step_precision, start, device),
+        scaler=scaler,
         steps=steps,
         total_batch=total_batch,
         device=device,
         loss=LossSettings(cfg.label_smoothing, adv_fraction(cfg), cfg.lp_weight, cfg.clip_grad),
-        ema=build_ema(cfg, model, start),
+        ema=ema,
         mixing=train_builders.mix_settings(cfg, num_classes) if mixing_enabled(cfg) else None,
         attacker_of_epoch=attacker_of_epoch,
     )
@@ -728,9 +747,12 @@ def _train_in(
     settings = dataclasses.asdict(cfg)
     check_trackers(settings)  # a tracker that cannot log stops the run before it has files
     lock.acquire(create=False)  # an existing run directory: before its checkpoints are read
-    start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
+    if cfg.fsdp is None:
+        start = plan_start(logdir, cfg.load, cfg.starting_epoch, main_proc)
+    else:
+        start = sharded_checkpoints.plan_sharded_start(logdir, cfg.load, cfg.starting_epoch)
     check_same_start(start.progress, device)
-    run = setup(cfg, start, train, num_classes, device, finetune)
+    run = setup(cfg, start, train, num_classes, device, finetune, env)
     if start.progress.epoch >= cfg.epochs:
         if main_proc:
             print(
@@ -738,7 +760,7 @@ def _train_in(
                 "nothing to train (a new --logdir, or more --epochs, trains again)",
                 file=sys.stderr,
             )
-        return TrainOutcome(model=run.model, logdir=logdir, results={})
+        return TrainOutcome(model=whole_model(run, num_classes), logdir=logdir, results={})
     # The first batch before the run directory: a data server that is down leaves nothing.
     run.batches = itertools.chain([next(run.batches)], run.batches)
     facts = {**run_info(env, device), "logdir": logdir, "steps": run.steps}
@@ -749,6 +771,7 @@ def _train_in(
     if main_proc:
         lock.acquire(create=True)
         remove_partial_checkpoints(logdir)
+        sharded_checkpoints.remove_partial(logdir)
         print(start_line(facts, start), file=sys.stderr)
         print(settings_line(cfg), file=sys.stderr)
         fitted = fitted_line(cfg.recipe, cfg.epochs, dataclasses.asdict(cfg))
@@ -759,7 +782,8 @@ def _train_in(
     with run_directory_logger(logdir, settings, enabled=main_proc, purge_step=purge) as logger:
         logger.log_config(config_record(cfg, facts))
         results = train_epochs(run, start.progress, val, num_classes, logdir, logger)
-    return TrainOutcome(model=run.model, logdir=logdir, results=results)
+    state_bytes = fsdp.local_state_bytes(run.model, run.optimizer)
+    return TrainOutcome(whole_model(run, num_classes), logdir, results, state_bytes)
 
 
 def read_splits(
@@ -819,11 +843,13 @@ def train_epochs(
         if guard is not None and overfitted(guard, run.model, progress, logger):
             break
         free_deltas = gathered_free_delta(run.attacker)
-        if main_proc:
+        if run.cfg.fsdp is not None:  # every process writes its shards
+            save_sharded_epoch(run, logdir, progress, num_classes, logger)
+        elif main_proc:
             path = save_epoch(run, logdir, progress, num_classes, free_deltas, logger)
         if val:
             results = run_evals(run, val, num_classes, progress, logger)
-            if main_proc and BEST_EVALUATION in results:
+            if main_proc and BEST_EVALUATION in results and run.cfg.fsdp is None:
                 accuracy = results[BEST_EVALUATION].robust_accuracy
                 link_best(path, BEST_EVALUATION, accuracy)
         distributed.barrier()
@@ -858,6 +884,63 @@ def save_epoch(
     )
     link_last(path)
     return path
+
+
+def save_sharded_epoch(
+    run: Training, logdir: str, progress: Progress, num_classes: int, logger: RunLogger
+) -> Path:
+    """Every process (--fsdp): the epoch's sharded checkpoint (``iat.runs.sharded``), logged,
+    linked as the last one and the older ones pruned by rank 0."""
+    logger.flush()
+    facts = {
+        "epoch": progress.epoch,
+        "step": progress.step,
+        "architecture": builders.architecture_record(
+            run.cfg, num_classes, defense_record(run.model)
+        ),
+        "grad_scaler": amp.scaler_state(run.scaler),
+    }
+    path = sharded_checkpoints.save_sharded(
+        sharded_checkpoint_path(logdir, progress.epoch),
+        run.model,
+        run.optimizer,
+        run.generator,
+        None if run.ema is None else run.ema.shadow,
+        facts,
+    )
+    if distributed.is_main_process():
+        logger.log_result(
+            "checkpoint", {"path": str(path), "step": progress.step, "epoch": progress.epoch}
+        )
+        sharded_checkpoints.prune_and_link(logdir, path, run.cfg.keep_checkpoints)
+    return path
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    ema: WeightAverage | None,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Every process (--fsdp): the run state of sharded checkpoint `path`, loaded in place."""
+    shadow = None if ema is None else ema.shadow
+    state = sharded_checkpoints.load_sharded(path, model, optimizer, generator, shadow)
+    if scaler.is_enabled() and state.get("grad_scaler") is not None:
+        scaler.load_state_dict(state["grad_scaler"])
+
+
+def whole_model(run: Training, num_classes: int, averaged: bool = False) -> torch.nn.Module:
+    """The trained network whole, unsharded: `run.model` itself, or under --fsdp a copy built
+    again and filled with every shard gathered (a collective: every process calls it); with
+    `averaged`, the moving average's weights."""
+    if not fsdp.fsdp_modules(run.model):
+        return run.ema.averaged_model(run.model) if averaged else run.model
+    shards = run.ema.shadow if averaged else run.model.state_dict()
+    whole = builders.build_model(run.cfg, num_classes, run.device)
+    whole.load_state_dict(fsdp.full_state(shards))
+    return whole
 
 
 def overfitted(

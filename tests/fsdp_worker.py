@@ -1,0 +1,70 @@
+"""One rank of a 2-process sharded model (launched by torchrun in tests/test_fsdp.py).
+
+Usage: fsdp_worker.py OUT_DIR ARCH ATTACK_ITER.  For each --fsdp-attack-gather mode, a tiny
+model of ARCH sharded over both processes takes 2 adversarial training steps (PGD of ATTACK_ITER
+iterations in the loop); this rank writes OUT_DIR/rank<R>.json with, per mode and step, the
+all-gathers and reduce-scatters of the attack alone and of the whole step, whether the attack left
+a parameter gradient, the number of sharded units, and the step's loss.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import nets
+from iat.attacks import create_attacker
+from iat.attacks.core import AttackSettings
+from iat.config import FSDP_ATTACK_GATHERS
+from iat.runtime import distributed
+from iat.train import fsdp
+
+BLOCKS = {"vit_small_patch16_224": [2], "ResNetDenoise": [1, 1, 1, 1]}
+
+
+def steps(arch: str, mode: str, attack_iter: int, mesh) -> list[dict]:
+    torch.manual_seed(0)
+    model = nets.build_model(arch, num_blocks=BLOCKS[arch], width=8, num_classes=10)
+    fsdp.shard_model(model, mesh, fsdp.mixed_precision(None))
+    counts = fsdp.count_collectives(model)
+    settings = AttackSettings(attack_iter, 8.0, 2.0, num_classes=10,
+                              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    attacker = fsdp.GatheredAttacker(create_attacker("pgd", settings), mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = torch.Generator().manual_seed(dist.get_rank())
+    found = []
+    for _ in range(2):
+        images = torch.rand(2, 3, 32, 32, generator=data) * 255
+        labels = torch.randint(0, 10, (2,), generator=data)
+        before = (counts.all_gathers, counts.reduce_scatters)
+        model.train()
+        adv, _ = attacker.attack(model, images, labels)
+        attack = (counts.all_gathers - before[0], counts.reduce_scatters - before[1])
+        left = any(p.grad is not None for p in model.parameters())
+        loss = torch.nn.functional.cross_entropy(model(adv), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        found.append({
+            "attack": attack,
+            "step": (counts.all_gathers - before[0], counts.reduce_scatters - before[1]),
+            "grads_left": left,
+            "units": len(fsdp.fsdp_modules(model)),
+            "loss": loss.item(),
+        })  # fmt: skip
+    return found
+
+
+def main(out_dir: Path, arch: str, attack_iter: int) -> None:
+    env = distributed.detect()
+    torch.set_num_threads(1)
+    with distributed.process_group(env, torch.device("cpu"), timeout_s=120):
+        mesh = fsdp.device_mesh("full", env, torch.device("cpu"))
+        result = {mode: steps(arch, mode, attack_iter, mesh) for mode in FSDP_ATTACK_GATHERS}
+        (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
