@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import torch
 from conftest import REPO
 
 from iat.app import demo
@@ -76,7 +77,7 @@ def test_a_stopped_demo_keeps_the_rows_printed(tmp_path, monkeypatch, capsys):
         return [result] * len(demo.columns(scale)), 12.0
 
     monkeypatch.setattr(demo, "train_and_evaluate", train_and_evaluate)
-    monkeypatch.setattr(demo, "measure_unit", lambda cfg: 0.01)
+    monkeypatch.setattr(demo, "measure_unit", lambda cfg, nprocs, cpus: 0.01)
     assert demo.run_demo(str(tmp_path), quick=True) == 130
     out = capsys.readouterr().out
     assert re.search(r"^adversarial \(PGD-3\)\s+0\.750\s+0\.750\s+0\.750\s+0\.750\s+12$", out, re.M)
@@ -90,3 +91,25 @@ def test_the_estimate_counts_every_models_passes():
     quick = demo.estimate_seconds(demo.QUICK, 1437, 360, unit_s=0.01)
     full = demo.estimate_seconds(demo.FULL, 1437, 360, unit_s=0.01)
     assert quick > 0 and full > 3 * quick
+
+
+def test_the_unit_is_measured_as_each_training_process_runs(monkeypatch):
+    """Each of `nprocs` processes trains on its share of the batch with its share of the
+    threads; the estimate's pass is measured so (a whole-batch pass on every thread measured up
+    to 10x slower on a busy machine), and the evaluation's threads are given back."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((x.shape[0], torch.get_num_threads()))
+            return x.mean()
+
+    monkeypatch.setattr(demo, "build_model", lambda cfg, classes, device: Probe())
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert demo.measure_unit(None, nprocs=2, cpus=4, repeats=2) >= 0
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(demo.TOTAL_BATCH // 2, 2)] * 3

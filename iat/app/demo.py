@@ -307,16 +307,24 @@ def estimate_seconds(scale: DemoScale, n_train: int, n_val: int, unit_s: float) 
     return unit_s * (train + len(MODELS) * per_model)
 
 
-def measure_unit(cfg: Config, repeats: int = 3) -> float:
-    """Seconds of one forward and backward pass of the demo's model on a TOTAL_BATCH batch."""
+def measure_unit(cfg: Config, nprocs: int, cpus: int, repeats: int = 3) -> float:
+    """Seconds of one forward and backward pass of the demo's model over a TOTAL_BATCH batch,
+    measured as the training runs it: `nprocs` processes side by side, each with its share of
+    the batch and of the `cpus` threads. (One process with every thread over the whole batch
+    measured up to 10x slower on a busy 2-core machine, where threads wait on each other.)"""
     model = build_model(cfg, 10, torch.device("cpu"))
-    images = torch.rand(TOTAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE) * 255
+    images = torch.rand(TOTAL_BATCH // nprocs, 3, IMAGE_SIZE, IMAGE_SIZE) * 255
     images.requires_grad_(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cpus // nprocs))
     times = []
-    for _ in range(repeats + 1):  # the first pass warms up
-        began = time.perf_counter()
-        model(images).sum().backward()
-        times.append(time.perf_counter() - began)
+    try:
+        for _ in range(repeats + 1):  # the first pass warms up
+            began = time.perf_counter()
+            model(images).sum().backward()
+            times.append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(threads)
     return min(times[1:])
 
 
@@ -345,10 +353,10 @@ def run_demo(logdir: str, quick: bool = False) -> int:
     adv_cfg = demo_config(data, adv_logdir, ATTACK_ITER, nprocs, scale)
     n_train = len(list_split(adv_cfg.data, "train", adv_cfg.data_layout)[0])
     n_val = len(list_split(adv_cfg.data, "val", adv_cfg.data_layout)[0])
-    expected = estimate_seconds(scale, n_train, n_val, measure_unit(adv_cfg))
+    expected = estimate_seconds(scale, n_train, n_val, measure_unit(adv_cfg, nprocs, cpus))
     print(
         f"expected time: about {_duration(expected)} for {len(MODELS)} models on this machine "
-        "if nothing is reused (from one measured training step; Ctrl-C keeps the rows printed)"
+        "if nothing is reused (from measured training passes; Ctrl-C keeps the rows printed)"
     )
     heading = f"digits, accuracy on {n_val} held-out images, L-inf epsilon {EPSILON:g} pixels"
     print(f"\n{heading} (of 255)")
