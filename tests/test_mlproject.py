@@ -1,9 +1,10 @@
 """The MLproject's Dioptra entry points against a local folder store on the demo's digits (16
 px). The chain train -> fgm -> infer runs as ``mlflow run . -e ENTRY --env-manager local``
 subprocesses, passing the model and FGM's adversarial set (a tarball artifact) by run id; the
-dataset defenses and AutoAttack run in this process, each as the command MLflow computes from
-the MLproject for it. Every logged number is recomputed here from the downloaded model and
-images."""
+notebook (examples/dioptra_workflow.ipynb, executed by a kernel) runs fgm -> jpeg_compression ->
+infer through ``mlflow.projects.run``; the other dataset defenses and AutoAttack run in this
+process, each as the command MLflow computes from the MLproject for it. Every logged number is
+recomputed here from the downloaded model and images."""
 
 from __future__ import annotations
 
@@ -163,33 +164,22 @@ def test_fgm_exports_its_set_and_infer_scores_it_by_run_id(project: dict) -> Non
 
 
 def test_defenses_write_the_transformed_set(project: dict) -> None:
-    """spatial_smoothing, jpeg_compression and gaussian_augmentation on the fgm run's set,
-    checked against OpenCV's median filter and JPEG codec, and noise statistics."""
+    """spatial_smoothing and gaussian_augmentation on the fgm run's set, checked against
+    OpenCV's median filter and the noise's statistics (jpeg_compression: the notebook's test)."""
     client, root = project["client"], project["root"]
     source = dataset(client, project["fgm"], "testing_adversarial_fgm.tar.gz", root / "src")
     runs = {
         "spatial_smoothing": {"spatial_smoothing_window_size": 3},
-        "jpeg_compression": {"jpeg_compression_quality": 30},
         "gaussian_augmentation": {"gaussian_augmentation_sigma": 8, "seed": 1},
     }
     out = {}
     for entry, params in runs.items():
         run_id = run_in_process(entry, dataset_run_id=project["fgm"], **params)
         out[entry] = dataset(client, run_id, f"{entry}_dataset.tar.gz", root / entry)
-        assert out[entry].keys() == source.keys()
-        changes = [out[entry][k][0].astype(float) - source[k][0] for k in source]
-        logged = client.get_run(run_id).data.metrics
-        assert logged["images"] == 360
-        linf = np.mean([np.abs(c).max() for c in changes])
-        assert logged["l_infinity_norm"] == pytest.approx(linf, rel=1e-9)
-        l2 = np.mean([np.linalg.norm(c) for c in changes])
-        assert logged["l_2_norm"] == pytest.approx(l2, rel=1e-5)
-    quality = [cv2.IMWRITE_JPEG_QUALITY, 30]
+        check_distances(client.get_run(run_id).data.metrics, source, out[entry])
     for name, (image, label) in source.items():
-        assert out["spatial_smoothing"][name][1] == out["jpeg_compression"][name][1] == label
+        assert out["spatial_smoothing"][name][1] == out["gaussian_augmentation"][name][1] == label
         assert np.array_equal(out["spatial_smoothing"][name][0], cv2.medianBlur(image, 3))
-        jpeg = cv2.imdecode(cv2.imencode(".jpg", image, quality)[1], cv2.IMREAD_COLOR)
-        assert np.array_equal(out["jpeg_compression"][name][0], jpeg)
     noise = np.concatenate(
         [
             (out["gaussian_augmentation"][k][0].astype(float) - v[0]).ravel()
@@ -198,6 +188,16 @@ def test_defenses_write_the_transformed_set(project: dict) -> None:
     )
     inside = np.concatenate([((v[0] >= 24) & (v[0] <= 231)).ravel() for v in source.values()])
     assert abs(noise[inside].mean()) < 0.1 and noise[inside].std() == pytest.approx(8, rel=0.05)
+
+
+def check_distances(logged: dict, source: dict, defended: dict) -> None:
+    """A defense run's metrics: the image count and the mean L-inf and L2 changes."""
+    assert defended.keys() == source.keys() and logged["images"] == len(source)
+    changes = [defended[k][0].astype(float) - source[k][0] for k in source]
+    linf = np.mean([np.abs(c).max() for c in changes])
+    assert logged["l_infinity_norm"] == pytest.approx(linf, rel=1e-9)
+    l2 = np.mean([np.linalg.norm(c) for c in changes])
+    assert logged["l_2_norm"] == pytest.approx(l2, rel=1e-5)
 
 
 def test_autoattack_exports_what_it_scored(project: dict) -> None:
@@ -232,6 +232,8 @@ def test_a_missing_run_or_artifact_is_one_line(project: dict, capsys) -> None:
     assert "testing_adversarial_fgm.tar.gz" in line
     line = error("infer", run_id=project["fgm"], model_run_id=project["fgm"])
     assert line.startswith(f"error: --model-run-id {project['fgm']}: the run has no artifact")
+    line = error("train", data_dir=project["root"] / "model", iat_args="--workers 0")
+    assert line.startswith("error: ") and str(project["root"] / "model") in line  # iat's own
     line = error("spatial_smoothing", dataset_run_id=project["fgm"],
                  spatial_smoothing_window_size=4)  # fmt: skip
     assert (
@@ -254,3 +256,50 @@ def test_every_entry_point_is_dioptras() -> None:
         params = required.get(name, {"dataset_run_id": "r"})
         parsed = vars(mlproject.build_parser().parse_args(entry_command(name, **params)))
         assert parsed["entry"] == name and set(declared[name]["parameters"]) <= set(parsed), name
+
+
+def test_the_notebook_walks_the_same_workflow(project: dict, monkeypatch) -> None:
+    """examples/dioptra_workflow.ipynb executed by a Jupyter kernel at the test's scale (its
+    parameters cell overridden to reuse the trained model): fgm, jpeg_compression, and infer on
+    both sets; the JPEG set checked against OpenCV's codec, its accuracy recomputed here."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(REPO / "examples" / "dioptra_workflow.ipynb", as_version=4)
+    (parameters,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", ())]
+    root, client, model = project["root"], project["client"], project["model"]
+    parameters.source += (
+        f"\nWORK = Path({str(root)!r})\nIMAGE_SIZE = {SIZE}\nIAT_ARGS = {TINY!r}"
+        f"\nMODEL_RUN_ID = {project['train']!r}"
+        '\nDEFENSES = {"jpeg_compression": {"jpeg_compression_quality": 30}}'
+    )
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel and the runs import this iat
+    monkeypatch.setenv("PATH", project["env"]["PATH"])
+    nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3",
+        resources={"metadata": {"path": str(REPO / "examples")}},
+    ).execute()  # fmt: skip
+    printed = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", ()))
+    runs = dict(re.findall(r"^(\w+): run ([0-9a-f]+) ", printed, re.MULTILINE))
+    infers = re.findall(r"^infer: run ([0-9a-f]+) ", printed, re.MULTILINE)
+    assert set(runs) == {"fgm", "jpeg_compression", "infer"} and len(infers) == 2
+    source = dataset(client, runs["fgm"], "testing_adversarial_fgm.tar.gz", root / "nb-fgm")
+    tar_name = "jpeg_compression_dataset.tar.gz"
+    jpeg = dataset(client, runs["jpeg_compression"], tar_name, root / "nb-jpeg")
+    check_distances(client.get_run(runs["jpeg_compression"]).data.metrics, source, jpeg)
+    quality = [cv2.IMWRITE_JPEG_QUALITY, 30]
+    for name, (image, label) in source.items():
+        decoded = cv2.imdecode(cv2.imencode(".jpg", image, quality)[1], cv2.IMREAD_COLOR)
+        assert np.array_equal(jpeg[name][0], decoded) and jpeg[name][1] == label
+    scored = [client.get_run(run_id).data for run_id in infers]
+    assert [data.params["run_id"] for data in scored] == [runs["fgm"], runs["jpeg_compression"]]
+    assert scored[0].metrics["accuracy"] == pytest.approx(accuracy(model, source), abs=1e-12)
+    assert scored[1].metrics["accuracy"] == pytest.approx(accuracy(model, jpeg), abs=1e-12)
+    table = {
+        name.strip(): float(value)
+        for name, value in re.findall(r"^(.+) accuracy ([0-9.]+)$", printed, re.MULTILINE)
+    }
+    assert table == pytest.approx({
+        "clean (val)": client.get_run(project["train"]).data.metrics["accuracy"],
+        "FGM eps 32": scored[0].metrics["accuracy"],
+        "FGM eps 32, then jpeg_compression": scored[1].metrics["accuracy"],
+    }, abs=5e-4)  # fmt: skip

@@ -82,7 +82,7 @@ def download(run_id: str, artifact: str, dst: Path, what: str) -> Path:
     try:
         held = [f.path for f in client.list_artifacts(run_id)]
     except MlflowException as e:
-        raise ValueError(f"{what} {run_id}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{what} {run_id}: {str(e).strip().splitlines()[0]}") from None
     if artifact not in held:
         raise ValueError(
             f"{what} {run_id}: the run has no artifact {artifact!r} (it has: "
@@ -97,7 +97,9 @@ def extract(tarball: Path, dst: Path) -> None:
         for member in tar.getmembers():
             inside = (dst / member.name).resolve().is_relative_to(dst.resolve())
             if not (member.isfile() or member.isdir()) or not inside:
-                raise ValueError(f"{tarball.name}: member {member.name!r} is not a plain file")
+                raise ValueError(
+                    f"{tarball.name}: member {member.name!r} is not a plain file inside it"
+                )
         if hasattr(tarfile, "data_filter"):  # Python 3.10.12+: the checks above, and more
             tar.extractall(dst, filter="data")
         else:
