@@ -87,6 +87,14 @@ def test_an_exported_folder_is_evaluated_with_its_labels(
     assert transfer["images"] == record["images"] == 5
     assert transfer["top1_error"] == pytest.approx(record["top1_error"], abs=1e-12)
     assert transfer["split"] == "."
+    # Image by image: the exported crops are scored as they are (not resized and cropped again).
+    attacked_rows, scored_rows = (
+        [json.loads(line) for line in Path(f"{path}.images.jsonl").read_text().splitlines()]
+        for path in (attacked, scored)
+    )
+    assert [r["prediction"] for r in scored_rows] == [r["prediction"] for r in attacked_rows]
+    for mine, theirs in zip(scored_rows, attacked_rows, strict=True):
+        assert mine["margin"] == pytest.approx(theirs["margin"], rel=1e-6)
     assert "top-1 error" in capsys.readouterr().out
 
 

@@ -148,6 +148,16 @@ def eval_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, size))
 
 
+def exported_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """An image an evaluation exported (``--export-adversarial``: its evaluated crop) as it is
+    when it is size x size, so that scoring the export gives the exporting evaluation's numbers
+    image by image; any other image as ``eval_transform`` takes it."""
+    _check_image(img)
+    if img.shape[:2] != (size, size):
+        return eval_transform(img, size)
+    return np.ascontiguousarray(img)
+
+
 def robustbench_transform(img: np.ndarray, size: int = 224) -> np.ndarray:
     """RobustBench's ImageNet preprocessing, "Res256Crop224" (torchvision ``Resize(256)``,
     ``CenterCrop(224)``, ``ToTensor()`` on a PIL image), bit for bit on the same decoded pixels:

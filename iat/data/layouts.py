@@ -98,6 +98,12 @@ def _parse_label_file(label_file: Path, split_dir: Path) -> list[Sample]:
     return sorted(samples)
 
 
+def is_export(root: str | Path, split: str) -> bool:
+    """Whether split `split` of `root` is an ``--export-adversarial`` folder: the folder itself
+    (``.``) with the ``labels.txt`` an export writes."""
+    return split == FOLDER_ITSELF and (Path(root) / EXPORT_LABELS).is_file()
+
+
 def _label_file(root: Path, split: str) -> Path:
     """A flat split's labels: ``root/<split>.txt``, an exported folder's ``labels.txt``."""
     return root / (EXPORT_LABELS if split == FOLDER_ITSELF else f"{split}.txt")
@@ -126,7 +132,7 @@ def _list_imagenet_split(root: Path, split: str) -> tuple[list[Sample], list[str
         exported = (root / EXPORT_LABELS).is_file()
         hint = f" ({root} is an --export-adversarial folder: --split .)" if exported else ""
         raise DataError(f"split folder {split_dir} does not exist{hint}")
-    if split == FOLDER_ITSELF and _label_file(root, split).is_file():
+    if is_export(root, split):
         return _list_flat(root, split, split_dir)  # an export: whatever its class folders hold
     if split == "train" or _class_dirs(split_dir):
         classes = _train_classes(root) if split != "train" else None
@@ -161,8 +167,7 @@ class ImageNetReader:
         own), without listing any image; None for a flat split whose label file gives only
         numbers (an export's labels.txt, or a missing split)."""
         split_dir = self.root / split
-        exported = split == FOLDER_ITSELF and _label_file(self.root, split).is_file()
-        if exported or not split_dir.is_dir():
+        if is_export(self.root, split) or not split_dir.is_dir():
             return None
         return _train_classes(self.root) or [d.name for d in _class_dirs(split_dir)] or None
 

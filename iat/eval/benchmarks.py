@@ -25,8 +25,8 @@ import numpy as np
 
 from iat.attacks import DEFAULT_QUERIES
 from iat.config import Config, architecture_name
-from iat.data.augment import eval_transform, robustbench_transform
-from iat.data.layouts import DataError, Sample, read_image_pil_bgr
+from iat.data.augment import eval_transform, exported_transform, robustbench_transform
+from iat.data.layouts import DataError, Sample, is_export, read_image_pil_bgr
 from iat.data.sources import DecodedBy
 from iat.eval.metrics import EvalResult
 
@@ -97,9 +97,11 @@ def coverage(found: int, num_examples: int | None) -> dict:
 
 def transform_for(cfg: Config) -> Callable[[np.ndarray, int], np.ndarray]:
     """The evaluation's image preprocessing: the benchmark's (decoded with PIL, as RobustBench's
-    ImageFolder does), else the original's."""
+    ImageFolder does); an exported folder's crops as they are; else the original's."""
     if cfg.benchmark == "robustbench":
         return DecodedBy(read_image_pil_bgr, robustbench_transform)
+    if is_export(cfg.data, cfg.split):
+        return exported_transform
     return eval_transform
 
 

@@ -96,11 +96,17 @@ def check_mlflow(uri: str, seconds: float = MLFLOW_CHECK_SECONDS) -> str:
 def mlflow_uri(uri: str) -> str:
     """A tracking URI; a local folder becomes a ``file://`` URI. A folder store, named either
     way, gets MLflow 3's opt-in."""
-    if uri.startswith("file:") or "://" not in uri:
-        os.environ.setdefault(_MLFLOW_FILE_STORE_OPT_IN, "true")
+    allow_folder_store(uri)
     if "://" in uri or uri.startswith("file:"):
         return uri
     return Path(uri).resolve().as_uri()
+
+
+def allow_folder_store(uri: str) -> None:
+    """MLflow 3's opt-in to its folder store (in this process and those it starts) when `uri`
+    names one (``file:`` or a plain folder), unless the environment already says otherwise."""
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault(_MLFLOW_FILE_STORE_OPT_IN, "true")
 
 
 def _text(value: object) -> str:
