@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from train_worker import train
 
 import nets
@@ -63,11 +64,41 @@ def steps(arch: str, mode: str, attack_iter: int, mesh) -> list[dict]:
     return found
 
 
+def root_gather(arch: str, mesh, placed: bool) -> dict:
+    """The bytes the root unit of a tiny `arch` gathers for an evaluation's forward pass, and
+    how its parameters are split: sharded by ``fsdp.shard_model`` (`placed`), else by
+    fully_shard's default placement (dim 0) over the same units."""
+    torch.manual_seed(0)
+    model = nets.build_model(arch, num_blocks=BLOCKS[arch], width=8, num_classes=10).eval()
+    if placed:
+        fsdp.shard_model(model, mesh, fsdp.mixed_precision(None))
+    else:
+        for unit in nets.shard_units(model):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    owned = {id(p) for unit in fsdp.fsdp_modules(model)[1:] for p in unit.parameters()}
+    placements = {
+        name: str(p.placements[0]) for name, p in model.named_parameters() if id(p) not in owned
+    }
+    counts = fsdp.count_collectives(model, root_only=True)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32) * 255)
+    return {
+        "gathers": counts.all_gathers,
+        "bytes": counts.all_gather_bytes,
+        "placements": placements,
+    }
+
+
 def collectives(out_dir: Path, archs: list[str], attack_iter: int, env) -> None:
     mesh = fsdp.device_mesh("full", env, torch.device("cpu"))
     result = {
         arch: {mode: steps(arch, mode, attack_iter, mesh) for mode in FSDP_ATTACK_GATHERS}
         for arch in archs
+    }
+    result["root"] = {
+        placement: root_gather(archs[0], mesh, placement == "placed")
+        for placement in ("default", "placed")
     }
     (out_dir / f"rank{env.rank}.json").write_text(json.dumps(result))
 
