@@ -9,7 +9,11 @@ Usage: fsdp_worker.py JOBS.json.  The file lists jobs, run in order by every ran
   --fsdp-attack-gather mode, a tiny model sharded over both processes takes 2 adversarial
   training steps (PGD-K in the loop); DIR/rank<R>.json holds, per ARCH, mode and step, the
   all-gathers and reduce-scatters of the attack alone and of the whole step, whether the attack
-  left a parameter gradient, the number of sharded units, and the step's loss.
+  left a parameter gradient, the number of sharded units, and the step's loss; under "root",
+  the bytes a tiny ViT's root unit gathers and its parameters' placements, fully_shard's default
+  against ``fsdp.shard_model``'s;
+* ``{"mesh": MODE, "out": DIR}``: DIR/rank<R>.json holds the shape and dimension names of the
+  device mesh --fsdp MODE makes of these processes.
 """
 
 import json
@@ -113,6 +117,10 @@ def main(jobs: list[dict]) -> None:
             out.mkdir(exist_ok=True)
             if "train" in job:
                 train(out, job["train"], env, device)
+            elif "mesh" in job:
+                mesh = fsdp.device_mesh(job["mesh"], env, device)
+                facts = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
+                (out / f"rank{env.rank}.json").write_text(json.dumps(facts))
             else:
                 collectives(out, job["collectives"], job["iters"], env)
 

@@ -50,14 +50,16 @@ def flags(data: Path, logdir: Path, epochs: int = 1) -> list[str]:
     ]  # fmt: skip
 
 
-def start_ranks(args: list[str], logs: Path) -> list[subprocess.Popen]:
+def start_ranks(args: list[str], logs: Path, machines: int = 1) -> list[subprocess.Popen]:
     """`python args` as ranks 0 and 1 of a 2-process job, with the variables torchrun sets
-    (no launcher process: one fewer Python start); stderr in logs/rank<R>.err."""
+    (no launcher process: one fewer Python start) on one machine, or on each of 2 `machines`
+    (1 process each); stderr in logs/rank<R>.err."""
     port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        local = {"LOCAL_RANK": str(rank % (2 // machines)), "LOCAL_WORLD_SIZE": str(2 // machines)}
+        env.update(RANK=str(rank), WORLD_SIZE="2", **local)
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         with open(logs / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
@@ -82,9 +84,10 @@ def _kill_after(args: list[str], logs: Path, marker: Path, timeout: float = 300)
 
 
 def run_jobs(jobs: list[dict], logs: Path, timeout: float = 900) -> None:
-    """tests/fsdp_worker.py's `jobs`, on 2 ranks."""
+    """tests/fsdp_worker.py's `jobs`, on 2 ranks as 2 machines of 1 process each (so that
+    --fsdp hybrid has a replicate dimension; the other jobs do not depend on it)."""
     (logs / "jobs.json").write_text(json.dumps(jobs))
-    procs = start_ranks(["tests/fsdp_worker.py", str(logs / "jobs.json")], logs)
+    procs = start_ranks(["tests/fsdp_worker.py", str(logs / "jobs.json")], logs, machines=2)
     try:
         codes = [proc.wait(timeout=timeout) for proc in procs]
     finally:
@@ -104,8 +107,9 @@ def runs(tmp_path_factory) -> Path:
     """Every 2-process run of this file, in its own folder of the returned one: `killed`
     (SIGKILLed in epoch 2, then relaunched to its end) and `copy` (the killed run's folder as
     the kill left it); the train jobs `vit-ddp`, `vit-fsdp` (the killed run uninterrupted,
-    checkpoints in `vit-fsdp-run`), `resumed` (the relaunch), `resnet-ddp`, `resnet-fsdp`
-    (runs in `*-run`), and the collective counts in `collectives`."""
+    checkpoints in `vit-fsdp-run`), `resumed` (the relaunch), `resnet-ddp`, `resnet-fsdp`,
+    `vit-hybrid` (runs in `*-run`); the collective counts in `collectives`, the mesh --fsdp
+    hybrid makes of the two 1-process machines in `mesh`."""
     root = tmp_path_factory.mktemp("fsdp")
     data = write_imagenet(root / "imagenet")
     killed = root / "killed"
@@ -121,9 +125,11 @@ def runs(tmp_path_factory) -> Path:
         ("resnet-ddp", [*flags(data, root / "resnet-ddp-run"), *RESNET]),
         ("resnet-fsdp", [*flags(data, root / "resnet-fsdp-run"), *RESNET, "--fsdp",
                          "--fsdp-attack-gather", "per-layer"]),
+        ("vit-hybrid", [*flags(data, root / "vit-hybrid-run", 2), *VIT_RUN, "--fsdp", "hybrid"]),
     ]  # fmt: skip
     counts = {"collectives": list(BLOCKS), "iters": ATTACK_ITER, "out": str(root / "collectives")}
-    run_jobs([*({"train": a, "out": str(root / n)} for n, a in jobs), counts], root)
+    mesh = {"mesh": "hybrid", "out": str(root / "mesh")}
+    run_jobs([*({"train": a, "out": str(root / n)} for n, a in jobs), counts, mesh], root)
     return root
 
 
@@ -158,6 +164,24 @@ def test_two_sharded_processes_train_as_ddp_on_half_the_memory(arch, name, runs)
     assert ddp_bytes[0] == ddp_bytes[1]
     assert sum(shard_bytes) == pytest.approx(ddp_bytes[0], rel=0.02)  # the shards make one copy
     assert max(shard_bytes) < 0.6 * ddp_bytes[0]
+
+
+def test_hybrid_sharding_across_two_machines_replicates_and_all_reduces(runs):
+    """Two machines of one process each: --fsdp hybrid's mesh is 2 (replicate) x 1 (shard), each
+    process holds the whole model (DDP's bytes), and the gradients all-reduced across the
+    replicate dimension keep both replicas equal to each other and to DDP's weights (each
+    process trains on other images: without the all-reduce they would part)."""
+    for rank in (0, 1):
+        mesh = json.loads((runs / "mesh" / f"rank{rank}.json").read_text())
+        assert mesh == {"shape": [2, 1], "names": ["replicate", "shard"]}
+    ddp, ddp_bytes = outputs(runs / "vit-ddp")
+    hybrid, hybrid_bytes = outputs(runs / "vit-hybrid")
+    other = torch.load(runs / "vit-hybrid" / "rank1.pt", weights_only=True)
+    assert hybrid.keys() == other.keys() == ddp.keys()
+    for key, value in ddp.items():
+        assert torch.equal(other[key], hybrid[key]), key
+        torch.testing.assert_close(hybrid[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert hybrid_bytes == ddp_bytes
 
 
 @pytest.mark.parametrize("arch", list(BLOCKS))
