@@ -35,8 +35,10 @@ from main import main
 
 VIT = ["--arch", "vit_small_patch16_224", "--num-blocks", "2", "--width", "8"]
 RESNET = ["--arch", "ResNetDenoise", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
-# The ViT's runs: 2 epochs (the kill falls in the second), gradients clipped, evaluated.
-VIT_RUN = [*VIT, "--clip-grad", "0.5", "--train-eval", "light"]
+# The ViT's runs: 2 epochs (the kill falls in the second), gradients clipped, evaluated, in
+# AdvXL's stages: PGD-1 in epoch 1, PGD-2 from epoch 2 (the relaunch crosses the boundary).
+SCHEDULE = ["--attack-iter-schedule", "1", "1", "2", "2"]
+VIT_RUN = [*VIT, "--clip-grad", "0.5", "--train-eval", "light", *SCHEDULE]
 ATTACK_ITER = 3  # the collective counts' PGD
 BLOCKS = {"vit_small_patch16_224": [2], "ResNetDenoise": [1, 1, 1, 1]}  # as fsdp_worker.py's
 
@@ -240,8 +242,9 @@ def _shards(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_sharded_run_resumes_bit_for_bit(runs):
-    """The 2-process --fsdp run SIGKILLed in epoch 2 and relaunched ends with the uninterrupted
-    run's weights and every shard (optimizer included) bit for bit."""
+    """The 2-process --fsdp run SIGKILLed in epoch 2 and relaunched into the PGD-2 stage ends
+    with the uninterrupted run's weights, every shard (optimizer included) and state file bit
+    for bit; each epoch's state file records its stage as DDP's single-file checkpoint does."""
     model, _ = outputs(runs / "vit-fsdp")
     resumed, _ = outputs(runs / "resumed")
     for key, value in model.items():
@@ -251,6 +254,14 @@ def test_killed_sharded_run_resumes_bit_for_bit(runs):
     assert ours.keys() == theirs.keys() and any(".momentum_buffer" in k for k in ours)
     for key, value in ours.items():
         assert torch.equal(theirs[key], value), key
+    whole = read_state(runs / "vit-fsdp-run" / "checkpoint-epoch0002.dcp")
+    assert read_state(runs / "killed" / "checkpoint-epoch0002.dcp") == whole
+    for epoch in (1, 2):
+        name = f"checkpoint-epoch{epoch:04d}"
+        stage = read_state(runs / "vit-fsdp-run" / f"{name}.dcp")["stage"]
+        assert (stage["stage"], stage["iter"]) == (epoch, epoch)
+        ddp = torch.load(runs / "vit-ddp-run" / f"{name}.pt", weights_only=True)
+        assert stage == ddp["stage"]
 
 
 def _export(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -261,7 +272,8 @@ def _export(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
 
 def test_a_two_process_checkpoint_resumes_on_one_process_and_exports(runs, data, tmp_path, capsys):
     """The killed run's epoch-1 checkpoint resumes on 1 process with the weights the
-    uninterrupted run's epoch-1 export holds, and trains on there; the uninterrupted run's last
+    uninterrupted run's epoch-1 export holds, and trains on there (relaunched with stages that
+    give its epoch another attack: said in one line); the uninterrupted run's last
     checkpoint exports the gathered model exactly; the epoch-1 export evaluates with the counts
     of the sharded model's in-training evaluation after epoch 1 (2 of the 7 images wrong)."""
     epoch1 = tmp_path / "epoch1.safetensors"
@@ -276,8 +288,14 @@ def test_a_two_process_checkpoint_resumes_on_one_process_and_exports(runs, data,
     loaded = torch.load(one / "rank0.pt", weights_only=True)
     for key, value in loaded.items():
         assert torch.equal(exported[key], value), key
-    assert main([*flags(data, copy, 2), *VIT, "--fsdp"]) == 0
+    # Relaunched with other stages (PGD-2 from epoch 1): the checkpoint's stage is named.
+    assert main([*flags(data, copy, 2), *VIT, "--fsdp", *SCHEDULE[:1], "1", "2"]) == 0
     assert (copy / "checkpoint-epoch0002.dcp").is_dir()
+    assert (
+        f"warning: {copy / 'checkpoint-epoch0001.dcp'} trained epoch 1 in stage 1 (32 px, "
+        "PGD-1 step 8); this run's schedules give it stage 1 (32 px, PGD-2 step 4): the stages "
+        "changed"
+    ) in capsys.readouterr().err
 
     model, _ = outputs(runs / "vit-fsdp")
     final = _export(runs / "vit-fsdp-run" / "checkpoint-epoch0002.dcp", tmp_path / "final.pt")
