@@ -21,7 +21,9 @@ time. The attack's input-gradient passes compute no parameter gradients (``attac
 the parameters), so they reduce-scatter nothing.
 
 BatchNorm statistics are buffers, replicated: as DDP (``broadcast_buffers``), rank 0's are
-broadcast at the start of every training forward pass, and each process updates its own copy.
+broadcast at the start of every training forward pass that follows one whose gradients were
+reduced (with --accumulate, before each update's first micro-batch), and each process updates
+its own copy.
 """
 
 from __future__ import annotations
@@ -73,15 +75,15 @@ def mixed_precision(dtype: torch.dtype | None) -> MixedPrecisionPolicy:
 def shard_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> nn.Module:
     """`model` sharded in place: each of its ``nets.shard_units`` a unit freed after its forward
     pass, the root (what is left) kept gathered from its forward to its backward pass, each
-    parameter split as ``shard_placement`` says; rank 0's buffers broadcast before each training
-    forward pass (DDP's ``broadcast_buffers``)."""
+    parameter split as ``shard_placement`` says; rank 0's buffers broadcast before training
+    forward passes as DDP's ``broadcast_buffers`` does (``_BufferBroadcast``)."""
     place = functools.partial(shard_placement, shards=mesh["shard"].size())
     for unit in nets.shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True,
                     shard_placement_fn=place)  # fmt: skip
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,
                 shard_placement_fn=place)  # fmt: skip
-    model.register_forward_pre_hook(_broadcast_buffers)
+    model.register_forward_pre_hook(_BufferBroadcast())
     return model
 
 
@@ -97,12 +99,30 @@ def shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
     return Shard(max(even, key=lambda d: param.shape[d]))
 
 
-def _broadcast_buffers(module: nn.Module, args: tuple) -> None:
-    """Before a training forward pass (train mode, gradients on: not the attack's, in eval mode,
-    nor an evaluation's), every process takes rank 0's buffers, as DDP does."""
-    if module.training and torch.is_grad_enabled():
-        for buffer in module.buffers():
-            distributed.broadcast_tensor(buffer, src=0)
+class _BufferBroadcast:
+    """DDP's ``broadcast_buffers`` (a forward pre-hook of the sharded model): before a training
+    forward pass (train mode, gradients on: not the attack's, in eval mode, nor an evaluation's)
+    every process takes rank 0's buffers, unless the previous training pass kept its gradients
+    unreduced (``sync_gradients``). DDP broadcasts only after a pass whose gradients it reduced:
+    with --accumulate, once per update, before its first micro-batch."""
+
+    def __init__(self) -> None:
+        self.due = True
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if self.due:
+            for buffer in module.buffers():
+                distributed.broadcast_tensor(buffer, src=0)
+        self.due = _reduces_gradients(module)
+
+
+def _reduces_gradients(model: nn.Module) -> bool:
+    """Whether `model`'s backward pass reduces its units' gradients (FSDP2's
+    ``set_requires_gradient_sync`` has no getter: its parameter groups' flag)."""
+    groups = [g for m in fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups]
+    return all(group.reduce_grads for group in groups)
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
