@@ -251,7 +251,7 @@ def print_measured(args: argparse.Namespace) -> None:
     fsdp = measure_fsdp(k, args.cpu_repeats)
     rows = []
     for strategy, r in fsdp.items():
-        setup = sm.Setup(k=0 if strategy == "clean" else k, precision=sm.FP32,
+        setup = sm.Setup(k=0 if strategy == "clean" else k, precision=sm.FP32, placement="dim0",
                          strategy="reshard" if strategy == "clean" else strategy)  # fmt: skip
         vol = sm.step_volume(SMALL, setup, 2)
         share = sm.ring_share(2)
@@ -298,9 +298,11 @@ def print_volume(args: argparse.Namespace) -> None:
     print(f"## Modelled: collectives per step, per GPU (FSDP2 over {n} GPUs)\n")
     print("One unit per block plus the root; weights gathered in bf16, gradients reduce-scattered")
     print("in fp32; each GPU receives (N - 1) / N of each gathered tensor and sends that share")
-    print("of each reduce-scattered one (ring). Parameters sharded on dim 0 as fully_shard does")
-    print("(pos_embed and cls_token, dim 0 of 1, padded to N rows). PGD-k: k forward and")
-    print("input-gradient passes, then the training forward and backward.\n")
+    print("of each reduce-scattered one (ring). Parameters split as --fsdp places them: dim 0,")
+    print("or the largest dimension N divides where it does not divide dim 0 (pos_embed and")
+    print("cls_token, dim 0 of 1, along their width; padded to N rows where N does not divide")
+    print("it). PGD-k: k forward and input-gradient passes, then the training forward and")
+    print("backward.\n")
     for name, meaning in sm.STRATEGIES.items():
         print(f"- {name}: {meaning}")
     print()
@@ -316,18 +318,18 @@ def print_volume(args: argparse.Namespace) -> None:
     table(["model", "strategy", f"all-gathers per step (k = {', '.join(map(str, ks))})",
            *(f"PGD-{k}: GB per GPU (x clean step)" for k in ks)], rows)  # fmt: skip
     print("The root unit (dim-0 padding): MB gathered per forward pass (bf16), fully_shard's")
-    print("default placement against sharding each parameter on its largest dimension")
-    print("(shard_placement_fn):\n")
+    print("default placement (dim 0) against --fsdp's (iat.train.fsdp.shard_placement: the")
+    print("largest dimension N divides where it does not divide dim 0; else dim 0, padded):\n")
     rows = []
     for v in sm.MODELS:
         cells = []
         for gpus in args.gpus:
             pads = [
-                sm.padded_numel(sm.root_shapes(v), gpus, p) * 2 / 1e6 for p in ("dim0", "largest")
+                sm.padded_numel(sm.root_shapes(v), gpus, p) * 2 / 1e6 for p in ("dim0", "divisible")
             ]
             cells.append(f"{pads[0]:,.0f} / {pads[1]:,.1f}")
         rows.append([v.name, f"{sm.numel(sm.root_shapes(v)) * 2 / 1e6:.1f}", *cells])
-    table(["model", "root MB unpadded", *(f"N={g}: dim 0 / largest" for g in args.gpus)], rows)
+    table(["model", "root MB unpadded", *(f"N={g}: dim 0 / --fsdp" for g in args.gpus)], rows)
 
 
 def print_memory(args: argparse.Namespace) -> None:
@@ -400,7 +402,7 @@ def print_time(args: argparse.Namespace) -> None:
     print(
         f"NVLink {args.nvlink_gbs:g} GB/s, {args.nvlink_us:g} us per ring step, "
         f"{args.per_node} GPUs a node; InfiniBand {args.ib_gbs:g} GB/s (one NIC per GPU), "
-        f"{args.ib_us:g} us per ring step. bf16 gathers, fp32 reduce-scatters, dim-0 placement."
+        f"{args.ib_us:g} us per ring step. bf16 gathers, fp32 reduce-scatters, --fsdp's placement."
     )
     print("Overlap: per pass the root unit's collectives and one block's are exposed; every other")
     print("block takes max(compute, its collectives). Efficiency = compute / step time;")
@@ -431,11 +433,11 @@ def print_time(args: argparse.Namespace) -> None:
     print(
         f"### Every layout, strategy and placement ({v.name}, {image} px, PGD-{k}, batch {batch})"
     )
-    print("\nplacement: dim 0 (fully_shard's default) or each parameter's largest dimension.\n")
+    print("\nplacement: dim 0 (fully_shard's default) or --fsdp's (divisible).\n")
     rows = []
     for layout in sm.LAYOUTS:
         for strategy in sm.STRATEGIES:
-            for placement in ("dim0", "largest"):
+            for placement in ("dim0", "divisible"):
                 s = sm.Setup(image=image, batch=batch, k=k, strategy=strategy, placement=placement)
                 times = [sm.step_time(v, s, n, c, layout) for n in args.gpus]
                 cells = [

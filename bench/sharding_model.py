@@ -96,14 +96,27 @@ def parameter_count(v: ViT, head: bool = True) -> int:
     return count if head else count - v.classes * (v.width + 1)
 
 
-def padded_numel(shapes: list[Shape], shards: int, placement: str = "dim0") -> int:
+PLACEMENTS = ("divisible", "dim0")
+
+
+def shard_dim(shape: Shape, shards: int, placement: str = "divisible") -> int:
+    """The dimension FSDP2 splits a parameter of `shape` along over `shards` ranks: always 0
+    ("dim0", fully_shard's default), or as --fsdp places it ("divisible",
+    ``iat.train.fsdp.shard_placement``): dim 0 when `shards` divides it, else the largest
+    dimension it divides (fully_shard refuses uneven splits of other dimensions), else 0."""
+    even = [d for d, size in enumerate(shape) if size % shards == 0]
+    if placement == "dim0" or not even or 0 in even:
+        return 0
+    return max(even, key=shape.__getitem__)
+
+
+def padded_numel(shapes: list[Shape], shards: int, placement: str = "divisible") -> int:
     """Elements FSDP2 gathers for these parameters over `shards` ranks. Each is split into
-    `shards` equal chunks, the last ones padded: along dim 0 by default ("dim0"; a dim 0 of 1,
-    as ``pos_embed`` and ``cls_token`` have, is then gathered `shards` times over), or along
-    its largest dimension ("largest": a ``shard_placement_fn`` returning that Shard(dim))."""
+    `shards` equal chunks along its ``shard_dim``, the last ones padded: on dim 0 a dim of 1,
+    as ``pos_embed`` and ``cls_token`` have, is gathered `shards` times over."""
     total = 0
     for shape in shapes:
-        dim = max(range(len(shape)), key=shape.__getitem__) if placement == "largest" else 0
+        dim = shard_dim(shape, shards, placement)
         total += math.ceil(shape[dim] / shards) * shards * math.prod(shape) // shape[dim]
     return total
 
@@ -130,15 +143,15 @@ class Setup:
     checkpointed: bool = False  # activation checkpointing per block
     optimizer: str = "adamw"  # an OPTIMIZER_STATE_BYTES key
     precision: Precision = BF16
-    placement: str = "dim0"  # padded_numel's
+    placement: str = "divisible"  # shard_dim's: --fsdp's, or "dim0" (fully_shard's default)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; one of {sorted(STRATEGIES)}")
         if self.optimizer not in OPTIMIZER_STATE_BYTES:
             raise ValueError(f"unknown optimizer {self.optimizer!r}")
-        if self.placement not in ("dim0", "largest"):
-            raise ValueError(f"unknown placement {self.placement!r}; dim0 or largest")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; one of {PLACEMENTS}")
 
 
 def unit_numels(v: ViT, s: Setup, shards: int) -> tuple[int, int]:

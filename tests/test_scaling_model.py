@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from iat.train import fsdp
 from nets.vit import VisionTransformer
 
 _PATH = Path(__file__).resolve().parent.parent / "bench" / "sharding_model.py"
@@ -52,11 +53,15 @@ def test_gather_volume_of_one_block_and_the_padded_root():
     block = sm.padded_numel(sm.block_shapes(VIT_L), 8)
     assert block == 12_596_224
     assert block * 2 * sm.ring_share(8) == 22_043_392  # bytes each GPU receives
-    # The root: pos_embed (1, 197, 1024) and cls_token (1, 1, 1024) padded to 8 rows each.
+    # The root: on dim 0, pos_embed (1, 197, 1024) and cls_token (1, 1, 1024) padded to 8 rows.
     root = sm.numel(sm.root_shapes(VIT_L))
-    assert sm.padded_numel(sm.root_shapes(VIT_L), 8) == root + 7 * 197 * 1024 + 7 * 1024
-    assert sm.padded_numel(sm.root_shapes(VIT_L), 8, "largest") == root  # 197*... all fit
-    assert sm.padded_numel([(1, 197, 1024)], 64, "largest") == 197 * 1024  # 1024 / 64
+    assert sm.padded_numel(sm.root_shapes(VIT_L), 8, "dim0") == root + 7 * 197 * 1024 + 7 * 1024
+    assert sm.padded_numel(sm.root_shapes(VIT_L), 8) == root  # --fsdp's: along the width
+    assert sm.shard_dim((1, 197, 1024), 64) == 2 and sm.shard_dim((1000, 1024), 64) == 1
+    assert sm.shard_dim((3072, 1024), 64) == 0  # 64 divides dim 0: fully_shard's default
+    # ViT-g's width 1408 = 11 x 128: over 256 no dimension divides evenly, dim 0 is padded.
+    assert sm.shard_dim((1, 257, 1408), 128) == 2 and sm.shard_dim((1, 257, 1408), 256) == 0
+    assert sm.padded_numel([(1, 257, 1408)], 256) == 256 * 257 * 1408
 
 
 def test_step_volume_with_and_without_resharding_during_the_attack():
@@ -191,3 +196,12 @@ def test_overlap_never_beats_compute_and_serial_is_the_sum():
 def test_an_unknown_setting_is_named(field, value):
     with pytest.raises(ValueError, match=value):
         sm.Setup(**{field: value})
+
+
+def test_the_models_placement_is_the_one_fsdp_gives_fully_shard():
+    shapes = [(1, 257, 1408), (1, 197, 1024), (1000, 1024), (1000,), (3072, 1024), (1, 1, 1280)]
+    for shape in shapes:
+        for shards in (2, 8, 64, 256, 1024):
+            param = torch.nn.Parameter(torch.empty(shape, device="meta"))
+            placed = fsdp.shard_placement(param, shards)
+            assert (0 if placed is None else placed.dim) == sm.shard_dim(shape, shards)

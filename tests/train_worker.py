@@ -21,18 +21,22 @@ from main import build_parser, config_from_args
 
 
 def run(out_dir: Path, argv: list[str]) -> None:
-    cfg = config_from_args(build_parser().parse_args(argv))
     env = distributed.detect()
-    cfg = resolve_resources(cfg, env)
-    if os.environ.get("TEST_LOGDIR_PER_RANK"):  # machines that do not share the run directory
-        cfg = dataclasses.replace(cfg, logdir=f"{cfg.logdir}-rank{env.rank}")
     torch.set_num_threads(1)
     device = distributed.select_device(env)
     with distributed.process_group(env, device, timeout_s=120):
-        outcome = run_training(cfg, env, device)
-        torch.save(outcome.model.state_dict(), out_dir / f"rank{env.rank}.pt")
-        facts = {"state_bytes": outcome.state_bytes}
-        (out_dir / f"rank{env.rank}.json").write_text(json.dumps(facts))
+        train(out_dir, argv, env, device)
+
+
+def train(out_dir: Path, argv: list[str], env: distributed.DistEnv, device: torch.device) -> None:
+    """One training run of main.py's flags `argv` in the process group already formed."""
+    cfg = resolve_resources(config_from_args(build_parser().parse_args(argv)), env)
+    if os.environ.get("TEST_LOGDIR_PER_RANK"):  # machines that do not share the run directory
+        cfg = dataclasses.replace(cfg, logdir=f"{cfg.logdir}-rank{env.rank}")
+    outcome = run_training(cfg, env, device)
+    torch.save(outcome.model.state_dict(), out_dir / f"rank{env.rank}.pt")
+    facts = {"state_bytes": outcome.state_bytes}
+    (out_dir / f"rank{env.rank}.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ A checkpoint is a folder ``checkpoint-epochNNNN.dcp`` (``iat.runs.files`` names 
   attack's generator state under ``rng.attack``; each tensor's place in the whole is in the
   file's JSON header (DCP's sharding offsets), so that any number of processes can read it;
 * ``state.json`` (``SHARDED_STATE_FILE``): progress, the architecture record, the optimizer's
-  hyperparameters per group (its parameters by name), the generator's device, fp16's loss scaler
-  and the world size it was saved from.
+  hyperparameters per group (its parameters by name), the generator's device, fp16's loss scaler,
+  the training stage of its epoch under a schedule (``STAGE_FIELD``, as single-file checkpoints
+  record it) and the world size it was saved from.
 
 DCP's default ``FileSystemReader`` unpickles a ``.metadata`` file; this format has none: the
 tensors' layout is read from the safetensors headers (``HuggingFaceStorageReader``), the rest
@@ -44,7 +45,7 @@ from iat.runs.files import (
     list_sharded_checkpoints,
     partial_path,
 )
-from iat.runs.state import Progress, Start, plan_start
+from iat.runs.state import STAGE_FIELD, Progress, Start, checked_stage, plan_start
 from iat.runtime import distributed
 from iat.runtime.atomic_io import atomic_write_text, read_regular
 from nets import CheckpointError
@@ -155,6 +156,7 @@ def read_state(path: Path) -> dict:
         isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
     ):
         raise CheckpointError(f"{path}: field 'param_groups' must be a list of optimizer groups")
+    checked_stage(str(path), state.get(STAGE_FIELD))
     return state
 
 
@@ -200,7 +202,8 @@ def plan_sharded_start(logdir: str | Path, load: str | None, starting_epoch: int
     path = latest_sharded(logdir)
     if path is not None:
         state = read_state(path)
-        return Start("resume", None, None, Progress(state["epoch"], state["step"]), sharded=path)
+        progress = Progress(state["epoch"], state["step"])
+        return Start("resume", None, None, progress, stage=state.get(STAGE_FIELD), sharded=path)
     if list_checkpoints(logdir):
         raise CheckpointError(
             f"--fsdp: {logdir} holds single-file checkpoints (a DDP run's); resume it without "

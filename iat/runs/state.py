@@ -283,7 +283,7 @@ def _training_state(weights: nets.Weights) -> _TrainingState | None:
         ema,
         _free_delta(source, contents.get(FREE_DELTA_FIELD)),
         _grad_scaler(source, contents.get(GRAD_SCALER_FIELD)),
-        _stage(source, contents.get(STAGE_FIELD)),
+        checked_stage(source, contents.get(STAGE_FIELD)),
     )
 
 
@@ -389,7 +389,7 @@ def _grad_scaler(source: str, value: object) -> dict | None:
     return dict(value)
 
 
-def _stage(source: str, value: object) -> dict | None:
+def checked_stage(source: str, value: object) -> dict | None:
     """STAGE_FIELD, checked: names mapped to finite numbers, strings or flags; None when
     absent."""
     if value is None:

@@ -4,9 +4,11 @@ Each process keeps a 1/N shard of every parameter, gradient and optimizer state 
 et al. 2020, Sec 5), all-gathers a unit's weights before its forward and backward passes and
 reduce-scatters its gradients after the backward pass. The units are what each model family names
 (``nets.shard_units``: transformer blocks, stages' downsampling layers, residual blocks and
-denoising blocks); the rest (stem, head, norms) is the root's unit. ``full`` shards over every
-process; ``hybrid`` shards within a machine and replicates across machines (a 2-D mesh
-replicate x shard: HSDP, gradients all-reduced across machines after the reduce-scatter).
+denoising blocks); the rest (stem, head, norms) is the root's unit. Each parameter is split
+along the dimension ``shard_placement`` picks (dim 0 unless the shard group does not divide it).
+``full`` shards over every process; ``hybrid`` shards within a machine and replicates across
+machines (a 2-D mesh replicate x shard: HSDP, gradients all-reduced across machines after the
+reduce-scatter).
 
 The training attack (Feature Denoising Sec 5: k PGD iterations per step, each a forward and an
 input-gradient pass) sees constant weights. ``--fsdp-attack-gather once`` gathers every unit once
@@ -19,12 +21,15 @@ time. The attack's input-gradient passes compute no parameter gradients (``attac
 the parameters), so they reduce-scatter nothing.
 
 BatchNorm statistics are buffers, replicated: as DDP (``broadcast_buffers``), rank 0's are
-broadcast at the start of every training forward pass, and each process updates its own copy.
+broadcast at the start of every training forward pass that follows one whose gradients were
+reduced (with --accumulate, before each update's first micro-batch), and each process updates
+its own copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -36,7 +41,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
     DefaultAllGather,
     DefaultReduceScatter,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 import nets
 from iat.runtime import distributed
@@ -69,21 +74,55 @@ def mixed_precision(dtype: torch.dtype | None) -> MixedPrecisionPolicy:
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> nn.Module:
     """`model` sharded in place: each of its ``nets.shard_units`` a unit freed after its forward
-    pass, the root (what is left) kept gathered from its forward to its backward pass; rank 0's
-    buffers broadcast before each training forward pass (DDP's ``broadcast_buffers``)."""
+    pass, the root (what is left) kept gathered from its forward to its backward pass, each
+    parameter split as ``shard_placement`` says; rank 0's buffers broadcast before training
+    forward passes as DDP's ``broadcast_buffers`` does (``_BufferBroadcast``)."""
+    place = functools.partial(shard_placement, shards=mesh["shard"].size())
     for unit in nets.shard_units(model):
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    model.register_forward_pre_hook(_broadcast_buffers)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True,
+                    shard_placement_fn=place)  # fmt: skip
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False,
+                shard_placement_fn=place)  # fmt: skip
+    model.register_forward_pre_hook(_BufferBroadcast())
     return model
 
 
-def _broadcast_buffers(module: nn.Module, args: tuple) -> None:
-    """Before a training forward pass (train mode, gradients on: not the attack's, in eval mode,
-    nor an evaluation's), every process takes rank 0's buffers, as DDP does."""
-    if module.training and torch.is_grad_enabled():
-        for buffer in module.buffers():
-            distributed.broadcast_tensor(buffer, src=0)
+def shard_placement(param: nn.Parameter, shards: int) -> Shard | None:
+    """The dimension `param` is split along over `shards` processes: dim 0 (fully_shard's
+    default) when `shards` divides it, else the largest dimension it divides. fully_shard pads
+    an uneven dim 0 to a multiple of `shards` rows and refuses uneven other dimensions: a dim 0
+    of 1 (ViT's ``pos_embed`` and ``cls_token``) would be gathered `shards` times over; where no
+    dimension divides evenly, dim 0 padded (None)."""
+    even = [d for d in range(param.dim()) if param.shape[d] % shards == 0]
+    if not even or 0 in even:
+        return None
+    return Shard(max(even, key=lambda d: param.shape[d]))
+
+
+class _BufferBroadcast:
+    """DDP's ``broadcast_buffers`` (a forward pre-hook of the sharded model): before a training
+    forward pass (train mode, gradients on: not the attack's, in eval mode, nor an evaluation's)
+    every process takes rank 0's buffers, unless the previous training pass kept its gradients
+    unreduced (``sync_gradients``). DDP broadcasts only after a pass whose gradients it reduced:
+    with --accumulate, once per update, before its first micro-batch."""
+
+    def __init__(self) -> None:
+        self.due = True
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if self.due:
+            for buffer in module.buffers():
+                distributed.broadcast_tensor(buffer, src=0)
+        self.due = _reduces_gradients(module)
+
+
+def _reduces_gradients(model: nn.Module) -> bool:
+    """Whether `model`'s backward pass reduces its units' gradients (FSDP2's
+    ``set_requires_gradient_sync`` has no getter: its parameter groups' flag)."""
+    groups = [g for m in fsdp_modules(model) for g in m._get_fsdp_state()._fsdp_param_groups]
+    return all(group.reduce_grads for group in groups)
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
@@ -211,12 +250,14 @@ class _CountedReduceScatter(DefaultReduceScatter):
         return super().__call__(output_tensor, input_tensor, *args, **kwargs)
 
 
-def count_collectives(model: nn.Module) -> CollectiveCounts:
-    """Counts every all-gather and reduce-scatter of `model`'s units from now on, through
-    FSDP's custom-collective hooks (``set_custom_all_gather`` / ``set_custom_reduce_scatter``),
-    which then run FSDP's default collectives."""
+def count_collectives(model: nn.Module, root_only: bool = False) -> CollectiveCounts:
+    """Counts every all-gather and reduce-scatter of `model`'s units (with `root_only`, of its
+    root unit alone) from now on, through FSDP's custom-collective hooks
+    (``set_custom_all_gather`` / ``set_custom_reduce_scatter``), which then run FSDP's default
+    collectives."""
     counts = CollectiveCounts()
-    for module in fsdp_modules(model):
+    modules = fsdp_modules(model)
+    for module in modules[:1] if root_only else modules:
         module.set_custom_all_gather(_CountedAllGather(counts))
         module.set_custom_reduce_scatter(_CountedReduceScatter(counts))
     return counts

@@ -103,7 +103,7 @@ def start_lines(cfg: Config, start: Start) -> tuple[str | None, str | None]:
     if recorded is None or epoch < 1 or recorded == stage_record(cfg, epoch):
         return stages_line(cfg), None
     now = stage_record(cfg, epoch)
-    source = start.weights.source if start.weights is not None else "the checkpoint"
+    source = start.weights.source if start.weights is not None else start.sharded
     return stages_line(cfg), (
         f"warning: {source} trained epoch {epoch} in stage {recorded['stage']} "
         f"({_words(recorded)}); this run's schedules give it stage {now['stage']} "

@@ -73,6 +73,7 @@ from iat.runs import sharded as sharded_checkpoints
 from iat.runs.files import sharded_checkpoint_path
 from iat.runs.logger import RunLogger
 from iat.runs.state import (
+    STAGE_FIELD,
     Progress,
     RunDirectoryLock,
     Start,
@@ -900,6 +901,9 @@ def save_sharded_epoch(
         ),
         "grad_scaler": amp.scaler_state(run.scaler),
     }
+    stage = stages.epoch_stage(run.cfg, progress.epoch)
+    if stage is not None:
+        facts[STAGE_FIELD] = stage
     path = sharded_checkpoints.save_sharded(
         sharded_checkpoint_path(logdir, progress.epoch),
         run.model,
