@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -236,8 +237,14 @@ def read_model(path: Path) -> tuple[nn.Module, dict, int]:
 def _read(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """DCP's load of `tensors` (in place) from `path`'s safetensors files; CheckpointError."""
     try:
-        with distributed.naming_lost_peers():
-            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+        # one process (the export, --eval): DCP warns that it is one; it is meant
+        with distributed.naming_lost_peers(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                tensors,
+                storage_reader=HuggingFaceStorageReader(str(path)),
+                no_dist=not torch.distributed.is_initialized(),
+            )
     except Exception as error:  # DCP wraps every rank's failure in its own exception type
         reason = str(error).strip().splitlines()[-1][:300]
         raise CheckpointError(f"{path}: does not fit this model ({reason})") from None
