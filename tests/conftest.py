@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -60,12 +61,26 @@ def check_ranks_trained_alike(out_dir: Path) -> None:
     assert moved > 0, "training changed no weight"
 
 
-@pytest.fixture(scope="module")
-def digits() -> dict:
-    """A small conv net with BatchNorm trained on 1500 digits; 297 held out (left in train mode)."""
+@pytest.fixture(scope="session")
+def trained_digits() -> dict:
+    """The digits model, trained once per session (ten modules use it): read it through
+    `digits`, never directly."""
+    import torch
     from digits_model import train_digits_model
 
-    return train_digits_model()
+    trained = train_digits_model()
+    return {**trained, "rng": torch.get_rng_state()}
+
+
+@pytest.fixture(scope="module")
+def digits(trained_digits: dict) -> dict:
+    """A small conv net with BatchNorm trained on 1500 digits; 297 held out (left in train mode).
+    Each module gets its own copy, and torch's global generator as the training left it, as when
+    each module trained its own: a test may change the model's modes or draw numbers."""
+    import torch
+
+    torch.set_rng_state(trained_digits["rng"])
+    return {key: copy.deepcopy(trained_digits[key]) for key in ("model", "x", "y")}
 
 
 @pytest.fixture()

@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,6 +31,7 @@ from iat.data.layouts import (
 from iat.data.make_shards import make_shards
 from iat.data.sampling import TrainStream, check_eval_headers, undecodable_headers
 from iat.data.shards import host_schedule
+from main import main
 
 TINY = ["--arch", "ResNet", "--num-blocks", "1", "1", "1", "1", "--width", "8"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -43,12 +45,21 @@ def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture
-def sharded(tmp_path: Path) -> tuple[Path, Path]:
-    folder = write_imagenet(tmp_path / "imagenet")  # 12 training images, 7 validation
-    out = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def sharded_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`python -m iat.data.make_shards` run once for the module: read it through `sharded`."""
+    root = tmp_path_factory.mktemp("sharded")
+    folder = write_imagenet(root / "imagenet")  # 12 training images, 7 validation
+    out = root / "shards"
     proc = _run(["-m", "iat.data.make_shards", str(folder), str(out), "--shard-size", "5"])
     assert proc.stdout.strip() == f"train: 3 shards, val: 2 shards in {out}"
+    return folder, out
+
+
+@pytest.fixture
+def sharded(sharded_once: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The folder and its shards, copied for this test (a test may damage a shard)."""
+    folder, out = (shutil.copytree(path, tmp_path / path.name) for path in sharded_once)
     return folder, out
 
 
@@ -112,16 +123,16 @@ def test_the_data_server_serves_shards(sharded) -> None:
         assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
 
 
-def test_training_and_evaluation_read_shards(sharded, tmp_path: Path) -> None:
+def test_training_and_evaluation_read_shards(sharded, tmp_path: Path, capsys) -> None:
     """--loader local trains from shards, evaluating on them; --eval on shards counts what it
     counts on the folder."""
     folder, out = sharded
-    small = [*TINY, "--image-size", "32", "--batch", "2", "--workers", "0"]
-    train = ["main.py", "--data", str(out), "--logdir", str(tmp_path / "run"), *small,
+    small = [*TINY, "--image-size", "32", "--batch", "2", "--workers", "0", "--threads", "1"]
+    train = ["--data", str(out), "--logdir", str(tmp_path / "run"), *small,
              "--loader", "local", "--attack-iter", "1", "--attack-epsilon", "8",
              "--steps-per-epoch", "2", "--epochs", "1", "--train-eval", "light"]  # fmt: skip
-    proc = _run(train)  # its in-training evaluation reads the val shards (issue 33)
-    assert "epoch 1 eval-10step: PGD-10" in proc.stdout + proc.stderr
+    assert main(train) == 0  # its in-training evaluation reads the val shards (issue 33)
+    assert "epoch 1 eval-10step: PGD-10" in "".join(capsys.readouterr())
     assert (tmp_path / "run" / "checkpoint-epoch0001.pt").exists()
     ckpt = tmp_path / "w.pt"
     torch.manual_seed(0)
@@ -132,7 +143,7 @@ def test_training_and_evaluation_read_shards(sharded, tmp_path: Path) -> None:
     for data in (folder, out):
         result = tmp_path / f"{data.name}.json"
         flags = ["--attack-iter", "2", "--attack-epsilon", "16", "--eval-output", str(result)]
-        _run(["main.py", "--eval", "--load", str(ckpt), "--data", str(data), *small, *flags])
+        assert main(["--eval", "--load", str(ckpt), "--data", str(data), *small, *flags]) == 0
         results.append(json.loads(result.read_text()))
     for key in ("images", "top1_error", "top5_error", "attack_success_rate"):
         assert results[0][key] == results[1][key], key

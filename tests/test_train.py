@@ -335,7 +335,7 @@ def test_use_fp16xla_compiles_the_training_attack_only(tiny_imagenet, tmp_path, 
     assert main(args) == 0 and len(calls) == 1
 
 
-def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_path):
+def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     watcher = subprocess.Popen(
@@ -363,22 +363,18 @@ def test_watch_evaluates_each_new_checkpoint_exactly_once(tiny_imagenet, tmp_pat
         assert record["images"] == 5 and record["checkpoint"].endswith(f"epoch{epoch:04d}.pt")
         assert record["split"] == "val"
     assert not list((run / "eval").glob(".*"))  # no temporary file left
-    watch = [sys.executable, str(REPO / "main.py"), "--eval", "--watch", str(run), "--data",
-             str(tiny_imagenet), "--image-size", "32", "--batch", "4", "--workers", "0",
-             "--num-examples", "5", "--threads", "1"]  # fmt: skip
+    watch = ["--eval", "--watch", str(run), "--data", str(tiny_imagenet), "--image-size", "32",
+             "--batch", "4", "--workers", "0", "--num-examples", "5", "--threads", "1"]  # fmt: skip
     # A second watcher of the same threat model finds nothing new and stops at once (the run's
-    # last epoch is done).
-    again = subprocess.run(
-        [*watch, "--attack-iter", "0"], capture_output=True, text=True, timeout=60
-    )
-    assert again.returncode == 0 and "evaluated 0 checkpoint(s)" in again.stderr
+    # last epoch is done). In this process: the live watcher above was the separate one.
+    capsys.readouterr()
+    assert main([*watch, "--attack-iter", "0"]) == 0
+    assert "evaluated 0 checkpoint(s)" in capsys.readouterr().err
     # Another attack is another threat model: every checkpoint again, beside the first results.
-    other = subprocess.run(
-        [*watch, "--attack", "fgm", "--attack-epsilon", "8"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert other.returncode == 0 and "evaluated 2 checkpoint(s)" in other.stderr, other.stderr
-    assert "checkpoint-epoch0002.pt: FGM random target, L-inf eps=8" in other.stdout
+    assert main([*watch, "--attack", "fgm", "--attack-epsilon", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert "evaluated 2 checkpoint(s)" in err, err
+    assert "checkpoint-epoch0002.pt: FGM random target, L-inf eps=8" in out
     keys = sorted({p.name.split(".")[1] for p in (run / "eval").glob("*.json")})
     assert len(keys) == 2 and keys[1].startswith("fgm-") and first_key in keys
     assert len(list((run / "eval").glob("*.json"))) == 4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, train_tiny, write_imagenet
+from conftest import train_tiny, write_imagenet
 
 import nets
 from iat.app.cli import build_parser
@@ -332,13 +332,14 @@ def test_depth_help_lists_each_architectures_own_depths(capsys):
     assert "  others: the one their name implies" in out
 
 
-def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_path):
+def test_progress_bars_redirected_to_a_file_update_rarely(tiny_imagenet, tmp_path, monkeypatch):
     """tqdm redrew into redirected logs (a 49 KB demo log): redirected, a bar updates at most
     every 30 s; on a terminal it redraws as usual."""
     log = tmp_path / "train.log"
     args = short_run(tiny_imagenet, tmp_path / "run", "--steps-per-epoch", "6", "--threads", "1")
-    with log.open("w") as stderr:
-        subprocess.run([sys.executable, str(REPO / "main.py"), *args], stderr=stderr, timeout=300)
+    with log.open("w") as stderr, monkeypatch.context() as redirected:
+        redirected.setattr(sys, "stderr", stderr)  # as `main.py 2> train.log`, in this process
+        assert main(args) == 0
     # The bar's first and last states (each step redrew it: 7 and more).
     assert log.read_text().count("epoch 1/1:") == 2, log.read_text()
     from iat.runtime.progress import REDIRECTED_INTERVAL_S, progress_bar
@@ -398,17 +399,20 @@ def test_the_wait_policy_reaches_openmp_before_torch_loads_it(given):
 
 
 @pytest.mark.parametrize(
-    "command",
-    [["-m", "iat.sparse_frontend", "train"], ["-m", "iat.sparse_frontend", "learn"],
-     ["third_party/serve-data.py"]],
+    ("module", "command"),
+    [("iat.sparse_frontend", ["train"]), ("iat.sparse_frontend", ["learn"]),
+     ("iat.data.server", [])],
 )  # fmt: skip
-def test_every_option_of_the_sub_commands_has_help_and_shows_its_default(command):
-    run = subprocess.run(
-        [sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    options = run.stdout.split("options:")[1]
+def test_every_option_of_the_sub_commands_has_help_and_shows_its_default(
+    module, command, capsys, monkeypatch
+):
+    """The `main` that `python -m iat.sparse_frontend` and third_party/serve-data.py call, asked
+    for --help in this process, at the 80 columns a pipe gets."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(module).main([*command, "--help"])
+    assert exited.value.code == 0
+    options = capsys.readouterr().out.split("options:")[1]
     assert "(default: 0)" in options  # --seed's
     # Every option line has a help text after it (no bare "--batch BATCH" line).
     entries = [e for e in options.split("\n  -") if e.strip()]

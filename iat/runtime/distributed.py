@@ -581,11 +581,13 @@ def cleanup() -> None:
     if _job.stop is not None:
         _job.stop.set()
         _job.stop = None
-    # Objects that hold the group (a DDP wrapper in a reference cycle) are freed now, while the
-    # interpreter is whole: freed at its finalisation, their Gloo threads abort the process
-    # ("terminate called without an active exception").
-    gc.collect()
     if is_initialized():
+        # Objects that hold the group (a DDP wrapper in a reference cycle) are freed now, while
+        # the interpreter is whole: freed at its finalisation, their Gloo threads abort the
+        # process ("terminate called without an active exception"). Without a group there is
+        # nothing to free, and a full collection of a large process takes seconds (2 s in a
+        # pytest process on a loaded 2-core machine).
+        gc.collect()
         dist.destroy_process_group()
     if store is not None:
         try:
