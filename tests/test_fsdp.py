@@ -29,6 +29,8 @@ from train_worker import train
 import nets
 from iat.config import Config, validate
 from iat.convert import sharded as export_sharded
+from iat.runs import sharded as sharded_checkpoints
+from iat.runs.files import partial_path, sharded_checkpoint_path
 from iat.runs.sharded import read_state
 from iat.runtime import distributed
 from main import main
@@ -374,3 +376,15 @@ def test_every_architecture_names_disjoint_shard_units(arch):
     assert len(owned) == len(set(owned)) and len(units) >= blocks[0]
     inside = sum(p.numel() for unit in units for p in unit.parameters())
     assert inside > 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def test_a_killed_writers_partial_folder_is_removed_and_complete_ones_kept(tmp_path):
+    done, partial = (
+        sharded_checkpoint_path(tmp_path, 1),
+        partial_path(sharded_checkpoint_path(tmp_path, 2)),
+    )
+    for folder in (done, partial):
+        folder.mkdir()
+        (folder / "state.json").write_text("{}")
+    sharded_checkpoints.remove_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [done.name]

@@ -119,7 +119,8 @@ def _spelled(path: Path, names: list[str]) -> list[str]:
 def test_the_run_directory_file_names_are_spelled_only_in_iat_runs_files():
     names = [files.CONFIG_FILE, files.METRICS_FILE, files.LAST_LINK, files.BEST_LINK,
              files.BEST_RECORD, files.checkpoint_path("", 0).name[:-len("0000.pt")],
-             files.EVENT_FILES.rstrip("*")]  # fmt: skip
+             files.EVENT_FILES.rstrip("*"), files.LAST_SHARDED_LINK,
+             files.SHARDED_STATE_FILE]  # fmt: skip
     sources = [*(REPO / "iat").rglob("*.py"), REPO / "main.py", REPO / "adv_model.py"]
     owner = REPO / "iat" / "runs" / "files.py"
     found = [hit for path in sources if path != owner for hit in _spelled(path, names)]

@@ -30,6 +30,8 @@ MAX_EPOCH_DIGITS = 9  # a longer epoch is no checkpoint of a run (and would over
 # A checkpoint being written (iat.runtime.atomic_io's temporary name); a killed writer leaves it.
 PARTIAL_CHECKPOINTS = f".{_CHECKPOINT_PREFIX}*{_CHECKPOINT_SUFFIX}.*.tmp"
 _SHARDED_SUFFIX = ".dcp"
+# A sharded checkpoint being written (``partial_path``); a writer killed mid-save leaves it.
+PARTIAL_SHARDED = f".{_CHECKPOINT_PREFIX}*{_SHARDED_SUFFIX}.tmp"
 _SHARDED = re.compile(
     rf"^{_CHECKPOINT_PREFIX}(\d{{1,{MAX_EPOCH_DIGITS}}}){re.escape(_SHARDED_SUFFIX)}$"
 )

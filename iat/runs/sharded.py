@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 import nets
 from iat.runs.files import (
     LAST_SHARDED_LINK,
+    PARTIAL_SHARDED,
     SHARDED_STATE_FILE,
     list_checkpoints,
     list_sharded_checkpoints,
@@ -123,7 +124,7 @@ def prune_and_link(logdir: str | Path, path: Path, keep: int) -> None:
 
 def remove_partial(logdir: str | Path) -> None:
     """Rank 0: temporaries of a writer killed mid-save (never read)."""
-    for tmp in Path(logdir).glob(".checkpoint-epoch*.dcp.tmp"):
+    for tmp in Path(logdir).glob(PARTIAL_SHARDED):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
