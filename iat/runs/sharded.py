@@ -22,11 +22,12 @@ shards and rank 0 the state file: a killed run leaves a temporary, never half a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -77,8 +78,8 @@ def save_sharded(
     distributed.barrier()
     tensors, groups = _state(model, optimizer, generator, averaged)
     writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
-    with distributed.naming_lost_peers():
-        dcp.save(tensors, storage_writer=writer)
+    with distributed.naming_lost_peers(), _one_process_is_meant():
+        dcp.save(tensors, storage_writer=writer, no_dist=not torch.distributed.is_initialized())
     if main:
         state = {
             "format": FORMAT,
@@ -235,12 +236,19 @@ def read_model(path: Path) -> tuple[nn.Module, dict, int]:
     return model, state["architecture"], state["epoch"]
 
 
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns when it runs without a process group (one process: the export, --eval, a
+    one-process run); that is meant, so the warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def _read(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """DCP's load of `tensors` (in place) from `path`'s safetensors files; CheckpointError."""
     try:
-        # one process (the export, --eval): DCP warns that it is one; it is meant
-        with distributed.naming_lost_peers(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        with distributed.naming_lost_peers(), _one_process_is_meant():
             dcp.load(
                 tensors,
                 storage_reader=HuggingFaceStorageReader(str(path)),
