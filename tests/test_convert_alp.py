@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,17 @@ HELPER = REPO / "tests" / "alp_tf_checkpoint.py"
 SCOPE = "resnet_v2_50/"
 # Logits of a converted model equal TensorFlow's up to float32 rounding.
 RELATIVE_TOLERANCE = 1e-4
+# (checkpoint written by HELPER, converter flags): the runs of `conversions` beside the
+# hostile inputs it makes.
+CASES = [
+    ("small", []),
+    ("small", ["--use-moving-average"]),
+    ("background", []),
+    ("background", ["--keep-background-class"]),
+    ("background", ["--use-moving-average"]),
+    ("extra", []),
+    ("misshaped", []),
+]
 
 
 def _env() -> dict[str, str]:
@@ -46,11 +61,46 @@ def alp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "iat.convert.alp", *args],
+@dataclass(frozen=True)
+class Conversion:
+    """One run of the converter command: its output folder (empty before it ran) and result."""
+
+    checkpoint: Path
+    out: Path
+    done: subprocess.CompletedProcess
+
+
+def _convert(checkpoint: Path, out: Path, flags: Sequence[str]) -> Conversion:
+    done = subprocess.run(
+        [sys.executable, "-m", "iat.convert.alp", str(checkpoint), str(out / "alp.pt"), *flags],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    return Conversion(checkpoint, out, done)
+
+
+def _hostile_checkpoints(alp: Path, root: Path) -> dict[str, Path]:
+    """A missing checkpoint, a corrupt index, and `small` with its data file cut in half."""
+    corrupt, truncated = root / "corrupt", root / "truncated"
+    corrupt.mkdir()
+    (corrupt / "model.ckpt.index").write_bytes(b"not a checkpoint index")
+    shutil.copytree(alp / "small", truncated)
+    (data,) = truncated.glob("model.ckpt.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return {name: root / name / "model.ckpt" for name in ("absent", "corrupt", "truncated")}
+
+
+@pytest.fixture(scope="module")
+def conversions(alp: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Conversion]:
+    """Every conversion of this file, run at once: each child imports TensorFlow (~10 s)."""
+    inputs = _hostile_checkpoints(alp, tmp_path_factory.mktemp("hostile"))
+    cases = {
+        **{f"{name}{''.join(flags)}": (alp / name / "model.ckpt", flags) for name, flags in CASES},
+        **{name: (path, []) for name, path in inputs.items()},
+    }
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        running = {key: pool.submit(_convert, ckpt, tmp_path_factory.mktemp("out"), flags)
+                   for key, (ckpt, flags) in cases.items()}  # fmt: skip
+        return {key: job.result() for key, job in running.items()}
 
 
 def _logits(path: Path, images: np.ndarray) -> np.ndarray:
@@ -76,12 +126,12 @@ def _assert_same_logits(ours: np.ndarray, tf_logits: np.ndarray) -> None:
 
 @needs_tensorflow
 def test_converted_model_gives_tensorflows_logits(
-    alp: Path, tmp_path: Path, tiny_imagenet: Path
+    alp: Path, conversions: dict[str, Conversion], tmp_path: Path, tiny_imagenet: Path
 ) -> None:
-    out = tmp_path / "alp.pt"
-    done = _convert(str(alp / "small" / "model.ckpt"), str(out))
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    run = conversions["small"]
+    out = run.out / "alp.pt"
+    assert run.done.returncode == 0, run.done.stderr
+    assert run.done.stdout.splitlines() == [
         f"wrote {out}: ResNetV2 (blocks 2 1 1 1, width 8, 3 classes) from "
         f"{alp / 'small' / 'model.ckpt'} (96 variables)"
     ]
@@ -100,83 +150,76 @@ def test_converted_model_gives_tensorflows_logits(
 @pytest.mark.parametrize(
     ("flags", "outputs", "logits"),
     [
-        ([], slice(1, None), "background"),
-        (["--keep-background-class"], slice(None), "background"),
-        (["--use-moving-average"], slice(1, None), "background_averaged"),
+        ("", slice(1, None), "background"),
+        ("--keep-background-class", slice(None), "background"),
+        ("--use-moving-average", slice(1, None), "background_averaged"),
     ],
 )
 def test_background_class_and_moving_averages(
-    alp: Path, tmp_path: Path, flags: list[str], outputs: slice, logits: str
+    alp: Path, conversions: dict[str, Conversion], flags: str, outputs: slice, logits: str
 ) -> None:
     # ALP's ImageNet heads have 1001 outputs, output 0 the background: dropped unless asked.
-    out = tmp_path / "alp.pt"
-    done = _convert(str(alp / "background" / "model.ckpt"), str(out), *flags)
-    assert done.returncode == 0, done.stderr
-    (line,) = done.stdout.splitlines()
-    classes = 1001 if "--keep-background-class" in flags else 1000
+    run = conversions[f"background{flags}"]
+    assert run.done.returncode == 0, run.done.stderr
+    (line,) = run.done.stdout.splitlines()
+    classes = 1001 if flags == "--keep-background-class" else 1000
     assert f"{classes} classes" in line
     assert ("dropped output 0 (ALP's background class)" in line) == (classes == 1000)
     # Momentum slots, moving averages and global_step are skipped by name, and said so.
     assert "skipped 129 optimizer/moving-average/global_step variables" in line
     expected = np.load(alp / "expected.npz")
-    _assert_same_logits(_logits(out, expected["images"]), expected[logits][:, outputs])
+    _assert_same_logits(
+        _logits(run.out / "alp.pt", expected["images"]), expected[logits][:, outputs]
+    )
 
 
 @needs_tensorflow
 @pytest.mark.parametrize(
-    ("checkpoint", "flags", "message"),
+    ("case", "message"),
     [
-        ("extra", [], f"does not match TF-slim's resnet_v2 as its shapes describe it (ResNetV2, "
+        ("extra", f"does not match TF-slim's resnet_v2 as its shapes describe it (ResNetV2, "
          f"blocks 2 1 1 1, width 8, 3 classes); 1 unexpected: {SCOPE}block1/unit_1/"
          "bottleneck_v2/se/weights"),
-        ("misshaped", [], f"does not match TF-slim's resnet_v2 as its shapes describe it "
+        ("misshaped", f"does not match TF-slim's resnet_v2 as its shapes describe it "
          f"(ResNetV2, blocks 2 1 1 1, width 8, 3 classes); 1 mis-shaped: {SCOPE}block2/unit_1/"
          "bottleneck_v2/conv2/weights (file 5x5x16x16, model 3x3x16x16)"),
-        ("small", ["--use-moving-average"], "--use-moving-average, but 64 of 64 weights have no "
+        ("small--use-moving-average", "--use-moving-average, but 64 of 64 weights have no "
          f"moving average (first {SCOPE}conv1/weights/ExponentialMovingAverage); convert the "
          "weights without the flag"),
     ],
 )  # fmt: skip
 def test_checkpoints_that_do_not_match_are_one_line(
-    alp: Path, tmp_path: Path, checkpoint: str, flags: list[str], message: str
+    conversions: dict[str, Conversion], case: str, message: str
 ) -> None:
-    ckpt = alp / checkpoint / "model.ckpt"
-    done = _convert(str(ckpt), str(tmp_path / "alp.pt"), *flags)
-    assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.splitlines() == [f"error: {ckpt}: {message}"]
-    assert list(tmp_path.iterdir()) == []  # no OUT, no temporary file
+    run = conversions[case]
+    assert run.done.returncode == 1 and run.done.stdout == ""
+    assert run.done.stderr.splitlines() == [f"error: {run.checkpoint}: {message}"]
+    assert list(run.out.iterdir()) == []  # no OUT, no temporary file
 
 
 @needs_tensorflow
-def test_missing_or_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
-    corrupt = tmp_path / "model.ckpt"
-    (tmp_path / "model.ckpt.index").write_bytes(b"not a checkpoint index")
-    for ckpt in (tmp_path / "absent" / "model.ckpt", corrupt):
-        done = _convert(str(ckpt), str(tmp_path / "out.pt"))
-        assert done.returncode == 1 and done.stdout == ""
-        (line,) = done.stderr.splitlines()
-        assert line.startswith(f"error: {ckpt}: not a readable TensorFlow checkpoint (")
-    assert not (tmp_path / "out.pt").exists()
+@pytest.mark.parametrize("case", ["absent", "corrupt"])
+def test_missing_or_corrupt_checkpoint_is_one_line(
+    conversions: dict[str, Conversion], case: str
+) -> None:
+    run = conversions[case]
+    assert run.done.returncode == 1 and run.done.stdout == ""
+    (line,) = run.done.stderr.splitlines()
+    assert line.startswith(f"error: {run.checkpoint}: not a readable TensorFlow checkpoint (")
+    assert list(run.out.iterdir()) == []
 
 
 @needs_tensorflow
 def test_a_checkpoint_whose_data_is_shorter_than_declared_is_refused_unread(
-    alp: Path, tmp_path: Path
+    conversions: dict[str, Conversion],
 ) -> None:
     """A truncated (or hostile) data file: the header's sizes are checked against the data on
     disk before any tensor is allocated."""
-    import shutil
-
-    for path in (alp / "small").iterdir():
-        shutil.copy(path, tmp_path / path.name)
-    (data,) = tmp_path.glob("model.ckpt.data-*")
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    ckpt = tmp_path / "model.ckpt"
-    done = _convert(str(ckpt), str(tmp_path / "alp.pt"))
-    assert done.returncode == 1
-    (line,) = done.stderr.splitlines()
-    assert line.startswith(f"error: {ckpt}: its variables declare ") and "refused" in line
-    assert not (tmp_path / "alp.pt").exists()
+    run = conversions["truncated"]
+    assert run.done.returncode == 1
+    (line,) = run.done.stderr.splitlines()
+    assert line.startswith(f"error: {run.checkpoint}: its variables declare ") and "refused" in line
+    assert list(run.out.iterdir()) == []
 
 
 def test_every_resnet_v2_50_tensor_has_its_slim_name() -> None:
