@@ -10,10 +10,11 @@ size; ``Conv2dSame(..., fixed_padding=True)`` reproduces that.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 # Pixel range the model is fed (the one owner: attacks, defenses and converters import it) and
 # the scale that maps it onto [-1, 1] (original adv_model.py: `image * IMAGE_SCALE - 1.0` with
@@ -167,7 +168,7 @@ class ConvBN(Conv2dSame):
         reads the folded tensors as inputs: new ones each attack cause no recompilation.
         Weights sharded between gathers (``iat.train.fsdp``'s per-layer attack) are not folded:
         the convolution and its BatchNorm then run as they are."""
-        if isinstance(self.weight, DTensor):
+        if _is_dtensor(self.weight):
             return
         bn = self.bn
         with torch.inference_mode(False), torch.no_grad():
@@ -182,6 +183,13 @@ class ConvBN(Conv2dSame):
     def unfold_batchnorm(self) -> None:
         """Back to the convolution followed by its BatchNorm (the folded tensors are freed)."""
         self.folded = self.folded_low = None
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a sharded DTensor, without importing ``torch.distributed.tensor``
+    (a second of every process's start-up): none exists before that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class MaxPool2dSame(nn.Module):
