@@ -79,7 +79,7 @@ def save_sharded(
     tensors, groups = _state(model, optimizer, generator, averaged)
     writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
     with distributed.naming_lost_peers(), _one_process_is_meant():
-        dcp.save(tensors, storage_writer=writer, no_dist=not torch.distributed.is_initialized())
+        dcp.save(tensors, storage_writer=writer)
     if main:
         state = {
             "format": FORMAT,
@@ -238,8 +238,8 @@ def read_model(path: Path) -> tuple[nn.Module, dict, int]:
 
 @contextlib.contextmanager
 def _one_process_is_meant() -> Iterator[None]:
-    """DCP warns when it runs without a process group (one process: the export, --eval, a
-    one-process run); that is meant, so the warning is dropped."""
+    """DCP runs as one process when there is no process group (the export, --eval, a one-process
+    run) and warns that it assumes so; that is meant, so the warning is dropped."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield
@@ -249,11 +249,7 @@ def _read(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """DCP's load of `tensors` (in place) from `path`'s safetensors files; CheckpointError."""
     try:
         with distributed.naming_lost_peers(), _one_process_is_meant():
-            dcp.load(
-                tensors,
-                storage_reader=HuggingFaceStorageReader(str(path)),
-                no_dist=not torch.distributed.is_initialized(),
-            )
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
     except Exception as error:  # DCP wraps every rank's failure in its own exception type
         reason = str(error).strip().splitlines()[-1][:300]
         raise CheckpointError(f"{path}: does not fit this model ({reason})") from None
